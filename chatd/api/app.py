@@ -1,0 +1,228 @@
+"""The HTTP API as a quart-trio application bound to a :class:`~chatd.node.Node`.
+
+JSON in, JSON out. Errors are ``{"error": {"code", "message"}}`` with a 4xx status for client
+mistakes (codes from :mod:`chatd.errors`); an unexpected exception is logged and answered with
+``internal``/500 without details. Authentication: ``Authorization: Bearer <token>`` from /v1/login.
+Password hashing runs in worker threads, at most two at a time (scrypt is memory-hard).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+
+import trio
+from quart import Response, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from ..auth import hash_password, issue_token, verify_password, verify_token
+from ..errors import ChatError
+from ..ids import dm_channel_id, dm_members, is_group, is_valid_channel_id, new_group_id
+from ..protocol.client import message_frame
+from . import validate as v
+
+log = logging.getLogger(__name__)
+
+_HTTP_CODES = {400: "bad_request", 401: "not_authenticated", 403: "forbidden", 404: "not_found",
+               405: "bad_request", 413: "frame_too_large", 429: "rate_limited"}
+
+
+def create_app(node) -> QuartTrio:
+    app = QuartTrio("chatd")
+    app.config["MAX_CONTENT_LENGTH"] = 1024 * 1024
+    app.config["PROVIDE_AUTOMATIC_OPTIONS"] = True
+    cfg = node.config
+    store = node.store
+    hash_limiter = trio.CapacityLimiter(2)
+    dummy_hash = hash_password("not-a-password", cfg.auth.scrypt_n)
+
+    def err(code: str, message: str, status: int | None = None):
+        node.metrics.errors.inc(code=code)
+        e = ChatError(code, message)
+        return {"error": e.to_dict()}, status or e.http_status
+
+    @app.errorhandler(ChatError)
+    async def on_chat_error(e: ChatError):
+        node.metrics.errors.inc(code=e.code)
+        return {"error": e.to_dict()}, e.http_status
+
+    @app.errorhandler(HTTPException)
+    async def on_http_error(e: HTTPException):
+        return err(_HTTP_CODES.get(e.code, "bad_request"), e.description or e.name, e.code)
+
+    @app.errorhandler(Exception)
+    async def on_unexpected(e: Exception):
+        log.exception("unexpected error in %s %s", request.method, request.path)
+        return err("internal", "internal server error", 500)
+
+    @app.after_request
+    async def count(response):
+        node.metrics.http_requests.inc(status=str(response.status_code))
+        return response
+
+    async def body() -> dict:
+        data = await request.get_json(force=True, silent=True)
+        return v.require_object(data)
+
+    def current_user() -> tuple[int, str]:
+        header = request.headers.get("Authorization", "")
+        if not header.startswith("Bearer "):
+            raise ChatError("not_authenticated", "send 'Authorization: Bearer <token>' (from /v1/login)")
+        return verify_token(node.secret, header[len("Bearer "):].strip())
+
+    async def require_member(channel_id: str, user_id: int) -> frozenset[int]:
+        if not is_valid_channel_id(channel_id):
+            raise ChatError("no_such_channel", f"{channel_id[:70]!r} is not a channel id")
+        return await node.membership.require_member(channel_id, user_id)
+
+    # ---- health and metrics --------------------------------------------------------------
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok", "shards": [s.shard_id for s in node.discovery.live()],
+                "connections": node.hub.count}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(node.metrics.render(), content_type="text/plain; version=0.0.4")
+
+    # ---- users ---------------------------------------------------------------------------
+    @app.post("/v1/users")
+    async def sign_up():
+        b = await body()
+        name = v.username(b)
+        password = v.field_str(b, "password", min_len=8, max_len=1024)
+        display = v.field_str(b, "display_name", required=False, max_len=64, default=name)
+        async with hash_limiter:
+            pw_hash = await trio.to_thread.run_sync(hash_password, password, cfg.auth.scrypt_n)
+        user = await store.create_user(name, pw_hash, display, time.time())
+        return {"user": user.public()}, 201
+
+    @app.post("/v1/login")
+    async def login():
+        b = await body()
+        name = v.field_str(b, "username", max_len=64)
+        password = v.field_str(b, "password", max_len=1024)
+        device_id = v.field_str(b, "device_id", required=False, min_len=1, max_len=64)
+        user = await store.get_user_by_name(name)
+        async with hash_limiter:
+            ok = await trio.to_thread.run_sync(verify_password, password,
+                                               user.password_hash if user else dummy_hash)
+        if user is None or not ok:
+            raise ChatError("bad_credentials", "wrong username or password")
+        if device_id is None or await store.device_owner(device_id) != user.id:
+            device_id = secrets.token_hex(8)
+            await store.add_device(user.id, device_id, time.time())
+        token, expires_at = issue_token(node.secret, user.id, device_id, cfg.auth.token_ttl_s)
+        try:
+            shard = node.discovery.pick_shard(user.id)
+        except LookupError:
+            raise ChatError("unavailable", "no chat shard is available; retry") from None
+        return {"token": token, "expires_at": expires_at, "user": user.public(), "device_id": device_id,
+                "ws_url": shard.ws_url, "shard_id": shard.shard_id}
+
+    @app.get("/v1/users/me")
+    async def get_me():
+        uid, _ = current_user()
+        user = await store.get_user(uid)
+        if user is None:
+            raise ChatError("no_such_user", "your user no longer exists")
+        return {"user": user.public()}
+
+    @app.patch("/v1/users/me")
+    async def patch_me():
+        uid, _ = current_user()
+        b = await body()
+        display = v.field_str(b, "display_name", required=False, min_len=1, max_len=64)
+        about = v.field_str(b, "about", required=False, max_len=1000)
+        user = await store.update_profile(uid, display, about)
+        return {"user": user.public()}
+
+    @app.get("/v1/users/<int:user_id>")
+    async def get_user(user_id: int):
+        current_user()
+        user = await store.get_user(user_id) if user_id < 2**63 else None
+        if user is None:
+            raise ChatError("no_such_user", f"user {user_id} does not exist")
+        return {"user": user.public()}
+
+    # ---- channels ------------------------------------------------------------------------
+    @app.post("/v1/groups")
+    async def create_group():
+        uid, _ = current_user()
+        b = await body()
+        name = v.field_str(b, "name", min_len=1, max_len=128)
+        members = v.field_int_list(b, "members", cfg.limits.max_group_members)
+        channel = await store.create_group(new_group_id(), name, uid, members, time.time(),
+                                           cfg.limits.max_group_members)
+        return {"channel": {"id": channel.id, "kind": "group", "name": channel.name, "owner_id": uid,
+                            "members": await store.members(channel.id)}}, 201
+
+    @app.get("/v1/channels")
+    async def my_channels():
+        uid, _ = current_user()
+        out = []
+        for c in await store.channels_of(uid):
+            item = {"id": c.id, "kind": c.kind, "name": c.name, "last_seq": c.last_seq,
+                    "read_seq": c.read_seq, "unread": c.unread, "last_at": c.last_at}
+            pair = dm_members(c.id)
+            if pair:
+                item["peer_id"] = pair[1] if pair[0] == uid else pair[0]
+            out.append(item)
+        return {"channels": out}
+
+    @app.get("/v1/dm/<int:peer_id>")
+    async def dm_channel(peer_id: int):
+        uid, _ = current_user()
+        if peer_id == uid or peer_id >= 2**63 or await store.get_user(peer_id) is None:
+            raise ChatError("no_such_user", f"user {peer_id} does not exist (or is you)")
+        return {"channel_id": dm_channel_id(uid, peer_id)}
+
+    @app.get("/v1/channels/<channel_id>/members")
+    async def channel_members(channel_id: str):
+        uid, _ = current_user()
+        members = await require_member(channel_id, uid)
+        return {"channel_id": channel_id, "members": sorted(members)}
+
+    async def group_for_change(channel_id: str, uid: int):
+        if not is_valid_channel_id(channel_id) or not is_group(channel_id):
+            raise ChatError("no_such_channel", "membership changes need a group channel id")
+        channel = await store.get_channel(channel_id)
+        if channel is None:
+            raise ChatError("no_such_channel", f"channel {channel_id} does not exist")
+        return channel
+
+    @app.post("/v1/channels/<channel_id>/members")
+    async def add_member(channel_id: str):
+        uid, _ = current_user()
+        channel = await group_for_change(channel_id, uid)
+        if channel.owner_id != uid:
+            raise ChatError("forbidden", "only the group's owner adds members")
+        new = v.field_int(await body(), "user_id", lo=1)
+        added = await store.add_member(channel_id, new, cfg.limits.max_group_members, time.time())
+        node.membership.invalidate(channel_id)
+        return {"channel_id": channel_id, "user_id": new, "added": added}
+
+    @app.delete("/v1/channels/<channel_id>/members/<int:member_id>")
+    async def remove_member(channel_id: str, member_id: int):
+        uid, _ = current_user()
+        channel = await group_for_change(channel_id, uid)
+        if uid not in (channel.owner_id, member_id):
+            raise ChatError("forbidden", "only the group's owner removes others; anyone may leave")
+        removed = await store.remove_member(channel_id, member_id)
+        node.membership.invalidate(channel_id)
+        return {"channel_id": channel_id, "user_id": member_id, "removed": removed}
+
+    @app.get("/v1/channels/<channel_id>/messages")
+    async def history(channel_id: str):
+        uid, _ = current_user()
+        await require_member(channel_id, uid)
+        after = v.query_int(request.args, "after")
+        before = v.query_int(request.args, "before")
+        limit = v.query_int(request.args, "limit", default=50, lo=1, hi=cfg.limits.history_page_max)
+        msgs = await store.read_messages(channel_id, after=after, before=before, limit=limit)
+        return {"channel_id": channel_id, "messages": [message_frame(m) for m in msgs],
+                "more": len(msgs) == limit}
+
+    return app

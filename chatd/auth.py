@@ -1,0 +1,82 @@
+"""Passwords (scrypt) and signed, expiring tokens. Pure functions; callers run the slow
+``hash_password`` / ``verify_password`` in a worker thread.
+
+Token format: ``v1.<base64url(JSON payload)>.<base64url(HMAC-SHA256(secret, "v1." + payload))>``;
+the payload is ``{"u": user_id, "d": device_id, "exp": unix_seconds}``. Verification is
+constant-time; a bad signature is ``invalid_token``, a past ``exp`` is ``token_expired``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import time
+
+from .errors import ChatError
+
+_R, _P, _DKLEN = 8, 1, 32
+
+
+def hash_password(password: str, n: int) -> str:
+    salt = os.urandom(16)
+    dk = hashlib.scrypt(password.encode(), salt=salt, n=n, r=_R, p=_P, dklen=_DKLEN, maxmem=2**27)
+    return f"scrypt${n}${_R}${_P}${_b64(salt)}${_b64(dk)}"
+
+
+def verify_password(password: str, stored: str) -> bool:
+    try:
+        kind, n, r, p, salt, dk = stored.split("$")
+        if kind != "scrypt":
+            return False
+        got = hashlib.scrypt(password.encode(), salt=_unb64(salt), n=int(n), r=int(r), p=int(p),
+                             dklen=len(_unb64(dk)), maxmem=2**27)
+    except (ValueError, TypeError):
+        return False
+    return hmac.compare_digest(got, _unb64(dk))
+
+
+def new_secret() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def issue_token(secret: str, user_id: int, device_id: str, ttl_s: float, now: float | None = None) -> tuple[str, float]:
+    exp = int((time.time() if now is None else now) + ttl_s)
+    payload = _b64(json.dumps({"u": user_id, "d": device_id, "exp": exp}, separators=(",", ":")).encode())
+    signed = "v1." + payload
+    return f"{signed}.{_sign(secret, signed)}", exp
+
+
+def verify_token(secret: str, token: str, now: float | None = None) -> tuple[int, str]:
+    """Return ``(user_id, device_id)`` or raise ``invalid_token`` / ``token_expired``."""
+    try:
+        version, payload, sig = token.split(".")
+    except (ValueError, AttributeError):
+        raise ChatError("invalid_token", "token is malformed") from None
+    if version != "v1" or not hmac.compare_digest(sig, _sign(secret, f"{version}.{payload}")):
+        raise ChatError("invalid_token", "token signature is not valid")
+    try:
+        data = json.loads(_unb64(payload))
+        user_id, device_id, exp = data["u"], data["d"], data["exp"]
+        if not (isinstance(user_id, int) and isinstance(device_id, str) and isinstance(exp, int)):
+            raise TypeError
+    except (ValueError, TypeError, KeyError):
+        raise ChatError("invalid_token", "token payload is malformed") from None
+    if (time.time() if now is None else now) >= exp:
+        raise ChatError("token_expired", "token has expired; log in again")
+    return user_id, device_id
+
+
+def _sign(secret: str, data: str) -> str:
+    return _b64(hmac.new(secret.encode(), data.encode(), hashlib.sha256).digest())
+
+
+def _b64(b: bytes) -> str:
+    return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+
+
+def _unb64(s: str) -> bytes:
+    return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))

@@ -1,0 +1,224 @@
+"""One typed configuration for every role.
+
+Sources, later wins: defaults < TOML file (``--config``) < environment (``CHATD_<SECTION>__<KEY>``,
+e.g. ``CHATD_SERVER__API_PORT=9000``) < explicit overrides passed by the CLI or tests.
+
+Policy: an unknown section or key, in the file or in the environment, is an error
+(:class:`ConfigError`) naming it; a value of the wrong type is an error too. Units are in names
+(``_s`` seconds, ``_bytes``, ``_chars``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    pass
+
+
+STORE_BACKENDS = ("sqlite", "cassandra")
+
+
+@dataclass
+class ServerConfig:
+    api_host: str = "127.0.0.1"
+    api_port: int = 8080
+    ws_host: str = "127.0.0.1"
+    ws_port: int = 8081
+    # What clients are told to connect to; default derives from ws_host/ws_port.
+    public_ws_url: str = ""
+    shard_id: str = "shard-1"
+    shutdown_grace_s: float = 5.0
+
+
+@dataclass
+class StoreConfig:
+    backend: str = "sqlite"
+    # SQLite: the database file; relative paths are relative to data_dir.
+    sqlite_path: str = "chatd.db"
+    # "full" fsyncs each group commit (durable across power loss); "normal" only across crashes.
+    sqlite_synchronous: str = "full"
+    commit_batch_max: int = 512
+    read_connections: int = 4
+
+
+@dataclass
+class CassandraConfig:
+    """Used when ``store.backend = "cassandra"`` (see docs/operations.md)."""
+    contact_points: str = "127.0.0.1"  # comma-separated host[:port] list
+    port: int = 9042
+    keyspace: str = "chatd"
+    local_dc: str = ""  # required for DC-aware load balancing on multi-DC clusters
+    # Used only by `chatd store migrate` when it creates the keyspace.
+    replication: str = "{'class': 'NetworkTopologyStrategy', 'replication_factor': 3}"
+    read_consistency: str = "LOCAL_QUORUM"
+    write_consistency: str = "LOCAL_QUORUM"
+    serial_consistency: str = "LOCAL_SERIAL"
+    username: str = ""
+    password: str = ""
+    request_timeout_s: float = 10.0
+    connect_timeout_s: float = 10.0
+
+
+@dataclass
+class AuthConfig:
+    # HMAC secret for tokens; empty = generated once and kept in data_dir/secret.key.
+    secret: str = ""
+    token_ttl_s: float = 7 * 24 * 3600
+    # scrypt cost (N); 2**15 is ~50 ms on one core. Must be a power of two.
+    scrypt_n: int = 2**15
+
+
+@dataclass
+class LimitsConfig:
+    max_frame_bytes: int = 512 * 1024
+    max_body_chars: int = 100_000
+    max_group_members: int = 100
+    # Per-connection token bucket over all incoming frames.
+    rate_frames_per_s: float = 100.0
+    rate_burst: int = 200
+    # Consecutive rate-limited frames after which the connection is closed (flood).
+    flood_close_after: int = 500
+    # Outgoing frames queued per connection before it is cut off as a slow consumer.
+    send_queue_frames: int = 1024
+    max_inflight_sends: int = 64
+    auth_timeout_s: float = 10.0
+    heartbeat_interval_s: float = 5.0
+    history_page_max: int = 500
+    sync_page: int = 500
+
+
+@dataclass
+class Config:
+    data_dir: str = "./data"
+    log_level: str = "info"
+    server: ServerConfig = field(default_factory=ServerConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    cassandra: CassandraConfig = field(default_factory=CassandraConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+
+    # ---- loaders ---------------------------------------------------------------------
+    @classmethod
+    def from_mapping(cls, data: dict) -> "Config":
+        cfg = cls()
+        cfg.update(data, source="mapping")
+        return cfg
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None, env: dict | None = None,
+             overrides: dict | None = None) -> "Config":
+        cfg = cls()
+        if path is not None:
+            try:
+                with open(path, "rb") as f:
+                    data = tomllib.load(f)
+            except FileNotFoundError:
+                raise ConfigError(f"config file not found: {path}") from None
+            except tomllib.TOMLDecodeError as e:
+                raise ConfigError(f"{path}: invalid TOML: {e}") from None
+            cfg.update(data, source=str(path))
+        cfg.update(env_overrides(os.environ if env is None else env), source="environment")
+        if overrides:
+            cfg.update(overrides, source="overrides")
+        cfg.validate()
+        return cfg
+
+    def update(self, data: dict, source: str) -> None:
+        for key, value in data.items():
+            _set(self, key, value, source, prefix="")
+
+    def validate(self) -> None:
+        if self.store.backend not in STORE_BACKENDS:
+            raise ConfigError(f"store.backend: unknown backend {self.store.backend!r} "
+                              f"(known: {', '.join(STORE_BACKENDS)})")
+        if self.store.sqlite_synchronous not in ("full", "normal"):
+            raise ConfigError("store.sqlite_synchronous must be 'full' or 'normal'")
+        n = self.auth.scrypt_n
+        if n < 2 or n & (n - 1):
+            raise ConfigError("auth.scrypt_n must be a power of two >= 2")
+        for name in ("max_frame_bytes", "max_body_chars", "max_group_members", "rate_burst",
+                     "send_queue_frames", "max_inflight_sends", "history_page_max", "sync_page"):
+            if getattr(self.limits, name) < 1:
+                raise ConfigError(f"limits.{name} must be >= 1")
+
+    # ---- derived ---------------------------------------------------------------------
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)
+
+    def resolve(self, p: str) -> Path:
+        path = Path(p)
+        return path if path.is_absolute() else self.data_path / path
+
+
+def env_overrides(env) -> dict:
+    """``CHATD_SECTION__KEY=value`` (or ``CHATD__KEY`` for top-level keys) -> nested dict of strings."""
+    out: dict = {}
+    for name, value in env.items():
+        if not name.startswith("CHATD_") or "__" not in name:
+            continue
+        path = name[len("CHATD_"):].lower().split("__")
+        if path[0] == "":
+            path = path[1:]
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return out
+
+
+def _set(obj, key, value, source, prefix):
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    where = f"{prefix}{key}"
+    if key not in fields:
+        known = ", ".join(sorted(fields))
+        raise ConfigError(f"{source}: unknown config key {where!r} (known here: {known})")
+    hint = typing.get_type_hints(type(obj))[key]
+    current = getattr(obj, key)
+    if dataclasses.is_dataclass(current):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {where!r} must be a table")
+        for k, v in value.items():
+            _set(current, k, v, source, prefix=f"{where}.")
+        return
+    setattr(obj, key, _coerce(value, hint, where, source))
+
+
+def _coerce(value, hint, where, source):
+    try:
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                return value.lower() in ("1", "true", "yes", "on")
+            raise ValueError
+        if hint is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, int):
+                return value
+            if isinstance(value, str):
+                return int(value, 0)
+            raise ValueError
+        if hint is float:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, (int, float)):
+                return float(value)
+            if isinstance(value, str):
+                return float(value)
+            raise ValueError
+        if hint is str:
+            if isinstance(value, str):
+                return value
+            raise ValueError
+    except ValueError:
+        pass
+    raise ConfigError(f"{source}: {where!r} must be {hint.__name__}, got {value!r}")

@@ -1,0 +1,56 @@
+"""Stable, machine-readable error codes shared by the WebSocket protocol and the HTTP API.
+
+A :class:`ChatError` is raised for anything a *client* did wrong or asked for that cannot be
+done; the code is part of the public protocol (``docs/protocol.md``) and never changes meaning.
+Anything else that escapes is a bug and is reported as ``internal``.
+"""
+
+from __future__ import annotations
+
+# code -> HTTP status used when the error reaches the HTTP API.
+CODES: dict[str, int] = {
+    "bad_frame": 400,  # not valid JSON / msgpack, or not an object
+    "unknown_type": 400,  # frame "type" we do not know
+    "bad_field": 400,  # missing or wrong-typed field
+    "bad_request": 400,  # HTTP body/query not acceptable
+    "frame_too_large": 413,
+    "body_too_long": 413,
+    "not_authenticated": 401,
+    "already_authenticated": 409,
+    "invalid_token": 401,
+    "token_expired": 401,
+    "bad_credentials": 401,
+    "username_taken": 409,
+    "forbidden": 403,
+    "not_member": 403,
+    "no_such_channel": 404,
+    "no_such_user": 404,
+    "not_found": 404,
+    "group_full": 409,
+    "rate_limited": 429,
+    "unavailable": 503,  # store or dependency failed; retry later
+    "internal": 500,
+}
+
+
+class ChatError(Exception):
+    """An error with a stable code, safe to show to the client."""
+
+    def __init__(self, code: str, message: str, **details):
+        assert code in CODES, code
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.details = details
+
+    @property
+    def http_status(self) -> int:
+        return CODES[self.code]
+
+    def to_dict(self) -> dict:
+        out = {"code": self.code, "message": self.message}
+        out.update(self.details)
+        return out
+
+    def __repr__(self):
+        return f"ChatError({self.code!r}, {self.message!r})"

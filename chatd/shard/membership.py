@@ -1,0 +1,57 @@
+"""Who may read and write a channel, cached per shard.
+
+A 1:1 channel's members follow from its id (both users must exist); a group's come from the store.
+The cache is bounded (least recently loaded evicted first) and invalidated by whoever changes
+membership (the API calls :meth:`invalidate`). Errors: ``no_such_channel``, ``no_such_user``,
+``not_member``."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from ..errors import ChatError
+from ..ids import dm_members, is_group
+
+
+class Membership:
+    def __init__(self, store, max_cached: int = 100_000):
+        self._store = store
+        self._cache: OrderedDict[str, frozenset[int]] = OrderedDict()
+        self._max = max_cached
+        self._generation: dict[str, int] = {}
+
+    async def members(self, channel_id: str) -> frozenset[int]:
+        cached = self._cache.get(channel_id)
+        if cached is not None:
+            return cached
+        gen = self._generation.get(channel_id, 0)
+        pair = dm_members(channel_id)
+        if pair is not None:
+            users = await self._store.get_users(list(pair))
+            if len(users) < 2:
+                raise ChatError("no_such_user", "the other user of this 1:1 channel does not exist")
+            members = frozenset(pair)
+        elif is_group(channel_id):
+            members = frozenset(await self._store.members(channel_id))
+            if not members and await self._store.get_channel(channel_id) is None:
+                raise ChatError("no_such_channel", f"channel {channel_id} does not exist")
+        else:
+            raise ChatError("no_such_channel", f"channel {channel_id} does not exist")
+        if self._generation.get(channel_id, 0) == gen:  # not invalidated while we loaded
+            self._cache[channel_id] = members
+            if len(self._cache) > self._max:
+                self._cache.popitem(last=False)
+        return members
+
+    async def require_member(self, channel_id: str, user_id: int) -> frozenset[int]:
+        pair = dm_members(channel_id)
+        if pair is not None and user_id not in pair:
+            raise ChatError("not_member", "you are not a member of this channel")
+        members = await self.members(channel_id)
+        if user_id not in members:
+            raise ChatError("not_member", "you are not a member of this channel")
+        return members
+
+    def invalidate(self, channel_id: str) -> None:
+        self._cache.pop(channel_id, None)
+        self._generation[channel_id] = self._generation.get(channel_id, 0) + 1

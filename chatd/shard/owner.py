@@ -1,0 +1,152 @@
+"""Channel ownership on this shard: the write path of ``send``.
+
+For each channel this shard owns, :class:`ChannelOwners`
+
+1. checks that the sender is a member,
+2. collapses concurrent resends of one ``client_msg_id`` into one store call,
+3. has the store assign the next seq and make the message durable (group commit),
+4. fans the committed messages out **in seq order**, even though the trio tasks awaiting their
+   commits may resume in any order: results wait in a per-channel reorder buffer until every lower
+   seq has been fanned out.
+
+The reorder buffer's baseline is the channel's head seq, read from the store the first time the
+channel is used here; if some other writer ever advanced the channel (ownership moved), the
+buffer would see a hole: it is flushed in order as soon as no send of the channel is in flight,
+and devices fill such holes from the store (see the session's gap fill).
+
+Error policy: store failures reach the caller as ``ChatError("unavailable")`` and nothing is
+fanned out; membership errors as ``not_member`` / ``no_such_channel`` / ``no_such_user``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import trio
+
+from ..errors import ChatError
+from ..ids import dm_members
+
+log = logging.getLogger(__name__)
+
+
+class _Pending:
+    __slots__ = ("done", "result", "error")
+
+    def __init__(self):
+        self.done = trio.Event()
+        self.result = None
+        self.error = None
+
+
+class _ChannelState:
+    __slots__ = ("loaded", "delivered", "ready", "inflight")
+
+    def __init__(self):
+        self.loaded = trio.Event()
+        self.delivered = 0  # highest seq fanned out
+        self.ready: dict = {}  # seq -> Message, committed but waiting for a lower seq
+        self.inflight = 0
+
+
+class ChannelOwners:
+    def __init__(self, store, membership, router, metrics, max_idle_channels: int = 200_000):
+        self.store = store
+        self.membership = membership
+        self.router = router
+        self.metrics = metrics
+        self._pending: dict[tuple, _Pending] = {}
+        self._channels: dict[str, _ChannelState] = {}
+        self._max_idle = max_idle_channels
+
+    async def send(self, sender_id: int, channel_id: str, client_msg_id: str, body: str):
+        """Store and fan out one message; return the store's ``AppendResult``."""
+        await self.membership.require_member(channel_id, sender_id)
+        key = (channel_id, sender_id, client_msg_id)
+        pending = self._pending.get(key)
+        if pending is not None:  # the same message is being stored right now
+            await pending.done.wait()
+            if pending.error is not None:
+                raise pending.error
+            self.metrics.duplicates.inc()
+            return type(pending.result)(pending.result.message, duplicate=True)
+        pending = self._pending[key] = _Pending()
+        try:
+            state = await self._state(channel_id)
+            state.inflight += 1
+            t0 = time.perf_counter()
+            # Shielded: once queued, the write may commit; its fan-out must not be skipped because
+            # the sender's connection went away meanwhile (the store call is bounded).
+            with trio.CancelScope(shield=True):
+                try:
+                    result = await self.store.append_message(channel_id, sender_id, client_msg_id, body,
+                                                             time.time(), dm_pair=dm_members(channel_id))
+                finally:
+                    state.inflight -= 1
+                self.metrics.store_latency.observe(time.perf_counter() - t0)
+                if result.duplicate:
+                    self.metrics.duplicates.inc()
+                else:
+                    self.metrics.messages_in.inc()
+                    state.ready[result.message.seq] = result.message
+                await self._flush(channel_id, state)
+            pending.result = result
+            return result
+        except ChatError as e:
+            pending.error = e
+            raise
+        except BaseException:
+            pending.error = ChatError("unavailable", "the message was not acked; resend it with the same client_msg_id")
+            raise
+        finally:
+            del self._pending[key]
+            pending.done.set()
+
+    async def _state(self, channel_id: str) -> _ChannelState:
+        state = self._channels.get(channel_id)
+        if state is None:
+            state = self._channels[channel_id] = _ChannelState()
+            try:
+                state.delivered = await self.store.head_seq(channel_id)
+            except BaseException:
+                del self._channels[channel_id]
+                state.loaded.set()
+                raise
+            state.loaded.set()
+            self._evict_idle()
+        else:
+            await state.loaded.wait()
+            if self._channels.get(channel_id) is not state:  # its load failed
+                return await self._state(channel_id)
+        return state
+
+    async def _flush(self, channel_id: str, state: _ChannelState) -> None:
+        """Fan out every message that is next in line; with nothing in flight, everything.
+
+        The only await comes first; taking messages out of the buffer and queueing them to the
+        sessions is one synchronous step, so two flushes can never interleave their output."""
+        if not state.ready:
+            return
+        try:
+            members = await self.membership.members(channel_id)
+        except ChatError as e:  # stored and acked all the same; devices get it by sync / gap fill
+            log.warning("fan-out of %s postponed: %s", channel_id, e)
+            return
+        ready = state.ready
+        out = []
+        while state.delivered + 1 in ready:
+            state.delivered += 1
+            out.append(ready.pop(state.delivered))
+        if state.inflight == 0 and ready:
+            for seq in sorted(ready):
+                out.append(ready.pop(seq))
+            state.delivered = out[-1].seq
+        for m in out:
+            self.router.deliver_message(m, members)
+
+    def _evict_idle(self) -> None:
+        if len(self._channels) <= self._max_idle:
+            return
+        for cid in [c for c, s in self._channels.items() if s.inflight == 0 and not s.ready][: self._max_idle // 4]:
+            del self._channels[cid]

@@ -1,0 +1,331 @@
+"""One client WebSocket connection: one reader task, one writer task, one method per client verb.
+
+Resources and policies
+
+* **Outgoing queue**: every frame to the client (replies, ``message`` events, typing, receipts)
+  goes through one bounded queue (``limits.send_queue_frames``) drained by the writer task.
+  :meth:`push` never blocks: when the queue is full the client is a *slow consumer* and is
+  disconnected with close code 1013; it resyncs when it comes back. Memory per connection is
+  bounded by the queue size.
+* **Per-channel delivery cursor**: the writer remembers, per channel, the contiguous range of
+  seqs ``[floor, cursor]`` it has delivered on this connection. A live message at or below the
+  cursor is dropped (never delivered twice); one above ``cursor + 1`` first has the hole filled
+  from the store (never a gap). ``sync`` streams what the client lacks around that range, in
+  order.
+* **Incoming**: a token bucket over all frames (``rate_limited`` errors; a flood of them closes
+  with 1008); at most ``max_inflight_sends`` sends in flight (the reader then waits: TCP
+  backpressure on that client only). Bad frames get an ``error`` frame and the connection goes on.
+* **Auth**: nothing but ``auth`` is served before it succeeds; a connection that has not
+  authenticated within ``auth_timeout_s`` is closed with 1008.
+
+Close codes: 1001 server going away, 1008 policy (auth timeout, flood, repeated bad tokens),
+1009 frame above the hard cap, 1013 slow consumer.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import trio
+from trio_websocket import ConnectionClosed
+
+from ..auth import verify_token
+from ..errors import ChatError
+from ..protocol import client as proto
+from ..store.base import Message
+
+log = logging.getLogger(__name__)
+
+CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY = 1008
+CLOSE_TRY_AGAIN = 1013
+MAX_BAD_TOKENS = 5
+
+
+class _SyncJob:
+    __slots__ = ("request_id", "cursors")
+
+    def __init__(self, request_id, cursors: dict):
+        self.request_id = request_id
+        self.cursors = cursors
+
+
+class Session:
+    def __init__(self, node, ws, fmt: str):
+        self.node = node
+        self.ws = ws
+        self.fmt = fmt
+        limits = node.config.limits
+        self.limits = limits
+        self._out_send, self._out_recv = trio.open_memory_channel(limits.send_queue_frames)
+        self.user_id: int | None = None
+        self.device_id: str | None = None
+        self._cursors: dict[str, list[int]] = {}  # channel -> [floor, cursor] delivered here
+        self._bucket = node.rate_bucket()
+        self._limited_in_row = 0
+        self._bad_tokens = 0
+        self._inflight = trio.Semaphore(limits.max_inflight_sends)
+        self._nursery: trio.Nursery | None = None
+        self.close_reason: tuple[int, str] | None = None
+
+    # ---- outgoing --------------------------------------------------------------------------
+    def push(self, item) -> None:
+        """Queue a frame dict, a Message or a sync job; cut the client off if it is not reading."""
+        if self.close_reason is not None:
+            return
+        try:
+            self._out_send.send_nowait(item)
+        except trio.WouldBlock:
+            self.node.metrics.slow_consumers.inc()
+            self.close_soon(CLOSE_TRY_AGAIN, "slow consumer: send queue full; reconnect and sync")
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+
+    def push_error(self, err: ChatError, request_id=None) -> None:
+        self.node.metrics.errors.inc(code=err.code)
+        self.push(proto.error_frame(err.code, err.message, request_id, **err.details))
+
+    def close_soon(self, code: int, reason: str) -> None:
+        if self.close_reason is None:
+            self.close_reason = (code, reason)
+            if self._nursery is not None:
+                self._nursery.cancel_scope.cancel()
+
+    async def _send_data(self, data) -> None:
+        await self.ws.send_message(data)
+
+    async def _send_message(self, m: Message) -> None:
+        key = "_wire_" + self.fmt  # encoded once per format, shared by every session
+        data = m.__dict__.get(key)
+        if data is None:
+            data = m.__dict__[key] = proto.dumps(proto.message_frame(m), self.fmt)
+        await self._send_data(data)
+        self.node.metrics.messages_out.inc()
+
+    async def _writer(self) -> None:
+        async for item in self._out_recv:
+            if isinstance(item, Message):
+                await self._deliver_live(item)
+            elif isinstance(item, _SyncJob):
+                await self._run_sync(item)
+            else:
+                await self._send_data(proto.dumps(item, self.fmt))
+
+    # ---- delivery cursors ------------------------------------------------------------------
+    async def _deliver_live(self, m: Message) -> None:
+        st = self._cursors.get(m.channel_id)
+        if st is None:
+            self._cursors[m.channel_id] = [m.seq, m.seq]
+            await self._send_message(m)
+            return
+        if m.seq <= st[1]:
+            return  # delivered already (by sync or gap fill)
+        if m.seq > st[1] + 1:
+            await self._stream(m.channel_id, st[1], m.seq - 1, st)
+        if m.seq > st[1]:
+            await self._send_message(m)
+            st[1] = m.seq
+
+    async def _stream(self, channel_id: str, after: int, upto: int | None, st: list | None) -> None:
+        """Send stored messages with ``after < seq <= upto`` in order; advance ``st`` if given."""
+        page = self.limits.sync_page
+        store = self.node.store
+        while True:
+            msgs = await store.read_messages(channel_id, after=after,
+                                             before=None if upto is None else upto + 1, limit=page)
+            for m in msgs:
+                await self._send_message(m)
+                if st is not None:
+                    st[1] = m.seq
+            if len(msgs) < page:
+                return
+            after = msgs[-1].seq
+
+    async def _sync_channel(self, channel_id: str, client_cursor: int) -> int:
+        head = await self.node.store.head_seq(channel_id)
+        c = min(client_cursor, head)
+        st = self._cursors.get(channel_id)
+        if st is None:
+            st = self._cursors[channel_id] = [c + 1, c]
+        else:
+            if c + 1 < st[0]:  # older than anything delivered on this connection
+                await self._stream(channel_id, c, st[0] - 1, None)
+                st[0] = c + 1
+            st[1] = max(st[1], c)
+        await self._stream(channel_id, st[1], None, st)
+        return st[1]
+
+    async def _run_sync(self, job: _SyncJob) -> None:
+        synced, errors = {}, {}
+        for channel_id, cursor in job.cursors.items():
+            try:
+                await self.node.membership.require_member(channel_id, self.user_id)
+                synced[channel_id] = await self._sync_channel(channel_id, cursor)
+            except ChatError as e:
+                errors[channel_id] = e.code
+        try:
+            heads = {c.id: c.last_seq for c in await self.node.store.channels_of(self.user_id)}
+        except ChatError:
+            heads = {}
+        reply = {"type": "sync", "id": job.request_id, "cursors": synced, "heads": heads}
+        if errors:
+            reply["errors"] = errors
+        await self._send_data(proto.dumps(reply, self.fmt))
+
+    # ---- incoming --------------------------------------------------------------------------
+    async def _reader(self, nursery: trio.Nursery) -> None:
+        limits = self.limits
+        while True:
+            data = await self.ws.get_message()
+            if not self._bucket.take(trio.current_time()):
+                self._limited_in_row += 1
+                if self._limited_in_row >= limits.flood_close_after:
+                    self.close_soon(CLOSE_POLICY, "flood: too many frames over the rate limit")
+                    return
+                self.push_error(ChatError("rate_limited", "too many frames; slow down",
+                                          retry_after_ms=int(self._bucket.retry_after_s() * 1000) + 1))
+                continue
+            self._limited_in_row = 0
+            try:
+                req = proto.parse(data, self.fmt, limits.max_frame_bytes)
+            except proto.ProtocolError as e:
+                self.push_error(e, e.request_id)
+                continue
+            if self.user_id is None:
+                if isinstance(req, proto.Auth):
+                    self._on_auth(req)
+                else:
+                    self.push_error(ChatError("not_authenticated", "send an 'auth' frame first"), req.id)
+                continue
+            await self._dispatch(req, nursery)
+
+    async def _dispatch(self, req, nursery: trio.Nursery) -> None:
+        if isinstance(req, proto.Send):
+            if len(req.body) > self.limits.max_body_chars:
+                self.push_error(ChatError("body_too_long", f"a message body has at most "
+                                          f"{self.limits.max_body_chars} characters"), req.id)
+                return
+            await self._inflight.acquire()
+            nursery.start_soon(self._on_send, req)
+        elif isinstance(req, proto.Sync):
+            self.push(_SyncJob(req.id, req.cursors))
+        elif isinstance(req, proto.Heartbeat):
+            self.push({"type": "heartbeat", "id": req.id, "server_time": time.time()})
+        elif isinstance(req, proto.Auth):
+            self.push_error(ChatError("already_authenticated", "this connection is authenticated"), req.id)
+        else:
+            handler = {proto.History: self._on_history, proto.Typing: self._on_typing,
+                       proto.Read: self._on_read}[type(req)]
+            nursery.start_soon(self._guarded, handler, req)
+
+    async def _guarded(self, handler, req) -> None:
+        try:
+            await handler(req)
+        except ChatError as e:
+            self.push_error(e, req.id)
+
+    def _on_auth(self, req: proto.Auth) -> None:
+        try:
+            self.user_id, self.device_id = verify_token(self.node.secret, req.token)
+        except ChatError as e:
+            self._bad_tokens += 1
+            self.push_error(e, req.id)
+            if self._bad_tokens >= MAX_BAD_TOKENS:
+                self.close_soon(CLOSE_POLICY, "too many invalid tokens")
+            return
+        # No await from here on: every live message routed to us is queued after this sync job.
+        self.node.hub.add(self)
+        self.push({"type": "auth", "id": req.id, "user_id": self.user_id, "device_id": self.device_id,
+                   "heartbeat_interval_s": self.limits.heartbeat_interval_s, "server_time": time.time()})
+        if req.cursors:
+            self.push(_SyncJob(req.id, req.cursors))
+
+    async def _on_send(self, req: proto.Send) -> None:
+        try:
+            result = await self.node.owners.send(self.user_id, req.channel_id, req.client_msg_id, req.body)
+        except ChatError as e:
+            self.push_error(e, req.id)
+        else:
+            m = result.message
+            self.push({"type": "ack", "id": req.id, "channel_id": m.channel_id, "seq": m.seq,
+                       "client_msg_id": m.client_msg_id, "created_at": m.created_at,
+                       "duplicate": result.duplicate})
+        finally:
+            self._inflight.release()
+
+    async def _on_history(self, req: proto.History) -> None:
+        await self.node.membership.require_member(req.channel_id, self.user_id)
+        limit = min(req.limit or 50, self.limits.history_page_max)
+        msgs = await self.node.store.read_messages(req.channel_id, after=req.after, before=req.before, limit=limit)
+        more = len(msgs) == limit
+        # Keep the reply under the frame limit: drop from the far end (newest for "after" pages,
+        # oldest otherwise) and say there is more.
+        budget = self.limits.max_frame_bytes
+        kept: list = []
+        for m in (msgs if req.after is not None else reversed(msgs)):
+            budget -= len(m.body) * 4 + 200
+            if budget < 0 and kept:
+                more = True
+                break
+            kept.append(m)
+        if req.after is None:
+            kept.reverse()
+        self.push({"type": "history", "id": req.id, "channel_id": req.channel_id, "more": more,
+                   "messages": [proto.message_frame(m) for m in kept]})
+
+    async def _on_typing(self, req: proto.Typing) -> None:
+        members = await self.node.membership.require_member(req.channel_id, self.user_id)
+        event = {"type": "typing", "channel_id": req.channel_id, "user_id": self.user_id}
+        self.node.router.deliver_event(event, members - {self.user_id})
+        self.push({"type": "typing", "id": req.id})
+
+    async def _on_read(self, req: proto.Read) -> None:
+        members = await self.node.membership.require_member(req.channel_id, self.user_id)
+        seq = await self.node.store.set_read(req.channel_id, self.user_id, req.seq)
+        self.push({"type": "read", "id": req.id, "channel_id": req.channel_id, "seq": seq})
+        event = {"type": "read", "channel_id": req.channel_id, "user_id": self.user_id, "seq": seq}
+        self.node.router.deliver_event(event, members, skip=self)
+
+    async def _auth_timeout(self) -> None:
+        await trio.sleep(self.limits.auth_timeout_s)
+        if self.user_id is None:
+            self.close_soon(CLOSE_POLICY, "authentication timeout")
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Serve the connection until the client leaves or we close it; always unregisters."""
+        metrics = self.node.metrics
+        metrics.connections_total.inc()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                if self.close_reason is not None:
+                    nursery.cancel_scope.cancel()
+                nursery.start_soon(self._writer_guard)
+                nursery.start_soon(self._auth_timeout)
+                try:
+                    await self._reader(nursery)
+                except ConnectionClosed:
+                    pass
+                nursery.cancel_scope.cancel()
+        finally:
+            self.node.hub.remove(self)
+            self._out_send.close()
+            if self.close_reason is not None and not self.ws.closed:
+                with trio.CancelScope(shield=True), trio.move_on_after(2):
+                    try:
+                        await self.ws.aclose(*self.close_reason)
+                    except ConnectionClosed:
+                        pass
+
+    async def _writer_guard(self) -> None:
+        try:
+            await self._writer()
+        except ConnectionClosed:
+            pass
+        except ChatError as e:  # store failure while syncing: tell the client, let it retry
+            log.warning("closing session of user %s: %s", self.user_id, e)
+            self.close_soon(CLOSE_TRY_AGAIN, "server could not read the store; reconnect and sync")
+        finally:
+            self._nursery.cancel_scope.cancel()

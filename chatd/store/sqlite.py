@@ -1,0 +1,435 @@
+"""SQLite backend: the embedded default store.
+
+Resources: one writer connection and ``read_connections`` reader connections to one database
+file in WAL mode. All writes go through a single writer task that batches whatever is queued
+(up to ``commit_batch_max`` operations) into one transaction - group commit: concurrent sends
+share one fsync. Each operation runs inside its own SAVEPOINT, so one failing operation (a taken
+username, a full group) does not fail its batch neighbours. The transaction itself runs in a trio
+worker thread; reads run in worker threads on a pooled reader connection. The event loop never
+blocks on SQLite.
+
+Error policy: ``sqlite3`` errors become ``ChatError("unavailable")``; when a commit fails every
+operation of the batch fails and nothing of it is stored (the sequence stays gap-free, because the
+next transaction reads the head seq again). Cancelling a caller does not cancel its queued write:
+it may still commit, which is safe because sends are deduplicated by ``client_msg_id``.
+
+Schema: versioned migrations in ``MIGRATIONS`` (``PRAGMA user_version``); opening a database
+written by a newer chatd is refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sqlite3
+import time
+from pathlib import Path
+
+import trio
+
+from ..errors import ChatError
+from .base import AppendResult, Channel, ChannelSummary, Message, Store, User
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS: list[tuple[int, list[str]]] = [
+    (1, [
+        """CREATE TABLE users (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            username TEXT NOT NULL UNIQUE COLLATE NOCASE,
+            password_hash TEXT NOT NULL,
+            display_name TEXT NOT NULL DEFAULT '',
+            about TEXT NOT NULL DEFAULT '',
+            created_at REAL NOT NULL)""",
+        """CREATE TABLE devices (
+            id TEXT PRIMARY KEY,
+            user_id INTEGER NOT NULL REFERENCES users(id),
+            created_at REAL NOT NULL) WITHOUT ROWID""",
+        """CREATE TABLE channels (
+            id TEXT PRIMARY KEY,
+            kind TEXT NOT NULL CHECK (kind IN ('dm', 'group')),
+            name TEXT NOT NULL DEFAULT '',
+            owner_id INTEGER,
+            created_at REAL NOT NULL,
+            last_seq INTEGER NOT NULL DEFAULT 0,
+            last_at REAL NOT NULL) WITHOUT ROWID""",
+        """CREATE TABLE members (
+            channel_id TEXT NOT NULL,
+            user_id INTEGER NOT NULL,
+            joined_at REAL NOT NULL,
+            read_seq INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (channel_id, user_id)) WITHOUT ROWID""",
+        "CREATE INDEX members_by_user ON members (user_id, channel_id)",
+        """CREATE TABLE messages (
+            channel_id TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            sender_id INTEGER NOT NULL,
+            client_msg_id TEXT NOT NULL,
+            body TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            PRIMARY KEY (channel_id, seq)) WITHOUT ROWID""",
+        "CREATE UNIQUE INDEX messages_dedup ON messages (channel_id, sender_id, client_msg_id)",
+    ]),
+]
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+_USER_COLS = "id, username, display_name, about, created_at, password_hash"
+_MSG_COLS = "channel_id, seq, sender_id, client_msg_id, body, created_at"
+
+
+def _user(row) -> User:
+    return User(id=row[0], username=row[1], display_name=row[2], about=row[3], created_at=row[4],
+                password_hash=row[5])
+
+
+def _msg(row) -> Message:
+    return Message(*row)
+
+
+def _connect(path: str, synchronous: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
+    conn.execute("PRAGMA busy_timeout=30000")
+    conn.execute("PRAGMA foreign_keys=ON")
+    return conn
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring the schema up to ``SCHEMA_VERSION``; return the version found before."""
+    found = conn.execute("PRAGMA user_version").fetchone()[0]
+    if found > SCHEMA_VERSION:
+        raise RuntimeError(f"database schema v{found} is newer than this chatd supports (v{SCHEMA_VERSION}); "
+                           "upgrade chatd")
+    for version, statements in MIGRATIONS:
+        if version <= found:
+            continue
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for sql in statements:
+                conn.execute(sql)
+            conn.execute(f"PRAGMA user_version={version}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        log.info("sqlite schema migrated to v%d", version)
+    return found
+
+
+class _Op:
+    __slots__ = ("fn", "done", "result", "error")
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.done = trio.Event()
+        self.result = None
+        self.error: BaseException | None = None
+
+
+class SQLiteStore(Store):
+    schema_version = SCHEMA_VERSION
+
+    def __init__(self, path: str, synchronous: str = "full", batch_max: int = 512, readers: int = 4):
+        self.path = path
+        self._synchronous = synchronous
+        self._batch_max = batch_max
+        self._n_readers = readers
+        self._writer: sqlite3.Connection | None = None
+        self._readers: list[sqlite3.Connection] = []
+        self._reader_sem = trio.Semaphore(readers)
+        self._queue_send, self._queue_recv = trio.open_memory_channel(batch_max * 8)
+        self._closed = False
+        self.stats = {"commits": 0, "ops": 0, "commit_seconds": 0.0, "failed_commits": 0}
+
+    # ---- lifecycle -----------------------------------------------------------------------
+    async def _open(self) -> None:
+        def opener():
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            w = _connect(self.path, self._synchronous)
+            migrate(w)
+            readers = [_connect(self.path, self._synchronous) for _ in range(self._n_readers)]
+            return w, readers
+        self._writer, self._readers = await trio.to_thread.run_sync(opener)
+
+    async def _writer_loop(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        async for first in self._queue_recv:
+            batch = [first]
+            while len(batch) < self._batch_max:
+                try:
+                    batch.append(self._queue_recv.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+            await trio.to_thread.run_sync(self._apply_batch, batch)
+            for op in batch:
+                op.done.set()
+
+    def _apply_batch(self, batch: list[_Op]) -> None:
+        conn = self._writer
+        t0 = time.perf_counter()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for op in batch:
+                conn.execute("SAVEPOINT op")
+                try:
+                    op.result = op.fn(conn)
+                except Exception as e:  # noqa: BLE001 - recorded on the op, re-raised to its caller
+                    op.error = e
+                    conn.execute("ROLLBACK TO op")
+                conn.execute("RELEASE op")
+            conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            log.error("sqlite commit of %d ops failed: %s", len(batch), e)
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            self.stats["failed_commits"] += 1
+            for op in batch:
+                op.result, op.error = None, ChatError("unavailable", "the store could not commit; retry")
+            return
+        self.stats["commits"] += 1
+        self.stats["ops"] += len(batch)
+        self.stats["commit_seconds"] += time.perf_counter() - t0
+
+    async def _write(self, fn):
+        if self._closed:
+            raise ChatError("unavailable", "the store is closed")
+        op = _Op(fn)
+        await self._queue_send.send(op)
+        await op.done.wait()
+        if op.error is not None:
+            if isinstance(op.error, ChatError):
+                raise op.error
+            if isinstance(op.error, sqlite3.Error):
+                log.error("sqlite write failed: %s", op.error)
+                raise ChatError("unavailable", "the store failed; retry") from op.error
+            raise op.error
+        return op.result
+
+    async def _read(self, fn):
+        if self._closed:
+            raise ChatError("unavailable", "the store is closed")
+        async with self._reader_sem:
+            conn = self._readers.pop()
+            try:
+                return await trio.to_thread.run_sync(fn, conn)
+            except sqlite3.Error as e:
+                log.error("sqlite read failed: %s", e)
+                raise ChatError("unavailable", "the store failed; retry") from e
+            finally:
+                self._readers.append(conn)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._queue_send.close()
+
+    def _close_connections(self) -> None:
+        for c in [self._writer, *self._readers]:
+            if c is not None:
+                c.close()
+        self._writer, self._readers = None, []
+
+    # ---- users and devices ---------------------------------------------------------------
+    async def create_user(self, username, password_hash, display_name, created_at):
+        def fn(c):
+            try:
+                cur = c.execute("INSERT INTO users (username, password_hash, display_name, created_at) "
+                                "VALUES (?, ?, ?, ?)", (username, password_hash, display_name, created_at))
+            except sqlite3.IntegrityError:
+                raise ChatError("username_taken", f"username {username!r} is taken") from None
+            return User(id=cur.lastrowid, username=username, display_name=display_name, about="",
+                        created_at=created_at, password_hash=password_hash)
+        return await self._write(fn)
+
+    async def get_user(self, user_id):
+        def fn(c):
+            row = c.execute(f"SELECT {_USER_COLS} FROM users WHERE id = ?", (user_id,)).fetchone()
+            return _user(row) if row else None
+        return await self._read(fn)
+
+    async def get_user_by_name(self, username):
+        def fn(c):
+            row = c.execute(f"SELECT {_USER_COLS} FROM users WHERE username = ?", (username,)).fetchone()
+            return _user(row) if row else None
+        return await self._read(fn)
+
+    async def get_users(self, user_ids):
+        ids = list(dict.fromkeys(user_ids))
+
+        def fn(c):
+            out = {}
+            for i in range(0, len(ids), 500):
+                chunk = ids[i:i + 500]
+                q = f"SELECT {_USER_COLS} FROM users WHERE id IN ({','.join('?' * len(chunk))})"
+                for row in c.execute(q, chunk):
+                    out[row[0]] = _user(row)
+            return out
+        return await self._read(fn) if ids else {}
+
+    async def update_profile(self, user_id, display_name, about):
+        def fn(c):
+            if display_name is not None:
+                c.execute("UPDATE users SET display_name = ? WHERE id = ?", (display_name, user_id))
+            if about is not None:
+                c.execute("UPDATE users SET about = ? WHERE id = ?", (about, user_id))
+            row = c.execute(f"SELECT {_USER_COLS} FROM users WHERE id = ?", (user_id,)).fetchone()
+            if row is None:
+                raise ChatError("no_such_user", f"user {user_id} does not exist")
+            return _user(row)
+        return await self._write(fn)
+
+    async def add_device(self, user_id, device_id, created_at):
+        def fn(c):
+            c.execute("INSERT OR IGNORE INTO devices (id, user_id, created_at) VALUES (?, ?, ?)",
+                      (device_id, user_id, created_at))
+        await self._write(fn)
+
+    async def device_owner(self, device_id):
+        def fn(c):
+            row = c.execute("SELECT user_id FROM devices WHERE id = ?", (device_id,)).fetchone()
+            return row[0] if row else None
+        return await self._read(fn)
+
+    # ---- channels ------------------------------------------------------------------------
+    async def create_group(self, channel_id, name, owner_id, member_ids, created_at, max_members):
+        members = list(dict.fromkeys([owner_id, *member_ids]))
+
+        def fn(c):
+            if len(members) > max_members:
+                raise ChatError("group_full", f"a group has at most {max_members} members")
+            _require_users(c, members)
+            c.execute("INSERT INTO channels (id, kind, name, owner_id, created_at, last_at) "
+                      "VALUES (?, 'group', ?, ?, ?, ?)", (channel_id, name, owner_id, created_at, created_at))
+            c.executemany("INSERT INTO members (channel_id, user_id, joined_at) VALUES (?, ?, ?)",
+                          [(channel_id, u, created_at) for u in members])
+            return Channel(channel_id, "group", name, owner_id, created_at, 0)
+        return await self._write(fn)
+
+    async def get_channel(self, channel_id):
+        def fn(c):
+            row = c.execute("SELECT id, kind, name, owner_id, created_at, last_seq FROM channels WHERE id = ?",
+                            (channel_id,)).fetchone()
+            return Channel(*row) if row else None
+        return await self._read(fn)
+
+    async def add_member(self, channel_id, user_id, max_members, joined_at):
+        def fn(c):
+            if c.execute("SELECT 1 FROM channels WHERE id = ?", (channel_id,)).fetchone() is None:
+                raise ChatError("no_such_channel", f"channel {channel_id} does not exist")
+            _require_users(c, [user_id])
+            if c.execute("SELECT 1 FROM members WHERE channel_id = ? AND user_id = ?",
+                         (channel_id, user_id)).fetchone():
+                return False
+            (count,) = c.execute("SELECT COUNT(*) FROM members WHERE channel_id = ?", (channel_id,)).fetchone()
+            if count >= max_members:
+                raise ChatError("group_full", f"a group has at most {max_members} members")
+            c.execute("INSERT INTO members (channel_id, user_id, joined_at) VALUES (?, ?, ?)",
+                      (channel_id, user_id, joined_at))
+            return True
+        return await self._write(fn)
+
+    async def remove_member(self, channel_id, user_id):
+        def fn(c):
+            cur = c.execute("DELETE FROM members WHERE channel_id = ? AND user_id = ?", (channel_id, user_id))
+            return cur.rowcount > 0
+        return await self._write(fn)
+
+    async def members(self, channel_id):
+        def fn(c):
+            return [r[0] for r in c.execute("SELECT user_id FROM members WHERE channel_id = ? ORDER BY user_id",
+                                            (channel_id,))]
+        return await self._read(fn)
+
+    async def channels_of(self, user_id):
+        def fn(c):
+            rows = c.execute(
+                "SELECT ch.id, ch.kind, ch.name, ch.last_seq, m.read_seq, ch.last_at "
+                "FROM members m JOIN channels ch ON ch.id = m.channel_id "
+                "WHERE m.user_id = ? ORDER BY ch.last_at DESC, ch.id", (user_id,))
+            return [ChannelSummary(*r) for r in rows]
+        return await self._read(fn)
+
+    # ---- messages ------------------------------------------------------------------------
+    async def append_message(self, channel_id, sender_id, client_msg_id, body, created_at, dm_pair=None):
+        def fn(c):
+            row = c.execute(f"SELECT {_MSG_COLS} FROM messages WHERE channel_id = ? AND sender_id = ? "
+                            "AND client_msg_id = ?", (channel_id, sender_id, client_msg_id)).fetchone()
+            if row:
+                return AppendResult(_msg(row), duplicate=True)
+            head = c.execute("SELECT last_seq FROM channels WHERE id = ?", (channel_id,)).fetchone()
+            if head is None:
+                if dm_pair is None:
+                    raise ChatError("no_such_channel", f"channel {channel_id} does not exist")
+                c.execute("INSERT INTO channels (id, kind, created_at, last_at) VALUES (?, 'dm', ?, ?)",
+                          (channel_id, created_at, created_at))
+                c.executemany("INSERT OR IGNORE INTO members (channel_id, user_id, joined_at) VALUES (?, ?, ?)",
+                              [(channel_id, u, created_at) for u in dm_pair])
+                head = (0,)
+            seq = head[0] + 1
+            c.execute(f"INSERT INTO messages ({_MSG_COLS}) VALUES (?, ?, ?, ?, ?, ?)",
+                      (channel_id, seq, sender_id, client_msg_id, body, created_at))
+            c.execute("UPDATE channels SET last_seq = ?, last_at = ? WHERE id = ?", (seq, created_at, channel_id))
+            return AppendResult(Message(channel_id, seq, sender_id, client_msg_id, body, created_at), False)
+        return await self._write(fn)
+
+    async def read_messages(self, channel_id, *, after=None, before=None, limit):
+        def fn(c):
+            if after is not None:
+                q = f"SELECT {_MSG_COLS} FROM messages WHERE channel_id = ? AND seq > ?"
+                args = [channel_id, after]
+                if before is not None:
+                    q += " AND seq < ?"
+                    args.append(before)
+                return [_msg(r) for r in c.execute(q + " ORDER BY seq LIMIT ?", (*args, limit))]
+            q = f"SELECT {_MSG_COLS} FROM messages WHERE channel_id = ?"
+            args = [channel_id]
+            if before is not None:
+                q += " AND seq < ?"
+                args.append(before)
+            rows = [_msg(r) for r in c.execute(q + " ORDER BY seq DESC LIMIT ?", (*args, limit))]
+            rows.reverse()
+            return rows
+        return await self._read(fn)
+
+    async def head_seq(self, channel_id):
+        def fn(c):
+            row = c.execute("SELECT last_seq FROM channels WHERE id = ?", (channel_id,)).fetchone()
+            return row[0] if row else 0
+        return await self._read(fn)
+
+    async def set_read(self, channel_id, user_id, seq):
+        def fn(c):
+            c.execute("UPDATE members SET read_seq = MAX(read_seq, MIN(?, "
+                      "(SELECT last_seq FROM channels WHERE id = ?))) WHERE channel_id = ? AND user_id = ?",
+                      (seq, channel_id, channel_id, user_id))
+            row = c.execute("SELECT read_seq FROM members WHERE channel_id = ? AND user_id = ?",
+                            (channel_id, user_id)).fetchone()
+            if row is None:
+                raise ChatError("not_member", "you are not a member of this channel")
+            return row[0]
+        return await self._write(fn)
+
+
+def _require_users(c, user_ids) -> None:
+    for u in user_ids:
+        if c.execute("SELECT 1 FROM users WHERE id = ?", (u,)).fetchone() is None:
+            raise ChatError("no_such_user", f"user {u} does not exist")
+
+
+@contextlib.asynccontextmanager
+async def open_sqlite(path: str, synchronous: str = "full", batch_max: int = 512, readers: int = 4):
+    """Open (creating and migrating) the database; yield the store; on exit finish queued writes
+    and close every connection."""
+    store = SQLiteStore(path, synchronous, batch_max, readers)
+    await store._open()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store._writer_loop)
+            try:
+                yield store
+            finally:
+                await store.aclose()  # writer loop drains the queue, then ends
+    finally:
+        store._close_connections()
