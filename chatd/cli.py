@@ -80,5 +80,10 @@ async def _stop_on_signals(node_box: list, scope: trio.CancelScope) -> None:
                 return
 
 
+from .bench.cli import bench  # noqa: E402  (the load tester is a command of its own module)
+
+main.add_command(bench)
+
+
 if __name__ == "__main__":
     main()

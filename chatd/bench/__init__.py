@@ -1,0 +1,1 @@
+"""``chatd bench``: the bundled load tester."""
