@@ -60,12 +60,18 @@ class ChannelOwners:
         self._channels: dict[str, _ChannelState] = {}
         self._max_idle = max_idle_channels
 
-    async def send(self, sender_id: int, channel_id: str, client_msg_id: str, body: str):
-        """Store and fan out one message; return the store's ``AppendResult``."""
+    async def send(self, sender_id: int, channel_id: str, client_msg_id: str, body: str, on_submit=None):
+        """Store and fan out one message; return the store's ``AppendResult``.
+
+        ``on_submit`` is called once the message holds its place in the store's queue (nothing
+        between that call and the enqueue yields to other tasks): a session uses it to start its
+        next send, so one connection's messages are stored in the order it sent them."""
         await self.membership.require_member(channel_id, sender_id)
         key = (channel_id, sender_id, client_msg_id)
         pending = self._pending.get(key)
         if pending is not None:  # the same message is being stored right now
+            if on_submit is not None:
+                on_submit()
             await pending.done.wait()
             if pending.error is not None:
                 raise pending.error
@@ -76,6 +82,8 @@ class ChannelOwners:
             state = await self._state(channel_id)
             state.inflight += 1
             t0 = time.perf_counter()
+            if on_submit is not None:
+                on_submit()
             # Shielded: once queued, the write may commit; its fan-out must not be skipped because
             # the sender's connection went away meanwhile (the store call is bounded).
             with trio.CancelScope(shield=True):
@@ -115,7 +123,7 @@ class ChannelOwners:
                 raise
             state.loaded.set()
             self._evict_idle()
-        else:
+        elif not state.loaded.is_set():  # (no checkpoint when loaded: keeps the caller's order)
             await state.loaded.wait()
             if self._channels.get(channel_id) is not state:  # its load failed
                 return await self._state(channel_id)

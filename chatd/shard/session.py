@@ -66,6 +66,7 @@ class Session:
         self._limited_in_row = 0
         self._bad_tokens = 0
         self._inflight = trio.Semaphore(limits.max_inflight_sends)
+        self._last_send: trio.Event | None = None
         self._nursery: trio.Nursery | None = None
         self.close_reason: tuple[int, str] | None = None
 
@@ -207,7 +208,8 @@ class Session:
                                           f"{self.limits.max_body_chars} characters"), req.id)
                 return
             await self._inflight.acquire()
-            nursery.start_soon(self._on_send, req)
+            previous, self._last_send = self._last_send, trio.Event()
+            nursery.start_soon(self._on_send, req, previous, self._last_send)
         elif isinstance(req, proto.Sync):
             self.push(_SyncJob(req.id, req.cursors))
         elif isinstance(req, proto.Heartbeat):
@@ -241,9 +243,14 @@ class Session:
         if req.cursors:
             self.push(_SyncJob(req.id, req.cursors))
 
-    async def _on_send(self, req: proto.Send) -> None:
+    async def _on_send(self, req: proto.Send, previous: trio.Event | None, submitted: trio.Event) -> None:
+        """Sends run concurrently (their commits share a group commit) but enter the store in
+        the order the client sent them: each waits until the previous one is queued."""
         try:
-            result = await self.node.owners.send(self.user_id, req.channel_id, req.client_msg_id, req.body)
+            if previous is not None and not previous.is_set():
+                await previous.wait()
+            result = await self.node.owners.send(self.user_id, req.channel_id, req.client_msg_id, req.body,
+                                                 on_submit=submitted.set)
         except ChatError as e:
             self.push_error(e, req.id)
         else:
@@ -252,6 +259,7 @@ class Session:
                        "client_msg_id": m.client_msg_id, "created_at": m.created_at,
                        "duplicate": result.duplicate})
         finally:
+            submitted.set()
             self._inflight.release()
 
     async def _on_history(self, req: proto.History) -> None:

@@ -1,0 +1,210 @@
+"""End-to-end chat over real sockets against a real chatd: 1:1, groups, devices, sync, dedup,
+ordering, restart. Each test would fail without the behaviour it names."""
+
+from __future__ import annotations
+
+import uuid
+
+import trio
+
+from tests.helpers import open_client
+
+
+async def users(server, *names):
+    return [await server.api.signup_login(n) for n in names]
+
+
+def dm(a, b):
+    lo, hi = sorted((a["user"]["id"], b["user"]["id"]))
+    return f"dm:{lo}:{hi}"
+
+
+async def test_one_to_one_roundtrip(server, nursery):
+    alice, bob = await users(server, "alice", "bob")
+    ca = await open_client(nursery, alice["ws_url"], alice["token"])
+    cb = await open_client(nursery, bob["ws_url"], bob["token"])
+    ch = dm(alice, bob)
+    ack = await ca.send_message(ch, "hi bob", "m-1")
+    assert ack["type"] == "ack" and ack["seq"] == 1 and ack["duplicate"] is False and ack["client_msg_id"] == "m-1"
+    got = await cb.next_event("message")
+    assert (got["channel_id"], got["seq"], got["body"], got["sender_id"]) == (ch, 1, "hi bob", alice["user"]["id"])
+    echo = await ca.next_event("message")  # the sending device gets its echo too
+    assert echo["seq"] == 1 and echo["client_msg_id"] == "m-1"
+    ack2 = await cb.send_message(ch, "hi alice")
+    assert ack2["seq"] == 2
+    assert (await ca.next_event("message"))["body"] == "hi alice"
+    r = await server.api.call("GET", f"/v1/channels/{ch}/messages", token=alice["token"])
+    assert [m["body"] for m in r.body["messages"]] == ["hi bob", "hi alice"]
+
+
+async def test_msgpack_subprotocol(server, nursery):
+    alice, bob = await users(server, "alice", "bob")
+    ca = await open_client(nursery, alice["ws_url"], alice["token"], fmt="msgpack")
+    cb = await open_client(nursery, bob["ws_url"], bob["token"], fmt="json")
+    ack = await ca.send_message(dm(alice, bob), "binary hello")
+    assert ack["seq"] == 1
+    assert (await cb.next_event("message"))["body"] == "binary hello"
+    assert (await ca.next_event("message"))["body"] == "binary hello"
+    # a text frame on a msgpack connection is refused with a clear error, connection stays
+    await ca.send_raw('{"type":"heartbeat","id":1}')
+    err = await ca.reply_to(None)
+    assert err["code"] == "bad_frame"
+    assert (await ca.request({"type": "heartbeat"}))["type"] == "heartbeat"
+
+
+async def test_group_of_100(server, nursery):
+    members = [await server.api.signup_login(f"member{i:03d}") for i in range(100)]
+    owner = members[0]
+    r = await server.api.call("POST", "/v1/groups", {"name": "hundred", "members": [m["user"]["id"] for m in members[1:]]},
+                              token=owner["token"])
+    assert r.status == 201, r
+    ch = r.body["channel"]["id"]
+    assert len(r.body["channel"]["members"]) == 100
+    clients = [await open_client(nursery, m["ws_url"], m["token"]) for m in members]
+    for i in range(3):
+        ack = await clients[i * 7].send_message(ch, f"hello {i}")
+        assert ack["seq"] == i + 1
+    for c in clients:
+        got = await c.messages(3)
+        assert [(m["seq"], m["body"]) for m in got] == [(1, "hello 0"), (2, "hello 1"), (3, "hello 2")]
+
+
+async def test_multi_device(server, nursery):
+    alice, bob = await users(server, "alice", "bob")
+    alice2 = await server.api.login("alice")
+    assert alice2["device_id"] != alice["device_id"]
+    a1 = await open_client(nursery, alice["ws_url"], alice["token"])
+    a2 = await open_client(nursery, alice2["ws_url"], alice2["token"])
+    b1 = await open_client(nursery, bob["ws_url"], bob["token"])
+    ch = dm(alice, bob)
+    await a1.send_message(ch, "from phone")
+    for c in (a1, a2, b1):
+        m = await c.next_event("message")
+        assert m["body"] == "from phone" and m["seq"] == 1
+    # exactly once per device
+    await b1.send_message(ch, "second")
+    for c in (a1, a2, b1):
+        assert (await c.next_event("message"))["seq"] == 2
+        assert c.pending_messages() == []
+    # logging in again with a known device id keeps that device
+    again = await server.api.login("alice", device_id=alice2["device_id"])
+    assert again["device_id"] == alice2["device_id"]
+
+
+async def test_offline_then_sync(server, nursery):
+    alice, bob = await users(server, "alice", "bob")
+    ch = dm(alice, bob)
+    ca = await open_client(nursery, alice["ws_url"], alice["token"])
+    for i in range(1, 21):
+        assert (await ca.send_message(ch, f"m{i}"))["seq"] == i
+    # bob comes online and syncs from 0 with auth
+    cb = await open_client(nursery, bob["ws_url"], bob["token"], cursors={ch: 0})
+    got = await cb.messages(20)
+    assert [m["seq"] for m in got] == list(range(1, 21))
+    reply = await cb.reply_to(cb.auth_id)
+    assert reply["type"] == "sync" and reply["cursors"] == {ch: 20} and reply["heads"] == {ch: 20}
+    # live messages continue with no gap and no duplicate
+    await ca.send_message(ch, "m21")
+    assert (await cb.next_event("message"))["seq"] == 21
+    # a second device catching up from 15 with a sync frame gets 16..21 only
+    bob2 = await server.api.login("bob")
+    cb2 = await open_client(nursery, bob2["ws_url"], bob2["token"])
+    sync = await cb2.request({"type": "sync", "cursors": {ch: 15}})
+    assert sync["cursors"] == {ch: 21}
+    assert [m["seq"] for m in cb2.pending_messages()] == [16, 17, 18, 19, 20, 21]
+    # syncing a channel you are not in is reported, not served
+    carol = (await users(server, "carol"))[0]
+    other = dm(alice, carol)
+    sync = await cb2.request({"type": "sync", "cursors": {other: 0}})
+    assert sync["errors"] == {other: "not_member"}
+
+
+async def test_resend_is_deduplicated(server, nursery):
+    alice, bob = await users(server, "alice", "bob")
+    ch = dm(alice, bob)
+    ca = await open_client(nursery, alice["ws_url"], alice["token"])
+    cb = await open_client(nursery, bob["ws_url"], bob["token"])
+    first = await ca.send_message(ch, "once", "same-id")
+    again = await ca.send_message(ch, "once", "same-id")
+    assert first["seq"] == again["seq"] == 1
+    assert first["duplicate"] is False and again["duplicate"] is True
+    # even from a fresh connection after a "lost ack"
+    ca2 = await open_client(nursery, alice["ws_url"], alice["token"])
+    third = await ca2.send_message(ch, "once", "same-id")
+    assert third["seq"] == 1 and third["duplicate"] is True
+    # concurrent resends of one id collapse into one message
+    cmid = str(uuid.uuid4())
+    async with trio.open_nursery() as n:
+        acks = []
+
+        async def send():
+            acks.append(await ca.send_message(ch, "burst", cmid))
+        for _ in range(5):
+            n.start_soon(send)
+    assert {a["seq"] for a in acks} == {2} and sum(not a["duplicate"] for a in acks) == 1
+    assert [m["seq"] for m in await cb.messages(2)] == [1, 2]
+    await trio.sleep(0.2)
+    assert cb.pending_messages() == []
+    r = await server.api.call("GET", f"/v1/channels/{ch}/messages", token=bob["token"])
+    assert [m["seq"] for m in r.body["messages"]] == [1, 2]
+
+
+async def test_concurrent_senders_keep_one_order(server, nursery):
+    people = [await server.api.signup_login(f"racer{i}") for i in range(6)]
+    r = await server.api.call("POST", "/v1/groups", {"name": "race", "members": [p["user"]["id"] for p in people[1:]]},
+                              token=people[0]["token"])
+    ch = r.body["channel"]["id"]
+    clients = [await open_client(nursery, p["ws_url"], p["token"]) for p in people]
+    per_sender = 40
+    acks: dict[int, list[int]] = {i: [] for i in range(5)}
+
+    async def blast(i):
+        c = clients[i]
+        rids = []
+        for k in range(per_sender):  # pipelined: all sent before any ack is awaited
+            rid = f"s{i}-{k}"
+            rids.append(rid)
+            await c.send({"type": "send", "id": rid, "channel_id": ch, "client_msg_id": rid, "body": f"{i}:{k}"})
+        for rid in rids:
+            acks[i].append((await c.reply_to(rid))["seq"])
+
+    async with trio.open_nursery() as n:
+        for i in range(5):
+            n.start_soon(blast, i)
+    total = 5 * per_sender
+    all_seqs = sorted(s for v in acks.values() for s in v)
+    assert all_seqs == list(range(1, total + 1))  # every seq given exactly once
+    for c in clients:
+        got = await c.messages(total)
+        assert [m["seq"] for m in got] == list(range(1, total + 1))
+        # each sender's own messages keep their send order
+        for i in range(5):
+            mine = [int(m["body"].split(":")[1]) for m in got if m["body"].startswith(f"{i}:")]
+            assert mine == list(range(per_sender))
+
+
+async def test_restart_keeps_everything(server, nursery):
+    alice, bob = await users(server, "alice", "bob")
+    ch = dm(alice, bob)
+    ca = await open_client(nursery, alice["ws_url"], alice["token"])
+    for i in range(10):
+        await ca.send_message(ch, f"before {i}", f"c{i}")
+    r = await server.api.call("POST", "/v1/groups", {"name": "g", "members": [bob["user"]["id"]]}, token=alice["token"])
+    group = r.body["channel"]["id"]
+    await ca.request({"type": "read", "channel_id": ch, "seq": 4})
+    await server.restart()
+    await ca.wait_closed()
+    # the old token still works (the secret is kept in the data dir), history is intact
+    r = await server.api.call("GET", f"/v1/channels/{ch}/messages?limit=100", token=alice["token"])
+    assert r.status == 200 and [m["body"] for m in r.body["messages"]] == [f"before {i}" for i in range(10)]
+    r = await server.api.call("GET", "/v1/channels", token=bob["token"])
+    by_id = {c["id"]: c for c in r.body["channels"]}
+    assert by_id[ch]["last_seq"] == 10 and by_id[group]["kind"] == "group"
+    r = await server.api.call("GET", "/v1/channels", token=alice["token"])
+    assert {c["id"]: c["unread"] for c in r.body["channels"]}[ch] == 6
+    relog = await server.api.login("alice")
+    ca = await open_client(nursery, relog["ws_url"], alice["token"])
+    # sequence continues, dedup survives the restart
+    assert (await ca.send_message(ch, "after", "c-after"))["seq"] == 11
+    again = await ca.send_message(ch, "before 3", "c3")
+    assert again["seq"] == 4 and again["duplicate"] is True
