@@ -164,9 +164,8 @@ def env_overrides(env) -> dict:
     for name, value in env.items():
         if not name.startswith("CHATD_") or "__" not in name:
             continue
-        path = name[len("CHATD_"):].lower().split("__")
-        if path[0] == "":
-            path = path[1:]
+        rest = name[len("CHATD_"):].lower()
+        path = [rest[1:]] if rest.startswith("_") else rest.split("__")
         node = out
         for part in path[:-1]:
             node = node.setdefault(part, {})

@@ -176,7 +176,9 @@ def _check_id(v):
 
 def parse(data: str | bytes, fmt: str, max_bytes: int):
     """Decode one WebSocket message into a request object; raise :class:`ProtocolError`."""
-    size = len(data) if isinstance(data, bytes) else len(data.encode("utf-8", "surrogatepass"))
+    size = len(data)
+    if isinstance(data, str) and size * 4 > max_bytes:  # only encode when it could matter
+        size = len(data.encode("utf-8", "surrogatepass"))
     if size > max_bytes:
         raise ProtocolError("frame_too_large", f"frame of {size} bytes exceeds the limit of {max_bytes}")
     obj = loads(data, fmt)

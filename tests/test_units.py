@@ -1,0 +1,119 @@
+"""Pure units: config loading, tokens and passwords, ids, rendezvous hashing, token bucket, metrics."""
+
+from __future__ import annotations
+
+import pytest
+
+from chatd import auth, ids
+from chatd.config import Config, ConfigError
+from chatd.discovery import hashing
+from chatd.errors import ChatError
+from chatd.metrics import Metrics
+from chatd.shard.ratelimit import TokenBucket
+
+
+def test_config_file_env_and_unknown_keys(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text('data_dir = "/var/lib/chatd"\n[server]\napi_port = 9000\n[limits]\nmax_group_members = 50\n')
+    cfg = Config.load(p, env={"CHATD_SERVER__WS_PORT": "9001", "CHATD__LOG_LEVEL": "debug", "UNRELATED": "x"})
+    assert (cfg.data_dir, cfg.server.api_port, cfg.server.ws_port, cfg.log_level) == ("/var/lib/chatd", 9000, 9001, "debug")
+    assert cfg.limits.max_group_members == 50
+    p.write_text("[server]\napi_prot = 9000\n")
+    with pytest.raises(ConfigError, match="api_prot"):
+        Config.load(p, env={})
+    p.write_text("[nonsense]\nx = 1\n")
+    with pytest.raises(ConfigError, match="nonsense"):
+        Config.load(p, env={})
+    with pytest.raises(ConfigError, match="api_port"):
+        Config.load(None, env={"CHATD_SERVER__API_PORT": "eighty"})
+    with pytest.raises(ConfigError, match="typo"):
+        Config.load(None, env={"CHATD_SERVER__TYPO": "1"})
+    p.write_text("[server]\napi_port = true\n")
+    with pytest.raises(ConfigError):
+        Config.load(p, env={})
+    p.write_text("server = 5\n")
+    with pytest.raises(ConfigError, match="table"):
+        Config.load(p, env={})
+    p.write_text("[store]\nbackend = \"mysql\"\n")
+    with pytest.raises(ConfigError, match="mysql"):
+        Config.load(p, env={})
+    p.write_text("not toml [")
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        Config.load(p, env={})
+    with pytest.raises(ConfigError, match="not found"):
+        Config.load(tmp_path / "missing.toml", env={})
+
+
+def test_example_configs_load():
+    from pathlib import Path
+    for path in sorted(Path(__file__).parent.parent.glob("config/*.toml")):
+        Config.load(path, env={})
+
+
+def test_tokens():
+    token, exp = auth.issue_token("s3cret", 42, "dev1", 60, now=1000)
+    assert exp == 1060
+    assert auth.verify_token("s3cret", token, now=1059) == (42, "dev1")
+    with pytest.raises(ChatError) as e:
+        auth.verify_token("s3cret", token, now=1060)
+    assert e.value.code == "token_expired"
+    for bad in (token + "x", token.replace("v1.", "v2."), "a.b", "", "v1..", token[:-1]):
+        with pytest.raises(ChatError) as e:
+            auth.verify_token("s3cret", bad, now=1000)
+        assert e.value.code == "invalid_token"
+    with pytest.raises(ChatError):
+        auth.verify_token("other", token, now=1000)
+
+
+def test_passwords():
+    h = auth.hash_password("hunter2-hunter2", 2**10)
+    assert h.startswith("scrypt$1024$") and "hunter2" not in h
+    assert auth.verify_password("hunter2-hunter2", h)
+    assert not auth.verify_password("hunter3-hunter3", h)
+    assert not auth.verify_password("x", "garbage")
+    assert h != auth.hash_password("hunter2-hunter2", 2**10)  # salted
+
+
+def test_channel_ids():
+    assert ids.dm_channel_id(7, 3) == ids.dm_channel_id(3, 7) == "dm:3:7"
+    assert ids.dm_members("dm:3:7") == (3, 7)
+    for bad in ("dm:7:3", "dm:3:3", "dm:03:7", "dm:3", "g:xyz", "g:0123456789abcdeF", "", "dm:1:99999999999999999999"):
+        assert not ids.is_valid_channel_id(bad), bad
+    g = ids.new_group_id()
+    assert ids.is_valid_channel_id(g) and ids.is_group(g)
+    with pytest.raises(ValueError):
+        ids.dm_channel_id(1, 1)
+
+
+def test_rendezvous_hashing_moves_only_the_dead_nodes_keys():
+    nodes = ["s1", "s2", "s3", "s4"]
+    keys = [f"c{i}" for i in range(2000)]
+    before = {k: hashing.owner(k, nodes) for k in keys}
+    counts = {n: sum(1 for v in before.values() if v == n) for n in nodes}
+    assert all(350 < c < 650 for c in counts.values()), counts
+    after = {k: hashing.owner(k, ["s1", "s2", "s4"]) for k in keys}
+    moved = [k for k in keys if before[k] != after[k]]
+    assert moved and all(before[k] == "s3" for k in moved)
+    assert hashing.rank("c1", nodes)[0] == before["c1"]
+    with pytest.raises(LookupError):
+        hashing.owner("k", [])
+
+
+def test_token_bucket():
+    b = TokenBucket(rate_per_s=2, burst=3, now=0.0)
+    assert [b.take(0.0) for _ in range(4)] == [True, True, True, False]
+    assert b.retry_after_s() == pytest.approx(0.5)
+    assert b.take(0.5) and not b.take(0.5)
+    assert [b.take(100.0) for _ in range(4)] == [True, True, True, False]  # capped at burst
+
+
+def test_metrics_exposition():
+    m = Metrics()
+    m.errors.inc(code="bad_frame")
+    m.store_latency.observe(0.003)
+    text = m.render()
+    assert '# TYPE chatd_errors_total counter' in text
+    assert 'chatd_errors_total{code="bad_frame"} 1' in text
+    assert 'chatd_store_append_seconds_bucket{le="0.005"} 1' in text
+    assert 'chatd_store_append_seconds_bucket{le="0.0025"} 0' in text
+    assert "chatd_store_append_seconds_count 1" in text
