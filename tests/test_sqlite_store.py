@@ -1,0 +1,78 @@
+"""SQLite-specific behaviour (the backend-neutral contract is in test_store_contract.py):
+group commit, schema versioning, persistence across reopen."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+import trio
+
+from chatd.errors import ChatError
+from chatd.store.sqlite import SCHEMA_VERSION, open_sqlite
+
+
+async def test_concurrent_appends_share_commits(tmp_path):
+    async with open_sqlite(str(tmp_path / "db.sqlite")) as store:
+        results = []
+
+        async def send(i):
+            results.append(await store.append_message("dm:1:2", 1, f"c{i}", f"b{i}", 0.0, dm_pair=(1, 2)))
+        async with trio.open_nursery() as n:
+            for i in range(200):
+                n.start_soon(send, i)
+        assert sorted(r.message.seq for r in results) == list(range(1, 201))
+        stats = store.stats
+        assert stats["ops"] == 200
+        assert stats["commits"] < 100  # many sends per fsync: group commit at work
+        assert (await store.head_seq("dm:1:2")) == 200
+
+
+async def test_failing_operation_does_not_fail_its_batch(tmp_path):
+    async with open_sqlite(str(tmp_path / "db.sqlite")) as store:
+        await store.create_user("taken", "h", "", 0.0)
+        outcomes = {}
+
+        async def create(name):
+            try:
+                outcomes[name] = (await store.create_user(name, "h", "", 0.0)).id
+            except ChatError as e:
+                outcomes[name] = e.code
+        async with trio.open_nursery() as n:
+            for name in ("a1", "TAKEN", "a2", "a3"):
+                n.start_soon(create, name)
+        assert outcomes["TAKEN"] == "username_taken"
+        assert all(isinstance(outcomes[k], int) for k in ("a1", "a2", "a3"))
+        assert sorted((await store.get_users([outcomes["a1"], outcomes["a2"], outcomes["a3"]])).keys()) == \
+            sorted([outcomes["a1"], outcomes["a2"], outcomes["a3"]])
+
+
+async def test_reopen_keeps_data_and_schema_version(tmp_path):
+    path = str(tmp_path / "db.sqlite")
+    async with open_sqlite(path) as store:
+        u = await store.create_user("alice", "h", "Alice", 1.0)
+        await store.append_message("dm:1:2", u.id, "x", "kept", 2.0, dm_pair=(1, 2))
+    with sqlite3.connect(path) as c:
+        assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert c.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    async with open_sqlite(path) as store:
+        assert (await store.get_user_by_name("ALICE")).display_name == "Alice"
+        [m] = await store.read_messages("dm:1:2", limit=10)
+        assert (m.seq, m.body) == (1, "kept")
+
+
+async def test_newer_schema_is_refused(tmp_path):
+    path = str(tmp_path / "db.sqlite")
+    with sqlite3.connect(path) as c:
+        c.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    with pytest.raises(RuntimeError, match="newer than this chatd supports"):
+        async with open_sqlite(path):
+            pass
+
+
+async def test_closed_store_refuses_with_unavailable(tmp_path):
+    async with open_sqlite(str(tmp_path / "db.sqlite")) as store:
+        pass
+    with pytest.raises(ChatError) as e:
+        await store.get_user(1)
+    assert e.value.code == "unavailable"
