@@ -51,19 +51,59 @@ def run(config_path, data_dir, api_port, ws_port, host):
 
     config = _load(config_path, data_dir=data_dir, **{"server.api_port": api_port, "server.ws_port": ws_port,
                                                      "server.api_host": host, "server.ws_host": host})
+    _serve_role(serve_run, config)
+
+
+def _serve_role(serve, config) -> None:
+    """Run a role until SIGINT/SIGTERM (graceful) or a second signal (at once)."""
     _setup_logging(config.log_level)
 
     async def main_task():
         node_box: list = []
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_on_signals, node_box, nursery.cancel_scope)
-            await serve_run(config, node_out=node_box)  # returns once stopped
+            await serve(config, node_out=node_box)
             nursery.cancel_scope.cancel()
 
     try:
         trio.run(main_task)
-    except RuntimeError as e:  # e.g. a database written by a newer chatd
+    except RuntimeError as e:  # e.g. ZooKeeper unreachable, a database written by a newer chatd
         raise click.ClickException(str(e)) from None
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config file.")
+@click.option("--shard-id", help="This shard's id (unique in the cluster).")
+@click.option("--ws-port", type=int, help="WebSocket port (0 = any free port).")
+@click.option("--link-port", type=int, help="Inter-shard link port (0 = any free port).")
+@click.option("--zk", "zk_hosts", help="ZooKeeper hosts, e.g. 127.0.0.1:2181.")
+def shard(config_path, shard_id, ws_port, link_port, zk_hosts):
+    """A chat shard of a cluster: client WebSockets, channel ownership, links to other shards."""
+    from .node import serve_shard
+
+    config = _load(config_path, **{"server.shard_id": shard_id, "server.ws_port": ws_port,
+                                   "cluster.link_port": link_port, "cluster.zk_hosts": zk_hosts})
+    try:
+        config.validate_cluster("shard")
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from None
+    _serve_role(serve_shard, config)
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config file.")
+@click.option("--api-port", type=int, help="HTTP API port (0 = any free port).")
+@click.option("--zk", "zk_hosts", help="ZooKeeper hosts, e.g. 127.0.0.1:2181.")
+def api(config_path, api_port, zk_hosts):
+    """A stateless HTTP API server of a cluster (run any number); discovery from ZooKeeper."""
+    from .node import serve_api_role
+
+    config = _load(config_path, **{"server.api_port": api_port, "cluster.zk_hosts": zk_hosts})
+    try:
+        config.validate_cluster("api")
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from None
+    _serve_role(serve_api_role, config)
 
 
 async def _stop_on_signals(node_box: list, scope: trio.CancelScope) -> None:
@@ -83,6 +123,41 @@ async def _stop_on_signals(node_box: list, scope: trio.CancelScope) -> None:
 from .bench.cli import bench  # noqa: E402  (the load tester is a command of its own module)
 
 main.add_command(bench)
+
+
+@main.group("store")
+def store_group():
+    """Store administration."""
+
+
+@store_group.command("migrate")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config file.")
+@click.option("--data-dir", help="Data directory (SQLite). [default: ./data]")
+@click.option("--bucket-size", type=click.IntRange(min=2), default=None,
+              help="Cassandra: messages per partition, for a keyspace created now. [default: 1000]")
+def store_migrate(config_path, data_dir, bucket_size):
+    """Create or upgrade the configured store's schema (SQLite file or Cassandra keyspace)."""
+    config = _load(config_path, data_dir=data_dir)
+    _setup_logging(config.log_level)
+    try:
+        if config.store.backend == "sqlite":
+            import sqlite3
+
+            from .store.sqlite import SCHEMA_VERSION, migrate as migrate_sqlite
+            path = config.resolve(config.store.sqlite_path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(str(path), isolation_level=None)
+            try:
+                found = migrate_sqlite(conn)
+            finally:
+                conn.close()
+            click.echo(f"sqlite {path}: schema v{found} -> v{SCHEMA_VERSION}")
+        else:
+            from .store.cassandra_schema import DEFAULT_BUCKET_SIZE, migrate as migrate_cassandra
+            found, now = trio.run(migrate_cassandra, config.cassandra, bucket_size or DEFAULT_BUCKET_SIZE)
+            click.echo(f"cassandra keyspace {config.cassandra.keyspace}: schema v{found} -> v{now}")
+    except (RuntimeError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
 
 
 if __name__ == "__main__":

@@ -49,6 +49,26 @@ class StoreConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """Cluster mode (``chatd shard`` / ``chatd api``); ``chatd run`` ignores it."""
+    zk_hosts: str = "127.0.0.1:2181"
+    zk_root: str = "/chatd"
+    zk_session_timeout_s: float = 10.0
+    # Shared secret authenticating inter-shard links (HMAC); required in cluster mode.
+    secret: str = ""
+    link_host: str = "127.0.0.1"
+    link_port: int = 8091
+    # host:port other shards dial; default link_host:<bound port>.
+    link_public_addr: str = ""
+    link_max_frame_bytes: int = 4 * 1024 * 1024
+    link_queue_frames: int = 10_000
+    link_heartbeat_s: float = 1.0
+    load_refresh_s: float = 2.0
+    # Logins go to the least-loaded shard when the user's home has more connections than this (0 = never).
+    overload_connections: int = 0
+
+
+@dataclass
 class CassandraConfig:
     """Used when ``store.backend = "cassandra"`` (see docs/operations.md)."""
     contact_points: str = "127.0.0.1"  # comma-separated host[:port] list
@@ -101,6 +121,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     cassandra: CassandraConfig = field(default_factory=CassandraConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
 
@@ -147,6 +168,13 @@ class Config:
                      "send_queue_frames", "max_inflight_sends", "history_page_max", "sync_page"):
             if getattr(self.limits, name) < 1:
                 raise ConfigError(f"limits.{name} must be >= 1")
+
+    def validate_cluster(self, role: str) -> None:
+        """Extra checks for the cluster roles: shared secrets must be set explicitly."""
+        if not self.cluster.secret:
+            raise ConfigError(f"chatd {role}: cluster.secret must be set (the same on every shard and API server)")
+        if not self.auth.secret:
+            raise ConfigError(f"chatd {role}: auth.secret must be set (the same on every shard and API server)")
 
     # ---- derived ---------------------------------------------------------------------
     @property

@@ -19,7 +19,8 @@ import trio
 
 from .auth import new_secret
 from .config import Config
-from .discovery.local import LocalDiscovery, ShardInfo
+from .discovery.local import LocalDiscovery
+from .discovery.view import ShardInfo
 from .metrics import Metrics
 from .shard.hub import Hub
 from .shard.membership import Membership
@@ -41,17 +42,20 @@ class RunInfo:
 class Node:
     """Everything one chatd process shares; passed explicitly, never global."""
 
-    def __init__(self, config: Config, store, secret: str):
+    def __init__(self, config: Config, store, secret: str, discovery=None):
         self.config = config
         self.store = store
         self.secret = secret
         self.metrics = Metrics()
         self.hub = Hub()
-        self.router = Router(self.hub, self.metrics)
+        self.discovery = discovery if discovery is not None else LocalDiscovery()
+        self.router = Router(self)
         self.membership = Membership(store)
         self.owners = ChannelOwners(store, self.membership, self.router, self.metrics)
-        self.discovery = LocalDiscovery()
         self.shard = ShardServer(self)
+        self.nursery: trio.Nursery | None = None  # for background work of the node's services
+        self.discovery.on_change(self.router.on_view_change)
+        self._link_chains: dict = {}
         self.stop_event = trio.Event()
         self.metrics.gauge("chatd_ws_authenticated", "Authenticated client sessions", lambda: self.hub.count)
         if hasattr(store, "stats"):
@@ -64,6 +68,34 @@ class Node:
 
     def request_stop(self) -> None:
         self.stop_event.set()
+
+    def membership_changed(self, channel_id: str) -> None:
+        """The API changed a channel's members: drop cached membership here (and, in cluster
+        mode, on every shard)."""
+        self.membership.invalidate(channel_id)
+        links = self.router.links
+        if links is not None:
+            for peer in list(links.links):
+                links.send_nowait(peer, {"t": "invalidate", "ch": channel_id})
+
+    def connection_count(self) -> int:
+        return self.hub.count
+
+    # ---- cluster links -------------------------------------------------------------------
+    async def on_link_frame(self, link, frame: dict) -> None:
+        if frame.get("t") == "send":
+            # like a session: concurrent, but entering the store in the order the link carried them
+            previous = self._link_chains.get(link)
+            submitted = self._link_chains[link] = trio.Event()
+            self.nursery.start_soon(self.router.on_remote_send, link, frame, previous, submitted)
+        else:
+            self.router.on_frame(link, frame)
+
+    def on_link_up(self, link) -> None:
+        for old in [k for k in self._link_chains if k.closed.is_set()]:
+            del self._link_chains[old]
+        self.router.announce_all(only_to=link.peer_id)
+        self.router.schedule_resync(1.0)
 
 
 def load_secret(config: Config) -> str:
@@ -99,9 +131,10 @@ async def serve_run(config: Config, *, task_status=trio.TASK_STATUS_IGNORED, nod
         if node_out is not None:
             node_out.append(node)
         async with trio.open_nursery() as nursery:
+            node.nursery = nursery
             ws_port = await nursery.start(node.shard.serve)
             ws_url = public_ws_url(config, ws_port)
-            node.discovery.register(ShardInfo(config.server.shard_id, ws_url, lambda: node.hub.count))
+            node.discovery.register(ShardInfo(config.server.shard_id, ws_url), load=lambda: node.hub.count)
             api_stop = trio.Event()
             api_url = await nursery.start(serve_api, node, api_stop)
             log.info("chatd run ready: api %s, websocket %s, data %s", api_url, ws_url, config.data_path)
@@ -115,3 +148,107 @@ async def serve_run(config: Config, *, task_status=trio.TASK_STATUS_IGNORED, nod
                 await node.shard.wait_drained()
             nursery.cancel_scope.cancel()
     log.info("stopped")
+
+
+# ---- cluster roles -------------------------------------------------------------------------------
+
+async def serve_shard(config: Config, *, task_status=trio.TASK_STATUS_IGNORED, node_out: list | None = None) -> None:
+    """``chatd shard``: one chat shard of a cluster. Ready (``task_status``) once it listens for
+    WebSockets and links and its znode exists. Stop: unregister (logins go elsewhere), drain
+    clients with 1001, finish queued writes."""
+    from .discovery.zk import ZkDiscovery
+    from .shard.links import LinkManager
+
+    config.validate_cluster("shard")
+    cc = config.cluster
+    async with open_store(config) as store:
+        node = Node(config, store, config.auth.secret,
+                    ZkDiscovery(cc.zk_hosts, cc.zk_root, cc.zk_session_timeout_s, cc.load_refresh_s,
+                                cc.overload_connections))
+        if node_out is not None:
+            node_out.append(node)
+        links = LinkManager(config.server.shard_id, "shard", cc, on_frame=node.on_link_frame,
+                            on_link_up=node.on_link_up)
+        node.router.links = links
+        async with trio.open_nursery() as nursery:
+            node.nursery = nursery
+            await nursery.start(node.discovery.run)
+            await nursery.start(links.run, True)
+            node.discovery.on_change(lambda old, new: links.set_peers(new))
+            ws_port = await nursery.start(node.shard.serve)
+            ws_url = public_ws_url(config, ws_port)
+            await node.discovery.register(ShardInfo(config.server.shard_id, ws_url, links.public_addr()),
+                                          load=lambda: node.hub.count)
+            links.set_peers(node.discovery.view)
+            log.info("shard %s ready: websocket %s, links %s", config.server.shard_id, ws_url, links.public_addr())
+            task_status.started(RunInfo("", ws_url))
+            await node.stop_event.wait()
+            log.info("stopping: unregistering and draining %d sessions", len(node.shard.sessions))
+            with trio.move_on_after(2):
+                await node.discovery.unregister()
+            node.shard.drain("shard shutting down; log in again to reconnect")
+            with trio.move_on_after(config.server.shutdown_grace_s):
+                await node.shard.wait_drained()
+            nursery.cancel_scope.cancel()
+    log.info("stopped")
+
+
+class ApiNode:
+    """What the stateless API role shares: no sessions, no owners; membership changes are
+    broadcast to the shards over links."""
+
+    def __init__(self, config: Config, store, discovery, links):
+        self.config = config
+        self.store = store
+        self.secret = config.auth.secret
+        self.metrics = Metrics()
+        self.discovery = discovery
+        self.links = links
+        self.membership = Membership(store, max_cached=0)  # other API servers change it too
+        self.stop_event = trio.Event()
+
+    def request_stop(self) -> None:
+        self.stop_event.set()
+
+    def membership_changed(self, channel_id: str) -> None:
+        for peer in list(self.links.links):
+            self.links.send_nowait(peer, {"t": "invalidate", "ch": channel_id})
+
+    def connection_count(self) -> int:
+        return sum(s.load for s in self.discovery.live())
+
+
+async def serve_api_role(config: Config, *, task_status=trio.TASK_STATUS_IGNORED, node_out: list | None = None) -> None:
+    """``chatd api``: the stateless HTTP API of a cluster; discovery from ZooKeeper."""
+    import os
+    import secrets
+
+    from .api.server import serve_api
+    from .discovery.zk import ZkDiscovery
+    from .shard.links import LinkManager
+
+    config.validate_cluster("api")
+    cc = config.cluster
+    async with open_store(config) as store:
+        discovery = ZkDiscovery(cc.zk_hosts, cc.zk_root, cc.zk_session_timeout_s, cc.load_refresh_s,
+                                cc.overload_connections)
+
+        async def ignore(link, frame):
+            pass
+        links = LinkManager(f"api-{os.getpid()}-{secrets.token_hex(3)}", "api", cc, on_frame=ignore)
+        node = ApiNode(config, store, discovery, links)
+        if node_out is not None:
+            node_out.append(node)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(discovery.run)
+            await nursery.start(links.run, False)
+            discovery.on_change(lambda old, new: links.set_peers(new))
+            links.set_peers(discovery.view)
+            stop = trio.Event()
+            async with trio.open_nursery() as api_nursery:  # ends when hypercorn has shut down
+                api_url = await api_nursery.start(serve_api, node, stop)
+                log.info("api ready: %s (shards: %s)", api_url, ", ".join(sorted(discovery.view.shards)) or "none")
+                task_status.started(RunInfo(api_url, ""))
+                await node.stop_event.wait()
+                stop.set()
+            nursery.cancel_scope.cancel()

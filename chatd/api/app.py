@@ -80,8 +80,8 @@ def create_app(node) -> QuartTrio:
     # ---- health and metrics --------------------------------------------------------------
     @app.get("/healthz")
     async def healthz():
-        return {"status": "ok", "shards": [s.shard_id for s in node.discovery.live()],
-                "connections": node.hub.count}
+        return {"status": "ok", "shards": sorted(s.shard_id for s in node.discovery.live()),
+                "connections": node.connection_count()}
 
     @app.get("/metrics")
     async def metrics():
@@ -201,7 +201,7 @@ def create_app(node) -> QuartTrio:
             raise ChatError("forbidden", "only the group's owner adds members")
         new = v.field_int(await body(), "user_id", lo=1)
         added = await store.add_member(channel_id, new, cfg.limits.max_group_members, time.time())
-        node.membership.invalidate(channel_id)
+        node.membership_changed(channel_id)
         return {"channel_id": channel_id, "user_id": new, "added": added}
 
     @app.delete("/v1/channels/<channel_id>/members/<int:member_id>")
@@ -211,7 +211,7 @@ def create_app(node) -> QuartTrio:
         if uid not in (channel.owner_id, member_id):
             raise ChatError("forbidden", "only the group's owner removes others; anyone may leave")
         removed = await store.remove_member(channel_id, member_id)
-        node.membership.invalidate(channel_id)
+        node.membership_changed(channel_id)
         return {"channel_id": channel_id, "user_id": member_id, "removed": removed}
 
     @app.get("/v1/channels/<channel_id>/messages")

@@ -1,44 +1,44 @@
-"""In-process discovery for ``chatd run``: the cluster's shape with one (or more) local shards.
+"""In-process discovery for ``chatd run``: the cluster's shape with the shards of this process.
 
-Shards register a :class:`ShardInfo`; ``pick_shard`` gives a user its home shard by rendezvous
-hashing, or the least-loaded shard when home is above ``overload_connections``."""
+Same face as the ZooKeeper discovery: a current :class:`~chatd.discovery.view.View`, change
+callbacks, ``pick_shard`` for logins, ``writable`` for the shard's write barrier."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
 from typing import Callable
 
-from . import hashing
-
-
-@dataclass
-class ShardInfo:
-    shard_id: str
-    ws_url: str
-    load: Callable[[], int] = lambda: 0
+from .view import ShardInfo, View
 
 
 class LocalDiscovery:
     def __init__(self, overload_connections: int = 0):
-        self._shards: dict[str, ShardInfo] = {}
+        self.view = View()
         self.overload_connections = overload_connections
+        self._listeners: list[Callable[[View, View], None]] = []
+        self._loads: dict[str, Callable[[], int]] = {}
+        self.writable = True  # no session to lose
 
-    def register(self, info: ShardInfo) -> None:
-        self._shards[info.shard_id] = info
+    def on_change(self, fn: Callable[[View, View], None]) -> None:
+        self._listeners.append(fn)
+
+    def _set(self, shards: dict) -> None:
+        old, self.view = self.view, View(self.view.version + 1, shards)
+        for fn in list(self._listeners):
+            fn(old, self.view)
+
+    def register(self, info: ShardInfo, load: Callable[[], int] = lambda: 0) -> None:
+        self._loads[info.shard_id] = load
+        self._set({**self.view.shards, info.shard_id: info})
 
     def unregister(self, shard_id: str) -> None:
-        self._shards.pop(shard_id, None)
+        self._loads.pop(shard_id, None)
+        self._set({k: v for k, v in self.view.shards.items() if k != shard_id})
 
     def live(self) -> list[ShardInfo]:
-        return list(self._shards.values())
-
-    def home_of(self, user_id: int) -> ShardInfo:
-        if not self._shards:
-            raise LookupError("no chat shard is registered")
-        return self._shards[hashing.owner(f"u:{user_id}", self._shards)]
+        return list(self.view.shards.values())
 
     def pick_shard(self, user_id: int) -> ShardInfo:
-        home = self.home_of(user_id)
-        if self.overload_connections and home.load() > self.overload_connections:
-            return min(self._shards.values(), key=lambda s: s.load())
-        return home
+        shards = {k: dataclasses.replace(v, load=self._loads.get(k, lambda: 0)())
+                  for k, v in self.view.shards.items()}
+        return View(self.view.version, shards).pick_for_login(user_id, self.overload_connections)

@@ -1,26 +1,278 @@
-"""Where frames go. In ``chatd run`` every member's home is this shard, so routing is a lookup in
-the local :class:`~chatd.shard.hub.Hub`; cluster mode replaces the remote half, not this face.
+"""Where frames go: the routing of one shard, the same code with one shard (``chatd run``) or many.
 
-Delivery is synchronous and non-blocking: each target session gets the item queued with
-``push`` (which cuts off a slow consumer instead of blocking), so a channel's fan-out happens in
-one step and every session sees a channel's messages in seq order."""
+* A ``send`` goes to the channel's **owner** (rendezvous hash of the channel over the view): here,
+  or over the link to the owner shard, which answers with the ack (or ``stale_view``, after which
+  we wait for our view to catch up and route again).
+* The owner fans a committed message out to each member's **home** shard, one frame per home
+  shard (not per member). The home knows on which shards its users have devices (``locations``)
+  and forwards one frame per device shard, which pushes it to the local sessions.
+* Device locations are announced to the home when a user's first session opens on a shard and
+  when its last one closes, and re-announced to the new homes whenever the view changes.
+
+Delivery is synchronous and non-blocking (``Session.push`` / ``Link.send_nowait``), so a channel's
+fan-out leaves the owner in seq order. Anything dropped on the way (full link queue, a home that
+just moved) is recovered by the sessions: they fill holes from the store, and a ``resync`` (after
+a view change, or after a link dropped frames) makes each session re-read its channels' heads.
+
+Frames on the links (``t``): ``send`` (request) / ``reply``; ``deliver`` (owner → home); ``push``
+(home → device shard); ``device`` / ``devices`` (location announcements); ``invalidate``
+(membership changed); ``resync``. Each routed frame carries ``view``, the view version it was
+routed under.
+"""
 
 from __future__ import annotations
 
+import logging
+
+import trio
+
+from ..errors import ChatError
+from ..store.base import AppendResult, Message
+
+log = logging.getLogger(__name__)
+
+RESYNC_DELAY_S = 1.0
+SEND_ATTEMPTS = 5
+
+
+def pack(m: Message) -> list:
+    return [m.channel_id, m.seq, m.sender_id, m.client_msg_id, m.body, m.created_at]
+
+
+def unpack(row) -> Message:
+    return Message(*row)
+
 
 class Router:
-    def __init__(self, hub, metrics):
-        self.hub = hub
-        self.metrics = metrics
+    def __init__(self, node):
+        self.node = node
+        self.hub = node.hub
+        self.me = node.config.server.shard_id
+        self.locations: dict[int, set[str]] = {}  # users homed here -> shards with their devices
+        self.links = None  # LinkManager in cluster mode
+        self.dropped = 0
+        self._resync_pending = False
 
-    def deliver_message(self, message, member_ids) -> None:
-        for uid in member_ids:
-            for session in tuple(self.hub.sessions_of(uid)):
-                session.push(message)
+    @property
+    def view(self):
+        return self.node.discovery.view
+
+    # ---- sessions --------------------------------------------------------------------------
+    def attach(self, session) -> None:
+        first = not self.hub.sessions_of(session.user_id)
+        self.hub.add(session)
+        if first:
+            self._announce(session.user_id, True)
+
+    def detach(self, session) -> None:
+        if session in self.hub.sessions_of(session.user_id):
+            self.hub.remove(session)
+            if not self.hub.sessions_of(session.user_id):
+                self._announce(session.user_id, False)
+
+    def _announce(self, user_id: int, on: bool) -> None:
+        if not self.view.shards:
+            return
+        home = self.view.home_of(user_id)
+        if home == self.me:
+            self._set_location(user_id, self.me, on)
+        else:
+            self._to(home, {"t": "device", "view": self.view.version, "u": user_id, "s": self.me, "on": on})
+
+    def _set_location(self, user_id: int, shard: str, on: bool) -> None:
+        if on:
+            self.locations.setdefault(user_id, set()).add(shard)
+        else:
+            shards = self.locations.get(user_id)
+            if shards is not None:
+                shards.discard(shard)
+                if not shards:
+                    del self.locations[user_id]
+
+    # ---- sends -----------------------------------------------------------------------------
+    async def send(self, user_id: int, channel_id: str, client_msg_id: str, body: str, on_submit=None) -> AppendResult:
+        for _ in range(SEND_ATTEMPTS):
+            view = self.view
+            if not view.shards:
+                raise ChatError("unavailable", "no chat shard is live; retry")
+            owner = view.owner_of(channel_id)
+            if owner == self.me:
+                self._check_writable()
+                return await self.node.owners.send(user_id, channel_id, client_msg_id, body, on_submit=on_submit)
+            reply = await self.links.request(owner, {"t": "send", "view": view.version, "ch": channel_id,
+                                                     "u": user_id, "cmid": client_msg_id, "body": body},
+                                             on_sent=on_submit)
+            if "ok" in reply:
+                return AppendResult(unpack(reply["ok"]), bool(reply.get("dup")))
+            err = reply.get("err") or {}
+            if err.get("code") == "stale_view":
+                await self.node.discovery.wait_view(int(err.get("view", 0)), 2.0)
+                continue
+            if err.get("code") in ("unavailable",):
+                await trio.sleep(0.2)
+                continue
+            raise ChatError(err.get("code", "internal"), err.get("message", "remote error"))
+        raise ChatError("unavailable", "the channel's owner could not be reached; retry")
+
+    def _check_writable(self) -> None:
+        if not self.node.discovery.writable:
+            raise ChatError("unavailable", "this shard is not registered in the cluster; retry")
+
+    async def on_remote_send(self, link, frame: dict, previous: trio.Event | None, submitted: trio.Event) -> None:
+        """Serve a ``send`` routed to us as owner; keeps the link's order like a session does."""
+        rid = frame.get("rid")
+        try:
+            if previous is not None and not previous.is_set():
+                await previous.wait()
+            ch = frame["ch"]
+            if self.view.owner_of(ch) != self.me and int(frame.get("view", 0)) > self.view.version:
+                await self.node.discovery.wait_view(int(frame["view"]), 2.0)
+            if self.view.owner_of(ch) != self.me:
+                raise _Stale(self.view.version)
+            self._check_writable()
+            result = await self.node.owners.send(int(frame["u"]), ch, str(frame["cmid"]), str(frame["body"]),
+                                                 on_submit=submitted.set)
+            await self.links.reply(link, rid, ok=pack(result.message), dup=result.duplicate)
+        except _Stale as e:
+            await self.links.reply(link, rid, err={"code": "stale_view", "view": e.version,
+                                                   "message": "not the owner under the current view"})
+        except ChatError as e:
+            await self.links.reply(link, rid, err=e.to_dict())
+        except (KeyError, TypeError, ValueError) as e:
+            log.warning("malformed send from %s: %s", link.peer_id, e)
+            await self.links.reply(link, rid, err={"code": "bad_frame", "message": "malformed send"})
+        finally:
+            submitted.set()
+
+    # ---- fan-out ---------------------------------------------------------------------------
+    def deliver_message(self, message: Message, member_ids) -> None:
+        self._fan_out(message, None, member_ids, None)
 
     def deliver_event(self, frame: dict, member_ids, skip=None) -> None:
-        """A transient event (typing, read receipt) to every session of ``member_ids`` but ``skip``."""
+        """A transient event (typing, read receipt) to every device of ``member_ids`` but ``skip``."""
+        self._fan_out(None, frame, member_ids, skip)
+
+    def _fan_out(self, message, event, member_ids, skip) -> None:
+        view = self.view
+        by_home: dict[str, list[int]] = {}
         for uid in member_ids:
+            by_home.setdefault(view.home_of(uid), []).append(uid)
+        packed = None
+        for home, uids in by_home.items():
+            if home == self.me:
+                self._home_deliver(message, event, uids, skip)
+            else:
+                if packed is None:
+                    packed = {"t": "deliver", "view": view.version}
+                    if message is not None:
+                        packed["m"] = pack(message)
+                    else:
+                        packed["e"] = event
+                self._to(home, {**packed, "u": uids})
+
+    def _home_deliver(self, message, event, uids, skip=None, hops: int = 0) -> None:
+        by_shard: dict[str, list[int]] = {}
+        view = self.view
+        for uid in uids:
+            shards = self.locations.get(uid)
+            if shards:
+                for shard in shards:
+                    by_shard.setdefault(shard, []).append(uid)
+            elif hops == 0 and view.shards and view.home_of(uid) != self.me:
+                by_shard.setdefault("->" + view.home_of(uid), []).append(uid)  # home moved: forward once
+        for shard, us in by_shard.items():
+            if shard == self.me:
+                self.push_local(message if message is not None else event, us, skip)
+            elif shard.startswith("->"):
+                frame = {"t": "deliver", "view": view.version, "u": us, "hops": 1}
+                frame.update({"m": pack(message)} if message is not None else {"e": event})
+                self._to(shard[2:], frame)
+            else:
+                frame = {"t": "push", "view": view.version, "u": us}
+                frame.update({"m": pack(message)} if message is not None else {"e": event})
+                self._to(shard, frame)
+
+    def push_local(self, item, user_ids, skip=None) -> None:
+        for uid in user_ids:
             for session in tuple(self.hub.sessions_of(uid)):
                 if session is not skip:
-                    session.push(frame)
+                    session.push(item)
+
+    def _to(self, shard: str, frame: dict) -> None:
+        if self.links is None or not self.links.send_nowait(shard, frame):
+            self.dropped += 1
+            log.debug("frame %s to %s dropped (no link or queue full)", frame.get("t"), shard)
+
+    # ---- frames from links -----------------------------------------------------------------
+    def on_frame(self, link, frame: dict) -> None:
+        t = frame.get("t")
+        try:
+            if t == "deliver":
+                item = unpack(frame["m"]) if "m" in frame else frame["e"]
+                is_msg = "m" in frame
+                self._home_deliver(item if is_msg else None, None if is_msg else item,
+                                   [int(u) for u in frame["u"]], hops=int(frame.get("hops", 0)))
+            elif t == "push":
+                self.push_local(unpack(frame["m"]) if "m" in frame else frame["e"], [int(u) for u in frame["u"]])
+            elif t == "device":
+                self._set_location(int(frame["u"]), str(frame["s"]), bool(frame["on"]))
+            elif t == "devices":
+                shard = str(frame["s"])
+                for uid in frame["u"]:
+                    self._set_location(int(uid), shard, True)
+            elif t == "invalidate":
+                self.node.membership.invalidate(str(frame["ch"]))
+            elif t == "resync":
+                self.schedule_resync(0)
+            else:
+                log.warning("unknown link frame %r from %s", t, link.peer_id)
+        except (KeyError, TypeError, ValueError) as e:
+            log.warning("malformed %r frame from %s: %s", t, link.peer_id, e)
+
+    # ---- view changes ----------------------------------------------------------------------
+    def on_view_change(self, old, new) -> None:
+        if not new.shards:
+            return
+        # forget devices on shards that left, and users that are no longer homed here
+        for uid in list(self.locations):
+            shards = {s for s in self.locations[uid] if s in new.shards}
+            if shards and new.home_of(uid) == self.me:
+                self.locations[uid] = shards
+            else:
+                del self.locations[uid]
+        self.announce_all()
+        self.schedule_resync(RESYNC_DELAY_S)
+
+    def announce_all(self, only_to: str | None = None) -> None:
+        """Tell every (or one) home shard which of its users have sessions here."""
+        view = self.view
+        if not view.shards:
+            return
+        by_home: dict[str, list[int]] = {}
+        for session in self.hub.all_sessions():
+            by_home.setdefault(view.home_of(session.user_id), []).append(session.user_id)
+        for home, uids in by_home.items():
+            if only_to is not None and home != only_to:
+                continue
+            if home == self.me:
+                for uid in uids:
+                    self._set_location(uid, self.me, True)
+            else:
+                self._to(home, {"t": "devices", "view": view.version, "s": self.me, "u": sorted(set(uids))})
+
+    def schedule_resync(self, delay_s: float) -> None:
+        if self._resync_pending or self.node.nursery is None:
+            return
+        self._resync_pending = True
+
+        async def later():
+            await trio.sleep(delay_s)
+            self._resync_pending = False
+            for session in self.hub.all_sessions():
+                session.resync()
+        self.node.nursery.start_soon(later)
+
+
+class _Stale(Exception):
+    def __init__(self, version: int):
+        self.version = version

@@ -44,11 +44,12 @@ MAX_BAD_TOKENS = 5
 
 
 class _SyncJob:
-    __slots__ = ("request_id", "cursors")
+    __slots__ = ("request_id", "cursors", "silent")
 
-    def __init__(self, request_id, cursors: dict):
+    def __init__(self, request_id, cursors: dict, silent: bool = False):
         self.request_id = request_id
         self.cursors = cursors
+        self.silent = silent  # a server-side resync: no reply frame
 
 
 class Session:
@@ -157,7 +158,20 @@ class Session:
         await self._stream(channel_id, st[1], None, st)
         return st[1]
 
+    def resync(self) -> None:
+        """Re-read every channel this connection follows from its cursor (after a view change or
+        dropped link frames): whatever was missed arrives in order, nothing twice."""
+        if self._cursors:
+            self.push(_SyncJob(None, {ch: st[1] for ch, st in self._cursors.items()}, silent=True))
+
     async def _run_sync(self, job: _SyncJob) -> None:
+        if job.silent:
+            for channel_id, cursor in job.cursors.items():
+                try:
+                    await self._sync_channel(channel_id, cursor)
+                except ChatError:
+                    pass
+            return
         synced, errors = {}, {}
         for channel_id, cursor in job.cursors.items():
             try:
@@ -237,7 +251,7 @@ class Session:
                 self.close_soon(CLOSE_POLICY, "too many invalid tokens")
             return
         # No await from here on: every live message routed to us is queued after this sync job.
-        self.node.hub.add(self)
+        self.node.router.attach(self)
         self.push({"type": "auth", "id": req.id, "user_id": self.user_id, "device_id": self.device_id,
                    "heartbeat_interval_s": self.limits.heartbeat_interval_s, "server_time": time.time()})
         if req.cursors:
@@ -249,7 +263,7 @@ class Session:
         try:
             if previous is not None and not previous.is_set():
                 await previous.wait()
-            result = await self.node.owners.send(self.user_id, req.channel_id, req.client_msg_id, req.body,
+            result = await self.node.router.send(self.user_id, req.channel_id, req.client_msg_id, req.body,
                                                  on_submit=submitted.set)
         except ChatError as e:
             self.push_error(e, req.id)
@@ -318,7 +332,8 @@ class Session:
                     pass
                 nursery.cancel_scope.cancel()
         finally:
-            self.node.hub.remove(self)
+            if self.user_id is not None:
+                self.node.router.detach(self)
             self._out_send.close()
             if self.close_reason is not None and not self.ws.closed:
                 with trio.CancelScope(shield=True), trio.move_on_after(2):

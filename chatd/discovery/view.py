@@ -1,0 +1,51 @@
+"""The cluster view: which shards are live, under a version number. Pure data, no I/O.
+
+Channel owners and user homes are functions of the view (rendezvous hashing), so every process
+holding the same view computes the same answer without talking to anyone. In ZooKeeper mode the
+version is the children version (``cversion``) of the shards znode: it increases on every join and
+leave and is the same number for every watcher; load updates do not change it."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from . import hashing
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    shard_id: str
+    ws_url: str
+    link_addr: str = ""  # host:port of its inter-shard link listener ("" = in-process only)
+    load: int = 0  # client connections
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "ShardInfo":
+        d = json.loads(data)
+        return cls(shard_id=str(d["shard_id"]), ws_url=str(d["ws_url"]), link_addr=str(d.get("link_addr", "")),
+                   load=int(d.get("load", 0)))
+
+
+@dataclass(frozen=True)
+class View:
+    version: int = 0
+    shards: dict = field(default_factory=dict)  # shard_id -> ShardInfo
+
+    def owner_of(self, channel_id: str) -> str:
+        return hashing.owner(f"c:{channel_id}", self.shards)
+
+    def home_of(self, user_id: int) -> str:
+        return hashing.owner(f"u:{user_id}", self.shards)
+
+    def pick_for_login(self, user_id: int, overload_connections: int = 0) -> ShardInfo:
+        """The user's home shard, or the least-loaded one when home is above the threshold."""
+        if not self.shards:
+            raise LookupError("no chat shard is live")
+        home = self.shards[self.home_of(user_id)]
+        if overload_connections and home.load > overload_connections:
+            return min(self.shards.values(), key=lambda s: (s.load, s.shard_id))
+        return home

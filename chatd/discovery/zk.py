@@ -1,0 +1,234 @@
+"""ZooKeeper discovery (kazoo), bridged into trio.
+
+ZooKeeper layout (``root`` defaults to ``/chatd``)::
+
+    /chatd/shards/<shard id>     ephemeral; JSON ShardInfo {shard_id, ws_url, link_addr, load}
+
+Threads and trio: kazoo runs its own connection thread and calls watchers and state listeners on
+it. Those callbacks do nothing but hand an event to trio with ``TrioToken.run_sync_soon``; every
+blocking kazoo call is made from trio through ``trio.to_thread.run_sync``. The event loop never
+blocks on ZooKeeper.
+
+Policies
+
+* **View**: a watch task reads the children (with the parent's ``cversion`` as the view version)
+  and each child's data whenever ZooKeeper reports a change, and every ``load_refresh_s`` to pick
+  up load figures. Read errors (connection loss) are retried with backoff; the last view stays.
+* **Registration and the write barrier**: ``writable`` is True only while our ephemeral znode
+  exists under our current session. On SUSPENDED or LOST it turns False at once (the owner shard
+  refuses sends with ``unavailable``); on reconnection the znode is checked or created again
+  (waiting for a stale znode of an expired session of ours to vanish) before it turns True.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from typing import Callable
+
+import trio
+from kazoo.client import KazooClient, KazooState
+from kazoo.exceptions import KazooException, NodeExistsError, NoNodeError
+from kazoo.handlers.threading import KazooTimeoutError
+
+from .view import ShardInfo, View
+
+log = logging.getLogger(__name__)
+
+
+class ZkDiscovery:
+    def __init__(self, hosts: str, root: str = "/chatd", session_timeout_s: float = 10.0,
+                 load_refresh_s: float = 2.0, overload_connections: int = 0):
+        self.hosts = hosts
+        self.root = root.rstrip("/") or "/chatd"
+        self.shards_path = f"{self.root}/shards"
+        self.session_timeout_s = session_timeout_s
+        self.load_refresh_s = load_refresh_s
+        self.overload_connections = overload_connections
+        self.view = View()
+        self.writable = False
+        self._listeners: list[Callable[[View, View], None]] = []
+        self._zk: KazooClient | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._changed = trio.Event()  # children changed or the connection state changed
+        self._state_changed = trio.Event()
+        self._registration: ShardInfo | None = None
+        self._load: Callable[[], int] = lambda: 0
+        self._view_ready = trio.Event()
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Connect, keep the view current (and our registration alive); never returns."""
+        self._token = trio.lowlevel.current_trio_token()
+        zk = self._zk = KazooClient(hosts=self.hosts, timeout=self.session_timeout_s)
+        zk.add_listener(self._on_state_thread)
+        try:
+            try:
+                await trio.to_thread.run_sync(lambda: zk.start(timeout=max(5.0, self.session_timeout_s)))
+            except KazooTimeoutError:
+                raise RuntimeError(f"cannot reach ZooKeeper at {self.hosts}") from None
+            await trio.to_thread.run_sync(zk.ensure_path, self.shards_path)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self._watch_loop)
+                task_status.started()
+        finally:
+            self.writable = False
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self._stop_client)
+
+    def _stop_client(self) -> None:
+        try:
+            self._zk.stop()
+            self._zk.close()
+        except Exception as e:  # noqa: BLE001 - best effort on the way out
+            log.debug("zookeeper stop: %s", e)
+
+    def _on_state_thread(self, state) -> None:  # kazoo thread
+        try:
+            self._token.run_sync_soon(self._on_state, state)
+        except trio.RunFinishedError:
+            pass
+
+    def _on_state(self, state) -> None:
+        log.info("zookeeper connection state: %s", state)
+        if state in (KazooState.SUSPENDED, KazooState.LOST):
+            if self.writable:
+                log.warning("zookeeper session %s: refusing writes until registered again",
+                            "suspended" if state == KazooState.SUSPENDED else "lost")
+            self.writable = False
+        self._state_changed.set()
+        self._changed.set()
+
+    def _on_watch_thread(self, _event) -> None:  # kazoo thread
+        try:
+            self._token.run_sync_soon(self._changed.set)
+        except trio.RunFinishedError:
+            pass
+
+    # ---- the view --------------------------------------------------------------------------
+    def on_change(self, fn: Callable[[View, View], None]) -> None:
+        self._listeners.append(fn)
+
+    async def wait_view(self, min_version: int, timeout_s: float) -> bool:
+        with trio.move_on_after(timeout_s):
+            while self.view.version < min_version:
+                await self._view_changed().wait()
+            return True
+        return False
+
+    def _view_changed(self) -> trio.Event:
+        if not hasattr(self, "_view_event") or self._view_event.is_set():
+            self._view_event = trio.Event()
+        return self._view_event
+
+    def _read_view(self) -> View:  # worker thread
+        zk = self._zk
+        children, stat = zk.get_children(self.shards_path, watch=self._on_watch_thread, include_data=True)
+        shards = {}
+        for child in children:
+            try:
+                data, _ = zk.get(f"{self.shards_path}/{child}")
+                info = ShardInfo.from_json(data)
+            except NoNodeError:
+                continue
+            except (ValueError, KeyError, TypeError) as e:
+                log.warning("ignoring malformed shard znode %s: %s", child, e)
+                continue
+            shards[info.shard_id] = info
+        return View(stat.cversion, shards)
+
+    async def _watch_loop(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        backoff = 0.1
+        started = False
+        while True:
+            self._changed = trio.Event()
+            try:
+                if self._registration is not None:
+                    await self._ensure_registered()
+                view = await trio.to_thread.run_sync(self._read_view)
+                backoff = 0.1
+            except KazooException as e:
+                log.warning("zookeeper read failed (%s); retrying in %.1fs", type(e).__name__, backoff)
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            self._apply(view)
+            if not started:
+                started = True
+                task_status.started()
+            with trio.move_on_after(self.load_refresh_s):
+                await self._changed.wait()
+            if self._registration is not None and self.writable:
+                await self._publish_load()
+
+    def _apply(self, view: View) -> None:
+        old = self.view
+        if view.version == old.version and view.shards == old.shards:
+            return
+        self.view = view
+        if view.version != old.version:
+            log.info("cluster view v%d: %s", view.version, ", ".join(sorted(view.shards)) or "(no shards)")
+        for fn in list(self._listeners):
+            fn(old, view)
+        self._view_changed().set()
+
+    # ---- registration ----------------------------------------------------------------------
+    async def register(self, info: ShardInfo, load: Callable[[], int]) -> None:
+        """Create our ephemeral znode; return once it exists (then ``writable`` is True)."""
+        self._registration = info
+        self._load = load
+        await self._ensure_registered()
+        self._changed.set()
+
+    async def unregister(self) -> None:
+        info, self._registration = self._registration, None
+        self.writable = False
+        if info is not None:
+            try:
+                await trio.to_thread.run_sync(self._zk.delete, f"{self.shards_path}/{info.shard_id}")
+            except KazooException:
+                pass
+
+    def _current_data(self) -> bytes:
+        info = self._registration
+        return ShardInfo(info.shard_id, info.ws_url, info.link_addr, self._load()).to_json()
+
+    async def _ensure_registered(self) -> None:
+        path = f"{self.shards_path}/{self._registration.shard_id}"
+        while True:
+            if self._registration is None:
+                return
+            zk = self._zk
+            try:
+                stat = await trio.to_thread.run_sync(zk.exists, path)
+                if stat is not None and stat.ephemeralOwner == zk.client_id[0]:
+                    break
+                if stat is None:
+                    data = self._current_data()
+                    await trio.to_thread.run_sync(lambda: zk.create(path, data, ephemeral=True, makepath=True))
+                    log.info("registered %s in zookeeper", path)
+                    break
+                log.warning("%s is held by another session (a previous run that has not expired yet?); waiting",
+                            path)
+            except NodeExistsError:
+                pass
+            except KazooException as e:
+                log.warning("zookeeper registration failed (%s); retrying", type(e).__name__)
+            await trio.sleep(min(1.0, self.session_timeout_s / 4))
+        self.writable = True
+
+    async def _publish_load(self) -> None:
+        try:
+            await trio.to_thread.run_sync(self._zk.set, f"{self.shards_path}/{self._registration.shard_id}",
+                                          self._current_data())
+        except (KazooException, AttributeError):
+            pass
+
+    # ---- logins ------------------------------------------------------------------------------
+    def live(self) -> list[ShardInfo]:
+        return list(self.view.shards.values())
+
+    def pick_shard(self, user_id: int) -> ShardInfo:
+        return self.view.pick_for_login(user_id, self.overload_connections)
+
+

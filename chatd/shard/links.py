@@ -1,0 +1,298 @@
+"""Direct TCP links between cluster processes, carrying length-prefixed msgpack frames
+(:mod:`chatd.protocol.link`).
+
+Topology: one link per pair. A shard dials every shard whose id sorts after its own; an API
+server dials every shard; nobody dials an API server. The dialer reconnects with exponential
+backoff (0.1 s doubling to 5 s, with jitter) for as long as the peer is in the view.
+
+Resources and policies
+
+* **Queues**: each link has one bounded send queue (``link_queue_frames``). :meth:`send_nowait`
+  never blocks: on a full queue it drops the frame, counts it, and marks the link so that a
+  ``resync`` frame follows once the queue has room (the peer then re-reads the store for its
+  sessions: a dropped live frame costs latency, never a message). :meth:`request` waits for room
+  (backpressure on the caller) and for the reply.
+* **Heartbeats**: a ``ping`` after ``link_heartbeat_s`` of silence; a link that hears nothing for
+  three heartbeats is closed (and redialled).
+* **Limits**: frames above ``link_max_frame_bytes`` are refused from their header; a peer that
+  speaks anything but the protocol is disconnected.
+* **Handshake**: mutual HMAC over fresh nonces with ``cluster.secret``; 5 s to complete.
+* Requests pending on a link that closes fail with ``ChatError("unavailable")``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+from typing import Awaitable, Callable
+
+import trio
+
+from ..errors import ChatError
+from ..protocol import link as lp
+
+log = logging.getLogger(__name__)
+
+HANDSHAKE_TIMEOUT_S = 5.0
+
+
+class Link:
+    def __init__(self, manager: "LinkManager", stream: trio.SocketStream, codec: lp.LinkCodec, peer_id: str,
+                 role: str):
+        self.manager = manager
+        self.stream = stream
+        self.codec = codec
+        self.peer_id = peer_id
+        self.role = role
+        cfg = manager.cfg
+        self._send, self._recv = trio.open_memory_channel(cfg.link_queue_frames)
+        self.closed = trio.Event()
+        self.needs_resync = False
+        self.dropped = 0
+        self._scope: trio.CancelScope | None = None
+
+    def send_nowait(self, frame: dict) -> bool:
+        try:
+            self._send.send_nowait(frame)
+            return True
+        except trio.WouldBlock:
+            self.dropped += 1
+            self.needs_resync = True
+            return False
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            return False
+
+    async def send(self, frame: dict) -> None:
+        try:
+            await self._send.send(frame)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise ChatError("unavailable", f"link to {self.peer_id} is down") from None
+
+    def close(self) -> None:
+        if self._scope is not None:
+            self._scope.cancel()
+
+    async def run(self) -> None:
+        try:
+            with trio.CancelScope() as self._scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._writer)
+                    await self._reader()
+                    nursery.cancel_scope.cancel()
+        finally:
+            self._send.close()
+            self.closed.set()
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(self.stream)
+
+    async def _writer(self) -> None:
+        hb = self.manager.cfg.link_heartbeat_s
+        encode = lp.LinkCodec.encode
+        while True:
+            with trio.move_on_after(hb) as idle:
+                frame = await self._recv.receive()
+            if idle.cancelled_caught:
+                frame = {"t": "ping"}
+            chunks = [encode(frame)]
+            while len(chunks) < 256:  # batch what is queued into one write
+                try:
+                    chunks.append(encode(self._recv.receive_nowait()))
+                except trio.WouldBlock:
+                    break
+            if self.needs_resync and self._send.statistics().current_buffer_used == 0:
+                self.needs_resync = False
+                chunks.append(encode({"t": "resync"}))
+            await self.stream.send_all(b"".join(chunks))
+
+    async def _reader(self) -> None:
+        timeout = 3 * self.manager.cfg.link_heartbeat_s
+        while True:
+            with trio.move_on_after(timeout) as silent:
+                data = await self.stream.receive_some(65536)
+            if silent.cancelled_caught:
+                log.warning("link to %s silent for %.1fs: closing", self.peer_id, timeout)
+                return
+            if not data:
+                return
+            try:
+                self.codec.receive_data(data)
+                while (frame := self.codec.next_frame()) is not None:
+                    if frame["t"] != "ping":
+                        await self.manager._dispatch(self, frame)
+            except lp.LinkProtocolError as e:
+                log.warning("link to %s broken: %s", self.peer_id, e)
+                return
+
+
+class LinkManager:
+    def __init__(self, node_id: str, role: str, cfg, on_frame: Callable[[Link, dict], Awaitable[None]],
+                 on_link_up: Callable[[Link], None] = lambda link: None):
+        self.node_id = node_id
+        self.role = role
+        self.cfg = cfg
+        self.secret = cfg.secret
+        self._on_frame = on_frame
+        self._on_link_up = on_link_up
+        self.links: dict[str, Link] = {}
+        self._dialers: dict[str, tuple[str, trio.CancelScope]] = {}
+        self._nursery: trio.Nursery | None = None
+        self._rids = itertools.count(1)
+        self._pending: dict[int, list] = {}  # rid -> [event, reply, link]
+        self.port: int | None = None
+
+    # ---- lifecycle -----------------------------------------------------------------------
+    async def run(self, listen: bool, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            if listen:
+                listeners = await trio.open_tcp_listeners(self.cfg.link_port, host=self.cfg.link_host)
+                self.port = listeners[0].socket.getsockname()[1]
+                nursery.start_soon(trio.serve_listeners, self._accept, listeners)
+                log.info("%s accepting links on %s:%d", self.node_id, self.cfg.link_host, self.port)
+            task_status.started(self.port)
+            await trio.sleep_forever()  # the nursery hosts dialers and links until cancelled
+
+    def public_addr(self) -> str:
+        return self.cfg.link_public_addr or f"{self.cfg.link_host}:{self.port}"
+
+    def set_peers(self, view) -> None:
+        """Dial the shards we should (see module docstring); stop dialling the ones gone."""
+        wanted = {}
+        for sid, info in view.shards.items():
+            if sid == self.node_id or not info.link_addr:
+                continue
+            if self.role == "api" or sid > self.node_id:
+                wanted[sid] = info.link_addr
+        for sid, (addr, scope) in list(self._dialers.items()):
+            if wanted.get(sid) != addr:
+                scope.cancel()
+                del self._dialers[sid]
+        for sid in list(self.links):
+            if sid not in view.shards and self.links[sid].role == "shard":
+                self.links[sid].close()
+        for sid, addr in wanted.items():
+            if sid not in self._dialers:
+                scope = trio.CancelScope()
+                self._dialers[sid] = (addr, scope)
+                self._nursery.start_soon(self._dial_loop, sid, addr, scope)
+
+    # ---- connections -----------------------------------------------------------------------
+    async def _accept(self, stream: trio.SocketStream) -> None:
+        codec = lp.LinkCodec(self.cfg.link_max_frame_bytes)
+        nonce = lp.new_nonce()
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT_S):
+                await stream.send_all(codec.encode(lp.challenge(self.node_id, nonce)))
+                hello = await _read_frame(stream, codec)
+                peer, role = lp.check_hello(self.secret, self.node_id, nonce, hello)
+                await stream.send_all(codec.encode(lp.welcome(self.secret, self.node_id, peer, hello["nonce"], nonce)))
+        except (lp.LinkProtocolError, trio.TooSlowError, trio.BrokenResourceError, OSError) as e:
+            log.warning("refused a link: %s", e)
+            await trio.aclose_forcefully(stream)
+            return
+        await self._run_link(Link(self, stream, codec, peer, role))
+
+    async def _dial_loop(self, peer: str, addr: str, scope: trio.CancelScope) -> None:
+        host, _, port = addr.rpartition(":")
+        backoff = 0.1
+        with scope:
+            while True:
+                try:
+                    stream = await trio.open_tcp_stream(host, int(port))
+                except OSError as e:
+                    log.debug("dial %s at %s failed: %s", peer, addr, e)
+                else:
+                    codec = lp.LinkCodec(self.cfg.link_max_frame_bytes)
+                    try:
+                        with trio.fail_after(HANDSHAKE_TIMEOUT_S):
+                            chal = await _read_frame(stream, codec)
+                            cnonce = lp.new_nonce()
+                            await stream.send_all(codec.encode(lp.hello(self.secret, self.node_id, self.role, chal,
+                                                                        cnonce)))
+                            lp.check_welcome(self.secret, chal["id"], self.node_id, cnonce, chal["nonce"],
+                                             await _read_frame(stream, codec))
+                        if chal["id"] != peer:
+                            raise lp.LinkProtocolError(f"dialled {peer} at {addr} but {chal['id']} answered")
+                    except (lp.LinkProtocolError, trio.TooSlowError, trio.BrokenResourceError, OSError) as e:
+                        log.warning("link handshake with %s failed: %s", peer, e)
+                        await trio.aclose_forcefully(stream)
+                    else:
+                        backoff = 0.1
+                        await self._run_link(Link(self, stream, codec, peer, "shard"))
+                await trio.sleep(backoff * (0.5 + random.random()))
+                backoff = min(backoff * 2, 5.0)
+
+    async def _run_link(self, link: Link) -> None:
+        old = self.links.get(link.peer_id)
+        if old is not None:
+            old.close()
+        self.links[link.peer_id] = link
+        log.info("link up: %s <-> %s (%s)", self.node_id, link.peer_id, link.role)
+        self._on_link_up(link)
+        try:
+            await link.run()
+        finally:
+            if self.links.get(link.peer_id) is link:
+                del self.links[link.peer_id]
+            for rid, slot in list(self._pending.items()):
+                if slot[2] is link:
+                    slot[1] = {"err": {"code": "unavailable", "message": f"link to {link.peer_id} closed"}}
+                    slot[0].set()
+            log.info("link down: %s <-> %s", self.node_id, link.peer_id)
+
+    # ---- sending ---------------------------------------------------------------------------
+    def send_nowait(self, peer: str, frame: dict) -> bool:
+        link = self.links.get(peer)
+        if link is None:
+            return False
+        return link.send_nowait(frame)
+
+    async def wait_link(self, peer: str, timeout_s: float) -> Link:
+        with trio.move_on_after(timeout_s):
+            while peer not in self.links:
+                await trio.sleep(0.02)
+            return self.links[peer]
+        raise ChatError("unavailable", f"no link to shard {peer}; retry")
+
+    async def request(self, peer: str, frame: dict, timeout_s: float = 10.0, on_sent=None) -> dict:
+        """Send ``frame`` with a fresh ``rid`` and wait for the ``reply`` carrying it."""
+        link = await self.wait_link(peer, timeout_s)
+        rid = next(self._rids)
+        slot = self._pending[rid] = [trio.Event(), None, link]
+        try:
+            await link.send({**frame, "rid": rid})
+            if on_sent is not None:
+                on_sent()
+            with trio.move_on_after(timeout_s):
+                await slot[0].wait()
+            if slot[1] is None:
+                raise ChatError("unavailable", f"shard {peer} did not answer in time; retry")
+            return slot[1]
+        finally:
+            self._pending.pop(rid, None)
+
+    @staticmethod
+    async def reply(link: Link, rid, **fields) -> None:
+        try:
+            await link.send({"t": "reply", "rid": rid, **fields})
+        except ChatError:
+            pass  # the link is gone; the requester gets 'unavailable' and retries
+
+    async def _dispatch(self, link: Link, frame: dict) -> None:
+        if frame["t"] == "reply":
+            slot = self._pending.get(frame.get("rid"))
+            if slot is not None:
+                slot[1] = frame
+                slot[0].set()
+            return
+        await self._on_frame(link, frame)
+
+
+async def _read_frame(stream, codec: lp.LinkCodec) -> dict:
+    while (frame := codec.next_frame()) is None:
+        data = await stream.receive_some(65536)
+        if not data:
+            raise lp.LinkProtocolError("peer closed during the handshake")
+        codec.receive_data(data)
+    return frame
