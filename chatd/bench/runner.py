@@ -1,0 +1,243 @@
+"""The coordinator: target up, stage set, worker processes started, run in lockstep, results merged.
+
+Resource policy: the self-started server (if any) and every worker process are owned by
+:func:`run_bench` and ended in its ``finally`` (workers: terminate after a grace period; server:
+SIGTERM, then SIGKILL). A worker that dies or reports an error ends the run with
+:class:`BenchError` carrying its traceback; so does a phase that overruns its deadline.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.connection
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import trio
+
+from .population import Population, SetupError, populate, split
+from .report import build_report
+from .scenarios import SCENARIOS, BenchOptions, WorkerSpec
+from .target import LocalServer, TargetError, rss_kib, wait_healthy
+from .worker import worker_main
+
+START_DELAY_S = 0.3
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+@dataclass
+class TargetOptions:
+    api: str | None = None
+    server_env: dict = field(default_factory=dict)
+    server_pid: int | None = None
+    keep_data: bool = False
+
+
+class Display:
+    """The live one-line progress display: stderr, and only when it is a terminal."""
+
+    def __init__(self, enabled: bool | None = None, stream=None):
+        self.stream = stream or sys.stderr
+        self.enabled = self.stream.isatty() if enabled is None else enabled
+        self._last = 0.0
+        self._width = 0
+
+    def status(self, text: str, force: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if not force and now - self._last < 0.2:
+            return
+        self._last = now
+        text = text[:160]
+        self.stream.write("\r" + text.ljust(self._width))
+        self._width = len(text)
+        self.stream.flush()
+
+    def clear(self) -> None:
+        if self.enabled and self._width:
+            self.stream.write("\r" + " " * self._width + "\r")
+            self.stream.flush()
+            self._width = 0
+
+
+class _Workers:
+    def __init__(self, specs: list[WorkerSpec], display: Display, on_tick):
+        mp = multiprocessing.get_context("spawn")
+        self.display = display
+        self.on_tick = on_tick
+        self.conns = []
+        self.procs = []
+        self.progress: dict[int, dict] = {}
+        self.finished: set[int] = set()
+        self.phase = "connecting"
+        self.t0_mono: float | None = None
+        for spec in specs:
+            parent, child = mp.Pipe()
+            p = mp.Process(target=worker_main, args=(child, spec), name=f"chatd-bench-{spec.worker}", daemon=True)
+            p.start()
+            child.close()
+            self.conns.append(parent)
+            self.procs.append(p)
+
+    def send_all(self, msg) -> None:
+        for c in self.conns:
+            c.send(msg)
+
+    def gather(self, kind: str, timeout_s: float) -> dict[int, object]:
+        out: dict[int, object] = {}
+        deadline = time.monotonic() + timeout_s
+        while len(out) < len(self.conns):
+            live = {self.conns[i]: i for i in range(len(self.conns)) if i not in self.finished}
+            for conn in multiprocessing.connection.wait(list(live), timeout=0.25):
+                i = live[conn]
+                try:
+                    msg = conn.recv()
+                except (EOFError, OSError):
+                    self.procs[i].join(2)
+                    raise BenchError(f"generator process {i} died (exit code {self.procs[i].exitcode})") from None
+                if msg[0] == "progress":
+                    self.progress[msg[1]] = msg[2]
+                elif msg[0] == "error":
+                    raise BenchError(f"generator process {i} failed:\n{msg[1]}")
+                elif msg[0] == kind:
+                    out[i] = msg[1]
+                    if kind == "result":
+                        self.finished.add(i)
+                else:
+                    raise BenchError(f"generator process {i}: unexpected {msg[0]!r} while waiting for {kind!r}")
+            self.on_tick()
+            self._show()
+            if time.monotonic() > deadline:
+                raise BenchError(f"timed out after {timeout_s:.0f} s waiting for the generators ({kind})")
+        return out
+
+    def _show(self) -> None:
+        if not self.display.enabled:
+            return
+        tot: dict[str, int] = {}
+        for p in self.progress.values():
+            for k, v in p.items():
+                tot[k] = tot.get(k, 0) + v
+        t = "" if self.t0_mono is None else f"t={max(0.0, time.monotonic() - self.t0_mono):5.1f}s "
+        self.display.status(f"{self.phase}: {t}conns {tot.get('connected', 0)} sent {tot.get('sent', 0)} "
+                            f"acked {tot.get('acked', 0)} delivered {tot.get('delivered', 0)} "
+                            f"errors {tot.get('errors', 0)} reconnects {tot.get('reconnects', 0)}")
+
+    def close(self) -> None:
+        for c in self.conns:
+            try:
+                c.send(("abort",))
+            except (OSError, ValueError):
+                pass
+        for p in self.procs:
+            p.join(5)
+            if p.is_alive():
+                p.terminate()
+                p.join(2)
+        for c in self.conns:
+            c.close()
+
+
+class _RssSampler:
+    def __init__(self, pid: int | None):
+        self.pid = pid
+        self.samples: list[tuple[float, int]] = []  # (monotonic s, KiB)
+        self._last = 0.0
+
+    def sample(self) -> int | None:
+        if self.pid is None:
+            return None
+        v = rss_kib(self.pid)
+        if v is not None:
+            self.samples.append((time.monotonic(), v))
+        return v
+
+    def tick(self) -> None:
+        if time.monotonic() - self._last >= 1.0:
+            self._last = time.monotonic()
+            self.sample()
+
+
+def run_bench(opts: BenchOptions, topts: TargetOptions, display: Display | None = None) -> tuple[dict, dict]:
+    """Run one bench; ``(report, merged histograms)``."""
+    display = display or Display()
+    opts.validate()
+    scenario = SCENARIOS[opts.scenario]
+    started_at = datetime.now(timezone.utc)
+    server = None
+    target: dict = {}
+    workers = None
+    try:
+        if topts.api:
+            api_url = topts.api.rstrip("/")
+            wait_healthy(api_url, 10)
+            pid = topts.server_pid
+            target = {"api": api_url, "self_started": False, "server_pid": pid}
+        else:
+            display.status("starting chatd run ...", force=True)
+            server = LocalServer(topts.server_env, keep_data=topts.keep_data)
+            api_url = server.start()
+            pid = server.pid
+            target = {"api": api_url, "self_started": True, "server_pid": pid,
+                      "server_env": dict(sorted(topts.server_env.items()))}
+        t_setup = time.monotonic()
+        population: Population = trio.run(populate, api_url, opts, lambda s: display.status(s))
+        setup_s = time.monotonic() - t_setup
+        rss = _RssSampler(pid)
+        rss_before = rss.sample()
+
+        groups = split(population.devices, opts.procs)
+        total_senders = sum(1 for d in population.devices if d.send_channel)
+        specs = [WorkerSpec(worker=i, options=opts, devices=devs, total_senders=total_senders)
+                 for i, devs in enumerate(groups)]
+        workers = _Workers(specs, display, rss.tick)
+        ready = workers.gather("ready", 120 + opts.connections / 50 + opts.ramp_up_s)
+        connected = sum(r["connected"] for r in ready.values())
+        failed = sum(r["failed"] for r in ready.values())
+        rss_connected = rss.sample()
+        t0_wall = time.time_ns() + int(START_DELAY_S * 1e9)
+        t0_mono = time.monotonic() + START_DELAY_S
+        workers.t0_mono = t0_mono
+        workers.phase = scenario.name
+        workers.send_all(("start", t0_wall))
+        heads_by_worker = workers.gather("heads", opts.duration_s + opts.drain_s + 60)
+        t_send_end = time.monotonic()
+        heads: dict[str, int] = {}
+        for h in heads_by_worker.values():
+            for ch, seq in h.items():
+                heads[ch] = max(seq, heads.get(ch, 0))
+        workers.phase = "draining"
+        workers.send_all(("heads", heads))
+        results = workers.gather("result", opts.drain_s + 60)
+        display.clear()
+        hold = [v for t, v in rss.samples if t0_mono + 1.0 <= t <= t0_mono + opts.duration_s]
+        server_info = None
+        if pid is not None:
+            loaded = statistics.median(hold) if hold else rss_connected
+            server_info = {"pid": pid, "rss_kib_before": rss_before, "rss_kib_connected": rss_connected,
+                           "rss_kib_loaded": loaded,
+                           "rss_kib_max": max((v for _, v in rss.samples), default=None),
+                           "rss_timeline": [[round(t - t0_mono, 1), v] for t, v in rss.samples]}
+        meta = {"started_at": started_at.isoformat(timespec="seconds"), "target": target,
+                "setup_s": round(setup_s, 2), "run_s": round(t_send_end - t0_mono, 2),
+                "connected": connected, "connect_failed": failed, "server": server_info,
+                "http_calls": population.http_calls, "user_prefix": population.prefix}
+        return build_report(opts, population, [results[i] for i in sorted(results)], meta)
+    except (SetupError, TargetError) as e:
+        raise BenchError(str(e)) from None
+    finally:
+        display.clear()
+        if workers is not None:
+            workers.close()
+        if server is not None:
+            code = server.stop()
+            if code not in (0, None):
+                print(f"chatd bench: the server exited with status {code}; log:\n{server.final_log_tail}",
+                      file=sys.stderr)

@@ -1,0 +1,270 @@
+"""A lean WebSocket client for the load generator: RFC 6455 framing as pure functions plus a thin
+trio connection. wsproto/trio-websocket are correct but cost several times more CPU per frame; a
+load generator that shares the machine with the server must spend as little as it can.
+
+What it does: the opening handshake (with ``Sec-WebSocket-Accept`` checked), client frames masked
+with a fresh random key (XOR done on big integers, not byte by byte), several frames written with one
+``send_all``, unfragmented and fragmented server frames, ping → pong, close handshake. What it does not:
+extensions (permessage-deflate is never offered) and TLS client certificates.
+
+Errors: :class:`WSClosed` when the peer closed (with its close code, 1006 if the TCP connection just
+ended), :class:`HandshakeError` when the upgrade was refused; ``trio`` and ``OSError`` errors pass
+through. One reader at a time; sends are serialized by a lock, so several tasks may send.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import random
+import ssl
+import struct
+from urllib.parse import urlsplit
+
+import trio
+
+OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+_rng = random.Random(os.urandom(16))
+
+
+class WSError(Exception):
+    pass
+
+
+class HandshakeError(WSError):
+    pass
+
+
+class WSClosed(WSError):
+    def __init__(self, code: int = 1006, reason: str = ""):
+        super().__init__(f"connection closed ({code}{': ' + reason if reason else ''})")
+        self.code = code
+        self.reason = reason
+
+
+# ---- pure framing ----------------------------------------------------------------------------
+
+def mask(payload: bytes, key: bytes) -> bytes:
+    n = len(payload)
+    if not n:
+        return payload
+    k = (key * (n // 4 + 1))[:n]
+    return (int.from_bytes(payload, "little") ^ int.from_bytes(k, "little")).to_bytes(n, "little")
+
+
+def encode_frame(opcode: int, payload: bytes, key: bytes | None = None) -> bytes:
+    """One final client frame, masked (``key`` for tests; random otherwise)."""
+    if key is None:
+        key = _rng.getrandbits(32).to_bytes(4, "little")
+    n = len(payload)
+    if n < 126:
+        head = struct.pack("!BB", 0x80 | opcode, 0x80 | n)
+    elif n < 65536:
+        head = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, n)
+    else:
+        head = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, n)
+    return head + key + mask(payload, key)
+
+
+def close_payload(code: int, reason: str = "") -> bytes:
+    return struct.pack("!H", code) + reason.encode()[:120]
+
+
+class FrameParser:
+    """Bytes in, complete messages out: ``feed(data) -> [(opcode, payload), ...]``. Control frames
+    come out as they arrive, data messages once their last fragment is in."""
+
+    def __init__(self, max_message_bytes: int = MAX_MESSAGE_BYTES):
+        self._buf = bytearray()
+        self._frag_op: int | None = None
+        self._frags: list[bytes] = []
+        self._frag_len = 0
+        self._max = max_message_bytes
+
+    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        buf = self._buf
+        buf += data
+        out = []
+        pos = 0
+        end = len(buf)
+        while end - pos >= 2:
+            b0 = buf[pos]
+            b1 = buf[pos + 1]
+            n = b1 & 0x7F
+            hdr = 2
+            if n == 126:
+                if end - pos < 4:
+                    break
+                n = (buf[pos + 2] << 8) | buf[pos + 3]
+                hdr = 4
+            elif n == 127:
+                if end - pos < 10:
+                    break
+                n = int.from_bytes(buf[pos + 2:pos + 10], "big")
+                hdr = 10
+            if n > self._max:
+                raise WSError(f"frame of {n} bytes is above the limit")
+            key = None
+            if b1 & 0x80:
+                if end - pos < hdr + 4:
+                    break
+                key = bytes(buf[pos + hdr:pos + hdr + 4])
+                hdr += 4
+            if end - pos < hdr + n:
+                break
+            payload = bytes(buf[pos + hdr:pos + hdr + n])
+            pos += hdr + n
+            if key is not None:
+                payload = mask(payload, key)
+            opcode = b0 & 0x0F
+            fin = b0 & 0x80
+            if opcode >= 0x8:
+                out.append((opcode, payload))
+            elif opcode == OP_CONT:
+                if self._frag_op is None:
+                    raise WSError("continuation frame without a start")
+                self._frags.append(payload)
+                self._frag_len += n
+                if self._frag_len > self._max:
+                    raise WSError("message above the limit")
+                if fin:
+                    out.append((self._frag_op, b"".join(self._frags)))
+                    self._frag_op, self._frags, self._frag_len = None, [], 0
+            elif fin:
+                out.append((opcode, payload))
+            else:
+                self._frag_op, self._frags, self._frag_len = opcode, [payload], n
+        if pos:
+            del buf[:pos]
+        return out
+
+
+def handshake_request(host: str, port: int, path: str, subprotocol: str | None) -> tuple[bytes, bytes]:
+    key = base64.b64encode(os.urandom(16))
+    lines = [f"GET {path} HTTP/1.1", f"Host: {host}:{port}", "Upgrade: websocket", "Connection: Upgrade",
+             f"Sec-WebSocket-Key: {key.decode()}", "Sec-WebSocket-Version: 13"]
+    if subprotocol:
+        lines.append(f"Sec-WebSocket-Protocol: {subprotocol}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode(), key
+
+
+def check_handshake_response(head: bytes, key: bytes) -> str | None:
+    """Validate the server's 101 reply; return the accepted subprotocol."""
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ", 2)
+    if len(parts) < 2 or parts[1] != "101":
+        raise HandshakeError(f"upgrade refused: {lines[0]!r}")
+    headers = {}
+    for line in lines[1:]:
+        if ":" in line:
+            k, v = line.split(":", 1)
+            headers[k.strip().lower()] = v.strip()
+    expected = base64.b64encode(hashlib.sha1(key + GUID).digest()).decode()
+    if headers.get("sec-websocket-accept") != expected:
+        raise HandshakeError("bad Sec-WebSocket-Accept")
+    return headers.get("sec-websocket-protocol")
+
+
+# ---- trio connection -------------------------------------------------------------------------
+
+class WebSocket:
+    def __init__(self, stream, leftover: bytes, subprotocol: str | None):
+        self.stream = stream
+        self.subprotocol = subprotocol
+        self.parser = FrameParser()
+        self._leftover = leftover
+        self._send_lock = trio.StrictFIFOLock()
+        self.closed = False
+
+    @classmethod
+    async def connect(cls, url: str, subprotocol: str | None = None) -> "WebSocket":
+        u = urlsplit(url)
+        secure = u.scheme == "wss"
+        port = u.port or (443 if secure else 80)
+        host = u.hostname or "localhost"
+        if secure:
+            stream = await trio.open_ssl_over_tcp_stream(host, port, ssl_context=ssl.create_default_context())
+        else:
+            stream = await trio.open_tcp_stream(host, port)
+        try:
+            request, key = handshake_request(host, port, (u.path or "/") + (f"?{u.query}" if u.query else ""),
+                                             subprotocol)
+            await stream.send_all(request)
+            buf = b""
+            while b"\r\n\r\n" not in buf:
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    raise HandshakeError("connection closed during the handshake")
+                buf += chunk
+                if len(buf) > 65536:
+                    raise HandshakeError("handshake response too large")
+            head, _, rest = buf.partition(b"\r\n\r\n")
+            accepted = check_handshake_response(head, key)
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+        return cls(stream, rest, accepted)
+
+    async def send_frames(self, frames: list[bytes]) -> None:
+        """Write already-encoded frames (see :func:`encode_frame`) with one ``send_all``."""
+        data = frames[0] if len(frames) == 1 else b"".join(frames)
+        async with self._send_lock:
+            await self.stream.send_all(data)
+
+    async def send(self, payload: bytes, opcode: int = OP_TEXT) -> None:
+        await self.send_frames([encode_frame(opcode, payload)])
+
+    async def receive(self) -> list[tuple[int, bytes]]:
+        """The next data messages (at least one); answers pings; raises :class:`WSClosed`."""
+        while True:
+            if self._leftover:
+                data, self._leftover = self._leftover, b""
+            else:
+                try:
+                    data = await self.stream.receive_some(262144)
+                except (trio.BrokenResourceError, OSError) as e:
+                    self.closed = True
+                    raise WSClosed(1006, str(e)) from None
+                if not data:
+                    self.closed = True
+                    raise WSClosed(1006, "connection ended")
+            msgs = self.parser.feed(data)
+            out = []
+            for op, payload in msgs:
+                if op == OP_TEXT or op == OP_BINARY:
+                    out.append((op, payload))
+                elif op == OP_PING:
+                    await self.send(payload, OP_PONG)
+                elif op == OP_CLOSE:
+                    code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1005
+                    reason = payload[2:].decode("utf-8", "replace")
+                    with trio.move_on_after(1):
+                        try:
+                            await self.send(close_payload(code if code != 1005 else 1000), OP_CLOSE)
+                        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                            pass
+                    await self.abort()
+                    raise WSClosed(code, reason)
+            if out:
+                return out
+
+    async def close(self, code: int = 1000, reason: str = "", wait_s: float = 1.0) -> None:
+        """Close handshake: send a close frame, wait up to ``wait_s`` for the peer's (discarding any
+        data that comes first), then end the TCP connection. Only when no other task is receiving."""
+        if not self.closed:
+            with trio.move_on_after(wait_s):
+                try:
+                    await self.send(close_payload(code, reason), OP_CLOSE)
+                    while True:
+                        await self.receive()
+                except (WSClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass
+        await self.abort()
+
+    async def abort(self) -> None:
+        """End the TCP connection at once (no close handshake)."""
+        self.closed = True
+        await trio.aclose_forcefully(self.stream)
