@@ -20,5 +20,9 @@ async def open_store(config: Config):
         async with open_sqlite(str(config.resolve(config.store.sqlite_path)), config.store.sqlite_synchronous,
                                config.store.commit_batch_max, config.store.read_connections) as store:
             yield store
+    elif backend == "cassandra":
+        from .cassandra import open_cassandra
+        async with open_cassandra(config.cassandra) as store:
+            yield store
     else:  # Config.validate already refused it; keep the message for programmatic configs
         raise ValueError(f"unknown store backend {backend!r}")

@@ -1,0 +1,308 @@
+"""The Cassandra schema and its CQL: versioned migrations, every data statement (prepared by name),
+row -> dataclass mapping, bucket arithmetic, and the schema version check at open. Pure, except
+:func:`migrate` and :func:`drop_keyspace`.
+
+``chatd store migrate`` (:func:`migrate`) creates the keyspace with the configured replication and
+applies every migration newer than the version recorded in ``schema_version``. Opening a store
+(:func:`check_schema`) refuses a keyspace whose schema is missing, behind, or newer than this chatd.
+
+Messages live in partitions of ``bucket_size`` consecutive seqs: ``bucket = seq // bucket_size``
+(bucket 0 holds seqs 1 .. bucket_size-1, bucket b >= 1 holds b*size .. (b+1)*size-1). The bucket size
+is fixed when the keyspace is created and recorded next to the schema version, because it decides
+where every message lives; the store reads it at open (docs/cassandra.md has the sizing arithmetic).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+
+import trio
+
+from ..config import CassandraConfig
+from .base import Channel, ChannelSummary, Message, User
+from .cql import LWT, READ, WRITE, CqlSession, check_keyspace_name, connect, execute_ddl, shutdown
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BUCKET_SIZE = 1000
+COMPONENT = "chatd"
+
+# Each migration: (version, [DDL with {ks} for the keyspace]). Only ever append.
+MIGRATIONS: list[tuple[int, list[str]]] = [
+    (1, [
+        """CREATE TABLE IF NOT EXISTS {ks}.schema_version (
+            component text PRIMARY KEY,
+            version int,
+            bucket_size bigint,
+            migrated_at double)""",
+        # user ids are random in [1, 2**53): int64 in the store, exact in any JSON client.
+        """CREATE TABLE IF NOT EXISTS {ks}.users (
+            id bigint PRIMARY KEY,
+            username text,
+            password_hash text,
+            display_name text,
+            about text,
+            created_at double)""",
+        # key: the username with ASCII letters lower-cased (SQLite's NOCASE), claimed with a LWT.
+        """CREATE TABLE IF NOT EXISTS {ks}.users_by_name (
+            username_key text PRIMARY KEY,
+            user_id bigint)""",
+        """CREATE TABLE IF NOT EXISTS {ks}.devices (
+            device_id text PRIMARY KEY,
+            user_id bigint,
+            created_at double)""",
+        """CREATE TABLE IF NOT EXISTS {ks}.channels (
+            id text PRIMARY KEY,
+            kind text,
+            name text,
+            owner_id bigint,
+            created_at double)""",
+        # A lower bound of the channel's head (see cassandra.py); written only with
+        # USING TIMESTAMP <seq>, so the highest seq always wins, whatever order writes arrive in.
+        """CREATE TABLE IF NOT EXISTS {ks}.channel_heads (
+            channel_id text PRIMARY KEY,
+            last_seq bigint,
+            last_at double)
+            WITH compaction = {{'class': 'LeveledCompactionStrategy'}}""",
+        # The authoritative member list; member_version serialises membership changes (LWT).
+        """CREATE TABLE IF NOT EXISTS {ks}.members_by_channel (
+            channel_id text,
+            user_id bigint,
+            joined_at double,
+            member_version bigint STATIC,
+            PRIMARY KEY ((channel_id), user_id))
+            WITH CLUSTERING ORDER BY (user_id ASC)""",
+        # The same memberships by user, with what "my channels" shows (channel names never change).
+        """CREATE TABLE IF NOT EXISTS {ks}.channels_by_user (
+            user_id bigint,
+            channel_id text,
+            kind text,
+            name text,
+            created_at double,
+            joined_at double,
+            PRIMARY KEY ((user_id), channel_id))""",
+        """CREATE TABLE IF NOT EXISTS {ks}.read_cursors (
+            user_id bigint,
+            channel_id text,
+            read_seq bigint,
+            PRIMARY KEY ((user_id), channel_id))
+            WITH compaction = {{'class': 'LeveledCompactionStrategy'}}""",
+        """CREATE TABLE IF NOT EXISTS {ks}.messages (
+            channel_id text,
+            bucket bigint,
+            seq bigint,
+            sender_id bigint,
+            client_msg_id text,
+            body text,
+            created_at double,
+            PRIMARY KEY ((channel_id, bucket), seq))
+            WITH CLUSTERING ORDER BY (seq DESC)""",
+        # (channel, sender, client_msg_id) -> the seq its message has or will have (an intent).
+        """CREATE TABLE IF NOT EXISTS {ks}.message_dedup (
+            channel_id text,
+            sender_id bigint,
+            client_msg_id text,
+            seq bigint,
+            PRIMARY KEY ((channel_id, sender_id, client_msg_id)))""",
+        # Reserved for the presence service (last_active_at); no Store method uses it yet.
+        """CREATE TABLE IF NOT EXISTS {ks}.presence (
+            user_id bigint PRIMARY KEY,
+            last_active_at double)""",
+    ]),
+]
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+# The two data statements migrate and open need (prepared, like every data statement).
+SCHEMA_STATEMENTS = {
+    "schema_get": (READ, "SELECT version, bucket_size FROM schema_version WHERE component = ?"),
+    "schema_set": (WRITE, "INSERT INTO schema_version (component, version, bucket_size, migrated_at) "
+                            "VALUES (?, ?, ?, ?)"),
+}
+
+
+# ---- data statements and row mapping -----------------------------------------------------
+MAX_USER_ID = 2**53  # ids are random in [1, 2**53): exact as JSON numbers in every client
+
+_MSG = "seq, sender_id, client_msg_id, body, created_at"
+_USER = "id, username, password_hash, display_name, about, created_at"
+
+# name -> (kind, CQL). Every statement names its full partition key: no scans, no ALLOW FILTERING.
+STATEMENTS: dict[str, tuple[str, str]] = {
+    **SCHEMA_STATEMENTS,
+    # users and devices
+    "user_insert": (LWT, f"INSERT INTO users ({_USER}) VALUES (?, ?, ?, ?, ?, ?) IF NOT EXISTS"),
+    "user_delete": (WRITE, "DELETE FROM users WHERE id = ?"),
+    "user_get": (READ, f"SELECT {_USER} FROM users WHERE id = ?"),
+    "user_set_profile": (WRITE, "UPDATE users SET display_name = ?, about = ? WHERE id = ?"),
+    "name_claim": (LWT, "INSERT INTO users_by_name (username_key, user_id) VALUES (?, ?) IF NOT EXISTS"),
+    "name_get": (READ, "SELECT user_id FROM users_by_name WHERE username_key = ?"),
+    "device_insert": (LWT, "INSERT INTO devices (device_id, user_id, created_at) VALUES (?, ?, ?) IF NOT EXISTS"),
+    "device_get": (READ, "SELECT user_id FROM devices WHERE device_id = ?"),
+    # channels
+    "channel_insert": (LWT, "INSERT INTO channels (id, kind, name, owner_id, created_at) "
+                            "VALUES (?, ?, ?, ?, ?) IF NOT EXISTS"),
+    "channel_get": (READ, "SELECT id, kind, name, owner_id, created_at FROM channels WHERE id = ?"),
+    "head_get": (READ, "SELECT last_seq, last_at FROM channel_heads WHERE channel_id = ?"),
+    "head_set": (WRITE, "UPDATE channel_heads USING TIMESTAMP ? SET last_seq = ?, last_at = ? "
+                        "WHERE channel_id = ?"),
+    # membership
+    "members_get": (READ, "SELECT user_id, joined_at, member_version FROM members_by_channel "
+                          "WHERE channel_id = ?"),
+    "member_get": (READ, "SELECT user_id, joined_at, member_version FROM members_by_channel "
+                         "WHERE channel_id = ? AND user_id = ?"),
+    "member_insert": (WRITE, "INSERT INTO members_by_channel (channel_id, user_id, joined_at) VALUES (?, ?, ?)"),
+    "member_delete": (WRITE, "DELETE FROM members_by_channel WHERE channel_id = ? AND user_id = ?"),
+    "member_version_set": (WRITE, "UPDATE members_by_channel SET member_version = ? WHERE channel_id = ?"),
+    "member_version_cas": (LWT, "UPDATE members_by_channel SET member_version = ? WHERE channel_id = ? "
+                                "IF member_version = ?"),
+    "user_channel_insert": (WRITE, "INSERT INTO channels_by_user (user_id, channel_id, kind, name, created_at, "
+                                   "joined_at) VALUES (?, ?, ?, ?, ?, ?)"),
+    "user_channel_delete": (WRITE, "DELETE FROM channels_by_user WHERE user_id = ? AND channel_id = ?"),
+    "user_channels": (READ, "SELECT channel_id, kind, name, created_at FROM channels_by_user WHERE user_id = ?"),
+    "cursor_set": (WRITE, "INSERT INTO read_cursors (user_id, channel_id, read_seq) VALUES (?, ?, ?)"),
+    "cursor_delete": (WRITE, "DELETE FROM read_cursors WHERE user_id = ? AND channel_id = ?"),
+    "cursor_get": (READ, "SELECT read_seq FROM read_cursors WHERE user_id = ? AND channel_id = ?"),
+    "cursors_of_user": (READ, "SELECT channel_id, read_seq FROM read_cursors WHERE user_id = ?"),
+    "cursor_create": (LWT, "INSERT INTO read_cursors (user_id, channel_id, read_seq) VALUES (?, ?, ?) "
+                           "IF NOT EXISTS"),
+    "cursor_raise": (LWT, "UPDATE read_cursors SET read_seq = ? WHERE user_id = ? AND channel_id = ? "
+                          "IF read_seq < ?"),
+    # messages
+    "msg_insert": (LWT, f"INSERT INTO messages (channel_id, bucket, {_MSG}) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                        "IF NOT EXISTS"),
+    "msg_top": (READ, "SELECT seq, created_at FROM messages WHERE channel_id = ? AND bucket = ? LIMIT 1"),
+    "msg_asc": (READ, f"SELECT {_MSG} FROM messages WHERE channel_id = ? AND bucket = ? AND seq > ? AND seq < ? "
+                      "ORDER BY seq ASC LIMIT ?"),
+    "msg_desc": (READ, f"SELECT {_MSG} FROM messages WHERE channel_id = ? AND bucket = ? AND seq > ? AND seq < ? "
+                       "ORDER BY seq DESC LIMIT ?"),
+    "dedup_claim": (LWT, "INSERT INTO message_dedup (channel_id, sender_id, client_msg_id, seq) "
+                         "VALUES (?, ?, ?, ?) IF NOT EXISTS"),
+    "dedup_move": (LWT, "UPDATE message_dedup SET seq = ? WHERE channel_id = ? AND sender_id = ? "
+                        "AND client_msg_id = ? IF seq = ?"),
+}
+
+
+# ---- pure mapping -------------------------------------------------------------------------------
+_ASCII_FOLD = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def username_key(username: str) -> str:
+    """The case-insensitive lookup key: ASCII letters folded, like SQLite's ``COLLATE NOCASE``."""
+    return username.translate(_ASCII_FOLD)
+
+
+def user_from_row(row: dict) -> User:
+    return User(id=row["id"], username=row["username"], display_name=row["display_name"] or "",
+                about=row["about"] or "", created_at=row["created_at"], password_hash=row["password_hash"] or "")
+
+
+def message_from_row(channel_id: str, row: dict) -> Message:
+    return Message(channel_id, row["seq"], row["sender_id"], row["client_msg_id"], row["body"], row["created_at"])
+
+
+def channel_from_row(row: dict, last_seq: int) -> Channel:
+    return Channel(row["id"], row["kind"], row["name"] or "", row["owner_id"], row["created_at"], last_seq)
+
+
+def summary_from_rows(uc: dict, head: dict | None, read_seq: int | None) -> ChannelSummary:
+    """A ``channels_by_user`` row + its ``channel_heads`` row + the user's cursor -> one "my channels" row."""
+    last_seq = head["last_seq"] if head and head.get("last_seq") is not None else 0
+    last_at = head["last_at"] if head and head.get("last_at") is not None else uc["created_at"]
+    return ChannelSummary(uc["channel_id"], uc["kind"], uc["name"] or "", last_seq, read_seq or 0, last_at)
+
+
+def new_user_id() -> int:
+    return 1 + secrets.randbelow(MAX_USER_ID - 1)
+
+
+# ---- bucket arithmetic ----------------------------------------------------------------------
+def bucket_of(seq: int, bucket_size: int) -> int:
+    return seq // bucket_size
+
+
+def bucket_last_seq(bucket: int, bucket_size: int) -> int:
+    """The highest seq that lives in ``bucket``."""
+    return (bucket + 1) * bucket_size - 1
+
+
+def bucket_first_seq(bucket: int, bucket_size: int) -> int:
+    """The lowest seq that lives in ``bucket`` (seqs start at 1)."""
+    return max(1, bucket * bucket_size)
+
+
+# ---- DDL text -------------------------------------------------------------------------------
+def keyspace_ddl(keyspace: str, replication: str) -> str:
+    replication = replication.strip()
+    if not (replication.startswith("{") and replication.endswith("}")):
+        raise ValueError(f"cassandra.replication must be a CQL map like "
+                         f"{{'class': 'NetworkTopologyStrategy', 'dc1': 3}}, got {replication!r}")
+    return (f"CREATE KEYSPACE IF NOT EXISTS {check_keyspace_name(keyspace)} "
+            f"WITH replication = {replication} AND durable_writes = true")
+
+
+def migration_ddl(keyspace: str, found: int) -> list[tuple[int, list[str]]]:
+    """The migrations newer than ``found``, with the keyspace filled in."""
+    ks = check_keyspace_name(keyspace)
+    return [(v, [s.format(ks=ks) for s in stmts]) for v, stmts in MIGRATIONS if v > found]
+
+
+def check_schema(row: dict | None, keyspace: str) -> int:
+    """The keyspace's bucket size, if its schema is exactly the one this chatd writes; otherwise a
+    ``RuntimeError`` that tells the operator what to do."""
+    if row is None or row.get("version") is None:
+        raise RuntimeError(f"Cassandra keyspace {keyspace!r} has no chatd schema; run `chatd store migrate`")
+    version = row["version"]
+    if version < SCHEMA_VERSION:
+        raise RuntimeError(f"Cassandra keyspace {keyspace!r} has schema v{version}, this chatd needs "
+                           f"v{SCHEMA_VERSION}; run `chatd store migrate`")
+    if version > SCHEMA_VERSION:
+        raise RuntimeError(f"Cassandra keyspace {keyspace!r} has schema v{version}, newer than this chatd "
+                           f"supports (v{SCHEMA_VERSION}); upgrade chatd")
+    size = row.get("bucket_size")
+    if not isinstance(size, int) or size < 2:
+        raise RuntimeError(f"Cassandra keyspace {keyspace!r}: invalid bucket_size {size!r} in schema_version")
+    return size
+
+
+# ---- migrate ----------------------------------------------------------------------------------
+async def migrate(cfg: CassandraConfig, bucket_size: int = DEFAULT_BUCKET_SIZE) -> tuple[int, int]:
+    """Create the keyspace and bring its schema to ``SCHEMA_VERSION``; return (found, now).
+    ``bucket_size`` only applies to a keyspace created now; an existing one keeps its own.
+    Run it from one place at a time (concurrent schema changes can disagree in Cassandra)."""
+    if bucket_size < 2:
+        raise ValueError("bucket_size must be >= 2")
+    ks = check_keyspace_name(cfg.keyspace)
+    cluster, session = await connect(cfg, None)
+    try:
+        await execute_ddl(session, keyspace_ddl(ks, cfg.replication))
+        await execute_ddl(session, MIGRATIONS[0][1][0].format(ks=ks))  # schema_version itself
+        await trio.to_thread.run_sync(session.set_keyspace, ks)
+        cql = await CqlSession.prepare(session, SCHEMA_STATEMENTS, cfg)
+        row = await cql.one("schema_get", (COMPONENT,))
+        found = row["version"] if row and row.get("version") is not None else 0
+        if found > SCHEMA_VERSION:
+            raise RuntimeError(f"Cassandra keyspace {ks!r} has schema v{found}, newer than this chatd "
+                               f"supports (v{SCHEMA_VERSION}); upgrade chatd")
+        size = row["bucket_size"] if row and row.get("bucket_size") else bucket_size
+        if size != bucket_size and found:
+            log.info("keyspace %s keeps its bucket size %d (asked for %d)", ks, size, bucket_size)
+        for version, statements in migration_ddl(ks, found):
+            for ddl in statements:
+                await execute_ddl(session, ddl)
+            await cql.write("schema_set", (COMPONENT, version, size, time.time()))
+            log.info("cassandra keyspace %s migrated to schema v%d", ks, version)
+        return found, SCHEMA_VERSION
+    finally:
+        await shutdown(cluster)
+
+
+async def drop_keyspace(cfg: CassandraConfig) -> None:
+    """Drop the whole keyspace (test clean-up; never called by chatd itself)."""
+    ks = check_keyspace_name(cfg.keyspace)
+    cluster, session = await connect(cfg, None)
+    try:
+        await execute_ddl(session, f"DROP KEYSPACE IF EXISTS {ks}")
+    finally:
+        await shutdown(cluster)
