@@ -1,0 +1,290 @@
+"""An in-memory emulation of one chatd Cassandra keyspace, for running ``CassandraStore`` without a server.
+
+``EmulatedKeyspace`` implements :class:`chatd.store.cql.CqlRunner` by *statement name*: each name in
+``chatd.store.cassandra_schema.STATEMENTS`` has a handler with the semantics Cassandra gives that CQL
+(upserts, partition-scoped reads, clustering order, ``LIMIT``, paging, ``IF NOT EXISTS`` / ``IF col = ?``
+returning ``[applied]`` and the current values, conditional single-partition batches, ``USING
+TIMESTAMP`` last-write-wins). It checks what the real cluster would refuse or what would be a bug
+(a message written to the wrong bucket, a conditional batch over two partitions).
+
+It is a model, not Cassandra: it proves the store's logic (sequencing, dedup, paging, buckets), not the
+CQL text or the driver; the contract suite runs against a real server with ``CHATD_TEST_CASSANDRA``.
+
+Fault injection: ``fail[name] = "before"`` loses the next request of that statement (never applied),
+``"after"`` applies it and then reports a timeout - the unknown-outcome case of a real cluster.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import trio
+from cassandra.query import UNSET_VALUE
+
+from chatd.errors import ChatError
+from chatd.store.cassandra_schema import STATEMENTS, bucket_of
+from chatd.store.cql import LWT, PAGE_ROWS, READ, CqlRunner, Page
+
+
+class EmulatedKeyspace(CqlRunner):
+    def __init__(self, bucket_size: int):
+        self.bucket_size = bucket_size
+        self.tables: dict[str, dict] = {t: {} for t in (
+            "schema_version", "users", "users_by_name", "devices", "channels", "channel_heads",
+            "members_by_channel", "channels_by_user", "read_cursors", "messages", "message_dedup")}
+        self.calls: Counter = Counter()
+        self.fail: dict[str, str] = {}
+        self.page_rows: int | None = None  # force small pages to exercise paging
+
+    # ---- CqlRunner ----------------------------------------------------------------------------
+    async def execute(self, name, params, *, paging_state=None, fetch_size=PAGE_ROWS):
+        await trio.lowlevel.checkpoint()  # a round trip: other tasks run meanwhile
+        self.calls[name] += 1
+        kind = STATEMENTS[name][0]
+        mode = self._failure(name)
+        if kind == READ:
+            rows = getattr(self, "r_" + name)(*params)
+            start = int(paging_state or b"0")
+            size = self.page_rows or fetch_size
+            nxt = start + size
+            return Page(rows[start:nxt], str(nxt).encode() if nxt < len(rows) else None)
+        if kind == LWT:
+            ok, current = getattr(self, "c_" + name)(*params)
+            if ok:
+                getattr(self, "w_" + name)(*params)
+            result = [{"[applied]": True}] if ok else [{"[applied]": False, **current}]
+        else:
+            getattr(self, "w_" + name)(*params)
+            result = []
+        if mode == "after":
+            raise ChatError("unavailable", f"injected timeout after {name}")
+        return Page(result, None)
+
+    async def execute_batch(self, items, *, conditional):
+        await trio.lowlevel.checkpoint()
+        self.calls["batch"] += 1
+        # chatd only batches statements on one members_by_channel partition
+        assert {n for n, _ in items} <= {"member_version_cas", "member_version_set", "member_insert",
+                                         "member_delete"}, items
+        partitions = {params[1] if n.startswith("member_version") else params[0] for n, params in items}
+        assert len(partitions) == 1, f"batch over several partitions: {items}"
+        if conditional:
+            for name, params in items:
+                if STATEMENTS[name][0] == LWT:
+                    ok, current = getattr(self, "c_" + name)(*params)
+                    if not ok:
+                        return [{"[applied]": False, **current}]
+        for name, params in items:
+            getattr(self, "w_" + name)(*params)
+        return [{"[applied]": True}] if conditional else []
+
+    def _failure(self, name):
+        mode = self.fail.pop(name, None)
+        if mode == "before":
+            raise ChatError("unavailable", f"injected failure before {name}")
+        return mode
+
+    # ---- schema -----------------------------------------------------------------------------------
+    def r_schema_get(self, component):
+        row = self.tables["schema_version"].get(component)
+        return [dict(row)] if row else []
+
+    def w_schema_set(self, component, version, bucket_size, at):
+        self.tables["schema_version"][component] = {"version": version, "bucket_size": bucket_size}
+
+    # ---- users, devices ---------------------------------------------------------------------------
+    def c_user_insert(self, uid, *rest):
+        row = self.tables["users"].get(uid)
+        return row is None, dict(row or {})
+
+    def w_user_insert(self, uid, username, password_hash, display_name, about, created_at):
+        self.tables["users"][uid] = {"id": uid, "username": username, "password_hash": password_hash,
+                                     "display_name": display_name, "about": about, "created_at": created_at}
+
+    def w_user_delete(self, uid):
+        self.tables["users"].pop(uid, None)
+
+    def r_user_get(self, uid):
+        row = self.tables["users"].get(uid)
+        return [dict(row)] if row else []
+
+    def w_user_set_profile(self, display_name, about, uid):  # an UPDATE is an upsert
+        row = self.tables["users"].setdefault(uid, {"id": uid, "username": None, "password_hash": None,
+                                                    "display_name": None, "about": None, "created_at": None})
+        if display_name is not UNSET_VALUE:
+            row["display_name"] = display_name
+        if about is not UNSET_VALUE:
+            row["about"] = about
+
+    def c_name_claim(self, key, uid):
+        row = self.tables["users_by_name"].get(key)
+        return row is None, dict(row or {})
+
+    def w_name_claim(self, key, uid):
+        self.tables["users_by_name"][key] = {"username_key": key, "user_id": uid}
+
+    def r_name_get(self, key):
+        row = self.tables["users_by_name"].get(key)
+        return [{"user_id": row["user_id"]}] if row else []
+
+    def c_device_insert(self, device_id, uid, at):
+        row = self.tables["devices"].get(device_id)
+        return row is None, dict(row or {})
+
+    def w_device_insert(self, device_id, uid, at):
+        self.tables["devices"][device_id] = {"device_id": device_id, "user_id": uid, "created_at": at}
+
+    def r_device_get(self, device_id):
+        row = self.tables["devices"].get(device_id)
+        return [{"user_id": row["user_id"]}] if row else []
+
+    # ---- channels -----------------------------------------------------------------------------------
+    def c_channel_insert(self, cid, *rest):
+        row = self.tables["channels"].get(cid)
+        return row is None, dict(row or {})
+
+    def w_channel_insert(self, cid, kind, name, owner_id, created_at):
+        self.tables["channels"][cid] = {"id": cid, "kind": kind, "name": name, "owner_id": owner_id,
+                                        "created_at": created_at}
+
+    def r_channel_get(self, cid):
+        row = self.tables["channels"].get(cid)
+        return [dict(row)] if row else []
+
+    def r_head_get(self, cid):
+        row = self.tables["channel_heads"].get(cid)
+        return [{"last_seq": row["last_seq"], "last_at": row["last_at"]}] if row else []
+
+    def w_head_set(self, ts, seq, at, cid):
+        row = self.tables["channel_heads"].get(cid)
+        if row is None or (ts, seq) >= (row["ts"], row["last_seq"]):  # last write wins, by timestamp
+            self.tables["channel_heads"][cid] = {"ts": ts, "last_seq": seq, "last_at": at}
+
+    # ---- membership -----------------------------------------------------------------------------
+    def _members(self, cid):
+        return self.tables["members_by_channel"].setdefault(cid, {"version": None, "rows": {}})
+
+    def r_members_get(self, cid):
+        part = self.tables["members_by_channel"].get(cid)
+        if part is None:
+            return []
+        if not part["rows"]:  # a partition with only its static column still returns one row
+            return [{"user_id": None, "joined_at": None, "member_version": part["version"]}]
+        return [{"user_id": u, "joined_at": j, "member_version": part["version"]}
+                for u, j in sorted(part["rows"].items())]
+
+    def r_member_get(self, cid, uid):
+        part = self.tables["members_by_channel"].get(cid)
+        if part is None or uid not in part["rows"]:
+            return []
+        return [{"user_id": uid, "joined_at": part["rows"][uid], "member_version": part["version"]}]
+
+    def w_member_insert(self, cid, uid, joined_at):
+        self._members(cid)["rows"][uid] = joined_at
+
+    def w_member_delete(self, cid, uid):
+        self._members(cid)["rows"].pop(uid, None)
+
+    def w_member_version_set(self, version, cid):
+        self._members(cid)["version"] = version
+
+    def c_member_version_cas(self, new, cid, expected):
+        current = self.tables["members_by_channel"].get(cid, {}).get("version")
+        return current == expected, {"member_version": current}
+
+    def w_member_version_cas(self, new, cid, expected):
+        self._members(cid)["version"] = new
+
+    def w_user_channel_insert(self, uid, cid, kind, name, created_at, joined_at):
+        self.tables["channels_by_user"][(uid, cid)] = {"channel_id": cid, "kind": kind, "name": name,
+                                                       "created_at": created_at}
+
+    def w_user_channel_delete(self, uid, cid):
+        self.tables["channels_by_user"].pop((uid, cid), None)
+
+    def r_user_channels(self, uid):
+        return [dict(row) for (u, c), row in sorted(self.tables["channels_by_user"].items()) if u == uid]
+
+    def w_cursor_set(self, uid, cid, seq):
+        self.tables["read_cursors"][(uid, cid)] = seq
+
+    def w_cursor_delete(self, uid, cid):
+        self.tables["read_cursors"].pop((uid, cid), None)
+
+    def r_cursor_get(self, uid, cid):
+        seq = self.tables["read_cursors"].get((uid, cid))
+        return [] if seq is None else [{"read_seq": seq}]
+
+    def r_cursors_of_user(self, uid):
+        return [{"channel_id": c, "read_seq": s} for (u, c), s in sorted(self.tables["read_cursors"].items())
+                if u == uid]
+
+    def c_cursor_create(self, uid, cid, seq):
+        current = self.tables["read_cursors"].get((uid, cid))
+        return current is None, {} if current is None else {"read_seq": current}
+
+    w_cursor_create = w_cursor_set
+
+    def c_cursor_raise(self, new, uid, cid, bound):
+        current = self.tables["read_cursors"].get((uid, cid))
+        return current is not None and current < bound, {"read_seq": current}
+
+    def w_cursor_raise(self, new, uid, cid, bound):
+        self.tables["read_cursors"][(uid, cid)] = new
+
+    # ---- messages -------------------------------------------------------------------------------
+    def _partition(self, cid, bucket):
+        return self.tables["messages"].setdefault((cid, bucket), {})
+
+    def c_msg_insert(self, cid, bucket, seq, *rest):
+        assert bucket == bucket_of(seq, self.bucket_size), f"seq {seq} written to bucket {bucket}"
+        row = self.tables["messages"].get((cid, bucket), {}).get(seq)
+        return row is None, ({} if row is None else {"channel_id": cid, "bucket": bucket, **row})
+
+    def w_msg_insert(self, cid, bucket, seq, sender_id, client_msg_id, body, created_at):
+        self._partition(cid, bucket)[seq] = {"seq": seq, "sender_id": sender_id, "client_msg_id": client_msg_id,
+                                             "body": body, "created_at": created_at}
+
+    def r_msg_top(self, cid, bucket):
+        part = self.tables["messages"].get((cid, bucket), {})
+        if not part:
+            return []
+        top = part[max(part)]
+        return [{"seq": top["seq"], "created_at": top["created_at"]}]
+
+    def _range(self, cid, bucket, lo, hi):
+        part = self.tables["messages"].get((cid, bucket), {})
+        return [dict(part[s]) for s in sorted(part) if lo < s < hi]
+
+    def r_msg_asc(self, cid, bucket, lo, hi, limit):
+        return self._range(cid, bucket, lo, hi)[:limit]
+
+    def r_msg_desc(self, cid, bucket, lo, hi, limit):
+        return self._range(cid, bucket, lo, hi)[::-1][:limit]
+
+    def c_dedup_claim(self, cid, sender_id, client_msg_id, seq):
+        row = self.tables["message_dedup"].get((cid, sender_id, client_msg_id))
+        return row is None, dict(row or {})
+
+    def w_dedup_claim(self, cid, sender_id, client_msg_id, seq):
+        self.tables["message_dedup"][(cid, sender_id, client_msg_id)] = {
+            "channel_id": cid, "sender_id": sender_id, "client_msg_id": client_msg_id, "seq": seq}
+
+    def c_dedup_move(self, new, cid, sender_id, client_msg_id, expected):
+        row = self.tables["message_dedup"].get((cid, sender_id, client_msg_id))
+        current = row["seq"] if row else None
+        return current is not None and current == expected, {"seq": current}
+
+    def w_dedup_move(self, new, cid, sender_id, client_msg_id, expected):
+        self.tables["message_dedup"][(cid, sender_id, client_msg_id)]["seq"] = new
+
+    # ---- inspection ----------------------------------------------------------------------------
+    def stored_seqs(self, cid) -> list[int]:
+        return sorted(s for (c, _), part in self.tables["messages"].items() if c == cid for s in part)
+
+    def handlers_missing(self) -> list[str]:
+        out = []
+        for name, (kind, _) in STATEMENTS.items():
+            need = ["r_"] if kind == READ else ["c_", "w_"] if kind == LWT else ["w_"]
+            out += [p + name for p in need if not hasattr(self, p + name)]
+        return out

@@ -1,0 +1,504 @@
+"""The store contract: one suite every backend must pass (chatd/store/base.py is the specification).
+
+Backends (the ``backend`` fixture):
+
+* ``sqlite``: always, on a fresh file per test.
+* ``cassandra_emulated``: always; ``CassandraStore`` over an in-memory model of its keyspace
+  (tests/conftest_store.py). It runs the backend's own logic - sequencing, dedup, buckets, paging -
+  but not the CQL or the driver.
+* ``cassandra``: a real server, only with ``CHATD_TEST_CASSANDRA=host:port`` (optionally
+  ``CHATD_TEST_CASSANDRA_DC``); otherwise skipped with that reason. The session creates a keyspace
+  ``chatd_test_<random>`` (bucket size 4, SimpleStrategy RF 1) and drops it at the end; tests share it,
+  so every name and id a test creates is fresh.
+
+Buckets are 4 messages wide in both Cassandra variants, so ten messages cross two bucket boundaries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+
+import pytest
+import trio
+
+from chatd.config import CassandraConfig
+from chatd.errors import ChatError
+from chatd.ids import dm_channel_id, new_group_id
+from chatd.store.base import Channel, ChannelSummary
+from chatd.store.cassandra import CassandraStore, open_cassandra
+from chatd.store.cassandra_schema import drop_keyspace, migrate
+from chatd.store.sqlite import open_sqlite
+
+try:
+    from conftest_store import EmulatedKeyspace
+except ImportError:  # tests/ became a package
+    from tests.conftest_store import EmulatedKeyspace
+
+TEST_BUCKET_SIZE = 4
+NO_SUCH_ID = 2**62 + 12345  # above every id either backend hands out
+CASSANDRA_ENV = "CHATD_TEST_CASSANDRA"
+
+
+# ---- fixtures -------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def cassandra_config():
+    """A fresh keyspace on the server named by CHATD_TEST_CASSANDRA, dropped after the session."""
+    target = os.environ.get(CASSANDRA_ENV)
+    if not target:
+        pytest.skip(f"{CASSANDRA_ENV} not set: no Cassandra server to test against")
+    host, _, port = target.rpartition(":")
+    cfg = CassandraConfig(contact_points=host or target, port=int(port) if host else 9042,
+                          keyspace="chatd_test_" + secrets.token_hex(6),
+                          replication="{'class': 'SimpleStrategy', 'replication_factor': 1}",
+                          local_dc=os.environ.get("CHATD_TEST_CASSANDRA_DC", ""))
+    trio.run(migrate, cfg, TEST_BUCKET_SIZE)
+    yield cfg
+    trio.run(drop_keyspace, cfg)
+
+
+class Backend:
+    """Opens stores on one backing storage; two stores opened here see the same data (like the old
+    and the new owner of a channel during a takeover)."""
+
+    def __init__(self, name: str, opener):
+        self.name = name
+        self.open = opener
+
+
+@pytest.fixture(params=["sqlite", "cassandra_emulated", "cassandra"])
+def backend(request, tmp_path):
+    if request.param == "sqlite":
+        return Backend("sqlite", lambda: open_sqlite(str(tmp_path / "chatd.db")))
+    if request.param == "cassandra_emulated":
+        keyspace = EmulatedKeyspace(TEST_BUCKET_SIZE)
+
+        @contextlib.asynccontextmanager
+        async def open_emulated():
+            store = CassandraStore(keyspace, bucket_size=TEST_BUCKET_SIZE)
+            try:
+                yield store
+            finally:
+                await store.aclose()
+        return Backend("cassandra_emulated", open_emulated)
+    cfg = request.getfixturevalue("cassandra_config")
+    return Backend("cassandra", lambda: open_cassandra(cfg))
+
+
+@pytest.fixture
+async def store(backend):
+    async with backend.open() as s:
+        yield s
+
+
+# ---- helpers --------------------------------------------------------------------------------------
+def uniq(base: str) -> str:
+    return f"{base}_{secrets.token_hex(4)}"
+
+
+async def users(store, n: int):
+    return [await store.create_user(uniq(f"user{i}"), f"hash{i}", f"User {i}", 1000.0 + i) for i in range(n)]
+
+
+def fields(m):
+    return (m.channel_id, m.seq, m.sender_id, m.client_msg_id, m.body, m.created_at)
+
+
+async def group(store, owner, others=(), created_at=2000.0, max_members=100):
+    channel = await store.create_group(new_group_id(), "team", owner.id, [u.id for u in others], created_at,
+                                       max_members)
+    return channel.id
+
+
+async def send(store, channel_id, sender, n, start_at=3000.0, prefix="m"):
+    out = []
+    for i in range(n):
+        r = await store.append_message(channel_id, sender.id, f"{prefix}{i}", f"body {i}", start_at + i)
+        out.append(r)
+    return out
+
+
+async def expect_error(code, coro):
+    with pytest.raises(ChatError) as info:
+        await coro
+    assert info.value.code == code
+    return info.value
+
+
+# ---- users and devices --------------------------------------------------------------------------
+async def test_create_user_and_lookup(store):
+    name = uniq("Alice")
+    u = await store.create_user(name, "hash-a", "Alice A", 1000.5)
+    assert isinstance(u.id, int) and 0 < u.id < 2**63
+    assert (u.username, u.password_hash, u.display_name, u.about, u.created_at) == \
+        (name, "hash-a", "Alice A", "", 1000.5)
+    assert await store.get_user(u.id) == u
+    assert await store.get_user_by_name(name) == u
+    assert await store.get_user_by_name(name.upper()) == u
+    assert await store.get_user_by_name(name.lower()) == u
+    assert await store.get_user_by_name(uniq("nobody")) is None
+    assert await store.get_user(NO_SUCH_ID) is None
+
+
+async def test_username_taken_is_case_insensitive(store):
+    name = uniq("Bob")
+    first = await store.create_user(name, "h1", "Bob", 1.0)
+    await expect_error("username_taken", store.create_user(name.upper(), "h2", "Other", 2.0))
+    await expect_error("username_taken", store.create_user(name, "h3", "Other", 3.0))
+    assert await store.get_user_by_name(name.swapcase()) == first
+    other = await store.create_user(name + "x", "h4", "Bob X", 4.0)
+    assert other.id != first.id
+
+
+async def test_user_ids_are_distinct_int64(store):
+    created = await users(store, 6)
+    ids = [u.id for u in created]
+    assert len(set(ids)) == 6
+    assert all(isinstance(i, int) and 0 < i < 2**63 for i in ids)
+
+
+async def test_get_users(store):
+    a, b, c = await users(store, 3)
+    assert await store.get_users([a.id, NO_SUCH_ID, b.id, a.id]) == {a.id: a, b.id: b}
+    assert await store.get_users([]) == {}
+    assert await store.get_users([NO_SUCH_ID]) == {}
+
+
+async def test_update_profile(store):
+    (u,) = await users(store, 1)
+    u1 = await store.update_profile(u.id, "New Name", None)
+    assert (u1.id, u1.username, u1.display_name, u1.about, u1.created_at, u1.password_hash) == \
+        (u.id, u.username, "New Name", "", u.created_at, u.password_hash)
+    u2 = await store.update_profile(u.id, None, "about me")
+    assert (u2.display_name, u2.about) == ("New Name", "about me")
+    u3 = await store.update_profile(u.id, "", "")
+    assert (u3.display_name, u3.about) == ("", "")
+    assert await store.update_profile(u.id, None, None) == u3
+    assert await store.get_user(u.id) == u3
+    await expect_error("no_such_user", store.update_profile(NO_SUCH_ID, "x", None))
+    assert await store.get_user(NO_SUCH_ID) is None  # no half-made user appeared
+
+
+async def test_devices_keep_their_first_owner(store):
+    a, b = await users(store, 2)
+    device = uniq("dev")
+    assert await store.device_owner(device) is None
+    await store.add_device(a.id, device, 5.0)
+    assert await store.device_owner(device) == a.id
+    await store.add_device(a.id, device, 6.0)
+    await store.add_device(b.id, device, 7.0)
+    assert await store.device_owner(device) == a.id
+
+
+# ---- channels and membership --------------------------------------------------------------------
+async def test_create_group(store):
+    a, b, c = await users(store, 3)
+    gid = new_group_id()
+    ch = await store.create_group(gid, "team", a.id, [b.id, c.id, b.id, a.id], 2000.0, 3)
+    assert ch == Channel(gid, "group", "team", a.id, 2000.0, 0)
+    assert await store.get_channel(gid) == ch
+    assert await store.members(gid) == sorted([a.id, b.id, c.id])
+    assert await store.get_channel(new_group_id()) is None
+    assert await store.members(new_group_id()) == []
+
+
+async def test_create_group_errors_store_nothing(store):
+    a, b, c = await users(store, 3)
+    gid = new_group_id()
+    await expect_error("group_full", store.create_group(gid, "big", a.id, [b.id, c.id], 1.0, 2))
+    await expect_error("no_such_user", store.create_group(gid, "x", a.id, [b.id, NO_SUCH_ID], 1.0, 10))
+    assert await store.get_channel(gid) is None
+    assert await store.members(gid) == []
+    assert await store.channels_of(a.id) == []
+
+
+async def test_add_and_remove_members(store):
+    a, b, c, d = await users(store, 4)
+    gid = await group(store, a, max_members=3)
+    assert await store.add_member(gid, b.id, 3, 10.0) is True
+    assert await store.add_member(gid, b.id, 3, 11.0) is False
+    assert await store.add_member(gid, c.id, 3, 12.0) is True
+    await expect_error("group_full", store.add_member(gid, d.id, 3, 13.0))
+    assert await store.members(gid) == sorted([a.id, b.id, c.id])
+    await expect_error("no_such_user", store.add_member(gid, NO_SUCH_ID, 3, 14.0))
+    await expect_error("no_such_channel", store.add_member(new_group_id(), d.id, 3, 15.0))
+    await expect_error("no_such_channel", store.add_member(new_group_id(), NO_SUCH_ID, 3, 15.0))
+
+    assert await store.remove_member(gid, b.id) is True
+    assert await store.remove_member(gid, b.id) is False
+    assert await store.remove_member(new_group_id(), b.id) is False
+    assert await store.members(gid) == sorted([a.id, c.id])
+    assert await store.add_member(gid, d.id, 3, 16.0) is True
+    assert await store.members(gid) == sorted([a.id, c.id, d.id])
+    assert [s.id for s in await store.channels_of(b.id)] == []
+    assert [s.id for s in await store.channels_of(d.id)] == [gid]
+
+
+async def test_removing_everyone_leaves_the_group(store):
+    a, b = await users(store, 2)
+    gid = await group(store, a, [b])
+    assert await store.remove_member(gid, a.id) is True
+    assert await store.remove_member(gid, b.id) is True
+    assert await store.members(gid) == []
+    assert (await store.get_channel(gid)).id == gid
+    assert await store.add_member(gid, b.id, 100, 9.0) is True
+    assert await store.members(gid) == [b.id]
+
+
+async def test_rejoining_resets_the_read_cursor(store):
+    a, b = await users(store, 2)
+    gid = await group(store, a, [b])
+    await send(store, gid, a, 3)
+    assert await store.set_read(gid, b.id, 3) == 3
+    assert await store.remove_member(gid, b.id) is True
+    assert await store.add_member(gid, b.id, 100, 50.0) is True
+    (summary,) = await store.channels_of(b.id)
+    assert (summary.last_seq, summary.read_seq, summary.unread) == (3, 0, 3)
+    assert await store.set_read(gid, b.id, 2) == 2
+
+
+async def test_channels_of_order_and_unread(store):
+    a, b = await users(store, 2)
+    g1 = await group(store, a, [b], created_at=10.0)
+    g2 = await group(store, a, [b], created_at=20.0)
+    assert await store.channels_of(a.id) == [ChannelSummary(g2, "group", "team", 0, 0, 20.0),
+                                             ChannelSummary(g1, "group", "team", 0, 0, 10.0)]
+    await store.append_message(g1, b.id, "x1", "hi", 30.0)
+    await store.append_message(g1, b.id, "x2", "there", 31.0)
+    assert await store.channels_of(a.id) == [ChannelSummary(g1, "group", "team", 2, 0, 31.0),
+                                             ChannelSummary(g2, "group", "team", 0, 0, 20.0)]
+    assert await store.set_read(g1, a.id, 1) == 1
+    dm = dm_channel_id(a.id, b.id)
+    await store.append_message(dm, a.id, "d1", "psst", 40.0, dm_pair=tuple(sorted((a.id, b.id))))
+    mine = await store.channels_of(a.id)
+    assert mine == [ChannelSummary(dm, "dm", "", 1, 0, 40.0),
+                    ChannelSummary(g1, "group", "team", 2, 1, 31.0),
+                    ChannelSummary(g2, "group", "team", 0, 0, 20.0)]
+    assert [s.unread for s in mine] == [1, 1, 0]
+    assert [s.id for s in await store.channels_of(b.id)] == [dm, g1, g2]
+
+
+async def test_channels_of_ties_are_ordered_by_id(store):
+    (a,) = await users(store, 1)
+    ids = [await group(store, a, created_at=7.0) for _ in range(4)]
+    assert [s.id for s in await store.channels_of(a.id)] == sorted(ids)
+
+
+# ---- messages -------------------------------------------------------------------------------------
+async def test_append_is_gap_free(store):
+    a, b = await users(store, 2)
+    gid = await group(store, a, [b])
+    results = []
+    for i in range(12):
+        sender = (a, b)[i % 2]
+        results.append(await store.append_message(gid, sender.id, f"c{i}", f"body {i}", 100.0 + i))
+    assert [r.duplicate for r in results] == [False] * 12
+    assert [fields(r.message) for r in results] == [
+        (gid, i + 1, (a, b)[i % 2].id, f"c{i}", f"body {i}", 100.0 + i) for i in range(12)]
+    assert await store.head_seq(gid) == 12
+    assert (await store.get_channel(gid)).last_seq == 12
+    stored = await store.read_messages(gid, after=0, limit=100)
+    assert [fields(m) for m in stored] == [fields(r.message) for r in results]
+
+
+async def test_append_deduplicates_client_msg_id(store):
+    a, b = await users(store, 2)
+    gid = await group(store, a, [b])
+    other = await group(store, a, [b])
+    first = await store.append_message(gid, a.id, "c1", "hello", 100.0)
+    again = await store.append_message(gid, a.id, "c1", "a different body", 200.0)
+    assert again.duplicate is True
+    assert fields(again.message) == fields(first.message) == (gid, 1, a.id, "c1", "hello", 100.0)
+    assert await store.head_seq(gid) == 1
+    assert [fields(m) for m in await store.read_messages(gid, after=0, limit=10)] == [fields(first.message)]
+    # the key is (channel, sender, client_msg_id)
+    by_b = await store.append_message(gid, b.id, "c1", "from b", 101.0)
+    assert (by_b.duplicate, by_b.message.seq) == (False, 2)
+    elsewhere = await store.append_message(other, a.id, "c1", "other channel", 102.0)
+    assert (elsewhere.duplicate, elsewhere.message.seq) == (False, 1)
+    nxt = await store.append_message(gid, a.id, "c2", "next", 103.0)
+    assert (nxt.duplicate, nxt.message.seq) == (False, 3)
+
+
+async def test_first_dm_message_creates_the_channel(store):
+    a, b = await users(store, 2)
+    pair = tuple(sorted((a.id, b.id)))
+    dm = dm_channel_id(a.id, b.id)
+    assert await store.get_channel(dm) is None
+    assert await store.members(dm) == []
+    r1 = await store.append_message(dm, b.id, "m1", "hi", 50.0, dm_pair=pair)
+    assert fields(r1.message) == (dm, 1, b.id, "m1", "hi", 50.0)
+    assert await store.get_channel(dm) == Channel(dm, "dm", "", None, 50.0, 1)
+    assert await store.members(dm) == list(pair)
+    assert await store.channels_of(a.id) == [ChannelSummary(dm, "dm", "", 1, 0, 50.0)]
+    r2 = await store.append_message(dm, a.id, "m2", "hey", 51.0, dm_pair=pair)
+    assert (r2.duplicate, r2.message.seq) == (False, 2)
+    assert await store.members(dm) == list(pair)
+    assert await store.channels_of(b.id) == [ChannelSummary(dm, "dm", "", 2, 0, 51.0)]
+
+
+async def test_unknown_channels(store):
+    a, b = await users(store, 2)
+    gid = new_group_id()
+    await expect_error("no_such_channel", store.append_message(gid, a.id, "c", "x", 1.0))
+    await expect_error("no_such_channel", store.append_message(dm_channel_id(a.id, b.id), a.id, "c", "x", 1.0))
+    assert await store.get_channel(gid) is None
+    assert await store.get_channel(dm_channel_id(a.id, b.id)) is None
+    assert await store.head_seq(gid) == 0
+    assert await store.read_messages(gid, after=0, limit=10) == []
+    assert await store.read_messages(gid, limit=10) == []
+
+
+async def test_concurrent_appends_to_one_channel(store):
+    a, b = await users(store, 2)
+    gid = await group(store, a, [b])
+    results = []
+
+    async def one(i):
+        sender = (a, b)[i % 2]
+        results.append(await store.append_message(gid, sender.id, f"c{i}", f"body {i}", 10.0 + i))
+
+    async with trio.open_nursery() as nursery:
+        for i in range(40):
+            nursery.start_soon(one, i)
+    assert sorted(r.message.seq for r in results) == list(range(1, 41))
+    assert not any(r.duplicate for r in results)
+    stored = await store.read_messages(gid, after=0, limit=100)
+    assert [m.seq for m in stored] == list(range(1, 41))
+    assert sorted(m.client_msg_id for m in stored) == sorted(f"c{i}" for i in range(40))
+    assert {m.seq: fields(m) for m in stored} == {r.message.seq: fields(r.message) for r in results}
+    assert await store.head_seq(gid) == 40
+
+
+async def test_concurrent_resends_store_one_message(store):
+    (a,) = await users(store, 1)
+    gid = await group(store, a)
+    results = []
+
+    async def one(i):
+        results.append(await store.append_message(gid, a.id, "same", f"try {i}", 10.0 + i))
+
+    async with trio.open_nursery() as nursery:
+        for i in range(15):
+            nursery.start_soon(one, i)
+    assert sorted(r.duplicate for r in results) == [False] + [True] * 14
+    assert {fields(r.message) for r in results} == {fields(next(r for r in results if not r.duplicate).message)}
+    assert await store.head_seq(gid) == 1
+    assert len(await store.read_messages(gid, after=0, limit=10)) == 1
+
+
+async def test_two_owners_never_reuse_a_seq(backend, store):
+    """A second store on the same data (a new owner taking over while the old one still runs)."""
+    a, b = await users(store, 2)
+    gid = await group(store, a, [b])
+    async with backend.open() as other:
+        assert [r.message.seq for r in await send(store, gid, a, 3, prefix="old")] == [1, 2, 3]
+        assert await other.head_seq(gid) == 3
+        assert (await other.append_message(gid, b.id, "new0", "n", 50.0)).message.seq == 4
+        assert (await store.append_message(gid, a.id, "old3", "o", 51.0)).message.seq == 5  # stale head
+        assert (await other.append_message(gid, b.id, "new1", "n", 52.0)).message.seq == 6
+        # a resend reaching the other owner is still a duplicate
+        again = await other.append_message(gid, a.id, "old0", "again", 53.0)
+        assert (again.duplicate, again.message.seq) == (True, 1)
+        results = []
+
+        async def one(s, sender, i):
+            results.append(await s.append_message(gid, sender.id, f"race{i}", "r", 60.0 + i))
+
+        async with trio.open_nursery() as nursery:
+            for i in range(20):
+                nursery.start_soon(one, (store, other)[i % 2], (a, b)[i % 2], i)
+        assert sorted(r.message.seq for r in results) == list(range(7, 27))
+        assert await store.head_seq(gid) == await other.head_seq(gid) == 26
+    stored = await store.read_messages(gid, after=0, limit=100)
+    assert [m.seq for m in stored] == list(range(1, 27))
+    assert len({m.client_msg_id for m in stored}) == 26
+
+
+async def test_read_messages_windows(store):
+    (a,) = await users(store, 1)
+    gid = await group(store, a)
+    await send(store, gid, a, 10)
+
+    async def seqs(**kw):
+        return [m.seq for m in await store.read_messages(gid, **kw)]
+
+    assert await seqs(after=0, limit=3) == [1, 2, 3]
+    assert await seqs(after=2, limit=5) == [3, 4, 5, 6, 7]
+    assert await seqs(after=3, limit=100) == [4, 5, 6, 7, 8, 9, 10]
+    assert await seqs(after=3, before=9, limit=100) == [4, 5, 6, 7, 8]
+    assert await seqs(after=3, before=9, limit=2) == [4, 5]
+    assert await seqs(after=7, before=8, limit=10) == []
+    assert await seqs(after=9, limit=10) == [10]
+    assert await seqs(after=10, limit=10) == []
+    assert await seqs(after=1000, limit=10) == []
+    assert await seqs(after=-5, limit=2) == [1, 2]
+    assert await seqs(limit=3) == [8, 9, 10]
+    assert await seqs(limit=100) == list(range(1, 11))
+    assert await seqs(before=6, limit=3) == [3, 4, 5]
+    assert await seqs(before=5, limit=4) == [1, 2, 3, 4]
+    assert await seqs(before=3, limit=10) == [1, 2]
+    assert await seqs(before=1, limit=10) == []
+    assert await seqs(before=1000, limit=3) == [8, 9, 10]
+    page = await store.read_messages(gid, after=4, limit=1)
+    assert [fields(m) for m in page] == [(gid, 5, a.id, "m4", "body 4", 3004.0)]
+
+
+async def test_head_seq(store):
+    (a,) = await users(store, 1)
+    gid = await group(store, a)
+    assert await store.head_seq(gid) == 0
+    for n in range(1, 10):
+        await store.append_message(gid, a.id, f"c{n}", "x", float(n))
+        assert await store.head_seq(gid) == n
+
+
+async def test_set_read(store):
+    a, b, c = await users(store, 3)
+    gid = await group(store, a, [b])
+    assert await store.set_read(gid, b.id, 5) == 0  # nothing to read yet
+    await send(store, gid, a, 5)
+    assert await store.set_read(gid, b.id, 3) == 3
+    assert await store.set_read(gid, b.id, 2) == 3  # never lowered
+    assert await store.set_read(gid, b.id, 99) == 5  # capped at the head
+    assert await store.set_read(gid, b.id, -1) == 5
+    summary = {s.id: s for s in await store.channels_of(b.id)}[gid]
+    assert (summary.last_seq, summary.read_seq, summary.unread) == (5, 5, 0)
+    assert {s.id: s for s in await store.channels_of(a.id)}[gid].read_seq == 0
+    await expect_error("not_member", store.set_read(gid, c.id, 1))
+    await expect_error("not_member", store.set_read(new_group_id(), a.id, 1))
+
+
+async def test_concurrent_set_read_keeps_the_highest(store):
+    a, b = await users(store, 2)
+    gid = await group(store, a, [b])
+    await send(store, gid, a, 20)
+    async with trio.open_nursery() as nursery:
+        for seq in [5, 17, 3, 20, 11, 19, 1]:
+            nursery.start_soon(store.set_read, gid, b.id, seq)
+    assert await store.set_read(gid, b.id, 0) == 20
+
+
+async def test_concurrent_adds_respect_the_member_cap(store):
+    owner, *others = await users(store, 9)
+    gid = await group(store, owner, max_members=5)
+    outcomes: dict[int, list] = {u.id: [] for u in others}
+
+    async def join(u):
+        try:
+            outcomes[u.id].append(await store.add_member(gid, u.id, 5, 9.0))
+        except ChatError as e:
+            outcomes[u.id].append(e.code)
+
+    async with trio.open_nursery() as nursery:
+        for u in others + others[:3]:  # three of them try twice
+            nursery.start_soon(join, u)
+    members = await store.members(gid)
+    assert len(members) == 5 and owner.id in members
+    for u in others:
+        if u.id in members:  # joined exactly once; a second try saw it joined or the group full
+            assert outcomes[u.id].count(True) == 1
+            assert set(outcomes[u.id]) <= {True, False, "group_full"}
+        else:
+            assert set(outcomes[u.id]) == {"group_full"}
