@@ -608,3 +608,10 @@ def test_cli_store_migrate_sqlite(tmp_path):
     assert f"sqlite {tmp_path / 'chatd.db'}: schema v0 -> v1" in first.output
     again = runner.invoke(cli_main, ["store", "migrate", "--data-dir", str(tmp_path)], env={})
     assert "schema v1 -> v1" in again.output
+
+
+async def test_a_bad_consistency_level_stops_start_up_clearly():
+    cfg = Config.from_mapping({"store": {"backend": "cassandra"}, "cassandra": {"read_consistency": "MOSTLY"}})
+    with pytest.raises(RuntimeError, match="cassandra configuration: unknown consistency level 'MOSTLY'"):
+        async with open_store(cfg):
+            pass

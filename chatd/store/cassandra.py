@@ -77,6 +77,7 @@ APPEND_ATTEMPTS = 64  # seq races resolved before giving up with "unavailable"
 MEMBER_ATTEMPTS = 32  # membership version races likewise
 FAN_OUT = 32  # concurrent reads one call issues (get_users, channels_of, group creation)
 
+
 # ---- the store ------------------------------------------------------------------------------------
 class CassandraStore(Store):
     schema_version = SCHEMA_VERSION

@@ -267,11 +267,17 @@ def _connect_blocking(cfg: CassandraConfig, keyspace: str | None):
 
 async def connect(cfg: CassandraConfig, keyspace: str | None):
     """``(cluster, session)``; a failure is a ``RuntimeError`` with the reason (start-up error)."""
+    try:  # the whole section is checked before any network I/O
+        for name in (cfg.read_consistency, cfg.write_consistency, cfg.serial_consistency):
+            consistency_level(name)
+        parse_contact_points(cfg.contact_points, cfg.port)
+    except ValueError as e:
+        raise RuntimeError(f"cassandra configuration: {e}") from e
     try:
         return await trio.to_thread.run_sync(_connect_blocking, cfg, keyspace)
     except (*DRIVER_ERRORS, OSError) as e:
         where = f"{cfg.contact_points} (port {cfg.port})"
-        hint = f"; does keyspace {keyspace!r} exist? run `chatd store migrate`" if keyspace else ""
+        hint = f" (if keyspace {keyspace!r} does not exist yet: run `chatd store migrate`)" if keyspace else ""
         raise RuntimeError(f"cannot connect to Cassandra at {where}: {e}{hint}") from e
 
 
