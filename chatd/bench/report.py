@@ -205,6 +205,8 @@ def format_summary(r: dict) -> str:
         if "kib_per_connection" in s:
             mem += f"; {s['kib_per_connection']:.2f} KiB per connection"
         lines.append(mem)
+        if s.get("cpu_util") is not None:
+            lines.append(f"  server CPU: {s['cpu_util'] * 100:.0f}% of a core during the run")
     if c["errors"]:
         lines.append("  errors: " + ", ".join(f"{k} {v}" for k, v in c["errors"].items()))
     if c["closes"]:

@@ -21,7 +21,7 @@ import trio
 from .population import Population, SetupError, populate, split
 from .report import build_report
 from .scenarios import SCENARIOS, BenchOptions, WorkerSpec
-from .target import LocalServer, TargetError, rss_kib, wait_healthy
+from .target import LocalServer, TargetError, cpu_s, rss_kib, wait_healthy
 from .worker import worker_main
 
 START_DELAY_S = 0.3
@@ -207,8 +207,10 @@ def run_bench(opts: BenchOptions, topts: TargetOptions, display: Display | None 
         workers.t0_mono = t0_mono
         workers.phase = scenario.name
         workers.send_all(("start", t0_wall))
+        server_cpu0, t_cpu0 = (cpu_s(pid) if pid else None), time.monotonic()
         heads_by_worker = workers.gather("heads", opts.duration_s + opts.drain_s + 60)
         t_send_end = time.monotonic()
+        server_cpu1 = cpu_s(pid) if pid else None
         heads: dict[str, int] = {}
         for h in heads_by_worker.values():
             for ch, seq in h.items():
@@ -224,6 +226,8 @@ def run_bench(opts: BenchOptions, topts: TargetOptions, display: Display | None 
             server_info = {"pid": pid, "rss_kib_before": rss_before, "rss_kib_connected": rss_connected,
                            "rss_kib_loaded": loaded,
                            "rss_kib_max": max((v for _, v in rss.samples), default=None),
+                           "cpu_util": None if server_cpu0 is None or server_cpu1 is None else
+                           round((server_cpu1 - server_cpu0) / max(1e-9, t_send_end - t_cpu0), 3),
                            "rss_timeline": [[round(t - t0_mono, 1), v] for t, v in rss.samples]}
         meta = {"started_at": started_at.isoformat(timespec="seconds"), "target": target,
                 "setup_s": round(setup_s, 2), "run_s": round(t_send_end - t0_mono, 2),

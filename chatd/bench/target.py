@@ -67,6 +67,16 @@ def rss_kib(pid: int) -> int | None:
     return None
 
 
+def cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds a local process has used (/proc/PID/stat)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _free_ports(n: int, host: str) -> list[int]:
     socks = []
     try:

@@ -20,6 +20,7 @@ a slow server (or a saturated generator) shows as latency instead of silently lo
 from __future__ import annotations
 
 import math
+import os
 import random
 import resource
 import time
@@ -94,8 +95,15 @@ class Context:
 def worker_main(conn, spec: WorkerSpec) -> None:
     raise_nofile_limit()
     worker = Worker(conn, spec)
+    profile_dir = os.environ.get("CHATD_BENCH_PROFILE_DIR")  # profile the generator itself (cProfile)
     try:
-        trio.run(worker.run)
+        if profile_dir:
+            import cProfile
+
+            cProfile.runctx("trio.run(worker.run)", globals(), {"trio": trio, "worker": worker},
+                            os.path.join(profile_dir, f"bench-worker-{spec.worker}.prof"))
+        else:
+            trio.run(worker.run)
     except BaseException:
         if not worker.aborted:
             try:

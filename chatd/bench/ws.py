@@ -18,6 +18,7 @@ import base64
 import hashlib
 import os
 import random
+import socket
 import ssl
 import struct
 from urllib.parse import urlsplit
@@ -168,15 +169,112 @@ def check_handshake_response(head: bytes, key: bytes) -> str | None:
     return headers.get("sec-websocket-protocol")
 
 
-# ---- trio connection -------------------------------------------------------------------------
+# ---- transports ------------------------------------------------------------------------------
+
+class _SocketTransport:
+    """Plain TCP straight on a non-blocking stdlib socket: one syscall per read or write, no wrapper
+    layers; waits go through trio's I/O manager (so cancellation works as usual)."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+
+    @classmethod
+    async def connect(cls, host: str, port: int) -> "_SocketTransport":
+        infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        last: OSError | None = None
+        for family, type_, proto, _, addr in infos:
+            sock = socket.socket(family, type_, proto)
+            try:
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                try:
+                    sock.connect(addr)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(sock)
+                    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    if err:
+                        raise OSError(err, os.strerror(err)) from None
+                return cls(sock)
+            except OSError as e:
+                sock.close()
+                last = e
+            except BaseException:
+                sock.close()
+                raise
+        raise last or OSError(f"cannot resolve {host}")
+
+    async def recv(self) -> bytes:
+        sock = self.sock
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            try:
+                return sock.recv(262144)
+            except BlockingIOError:
+                continue
+
+    def send_nowait(self, data) -> int:
+        try:
+            return self.sock.send(data)
+        except BlockingIOError:
+            return 0
+
+    async def send_all(self, data) -> None:
+        sock = self.sock
+        view = memoryview(data)
+        waited = False
+        while view:
+            try:
+                n = sock.send(view)
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(sock)
+                waited = True
+                continue
+            view = view[n:]
+        if not waited:
+            await trio.lowlevel.checkpoint()
+
+    async def aclose(self) -> None:
+        if self.sock.fileno() >= 0:
+            trio.lowlevel.notify_closing(self.sock)
+            self.sock.close()
+        await trio.lowlevel.checkpoint()
+
+
+class _StreamTransport:
+    """Any trio stream (TLS for wss://): nothing is written without awaiting."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    async def recv(self) -> bytes:
+        return await self.stream.receive_some(262144)
+
+    def send_nowait(self, data) -> int:
+        return 0
+
+    async def send_all(self, data) -> None:
+        await self.stream.send_all(data)
+
+    async def aclose(self) -> None:
+        await trio.aclose_forcefully(self.stream)
+
+
+# ---- connection --------------------------------------------------------------------------------
 
 class WebSocket:
-    def __init__(self, stream, leftover: bytes, subprotocol: str | None):
-        self.stream = stream
+    """One client connection. Writes: :meth:`send_nowait` (never blocks: what the socket does not
+    take at once waits in a backlog that :meth:`run_flusher` writes), or the async :meth:`send` /
+    :meth:`send_frames`; both keep the order of calls. Reads: :meth:`receive`, one task at a time."""
+
+    def __init__(self, transport, leftover: bytes, subprotocol: str | None):
+        self.transport = transport
         self.subprotocol = subprotocol
         self.parser = FrameParser()
         self._leftover = leftover
         self._send_lock = trio.StrictFIFOLock()
+        self._backlog = bytearray()
+        self._backlog_event = trio.Event()
+        self._broken: BaseException | None = None
         self.closed = False
 
     @classmethod
@@ -186,16 +284,17 @@ class WebSocket:
         port = u.port or (443 if secure else 80)
         host = u.hostname or "localhost"
         if secure:
-            stream = await trio.open_ssl_over_tcp_stream(host, port, ssl_context=ssl.create_default_context())
+            transport = _StreamTransport(await trio.open_ssl_over_tcp_stream(
+                host, port, ssl_context=ssl.create_default_context()))
         else:
-            stream = await trio.open_tcp_stream(host, port)
+            transport = await _SocketTransport.connect(host, port)
         try:
             request, key = handshake_request(host, port, (u.path or "/") + (f"?{u.query}" if u.query else ""),
                                              subprotocol)
-            await stream.send_all(request)
+            await transport.send_all(request)
             buf = b""
             while b"\r\n\r\n" not in buf:
-                chunk = await stream.receive_some(65536)
+                chunk = await transport.recv()
                 if not chunk:
                     raise HandshakeError("connection closed during the handshake")
                 buf += chunk
@@ -204,19 +303,61 @@ class WebSocket:
             head, _, rest = buf.partition(b"\r\n\r\n")
             accepted = check_handshake_response(head, key)
         except BaseException:
-            await trio.aclose_forcefully(stream)
+            with trio.CancelScope(shield=True):
+                await transport.aclose()
             raise
-        return cls(stream, rest, accepted)
+        return cls(transport, rest, accepted)
+
+    # ---- writing -------------------------------------------------------------------------------
+    def send_nowait(self, data: bytes) -> None:
+        """Write encoded frames now, as far as the socket takes them; never blocks."""
+        if self._backlog or self._send_lock.locked() or self._broken is not None:
+            self._backlog += data
+            self._backlog_event.set()
+            return
+        try:
+            n = self.transport.send_nowait(data)
+        except OSError as e:
+            self._broken = e
+            n = 0
+        if n < len(data):
+            self._backlog += data[n:] if n else data
+            self._backlog_event.set()
+
+    async def run_flusher(self) -> None:
+        """Write what :meth:`send_nowait` could not; raises :class:`WSClosed` when the socket broke."""
+        while True:
+            await self._backlog_event.wait()
+            self._backlog_event = trio.Event()
+            async with self._send_lock:
+                await self._flush()
+
+    async def _flush(self) -> None:
+        if self._broken is not None:
+            raise WSClosed(1006, f"send failed: {self._broken}")
+        while self._backlog:
+            data = bytes(self._backlog)
+            self._backlog.clear()
+            await self._send_all(data)
+
+    async def _send_all(self, data) -> None:
+        try:
+            await self.transport.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            self._broken = e
+            raise WSClosed(1006, f"send failed: {e}") from None
 
     async def send_frames(self, frames: list[bytes]) -> None:
-        """Write already-encoded frames (see :func:`encode_frame`) with one ``send_all``."""
+        """Write already-encoded frames (see :func:`encode_frame`) with one write."""
         data = frames[0] if len(frames) == 1 else b"".join(frames)
         async with self._send_lock:
-            await self.stream.send_all(data)
+            await self._flush()
+            await self._send_all(data)
 
     async def send(self, payload: bytes, opcode: int = OP_TEXT) -> None:
         await self.send_frames([encode_frame(opcode, payload)])
 
+    # ---- reading -------------------------------------------------------------------------------
     async def receive(self) -> list[tuple[int, bytes]]:
         """The next data messages (at least one); answers pings; raises :class:`WSClosed`."""
         while True:
@@ -224,8 +365,8 @@ class WebSocket:
                 data, self._leftover = self._leftover, b""
             else:
                 try:
-                    data = await self.stream.receive_some(262144)
-                except (trio.BrokenResourceError, OSError) as e:
+                    data = await self.transport.recv()
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
                     self.closed = True
                     raise WSClosed(1006, str(e)) from None
                 if not data:
@@ -244,13 +385,14 @@ class WebSocket:
                     with trio.move_on_after(1):
                         try:
                             await self.send(close_payload(code if code != 1005 else 1000), OP_CLOSE)
-                        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        except WSClosed:
                             pass
                     await self.abort()
                     raise WSClosed(code, reason)
             if out:
                 return out
 
+    # ---- closing -------------------------------------------------------------------------------
     async def close(self, code: int = 1000, reason: str = "", wait_s: float = 1.0) -> None:
         """Close handshake: send a close frame, wait up to ``wait_s`` for the peer's (discarding any
         data that comes first), then end the TCP connection. Only when no other task is receiving."""
@@ -260,11 +402,11 @@ class WebSocket:
                     await self.send(close_payload(code, reason), OP_CLOSE)
                     while True:
                         await self.receive()
-                except (WSClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                except WSClosed:
                     pass
         await self.abort()
 
     async def abort(self) -> None:
         """End the TCP connection at once (no close handshake)."""
         self.closed = True
-        await trio.aclose_forcefully(self.stream)
+        await self.transport.aclose()
