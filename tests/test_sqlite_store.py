@@ -76,3 +76,21 @@ async def test_closed_store_refuses_with_unavailable(tmp_path):
     with pytest.raises(ChatError) as e:
         await store.get_user(1)
     assert e.value.code == "unavailable"
+
+
+async def test_many_processes_opening_a_new_database_at_once(tmp_path):
+    """Cluster mode shares one file: concurrent first opens must migrate it exactly once."""
+    import subprocess
+    import sys
+    path = tmp_path / "shared.sqlite"
+    code = ("import sys, trio; from chatd.store.sqlite import open_sqlite\n"
+            "async def main():\n"
+            "    async with open_sqlite(sys.argv[1]) as s:\n"
+            "        await s.head_seq('dm:1:2')\n"
+            "trio.run(main)\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(path)], stderr=subprocess.PIPE) for _ in range(6)]
+    for p in procs:
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err.decode()[-2000:]
+    with sqlite3.connect(path) as c:
+        assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION

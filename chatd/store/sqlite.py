@@ -88,15 +88,18 @@ def _msg(row) -> Message:
 
 def _connect(path: str, synchronous: str) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    conn.execute("PRAGMA busy_timeout=30000")  # first: other processes may be opening it too
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
-    conn.execute("PRAGMA busy_timeout=30000")
     conn.execute("PRAGMA foreign_keys=ON")
     return conn
 
 
 def migrate(conn: sqlite3.Connection) -> int:
-    """Bring the schema up to ``SCHEMA_VERSION``; return the version found before."""
+    """Bring the schema up to ``SCHEMA_VERSION``; return the version found before.
+
+    Safe when several processes open one new database at once (cluster mode on a shared file):
+    each step re-reads the version inside its write transaction, so only one applies it."""
     found = conn.execute("PRAGMA user_version").fetchone()[0]
     if found > SCHEMA_VERSION:
         raise RuntimeError(f"database schema v{found} is newer than this chatd supports (v{SCHEMA_VERSION}); "
@@ -105,6 +108,9 @@ def migrate(conn: sqlite3.Connection) -> int:
         if version <= found:
             continue
         conn.execute("BEGIN IMMEDIATE")
+        if conn.execute("PRAGMA user_version").fetchone()[0] >= version:  # another process did it
+            conn.execute("COMMIT")
+            continue
         try:
             for sql in statements:
                 conn.execute(sql)

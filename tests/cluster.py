@@ -1,0 +1,199 @@
+"""Real-cluster test helpers: Debian's ZooKeeper and chatd shards/API servers as OS processes.
+
+Nothing is mocked: ZooKeeper is the real server on a free loopback port with a temporary data
+directory; every shard and API server is a ``python -m chatd.cli`` process talking over real
+sockets; the store is one shared SQLite file (the documented cluster store until Cassandra)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import trio
+
+from tests.helpers import API, open_client
+
+ZK_CLASSPATH = "/usr/share/java/zookeeper.jar:/usr/share/java/slf4j-simple.jar"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def zookeeper_available() -> bool:
+    return Path("/usr/share/java/zookeeper.jar").exists() and shutil.which("java") is not None
+
+
+class ZooKeeper:
+    """A standalone ZooKeeper server (tickTime 250 ms: sessions can be as short as 0.5 s)."""
+
+    def __init__(self, workdir: Path):
+        self.port = free_port()
+        self.dir = workdir
+        (workdir / "data").mkdir(parents=True, exist_ok=True)
+        cfg = workdir / "zoo.cfg"
+        cfg.write_text(f"tickTime=250\ndataDir={workdir / 'data'}\nclientPort={self.port}\n"
+                       "clientPortAddress=127.0.0.1\nadmin.enableServer=false\nmaxClientCnxns=0\n")
+        self.log = open(workdir / "zookeeper.log", "ab")
+        self.proc = subprocess.Popen(["java", "-cp", ZK_CLASSPATH, "org.apache.zookeeper.server.ZooKeeperServerMain",
+                                      str(cfg)], stdout=self.log, stderr=self.log)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"ZooKeeper did not start; see {workdir / 'zookeeper.log'}")
+                time.sleep(0.1)
+
+    @property
+    def hosts(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def pause(self) -> None:
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+
+    def stop(self) -> None:
+        self.resume()
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+class Cluster:
+    """``n`` shards (s1..sn) + one API server, all separate processes, one ZooKeeper root."""
+
+    def __init__(self, zk: ZooKeeper, workdir: Path, n: int = 3, session_timeout_s: float = 2.0,
+                 heartbeat_s: float = 0.3, extra: str = ""):
+        self.zk = zk
+        self.dir = workdir
+        self.root = f"/chatd-test-{os.getpid()}-{workdir.name}"
+        self.config = workdir / "cluster.toml"
+        self.config.write_text(
+            f'data_dir = "{workdir / "data"}"\n'
+            "[auth]\nsecret = \"test-token-secret\"\nscrypt_n = 1024\n"
+            "[limits]\nrate_frames_per_s = 100000.0\nrate_burst = 100000\n"
+            f"[cluster]\nsecret = \"test-link-secret\"\nzk_hosts = \"{zk.hosts}\"\nzk_root = \"{self.root}\"\n"
+            f"zk_session_timeout_s = {session_timeout_s}\nlink_port = 0\nlink_heartbeat_s = {heartbeat_s}\n"
+            "load_refresh_s = 0.5\n" + extra)
+        self.shard_ids = [f"s{i}" for i in range(1, n + 1)]
+        self.ws_ports = {sid: free_port() for sid in self.shard_ids}
+        self.api_port = free_port()
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.api = API(f"http://127.0.0.1:{self.api_port}")
+
+    def _spawn(self, name: str, args: list[str]) -> None:
+        log = open(self.dir / f"{name}.log", "ab")
+        self.procs[name] = subprocess.Popen([sys.executable, "-m", "chatd.cli", *args, "--config", str(self.config)],
+                                            stdout=log, stderr=log)
+
+    def start_shard(self, sid: str) -> None:
+        self._spawn(sid, ["shard", "--shard-id", sid, "--ws-port", str(self.ws_ports[sid])])
+
+    async def start(self) -> "Cluster":
+        for sid in self.shard_ids:
+            self.start_shard(sid)
+        self._spawn("api", ["api", "--api-port", str(self.api_port)])
+        await self.wait_shards(set(self.shard_ids))
+        return self
+
+    async def wait_shards(self, expected: set[str], timeout: float = 30) -> None:
+        """Until the API's discovery sees exactly ``expected``."""
+        with trio.fail_after(timeout):
+            while True:
+                for name, p in self.procs.items():
+                    assert p.poll() is None or name not in expected | {"api"}, f"{name} exited; see its log"
+                try:
+                    r = await self.api.call("GET", "/healthz")
+                    if r.status == 200 and set(r.body["shards"]) == expected:
+                        return
+                except OSError:
+                    pass
+                await trio.sleep(0.1)
+
+    def kill(self, name: str, sig=signal.SIGKILL) -> None:
+        self.procs[name].send_signal(sig)
+        if sig == signal.SIGKILL:
+            self.procs[name].wait(10)
+
+    def ws_url(self, sid: str) -> str:
+        return f"ws://127.0.0.1:{self.ws_ports[sid]}/"
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGCONT)
+                p.terminate()
+        for p in self.procs.values():
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+class Device:
+    """One logical device of a user, as a robust client would be: it keeps its cursors across
+    reconnects, and records anything the server sends out of line (a duplicate, a gap)."""
+
+    def __init__(self, cluster: Cluster, creds: dict, name: str):
+        self.cluster = cluster
+        self.creds = creds
+        self.user_id = creds["user"]["id"]
+        self.device_id = creds["device_id"]
+        self.name = name
+        self.cursors: dict[str, int] = {}
+        self.received: dict[str, list[int]] = {}
+        self.bodies: dict[tuple[str, int], str] = {}
+        self.anomalies: list[str] = []
+        self.client = None
+        self.shard_url = creds["ws_url"]
+
+    def follow(self, *channels: str) -> None:
+        for ch in channels:
+            self.cursors.setdefault(ch, 0)
+
+    async def connect(self, nursery, ws_url: str | None = None, relogin: bool = False):
+        if relogin:
+            fresh = await self.cluster.api.login(self.creds["user"]["username"], device_id=self.device_id)
+            assert fresh["device_id"] == self.device_id
+            self.creds = fresh
+            self.shard_url = fresh["ws_url"]
+        self.client = await open_client(nursery, ws_url or self.shard_url, self.creds["token"],
+                                        cursors=dict(self.cursors) if self.cursors else None)
+        return self.client
+
+    def absorb(self) -> int:
+        """Take the message frames received so far into the cursors; return how many."""
+        n = 0
+        keep = []
+        for f in self.client.inbox:
+            if f.get("type") != "message":
+                keep.append(f)
+                continue
+            ch, seq = f["channel_id"], f["seq"]
+            cur = self.cursors.get(ch, seq - 1)
+            if seq <= cur:
+                self.anomalies.append(f"{self.name}: duplicate {ch}#{seq} (cursor {cur})")
+            elif seq != cur + 1:
+                self.anomalies.append(f"{self.name}: gap before {ch}#{seq} (cursor {cur})")
+            self.cursors[ch] = max(cur, seq)
+            self.received.setdefault(ch, []).append(seq)
+            self.bodies[(ch, seq)] = f["body"]
+            n += 1
+        self.client.inbox[:] = keep
+        return n

@@ -1,0 +1,350 @@
+"""Cluster mode with the real thing: Debian's ZooKeeper, shards and an API server as separate OS
+processes, direct TCP links. Cross-shard 1:1 and groups, devices on several shards, stale-view
+frames, link loss, ZooKeeper session loss, and kill -9 failover with exactly-once delivery."""
+
+from __future__ import annotations
+
+import json
+import signal
+import uuid
+
+import pytest
+import trio
+from kazoo.client import KazooClient
+
+from chatd.discovery.view import ShardInfo, View
+from chatd.protocol import link as lp
+from tests.cluster import Cluster, Device, ZooKeeper, zookeeper_available
+
+pytestmark = pytest.mark.skipif(not zookeeper_available(),
+                                reason="ZooKeeper not installed (apt-get install zookeeper); .ci/run installs it")
+
+
+@pytest.fixture(scope="module")
+def zk(tmp_path_factory):
+    server = ZooKeeper(tmp_path_factory.mktemp("zk"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def cluster(zk, tmp_path):
+    c = Cluster(zk, tmp_path)
+    try:
+        await c.start()
+        yield c
+    finally:
+        c.stop()
+
+
+async def users_on_distinct_homes(cluster, prefix, homes_wanted: int, count: int):
+    """Sign up ``count`` users so that at least ``homes_wanted`` different home shards are covered."""
+    out = []
+    i = 0
+    while len(out) < count or len({u["shard_id"] for u in out}) < homes_wanted:
+        out.append(await cluster.api.signup_login(f"{prefix}user{i}"))
+        i += 1
+        assert i < 60
+    return out
+
+
+def dm(a, b):
+    lo, hi = sorted((a["user"]["id"], b["user"]["id"]))
+    return f"dm:{lo}:{hi}"
+
+
+async def settle(devices, expected: dict[str, int], timeout=20):
+    """Absorb frames until every device has every channel it follows up to ``expected``."""
+    with trio.fail_after(timeout):
+        while True:
+            for d in devices:
+                d.absorb()
+            if all(d.cursors.get(ch, 0) >= expected[ch] for d in devices for ch in d.cursors if ch in expected):
+                return
+            await trio.sleep(0.05)
+
+
+async def test_cross_shard_dm_group_and_devices(cluster, nursery):
+    people = await users_on_distinct_homes(cluster, "x", 3, 6)
+    homes = {p["shard_id"] for p in people}
+    assert homes == {"s1", "s2", "s3"}
+    alice, bob = people[0], next(p for p in people if p["shard_id"] != people[0]["shard_id"])
+    r = await cluster.api.call("POST", "/v1/groups", {"name": "spread", "members": [p["user"]["id"] for p in people[1:]]},
+                               token=alice["token"])
+    group = r.body["channel"]["id"]
+    ch = dm(alice, bob)
+    devices = [Device(cluster, p, p["user"]["username"]) for p in people]
+    # alice's second device lands on a shard that is not her home: it still works
+    other = next(s for s in cluster.shard_ids if s != alice["shard_id"])
+    alice2 = Device(cluster, await cluster.api.login(alice["user"]["username"]), "alice-2")
+    for d in devices + [alice2]:
+        d.follow(group)
+        if d.user_id in (alice["user"]["id"], bob["user"]["id"]):
+            d.follow(ch)
+        await d.connect(nursery, cluster.ws_url(other) if d is alice2 else None)
+    # sends from every shard, DM and group
+    for i, d in enumerate(devices):
+        ack = await d.client.send_message(group, f"g{i}")
+        assert ack["type"] == "ack", ack
+    a_dev = devices[0]
+    b_dev = next(d for d in devices if d.user_id == bob["user"]["id"])
+    for i in range(5):
+        assert (await a_dev.client.send_message(ch, f"a{i}"))["type"] == "ack"
+        assert (await b_dev.client.send_message(ch, f"b{i}"))["type"] == "ack"
+    ack = await alice2.client.send_message(ch, "from the far shard")
+    assert ack["seq"] == 11
+    await settle(devices + [alice2], {group: 6, ch: 11})
+    for d in devices + [alice2]:
+        assert d.anomalies == []
+        assert d.received[group] == list(range(1, 7))
+        if ch in d.cursors:
+            assert d.received[ch] == list(range(1, 12))
+    # nothing extra arrives later (exactly once)
+    await trio.sleep(0.5)
+    for d in devices + [alice2]:
+        assert d.absorb() == 0
+
+
+async def raw_link(cluster, zk_hosts, shard_id, secret="test-link-secret", peer_id="test-peer"):
+    zkc = KazooClient(hosts=zk_hosts)
+    await trio.to_thread.run_sync(zkc.start)
+    try:
+        data, _ = await trio.to_thread.run_sync(zkc.get, f"{cluster.root}/shards/{shard_id}")
+    finally:
+        await trio.to_thread.run_sync(zkc.stop)
+    info = ShardInfo.from_json(data)
+    host, _, port = info.link_addr.rpartition(":")
+    stream = await trio.open_tcp_stream(host, int(port))
+    codec = lp.LinkCodec(1 << 22)
+
+    async def read():
+        with trio.fail_after(10):
+            while (f := codec.next_frame()) is None:
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    return None
+                codec.receive_data(chunk)
+            return f
+    chal = await read()
+    nonce = lp.new_nonce()
+    await stream.send_all(codec.encode(lp.hello(secret, peer_id, "shard", chal, nonce)))
+    return stream, codec, read
+
+
+async def test_stale_view_frames_are_refused_or_rerouted(cluster, zk, nursery):
+    a, b = await cluster.api.signup_login("stale1"), await cluster.api.signup_login("stale2")
+    ch = dm(a, b)
+    view = View(0, {s: None for s in cluster.shard_ids})
+    owner = view.owner_of(ch)
+    not_owner = next(s for s in cluster.shard_ids if s != owner)
+    stream, codec, read = await raw_link(cluster, zk.hosts, not_owner)
+    assert (await read())["t"] == "welcome"
+    frame = {"t": "send", "rid": 1, "view": 1, "ch": ch, "u": a["user"]["id"], "cmid": "stale-1", "body": "old view"}
+    await stream.send_all(codec.encode(frame))
+    while (reply := await read())["t"] != "reply":
+        pass
+    assert reply["err"]["code"] == "stale_view" and reply["err"]["view"] >= 3
+    # routed correctly, even under an old view number, it is applied once; a repeat is a duplicate
+    stream2, codec2, read2 = await raw_link(cluster, zk.hosts, owner, peer_id="test-peer-2")
+    assert (await read2())["t"] == "welcome"
+    for rid in (2, 3):
+        await stream2.send_all(codec2.encode({**frame, "rid": rid}))
+        while (reply := await read2())["t"] != "reply":
+            pass
+        assert reply["ok"][1] == 1 and reply["dup"] is (rid == 3)
+    r = await cluster.api.call("GET", f"/v1/channels/{ch}/messages", token=a["token"])
+    assert [m["body"] for m in r.body["messages"]] == ["old view"]
+    # a peer without the cluster secret is refused; so is an oversized frame
+    bad, _, bad_read = await raw_link(cluster, zk.hosts, owner, secret="wrong", peer_id="intruder")
+    assert await bad_read() is None
+    stream3, codec3, read3 = await raw_link(cluster, zk.hosts, owner, peer_id="test-peer-3")
+    assert (await read3())["t"] == "welcome"
+    await stream3.send_all((1 << 30).to_bytes(4, "big") + b"x" * 10)
+    while (f := await read3()) is not None:
+        assert f["t"] in ("ping", "resync")
+    for s in (stream, stream2, bad, stream3):
+        await s.aclose()
+    assert all(p.poll() is None for p in cluster.procs.values())
+
+
+@pytest.fixture
+async def slow_expiry_cluster(zk, tmp_path):
+    c = Cluster(zk, tmp_path, session_timeout_s=6.0, heartbeat_s=0.2)
+    try:
+        await c.start()
+        yield c
+    finally:
+        c.stop()
+
+
+async def test_link_loss_and_reconnect(slow_expiry_cluster, nursery):
+    cluster = slow_expiry_cluster
+    people = await users_on_distinct_homes(cluster, "ll", 3, 6)
+    r = await cluster.api.call("POST", "/v1/groups", {"name": "links", "members": [p["user"]["id"] for p in people[1:]]},
+                               token=people[0]["token"])
+    group = r.body["channel"]["id"]
+    devices = [Device(cluster, p, p["user"]["username"]) for p in people]
+    for d in devices:
+        d.follow(group)
+        await d.connect(nursery)
+    frozen = "s2"
+    senders = [d for d in devices if d.creds["shard_id"] != frozen]
+    await senders[0].client.send_message(group, "before")
+    # freeze s2 long enough for its links to be declared dead (3 heartbeats), not its ZK session
+    cluster.kill(frozen, signal.SIGSTOP)
+    await trio.sleep(1.5)
+    sent = 1
+    for i in range(4):
+        ack = await senders[i % len(senders)].client.send_message(group, f"during {i}")
+        if ack["type"] == "ack":
+            sent += 1
+    cluster.kill(frozen, signal.SIGCONT)
+    await trio.sleep(0.5)
+    for i in range(3):
+        ack = await senders[i % len(senders)].client.send_message(group, f"after {i}")
+        assert ack["type"] == "ack", ack
+        sent += 1
+    r = await cluster.api.call("GET", f"/v1/channels/{group}/messages?limit=100&after=0", token=people[0]["token"])
+    head = r.body["messages"][-1]["seq"]
+    assert [m["seq"] for m in r.body["messages"]] == list(range(1, head + 1))
+    await settle(devices, {group: head}, timeout=30)
+    for d in devices:
+        assert d.anomalies == [] and d.received[group] == list(range(1, head + 1)), d.name
+    log = (cluster.dir / "s1.log").read_text() + (cluster.dir / "s3.log").read_text()
+    assert log.count("link up:") >= 4  # the links to s2 came back
+
+
+async def test_zookeeper_session_loss_blocks_writes(tmp_path, nursery):
+    zk = ZooKeeper(tmp_path / "own-zk")  # this test freezes ZooKeeper: its own server
+    cluster = Cluster(zk, tmp_path, n=2, session_timeout_s=1.0)
+    try:
+        await cluster.start()
+        a = await cluster.api.signup_login("zkloss1")
+        b = await cluster.api.signup_login("zkloss2")
+        ch = dm(a, b)
+        da = Device(cluster, a, "a")
+        await da.connect(nursery)
+        assert (await da.client.send_message(ch, "ok before", "z1"))["seq"] == 1
+        zk.pause()
+        with trio.fail_after(20):
+            while True:  # once the shards notice, sends are refused, not silently stored
+                reply = await da.client.send_message(ch, "during", f"z-{uuid.uuid4()}")
+                if reply["type"] == "error":
+                    break
+                await trio.sleep(0.2)
+        assert reply["code"] == "unavailable"
+        zk.resume()
+        with trio.fail_after(30):
+            while True:  # re-registered under a new session: writes again
+                reply = await da.client.send_message(ch, "after", "z-after")
+                if reply["type"] == "ack":
+                    break
+                await trio.sleep(0.3)
+        r = await cluster.api.call("GET", f"/v1/channels/{ch}/messages?after=0", token=a["token"])
+        seqs = [m["seq"] for m in r.body["messages"]]
+        assert seqs == list(range(1, len(seqs) + 1))
+        log = (cluster.dir / "s1.log").read_text() + (cluster.dir / "s2.log").read_text()
+        assert "refusing writes until registered again" in log
+    finally:
+        cluster.stop()
+        zk.stop()
+
+
+async def test_kill_9_failover_exactly_once(cluster, nursery):
+    people = await users_on_distinct_homes(cluster, "fo", 3, 9)
+    owner = people[0]
+    r = await cluster.api.call("POST", "/v1/groups", {"name": "failover", "members": [p["user"]["id"] for p in people[1:]]},
+                               token=owner["token"])
+    group = r.body["channel"]["id"]
+    pairs = [(people[i], people[i + 1]) for i in range(0, 8, 2)]
+    devices = {p["user"]["id"]: Device(cluster, p, p["user"]["username"]) for p in people}
+    tokens = {group: owner["token"]}
+    for d in devices.values():
+        d.follow(group)
+    for a, b in pairs:
+        devices[a["user"]["id"]].follow(dm(a, b))
+        devices[b["user"]["id"]].follow(dm(a, b))
+        tokens[dm(a, b)] = a["token"]
+    for d in devices.values():
+        await d.connect(nursery)
+    assert {d.creds["shard_id"] for d in devices.values()} == {"s1", "s2", "s3"}
+
+    acked: dict[str, tuple[str, int]] = {}  # client_msg_id -> (channel, seq) from the ack
+    victim = "s2"
+    kill_now = trio.Event()
+    per_sender = 25
+
+    async def keep_connected(d: Device):
+        """A robust client: when its connection ends, log in again and reconnect with cursors."""
+        while True:
+            await trio.sleep(0.1)
+            if d.client.closed_reason is None:
+                continue
+            d.absorb()
+            while True:
+                try:
+                    with trio.fail_after(10):
+                        await d.connect(nursery, relogin=True)
+                    break
+                except Exception:  # the API may still hand out the dead shard for a moment
+                    await trio.sleep(0.3)
+
+    async def sender(d: Device, targets: list[str]):
+        for i in range(per_sender):
+            ch = targets[i % len(targets)]
+            cmid = f"{d.name}-{i}"
+            while True:  # resend with the same client_msg_id until acked
+                try:
+                    reply = await d.client.send_message(ch, f"{d.name} {i}", cmid)
+                except Exception:  # connection gone: keep_connected replaces d.client
+                    reply = None
+                if reply is not None and reply["type"] == "ack":
+                    acked[cmid] = (ch, reply["seq"])
+                    break
+                if reply is not None:
+                    assert reply["type"] == "error" and reply["code"] == "unavailable", reply
+                await trio.sleep(0.2)
+            if d is devices[owner["user"]["id"]] and i == 8:
+                kill_now.set()
+            await trio.sleep(0.01)
+
+    async with trio.open_nursery() as n:
+        for d in devices.values():
+            n.start_soon(keep_connected, d)
+
+        async def killer():
+            await kill_now.wait()
+            cluster.kill(victim)
+        n.start_soon(killer)
+        async with trio.open_nursery() as senders:
+            for a, b in pairs:
+                senders.start_soon(sender, devices[a["user"]["id"]], [group, dm(a, b)])
+            senders.start_soon(sender, devices[people[8]["user"]["id"]], [group])
+        assert cluster.procs[victim].poll() is not None  # it really died under traffic
+        # the store: gap-free per channel, no message twice, every ack names what was stored
+        heads = {}
+        for ch, token in tokens.items():
+            stored, after = [], 0
+            while True:
+                r = await cluster.api.call("GET", f"/v1/channels/{ch}/messages?limit=500&after={after}", token=token)
+                stored += r.body["messages"]
+                if not r.body["more"]:
+                    break
+                after = stored[-1]["seq"]
+            seqs = [m["seq"] for m in stored]
+            assert seqs == list(range(1, len(seqs) + 1)), ch
+            cmids = [m["client_msg_id"] for m in stored]
+            assert len(set(cmids)) == len(cmids), ch
+            for m in stored:
+                assert acked.get(m["client_msg_id"], (ch, m["seq"])) == (ch, m["seq"])
+            heads[ch] = len(seqs)
+        assert len(acked) == 5 * per_sender
+        assert sum(heads.values()) == len(acked)
+        # every device ends with every message of its channels, exactly once, in order
+        await settle(list(devices.values()), heads, timeout=40)
+        n.cancel_scope.cancel()
+    for d in devices.values():
+        d.absorb()
+        assert d.anomalies == [], d.anomalies
+        for ch in d.cursors:
+            assert d.received[ch] == list(range(1, heads[ch] + 1)), (d.name, ch)
