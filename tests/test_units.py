@@ -117,3 +117,26 @@ def test_metrics_exposition():
     assert 'chatd_store_append_seconds_bucket{le="0.005"} 1' in text
     assert 'chatd_store_append_seconds_bucket{le="0.0025"} 0' in text
     assert "chatd_store_append_seconds_count 1" in text
+
+
+def test_systemd_units_start_real_commands():
+    """Each unit's ExecStart names a chatd command that exists and a config option it takes."""
+    import configparser
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from chatd.cli import main
+    units = sorted((Path(__file__).parent.parent / "systemd").glob("*.service"))
+    assert {u.name for u in units} >= {"chatd.service", "chatd-api.service", "chatd-shard@.service"}
+    for unit in units:
+        cp = configparser.ConfigParser(strict=False, interpolation=None)
+        cp.read(unit)
+        service = cp["Service"]
+        assert service["KillSignal"] == "SIGTERM" and service["Restart"] == "on-failure"
+        argv = service["ExecStart"].split()
+        assert argv[0].endswith("/chatd")
+        result = CliRunner().invoke(main, [argv[1], "--help"])
+        assert result.exit_code == 0, (unit.name, result.output)
+        for opt in [a for a in argv[2:] if a.startswith("--")]:
+            assert opt in result.output, (unit.name, opt)
