@@ -76,13 +76,15 @@ def _serve_role(serve, config) -> None:
 @click.option("--shard-id", help="This shard's id (unique in the cluster).")
 @click.option("--ws-port", type=int, help="WebSocket port (0 = any free port).")
 @click.option("--link-port", type=int, help="Inter-shard link port (0 = any free port).")
+@click.option("--http-port", type=int, help="Admin HTTP port for /healthz and /metrics (0 = any free port).")
 @click.option("--zk", "zk_hosts", help="ZooKeeper hosts, e.g. 127.0.0.1:2181.")
-def shard(config_path, shard_id, ws_port, link_port, zk_hosts):
+def shard(config_path, shard_id, ws_port, link_port, http_port, zk_hosts):
     """A chat shard of a cluster: client WebSockets, channel ownership, links to other shards."""
     from .node import serve_shard
 
     config = _load(config_path, **{"server.shard_id": shard_id, "server.ws_port": ws_port,
-                                   "cluster.link_port": link_port, "cluster.zk_hosts": zk_hosts})
+                                   "cluster.link_port": link_port, "server.api_port": http_port,
+                                   "cluster.zk_hosts": zk_hosts})
     try:
         config.validate_cluster("shard")
     except ConfigError as e:

@@ -108,6 +108,10 @@ class Metrics:
                                                 "Connections cut off because their send queue filled"))
         self.store_latency = self._add(Histogram("chatd_store_append_seconds", "Latency of durable message appends"))
         self.http_requests = self._add(Counter("chatd_http_requests_total", "HTTP API requests by status"))
+        self.link_frames = self._add(Counter("chatd_link_frames_sent_total",
+                                             "Frames queued to inter-shard links, by peer and frame type"))
+        self.link_drops = self._add(Counter("chatd_link_frames_dropped_total",
+                                            "Frames dropped because a link queue was full or the link down"))
 
     def _add(self, m):
         self._all.append(m)

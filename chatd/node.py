@@ -156,6 +156,8 @@ async def serve_shard(config: Config, *, task_status=trio.TASK_STATUS_IGNORED, n
     """``chatd shard``: one chat shard of a cluster. Ready (``task_status``) once it listens for
     WebSockets and links and its znode exists. Stop: unregister (logins go elsewhere), drain
     clients with 1001, finish queued writes."""
+    from .api.admin import create_admin_app
+    from .api.server import serve_api
     from .discovery.zk import ZkDiscovery
     from .shard.links import LinkManager
 
@@ -168,7 +170,7 @@ async def serve_shard(config: Config, *, task_status=trio.TASK_STATUS_IGNORED, n
         if node_out is not None:
             node_out.append(node)
         links = LinkManager(config.server.shard_id, "shard", cc, on_frame=node.on_link_frame,
-                            on_link_up=node.on_link_up)
+                            on_link_up=node.on_link_up, metrics=node.metrics)
         node.router.links = links
         async with trio.open_nursery() as nursery:
             node.nursery = nursery
@@ -177,6 +179,8 @@ async def serve_shard(config: Config, *, task_status=trio.TASK_STATUS_IGNORED, n
             node.discovery.on_change(lambda old, new: links.set_peers(new))
             ws_port = await nursery.start(node.shard.serve)
             ws_url = public_ws_url(config, ws_port)
+            admin_stop = trio.Event()
+            await nursery.start(serve_api, node, admin_stop, create_admin_app)
             await node.discovery.register(ShardInfo(config.server.shard_id, ws_url, links.public_addr()),
                                           load=lambda: node.hub.count)
             links.set_peers(node.discovery.view)
@@ -187,6 +191,7 @@ async def serve_shard(config: Config, *, task_status=trio.TASK_STATUS_IGNORED, n
             with trio.move_on_after(2):
                 await node.discovery.unregister()
             node.shard.drain("shard shutting down; log in again to reconnect")
+            admin_stop.set()
             with trio.move_on_after(config.server.shutdown_grace_s):
                 await node.shard.wait_drained()
             nursery.cancel_scope.cancel()

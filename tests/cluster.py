@@ -93,6 +93,7 @@ class Cluster:
             "load_refresh_s = 0.5\n" + extra)
         self.shard_ids = [f"s{i}" for i in range(1, n + 1)]
         self.ws_ports = {sid: free_port() for sid in self.shard_ids}
+        self.http_ports = {sid: free_port() for sid in self.shard_ids}
         self.api_port = free_port()
         self.procs: dict[str, subprocess.Popen] = {}
         self.api = API(f"http://127.0.0.1:{self.api_port}")
@@ -103,7 +104,11 @@ class Cluster:
                                             stdout=log, stderr=log)
 
     def start_shard(self, sid: str) -> None:
-        self._spawn(sid, ["shard", "--shard-id", sid, "--ws-port", str(self.ws_ports[sid])])
+        self._spawn(sid, ["shard", "--shard-id", sid, "--ws-port", str(self.ws_ports[sid]),
+                          "--http-port", str(self.http_ports[sid])])
+
+    def admin(self, sid: str) -> API:
+        return API(f"http://127.0.0.1:{self.http_ports[sid]}")
 
     async def start(self) -> "Cluster":
         for sid in self.shard_ids:

@@ -348,3 +348,48 @@ async def test_kill_9_failover_exactly_once(cluster, nursery):
         assert d.anomalies == [], d.anomalies
         for ch in d.cursors:
             assert d.received[ch] == list(range(1, heads[ch] + 1)), (d.name, ch)
+
+
+async def test_fan_out_is_one_frame_per_destination_shard(cluster, nursery):
+    """Group members homed on one other shard cost the owner one 'deliver' frame per message."""
+    people = await users_on_distinct_homes(cluster, "fan", 3, 12)
+    view = View(0, {s: None for s in cluster.shard_ids})
+    for attempt in range(40):
+        r = await cluster.api.call("POST", "/v1/groups", {"name": f"fan{attempt}",
+                                                          "members": [p["user"]["id"] for p in people[1:]]},
+                                   token=people[0]["token"])
+        group = r.body["channel"]["id"]
+        owner = view.owner_of(group)
+        remote_homes = {p["shard_id"] for p in people} - {owner}
+        counts = {h: sum(1 for p in people if p["shard_id"] == h) for h in remote_homes}
+        if remote_homes and all(c >= 2 for c in counts.values()):
+            break
+    else:
+        pytest.fail("no group with several members per remote home shard")
+    clients = [await open_client_for(nursery, p) for p in people]
+
+    async def delivers():
+        text = (await cluster.admin(owner).call("GET", "/metrics")).body
+        out = {}
+        for line in text.splitlines():
+            if line.startswith("chatd_link_frames_sent_total{") and 'type="deliver"' in line:
+                peer = line.split('peer="')[1].split('"')[0]
+                out[peer] = float(line.rsplit(" ", 1)[1])
+        return out
+    before = await delivers()
+    n = 5
+    for i in range(n):
+        assert (await clients[0].send_message(group, f"fan {i}"))["type"] == "ack"
+    for c in clients:
+        got = [m for m in await c.messages(n) if m["channel_id"] == group]
+        assert [m["body"] for m in got] == [f"fan {i}" for i in range(n)]
+    after = await delivers()
+    for home in remote_homes:  # exactly one frame per message per home shard, whatever its member count
+        assert after.get(home, 0) - before.get(home, 0) == n, (home, counts[home], before, after)
+    health = await cluster.admin(owner).call("GET", "/healthz")
+    assert health.status == 200 and health.body["shard_id"] == owner and health.body["status"] == "ok"
+
+
+async def open_client_for(nursery, creds):
+    from tests.helpers import open_client
+    return await open_client(nursery, creds["ws_url"], creds["token"])

@@ -14,7 +14,7 @@ from hypercorn.trio import serve
 from .app import create_app
 
 
-async def serve_api(node, stop: trio.Event, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+async def serve_api(node, stop: trio.Event, app_factory=create_app, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     cfg = node.config.server
     hc = HyperConfig()
     hc.bind = [f"{cfg.api_host}:{cfg.api_port}"]
@@ -23,5 +23,5 @@ async def serve_api(node, stop: trio.Event, *, task_status=trio.TASK_STATUS_IGNO
     hc.graceful_timeout = 2.0
     hc.loglevel = node.config.log_level.upper()
     async with trio.open_nursery() as nursery:
-        binds = await nursery.start(functools.partial(serve, create_app(node), hc, shutdown_trigger=stop.wait))
+        binds = await nursery.start(functools.partial(serve, app_factory(node), hc, shutdown_trigger=stop.wait))
         task_status.started(binds[0].rstrip("/"))

@@ -55,19 +55,21 @@ class Link:
     def send_nowait(self, frame: dict) -> bool:
         try:
             self._send.send_nowait(frame)
-            return True
         except trio.WouldBlock:
             self.dropped += 1
             self.needs_resync = True
             return False
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             return False
+        self.manager.count(self.peer_id, frame)
+        return True
 
     async def send(self, frame: dict) -> None:
         try:
             await self._send.send(frame)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise ChatError("unavailable", f"link to {self.peer_id} is down") from None
+        self.manager.count(self.peer_id, frame)
 
     def close(self) -> None:
         if self._scope is not None:
@@ -127,7 +129,7 @@ class Link:
 
 class LinkManager:
     def __init__(self, node_id: str, role: str, cfg, on_frame: Callable[[Link, dict], Awaitable[None]],
-                 on_link_up: Callable[[Link], None] = lambda link: None):
+                 on_link_up: Callable[[Link], None] = lambda link: None, metrics=None):
         self.node_id = node_id
         self.role = role
         self.cfg = cfg
@@ -140,6 +142,11 @@ class LinkManager:
         self._rids = itertools.count(1)
         self._pending: dict[int, list] = {}  # rid -> [event, reply, link]
         self.port: int | None = None
+        self.metrics = metrics
+
+    def count(self, peer: str, frame: dict) -> None:
+        if self.metrics is not None:
+            self.metrics.link_frames.inc(peer=peer, type=frame.get("t", "?"))
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def run(self, listen: bool, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -244,9 +251,10 @@ class LinkManager:
     # ---- sending ---------------------------------------------------------------------------
     def send_nowait(self, peer: str, frame: dict) -> bool:
         link = self.links.get(peer)
-        if link is None:
-            return False
-        return link.send_nowait(frame)
+        ok = link is not None and link.send_nowait(frame)
+        if not ok and self.metrics is not None:
+            self.metrics.link_drops.inc(peer=peer)
+        return ok
 
     async def wait_link(self, peer: str, timeout_s: float) -> Link:
         with trio.move_on_after(timeout_s):

@@ -1,0 +1,25 @@
+"""The admin HTTP face of a shard (``chatd shard`` serves it on ``server.api_port``):
+``/healthz`` and Prometheus ``/metrics``. No user-facing routes."""
+
+from __future__ import annotations
+
+from quart import Response
+from quart_trio import QuartTrio
+
+
+def create_admin_app(node) -> QuartTrio:
+    app = QuartTrio("chatd-shard")
+
+    @app.get("/healthz")
+    async def healthz():
+        view = node.discovery.view
+        ok = node.discovery.writable
+        body = {"status": "ok" if ok else "not_registered", "shard_id": node.config.server.shard_id,
+                "view": view.version, "shards": sorted(view.shards), "connections": node.connection_count()}
+        return body, 200 if ok else 503
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(node.metrics.render(), content_type="text/plain; version=0.0.4")
+
+    return app
