@@ -393,3 +393,21 @@ async def test_fan_out_is_one_frame_per_destination_shard(cluster, nursery):
 async def open_client_for(nursery, creds):
     from tests.helpers import open_client
     return await open_client(nursery, creds["ws_url"], creds["token"])
+
+
+async def test_membership_changes_reach_every_shard(cluster, nursery):
+    people = await users_on_distinct_homes(cluster, "mem", 3, 4)
+    alice, bob = people[0], next(p for p in people if p["shard_id"] != people[0]["shard_id"])
+    r = await cluster.api.call("POST", "/v1/groups", {"name": "m", "members": [bob["user"]["id"]]}, token=alice["token"])
+    group = r.body["channel"]["id"]
+    cb = await open_client_for(nursery, bob)
+    assert (await cb.send_message(group, "I am in"))["type"] == "ack"  # the owner has cached the members now
+    r = await cluster.api.call("DELETE", f"/v1/channels/{group}/members/{bob['user']['id']}", token=alice["token"])
+    assert r.body["removed"] is True
+    with trio.fail_after(10):
+        while True:  # the API's invalidation travels over links; it is not instantaneous
+            reply = await cb.send_message(group, "still in?")
+            if reply["type"] == "error":
+                break
+            await trio.sleep(0.1)
+    assert reply["code"] == "not_member"

@@ -140,3 +140,18 @@ def test_systemd_units_start_real_commands():
         assert result.exit_code == 0, (unit.name, result.output)
         for opt in [a for a in argv[2:] if a.startswith("--")]:
             assert opt in result.output, (unit.name, opt)
+
+
+def test_view_routes_logins_home_or_least_loaded():
+    from chatd.discovery.view import ShardInfo, View
+    shards = {s: ShardInfo(s, f"ws://{s}/", "", load) for s, load in (("s1", 10), ("s2", 500), ("s3", 3))}
+    view = View(7, shards)
+    user = next(u for u in range(1, 1000) if view.home_of(u) == "s2")
+    assert view.pick_for_login(user).shard_id == "s2"  # no threshold: always home
+    assert view.pick_for_login(user, overload_connections=100).shard_id == "s3"  # home overloaded
+    assert view.pick_for_login(user, overload_connections=1000).shard_id == "s2"
+    calm = next(u for u in range(1, 1000) if view.home_of(u) == "s1")
+    assert view.pick_for_login(calm, overload_connections=100).shard_id == "s1"
+    assert ShardInfo.from_json(shards["s2"].to_json()) == shards["s2"]
+    with pytest.raises(LookupError):
+        View().pick_for_login(1)
