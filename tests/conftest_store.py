@@ -151,6 +151,15 @@ class EmulatedKeyspace(CqlRunner):
         row = self.tables["channels"].get(cid)
         return [dict(row)] if row else []
 
+    def w_presence_set(self, ts, at, uid):
+        row = self.tables.setdefault("presence", {}).get(uid)
+        if row is None or ts >= row["ts"]:  # last write wins, by timestamp
+            self.tables["presence"][uid] = {"ts": ts, "last_active_at": at}
+
+    def r_presence_get(self, uid):
+        row = self.tables.setdefault("presence", {}).get(uid)
+        return [{"last_active_at": row["last_active_at"]}] if row else []
+
     def r_head_get(self, cid):
         row = self.tables["channel_heads"].get(cid)
         return [{"last_seq": row["last_seq"], "last_at": row["last_at"]}] if row else []

@@ -24,6 +24,7 @@ from chatd.errors import ChatError
 from chatd.ids import new_group_id
 from chatd.store import open_store
 from chatd.store.base import ChannelSummary
+from chatd.store.sqlite import SCHEMA_VERSION as SQLITE_SCHEMA_VERSION
 from chatd.store.cassandra import CassandraStore
 from chatd.store.cassandra_schema import (DEFAULT_BUCKET_SIZE, MAX_USER_ID, MIGRATIONS, SCHEMA_VERSION,
                                           STATEMENTS, bucket_first_seq, bucket_last_seq, bucket_of,
@@ -605,7 +606,7 @@ def test_cli_store_migrate_sqlite(tmp_path):
     runner = CliRunner()
     first = runner.invoke(cli_main, ["store", "migrate", "--data-dir", str(tmp_path)], env={})
     assert first.exit_code == 0, first.output
-    assert f"sqlite {tmp_path / 'chatd.db'}: schema v0 -> v1" in first.output
+    assert f"sqlite {tmp_path / 'chatd.db'}: schema v0 -> v{SQLITE_SCHEMA_VERSION}" in first.output
     again = runner.invoke(cli_main, ["store", "migrate", "--data-dir", str(tmp_path)], env={})
     assert "schema v1 -> v1" in again.output
 

@@ -502,3 +502,15 @@ async def test_concurrent_adds_respect_the_member_cap(store):
             assert set(outcomes[u.id]) <= {True, False, "group_full"}
         else:
             assert set(outcomes[u.id]) == {"group_full"}
+
+
+async def test_last_active_is_monotonic(store):
+    a = await store.create_user("presence-a", "h", "", 1.0)
+    b = await store.create_user("presence-b", "h", "", 1.0)
+    assert await store.get_last_active([a.id, b.id]) == {}
+    await store.set_last_active(a.id, 100.5)
+    await store.set_last_active(a.id, 50.0)  # a late, older report never moves it back
+    await store.set_last_active(b.id, 7.25)
+    assert await store.get_last_active([a.id, b.id, a.id, 999_999]) == {a.id: 100.5, b.id: 7.25}
+    await store.set_last_active(a.id, 200.0)
+    assert await store.get_last_active([a.id]) == {a.id: 200.0}

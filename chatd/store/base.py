@@ -160,6 +160,15 @@ class Store(abc.ABC):
     async def set_read(self, channel_id: str, user_id: int, seq: int) -> int:
         """Raise the user's read cursor to ``min(seq, head)`` (never lowers it); return the cursor."""
 
+    # -- presence --
+    @abc.abstractmethod
+    async def set_last_active(self, user_id: int, at: float) -> None:
+        """Record when the user was last active (never moves backwards)."""
+
+    @abc.abstractmethod
+    async def get_last_active(self, user_ids: list[int]) -> dict[int, float]:
+        """``last_active_at`` of the users among ``user_ids`` that have one."""
+
     @abc.abstractmethod
     async def aclose(self) -> None:
         """Finish queued writes and release connections. Idempotent."""

@@ -499,6 +499,17 @@ class CassandraStore(Store):
                 current = row.get("read_seq")
             raise ChatError("unavailable", "the read cursor is changing too fast; retry")
 
+    # ---- presence ----------------------------------------------------------------------------
+    async def set_last_active(self, user_id, at):
+        with self._op():
+            await self._cql.write("presence_set", (int(at * 1_000_000), at, user_id))
+
+    async def get_last_active(self, user_ids):
+        with self._op():
+            ids = list(dict.fromkeys(user_ids))
+            rows = await self._gather(*[lambda u=u: self._cql.one("presence_get", (u,)) for u in ids])
+            return {u: r["last_active_at"] for u, r in zip(ids, rows) if r is not None}
+
 
 @contextlib.asynccontextmanager
 async def open_cassandra(cfg: CassandraConfig, *, max_inflight: int = 1024):

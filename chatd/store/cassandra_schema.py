@@ -106,7 +106,8 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             client_msg_id text,
             seq bigint,
             PRIMARY KEY ((channel_id, sender_id, client_msg_id)))""",
-        # Reserved for the presence service (last_active_at); no Store method uses it yet.
+        # last_active_at per user (set_last_active / get_last_active); written with USING TIMESTAMP
+        # = the time itself, so a late, older write never lowers it.
         """CREATE TABLE IF NOT EXISTS {ks}.presence (
             user_id bigint PRIMARY KEY,
             last_active_at double)""",
@@ -135,6 +136,8 @@ STATEMENTS: dict[str, tuple[str, str]] = {
     "user_insert": (LWT, f"INSERT INTO users ({_USER}) VALUES (?, ?, ?, ?, ?, ?) IF NOT EXISTS"),
     "user_delete": (WRITE, "DELETE FROM users WHERE id = ?"),
     "user_get": (READ, f"SELECT {_USER} FROM users WHERE id = ?"),
+    "presence_set": (WRITE, "UPDATE presence USING TIMESTAMP ? SET last_active_at = ? WHERE user_id = ?"),
+    "presence_get": (READ, "SELECT last_active_at FROM presence WHERE user_id = ?"),
     "user_set_profile": (WRITE, "UPDATE users SET display_name = ?, about = ? WHERE id = ?"),
     "name_claim": (LWT, "INSERT INTO users_by_name (username_key, user_id) VALUES (?, ?) IF NOT EXISTS"),
     "name_get": (READ, "SELECT user_id FROM users_by_name WHERE username_key = ?"),

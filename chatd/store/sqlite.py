@@ -70,6 +70,9 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             PRIMARY KEY (channel_id, seq)) WITHOUT ROWID""",
         "CREATE UNIQUE INDEX messages_dedup ON messages (channel_id, sender_id, client_msg_id)",
     ]),
+    (2, [
+        "CREATE TABLE presence (user_id INTEGER PRIMARY KEY, last_active_at REAL NOT NULL)",
+    ]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -416,6 +419,25 @@ class SQLiteStore(Store):
                 raise ChatError("not_member", "you are not a member of this channel")
             return row[0]
         return await self._write(fn)
+
+    # ---- presence ------------------------------------------------------------------------
+    async def set_last_active(self, user_id, at):
+        def fn(c):
+            c.execute("INSERT INTO presence (user_id, last_active_at) VALUES (?, ?) ON CONFLICT (user_id) "
+                      "DO UPDATE SET last_active_at = MAX(last_active_at, excluded.last_active_at)", (user_id, at))
+        await self._write(fn)
+
+    async def get_last_active(self, user_ids):
+        ids = list(dict.fromkeys(user_ids))
+
+        def fn(c):
+            out = {}
+            for i in range(0, len(ids), 500):
+                chunk = ids[i:i + 500]
+                q = f"SELECT user_id, last_active_at FROM presence WHERE user_id IN ({','.join('?' * len(chunk))})"
+                out.update(dict(c.execute(q, chunk).fetchall()))
+            return out
+        return await self._read(fn) if ids else {}
 
 
 def _require_users(c, user_ids) -> None:
