@@ -49,6 +49,19 @@ class StoreConfig:
 
 
 @dataclass
+class PresenceConfig:
+    # Offline once no device has heartbeated for this long (clients heartbeat every
+    # limits.heartbeat_interval_s); reconnecting within it changes nothing for anybody.
+    grace_s: float = 30.0
+    # At most one published change per user per this many seconds (flapping is absorbed).
+    coalesce_s: float = 1.0
+    # Presence is pushed to members of groups up to this size; bigger groups fetch it on demand.
+    group_push_max: int = 20
+    max_subscriptions: int = 1000  # explicit subscribe_presence targets per connection
+    max_query: int = 500  # users per presence query
+
+
+@dataclass
 class ClusterConfig:
     """Cluster mode (``chatd shard`` / ``chatd api``); ``chatd run`` ignores it."""
     zk_hosts: str = "127.0.0.1:2181"
@@ -122,6 +135,7 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     cassandra: CassandraConfig = field(default_factory=CassandraConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    presence: PresenceConfig = field(default_factory=PresenceConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
 

@@ -22,6 +22,7 @@ from .config import Config
 from .discovery.local import LocalDiscovery
 from .discovery.view import ShardInfo
 from .metrics import Metrics
+from .presence.service import PresenceService
 from .shard.hub import Hub
 from .shard.membership import Membership
 from .shard.owner import ChannelOwners
@@ -53,6 +54,10 @@ class Node:
         self.membership = Membership(store)
         self.owners = ChannelOwners(store, self.membership, self.router, self.metrics)
         self.shard = ShardServer(self)
+        pc = config.presence
+        # In-process presence (chatd run); a cluster shard replaces it with the remote client.
+        self.presence = PresenceService(store, self.membership, self.router.deliver_event, pc.grace_s,
+                                        pc.coalesce_s, pc.group_push_max)
         self.nursery: trio.Nursery | None = None  # for background work of the node's services
         self.discovery.on_change(self.router.on_view_change)
         self._link_chains: dict = {}
@@ -132,6 +137,7 @@ async def serve_run(config: Config, *, task_status=trio.TASK_STATUS_IGNORED, nod
             node_out.append(node)
         async with trio.open_nursery() as nursery:
             node.nursery = nursery
+            await nursery.start(node.presence.run)
             ws_port = await nursery.start(node.shard.serve)
             ws_url = public_ws_url(config, ws_port)
             node.discovery.register(ShardInfo(config.server.shard_id, ws_url), load=lambda: node.hub.count)

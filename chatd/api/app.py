@@ -147,6 +147,33 @@ def create_app(node) -> QuartTrio:
             raise ChatError("no_such_user", f"user {user_id} does not exist")
         return {"user": user.public()}
 
+    # ---- presence ------------------------------------------------------------------------
+    @app.get("/v1/presence")
+    async def presence_batch():
+        current_user()
+        raw = request.args.get("user_ids", "")
+        try:
+            ids = list(dict.fromkeys(int(x) for x in raw.split(",") if x.strip()))
+        except ValueError:
+            raise ChatError("bad_request", "user_ids must be a comma-separated list of user ids") from None
+        if not ids or len(ids) > cfg.presence.max_query or any(not 1 <= i < 2**63 for i in ids):
+            raise ChatError("bad_request", f"user_ids: 1 to {cfg.presence.max_query} user ids")
+        users = await node.presence.statuses(ids)
+        return {"users": {str(u): st for u, st in users.items()}}
+
+    @app.get("/v1/users/<int:user_id>/presence")
+    async def presence_one(user_id: int):
+        current_user()
+        if not 1 <= user_id < 2**63 or await store.get_user(user_id) is None:
+            raise ChatError("no_such_user", f"user {user_id} does not exist")
+        return {"user_id": user_id, **(await node.presence.statuses([user_id]))[user_id]}
+
+    @app.post("/v1/logout")
+    async def logout():
+        uid, device_id = current_user()
+        node.presence.logout(uid, device_id)
+        return {"user_id": uid, "device_id": device_id, "logged_out": True}
+
     # ---- channels ------------------------------------------------------------------------
     @app.post("/v1/groups")
     async def create_group():

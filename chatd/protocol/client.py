@@ -89,6 +89,29 @@ class Read:
     seq: int
 
 
+@dataclass(frozen=True)
+class PresenceQuery:
+    id: object
+    user_ids: tuple
+
+
+@dataclass(frozen=True)
+class SubscribePresence:
+    id: object
+    user_ids: tuple
+
+
+@dataclass(frozen=True)
+class UnsubscribePresence:
+    id: object
+    user_ids: tuple
+
+
+@dataclass(frozen=True)
+class Logout:
+    id: object
+
+
 # field checkers: value -> value or raise ValueError(reason)
 def _str(maxlen):
     def check(v):
@@ -148,6 +171,18 @@ def _cursors(v):
     return dict(v)
 
 
+MAX_USER_IDS = 1000
+
+
+def _user_ids(v):
+    if not isinstance(v, list) or not 1 <= len(v) <= MAX_USER_IDS:
+        raise ValueError(f"must be a list of 1 to {MAX_USER_IDS} user ids")
+    for u in v:
+        if isinstance(u, bool) or not isinstance(u, int) or not 1 <= u <= MAX_SEQ:
+            raise ValueError("must contain positive integer user ids")
+    return tuple(dict.fromkeys(v))
+
+
 # type -> (class, {field: (checker, required)})
 _SCHEMAS = {
     "auth": (Auth, {"token": (_nonempty_str(MAX_TOKEN_LEN), True), "cursors": (_cursors, False)}),
@@ -160,6 +195,10 @@ _SCHEMAS = {
     "heartbeat": (Heartbeat, {}),
     "typing": (Typing, {"channel_id": (_channel, True)}),
     "read": (Read, {"channel_id": (_channel, True), "seq": (_seq, True)}),
+    "presence": (PresenceQuery, {"user_ids": (_user_ids, True)}),
+    "subscribe_presence": (SubscribePresence, {"user_ids": (_user_ids, True)}),
+    "unsubscribe_presence": (UnsubscribePresence, {"user_ids": (_user_ids, True)}),
+    "logout": (Logout, {}),
 }
 REQUEST_TYPES = frozenset(_SCHEMAS)
 

@@ -37,6 +37,7 @@ from ..store.base import Message
 
 log = logging.getLogger(__name__)
 
+CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
 CLOSE_TRY_AGAIN = 1013
@@ -50,6 +51,13 @@ class _SyncJob:
         self.request_id = request_id
         self.cursors = cursors
         self.silent = silent  # a server-side resync: no reply frame
+
+
+class _Close:
+    __slots__ = ("code", "reason")
+
+    def __init__(self, code: int, reason: str):
+        self.code, self.reason = code, reason
 
 
 class Session:
@@ -68,6 +76,7 @@ class Session:
         self._bad_tokens = 0
         self._inflight = trio.Semaphore(limits.max_inflight_sends)
         self._last_send: trio.Event | None = None
+        self._subscribed: set[int] = set()  # explicit presence subscriptions of this connection
         self._nursery: trio.Nursery | None = None
         self.close_reason: tuple[int, str] | None = None
 
@@ -111,6 +120,9 @@ class Session:
                 await self._deliver_live(item)
             elif isinstance(item, _SyncJob):
                 await self._run_sync(item)
+            elif isinstance(item, _Close):  # everything queued before it has been sent
+                self.close_soon(item.code, item.reason)
+                return
             else:
                 await self._send_data(proto.dumps(item, self.fmt))
 
@@ -227,12 +239,23 @@ class Session:
         elif isinstance(req, proto.Sync):
             self.push(_SyncJob(req.id, req.cursors))
         elif isinstance(req, proto.Heartbeat):
+            self.node.presence.heartbeat(self.user_id, self.device_id)
             self.push({"type": "heartbeat", "id": req.id, "server_time": time.time()})
+        elif isinstance(req, proto.UnsubscribePresence):
+            gone = [u for u in req.user_ids if u in self._subscribed]
+            self._subscribed.difference_update(gone)
+            self.node.presence.unsubscribe(self.user_id, gone)
+            self.push({"type": "unsubscribe_presence", "id": req.id, "user_ids": list(req.user_ids)})
+        elif isinstance(req, proto.Logout):
+            self.node.presence.logout(self.user_id, self.device_id)
+            self.push({"type": "logout", "id": req.id})
+            self.push(_Close(CLOSE_NORMAL, "logged out"))
         elif isinstance(req, proto.Auth):
             self.push_error(ChatError("already_authenticated", "this connection is authenticated"), req.id)
         else:
             handler = {proto.History: self._on_history, proto.Typing: self._on_typing,
-                       proto.Read: self._on_read}[type(req)]
+                       proto.Read: self._on_read, proto.PresenceQuery: self._on_presence,
+                       proto.SubscribePresence: self._on_subscribe}[type(req)]
             nursery.start_soon(self._guarded, handler, req)
 
     async def _guarded(self, handler, req) -> None:
@@ -252,6 +275,7 @@ class Session:
             return
         # No await from here on: every live message routed to us is queued after this sync job.
         self.node.router.attach(self)
+        self.node.presence.heartbeat(self.user_id, self.device_id)
         self.push({"type": "auth", "id": req.id, "user_id": self.user_id, "device_id": self.device_id,
                    "heartbeat_interval_s": self.limits.heartbeat_interval_s, "server_time": time.time()})
         if req.cursors:
@@ -309,6 +333,23 @@ class Session:
         event = {"type": "read", "channel_id": req.channel_id, "user_id": self.user_id, "seq": seq}
         self.node.router.deliver_event(event, members, skip=self)
 
+    async def _on_subscribe(self, req: proto.SubscribePresence) -> None:
+        """Subscribe (at once, before any await), then answer with the current statuses."""
+        new = [u for u in req.user_ids if u not in self._subscribed and u != self.user_id]
+        limit = self.node.config.presence.max_subscriptions
+        if len(self._subscribed) + len(new) > limit:
+            raise ChatError("bad_field", f"too many presence subscriptions on this connection (at most {limit})")
+        self._subscribed.update(new)
+        self.node.presence.subscribe(self.user_id, new)
+        users = await self.node.presence.statuses(list(req.user_ids))
+        self.push({"type": "subscribe_presence", "id": req.id, "users": {str(u): st for u, st in users.items()}})
+
+    async def _on_presence(self, req: proto.PresenceQuery) -> None:
+        if len(req.user_ids) > self.node.config.presence.max_query:
+            raise ChatError("bad_field", f"ask for at most {self.node.config.presence.max_query} users at once")
+        users = await self.node.presence.statuses(list(req.user_ids))
+        self.push({"type": "presence", "id": req.id, "users": {str(u): st for u, st in users.items()}})
+
     async def _auth_timeout(self) -> None:
         await trio.sleep(self.limits.auth_timeout_s)
         if self.user_id is None:
@@ -334,6 +375,8 @@ class Session:
         finally:
             if self.user_id is not None:
                 self.node.router.detach(self)
+                if self._subscribed:
+                    self.node.presence.unsubscribe(self.user_id, list(self._subscribed))
             self._out_send.close()
             if self.close_reason is not None and not self.ws.closed:
                 with trio.CancelScope(shield=True), trio.move_on_after(2):
