@@ -195,7 +195,7 @@ def _worker_result(worker, devices, acked, books):
     st.timeline["sent"] = [2, 1]
     st.timeline["acked"] = [2, 1]
     st.timeline["delivered"] = [4, 2]
-    st.timeline["cpu_s"] = [0.1, 0.1]
+    st.timeline["cpu_util"] = [0.1, 0.1]
     r = st.to_dict()
     r.update(worker=worker, cpu_s=0.2, wall_s=2.0, drain_s=0.1, books=books, rusage_maxrss_kib=1000)
     return r

@@ -108,6 +108,8 @@ def _procs(value):
               help="Sends in flight per connection (the protocol allows 64).")
 @click.option("--connect-concurrency", type=int, default=64, show_default=True,
               help="TCP+WebSocket handshakes in progress at once, per generator process.")
+@click.option("--connect-timeout", "connect_timeout_s", type=float, default=15.0, show_default=True,
+              help="Seconds one TCP+WebSocket handshake may take before the client gives up and retries.")
 @click.option("--api", help="API URL of a running deployment (default: start a `chatd run` locally).")
 @click.option("--server-pid", type=int,
               help="With --api on this machine: the server's pid, to sample its RSS (/proc/PID/status).")
@@ -126,7 +128,7 @@ def _procs(value):
 @click.option("--progress/--no-progress", default=None,
               help="Live one-line progress on stderr [default: only when stderr is a terminal].")
 def bench(scenario, clients, devices, rate, duration_s, size, ramp_up_s, seed, procs, fmt, group_size,
-          reconnect_interval_s, offline_s, drain_s, max_inflight, connect_concurrency, api, server_pid,
+          reconnect_interval_s, offline_s, drain_s, max_inflight, connect_concurrency, connect_timeout_s, api, server_pid,
           server_opt, server_env, keep_data, as_json, plot_path, check, progress):
     from .runner import BenchError, Display, TargetOptions, run_bench
     from .worker import raise_nofile_limit
@@ -136,7 +138,8 @@ def bench(scenario, clients, devices, rate, duration_s, size, ramp_up_s, seed, p
                         size=size, ramp_up_s=ramp_up_s, seed=seed,
                         procs=n_procs or auto_procs(clients * devices), fmt=fmt, group_size=group_size,
                         drain_s=drain_s, reconnect_interval_s=reconnect_interval_s, offline_s=offline_s,
-                        connect_concurrency=connect_concurrency, max_inflight=max_inflight)
+                        connect_concurrency=connect_concurrency, connect_timeout_s=connect_timeout_s,
+                        max_inflight=max_inflight)
     try:
         opts.validate()
         env = dict(SERVER_ENV_DEFAULTS)

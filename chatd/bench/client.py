@@ -27,7 +27,6 @@ from .ws import OP_BINARY, OP_TEXT, WebSocket, WSClosed, WSError, encode_frame
 
 RETRYABLE = frozenset({"unavailable", "rate_limited"})
 AUTH_TIMEOUT_S = 15.0
-CONNECT_TIMEOUT_S = 15.0
 _CONN_ERRORS = (OSError, WSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError)
 
 
@@ -164,7 +163,7 @@ class BenchClient:
                 try:
                     async with ctx.connect_limiter:
                         self._conn_started_ns = time.monotonic_ns()
-                        with trio.fail_after(CONNECT_TIMEOUT_S):
+                        with trio.fail_after(ctx.opts.connect_timeout_s):
                             ws = await WebSocket.connect(self.dev.ws_url, ctx.codec.subprotocol)
                 except _CONN_ERRORS as e:
                     stats.connection_failures += 1

@@ -27,7 +27,7 @@ def merge_results(results: list[dict]) -> dict:
     errors: dict[str, int] = {}
     closes: dict[str, int] = {}
     hists = {k: Histogram() for k in HISTOGRAMS}
-    timeline = {k: [] for k in TIMELINES if k != "cpu_s"}
+    timeline = {k: [] for k in TIMELINES if k != "cpu_util"}
     acked: dict[str, list] = {}
     books: dict[int, dict] = {}
     for r in results:
@@ -98,11 +98,14 @@ def build_report(opts: BenchOptions, population, results: list[dict], meta: dict
     per_proc = []
     for r in results:
         util = r["cpu_s"] / r["wall_s"] if r["wall_s"] else 0.0
-        cpu_tl = r["timeline"].get("cpu_s", [])
+        cpu_tl = r["timeline"].get("cpu_util", [])
+        hot = sum(1 for u in cpu_tl if u > SATURATED_UTIL)
         per_proc.append({"proc": r["worker"], "devices": len(r["books"]), "cpu_s": round(r["cpu_s"], 2),
                          "cpu_util": round(util, 3), "peak_util_1s": round(max(cpu_tl, default=0.0), 3),
-                         "max_rss_kib": r["rusage_maxrss_kib"]})
-    saturated = any(p["cpu_util"] > SATURATED_UTIL for p in per_proc)
+                         "saturated_seconds": hot, "max_rss_kib": r["rusage_maxrss_kib"]})
+    # saturated: above the threshold on average, or in more than a tenth of the run's seconds
+    saturated = any(p["cpu_util"] > SATURATED_UTIL or p["saturated_seconds"] > max(1, opts.duration_s / 10)
+                    for p in per_proc)
     generator = {"procs": len(results), "per_proc": per_proc, "saturated": saturated,
                  "saturated_threshold": SATURATED_UTIL,
                  "drain_s": round(max((r["drain_s"] for r in results), default=0.0), 2)}
@@ -192,8 +195,9 @@ def format_summary(r: dict) -> str:
                      + f"{h['count']:>10,}")
     lines.append("")
     g = r["generator"]
-    procs = ", ".join(f"#{p['proc']} {p['cpu_util'] * 100:.0f}% (peak {p['peak_util_1s'] * 100:.0f}%)"
-                      for p in g["per_proc"])
+    procs = ", ".join(f"#{p['proc']} {p['cpu_util'] * 100:.0f}% (peak {p['peak_util_1s'] * 100:.0f}%"
+                      + (f", {p['saturated_seconds']} s above {SATURATED_UTIL * 100:.0f}%" if p["saturated_seconds"]
+                         else "") + ")" for p in g["per_proc"])
     lines.append(f"  generator CPU: {procs}"
                  + ("  -- SATURATED: the generator may be the bottleneck; use more --procs"
                     if g["saturated"] else "  (not saturated)"))

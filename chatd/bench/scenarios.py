@@ -53,6 +53,7 @@ class BenchOptions:
     reconnect_interval_s: float = 1.0
     offline_s: float = 0.3
     connect_concurrency: int = 64
+    connect_timeout_s: float = 15.0
     max_inflight: int = 64
 
     @property
@@ -76,7 +77,7 @@ class BenchOptions:
                                  f"({self.group_size}) (or smaller: one group of all clients)")
         if self.duration_s <= 0:
             raise ValueError("--duration must be > 0")
-        if not 0 <= self.ramp_up_s < self.duration_s:
+        if self.ramp_up_s < 0 or (sc.sends and self.ramp_up_s >= self.duration_s):
             raise ValueError("--ramp-up must be >= 0 and shorter than --duration")
         if sc.sends and self.rate <= 0:
             raise ValueError("--rate must be > 0")

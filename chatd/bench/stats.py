@@ -15,7 +15,7 @@ COUNTERS = ("sent", "resent", "acked", "ack_duplicates", "send_failed", "deliver
             "duplicated", "out_of_order", "connects", "reconnects", "connection_failures", "drops",
             "heartbeats")
 HISTOGRAMS = ("send_ack", "send_deliver", "heartbeat", "connect")
-TIMELINES = ("sent", "acked", "delivered", "cpu_s")
+TIMELINES = ("sent", "acked", "delivered", "cpu_util")
 NS = 1_000_000_000
 
 
