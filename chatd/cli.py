@@ -108,6 +108,24 @@ def api(config_path, api_port, zk_hosts):
     _serve_role(serve_api_role, config)
 
 
+@main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config file.")
+@click.option("--presence-id", help="This presence server's id (unique among presence servers).")
+@click.option("--link-port", type=int, help="Link port shards and API servers dial (0 = any free port).")
+@click.option("--zk", "zk_hosts", help="ZooKeeper hosts, e.g. 127.0.0.1:2181.")
+def presence(config_path, presence_id, link_port, zk_hosts):
+    """A presence server of a cluster: online/offline, last_active_at, status fan-out."""
+    from .presence.server import serve_presence
+
+    config = _load(config_path, **{"presence.server_id": presence_id, "cluster.link_port": link_port,
+                                   "cluster.zk_hosts": zk_hosts})
+    try:
+        config.validate_cluster("presence")
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from None
+    _serve_role(serve_presence, config)
+
+
 async def _stop_on_signals(node_box: list, scope: trio.CancelScope) -> None:
     """First SIGINT/SIGTERM: graceful stop (drain, finish writes). Second one: stop at once."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

@@ -58,6 +58,7 @@ class PresenceConfig:
     # Presence is pushed to members of groups up to this size; bigger groups fetch it on demand.
     group_push_max: int = 20
     max_subscriptions: int = 1000  # explicit subscribe_presence targets per connection
+    server_id: str = "p1"  # chatd presence: this server's id (unique among presence servers)
     max_query: int = 500  # users per presence query
 
 

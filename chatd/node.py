@@ -178,11 +178,14 @@ async def serve_shard(config: Config, *, task_status=trio.TASK_STATUS_IGNORED, n
         links = LinkManager(config.server.shard_id, "shard", cc, on_frame=node.on_link_frame,
                             on_link_up=node.on_link_up, metrics=node.metrics)
         node.router.links = links
+        presence_links, presence_view = _remote_presence(node, config, config.server.shard_id, "shard",
+                                                         on_frame=node.on_link_frame)
         async with trio.open_nursery() as nursery:
             node.nursery = nursery
             await nursery.start(node.discovery.run)
             await nursery.start(links.run, True)
             node.discovery.on_change(lambda old, new: links.set_peers(new))
+            await _start_remote_presence(nursery, node.presence, presence_links, presence_view)
             ws_port = await nursery.start(node.shard.serve)
             ws_url = public_ws_url(config, ws_port)
             admin_stop = trio.Event()
@@ -246,8 +249,10 @@ async def serve_api_role(config: Config, *, task_status=trio.TASK_STATUS_IGNORED
 
         async def ignore(link, frame):
             pass
-        links = LinkManager(f"api-{os.getpid()}-{secrets.token_hex(3)}", "api", cc, on_frame=ignore)
+        api_id = f"api-{os.getpid()}-{secrets.token_hex(3)}"
+        links = LinkManager(api_id, "api", cc, on_frame=ignore)
         node = ApiNode(config, store, discovery, links)
+        presence_links, presence_view = _remote_presence(node, config, api_id, "api", on_frame=ignore)
         if node_out is not None:
             node_out.append(node)
         async with trio.open_nursery() as nursery:
@@ -255,6 +260,7 @@ async def serve_api_role(config: Config, *, task_status=trio.TASK_STATUS_IGNORED
             await nursery.start(links.run, False)
             discovery.on_change(lambda old, new: links.set_peers(new))
             links.set_peers(discovery.view)
+            await _start_remote_presence(nursery, node.presence, presence_links, presence_view)
             stop = trio.Event()
             async with trio.open_nursery() as api_nursery:  # ends when hypercorn has shut down
                 api_url = await api_nursery.start(serve_api, node, stop)
@@ -263,3 +269,30 @@ async def serve_api_role(config: Config, *, task_status=trio.TASK_STATUS_IGNORED
                 await node.stop_event.wait()
                 stop.set()
             nursery.cancel_scope.cancel()
+
+
+def _remote_presence(node, config: Config, node_id: str, role: str, on_frame):
+    """Replace ``node.presence`` by the client of the cluster's presence servers."""
+    from .discovery.zk import ZkDiscovery
+    from .presence.remote import RemotePresence
+    from .shard.links import LinkManager
+
+    cc = config.cluster
+    view = ZkDiscovery(cc.zk_hosts, cc.zk_root, cc.zk_session_timeout_s, cc.load_refresh_s, kind="presence")
+    holder: list = []
+    links = LinkManager(node_id, role, cc, on_frame=on_frame, dial_all=True,
+                        on_link_up=lambda link: holder[0].on_link_up(link))
+    hub = getattr(node, "hub", None)
+    local = (lambda: [(s.user_id, s.device_id) for s in hub.all_sessions()]) if hub is not None else (lambda: [])
+    node.presence = RemotePresence(node_id, node.store, links, view, local_devices=local)
+    holder.append(node.presence)
+    view.on_change(lambda old, new: links.set_peers(new))
+    view.on_change(node.presence.on_view_change)
+    return links, view
+
+
+async def _start_remote_presence(nursery, presence, links, view) -> None:
+    await nursery.start(links.run, False)
+    await nursery.start(view.run)
+    links.set_peers(view.view)
+    await nursery.start(presence.run)

@@ -79,7 +79,7 @@ class Cluster:
     """``n`` shards (s1..sn) + one API server, all separate processes, one ZooKeeper root."""
 
     def __init__(self, zk: ZooKeeper, workdir: Path, n: int = 3, session_timeout_s: float = 2.0,
-                 heartbeat_s: float = 0.3, extra: str = ""):
+                 heartbeat_s: float = 0.3, extra: str = "", presence: int = 0):
         self.zk = zk
         self.dir = workdir
         self.root = f"/chatd-test-{os.getpid()}-{workdir.name}"
@@ -92,6 +92,7 @@ class Cluster:
             f"zk_session_timeout_s = {session_timeout_s}\nlink_port = 0\nlink_heartbeat_s = {heartbeat_s}\n"
             "load_refresh_s = 0.5\n" + extra)
         self.shard_ids = [f"s{i}" for i in range(1, n + 1)]
+        self.presence_ids = [f"p{i}" for i in range(1, presence + 1)]
         self.ws_ports = {sid: free_port() for sid in self.shard_ids}
         self.http_ports = {sid: free_port() for sid in self.shard_ids}
         self.api_port = free_port()
@@ -110,7 +111,12 @@ class Cluster:
     def admin(self, sid: str) -> API:
         return API(f"http://127.0.0.1:{self.http_ports[sid]}")
 
+    def start_presence(self, pid: str) -> None:
+        self._spawn(pid, ["presence", "--presence-id", pid, "--link-port", "0"])
+
     async def start(self) -> "Cluster":
+        for pid in self.presence_ids:
+            self.start_presence(pid)
         for sid in self.shard_ids:
             self.start_shard(sid)
         self._spawn("api", ["api", "--api-port", str(self.api_port)])
@@ -122,7 +128,8 @@ class Cluster:
         with trio.fail_after(timeout):
             while True:
                 for name, p in self.procs.items():
-                    assert p.poll() is None or name not in expected | {"api"}, f"{name} exited; see its log"
+                    assert p.poll() is None or name not in expected | {"api"} | set(self.presence_ids), \
+                        f"{name} exited; see its log"
                 try:
                     r = await self.api.call("GET", "/healthz")
                     if r.status == 200 and set(r.body["shards"]) == expected:

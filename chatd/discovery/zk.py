@@ -2,7 +2,10 @@
 
 ZooKeeper layout (``root`` defaults to ``/chatd``)::
 
-    /chatd/shards/<shard id>     ephemeral; JSON ShardInfo {shard_id, ws_url, link_addr, load}
+    /chatd/shards/<shard id>       ephemeral; JSON ShardInfo {shard_id, ws_url, link_addr, load}
+    /chatd/presence/<server id>    ephemeral; the same JSON (ws_url empty), for presence servers
+
+One instance watches (and may register in) one of the two sets (``kind``).
 
 Threads and trio: kazoo runs its own connection thread and calls watchers and state listeners on
 it. Those callbacks do nothing but hand an event to trio with ``TrioToken.run_sync_soon``; every
@@ -38,10 +41,11 @@ log = logging.getLogger(__name__)
 
 class ZkDiscovery:
     def __init__(self, hosts: str, root: str = "/chatd", session_timeout_s: float = 10.0,
-                 load_refresh_s: float = 2.0, overload_connections: int = 0):
+                 load_refresh_s: float = 2.0, overload_connections: int = 0, kind: str = "shards"):
         self.hosts = hosts
         self.root = root.rstrip("/") or "/chatd"
-        self.shards_path = f"{self.root}/shards"
+        self.kind = kind  # "shards" or "presence": which set of servers this instance watches
+        self.shards_path = f"{self.root}/{kind}"
         self.session_timeout_s = session_timeout_s
         self.load_refresh_s = load_refresh_s
         self.overload_connections = overload_connections

@@ -78,6 +78,11 @@ class PresenceTracker:
             for dev in [d for d in u.devices if predicate(uid, d)]:
                 del u.devices[dev]
 
+    def forget(self, user_id: int) -> None:
+        """Drop everything about a user (it moved to another presence server); nothing is published."""
+        self._users.pop(user_id, None)
+        self._dirty.discard(user_id)
+
     # ---- reading -------------------------------------------------------------------------------
     def status(self, user_id: int) -> tuple[bool, float] | None:
         """(online, last_active_at) if this tracker knows the user, else None."""

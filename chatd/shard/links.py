@@ -2,7 +2,8 @@
 (:mod:`chatd.protocol.link`).
 
 Topology: one link per pair. A shard dials every shard whose id sorts after its own; an API
-server dials every shard; nobody dials an API server. The dialer reconnects with exponential
+server dials every shard; shards and API servers dial every presence server; nobody dials an API
+server. The dialer reconnects with exponential
 backoff (0.1 s doubling to 5 s, with jitter) for as long as the peer is in the view.
 
 Resources and policies
@@ -129,13 +130,16 @@ class Link:
 
 class LinkManager:
     def __init__(self, node_id: str, role: str, cfg, on_frame: Callable[[Link, dict], Awaitable[None]],
-                 on_link_up: Callable[[Link], None] = lambda link: None, metrics=None):
+                 on_link_up: Callable[[Link], None] = lambda link: None, metrics=None, dial_all: bool = False,
+                 on_link_down: Callable[[Link], None] = lambda link: None):
         self.node_id = node_id
         self.role = role
         self.cfg = cfg
         self.secret = cfg.secret
         self._on_frame = on_frame
         self._on_link_up = on_link_up
+        self._on_link_down = on_link_down
+        self.dial_all = dial_all  # dial every server of the view (API servers; shards -> presence)
         self.links: dict[str, Link] = {}
         self._dialers: dict[str, tuple[str, trio.CancelScope]] = {}
         self._nursery: trio.Nursery | None = None
@@ -165,11 +169,13 @@ class LinkManager:
 
     def set_peers(self, view) -> None:
         """Dial the shards we should (see module docstring); stop dialling the ones gone."""
+        if self._nursery is None:  # not running yet: run() callers set the peers once it is
+            return
         wanted = {}
         for sid, info in view.shards.items():
             if sid == self.node_id or not info.link_addr:
                 continue
-            if self.role == "api" or sid > self.node_id:
+            if self.dial_all or self.role == "api" or sid > self.node_id:
                 wanted[sid] = info.link_addr
         for sid, (addr, scope) in list(self._dialers.items()):
             if wanted.get(sid) != addr:
@@ -242,6 +248,7 @@ class LinkManager:
         finally:
             if self.links.get(link.peer_id) is link:
                 del self.links[link.peer_id]
+                self._on_link_down(link)
             for rid, slot in list(self._pending.items()):
                 if slot[2] is link:
                     slot[1] = {"err": {"code": "unavailable", "message": f"link to {link.peer_id} closed"}}

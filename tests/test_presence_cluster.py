@@ -1,0 +1,115 @@
+"""The presence role with the real thing: ZooKeeper, shards, presence servers and an API server as
+OS processes. A presence server is killed with -9 and later replaced: after the grace period no
+ghost is online and no connected user is offline."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from chatd.discovery import hashing
+from tests.cluster import Cluster, ZooKeeper, zookeeper_available
+from tests.helpers import open_client
+
+pytestmark = pytest.mark.skipif(not zookeeper_available(),
+                                reason="ZooKeeper not installed (apt-get install zookeeper); .ci/run installs it")
+
+GRACE_S = 2.0
+
+
+@pytest.fixture
+async def cluster(tmp_path):
+    zk = ZooKeeper(tmp_path / "zk")
+    c = Cluster(zk, tmp_path, n=2, session_timeout_s=1.5, presence=2,
+                extra=f"[presence]\ngrace_s = {GRACE_S}\ncoalesce_s = 0.2\n")
+    try:
+        await c.start()
+        yield c
+    finally:
+        c.stop()
+        zk.stop()
+
+
+async def statuses(cluster, token, *uids):
+    r = await cluster.api.call("GET", "/v1/presence?user_ids=" + ",".join(map(str, uids)), token=token)
+    assert r.status == 200, r
+    return {int(k): v["status"] for k, v in r.body["users"].items()}
+
+
+def latest(client, uid):
+    events = [f["status"] for f in client.inbox if f.get("type") == "presence" and f["user_id"] == uid]
+    return events[-1] if events else None
+
+
+async def eventually(pred, timeout=30):
+    with trio.fail_after(timeout):
+        while not await pred():
+            await trio.sleep(0.2)
+
+
+async def test_presence_server_killed_and_replaced(cluster, nursery):
+    api = cluster.api
+    watcher = await api.signup_login("watcher")
+    # two users that hash to the same presence server, the one we will kill
+    users = []
+    i = 0
+    while len(users) < 2:
+        u = await api.signup_login(f"target{i}")
+        i += 1
+        if hashing.owner(f"p:{u['user']['id']}", ["p1", "p2"]) == "p1":
+            users.append(u)
+    x, y = users
+    xid, yid = x["user"]["id"], y["user"]["id"]
+    cw = await open_client(nursery, watcher["ws_url"], watcher["token"])
+    sub = await cw.request({"type": "subscribe_presence", "user_ids": [xid, yid]})
+    assert sub["type"] == "subscribe_presence", sub
+
+    async def both_online():
+        return await statuses(cluster, watcher["token"], xid, yid) == {xid: "online", yid: "online"}
+
+    async with trio.open_nursery() as conns:
+        cx = await open_client(conns, x["ws_url"], x["token"])
+        cy = await open_client(conns, y["ws_url"], y["token"])
+
+        async def keep_alive(c):
+            while True:
+                await c.send({"type": "heartbeat", "id": "hb"})
+                await trio.sleep(GRACE_S / 4)
+        conns.start_soon(keep_alive, cy)
+        x_alive = trio.CancelScope()
+
+        async def x_heartbeats():
+            with x_alive:
+                await keep_alive(cx)
+        conns.start_soon(x_heartbeats)
+        await eventually(both_online)
+
+        async def watcher_saw_online():
+            return latest(cw, xid) == "online" and latest(cw, yid) == "online"
+        await eventually(watcher_saw_online)
+
+        cluster.kill("p1")  # their presence server dies
+        # x goes away for good: stops heartbeating and disconnects
+        x_alive.cancel()
+        await cx.ws.aclose()
+
+        async def settled():
+            return await statuses(cluster, watcher["token"], xid, yid) == {xid: "offline", yid: "online"}
+        await eventually(settled)
+        # after the grace period it stays that way: no ghost online, the connected user not offline
+        await trio.sleep(GRACE_S * 1.5)
+        assert await settled()
+
+        async def watcher_saw_offline():
+            return latest(cw, xid) == "offline" and latest(cw, yid) == "online"
+        try:
+            await eventually(watcher_saw_offline)
+        except trio.TooSlowError:
+            raise AssertionError([f for f in cw.inbox if f.get("type") == "presence"]) from None
+
+        # a replacement server joins; users re-hash across p2 and p3 and the state is rebuilt
+        cluster.start_presence("p3")
+        await trio.sleep(GRACE_S * 2)
+        assert await settled()
+        assert latest(cw, yid) == "online" and latest(cw, xid) == "offline"
+        conns.cancel_scope.cancel()
