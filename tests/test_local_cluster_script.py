@@ -45,6 +45,14 @@ async def test_local_cluster_script(tmp_path, nursery):
         for client in (ca, cb, cc):
             msgs = [m for m in await client.messages(2 if client is ca else 1) if m["channel_id"] == group]
             assert [m["body"] for m in msgs] == ["s3 to all"]
+        # the presence server of the local cluster knows who is connected
+        ids = [p["user"]["id"] for p in (a, b, c)]
+        with trio.fail_after(20):
+            while True:
+                r = await api.call("GET", "/v1/presence?user_ids=" + ",".join(map(str, ids)), token=a["token"])
+                if r.status == 200 and all(v["status"] == "online" for v in r.body["users"].values()):
+                    break
+                await trio.sleep(0.2)
     finally:
         stopped = await trio.to_thread.run_sync(run, "stop")
     assert stopped.returncode == 0 and "stopped" in stopped.stdout, stopped.stdout + stopped.stderr
