@@ -214,3 +214,25 @@ async def test_slow_consumer_is_cut_off_and_resyncs(server_with, nursery):
     assert [m["seq"] for m in got] == list(range(1, n + 2))
     sync = await cb.reply_to(cb.auth_id)
     assert sync["cursors"] == {ch: n + 1}
+
+
+async def test_client_that_resets_during_the_handshake(server, nursery):
+    """Found by `chatd bench idle`: a TCP reset before the 101 reply used to end the process."""
+    import socket
+    import struct
+    from urllib.parse import urlparse
+    alice, bob, ch, ca = await setup_pair(server, nursery)
+    url = urlparse(server.ws_url)
+    request = (f"GET / HTTP/1.1\r\nHost: {url.hostname}:{url.port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+               "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").encode()
+
+    def reset_handshakes():
+        for _ in range(20):
+            c = socket.create_connection((url.hostname, url.port))
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = RST
+            c.sendall(request)
+            c.close()
+    await trio.to_thread.run_sync(reset_handshakes)
+    await trio.sleep(0.5)
+    assert (await ca.send_message(ch, "still serving"))["seq"] == 2
+    await assert_intact(server, alice["token"], ch, ["keep me", "still serving"])

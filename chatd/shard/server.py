@@ -12,7 +12,7 @@ import functools
 import logging
 
 import trio
-from trio_websocket import serve_websocket
+from trio_websocket import ConnectionClosed, serve_websocket
 
 from ..protocol.client import JSON, MSGPACK, SUBPROTOCOLS
 from .session import CLOSE_GOING_AWAY, Session
@@ -37,8 +37,18 @@ class ShardServer:
         self._drained = trio.Event()
 
     async def _handle(self, request) -> None:
+        """One connection. Nothing a client does may end the server: a failure here ends only
+        this connection (logged); a bug is logged with its traceback."""
+        try:
+            await self._serve_connection(request)
+        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            log.debug("connection ended during set-up: %r", e)
+        except Exception:  # noqa: BLE001 - a bug in one session must not take the shard down
+            log.exception("session crashed; connection dropped")
+
+    async def _serve_connection(self, request) -> None:
         subprotocol, fmt = choose_subprotocol(request.proposed_subprotocols)
-        ws = await request.accept(subprotocol=subprotocol)
+        ws = await request.accept(subprotocol=subprotocol)  # the client may be gone already
         session = Session(self.node, ws, fmt)
         if not self.accepting:
             session.close_soon(CLOSE_GOING_AWAY, "server shutting down; reconnect elsewhere")
