@@ -128,8 +128,8 @@ def _procs(value):
 @click.option("--progress/--no-progress", default=None,
               help="Live one-line progress on stderr [default: only when stderr is a terminal].")
 def bench(scenario, clients, devices, rate, duration_s, size, ramp_up_s, seed, procs, fmt, group_size,
-          reconnect_interval_s, offline_s, drain_s, max_inflight, connect_concurrency, connect_timeout_s, api, server_pid,
-          server_opt, server_env, keep_data, as_json, plot_path, check, progress):
+          reconnect_interval_s, offline_s, drain_s, max_inflight, connect_concurrency, connect_timeout_s, api,
+          server_pid, server_opt, server_env, keep_data, as_json, plot_path, check, progress):
     from .runner import BenchError, Display, TargetOptions, run_bench
     from .worker import raise_nofile_limit
 

@@ -185,7 +185,8 @@ def format_summary(r: dict) -> str:
     lines.append(f"  {'connects':<22}{_n(c['connects']):>12}   reconnects {_n(c['reconnects'])}, "
                  f"failures {_n(c['connection_failures'])}, storm drops {_n(c['storm_drops'])}")
     lines.append("")
-    lines.append(f"  {'latency (ms)':<16}" + "".join(f"{h:>10}" for h in ("p50", "p90", "p99", "p99.9", "max", "count")))
+    heads = ("p50", "p90", "p99", "p99.9", "max", "count")
+    lines.append(f"  {'latency (ms)':<16}" + "".join(f"{h:>10}" for h in heads))
     for key, label in (("send_ack", "send -> ack"), ("send_deliver", "send -> deliver"),
                        ("connect", "connect+auth"), ("heartbeat", "heartbeat rtt")):
         h = r["latency_ms"][key]
