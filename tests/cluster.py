@@ -7,6 +7,7 @@ sockets; the store is one shared SQLite file (the documented cluster store until
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -22,10 +23,31 @@ from tests.helpers import API, open_client
 ZK_CLASSPATH = "/usr/share/java/zookeeper.jar:/usr/share/java/slf4j-simple.jar"
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port for a server a test starts later, chosen *below* the kernel's
+    ephemeral range (32768+), so that servers binding port 0 meanwhile (link listeners) or client
+    sockets can never take it; never the same port twice in one test run."""
+    lo, hi = 20000, 32000
+    try:
+        lo_eph = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+        hi = min(hi, lo_eph - 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    for _ in range(1000):
+        port = random.randint(lo, hi)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError("no free port found")
 
 
 def zookeeper_available() -> bool:

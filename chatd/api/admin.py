@@ -5,10 +5,16 @@ from __future__ import annotations
 
 from quart import Response
 from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
 
 
 def create_admin_app(node) -> QuartTrio:
     app = QuartTrio("chatd-shard")
+
+    @app.errorhandler(HTTPException)
+    async def on_http_error(e: HTTPException):
+        return {"error": {"code": "not_found" if e.code == 404 else "bad_request",
+                          "message": e.description or e.name}}, e.code
 
     @app.get("/healthz")
     async def healthz():
