@@ -54,8 +54,13 @@ def run(config_path, data_dir, api_port, ws_port, host):
     _serve_role(serve_run, config)
 
 
-def _serve_role(serve, config) -> None:
+def _serve_role(serve, config, cluster_role: str | None = None) -> None:
     """Run a role until SIGINT/SIGTERM (graceful) or a second signal (at once)."""
+    if cluster_role is not None:
+        try:
+            config.validate_cluster(cluster_role)
+        except ConfigError as e:
+            raise click.ClickException(str(e)) from None
     _setup_logging(config.log_level)
 
     async def main_task():
@@ -85,11 +90,7 @@ def shard(config_path, shard_id, ws_port, link_port, http_port, zk_hosts):
     config = _load(config_path, **{"server.shard_id": shard_id, "server.ws_port": ws_port,
                                    "cluster.link_port": link_port, "server.api_port": http_port,
                                    "cluster.zk_hosts": zk_hosts})
-    try:
-        config.validate_cluster("shard")
-    except ConfigError as e:
-        raise click.ClickException(str(e)) from None
-    _serve_role(serve_shard, config)
+    _serve_role(serve_shard, config, cluster_role="shard")
 
 
 @main.command()
@@ -101,11 +102,7 @@ def api(config_path, api_port, zk_hosts):
     from .node import serve_api_role
 
     config = _load(config_path, **{"server.api_port": api_port, "cluster.zk_hosts": zk_hosts})
-    try:
-        config.validate_cluster("api")
-    except ConfigError as e:
-        raise click.ClickException(str(e)) from None
-    _serve_role(serve_api_role, config)
+    _serve_role(serve_api_role, config, cluster_role="api")
 
 
 @main.command()
@@ -119,11 +116,7 @@ def presence(config_path, presence_id, link_port, zk_hosts):
 
     config = _load(config_path, **{"presence.server_id": presence_id, "cluster.link_port": link_port,
                                    "cluster.zk_hosts": zk_hosts})
-    try:
-        config.validate_cluster("presence")
-    except ConfigError as e:
-        raise click.ClickException(str(e)) from None
-    _serve_role(serve_presence, config)
+    _serve_role(serve_presence, config, cluster_role="presence")
 
 
 async def _stop_on_signals(node_box: list, scope: trio.CancelScope) -> None:
