@@ -155,3 +155,18 @@ def test_view_routes_logins_home_or_least_loaded():
     assert ShardInfo.from_json(shards["s2"].to_json()) == shards["s2"]
     with pytest.raises(LookupError):
         View().pick_for_login(1)
+
+
+def test_cluster_roles_refuse_to_start_without_secrets(tmp_path):
+    from click.testing import CliRunner
+
+    from chatd.cli import main
+    for role in ("shard", "api", "presence"):
+        result = CliRunner().invoke(main, [role], env={})
+        assert result.exit_code == 1 and "cluster.secret must be set" in result.output, (role, result.output)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[cluster]\nsecret = "x"\n')
+    result = CliRunner().invoke(main, ["shard", "--config", str(cfg)], env={})
+    assert result.exit_code == 1 and "auth.secret must be set" in result.output
+    result = CliRunner().invoke(main, ["run", "--config", str(tmp_path / "missing.toml")], env={})
+    assert result.exit_code == 1 and "config file not found" in result.output
