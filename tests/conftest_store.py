@@ -31,7 +31,8 @@ class EmulatedKeyspace(CqlRunner):
         self.bucket_size = bucket_size
         self.tables: dict[str, dict] = {t: {} for t in (
             "schema_version", "users", "users_by_name", "devices", "channels", "channel_heads",
-            "members_by_channel", "channels_by_user", "read_cursors", "messages", "message_dedup")}
+            "members_by_channel", "channels_by_user", "read_cursors", "messages", "message_dedup",
+            "push_tokens", "push_tokens_by_user", "push_outbox", "push_marks", "push_leases")}
         self.calls: Counter = Counter()
         self.fail: dict[str, str] = {}
         self.page_rows: int | None = None  # force small pages to exercise paging
@@ -286,6 +287,81 @@ class EmulatedKeyspace(CqlRunner):
 
     def w_dedup_move(self, new, cid, sender_id, client_msg_id, expected):
         self.tables["message_dedup"][(cid, sender_id, client_msg_id)]["seq"] = new
+
+    # ---- push notifications ------------------------------------------------------------------
+    _TOKEN = ("token", "user_id", "device_id", "provider", "app_id", "created_at")
+
+    def r_push_token_get(self, token):
+        row = self.tables["push_tokens"].get(token)
+        return [dict(row)] if row else []
+
+    def w_push_token_put(self, *values):
+        row = dict(zip(self._TOKEN, values))
+        self.tables["push_tokens"][row["token"]] = row
+
+    def c_push_token_delete(self, token, uid):
+        row = self.tables["push_tokens"].get(token)
+        current = None if row is None else row["user_id"]
+        return current is not None and current == uid, {} if row is None else {"user_id": current}
+
+    def w_push_token_delete(self, token, uid):
+        self.tables["push_tokens"].pop(token, None)
+
+    def r_push_user_tokens(self, uid):
+        return [dict(row) for (u, _), row in sorted(self.tables["push_tokens_by_user"].items()) if u == uid]
+
+    def w_push_user_token_put(self, *values):
+        row = dict(zip(self._TOKEN, values))
+        self.tables["push_tokens_by_user"][(row["user_id"], row["token"])] = row
+
+    def w_push_user_token_delete(self, uid, token):
+        self.tables["push_tokens_by_user"].pop((uid, token), None)
+
+    def w_push_enqueue(self, slot, uid, cid, seq, sender_id, body, queued_at):  # an INSERT is an upsert
+        self.tables["push_outbox"].setdefault(slot, {})[(uid, cid, seq)] = {
+            "user_id": uid, "channel_id": cid, "seq": seq, "sender_id": sender_id, "body": body,
+            "queued_at": queued_at}
+
+    def r_push_pending(self, slot, limit):
+        part = self.tables["push_outbox"].get(slot, {})
+        return [dict(part[k]) for k in sorted(part)][:limit]
+
+    def w_push_dequeue(self, slot, uid, cid, upto):
+        part = self.tables["push_outbox"].get(slot, {})
+        for key in [k for k in part if k[0] == uid and k[1] == cid and k[2] <= upto]:
+            del part[key]
+
+    def r_push_marks_get(self, uid, cid):
+        return [{"token": t, "seq": row["seq"]} for (u, c, t), row in sorted(self.tables["push_marks"].items())
+                if (u, c) == (uid, cid)]
+
+    def w_push_mark_set(self, ts, seq, uid, cid, token):
+        row = self.tables["push_marks"].get((uid, cid, token))
+        if row is None or (ts, seq) >= (row["ts"], row["seq"]):  # last write wins, by timestamp
+            self.tables["push_marks"][(uid, cid, token)] = {"ts": ts, "seq": seq}
+
+    def c_push_lease_create(self, slot, owner, until):
+        row = self.tables["push_leases"].get(slot)
+        return row is None, dict(row or {})
+
+    def w_push_lease_create(self, slot, owner, until):
+        self.tables["push_leases"][slot] = {"slot": slot, "owner": owner, "lease_until": until}
+
+    def c_push_lease_renew(self, until, slot, owner):
+        row = self.tables["push_leases"].get(slot)
+        current = None if row is None else row["owner"]
+        return current is not None and current == owner, {} if row is None else {"owner": current}
+
+    def w_push_lease_renew(self, until, slot, owner):
+        self.tables["push_leases"][slot]["lease_until"] = until
+
+    def c_push_lease_take(self, owner, until, slot, now):
+        row = self.tables["push_leases"].get(slot)
+        current = None if row is None else row["lease_until"]
+        return current is not None and current < now, {} if row is None else {"lease_until": current}
+
+    def w_push_lease_take(self, owner, until, slot, now):
+        self.tables["push_leases"][slot].update(owner=owner, lease_until=until)
 
     # ---- inspection ----------------------------------------------------------------------------
     def stored_seqs(self, cid) -> list[int]:

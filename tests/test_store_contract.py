@@ -26,7 +26,7 @@ import trio
 from chatd.config import CassandraConfig
 from chatd.errors import ChatError
 from chatd.ids import dm_channel_id, new_group_id
-from chatd.store.base import Channel, ChannelSummary
+from chatd.store.base import Channel, ChannelSummary, PushEntry, PushToken, push_slot
 from chatd.store.cassandra import CassandraStore, open_cassandra
 from chatd.store.cassandra_schema import drop_keyspace, migrate
 from chatd.store.sqlite import open_sqlite
@@ -514,3 +514,96 @@ async def test_last_active_is_monotonic(store):
     assert await store.get_last_active([a.id, b.id, a.id, 999_999]) == {a.id: 100.5, b.id: 7.25}
     await store.set_last_active(a.id, 200.0)
     assert await store.get_last_active([a.id]) == {a.id: 200.0}
+
+
+# ---- push notifications ---------------------------------------------------------------------------
+def token_of(user, device, token, provider="fcm", app_id="com.example.chat", at=10.0):
+    return PushToken(user.id, device, provider, token, app_id, at)
+
+
+async def test_push_tokens_register_list_remove(store):
+    a, b = await users(store, 2)
+    t1, t2, t3 = uniq("tok1"), uniq("tok2"), uniq("tok3")
+    assert await store.push_tokens(a.id) == []
+    await store.add_push_token(token_of(a, "phone", t1))
+    await store.add_push_token(token_of(a, "tablet", t2, provider="apns", app_id="com.example.ios"))
+    assert await store.push_tokens(a.id) == sorted([token_of(a, "phone", t1),
+                                                    token_of(a, "tablet", t2, "apns", "com.example.ios")],
+                                                   key=lambda t: t.token)
+    # registering again replaces the row
+    await store.add_push_token(token_of(a, "phone", t1, app_id="other", at=11.0))
+    assert token_of(a, "phone", t1, app_id="other", at=11.0) in await store.push_tokens(a.id)
+    assert len(await store.push_tokens(a.id)) == 2
+    # a device has one token: a new one replaces the device's old one
+    await store.add_push_token(token_of(a, "phone", t3))
+    assert sorted(t.token for t in await store.push_tokens(a.id)) == sorted([t2, t3])
+    # a token names one device: registered by another user, it moves
+    await store.add_push_token(token_of(b, "b-phone", t2))
+    assert [t.token for t in await store.push_tokens(a.id)] == [t3]
+    assert await store.push_tokens(b.id) == [token_of(b, "b-phone", t2)]
+    # only the holder removes it
+    assert await store.remove_push_token(a.id, t2) is False
+    assert await store.push_tokens(b.id) == [token_of(b, "b-phone", t2)]
+    assert await store.remove_push_token(b.id, t2) is True
+    assert await store.remove_push_token(b.id, t2) is False
+    assert await store.push_tokens(b.id) == []
+    assert await store.remove_push_token(a.id, t3) is True
+    assert await store.push_tokens(a.id) == []
+
+
+async def test_push_outbox(store):
+    a, b = await users(store, 2)
+    ch1, ch2 = new_group_id(), new_group_id()
+
+    def entry(u, ch, seq, at=100.0):
+        return PushEntry(u.id, ch, seq, 7, f"body {seq}", at)
+
+    async def mine(user, limit=1000):
+        return [e for e in await store.pending_pushes(push_slot(user.id), limit) if e.user_id == user.id]
+
+    await store.enqueue_pushes([entry(a, ch2, 2), entry(a, ch1, 5), entry(a, ch1, 3), entry(b, ch1, 3)])
+    await store.enqueue_pushes([entry(a, ch1, 3, at=200.0)])  # the same (user, channel, seq): one row
+    await store.enqueue_pushes([])
+    expected_a = sorted([entry(a, ch2, 2), entry(a, ch1, 5), entry(a, ch1, 3)],
+                        key=lambda e: (e.channel_id, e.seq))
+    assert [(e.user_id, e.channel_id, e.seq, e.sender_id, e.body) for e in await mine(a)] == \
+        [(e.user_id, e.channel_id, e.seq, e.sender_id, e.body) for e in expected_a]
+    assert [e.seq for e in await mine(b)] == [3]
+    if push_slot(a.id) != push_slot(b.id):
+        assert [e.user_id for e in await store.pending_pushes(push_slot(a.id), 1000)].count(b.id) == 0
+    assert len(await store.pending_pushes(push_slot(a.id), 2)) == 2
+
+    await store.delete_pushes(a.id, ch1, 3)
+    assert [(e.channel_id, e.seq) for e in await mine(a)] == sorted([(ch1, 5), (ch2, 2)])
+    await store.delete_pushes(a.id, ch1, 99)
+    assert [(e.channel_id, e.seq) for e in await mine(a)] == [(ch2, 2)]
+    assert [e.seq for e in await mine(b)] == [3]  # other users keep theirs
+    await store.delete_pushes(a.id, ch2, 1)
+    assert [(e.channel_id, e.seq) for e in await mine(a)] == [(ch2, 2)]
+
+
+async def test_push_marks_only_rise(store):
+    (a,) = await users(store, 1)
+    ch, t1, t2 = new_group_id(), uniq("t1"), uniq("t2")
+    assert await store.push_marks(a.id, ch) == {}
+    await store.set_push_mark(a.id, ch, t1, 5)
+    await store.set_push_mark(a.id, ch, t1, 3)
+    await store.set_push_mark(a.id, ch, t2, 1)
+    assert await store.push_marks(a.id, ch) == {t1: 5, t2: 1}
+    await store.set_push_mark(a.id, ch, t1, 9)
+    assert await store.push_marks(a.id, ch) == {t1: 9, t2: 1}
+    assert await store.push_marks(a.id, new_group_id()) == {}
+
+
+async def test_push_slot_leases(store):
+    one, two = uniq("owner-a"), uniq("owner-b")
+    assert await store.claim_push_slots(one, [], 10.0, 100.0) == []
+    assert await store.claim_push_slots(one, [1, 2], 10.0, 100.0) == [1, 2]
+    assert await store.claim_push_slots(two, [2, 3], 10.0, 105.0) == [3]  # 2 is held until 110
+    assert await store.claim_push_slots(one, [1, 2], 10.0, 108.0) == [1, 2]  # renewed until 118
+    assert await store.claim_push_slots(two, [2], 10.0, 117.0) == []
+    assert await store.claim_push_slots(two, [2], 10.0, 119.0) == [2]  # expired: taken over
+    assert await store.claim_push_slots(one, [1, 2], 10.0, 120.0) == [1]
+    await store.release_push_slots(two, [2, 1])  # 1 is not two's: untouched
+    assert await store.claim_push_slots(one, [1, 2], 10.0, 121.0) == [1, 2]
+    assert await store.claim_push_slots(two, [1, 2, 3], 10.0, 122.0) == [3]

@@ -11,6 +11,11 @@ configured standard (SQLite ``synchronous=FULL``: survives power loss; Cassandra
 write consistency level). The shard acks a message only after :meth:`Store.append_message`
 returned.
 
+Push notifications (``chatd/push``): device push tokens per user, a durable outbox of pushes owed to
+offline recipients (one row per (recipient, channel, seq), so a repeated enqueue stores nothing new),
+per (token, channel) "pushed up to" marks that only rise, and slot leases that make one process the
+sender of a slot's outbox rows at a time (``PUSH_SLOTS`` slots, ``push_slot(user_id)``).
+
 Sequencing contract (:meth:`append_message`): per channel, seqs are 1, 2, 3, ... with no gap and
 no reuse; a ``(channel_id, sender_id, client_msg_id)`` seen before returns the original message with
 ``duplicate=True`` and stores nothing. Only the channel's owner shard calls it, so a backend may cache
@@ -80,6 +85,39 @@ class Message:
 class AppendResult:
     message: Message
     duplicate: bool
+
+
+PUSH_SLOTS = 64  # outbox partitions; part of the stored format (rows are filed under push_slot(user))
+
+
+def push_slot(user_id: int) -> int:
+    return user_id % PUSH_SLOTS
+
+
+@dataclass(frozen=True)
+class PushToken:
+    """A device's registration with a push platform, relayed by the configured gateway."""
+    user_id: int
+    device_id: str
+    provider: str  # the platform label the client gave ("apns", "fcm", ...); passed through
+    token: str  # the platform's device token (Matrix: pushkey); unique across users
+    app_id: str
+    created_at: float
+
+    def public(self) -> dict:
+        return {"device_id": self.device_id, "provider": self.provider, "token": self.token,
+                "app_id": self.app_id, "created_at": self.created_at}
+
+
+@dataclass(frozen=True)
+class PushEntry:
+    """One message owed to one offline recipient, waiting in the outbox."""
+    user_id: int
+    channel_id: str
+    seq: int
+    sender_id: int
+    body: str  # "" unless push.include_body (bodies are not copied into the outbox otherwise)
+    queued_at: float  # wall-clock time of the enqueue (coalescing window starts here)
 
 
 class Store(abc.ABC):
@@ -168,6 +206,51 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def get_last_active(self, user_ids: list[int]) -> dict[int, float]:
         """``last_active_at`` of the users among ``user_ids`` that have one."""
+
+    # -- push notifications --
+    @abc.abstractmethod
+    async def add_push_token(self, token: PushToken) -> None:
+        """Register ``token`` for its user and device. A token names one device: registering it again
+        replaces its row (moving it from another user or device), and the device's other tokens go."""
+
+    @abc.abstractmethod
+    async def remove_push_token(self, user_id: int, token: str) -> bool:
+        """Unregister the token if ``user_id`` holds it; True if it was registered to them."""
+
+    @abc.abstractmethod
+    async def push_tokens(self, user_id: int) -> list[PushToken]:
+        """The user's registered tokens, ordered by token."""
+
+    @abc.abstractmethod
+    async def enqueue_pushes(self, entries: list[PushEntry]) -> None:
+        """Add outbox rows. (user, channel, seq) identifies a row: enqueueing it again keeps one row
+        (SQLite keeps the first, Cassandra the last write; both carry the same message)."""
+
+    @abc.abstractmethod
+    async def pending_pushes(self, slot: int, limit: int) -> list[PushEntry]:
+        """Up to ``limit`` outbox rows of the slot, ordered by (user_id, channel_id, seq)."""
+
+    @abc.abstractmethod
+    async def delete_pushes(self, user_id: int, channel_id: str, upto_seq: int) -> None:
+        """Drop the user's outbox rows of the channel with seq <= ``upto_seq``."""
+
+    @abc.abstractmethod
+    async def push_marks(self, user_id: int, channel_id: str) -> dict[str, int]:
+        """token -> the highest seq of the channel already pushed to that token (for this user)."""
+
+    @abc.abstractmethod
+    async def set_push_mark(self, user_id: int, channel_id: str, token: str, seq: int) -> None:
+        """Raise the token's mark for the channel to ``seq`` (never lowers it)."""
+
+    @abc.abstractmethod
+    async def claim_push_slots(self, owner: str, slots: list[int], lease_s: float, now: float) -> list[int]:
+        """Take or renew the lease of each slot that is free, expired (``lease_until < now``) or
+        already ``owner``'s, until ``now + lease_s``; return the slots ``owner`` now holds (of ``slots``).
+        Two owners never hold one slot at once (by the callers' clocks)."""
+
+    @abc.abstractmethod
+    async def release_push_slots(self, owner: str, slots: list[int]) -> None:
+        """End ``owner``'s leases of ``slots`` at once (slots held by others are left alone)."""
 
     @abc.abstractmethod
     async def aclose(self) -> None:

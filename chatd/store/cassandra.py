@@ -64,10 +64,11 @@ from cassandra.query import UNSET_VALUE
 
 from ..config import CassandraConfig
 from ..errors import ChatError
-from .base import AppendResult, Channel, ChannelSummary, Message, Store, User
+from .base import AppendResult, Channel, ChannelSummary, Message, Store, User, push_slot
 from .cassandra_schema import (COMPONENT, SCHEMA_STATEMENTS, SCHEMA_VERSION, STATEMENTS, bucket_last_seq,
                                bucket_of, channel_from_row, check_schema, message_from_row, new_user_id,
-                               summary_from_rows, user_from_row, username_key)
+                               push_entry_from_row, push_token_from_row, summary_from_rows, user_from_row,
+                               username_key)
 from .cql import CqlRunner, CqlSession, check_keyspace_name, connect, shutdown
 
 log = logging.getLogger(__name__)
@@ -509,6 +510,80 @@ class CassandraStore(Store):
             ids = list(dict.fromkeys(user_ids))
             rows = await self._gather(*[lambda u=u: self._cql.one("presence_get", (u,)) for u in ids])
             return {u: r["last_active_at"] for u, r in zip(ids, rows) if r is not None}
+
+    # ---- push notifications ----------------------------------------------------------------
+    # ``push_tokens`` (by token) is authoritative, ``push_tokens_by_user`` lists them: a by-user row
+    # whose token moved to someone else (a crash or a race between the two writes) is never
+    # returned by push_tokens, and is removed by the next add/remove of that user.
+    async def add_push_token(self, token):
+        with self._op():
+            old = await self._cql.one("push_token_get", (token.token,))
+            if old and old["user_id"] != token.user_id:
+                await self._cql.write("push_user_token_delete", (old["user_id"], token.token))
+            for row in await self._cql.rows("push_user_tokens", (token.user_id,)):
+                if row["device_id"] == token.device_id and row["token"] != token.token:
+                    await self._lwt("push_token_delete", (row["token"], token.user_id))
+                    await self._cql.write("push_user_token_delete", (token.user_id, row["token"]))
+            params = (token.token, token.user_id, token.device_id, token.provider, token.app_id, token.created_at)
+            await self._cql.write("push_token_put", params)
+            await self._cql.write("push_user_token_put", params)
+
+    async def remove_push_token(self, user_id, token):
+        with self._op():
+            applied, _ = await self._lwt("push_token_delete", (token, user_id))
+            await self._cql.write("push_user_token_delete", (user_id, token))
+            return applied
+
+    async def push_tokens(self, user_id):
+        with self._op():
+            rows = await self._cql.rows("push_user_tokens", (user_id,))
+            owners = await self._gather(*[lambda r=r: self._cql.one("push_token_get", (r["token"],)) for r in rows])
+            return sorted((push_token_from_row(o) for o in owners if o and o["user_id"] == user_id),
+                          key=lambda t: t.token)
+
+    async def enqueue_pushes(self, entries):
+        with self._op():
+            await self._gather(*[lambda e=e: self._cql.write("push_enqueue", (
+                push_slot(e.user_id), e.user_id, e.channel_id, e.seq, e.sender_id, e.body, e.queued_at))
+                for e in entries])
+
+    async def pending_pushes(self, slot, limit):
+        with self._op():
+            page = await self._cql.execute("push_pending", (slot, limit), fetch_size=max(limit, 1))
+            return [push_entry_from_row(r) for r in page.rows]
+
+    async def delete_pushes(self, user_id, channel_id, upto_seq):
+        with self._op():
+            await self._cql.write("push_dequeue", (push_slot(user_id), user_id, channel_id, upto_seq))
+
+    async def push_marks(self, user_id, channel_id):
+        with self._op():
+            return {r["token"]: r["seq"] for r in await self._cql.rows("push_marks_get", (user_id, channel_id))}
+
+    async def set_push_mark(self, user_id, channel_id, token, seq):
+        with self._op():
+            await self._cql.write("push_mark_set", (seq, seq, user_id, channel_id, token))
+
+    async def claim_push_slots(self, owner, slots, lease_s, now):
+        with self._op():
+            until = now + lease_s
+
+            async def claim(slot):
+                applied, row = await self._lwt("push_lease_renew", (until, slot, owner))
+                if applied:
+                    return True
+                if row.get("owner") is None:  # no lease row yet
+                    applied, _ = await self._lwt("push_lease_create", (slot, owner, until))
+                    if applied:
+                        return True
+                applied, _ = await self._lwt("push_lease_take", (owner, until, slot, now))
+                return applied
+            held = await self._gather(*[lambda s=s: claim(s) for s in slots])
+            return [s for s, ok in zip(slots, held) if ok]
+
+    async def release_push_slots(self, owner, slots):
+        with self._op():
+            await self._gather(*[lambda s=s: self._lwt("push_lease_renew", (0.0, s, owner)) for s in slots])
 
 
 @contextlib.asynccontextmanager

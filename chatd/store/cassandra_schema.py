@@ -21,7 +21,7 @@ import time
 import trio
 
 from ..config import CassandraConfig
-from .base import Channel, ChannelSummary, Message, User
+from .base import Channel, ChannelSummary, Message, PushEntry, PushToken, User
 from .cql import LWT, READ, WRITE, CqlSession, check_keyspace_name, connect, execute_ddl, shutdown
 
 log = logging.getLogger(__name__)
@@ -112,6 +112,48 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             user_id bigint PRIMARY KEY,
             last_active_at double)""",
     ]),
+    (2, [  # push notifications (chatd/push, docs/push.md)
+        # token -> its one owner (authoritative); the by-user copy lists a user's tokens.
+        """CREATE TABLE IF NOT EXISTS {ks}.push_tokens (
+            token text PRIMARY KEY,
+            user_id bigint,
+            device_id text,
+            provider text,
+            app_id text,
+            created_at double)""",
+        """CREATE TABLE IF NOT EXISTS {ks}.push_tokens_by_user (
+            user_id bigint,
+            token text,
+            device_id text,
+            provider text,
+            app_id text,
+            created_at double,
+            PRIMARY KEY ((user_id), token))""",
+        # A queue: rows live seconds (until pushed), so deletes dominate. A tombstone resurrected
+        # after gc_grace only causes a skipped push (push_marks), never a duplicate.
+        """CREATE TABLE IF NOT EXISTS {ks}.push_outbox (
+            slot int,
+            user_id bigint,
+            channel_id text,
+            seq bigint,
+            sender_id bigint,
+            body text,
+            queued_at double,
+            PRIMARY KEY ((slot), user_id, channel_id, seq))
+            WITH compaction = {{'class': 'LeveledCompactionStrategy'}} AND gc_grace_seconds = 10800""",
+        # written with USING TIMESTAMP = seq: the highest seq wins, whatever order writes arrive in.
+        """CREATE TABLE IF NOT EXISTS {ks}.push_marks (
+            user_id bigint,
+            channel_id text,
+            token text,
+            seq bigint,
+            PRIMARY KEY ((user_id, channel_id), token))""",
+        # which process sends a slot's outbox rows, until when (LWT only)
+        """CREATE TABLE IF NOT EXISTS {ks}.push_leases (
+            slot int PRIMARY KEY,
+            owner text,
+            lease_until double)""",
+    ]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -128,6 +170,8 @@ MAX_USER_ID = 2**53  # ids are random in [1, 2**53): exact as JSON numbers in ev
 
 _MSG = "seq, sender_id, client_msg_id, body, created_at"
 _USER = "id, username, password_hash, display_name, about, created_at"
+_TOKEN = "token, user_id, device_id, provider, app_id, created_at"
+_OUTBOX = "user_id, channel_id, seq, sender_id, body, queued_at"
 
 # name -> (kind, CQL). Every statement names its full partition key: no scans, no ALLOW FILTERING.
 STATEMENTS: dict[str, tuple[str, str]] = {
@@ -184,6 +228,22 @@ STATEMENTS: dict[str, tuple[str, str]] = {
                          "VALUES (?, ?, ?, ?) IF NOT EXISTS"),
     "dedup_move": (LWT, "UPDATE message_dedup SET seq = ? WHERE channel_id = ? AND sender_id = ? "
                         "AND client_msg_id = ? IF seq = ?"),
+    # push notifications
+    "push_token_get": (READ, f"SELECT {_TOKEN} FROM push_tokens WHERE token = ?"),
+    "push_token_put": (WRITE, f"INSERT INTO push_tokens ({_TOKEN}) VALUES (?, ?, ?, ?, ?, ?)"),
+    "push_token_delete": (LWT, "DELETE FROM push_tokens WHERE token = ? IF user_id = ?"),
+    "push_user_tokens": (READ, f"SELECT {_TOKEN} FROM push_tokens_by_user WHERE user_id = ?"),
+    "push_user_token_put": (WRITE, f"INSERT INTO push_tokens_by_user ({_TOKEN}) VALUES (?, ?, ?, ?, ?, ?)"),
+    "push_user_token_delete": (WRITE, "DELETE FROM push_tokens_by_user WHERE user_id = ? AND token = ?"),
+    "push_enqueue": (WRITE, f"INSERT INTO push_outbox (slot, {_OUTBOX}) VALUES (?, ?, ?, ?, ?, ?, ?)"),
+    "push_pending": (READ, f"SELECT {_OUTBOX} FROM push_outbox WHERE slot = ? LIMIT ?"),
+    "push_dequeue": (WRITE, "DELETE FROM push_outbox WHERE slot = ? AND user_id = ? AND channel_id = ? AND seq <= ?"),
+    "push_marks_get": (READ, "SELECT token, seq FROM push_marks WHERE user_id = ? AND channel_id = ?"),
+    "push_mark_set": (WRITE, "UPDATE push_marks USING TIMESTAMP ? SET seq = ? WHERE user_id = ? AND channel_id = ? "
+                             "AND token = ?"),
+    "push_lease_create": (LWT, "INSERT INTO push_leases (slot, owner, lease_until) VALUES (?, ?, ?) IF NOT EXISTS"),
+    "push_lease_renew": (LWT, "UPDATE push_leases SET lease_until = ? WHERE slot = ? IF owner = ?"),
+    "push_lease_take": (LWT, "UPDATE push_leases SET owner = ?, lease_until = ? WHERE slot = ? IF lease_until < ?"),
 }
 
 
@@ -214,6 +274,16 @@ def summary_from_rows(uc: dict, head: dict | None, read_seq: int | None) -> Chan
     last_seq = head["last_seq"] if head and head.get("last_seq") is not None else 0
     last_at = head["last_at"] if head and head.get("last_at") is not None else uc["created_at"]
     return ChannelSummary(uc["channel_id"], uc["kind"], uc["name"] or "", last_seq, read_seq or 0, last_at)
+
+
+def push_token_from_row(row: dict) -> PushToken:
+    return PushToken(row["user_id"], row["device_id"] or "", row["provider"] or "", row["token"],
+                     row["app_id"] or "", row["created_at"] or 0.0)
+
+
+def push_entry_from_row(row: dict) -> PushEntry:
+    return PushEntry(row["user_id"], row["channel_id"], row["seq"], row["sender_id"], row["body"] or "",
+                     row["queued_at"])
 
 
 def new_user_id() -> int:

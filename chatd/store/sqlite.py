@@ -28,7 +28,7 @@ from pathlib import Path
 import trio
 
 from ..errors import ChatError
-from .base import AppendResult, Channel, ChannelSummary, Message, Store, User
+from .base import AppendResult, Channel, ChannelSummary, Message, PushEntry, PushToken, Store, User, push_slot
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +73,39 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
     (2, [
         "CREATE TABLE presence (user_id INTEGER PRIMARY KEY, last_active_at REAL NOT NULL)",
     ]),
+    (3, [  # push notifications (chatd/push)
+        """CREATE TABLE push_tokens (
+            token TEXT PRIMARY KEY,
+            user_id INTEGER NOT NULL,
+            device_id TEXT NOT NULL,
+            provider TEXT NOT NULL,
+            app_id TEXT NOT NULL,
+            created_at REAL NOT NULL) WITHOUT ROWID""",
+        "CREATE INDEX push_tokens_by_user ON push_tokens (user_id, device_id)",
+        """CREATE TABLE push_outbox (
+            slot INTEGER NOT NULL,
+            user_id INTEGER NOT NULL,
+            channel_id TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            sender_id INTEGER NOT NULL,
+            body TEXT NOT NULL,
+            queued_at REAL NOT NULL,
+            PRIMARY KEY (slot, user_id, channel_id, seq)) WITHOUT ROWID""",
+        """CREATE TABLE push_marks (
+            user_id INTEGER NOT NULL,
+            channel_id TEXT NOT NULL,
+            token TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            PRIMARY KEY (user_id, channel_id, token)) WITHOUT ROWID""",
+        "CREATE TABLE push_leases (slot INTEGER PRIMARY KEY, owner TEXT NOT NULL, lease_until REAL NOT NULL)",
+    ]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 _USER_COLS = "id, username, display_name, about, created_at, password_hash"
 _MSG_COLS = "channel_id, seq, sender_id, client_msg_id, body, created_at"
+_TOKEN_COLS = "user_id, device_id, provider, token, app_id, created_at"
+_OUTBOX_COLS = "user_id, channel_id, seq, sender_id, body, queued_at"
 
 
 def _user(row) -> User:
@@ -438,6 +466,85 @@ class SQLiteStore(Store):
                 out.update(dict(c.execute(q, chunk).fetchall()))
             return out
         return await self._read(fn) if ids else {}
+
+    # ---- push notifications --------------------------------------------------------------
+    async def add_push_token(self, token):
+        def fn(c):
+            c.execute("DELETE FROM push_tokens WHERE user_id = ? AND device_id = ? AND token != ?",
+                      (token.user_id, token.device_id, token.token))
+            c.execute(f"INSERT OR REPLACE INTO push_tokens ({_TOKEN_COLS}) VALUES (?, ?, ?, ?, ?, ?)",
+                      (token.user_id, token.device_id, token.provider, token.token, token.app_id, token.created_at))
+        await self._write(fn)
+
+    async def remove_push_token(self, user_id, token):
+        def fn(c):
+            cur = c.execute("DELETE FROM push_tokens WHERE token = ? AND user_id = ?", (token, user_id))
+            if cur.rowcount:
+                c.execute("DELETE FROM push_marks WHERE user_id = ? AND token = ?", (user_id, token))
+            return cur.rowcount > 0
+        return await self._write(fn)
+
+    async def push_tokens(self, user_id):
+        def fn(c):
+            rows = c.execute(f"SELECT {_TOKEN_COLS} FROM push_tokens WHERE user_id = ? ORDER BY token", (user_id,))
+            return [PushToken(*r) for r in rows]
+        return await self._read(fn)
+
+    async def enqueue_pushes(self, entries):
+        rows = [(push_slot(e.user_id), e.user_id, e.channel_id, e.seq, e.sender_id, e.body, e.queued_at)
+                for e in entries]
+
+        def fn(c):
+            c.executemany(f"INSERT OR IGNORE INTO push_outbox (slot, {_OUTBOX_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                          rows)
+        if rows:
+            await self._write(fn)
+
+    async def pending_pushes(self, slot, limit):
+        def fn(c):
+            rows = c.execute(f"SELECT {_OUTBOX_COLS} FROM push_outbox WHERE slot = ? "
+                             "ORDER BY user_id, channel_id, seq LIMIT ?", (slot, limit))
+            return [PushEntry(*r) for r in rows]
+        return await self._read(fn)
+
+    async def delete_pushes(self, user_id, channel_id, upto_seq):
+        def fn(c):
+            c.execute("DELETE FROM push_outbox WHERE slot = ? AND user_id = ? AND channel_id = ? AND seq <= ?",
+                      (push_slot(user_id), user_id, channel_id, upto_seq))
+        await self._write(fn)
+
+    async def push_marks(self, user_id, channel_id):
+        def fn(c):
+            return dict(c.execute("SELECT token, seq FROM push_marks WHERE user_id = ? AND channel_id = ?",
+                                  (user_id, channel_id)).fetchall())
+        return await self._read(fn)
+
+    async def set_push_mark(self, user_id, channel_id, token, seq):
+        def fn(c):
+            c.execute("INSERT INTO push_marks (user_id, channel_id, token, seq) VALUES (?, ?, ?, ?) "
+                      "ON CONFLICT (user_id, channel_id, token) DO UPDATE SET seq = MAX(seq, excluded.seq)",
+                      (user_id, channel_id, token, seq))
+        await self._write(fn)
+
+    async def claim_push_slots(self, owner, slots, lease_s, now):
+        def fn(c):
+            held = []
+            for slot in slots:
+                c.execute("INSERT OR IGNORE INTO push_leases (slot, owner, lease_until) VALUES (?, ?, ?)",
+                          (slot, owner, now + lease_s))
+                c.execute("UPDATE push_leases SET owner = ?, lease_until = ? WHERE slot = ? "
+                          "AND (owner = ? OR lease_until < ?)", (owner, now + lease_s, slot, owner, now))
+                if c.execute("SELECT owner FROM push_leases WHERE slot = ?", (slot,)).fetchone()[0] == owner:
+                    held.append(slot)
+            return held
+        return await self._write(fn) if slots else []
+
+    async def release_push_slots(self, owner, slots):
+        def fn(c):
+            c.executemany("UPDATE push_leases SET lease_until = 0 WHERE slot = ? AND owner = ?",
+                          [(s, owner) for s in slots])
+        if slots:
+            await self._write(fn)
 
 
 def _require_users(c, user_ids) -> None:
