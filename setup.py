@@ -14,6 +14,7 @@ setup(
         "trio>=0.25",
         "trio-websocket>=0.11",
         "hypercorn>=0.16",
+        "h11>=0.14",  # push gateway client (chatd/push/http.py); hypercorn needs it too
         # Python 3.11 needs these pins (newer releases need 3.12 features).
         "quart>=0.19,<=0.22",
         "quart-trio>=0.11,<=0.12",

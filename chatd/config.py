@@ -128,6 +128,32 @@ class LimitsConfig:
     sync_page: int = 500
 
 
+PUSH_PROVIDERS = ("none", "webhook", "matrix")
+
+
+@dataclass
+class PushConfig:
+    """Push notifications for members with no connected device (docs/push.md)."""
+    provider: str = "none"  # "none" | "webhook" | "matrix"
+    # webhook: POST JSON here, body signed with HMAC-SHA256(webhook_secret) in X-Chatd-Signature
+    webhook_url: str = ""
+    webhook_secret: str = ""
+    # matrix: a Matrix Push Gateway (e.g. Sygnal); /_matrix/push/v1/notify is appended to a base URL
+    matrix_gateway_url: str = ""
+    matrix_app_id: str = ""  # app_id for tokens registered without one
+    request_timeout_s: float = 10.0
+    retry_base_s: float = 2.0  # backoff after the first failure; doubles per attempt
+    retry_cap_s: float = 300.0
+    max_attempts: int = 8  # then the push is dropped (logged, counted)
+    coalesce_window_s: float = 3.0  # messages of one channel within this window: one notification
+    include_body: bool = False  # privacy: by default sender, channel, count and seqs only
+    body_max_chars: int = 120
+    queue_max: int = 10_000  # delivery hook -> outbox writer; full = pushes dropped (counted)
+    lease_s: float = 30.0  # outbox slot leases (cluster: which shard sends which slots)
+    poll_interval_s: float = 2.0  # how often the sender looks for rows written by other processes
+    max_inflight: int = 32  # concurrent gateway requests
+
+
 @dataclass
 class Config:
     data_dir: str = "./data"
@@ -139,6 +165,7 @@ class Config:
     presence: PresenceConfig = field(default_factory=PresenceConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    push: PushConfig = field(default_factory=PushConfig)
 
     # ---- loaders ---------------------------------------------------------------------
     @classmethod
@@ -183,6 +210,26 @@ class Config:
                      "send_queue_frames", "max_inflight_sends", "history_page_max", "sync_page"):
             if getattr(self.limits, name) < 1:
                 raise ConfigError(f"limits.{name} must be >= 1")
+        self._validate_push()
+
+    def _validate_push(self) -> None:
+        p = self.push
+        if p.provider not in PUSH_PROVIDERS:
+            raise ConfigError(f"push.provider: unknown provider {p.provider!r} (known: {', '.join(PUSH_PROVIDERS)})")
+        if p.provider == "webhook" and not (p.webhook_url and p.webhook_secret):
+            raise ConfigError("push.provider = 'webhook' needs push.webhook_url and push.webhook_secret")
+        if p.provider == "matrix" and not p.matrix_gateway_url:
+            raise ConfigError("push.provider = 'matrix' needs push.matrix_gateway_url")
+        for name in ("request_timeout_s", "retry_base_s", "retry_cap_s", "lease_s", "poll_interval_s"):
+            if getattr(p, name) <= 0:
+                raise ConfigError(f"push.{name} must be > 0")
+        if p.coalesce_window_s < 0:
+            raise ConfigError("push.coalesce_window_s must be >= 0")
+        for name in ("max_attempts", "body_max_chars", "queue_max", "max_inflight"):
+            if getattr(p, name) < 1:
+                raise ConfigError(f"push.{name} must be >= 1")
+        if p.lease_s <= 2 * p.request_timeout_s:
+            raise ConfigError("push.lease_s must be more than twice push.request_timeout_s")
 
     def validate_cluster(self, role: str) -> None:
         """Extra checks for the cluster roles: shared secrets must be set explicitly."""

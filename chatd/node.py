@@ -23,6 +23,7 @@ from .discovery.local import LocalDiscovery
 from .discovery.view import ShardInfo
 from .metrics import Metrics
 from .presence.service import PresenceService
+from .push import make_push_service
 from .shard.hub import Hub
 from .shard.membership import Membership
 from .shard.owner import ChannelOwners
@@ -60,12 +61,26 @@ class Node:
                                         pc.coalesce_s, pc.group_push_max)
         self.nursery: trio.Nursery | None = None  # for background work of the node's services
         self.discovery.on_change(self.router.on_view_change)
+        # Push notifications for members with no connected device (None with push.provider = "none").
+        self.push = make_push_service(config, store, shards=lambda: list(self.discovery.view.shards),
+                                      online=self._connected_here)
+        if self.push is not None:
+            self.discovery.on_change(self.push.on_view_change)
+            for key in ("sent", "rejected", "failed", "gave_up", "dropped"):
+                self.metrics.gauge(f"chatd_push_{key}", f"Push notifications: {key} (since start)",
+                                   lambda key=key: self.push.stats[key])
         self._link_chains: dict = {}
         self.stop_event = trio.Event()
         self.metrics.gauge("chatd_ws_authenticated", "Authenticated client sessions", lambda: self.hub.count)
         if hasattr(store, "stats"):
             self.metrics.gauge("chatd_store_commits", "Group commits done by the store",
                                lambda: store.stats["commits"])
+
+    def _connected_here(self, user_id: int) -> bool:
+        """A device of ``user_id`` is connected (known for the users homed on this shard)."""
+        view = self.discovery.view
+        return bool(view.shards) and view.home_of(user_id) == self.config.server.shard_id \
+            and bool(self.router.locations.get(user_id))
 
     def rate_bucket(self) -> TokenBucket:
         lim = self.config.limits
@@ -138,6 +153,8 @@ async def serve_run(config: Config, *, task_status=trio.TASK_STATUS_IGNORED, nod
         async with trio.open_nursery() as nursery:
             node.nursery = nursery
             await nursery.start(node.presence.run)
+            if node.push is not None:
+                await nursery.start(node.push.run)
             ws_port = await nursery.start(node.shard.serve)
             ws_url = public_ws_url(config, ws_port)
             node.discovery.register(ShardInfo(config.server.shard_id, ws_url), load=lambda: node.hub.count)
@@ -152,8 +169,16 @@ async def serve_run(config: Config, *, task_status=trio.TASK_STATUS_IGNORED, nod
             api_stop.set()
             with trio.move_on_after(config.server.shutdown_grace_s):
                 await node.shard.wait_drained()
+            await _flush_push(node)
             nursery.cancel_scope.cancel()
     log.info("stopped")
+
+
+async def _flush_push(node, timeout_s: float = 2.0) -> None:
+    """Stopping: what delivery queued for pushes reaches the outbox (a restart sends it)."""
+    if node.push is not None:
+        with trio.move_on_after(timeout_s):
+            await node.push.flush()
 
 
 # ---- cluster roles -------------------------------------------------------------------------------
@@ -184,6 +209,8 @@ async def serve_shard(config: Config, *, task_status=trio.TASK_STATUS_IGNORED, n
             node.nursery = nursery
             await nursery.start(node.discovery.run)
             await nursery.start(links.run, True)
+            if node.push is not None:
+                await nursery.start(node.push.run)
             node.discovery.on_change(lambda old, new: links.set_peers(new))
             await _start_remote_presence(nursery, node.presence, presence_links, presence_view)
             ws_port = await nursery.start(node.shard.serve)
@@ -203,6 +230,7 @@ async def serve_shard(config: Config, *, task_status=trio.TASK_STATUS_IGNORED, n
             admin_stop.set()
             with trio.move_on_after(config.server.shutdown_grace_s):
                 await node.shard.wait_drained()
+            await _flush_push(node)
             nursery.cancel_scope.cancel()
     log.info("stopped")
 

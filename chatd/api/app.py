@@ -9,6 +9,7 @@ Password hashing runs in worker threads, at most two at a time (scrypt is memory
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 import time
 
@@ -21,10 +22,12 @@ from ..auth import hash_password, issue_token, verify_password, verify_token
 from ..errors import ChatError
 from ..ids import dm_channel_id, dm_members, is_group, is_valid_channel_id, new_group_id
 from ..protocol.client import message_frame
+from ..store.base import PushToken
 from . import validate as v
 
 log = logging.getLogger(__name__)
 
+PUSH_PROVIDER_RE = re.compile(r"[A-Za-z0-9_.-]{1,32}")
 _HTTP_CODES = {400: "bad_request", 401: "not_authenticated", 403: "forbidden", 404: "not_found",
                405: "bad_request", 413: "frame_too_large", 429: "rate_limited"}
 
@@ -251,5 +254,44 @@ def create_app(node) -> QuartTrio:
         msgs = await store.read_messages(channel_id, after=after, before=before, limit=limit)
         return {"channel_id": channel_id, "messages": [message_frame(m) for m in msgs],
                 "more": len(msgs) == limit}
+
+    # ---- push tokens (docs/push.md) ----------------------------------------------------------
+    def push_tokens_changed(uid: int) -> None:
+        push = getattr(node, "push", None)
+        if push is not None:
+            push.tokens_changed(uid)
+
+    @app.post("/v1/push/tokens")
+    async def register_push_token():
+        uid, device_id = current_user()
+        b = await body()
+        provider = v.field_str(b, "provider", min_len=1, max_len=32)
+        if not PUSH_PROVIDER_RE.fullmatch(provider):
+            raise ChatError("bad_request", "field 'provider' must be letters, digits, '_', '.', '-' (e.g. 'fcm')")
+        token = v.field_str(b, "token", min_len=1, max_len=4096)
+        app_id = v.field_str(b, "app_id", required=False, max_len=256, default="")
+        registered = PushToken(uid, device_id, provider, token, app_id, time.time())
+        await store.add_push_token(registered)
+        push_tokens_changed(uid)
+        return {"push_token": registered.public()}, 201
+
+    @app.get("/v1/push/tokens")
+    async def list_push_tokens():
+        uid, _ = current_user()
+        return {"push_tokens": [t.public() for t in await store.push_tokens(uid)]}
+
+    @app.delete("/v1/push/tokens")
+    async def unregister_push_tokens():
+        uid, device_id = current_user()
+        token = None  # no body: every token of this device; {"token": ...}: that one
+        if (await request.get_data()).strip():
+            token = v.field_str(await body(), "token", min_len=1, max_len=4096)
+        targets = [token] if token is not None else \
+            [t.token for t in await store.push_tokens(uid) if t.device_id == device_id]
+        removed = 0
+        for t in targets:
+            removed += await store.remove_push_token(uid, t)
+        push_tokens_changed(uid)
+        return {"removed": removed}
 
     return app

@@ -172,6 +172,7 @@ class Router:
 
     def _home_deliver(self, message, event, uids, skip=None, hops: int = 0) -> None:
         by_shard: dict[str, list[int]] = {}
+        offline: list[int] = []
         view = self.view
         for uid in uids:
             shards = self.locations.get(uid)
@@ -180,6 +181,11 @@ class Router:
                     by_shard.setdefault(shard, []).append(uid)
             elif hops == 0 and view.shards and view.home_of(uid) != self.me:
                 by_shard.setdefault("->" + view.home_of(uid), []).append(uid)  # home moved: forward once
+            elif message is not None and uid != message.sender_id:
+                offline.append(uid)  # no device connected anywhere: a push notification instead
+        push = getattr(self.node, "push", None)
+        if offline and push is not None:
+            push.notify_offline(message, offline)  # only enqueues (chatd/push/service.py)
         for shard, us in by_shard.items():
             if shard == self.me:
                 self.push_local(message if message is not None else event, us, skip)
