@@ -12,7 +12,8 @@ setup(
     packages=find_packages(include=["chatd", "chatd.*"]),
     install_requires=[
         "trio>=0.25",
-        "trio-websocket>=0.11",
+        # chatd.shard.session writes pre-built frames through trio-websocket internals: pinned range.
+        "trio-websocket>=0.11,<0.13",
         "hypercorn>=0.16",
         "h11>=0.14",  # push gateway client (chatd/push/http.py); hypercorn needs it too
         # Python 3.11 needs these pins (newer releases need 3.12 features).

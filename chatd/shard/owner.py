@@ -60,12 +60,15 @@ class ChannelOwners:
         self._channels: dict[str, _ChannelState] = {}
         self._max_idle = max_idle_channels
 
-    async def send(self, sender_id: int, channel_id: str, client_msg_id: str, body: str, on_submit=None):
+    async def send(self, sender_id: int, channel_id: str, client_msg_id: str, body: str, on_submit=None,
+                   on_stored=None):
         """Store and fan out one message; return the store's ``AppendResult``.
 
         ``on_submit`` is called once the message holds its place in the store's queue (nothing
         between that call and the enqueue yields to other tasks): a session uses it to start its
-        next send, so one connection's messages are stored in the order it sent them."""
+        next send, so one connection's messages are stored in the order it sent them.
+        ``on_stored(result)`` is called as soon as the message is durable, before the fan-out: the
+        sender's ack does not wait behind a hundred deliveries."""
         await self.membership.require_member(channel_id, sender_id)
         key = (channel_id, sender_id, client_msg_id)
         pending = self._pending.get(key)
@@ -76,7 +79,10 @@ class ChannelOwners:
             if pending.error is not None:
                 raise pending.error
             self.metrics.duplicates.inc()
-            return type(pending.result)(pending.result.message, duplicate=True)
+            result = type(pending.result)(pending.result.message, duplicate=True)
+            if on_stored is not None:
+                on_stored(result)
+            return result
         pending = self._pending[key] = _Pending()
         try:
             state = await self._state(channel_id)
@@ -98,6 +104,8 @@ class ChannelOwners:
                 else:
                     self.metrics.messages_in.inc()
                     state.ready[result.message.seq] = result.message
+                if on_stored is not None:
+                    on_stored(result)
                 await self._flush(channel_id, state)
             pending.result = result
             return result

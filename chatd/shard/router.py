@@ -90,7 +90,9 @@ class Router:
                     del self.locations[user_id]
 
     # ---- sends -----------------------------------------------------------------------------
-    async def send(self, user_id: int, channel_id: str, client_msg_id: str, body: str, on_submit=None) -> AppendResult:
+    async def send(self, user_id: int, channel_id: str, client_msg_id: str, body: str, on_submit=None,
+                   on_stored=None) -> AppendResult:
+        """Store a message through its owner; ``on_stored(result)`` is called once it is durable."""
         for _ in range(SEND_ATTEMPTS):
             view = self.view
             if not view.shards:
@@ -98,12 +100,16 @@ class Router:
             owner = view.owner_of(channel_id)
             if owner == self.me:
                 self._check_writable()
-                return await self.node.owners.send(user_id, channel_id, client_msg_id, body, on_submit=on_submit)
+                return await self.node.owners.send(user_id, channel_id, client_msg_id, body, on_submit=on_submit,
+                                                   on_stored=on_stored)
             reply = await self.links.request(owner, {"t": "send", "view": view.version, "ch": channel_id,
                                                      "u": user_id, "cmid": client_msg_id, "body": body},
                                              on_sent=on_submit)
             if "ok" in reply:
-                return AppendResult(unpack(reply["ok"]), bool(reply.get("dup")))
+                result = AppendResult(unpack(reply["ok"]), bool(reply.get("dup")))
+                if on_stored is not None:
+                    on_stored(result)
+                return result
             err = reply.get("err") or {}
             if err.get("code") == "stale_view":
                 await self.node.discovery.wait_view(int(err.get("view", 0)), 2.0)

@@ -9,6 +9,7 @@ session to close with 1001 (clients reconnect through discovery), then cancellat
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 
 import trio
@@ -18,6 +19,8 @@ from ..protocol.client import JSON, MSGPACK, SUBPROTOCOLS
 from .session import CLOSE_GOING_AWAY, Session
 
 log = logging.getLogger(__name__)
+
+GC_FREEZE_EVERY = 500  # accepted connections between two gc.freeze() calls
 
 
 def choose_subprotocol(proposed) -> tuple[str | None, str]:
@@ -35,6 +38,7 @@ class ShardServer:
         self.port: int | None = None
         self.accepting = True
         self._drained = trio.Event()
+        self._accepted = 0
 
     async def _handle(self, request) -> None:
         """One connection. Nothing a client does may end the server: a failure here ends only
@@ -50,6 +54,11 @@ class ShardServer:
         subprotocol, fmt = choose_subprotocol(request.proposed_subprotocols)
         ws = await request.accept(subprotocol=subprotocol)  # the client may be gone already
         session = Session(self.node, ws, fmt)
+        self._accepted += 1
+        if self._accepted % GC_FREEZE_EVERY == 0:
+            # Long-lived connection state would otherwise be re-scanned by every full collection:
+            # with ~10,000 connections those took over a second each (benchmarks/README.md).
+            gc.freeze()
         if not self.accepting:
             session.close_soon(CLOSE_GOING_AWAY, "server shutting down; reconnect elsewhere")
         self.sessions.add(session)
@@ -86,4 +95,5 @@ class ShardServer:
             self.port = server.port
             log.info("shard %s accepting WebSocket clients on %s:%d", cfg.server.shard_id,
                      cfg.server.ws_host, self.port)
+            gc.freeze()  # everything built at start-up lives as long as the process
             task_status.started(self.port)

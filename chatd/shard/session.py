@@ -29,6 +29,8 @@ import time
 
 import trio
 from trio_websocket import ConnectionClosed
+from wsproto.connection import ConnectionState
+from wsproto.frame_protocol import FrameProtocol
 
 from ..auth import verify_token
 from ..errors import ChatError
@@ -51,6 +53,27 @@ class _SyncJob:
         self.request_id = request_id
         self.cursors = cursors
         self.silent = silent  # a server-side resync: no reply frame
+
+
+_FRAMER = FrameProtocol(client=False, extensions=[])
+
+
+def frame(payload: str | bytes) -> bytes:
+    """One unmasked, unfragmented server WebSocket frame (text for str, binary for bytes)."""
+    return bytes(_FRAMER.send_data(payload, fin=True))
+
+
+async def send_raw(ws, data: bytes) -> None:
+    """Write pre-built frames on a trio-websocket connection, under its send lock, with the same
+    error behaviour as ``send_message``. (Uses trio-websocket internals; setup.py pins the range.)"""
+    if ws._close_reason is not None or ws._wsproto.state != ConnectionState.OPEN:
+        raise ConnectionClosed(ws._close_reason)
+    async with ws._stream_lock:
+        try:
+            await ws._stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            await ws._abort_web_socket()
+            raise ConnectionClosed(ws._close_reason) from None
 
 
 class _Close:
@@ -77,6 +100,7 @@ class Session:
         self._inflight = trio.Semaphore(limits.max_inflight_sends)
         self._last_send: trio.Event | None = None
         self._subscribed: set[int] = set()  # explicit presence subscriptions of this connection
+        self._out: list[bytes] = []  # framed bytes waiting for the writer's next send
         self._nursery: trio.Nursery | None = None
         self.close_reason: tuple[int, str] | None = None
 
@@ -103,42 +127,63 @@ class Session:
             if self._nursery is not None:
                 self._nursery.cancel_scope.cancel()
 
-    async def _send_data(self, data) -> None:
-        await self.ws.send_message(data)
+    # Outgoing bytes are WebSocket frames built here (server frames are unmasked, so a message's
+    # frame is the same for every connection and is built once per format), gathered while the
+    # queue has items, and written with one send per batch instead of one per frame.
+    def _emit(self, payload) -> None:
+        self._out.append(frame(payload))
 
-    async def _send_message(self, m: Message) -> None:
-        key = "_wire_" + self.fmt  # encoded once per format, shared by every session
+    def _emit_message(self, m: Message) -> None:
+        key = "_frame_" + self.fmt  # framed once per format, shared by every session
         data = m.__dict__.get(key)
         if data is None:
-            data = m.__dict__[key] = proto.dumps(proto.message_frame(m), self.fmt)
-        await self._send_data(data)
+            data = m.__dict__[key] = frame(proto.dumps(proto.message_frame(m), self.fmt))
+        self._out.append(data)
         self.node.metrics.messages_out.inc()
 
+    async def _flush(self) -> None:
+        if self._out:
+            data = b"".join(self._out)
+            self._out.clear()
+            await send_raw(self.ws, data)
+
     async def _writer(self) -> None:
-        async for item in self._out_recv:
-            if isinstance(item, Message):
-                await self._deliver_live(item)
-            elif isinstance(item, _SyncJob):
-                await self._run_sync(item)
-            elif isinstance(item, _Close):  # everything queued before it has been sent
-                self.close_soon(item.code, item.reason)
+        recv = self._out_recv
+        while True:
+            try:
+                item = await recv.receive()
+            except trio.EndOfChannel:
                 return
-            else:
-                await self._send_data(proto.dumps(item, self.fmt))
+            for _ in range(256):
+                if isinstance(item, Message):
+                    await self._deliver_live(item)
+                elif isinstance(item, _SyncJob):
+                    await self._run_sync(item)
+                elif isinstance(item, _Close):  # everything queued before it has been sent
+                    await self._flush()
+                    self.close_soon(item.code, item.reason)
+                    return
+                else:
+                    self._emit(proto.dumps(item, self.fmt))
+                try:
+                    item = recv.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+            await self._flush()
 
     # ---- delivery cursors ------------------------------------------------------------------
     async def _deliver_live(self, m: Message) -> None:
         st = self._cursors.get(m.channel_id)
         if st is None:
             self._cursors[m.channel_id] = [m.seq, m.seq]
-            await self._send_message(m)
+            self._emit_message(m)
             return
         if m.seq <= st[1]:
             return  # delivered already (by sync or gap fill)
         if m.seq > st[1] + 1:
             await self._stream(m.channel_id, st[1], m.seq - 1, st)
         if m.seq > st[1]:
-            await self._send_message(m)
+            self._emit_message(m)
             st[1] = m.seq
 
     async def _stream(self, channel_id: str, after: int, upto: int | None, st: list | None) -> None:
@@ -149,9 +194,10 @@ class Session:
             msgs = await store.read_messages(channel_id, after=after,
                                              before=None if upto is None else upto + 1, limit=page)
             for m in msgs:
-                await self._send_message(m)
+                self._emit_message(m)
                 if st is not None:
                     st[1] = m.seq
+            await self._flush()  # a page at a time: a big sync never piles up in memory
             if len(msgs) < page:
                 return
             after = msgs[-1].seq
@@ -198,7 +244,7 @@ class Session:
         reply = {"type": "sync", "id": job.request_id, "cursors": synced, "heads": heads}
         if errors:
             reply["errors"] = errors
-        await self._send_data(proto.dumps(reply, self.fmt))
+        self._emit(proto.dumps(reply, self.fmt))
 
     # ---- incoming --------------------------------------------------------------------------
     async def _reader(self, nursery: trio.Nursery) -> None:
@@ -283,19 +329,20 @@ class Session:
 
     async def _on_send(self, req: proto.Send, previous: trio.Event | None, submitted: trio.Event) -> None:
         """Sends run concurrently (their commits share a group commit) but enter the store in
-        the order the client sent them: each waits until the previous one is queued."""
-        try:
-            if previous is not None and not previous.is_set():
-                await previous.wait()
-            result = await self.node.router.send(self.user_id, req.channel_id, req.client_msg_id, req.body,
-                                                 on_submit=submitted.set)
-        except ChatError as e:
-            self.push_error(e, req.id)
-        else:
+        the order the client sent them: each waits until the previous one is queued. The ack is
+        queued the moment the message is durable, ahead of its fan-out."""
+        def ack(result) -> None:
             m = result.message
             self.push({"type": "ack", "id": req.id, "channel_id": m.channel_id, "seq": m.seq,
                        "client_msg_id": m.client_msg_id, "created_at": m.created_at,
                        "duplicate": result.duplicate})
+        try:
+            if previous is not None and not previous.is_set():
+                await previous.wait()
+            await self.node.router.send(self.user_id, req.channel_id, req.client_msg_id, req.body,
+                                        on_submit=submitted.set, on_stored=ack)
+        except ChatError as e:
+            self.push_error(e, req.id)
         finally:
             submitted.set()
             self._inflight.release()
