@@ -58,7 +58,7 @@ class ZkDiscovery:
         self._state_changed = trio.Event()
         self._registration: ShardInfo | None = None
         self._load: Callable[[], int] = lambda: 0
-        self._view_ready = trio.Event()
+        self._view_event = trio.Event()  # set (and replaced) whenever the view changes
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -121,7 +121,7 @@ class ZkDiscovery:
         return False
 
     def _view_changed(self) -> trio.Event:
-        if not hasattr(self, "_view_event") or self._view_event.is_set():
+        if self._view_event.is_set():
             self._view_event = trio.Event()
         return self._view_event
 
@@ -178,11 +178,14 @@ class ZkDiscovery:
 
     # ---- registration ----------------------------------------------------------------------
     async def register(self, info: ShardInfo, load: Callable[[], int]) -> None:
-        """Create our ephemeral znode; return once it exists (then ``writable`` is True)."""
+        """Create our ephemeral znode; return once it exists (then ``writable`` is True) and our
+        own view includes it (so we never serve a client while believing no shard is live)."""
         self._registration = info
         self._load = load
         await self._ensure_registered()
         self._changed.set()
+        while info.shard_id not in self.view.shards:
+            await self._view_changed().wait()
 
     async def unregister(self) -> None:
         info, self._registration = self._registration, None

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 RESYNC_DELAY_S = 1.0
 SEND_ATTEMPTS = 5
+VIEW_WAIT_S = 5.0
 
 
 def pack(m: Message) -> list:
@@ -95,6 +96,11 @@ class Router:
         """Store a message through its owner; ``on_stored(result)`` is called once it is durable."""
         for _ in range(SEND_ATTEMPTS):
             view = self.view
+            if not view.shards:  # starting up (clients may connect before our first view read)
+                with trio.move_on_after(VIEW_WAIT_S):
+                    while not self.view.shards:
+                        await trio.sleep(0.05)
+                view = self.view
             if not view.shards:
                 raise ChatError("unavailable", "no chat shard is live; retry")
             owner = view.owner_of(channel_id)
