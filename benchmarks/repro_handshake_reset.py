@@ -7,7 +7,9 @@ Cause: ``ShardServer._handle`` (chatd/shard/server.py) awaits ``request.accept()
 the handler, and the handler nursery of ``serve_websocket`` takes the whole shard (and process) down.
 Clients do this for real when their connect timeout fires, or when they are killed.
 
-Run: ``python benchmarks/repro_handshake_reset.py`` (prints "server alive ...: False", exit status 1).
+Fixed in 242548f (the shard survives such clients); kept as a regression check.
+Run: ``python benchmarks/repro_handshake_reset.py`` (before the fix: "server alive ...: False" and
+exit status 1; now: "True", exit status 0).
 """
 
 import signal

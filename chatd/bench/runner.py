@@ -198,7 +198,8 @@ def run_bench(opts: BenchOptions, topts: TargetOptions, display: Display | None 
         specs = [WorkerSpec(worker=i, options=opts, devices=devs, total_senders=total_senders)
                  for i, devs in enumerate(groups)]
         workers = _Workers(specs, display, rss.tick)
-        ready = workers.gather("ready", 120 + opts.connections / 50 + opts.ramp_up_s)
+        ready = workers.gather("ready", 60 + opts.ramp_up_s + max(60.0, 3 * opts.connect_timeout_s)
+                               + opts.connections / 50)  # the workers give up before this
         connected = sum(r["connected"] for r in ready.values())
         failed = sum(r["failed"] for r in ready.values())
         rss_connected = rss.sample()

@@ -63,6 +63,13 @@ def time_of(k: float, rate: float, ramp_s: float) -> float:
     return k / rate + ramp_s / 2
 
 
+def connect_deadline_s(opts, n_clients: int, spent_s: float) -> float:
+    """How much longer the connect phase may last: generous, but bounded."""
+    total = (0 if SCENARIOS[opts.scenario].sends else opts.ramp_up_s) + max(60.0, 3 * opts.connect_timeout_s) \
+        + n_clients / 50
+    return max(0.0, total - spent_s)
+
+
 class Context:
     """What the clients of one worker share."""
 
@@ -157,13 +164,16 @@ class Worker:
                 if not self.scenario.sends and opts.ramp_up_s > 0:
                     await trio.sleep_until(_trio_at(t_connect + opts.ramp_up_s * i / len(self.clients)))
                 nursery.start_soon(c.run)
-            await ctx.all_ready.wait()
+            # Devices not connected by the deadline count as failed (they go on trying).
+            with trio.move_on_after(connect_deadline_s(opts, len(self.clients), time.monotonic() - t_connect)):
+                await ctx.all_ready.wait()
             # The clients' long-lived objects are all there now: keep the cyclic GC from walking
             # them again and again (full collections over thousands of connections pause the loop
             # for tens of milliseconds, which would show up as latency).
             gc.collect()
             gc.freeze()
-            self.conn.send(("ready", {"connected": ctx.ready, "failed": ctx.failed}))
+            connected = sum(1 for c in self.clients if c.connected)
+            self.conn.send(("ready", {"connected": connected, "failed": len(self.clients) - connected}))
             # 2. start together
             _, t0_wall = await self._expect(control, "start")
             t0 = t0_wall - ctx.wall_offset_ns
