@@ -142,7 +142,19 @@ async def raw_link(cluster, zk_hosts, shard_id, secret="test-link-secret", peer_
     return stream, codec, read
 
 
-async def test_stale_view_frames_are_refused_or_rerouted(cluster, zk, nursery):
+@pytest.fixture
+async def patient_cluster(zk, tmp_path):
+    """Links that tolerate 6 s of silence: the test's raw link peer sends no heartbeats."""
+    c = Cluster(zk, tmp_path, heartbeat_s=2.0)
+    try:
+        await c.start()
+        yield c
+    finally:
+        c.stop()
+
+
+async def test_stale_view_frames_are_refused_or_rerouted(patient_cluster, zk, nursery):
+    cluster = patient_cluster
     a, b = await cluster.api.signup_login("stale1"), await cluster.api.signup_login("stale2")
     ch = dm(a, b)
     view = View(0, {s: None for s in cluster.shard_ids})

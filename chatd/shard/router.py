@@ -126,6 +126,10 @@ class Router:
             raise ChatError(err.get("code", "internal"), err.get("message", "remote error"))
         raise ChatError("unavailable", "the channel's owner could not be reached; retry")
 
+    def _owns(self, channel_id: str) -> bool:
+        view = self.view
+        return bool(view.shards) and view.owner_of(channel_id) == self.me
+
     def _check_writable(self) -> None:
         if not self.node.discovery.writable:
             raise ChatError("unavailable", "this shard is not registered in the cluster; retry")
@@ -137,9 +141,9 @@ class Router:
             if previous is not None and not previous.is_set():
                 await previous.wait()
             ch = frame["ch"]
-            if self.view.owner_of(ch) != self.me and int(frame.get("view", 0)) > self.view.version:
+            if not self._owns(ch) and int(frame.get("view", 0)) > self.view.version:
                 await self.node.discovery.wait_view(int(frame["view"]), 2.0)
-            if self.view.owner_of(ch) != self.me:
+            if not self._owns(ch):
                 raise _Stale(self.view.version)
             self._check_writable()
             result = await self.node.owners.send(int(frame["u"]), ch, str(frame["cmid"]), str(frame["body"]),
@@ -166,6 +170,9 @@ class Router:
 
     def _fan_out(self, message, event, member_ids, skip) -> None:
         view = self.view
+        if not view.shards:  # stopping, or not started: nobody to route to (stored messages wait)
+            self.dropped += 1
+            return
         by_home: dict[str, list[int]] = {}
         for uid in member_ids:
             by_home.setdefault(view.home_of(uid), []).append(uid)
