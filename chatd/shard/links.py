@@ -142,6 +142,7 @@ class LinkManager:
         self.dial_all = dial_all  # dial every server of the view (API servers; shards -> presence)
         self.links: dict[str, Link] = {}
         self._dialers: dict[str, tuple[str, trio.CancelScope]] = {}
+        self._seen: set[str] = set()  # the servers of the last view given to set_peers
         self._nursery: trio.Nursery | None = None
         self._rids = itertools.count(1)
         self._pending: dict[int, list] = {}  # rid -> [event, reply, link]
@@ -181,9 +182,13 @@ class LinkManager:
             if wanted.get(sid) != addr:
                 scope.cancel()
                 del self._dialers[sid]
-        for sid in list(self.links):
-            if sid not in view.shards and self.links[sid].role == "shard":
-                self.links[sid].close()
+        # Close links to shards that left the view (not to peers we have not seen yet: a shard
+        # that just joined may dial us before our view shows it).
+        for sid in self._seen - set(view.shards):
+            link = self.links.get(sid)
+            if link is not None and link.role == "shard":
+                link.close()
+        self._seen = set(view.shards)
         for sid, addr in wanted.items():
             if sid not in self._dialers:
                 scope = trio.CancelScope()
