@@ -23,6 +23,7 @@ import trio
 from ..discovery import hashing
 from ..errors import ChatError
 from .service import status_dict
+from .tracker import Subscriptions
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ class RemotePresence:
         self.discovery = discovery  # ZkDiscovery(kind="presence")
         self.local_devices = local_devices  # () -> [(user_id, device)] of the live local sessions
         self._hb: dict[str, set] = {}
-        self._subs: dict[int, dict[int, int]] = {}  # target -> {subscriber: local refcount}
+        self._subs = Subscriptions()  # this node's sessions' subscriptions, refcounted
         self._wake = trio.Event()
 
     def _server(self, user_id: int) -> str | None:
@@ -58,26 +59,10 @@ class RemotePresence:
                                             "d": device})
 
     def subscribe(self, subscriber: int, targets) -> None:
-        changed = []
-        for t in targets:
-            subs = self._subs.setdefault(t, {})
-            subs[subscriber] = subs.get(subscriber, 0) + 1
-            if subs[subscriber] == 1:
-                changed.append(t)
-        self._send_subs(subscriber, changed, True)
+        self._send_subs(subscriber, self._subs.add(subscriber, targets), True)
 
     def unsubscribe(self, subscriber: int, targets) -> None:
-        changed = []
-        for t in targets:
-            subs = self._subs.get(t)
-            if subs and subscriber in subs:
-                subs[subscriber] -= 1
-                if subs[subscriber] <= 0:
-                    del subs[subscriber]
-                    changed.append(t)
-                if not subs:
-                    del self._subs[t]
-        self._send_subs(subscriber, changed, False)
+        self._send_subs(subscriber, self._subs.remove(subscriber, targets), False)
 
     def _send_subs(self, subscriber: int, targets, on: bool, only_to: str | None = None) -> None:
         by_server: dict[str, list[int]] = {}
@@ -114,7 +99,7 @@ class RemotePresence:
             server = self._server(uid)
             if server is not None and (only_to is None or server == only_to):
                 self._hb.setdefault(server, set()).add((uid, device))
-        for target, subs in self._subs.items():
+        for target, subs in self._subs.by_target.items():
             for subscriber in subs:
                 self._send_subs(subscriber, [target], True, only_to)
         self._wake.set()

@@ -24,7 +24,7 @@ import trio
 
 from ..errors import ChatError
 from ..ids import dm_members
-from .tracker import Change, PresenceTracker
+from .tracker import Change, PresenceTracker, Subscriptions
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class PresenceService:
         self.publish = publish
         self.tracker = PresenceTracker(grace_s, coalesce_s)
         self.group_push_max = group_push_max
-        self.subscribers: dict[int, dict[int, int]] = {}  # target -> {subscriber: refcount}
+        self.subscribers = Subscriptions()
         self._wake = trio.Event()
         self._offset = time.time() - trio.current_time()
         self.published = 0
@@ -60,19 +60,10 @@ class PresenceService:
         self._wake.set()
 
     def subscribe(self, subscriber: int, targets) -> None:
-        for t in targets:
-            subs = self.subscribers.setdefault(t, {})
-            subs[subscriber] = subs.get(subscriber, 0) + 1
+        self.subscribers.add(subscriber, targets)
 
     def unsubscribe(self, subscriber: int, targets) -> None:
-        for t in targets:
-            subs = self.subscribers.get(t)
-            if subs and subscriber in subs:
-                subs[subscriber] -= 1
-                if subs[subscriber] <= 0:
-                    del subs[subscriber]
-                if not subs:
-                    del self.subscribers[t]
+        self.subscribers.remove(subscriber, targets)
 
     # ---- reading ---------------------------------------------------------------------------
     async def statuses(self, user_ids) -> dict[int, dict]:
@@ -112,7 +103,7 @@ class PresenceService:
             await self.store.set_last_active(change.user_id, at)
         except ChatError as e:
             log.warning("presence of user %s: %s", change.user_id, e)
-            recipients = set(self.subscribers.get(change.user_id, ()))
+            recipients = set(self.subscribers.subscribers_of(change.user_id))
         recipients.discard(change.user_id)
         self.published += 1
         if recipients:
@@ -121,7 +112,7 @@ class PresenceService:
 
     async def audience(self, user_id: int) -> set[int]:
         """Who hears about this user's changes: contacts, small-group peers, explicit subscribers."""
-        out = set(self.subscribers.get(user_id, ()))
+        out = set(self.subscribers.subscribers_of(user_id))
         for ch in await self.store.channels_of(user_id):
             pair = dm_members(ch.id)
             if pair is not None:

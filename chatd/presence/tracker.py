@@ -118,3 +118,36 @@ class PresenceTracker:
 
     def users(self) -> list[int]:
         return list(self._users)
+
+
+class Subscriptions:
+    """target user -> {subscriber: refcount}. ``add``/``remove`` return the targets whose
+    subscription by ``subscriber`` started / ended with this call."""
+
+    def __init__(self):
+        self.by_target: dict[int, dict[int, int]] = {}
+
+    def add(self, subscriber: int, targets) -> list[int]:
+        started = []
+        for t in targets:
+            subs = self.by_target.setdefault(t, {})
+            subs[subscriber] = subs.get(subscriber, 0) + 1
+            if subs[subscriber] == 1:
+                started.append(t)
+        return started
+
+    def remove(self, subscriber: int, targets) -> list[int]:
+        ended = []
+        for t in targets:
+            subs = self.by_target.get(t)
+            if subs and subscriber in subs:
+                subs[subscriber] -= 1
+                if subs[subscriber] <= 0:
+                    del subs[subscriber]
+                    ended.append(t)
+                if not subs:
+                    del self.by_target[t]
+        return ended
+
+    def subscribers_of(self, target: int):
+        return self.by_target.get(target, {}).keys()

@@ -296,13 +296,8 @@ class SQLiteStore(Store):
         ids = list(dict.fromkeys(user_ids))
 
         def fn(c):
-            out = {}
-            for i in range(0, len(ids), 500):
-                chunk = ids[i:i + 500]
-                q = f"SELECT {_USER_COLS} FROM users WHERE id IN ({','.join('?' * len(chunk))})"
-                for row in c.execute(q, chunk):
-                    out[row[0]] = _user(row)
-            return out
+            rows = _select_in(c, f"SELECT {_USER_COLS} FROM users WHERE id IN ({{}})", ids)
+            return {row[0]: _user(row) for row in rows}
         return await self._read(fn) if ids else {}
 
     async def update_profile(self, user_id, display_name, about):
@@ -459,12 +454,7 @@ class SQLiteStore(Store):
         ids = list(dict.fromkeys(user_ids))
 
         def fn(c):
-            out = {}
-            for i in range(0, len(ids), 500):
-                chunk = ids[i:i + 500]
-                q = f"SELECT user_id, last_active_at FROM presence WHERE user_id IN ({','.join('?' * len(chunk))})"
-                out.update(dict(c.execute(q, chunk).fetchall()))
-            return out
+            return dict(_select_in(c, "SELECT user_id, last_active_at FROM presence WHERE user_id IN ({})", ids))
         return await self._read(fn) if ids else {}
 
     # ---- push notifications --------------------------------------------------------------
@@ -545,6 +535,14 @@ class SQLiteStore(Store):
                           [(s, owner) for s in slots])
         if slots:
             await self._write(fn)
+
+
+def _select_in(c, sql: str, values: list, chunk: int = 500):
+    """Rows of ``sql`` (with one ``{}`` for the placeholders of an IN list) over all ``values``,
+    in chunks below SQLite's bound-parameter limit."""
+    for i in range(0, len(values), chunk):
+        part = values[i:i + chunk]
+        yield from c.execute(sql.format(",".join("?" * len(part))), part)
 
 
 def _require_users(c, user_ids) -> None:
