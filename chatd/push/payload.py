@@ -133,16 +133,21 @@ def _by_status(status: int) -> Outcome | None:
     return None
 
 
-def webhook_outcome(status: int, body: bytes, token: str) -> Outcome:
-    """410 Gone, or a 2xx answer ``{"rejected": [..token..]}``: the token is dead."""
-    if status == 410:
-        return Outcome(REJECTED, "HTTP 410")
+def _answer(status: int, body: bytes, token: str, rejected_reason: str) -> Outcome:
+    """What both gateways share: the status decides, then a 2xx ``{"rejected": [...]}`` body."""
     bad = _by_status(status)
     if bad is not None:
         return bad
     if token in _rejected(body):
-        return Outcome(REJECTED, "listed in 'rejected'")
+        return Outcome(REJECTED, rejected_reason)
     return Outcome(DELIVERED)
+
+
+def webhook_outcome(status: int, body: bytes, token: str) -> Outcome:
+    """410 Gone, or a 2xx answer ``{"rejected": [..token..]}``: the token is dead."""
+    if status == 410:
+        return Outcome(REJECTED, "HTTP 410")
+    return _answer(status, body, token, "listed in 'rejected'")
 
 
 # ---- Matrix Push Gateway API ---------------------------------------------------------------------
@@ -172,9 +177,4 @@ def matrix_request(n: Notification, default_app_id: str) -> tuple[bytes, list[tu
 
 def matrix_outcome(status: int, body: bytes, token: str) -> Outcome:
     """The spec's answer is 200 ``{"rejected": [pushkeys]}``; a listed pushkey must not be used again."""
-    bad = _by_status(status)
-    if bad is not None:
-        return bad
-    if token in _rejected(body):
-        return Outcome(REJECTED, "pushkey listed in 'rejected'")
-    return Outcome(DELIVERED)
+    return _answer(status, body, token, "pushkey listed in 'rejected'")
