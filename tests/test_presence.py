@@ -3,6 +3,8 @@ the real service and a real SQLite store; the wire behaviour runs against a real
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import trio
 import trio.testing
@@ -53,6 +55,25 @@ def test_tracker_coalesces_flaps():
     t.heartbeat(1, "phone", 12)  # a real change shortly after another: waits for the window
     assert t.due_changes(12) == [] and t.next_publish_at() == 16
     assert [c.online for c in t.due_changes(16)] == [True]
+
+
+def test_tracker_is_due_exactly_at_its_own_deadlines():
+    """The service sleeps until next_deadline()/next_publish_at() and then asks what is due: at that
+    instant something must be due, whatever the float rounding, or the loop would spin on a past
+    deadline (seen in CI as a hang: about 1 in 100 random times rounds the wrong way)."""
+    rng = random.Random(7)
+    for _ in range(5000):
+        t0, coalesce, grace = rng.uniform(0, 1e5), rng.choice([0.3, 1.0, 5.0]), rng.choice([30.0, 7.1])
+        t = PresenceTracker(grace_s=grace, coalesce_s=coalesce)
+        t.heartbeat(1, "phone", t0)
+        t.due_changes(t0)
+        t.logout(1, "phone", t0 + 0.1)
+        at = t.next_publish_at()
+        assert at is not None and [c.online for c in t.due_changes(at)] == [False]
+        t.heartbeat(2, "phone", t0)
+        deadline = t.next_deadline()
+        t.expire(deadline)
+        assert t.status(2)[0] is False and t.next_deadline() is None
 
 
 # ---- the service on a mock clock ----------------------------------------------------------------

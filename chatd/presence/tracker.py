@@ -61,9 +61,11 @@ class PresenceTracker:
 
     def expire(self, now: float) -> None:
         """Forget devices silent for longer than the grace period; users left without one go offline."""
-        limit = now - self.grace_s
+        # ``t + grace_s <= now`` is the very expression :meth:`next_deadline` sleeps until: written
+        # as ``t <= now - grace_s`` float rounding can leave a device unexpired at its own deadline,
+        # and the service loop would spin on a deadline already past.
         for uid, u in list(self._users.items()):
-            for dev in [d for d, t in u.devices.items() if t <= limit]:
+            for dev in [d for d, t in u.devices.items() if t + self.grace_s <= now]:
                 del u.devices[dev]
             if not u.devices and u.online:
                 u.online = False
@@ -105,7 +107,7 @@ class PresenceTracker:
             if u.published == u.online:  # flapped back before it was reported
                 self._dirty.discard(uid)
                 continue
-            if now - u.published_at < self.coalesce_s:
+            if now < u.published_at + self.coalesce_s:  # same expression as next_publish_at
                 continue
             self._dirty.discard(uid)
             u.published, u.published_at = u.online, now
