@@ -107,6 +107,12 @@ class AuthConfig:
     token_ttl_s: float = 7 * 24 * 3600
     # scrypt cost (N); 2**15 is ~50 ms on one core. Must be a power of two.
     scrypt_n: int = 2**15
+    # Failed-login throttling (only failures count): per username and per client address.
+    # Over the limit: 429 rate_limited with Retry-After, before any password check.
+    login_failures_per_user_burst: int = 10
+    login_failures_per_user_per_min: float = 2.0
+    login_failures_per_ip_burst: int = 50
+    login_failures_per_ip_per_min: float = 30.0
 
 
 @dataclass
@@ -206,6 +212,10 @@ class Config:
         n = self.auth.scrypt_n
         if n < 2 or n & (n - 1):
             raise ConfigError("auth.scrypt_n must be a power of two >= 2")
+        for name in ("login_failures_per_user_burst", "login_failures_per_user_per_min",
+                     "login_failures_per_ip_burst", "login_failures_per_ip_per_min"):
+            if getattr(self.auth, name) <= 0:
+                raise ConfigError(f"auth.{name} must be > 0")
         for name in ("max_frame_bytes", "max_body_chars", "max_group_members", "rate_burst",
                      "send_queue_frames", "max_inflight_sends", "history_page_max", "sync_page"):
             if getattr(self.limits, name) < 1:

@@ -18,9 +18,10 @@ PASSWORD = "password-123"
 
 
 class HTTPResult:
-    def __init__(self, status: int, body):
+    def __init__(self, status: int, body, headers=None):
         self.status = status
         self.body = body
+        self.headers = headers or {}
 
     def __repr__(self):
         return f"HTTPResult({self.status}, {self.body!r})"
@@ -35,12 +36,12 @@ def _http(method, url, body, token, raw):
         req.add_header("Content-Type", "application/json")
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
-            status, payload, ctype = resp.status, resp.read(), resp.headers.get("Content-Type", "")
+            status, payload, headers = resp.status, resp.read(), resp.headers
     except urllib.error.HTTPError as e:
-        status, payload, ctype = e.code, e.read(), e.headers.get("Content-Type", "")
-    if "json" in ctype:
-        return HTTPResult(status, json.loads(payload))
-    return HTTPResult(status, payload.decode())
+        status, payload, headers = e.code, e.read(), e.headers
+    if "json" in headers.get("Content-Type", ""):
+        return HTTPResult(status, json.loads(payload), headers)
+    return HTTPResult(status, payload.decode(), headers)
 
 
 class API:

@@ -4,6 +4,7 @@ health and metrics. Bad input is always a 4xx with a stable code, never a 500.""
 from __future__ import annotations
 
 import pytest
+import trio
 
 from chatd.auth import issue_token
 from tests.conftest import RunningServer, make_config
@@ -187,3 +188,35 @@ async def test_health_metrics_and_unknown_routes(server, nursery):
     assert r.status == 405 and r.body["error"]["code"] == "bad_request"
     r = await api.call("POST", "/v1/users", raw=b"x" * (2 * 1024 * 1024))
     assert r.status == 413
+
+
+async def test_failed_logins_are_throttled_per_user_and_per_address(nursery, tmp_path):
+    cfg = make_config(tmp_path)
+    cfg.update({"auth": {"login_failures_per_user_burst": 3, "login_failures_per_user_per_min": 60.0,
+                         "login_failures_per_ip_burst": 8, "login_failures_per_ip_per_min": 6.0}}, "test")
+    srv = await RunningServer(nursery, cfg).start()
+    try:
+        api = srv.api
+        await api.signup_login("victim")
+        await api.signup_login("bystander")  # successful logins never count
+        for _ in range(3):
+            r = await api.call("POST", "/v1/login", {"username": "victim", "password": "guess-guess"})
+            assert r.status == 401 and r.body["error"]["code"] == "bad_credentials"
+        # the account's bucket is empty: even the right password is refused, before any hashing
+        r = await api.call("POST", "/v1/login", {"username": "Victim", "password": PASSWORD})
+        assert r.status == 429 and r.body["error"]["code"] == "rate_limited", r
+        assert int(r.headers["Retry-After"]) >= 1
+        r = await api.call("POST", "/v1/login", {"username": "bystander", "password": PASSWORD})
+        assert r.status == 200  # other accounts are not affected
+        with trio.fail_after(10):
+            while (r := await api.call("POST", "/v1/login", {"username": "victim", "password": PASSWORD})).status == 429:
+                await trio.sleep(0.3)  # one token per second refills
+        assert r.status == 200
+        # one address guessing across many usernames meets its own bucket (8, minus the 3 above)
+        codes = [(await api.call("POST", "/v1/login", {"username": f"nobody{i}", "password": "x"})).status
+                 for i in range(7)]
+        assert codes[:5] == [401] * 5 and codes[-1] == 429, codes
+        r = await api.call("POST", "/v1/login", {"username": "bystander", "password": PASSWORD})
+        assert r.status == 429  # the address is throttled for every account now
+    finally:
+        await srv.stop()

@@ -170,3 +170,21 @@ def test_cluster_roles_refuse_to_start_without_secrets(tmp_path):
     assert result.exit_code == 1 and "auth.secret must be set" in result.output
     result = CliRunner().invoke(main, ["run", "--config", str(tmp_path / "missing.toml")], env={})
     assert result.exit_code == 1 and "config file not found" in result.output
+
+
+def test_login_guard_counts_failures_only_and_stays_bounded():
+    from chatd.api.loginguard import LoginGuard
+    g = LoginGuard(per_user_burst=2, per_user_per_min=60.0, per_ip_burst=100, per_ip_per_min=60.0, max_entries=50)
+    assert g.retry_after("u", "1.2.3.4", 0.0) == 0.0
+    g.failed("U", "1.2.3.4", 0.0)
+    g.failed("u", "5.6.7.8", 0.0)  # usernames are case-insensitive; addresses do not matter to it
+    assert g.retry_after("u", "9.9.9.9", 0.0) == pytest.approx(1.0)
+    assert g.retry_after("u", "9.9.9.9", 0.5) == pytest.approx(0.5)
+    assert g.retry_after("u", "9.9.9.9", 1.0) == 0.0
+    g.failed("u", "1.2.3.4", 1.0)
+    g.succeeded("u")  # the right password clears the account's failures
+    assert g.retry_after("u", "1.2.3.4", 1.0) == 0.0
+    for i in range(1000):  # a spray over many names and addresses cannot grow the tables without bound
+        g.failed(f"name{i}", f"10.0.{i // 250}.{i % 250}", 2.0 + i / 1000)
+    assert len(g) <= 2 * 50
+    assert g.retry_after("name999", "x", 3.0) == 0.0  # one failure of a burst of two: still allowed

@@ -9,6 +9,7 @@ Password hashing runs in worker threads, at most two at a time (scrypt is memory
 from __future__ import annotations
 
 import logging
+import math
 import re
 import secrets
 import time
@@ -24,6 +25,7 @@ from ..ids import dm_channel_id, dm_members, is_group, is_valid_channel_id, new_
 from ..protocol.client import message_frame
 from ..store.base import PushToken
 from . import validate as v
+from .loginguard import LoginGuard
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,9 @@ def create_app(node) -> QuartTrio:
     store = node.store
     hash_limiter = trio.CapacityLimiter(2)
     dummy_hash = hash_password("not-a-password", cfg.auth.scrypt_n)
+    a = cfg.auth
+    guard = LoginGuard(a.login_failures_per_user_burst, a.login_failures_per_user_per_min,
+                       a.login_failures_per_ip_burst, a.login_failures_per_ip_per_min)
 
     def err(code: str, message: str, status: int | None = None):
         node.metrics.errors.inc(code=code)
@@ -108,12 +113,20 @@ def create_app(node) -> QuartTrio:
         name = v.field_str(b, "username", max_len=64)
         password = v.field_str(b, "password", max_len=1024)
         device_id = v.field_str(b, "device_id", required=False, min_len=1, max_len=64)
+        ip = request.remote_addr or "?"
+        wait = guard.retry_after(name, ip, trio.current_time())
+        if wait > 0:
+            node.metrics.errors.inc(code="rate_limited")
+            e = ChatError("rate_limited", f"too many failed logins; retry in {math.ceil(wait)} s")
+            return {"error": e.to_dict()}, 429, {"Retry-After": str(math.ceil(wait))}
         user = await store.get_user_by_name(name)
         async with hash_limiter:
             ok = await trio.to_thread.run_sync(verify_password, password,
                                                user.password_hash if user else dummy_hash)
         if user is None or not ok:
+            guard.failed(name, ip, trio.current_time())
             raise ChatError("bad_credentials", "wrong username or password")
+        guard.succeeded(name)
         if device_id is None or await store.device_owner(device_id) != user.id:
             device_id = secrets.token_hex(8)
             await store.add_device(user.id, device_id, time.time())
