@@ -178,6 +178,11 @@ class Cluster:
                 p.wait(15)
             except subprocess.TimeoutExpired:
                 p.kill()
+        # pytest shows a test's captured output only when it fails: the processes' last words
+        for name in self.procs:
+            lines = (self.dir / f"{name}.log").read_text(errors="replace").splitlines()
+            print(f"---- {name}.log (last {min(40, len(lines))} of {len(lines)} lines) ----")
+            print("\n".join(lines[-40:]))
 
 
 class Device:

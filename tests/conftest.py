@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+from pathlib import Path
+
 import pytest
 import trio
 
@@ -76,3 +80,21 @@ async def server(nursery, config):
     yield srv
     if not srv._done.is_set():
         await srv.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_orphans():
+    """After the run, kill any process a test started and failed to stop (a test cut short by
+    pytest-timeout skips its own clean-up): CI must not inherit stray shards or ZooKeepers."""
+    yield
+    me = str(os.getpid())
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[1] == me:  # the parent pid
+            try:
+                os.kill(int(stat.parent.name), signal.SIGKILL)
+            except OSError:
+                pass

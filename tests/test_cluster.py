@@ -114,6 +114,14 @@ async def test_cross_shard_dm_group_and_devices(cluster, nursery):
     await trio.sleep(0.5)
     for d in devices + [alice2]:
         assert d.absorb() == 0
+    # a read receipt from alice's far device reaches her other device and bob, never itself
+    reply = await alice2.client.request({"type": "read", "channel_id": ch, "seq": 11})
+    assert reply["seq"] == 11
+    for d in (a_dev, b_dev):
+        event = await d.client.next_event("read")
+        assert event == {"type": "read", "channel_id": ch, "user_id": alice["user"]["id"], "seq": 11}
+    await trio.sleep(0.5)
+    assert [f for f in alice2.client.inbox if f.get("type") == "read"] == []
 
 
 async def raw_link(cluster, zk_hosts, shard_id, secret="test-link-secret", peer_id="test-peer"):
@@ -404,8 +412,11 @@ async def test_fan_out_is_one_frame_per_destination_shard(cluster, nursery):
     n = 5
     for i in range(n):
         assert (await clients[0].send_message(group, f"fan {i}"))["type"] == "ack"
-    for c in clients:
-        got = [m for m in await c.messages(n) if m["channel_id"] == group]
+    for p, c in zip(people, clients):
+        try:
+            got = [m for m in await c.messages(n) if m["channel_id"] == group]
+        except trio.TooSlowError:
+            pytest.fail(f"{p['user']['username']} (home {p['shard_id']}, owner {owner}) got {c.inbox}")
         assert [m["body"] for m in got] == [f"fan {i}" for i in range(n)]
     after = await delivers()
     for home in remote_homes:  # exactly one frame per message per home shard, whatever its member count

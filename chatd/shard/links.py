@@ -77,17 +77,26 @@ class Link:
             self._scope.cancel()
 
     async def run(self) -> None:
+        """Until the peer closes, resets or falls silent, or :meth:`close`. A broken socket (a peer
+        killed with -9 can send RST) ends the link like a close: it never raises."""
         try:
             with trio.CancelScope() as self._scope:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._writer)
-                    await self._reader()
+                    nursery.start_soon(self._until_broken, self._writer)
+                    await self._until_broken(self._reader)
                     nursery.cancel_scope.cancel()
         finally:
             self._send.close()
             self.closed.set()
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(self.stream)
+
+    async def _until_broken(self, io) -> None:
+        try:
+            await io()
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            log.info("link to %s broken: %s", self.peer_id, e)
+        self.close()  # the other direction goes down with it
 
     async def _writer(self) -> None:
         hb = self.manager.cfg.link_heartbeat_s
@@ -250,6 +259,8 @@ class LinkManager:
         self._on_link_up(link)
         try:
             await link.run()
+        except Exception:  # a bug handling one peer's frames must not take the process down
+            log.exception("link to %s failed", link.peer_id)
         finally:
             if self.links.get(link.peer_id) is link:
                 del self.links[link.peer_id]

@@ -164,8 +164,9 @@ class Router:
     def deliver_message(self, message: Message, member_ids) -> None:
         self._fan_out(message, None, member_ids, None)
 
-    def deliver_event(self, frame: dict, member_ids, skip=None) -> None:
-        """A transient event (typing, read receipt) to every device of ``member_ids`` but ``skip``."""
+    def deliver_event(self, frame: dict, member_ids, skip: str | None = None) -> None:
+        """A transient event (typing, read receipt) to every device of ``member_ids`` but the device
+        ``skip`` (a device id: the one that caused the event, wherever its connection lives)."""
         self._fan_out(None, frame, member_ids, skip)
 
     def _fan_out(self, message, event, member_ids, skip) -> None:
@@ -187,6 +188,8 @@ class Router:
                         packed["m"] = pack(message)
                     else:
                         packed["e"] = event
+                    if skip is not None:
+                        packed["x"] = skip
                 self._to(home, {**packed, "u": uids})
 
     def _home_deliver(self, message, event, uids, skip=None, hops: int = 0) -> None:
@@ -208,19 +211,20 @@ class Router:
         for shard, us in by_shard.items():
             if shard == self.me:
                 self.push_local(message if message is not None else event, us, skip)
-            elif shard.startswith("->"):
-                frame = {"t": "deliver", "view": view.version, "u": us, "hops": 1}
-                frame.update({"m": pack(message)} if message is not None else {"e": event})
-                self._to(shard[2:], frame)
             else:
-                frame = {"t": "push", "view": view.version, "u": us}
+                if shard.startswith("->"):
+                    frame = {"t": "deliver", "view": view.version, "u": us, "hops": 1}
+                else:
+                    frame = {"t": "push", "view": view.version, "u": us}
                 frame.update({"m": pack(message)} if message is not None else {"e": event})
-                self._to(shard, frame)
+                if skip is not None:
+                    frame["x"] = skip
+                self._to(shard.removeprefix("->"), frame)
 
-    def push_local(self, item, user_ids, skip=None) -> None:
+    def push_local(self, item, user_ids, skip: str | None = None) -> None:
         for uid in user_ids:
             for session in tuple(self.hub.sessions_of(uid)):
-                if session is not skip:
+                if skip is None or session.device_id != skip:
                     session.push(item)
 
     def _to(self, shard: str, frame: dict) -> None:
@@ -236,9 +240,10 @@ class Router:
                 item = unpack(frame["m"]) if "m" in frame else frame["e"]
                 is_msg = "m" in frame
                 self._home_deliver(item if is_msg else None, None if is_msg else item,
-                                   [int(u) for u in frame["u"]], hops=int(frame.get("hops", 0)))
+                                   [int(u) for u in frame["u"]], _skip(frame), hops=int(frame.get("hops", 0)))
             elif t == "push":
-                self.push_local(unpack(frame["m"]) if "m" in frame else frame["e"], [int(u) for u in frame["u"]])
+                self.push_local(unpack(frame["m"]) if "m" in frame else frame["e"], [int(u) for u in frame["u"]],
+                                _skip(frame))
             elif t == "device":
                 self._set_location(int(frame["u"]), str(frame["s"]), bool(frame["on"]))
             elif t == "devices":
@@ -301,3 +306,8 @@ class Router:
 class _Stale(Exception):
     def __init__(self, version: int):
         self.version = version
+
+
+def _skip(frame: dict) -> str | None:
+    x = frame.get("x")
+    return x if isinstance(x, str) else None

@@ -378,7 +378,7 @@ class Session:
         seq = await self.node.store.set_read(req.channel_id, self.user_id, req.seq)
         self.push({"type": "read", "id": req.id, "channel_id": req.channel_id, "seq": seq})
         event = {"type": "read", "channel_id": req.channel_id, "user_id": self.user_id, "seq": seq}
-        self.node.router.deliver_event(event, members, skip=self)
+        self.node.router.deliver_event(event, members, skip=self.device_id)
 
     async def _on_subscribe(self, req: proto.SubscribePresence) -> None:
         """Subscribe (at once, before any await), then answer with the current statuses."""
