@@ -94,3 +94,24 @@ async def test_many_processes_opening_a_new_database_at_once(tmp_path):
         assert p.returncode == 0, err.decode()[-2000:]
     with sqlite3.connect(path) as c:
         assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+def _open_and_migrate(path: str) -> str:
+    from chatd.store.sqlite import _connect, migrate
+    try:
+        conn = _connect(path, "full")
+        migrate(conn)
+        return conn.execute("PRAGMA journal_mode").fetchone()[0]
+    except Exception as e:  # reported back to the test
+        return f"{type(e).__name__}: {e}"
+
+
+def test_racing_first_opens_never_fail_with_locked(tmp_path):
+    """Switching a new file to WAL answers 'database is locked' at once (no busy handler) when
+    processes race for it; seen as an API server dying at cluster start. 20 races of 8 processes
+    (before the fix about 1 open in 40 failed)."""
+    import multiprocessing
+    with multiprocessing.get_context("fork").Pool(8) as pool:
+        for trial in range(20):
+            path = str(tmp_path / f"race{trial}.sqlite")
+            assert pool.map(_open_and_migrate, [path] * 8) == ["wal"] * 8

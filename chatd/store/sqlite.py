@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import sqlite3
 import time
 from pathlib import Path
@@ -120,7 +121,17 @@ def _msg(row) -> Message:
 def _connect(path: str, synchronous: str) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
     conn.execute("PRAGMA busy_timeout=30000")  # first: other processes may be opening it too
-    conn.execute("PRAGMA journal_mode=WAL")
+    # Switching a new file to WAL needs an exclusive lock, and SQLite answers "database is locked"
+    # at once (no busy handler) when processes race for it: retry, for as long as busy_timeout.
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01 + random.random() * 0.05)
     conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
     conn.execute("PRAGMA foreign_keys=ON")
     return conn
