@@ -208,3 +208,32 @@ async def test_restart_keeps_everything(server, nursery):
     assert (await ca.send_message(ch, "after", "c-after"))["seq"] == 11
     again = await ca.send_message(ch, "before 3", "c3")
     assert again["seq"] == 4 and again["duplicate"] is True
+
+
+async def test_auth_waits_for_the_shards_view(server, nursery, monkeypatch):
+    """A shard reachable before it has read its view (a cluster shard is discoverable a moment
+    before) must not attach sessions that no home shard knows of: auth waits for the view, and
+    answers ``unavailable`` + close 1013 if none comes."""
+    from chatd.shard import router as router_mod
+    a = await server.api.signup_login("early1")
+    disc = server.node.discovery
+    (info,) = disc.view.shards.values()
+    disc.unregister(info.shard_id)
+    returned = []
+
+    async def back():
+        await trio.sleep(0.5)
+        returned.append(True)
+        disc.register(info)
+    nursery.start_soon(back)
+    ca = await open_client(nursery, a["ws_url"], a["token"])
+    assert returned, "auth answered while the shard had no view"
+    assert (await ca.request({"type": "heartbeat"}))["type"] == "heartbeat"
+
+    monkeypatch.setattr(router_mod, "VIEW_WAIT_S", 0.5)
+    disc.unregister(info.shard_id)
+    cb = await open_client(nursery, a["ws_url"])
+    reply = await cb.request({"type": "auth", "token": a["token"]})
+    assert reply["type"] == "error" and reply["code"] == "unavailable"
+    assert (await cb.wait_closed()).code == 1013
+    disc.register(info)

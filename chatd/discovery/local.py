@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+import trio
+
 from .view import ShardInfo, View
 
 
@@ -18,6 +20,7 @@ class LocalDiscovery:
         self._listeners: list[Callable[[View, View], None]] = []
         self._loads: dict[str, Callable[[], int]] = {}
         self.writable = True  # no session to lose
+        self._view_event: trio.Event | None = None
 
     def on_change(self, fn: Callable[[View, View], None]) -> None:
         self._listeners.append(fn)
@@ -26,6 +29,18 @@ class LocalDiscovery:
         old, self.view = self.view, View(self.view.version + 1, shards)
         for fn in list(self._listeners):
             fn(old, self.view)
+        if self._view_event is not None:
+            self._view_event.set()
+            self._view_event = None
+
+    async def wait_view(self, min_version: int, timeout_s: float) -> bool:
+        with trio.move_on_after(timeout_s):
+            while self.view.version < min_version:
+                if self._view_event is None:
+                    self._view_event = trio.Event()
+                await self._view_event.wait()
+            return True
+        return False
 
     def register(self, info: ShardInfo, load: Callable[[], int] = lambda: 0) -> None:
         self._loads[info.shard_id] = load

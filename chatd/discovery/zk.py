@@ -183,9 +183,14 @@ class ZkDiscovery:
         self._registration = info
         self._load = load
         await self._ensure_registered()
-        self._changed.set()
         while info.shard_id not in self.view.shards:
-            await self._view_changed().wait()
+            # read it ourselves: waiting for the watch loop's next read can take a refresh period
+            view = await trio.to_thread.run_sync(self._read_view)
+            if view.version >= self.view.version:  # the watch loop may have applied a newer one
+                self._apply(view)
+            if info.shard_id not in self.view.shards:
+                with trio.move_on_after(0.2):
+                    await self._view_changed().wait()
 
     async def unregister(self) -> None:
         info, self._registration = self._registration, None

@@ -95,12 +95,9 @@ class Router:
                    on_stored=None) -> AppendResult:
         """Store a message through its owner; ``on_stored(result)`` is called once it is durable."""
         for _ in range(SEND_ATTEMPTS):
+            if not self.view.shards:  # starting up, or every shard gone from the view
+                await self.wait_for_view()
             view = self.view
-            if not view.shards:  # starting up (clients may connect before our first view read)
-                with trio.move_on_after(VIEW_WAIT_S):
-                    while not self.view.shards:
-                        await trio.sleep(0.05)
-                view = self.view
             if not view.shards:
                 raise ChatError("unavailable", "no chat shard is live; retry")
             owner = view.owner_of(channel_id)
@@ -125,6 +122,14 @@ class Router:
                 continue
             raise ChatError(err.get("code", "internal"), err.get("message", "remote error"))
         raise ChatError("unavailable", "the channel's owner could not be reached; retry")
+
+    async def wait_for_view(self) -> bool:
+        """Until this shard's view has shards in it (at start-up clients can reach us before our
+        first view is read), at most ``VIEW_WAIT_S``; whether it has."""
+        with trio.move_on_after(VIEW_WAIT_S):
+            while not self.view.shards:
+                await self.node.discovery.wait_view(self.view.version + 1, VIEW_WAIT_S)
+        return bool(self.view.shards)
 
     def _owns(self, channel_id: str) -> bool:
         view = self.view

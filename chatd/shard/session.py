@@ -267,6 +267,12 @@ class Session:
                 continue
             if self.user_id is None:
                 if isinstance(req, proto.Auth):
+                    # A session attached before this shard has a view would be announced to
+                    # no home shard, and miss live messages: wait for the first view.
+                    if not self.node.router.view.shards and not await self.node.router.wait_for_view():
+                        self.push_error(ChatError("unavailable", "this shard is starting; reconnect"), req.id)
+                        self.push(_Close(CLOSE_TRY_AGAIN, "shard not ready; reconnect"))
+                        await trio.sleep_forever()  # the writer sends the error, then closes
                     self._on_auth(req)
                 else:
                     self.push_error(ChatError("not_authenticated", "send an 'auth' frame first"), req.id)
