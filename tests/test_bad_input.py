@@ -140,6 +140,7 @@ async def test_frames_before_auth_and_bad_tokens(server, nursery):
         await c2.send({"type": "auth", "id": "x", "token": ".".join(payload_swap)})
     reason = await c2.wait_closed()
     assert reason.code == 1008
+    assert [f["code"] for f in c2.inbox] == ["invalid_token"] * 5  # each got its answer before the close
     await assert_intact(server, alice["token"], ch, ["keep me"])
 
 

@@ -273,7 +273,8 @@ class Session:
                         self.push_error(ChatError("unavailable", "this shard is starting; reconnect"), req.id)
                         self.push(_Close(CLOSE_TRY_AGAIN, "shard not ready; reconnect"))
                         await trio.sleep_forever()  # the writer sends the error, then closes
-                    self._on_auth(req)
+                    if not self._on_auth(req):
+                        await trio.sleep_forever()
                 else:
                     self.push_error(ChatError("not_authenticated", "send an 'auth' frame first"), req.id)
                 continue
@@ -316,15 +317,17 @@ class Session:
         except ChatError as e:
             self.push_error(e, req.id)
 
-    def _on_auth(self, req: proto.Auth) -> None:
+    def _on_auth(self, req: proto.Auth) -> bool:
+        """False once the connection has presented too many bad tokens (it is being closed)."""
         try:
             self.user_id, self.device_id = verify_token(self.node.secret, req.token)
         except ChatError as e:
             self._bad_tokens += 1
             self.push_error(e, req.id)
             if self._bad_tokens >= MAX_BAD_TOKENS:
-                self.close_soon(CLOSE_POLICY, "too many invalid tokens")
-            return
+                self.push(_Close(CLOSE_POLICY, "too many invalid tokens"))  # after the error frame
+                return False
+            return True
         # No await from here on: every live message routed to us is queued after this sync job.
         self.node.router.attach(self)
         self.node.presence.heartbeat(self.user_id, self.device_id)
@@ -332,6 +335,7 @@ class Session:
                    "heartbeat_interval_s": self.limits.heartbeat_interval_s, "server_time": time.time()})
         if req.cursors:
             self.push(_SyncJob(req.id, req.cursors))
+        return True
 
     async def _on_send(self, req: proto.Send, previous: trio.Event | None, submitted: trio.Event) -> None:
         """Sends run concurrently (their commits share a group commit) but enter the store in
