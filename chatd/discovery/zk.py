@@ -59,6 +59,7 @@ class ZkDiscovery:
         self._registration: ShardInfo | None = None
         self._load: Callable[[], int] = lambda: 0
         self._view_event = trio.Event()  # set (and replaced) whenever the view changes
+        self._registering = trio.Lock()
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -112,6 +113,10 @@ class ZkDiscovery:
     # ---- the view --------------------------------------------------------------------------
     def on_change(self, fn: Callable[[View, View], None]) -> None:
         self._listeners.append(fn)
+
+    def poke(self) -> None:
+        """Read the view again now (a peer told us of a newer one than ours)."""
+        self._changed.set()
 
     async def wait_view(self, min_version: int, timeout_s: float) -> bool:
         with trio.move_on_after(timeout_s):
@@ -206,6 +211,12 @@ class ZkDiscovery:
         return ShardInfo(info.shard_id, info.ws_url, info.link_addr, self._load()).to_json()
 
     async def _ensure_registered(self) -> None:
+        # register() and the watch loop both call this: one at a time, or they race to create
+        # the znode and the loser would sleep (and the view go unread) for a retry period
+        async with self._registering:
+            await self._ensure_registered_locked()
+
+    async def _ensure_registered_locked(self) -> None:
         path = f"{self.shards_path}/{self._registration.shard_id}"
         while True:
             if self._registration is None:
@@ -223,7 +234,7 @@ class ZkDiscovery:
                 log.warning("%s is held by another session (a previous run that has not expired yet?); waiting",
                             path)
             except NodeExistsError:
-                pass
+                continue  # created since we looked (by a session of ours?): look again at once
             except KazooException as e:
                 log.warning("zookeeper registration failed (%s); retrying", type(e).__name__)
             await trio.sleep(min(1.0, self.session_timeout_s / 4))
