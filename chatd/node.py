@@ -28,7 +28,7 @@ from .shard.hub import Hub
 from .shard.membership import Membership
 from .shard.owner import ChannelOwners
 from .shard.ratelimit import TokenBucket
-from .shard.router import Router
+from .shard.router import VIEW_WAIT_S, Router
 from .shard.server import ShardServer
 from .store import open_store
 
@@ -109,6 +109,14 @@ class Node:
             submitted = self._link_chains[link] = trio.Event()
             self.nursery.start_soon(self.router.on_remote_send, link, frame, previous, submitted)
         else:
+            view = frame.get("view")
+            if type(view) is int and view > self.discovery.view.version and frame.get("t") in VIEW_ROUTED:
+                # Routed by a view newer than ours (its ZooKeeper watch fired first): catch up
+                # before routing it further, or a user who just became homed here would be
+                # looked up by the old view and the message missed. Holding this link's reader
+                # keeps its frames in order; the wait is bounded.
+                self.discovery.poke()
+                await self.discovery.wait_view(view, VIEW_WAIT_S)
             self.router.on_frame(link, frame)
 
     def on_link_up(self, link) -> None:
@@ -116,6 +124,10 @@ class Node:
             del self._link_chains[old]
         self.router.announce_all(only_to=link.peer_id)
         self.router.schedule_resync(1.0)
+
+
+# link frames routed by a view: the receiver must route them by at least that view
+VIEW_ROUTED = frozenset({"deliver", "push", "device", "devices"})
 
 
 def load_secret(config: Config) -> str:

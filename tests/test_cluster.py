@@ -198,6 +198,34 @@ async def test_stale_view_frames_are_refused_or_rerouted(patient_cluster, zk, nu
     assert all(p.poll() is None for p in cluster.procs.values())
 
 
+async def test_a_frame_routed_by_a_newer_view_waits_for_that_view(patient_cluster, zk, nursery):
+    """A peer's ZooKeeper watch can fire before ours: a frame routed under a view we have not
+    read yet is held until we have it (and we re-read at once), then routed by it."""
+    cluster = patient_cluster
+    a, b = await cluster.api.signup_login("newer1"), await cluster.api.signup_login("newer2")
+    home = a["shard_id"]
+    ca = await open_client_for(nursery, a)
+    v = (await cluster.admin(home).call("GET", "/healthz")).body["view"]
+    stream, codec, read = await raw_link(cluster, zk.hosts, home)
+    assert (await read())["t"] == "welcome"
+    event = {"type": "typing", "channel_id": dm(a, b), "user_id": b["user"]["id"]}
+    await stream.send_all(codec.encode({"t": "deliver", "view": v + 1, "e": event, "u": [a["user"]["id"]]}))
+    await trio.sleep(0.5)
+    assert [f for f in ca.inbox if f.get("type") == "typing"] == []  # held: no view v+1 here yet
+    # a shard joins (a placeholder znode, keeping a's home): the view moves to v+1, the frame goes on
+    shards = {s: None for s in cluster.shard_ids}
+    extra = next(f"zz{i}" for i in range(100) if View(0, {**shards, f"zz{i}": None}).home_of(a["user"]["id"]) == home)
+    zkc = KazooClient(hosts=zk.hosts)
+    await trio.to_thread.run_sync(zkc.start)
+    try:
+        info = ShardInfo(extra, "ws://127.0.0.1:9/", "")
+        await trio.to_thread.run_sync(lambda: zkc.create(f"{cluster.root}/shards/{extra}", info.to_json(), ephemeral=True))
+        assert await ca.next_event("typing", timeout=4) == event
+    finally:
+        await trio.to_thread.run_sync(zkc.stop)
+    await stream.aclose()
+
+
 @pytest.fixture
 async def slow_expiry_cluster(zk, tmp_path):
     c = Cluster(zk, tmp_path, session_timeout_s=6.0, heartbeat_s=0.2)

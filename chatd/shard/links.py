@@ -155,6 +155,7 @@ class LinkManager:
         self._nursery: trio.Nursery | None = None
         self._rids = itertools.count(1)
         self._pending: dict[int, list] = {}  # rid -> [event, reply, link]
+        self._link_up = trio.Event()  # set (and replaced) whenever a link comes up
         self.port: int | None = None
         self.metrics = metrics
 
@@ -255,6 +256,8 @@ class LinkManager:
         if old is not None:
             old.close()
         self.links[link.peer_id] = link
+        self._link_up.set()  # wakes wait_link callers
+        self._link_up = trio.Event()
         log.info("link up: %s <-> %s (%s)", self.node_id, link.peer_id, link.role)
         self._on_link_up(link)
         try:
@@ -282,7 +285,7 @@ class LinkManager:
     async def wait_link(self, peer: str, timeout_s: float) -> Link:
         with trio.move_on_after(timeout_s):
             while peer not in self.links:
-                await trio.sleep(0.02)
+                await self._link_up.wait()
             return self.links[peer]
         raise ChatError("unavailable", f"no link to shard {peer}; retry")
 
