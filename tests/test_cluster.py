@@ -310,6 +310,27 @@ async def test_zookeeper_session_loss_blocks_writes(tmp_path, nursery):
         zk.stop()
 
 
+async def test_processes_stop_on_sigterm_with_zookeeper_gone(tmp_path):
+    """Operators stop ZooKeeper first at times: SIGTERM must still stop shards and API servers
+    (kazoo calls blocked on a dead ensemble are abandoned, not waited for)."""
+    zk = ZooKeeper(tmp_path / "own-zk")
+    cluster = Cluster(zk, tmp_path, n=2, session_timeout_s=4.0)
+    try:
+        await cluster.start()
+        zk.stop()
+        await trio.sleep(1.0)  # the clients notice and start reconnecting
+        for p in cluster.procs.values():
+            p.terminate()
+        with trio.fail_after(30):
+            while any(p.poll() is None for p in cluster.procs.values()):
+                await trio.sleep(0.1)
+        assert all(p.returncode == 0 for p in cluster.procs.values()), \
+            {name: p.returncode for name, p in cluster.procs.items()}
+    finally:
+        cluster.stop()
+        zk.stop()
+
+
 async def test_kill_9_failover_exactly_once(cluster, nursery):
     people = await users_on_distinct_homes(cluster, "fo", 3, 9)
     owner = people[0]

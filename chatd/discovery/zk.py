@@ -9,8 +9,8 @@ One instance watches (and may register in) one of the two sets (``kind``).
 
 Threads and trio: kazoo runs its own connection thread and calls watchers and state listeners on
 it. Those callbacks do nothing but hand an event to trio with ``TrioToken.run_sync_soon``; every
-blocking kazoo call is made from trio through ``trio.to_thread.run_sync``. The event loop never
-blocks on ZooKeeper.
+blocking kazoo call is made from trio through ``trio.to_thread.run_sync``, abandoned on cancel (a
+process stops even while ZooKeeper is down). The event loop never blocks on ZooKeeper.
 
 Policies
 
@@ -37,6 +37,13 @@ from kazoo.handlers.threading import KazooTimeoutError
 from .view import ShardInfo, View
 
 log = logging.getLogger(__name__)
+
+
+async def _kazoo(fn, *args):
+    """A blocking kazoo call in a worker thread. Cancelling abandons the thread (it finishes or
+    stays blocked on its own; worker threads are daemons): with the ensemble down a kazoo call
+    can block for as long as kazoo retries, and a stopping process must not wait for that."""
+    return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)
 
 
 class ZkDiscovery:
@@ -69,17 +76,18 @@ class ZkDiscovery:
         zk.add_listener(self._on_state_thread)
         try:
             try:
-                await trio.to_thread.run_sync(lambda: zk.start(timeout=max(5.0, self.session_timeout_s)))
+                await _kazoo(lambda: zk.start(timeout=max(5.0, self.session_timeout_s)))
             except KazooTimeoutError:
                 raise RuntimeError(f"cannot reach ZooKeeper at {self.hosts}") from None
-            await trio.to_thread.run_sync(zk.ensure_path, self.shards_path)
+            await _kazoo(zk.ensure_path, self.shards_path)
             async with trio.open_nursery() as nursery:
                 await nursery.start(self._watch_loop)
                 task_status.started()
         finally:
             self.writable = False
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(self._stop_client)
+                with trio.move_on_after(3):  # kazoo's stop waits up to 10 s for a dead ensemble
+                    await _kazoo(self._stop_client)
 
     def _stop_client(self) -> None:
         try:
@@ -154,7 +162,7 @@ class ZkDiscovery:
             try:
                 if self._registration is not None:
                     await self._ensure_registered()
-                view = await trio.to_thread.run_sync(self._read_view)
+                view = await _kazoo(self._read_view)
                 backoff = 0.1
             except KazooException as e:
                 log.warning("zookeeper read failed (%s); retrying in %.1fs", type(e).__name__, backoff)
@@ -190,7 +198,7 @@ class ZkDiscovery:
         await self._ensure_registered()
         while info.shard_id not in self.view.shards:
             # read it ourselves: waiting for the watch loop's next read can take a refresh period
-            view = await trio.to_thread.run_sync(self._read_view)
+            view = await _kazoo(self._read_view)
             if view.version >= self.view.version:  # the watch loop may have applied a newer one
                 self._apply(view)
             if info.shard_id not in self.view.shards:
@@ -202,7 +210,7 @@ class ZkDiscovery:
         self.writable = False
         if info is not None:
             try:
-                await trio.to_thread.run_sync(self._zk.delete, f"{self.shards_path}/{info.shard_id}")
+                await _kazoo(self._zk.delete, f"{self.shards_path}/{info.shard_id}")
             except KazooException:
                 pass
 
@@ -223,12 +231,12 @@ class ZkDiscovery:
                 return
             zk = self._zk
             try:
-                stat = await trio.to_thread.run_sync(zk.exists, path)
+                stat = await _kazoo(zk.exists, path)
                 if stat is not None and stat.ephemeralOwner == zk.client_id[0]:
                     break
                 if stat is None:
                     data = self._current_data()
-                    await trio.to_thread.run_sync(lambda: zk.create(path, data, ephemeral=True, makepath=True))
+                    await _kazoo(lambda: zk.create(path, data, ephemeral=True, makepath=True))
                     log.info("registered %s in zookeeper", path)
                     break
                 log.warning("%s is held by another session (a previous run that has not expired yet?); waiting",
@@ -242,7 +250,7 @@ class ZkDiscovery:
 
     async def _publish_load(self) -> None:
         try:
-            await trio.to_thread.run_sync(self._zk.set, f"{self.shards_path}/{self._registration.shard_id}",
+            await _kazoo(self._zk.set, f"{self.shards_path}/{self._registration.shard_id}",
                                           self._current_data())
         except (KazooException, AttributeError):
             pass
