@@ -116,9 +116,8 @@ def create_app(node) -> QuartTrio:
         ip = request.remote_addr or "?"
         wait = guard.retry_after(name, ip, trio.current_time())
         if wait > 0:
-            node.metrics.errors.inc(code="rate_limited")
-            e = ChatError("rate_limited", f"too many failed logins; retry in {math.ceil(wait)} s")
-            return {"error": e.to_dict()}, 429, {"Retry-After": str(math.ceil(wait))}
+            body_, status = err("rate_limited", f"too many failed logins; retry in {math.ceil(wait)} s")
+            return body_, status, {"Retry-After": str(math.ceil(wait))}
         user = await store.get_user_by_name(name)
         async with hash_limiter:
             ok = await trio.to_thread.run_sync(verify_password, password,

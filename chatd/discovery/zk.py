@@ -250,8 +250,7 @@ class ZkDiscovery:
 
     async def _publish_load(self) -> None:
         try:
-            await _kazoo(self._zk.set, f"{self.shards_path}/{self._registration.shard_id}",
-                                          self._current_data())
+            await _kazoo(self._zk.set, f"{self.shards_path}/{self._registration.shard_id}", self._current_data())
         except (KazooException, AttributeError):
             pass
 

@@ -121,6 +121,11 @@ class Session:
         self.node.metrics.errors.inc(code=err.code)
         self.push(proto.error_frame(err.code, err.message, request_id, **err.details))
 
+    async def _close_after_queued(self, code: int, reason: str) -> None:
+        """Stop reading; the writer sends what is queued (an error frame), then closes."""
+        self.push(_Close(code, reason))
+        await trio.sleep_forever()
+
     def close_soon(self, code: int, reason: str) -> None:
         if self.close_reason is None:
             self.close_reason = (code, reason)
@@ -271,10 +276,9 @@ class Session:
                     # no home shard, and miss live messages: wait for the first view.
                     if not self.node.router.view.shards and not await self.node.router.wait_for_view():
                         self.push_error(ChatError("unavailable", "this shard is starting; reconnect"), req.id)
-                        self.push(_Close(CLOSE_TRY_AGAIN, "shard not ready; reconnect"))
-                        await trio.sleep_forever()  # the writer sends the error, then closes
+                        await self._close_after_queued(CLOSE_TRY_AGAIN, "shard not ready; reconnect")
                     if not self._on_auth(req):
-                        await trio.sleep_forever()
+                        await self._close_after_queued(CLOSE_POLICY, "too many invalid tokens")
                 else:
                     self.push_error(ChatError("not_authenticated", "send an 'auth' frame first"), req.id)
                 continue
@@ -318,16 +322,13 @@ class Session:
             self.push_error(e, req.id)
 
     def _on_auth(self, req: proto.Auth) -> bool:
-        """False once the connection has presented too many bad tokens (it is being closed)."""
+        """False once the connection has presented too many bad tokens (it must be closed)."""
         try:
             self.user_id, self.device_id = verify_token(self.node.secret, req.token)
         except ChatError as e:
             self._bad_tokens += 1
             self.push_error(e, req.id)
-            if self._bad_tokens >= MAX_BAD_TOKENS:
-                self.push(_Close(CLOSE_POLICY, "too many invalid tokens"))  # after the error frame
-                return False
-            return True
+            return self._bad_tokens < MAX_BAD_TOKENS
         # No await from here on: every live message routed to us is queued after this sync job.
         self.node.router.attach(self)
         self.node.presence.heartbeat(self.user_id, self.device_id)
