@@ -112,10 +112,9 @@ class Node:
             view = frame.get("view")
             if type(view) is int and view > self.discovery.view.version and frame.get("t") in VIEW_ROUTED:
                 # Routed by a view newer than ours (its ZooKeeper watch fired first): catch up
-                # before routing it further, or a user who just became homed here would be
-                # looked up by the old view and the message missed. Holding this link's reader
-                # keeps its frames in order; the wait is bounded.
-                self.discovery.poke()
+                # (wait_view re-reads at once) before routing it further, or a user who just
+                # became homed here would be looked up by the old view and the message missed.
+                # Holding this link's reader keeps its frames in order; the wait is bounded.
                 await self.discovery.wait_view(view, VIEW_WAIT_S)
             self.router.on_frame(link, frame)
 

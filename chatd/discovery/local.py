@@ -33,9 +33,6 @@ class LocalDiscovery:
             self._view_event.set()
             self._view_event = None
 
-    def poke(self) -> None:
-        """Nothing to re-read: in-process views are always current."""
-
     async def wait_view(self, min_version: int, timeout_s: float) -> bool:
         with trio.move_on_after(timeout_s):
             while self.view.version < min_version:

@@ -122,11 +122,11 @@ class ZkDiscovery:
     def on_change(self, fn: Callable[[View, View], None]) -> None:
         self._listeners.append(fn)
 
-    def poke(self) -> None:
-        """Read the view again now (a peer told us of a newer one than ours)."""
-        self._changed.set()
-
     async def wait_view(self, min_version: int, timeout_s: float) -> bool:
+        """Until our view is at least ``min_version`` (a peer routed something by it). A newer
+        view exists, so read ZooKeeper again now rather than wait for the watch or the refresh."""
+        if self.view.version < min_version:
+            self._changed.set()
         with trio.move_on_after(timeout_s):
             while self.view.version < min_version:
                 await self._view_changed().wait()
