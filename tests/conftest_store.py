@@ -289,7 +289,7 @@ class EmulatedKeyspace(CqlRunner):
         self.tables["message_dedup"][(cid, sender_id, client_msg_id)]["seq"] = new
 
     # ---- push notifications ------------------------------------------------------------------
-    _TOKEN = ("token", "user_id", "device_id", "provider", "app_id", "created_at")
+    _TOKEN = ("push_token", "user_id", "device_id", "provider", "app_id", "created_at")
 
     def r_push_token_get(self, token):
         row = self.tables["push_tokens"].get(token)
@@ -297,7 +297,7 @@ class EmulatedKeyspace(CqlRunner):
 
     def w_push_token_put(self, *values):
         row = dict(zip(self._TOKEN, values))
-        self.tables["push_tokens"][row["token"]] = row
+        self.tables["push_tokens"][row["push_token"]] = row
 
     def c_push_token_delete(self, token, uid):
         row = self.tables["push_tokens"].get(token)
@@ -312,7 +312,7 @@ class EmulatedKeyspace(CqlRunner):
 
     def w_push_user_token_put(self, *values):
         row = dict(zip(self._TOKEN, values))
-        self.tables["push_tokens_by_user"][(row["user_id"], row["token"])] = row
+        self.tables["push_tokens_by_user"][(row["user_id"], row["push_token"])] = row
 
     def w_push_user_token_delete(self, uid, token):
         self.tables["push_tokens_by_user"].pop((uid, token), None)
@@ -332,7 +332,7 @@ class EmulatedKeyspace(CqlRunner):
             del part[key]
 
     def r_push_marks_get(self, uid, cid):
-        return [{"token": t, "seq": row["seq"]} for (u, c, t), row in sorted(self.tables["push_marks"].items())
+        return [{"push_token": t, "seq": row["seq"]} for (u, c, t), row in sorted(self.tables["push_marks"].items())
                 if (u, c) == (uid, cid)]
 
     def w_push_mark_set(self, ts, seq, uid, cid, token):

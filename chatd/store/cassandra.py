@@ -521,9 +521,9 @@ class CassandraStore(Store):
             if old and old["user_id"] != token.user_id:
                 await self._cql.write("push_user_token_delete", (old["user_id"], token.token))
             for row in await self._cql.rows("push_user_tokens", (token.user_id,)):
-                if row["device_id"] == token.device_id and row["token"] != token.token:
-                    await self._lwt("push_token_delete", (row["token"], token.user_id))
-                    await self._cql.write("push_user_token_delete", (token.user_id, row["token"]))
+                if row["device_id"] == token.device_id and row["push_token"] != token.token:
+                    await self._lwt("push_token_delete", (row["push_token"], token.user_id))
+                    await self._cql.write("push_user_token_delete", (token.user_id, row["push_token"]))
             params = (token.token, token.user_id, token.device_id, token.provider, token.app_id, token.created_at)
             await self._cql.write("push_token_put", params)
             await self._cql.write("push_user_token_put", params)
@@ -537,7 +537,7 @@ class CassandraStore(Store):
     async def push_tokens(self, user_id):
         with self._op():
             rows = await self._cql.rows("push_user_tokens", (user_id,))
-            owners = await self._gather(*[lambda r=r: self._cql.one("push_token_get", (r["token"],)) for r in rows])
+            owners = await self._gather(*[lambda r=r: self._cql.one("push_token_get", (r["push_token"],)) for r in rows])
             return sorted((push_token_from_row(o) for o in owners if o and o["user_id"] == user_id),
                           key=lambda t: t.token)
 
@@ -558,7 +558,7 @@ class CassandraStore(Store):
 
     async def push_marks(self, user_id, channel_id):
         with self._op():
-            return {r["token"]: r["seq"] for r in await self._cql.rows("push_marks_get", (user_id, channel_id))}
+            return {r["push_token"]: r["seq"] for r in await self._cql.rows("push_marks_get", (user_id, channel_id))}
 
     async def set_push_mark(self, user_id, channel_id, token, seq):
         with self._op():

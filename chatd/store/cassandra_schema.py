@@ -115,7 +115,7 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
     (2, [  # push notifications (chatd/push, docs/push.md)
         # token -> its one owner (authoritative); the by-user copy lists a user's tokens.
         """CREATE TABLE IF NOT EXISTS {ks}.push_tokens (
-            token text PRIMARY KEY,
+            push_token text PRIMARY KEY,
             user_id bigint,
             device_id text,
             provider text,
@@ -123,12 +123,12 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             created_at double)""",
         """CREATE TABLE IF NOT EXISTS {ks}.push_tokens_by_user (
             user_id bigint,
-            token text,
+            push_token text,
             device_id text,
             provider text,
             app_id text,
             created_at double,
-            PRIMARY KEY ((user_id), token))""",
+            PRIMARY KEY ((user_id), push_token))""",
         # A queue: rows live seconds (until pushed), so deletes dominate. A tombstone resurrected
         # after gc_grace only causes a skipped push (push_marks), never a duplicate.
         """CREATE TABLE IF NOT EXISTS {ks}.push_outbox (
@@ -145,9 +145,9 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
         """CREATE TABLE IF NOT EXISTS {ks}.push_marks (
             user_id bigint,
             channel_id text,
-            token text,
+            push_token text,
             seq bigint,
-            PRIMARY KEY ((user_id, channel_id), token))""",
+            PRIMARY KEY ((user_id, channel_id), push_token))""",
         # which process sends a slot's outbox rows, until when (LWT only)
         """CREATE TABLE IF NOT EXISTS {ks}.push_leases (
             slot int PRIMARY KEY,
@@ -170,7 +170,7 @@ MAX_USER_ID = 2**53  # ids are random in [1, 2**53): exact as JSON numbers in ev
 
 _MSG = "seq, sender_id, client_msg_id, body, created_at"
 _USER = "id, username, password_hash, display_name, about, created_at"
-_TOKEN = "token, user_id, device_id, provider, app_id, created_at"
+_TOKEN = "push_token, user_id, device_id, provider, app_id, created_at"
 _OUTBOX = "user_id, channel_id, seq, sender_id, body, queued_at"
 
 # name -> (kind, CQL). Every statement names its full partition key: no scans, no ALLOW FILTERING.
@@ -229,18 +229,18 @@ STATEMENTS: dict[str, tuple[str, str]] = {
     "dedup_move": (LWT, "UPDATE message_dedup SET seq = ? WHERE channel_id = ? AND sender_id = ? "
                         "AND client_msg_id = ? IF seq = ?"),
     # push notifications
-    "push_token_get": (READ, f"SELECT {_TOKEN} FROM push_tokens WHERE token = ?"),
+    "push_token_get": (READ, f"SELECT {_TOKEN} FROM push_tokens WHERE push_token = ?"),
     "push_token_put": (WRITE, f"INSERT INTO push_tokens ({_TOKEN}) VALUES (?, ?, ?, ?, ?, ?)"),
-    "push_token_delete": (LWT, "DELETE FROM push_tokens WHERE token = ? IF user_id = ?"),
+    "push_token_delete": (LWT, "DELETE FROM push_tokens WHERE push_token = ? IF user_id = ?"),
     "push_user_tokens": (READ, f"SELECT {_TOKEN} FROM push_tokens_by_user WHERE user_id = ?"),
     "push_user_token_put": (WRITE, f"INSERT INTO push_tokens_by_user ({_TOKEN}) VALUES (?, ?, ?, ?, ?, ?)"),
-    "push_user_token_delete": (WRITE, "DELETE FROM push_tokens_by_user WHERE user_id = ? AND token = ?"),
+    "push_user_token_delete": (WRITE, "DELETE FROM push_tokens_by_user WHERE user_id = ? AND push_token = ?"),
     "push_enqueue": (WRITE, f"INSERT INTO push_outbox (slot, {_OUTBOX}) VALUES (?, ?, ?, ?, ?, ?, ?)"),
     "push_pending": (READ, f"SELECT {_OUTBOX} FROM push_outbox WHERE slot = ? LIMIT ?"),
     "push_dequeue": (WRITE, "DELETE FROM push_outbox WHERE slot = ? AND user_id = ? AND channel_id = ? AND seq <= ?"),
-    "push_marks_get": (READ, "SELECT token, seq FROM push_marks WHERE user_id = ? AND channel_id = ?"),
+    "push_marks_get": (READ, "SELECT push_token, seq FROM push_marks WHERE user_id = ? AND channel_id = ?"),
     "push_mark_set": (WRITE, "UPDATE push_marks USING TIMESTAMP ? SET seq = ? WHERE user_id = ? AND channel_id = ? "
-                             "AND token = ?"),
+                             "AND push_token = ?"),
     "push_lease_create": (LWT, "INSERT INTO push_leases (slot, owner, lease_until) VALUES (?, ?, ?) IF NOT EXISTS"),
     "push_lease_renew": (LWT, "UPDATE push_leases SET lease_until = ? WHERE slot = ? IF owner = ?"),
     "push_lease_take": (LWT, "UPDATE push_leases SET owner = ?, lease_until = ? WHERE slot = ? IF lease_until < ?"),
@@ -277,7 +277,7 @@ def summary_from_rows(uc: dict, head: dict | None, read_seq: int | None) -> Chan
 
 
 def push_token_from_row(row: dict) -> PushToken:
-    return PushToken(row["user_id"], row["device_id"] or "", row["provider"] or "", row["token"],
+    return PushToken(row["user_id"], row["device_id"] or "", row["provider"] or "", row["push_token"],
                      row["app_id"] or "", row["created_at"] or 0.0)
 
 
