@@ -72,9 +72,11 @@ class Node:
         self._link_chains: dict = {}
         self.stop_event = trio.Event()
         self.metrics.gauge("chatd_ws_authenticated", "Authenticated client sessions", lambda: self.hub.count)
-        if hasattr(store, "stats"):
-            self.metrics.gauge("chatd_store_commits", "Group commits done by the store",
-                               lambda: store.stats["commits"])
+        # Each backend counts what it does (SQLite: commits, ops...; Cassandra: appends, lwt...):
+        # chatd_store_<key> for every key the open backend has (docs/operations.md lists them).
+        for key in getattr(store, "stats", {}):
+            self.metrics.gauge(f"chatd_store_{key}", f"Store: {key.replace('_', ' ')} (since start)",
+                               lambda key=key: store.stats[key])
 
     def _connected_here(self, user_id: int) -> bool:
         """A device of ``user_id`` is connected (known for the users homed on this shard)."""

@@ -2,7 +2,8 @@
 
 Nothing is mocked: ZooKeeper is the real server on a free loopback port with a temporary data
 directory; every shard and API server is a ``python -m chatd.cli`` process talking over real
-sockets; the store is one shared SQLite file (the documented cluster store until Cassandra)."""
+sockets; the store is one shared SQLite file, or a keyspace on a real Apache Cassandra
+(``store_toml`` from ``CassandraServer.toml``, tests/cassandra_server.py)."""
 
 from __future__ import annotations
 
@@ -101,13 +102,13 @@ class Cluster:
     """``n`` shards (s1..sn) + one API server, all separate processes, one ZooKeeper root."""
 
     def __init__(self, zk: ZooKeeper, workdir: Path, n: int = 3, session_timeout_s: float = 2.0,
-                 heartbeat_s: float = 0.3, extra: str = "", presence: int = 0):
+                 heartbeat_s: float = 0.3, extra: str = "", presence: int = 0, store_toml: str = ""):
         self.zk = zk
         self.dir = workdir
         self.root = f"/chatd-test-{os.getpid()}-{workdir.name}"
         self.config = workdir / "cluster.toml"
         self.config.write_text(
-            f'data_dir = "{workdir / "data"}"\n'
+            f'data_dir = "{workdir / "data"}"\n' + store_toml +
             "[auth]\nsecret = \"test-token-secret\"\nscrypt_n = 1024\n"
             "[limits]\nrate_frames_per_s = 100000.0\nrate_burst = 100000\n"
             f"[cluster]\nsecret = \"test-link-secret\"\nzk_hosts = \"{zk.hosts}\"\nzk_root = \"{self.root}\"\n"
@@ -136,7 +137,15 @@ class Cluster:
     def start_presence(self, pid: str) -> None:
         self._spawn(pid, ["presence", "--presence-id", pid, "--link-port", "0"])
 
+    def migrate(self) -> None:
+        """``chatd store migrate`` with the cluster's config, as an operator does before the first start."""
+        proc = subprocess.run([sys.executable, "-m", "chatd.cli", "store", "migrate", "--config", str(self.config)],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, f"chatd store migrate failed: {proc.stdout}{proc.stderr}"
+
     async def start(self) -> "Cluster":
+        if "backend = \"cassandra\"" in self.config.read_text():
+            self.migrate()
         for pid in self.presence_ids:
             self.start_presence(pid)
         for sid in self.shard_ids:

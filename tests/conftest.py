@@ -13,6 +13,9 @@ from chatd.config import Config
 from chatd.node import serve_run
 from tests.helpers import API
 
+# A real Apache Cassandra, started once per session when a collected test needs it.
+pytest_plugins = ["tests.cassandra_server"]
+
 
 class RunningServer:
     def __init__(self, nursery, config: Config):

@@ -6,8 +6,8 @@ Backends (the ``backend`` fixture):
 * ``cassandra_emulated``: always; ``CassandraStore`` over an in-memory model of its keyspace
   (tests/conftest_store.py). It runs the backend's own logic - sequencing, dedup, buckets, paging -
   but not the CQL or the driver.
-* ``cassandra``: a real server, only with ``CHATD_TEST_CASSANDRA=host:port`` (optionally
-  ``CHATD_TEST_CASSANDRA_DC``); otherwise skipped with that reason. The session creates a keyspace
+* ``cassandra``: a real Apache Cassandra, started for the session by tests/cassandra_server.py (or the
+  server named by ``CHATD_TEST_CASSANDRA=host:port``). The session creates a keyspace
   ``chatd_test_<random>`` (bucket size 4, SimpleStrategy RF 1) and drops it at the end; tests share it,
   so every name and id a test creates is fresh.
 
@@ -38,24 +38,18 @@ except ImportError:  # tests/ became a package
 
 TEST_BUCKET_SIZE = 4
 NO_SUCH_ID = 2**62 + 12345  # above every id either backend hands out
-CASSANDRA_ENV = "CHATD_TEST_CASSANDRA"
 
 
 # ---- fixtures -------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
-def cassandra_config():
-    """A fresh keyspace on the server named by CHATD_TEST_CASSANDRA, dropped after the session."""
-    target = os.environ.get(CASSANDRA_ENV)
-    if not target:
-        pytest.skip(f"{CASSANDRA_ENV} not set: no Cassandra server to test against")
-    host, _, port = target.rpartition(":")
-    cfg = CassandraConfig(contact_points=host or target, port=int(port) if host else 9042,
-                          keyspace="chatd_test_" + secrets.token_hex(6),
-                          replication="{'class': 'SimpleStrategy', 'replication_factor': 1}",
-                          local_dc=os.environ.get("CHATD_TEST_CASSANDRA_DC", ""))
-    trio.run(migrate, cfg, TEST_BUCKET_SIZE)
-    yield cfg
-    trio.run(drop_keyspace, cfg)
+def cassandra_config(cassandra_server):
+    """A fresh keyspace on the session's real Cassandra (tests/cassandra_server.py), dropped after."""
+    cfg = cassandra_server.config()
+    try:
+        trio.run(migrate, cfg, TEST_BUCKET_SIZE)
+        yield cfg
+    finally:
+        trio.run(drop_keyspace, cfg)
 
 
 class Backend:
