@@ -32,7 +32,7 @@ class EmulatedKeyspace(CqlRunner):
         self.tables: dict[str, dict] = {t: {} for t in (
             "schema_version", "users", "users_by_name", "devices", "channels", "channel_heads",
             "members_by_channel", "channels_by_user", "read_cursors", "messages", "message_dedup",
-            "push_tokens", "push_tokens_by_user", "push_outbox", "push_marks", "push_leases")}
+            "push_tokens", "push_tokens_by_user", "push_outbox", "push_marks", "push_leases", "bucket_heads")}
         self.calls: Counter = Counter()
         self.fail: dict[str, str] = {}
         self.page_rows: int | None = None  # force small pages to exercise paging
@@ -64,20 +64,28 @@ class EmulatedKeyspace(CqlRunner):
     async def execute_batch(self, items, *, conditional):
         await trio.lowlevel.checkpoint()
         self.calls["batch"] += 1
-        # chatd only batches statements on one members_by_channel partition
-        assert {n for n, _ in items} <= {"member_version_cas", "member_version_set", "member_insert",
-                                         "member_delete"}, items
-        partitions = {params[1] if n.startswith("member_version") else params[0] for n, params in items}
+        # chatd batches statements on one members_by_channel partition, or one messages partition
+        names = {n for n, _ in items}
+        assert names <= {"member_version_cas", "member_version_set", "member_insert", "member_delete"} or \
+            names <= {"bucket_advance", "msg_put"}, items
+        partitions = {params[1] if n.startswith("member_version") else
+                      (params[1], params[2]) if n == "bucket_advance" else
+                      (params[0], params[1]) if n == "msg_put" else params[0] for n, params in items}
         assert len(partitions) == 1, f"batch over several partitions: {items}"
+        mode = self._failure(items[0][0])
+        result = [{"[applied]": True}] if conditional else []
         if conditional:
             for name, params in items:
                 if STATEMENTS[name][0] == LWT:
                     ok, current = getattr(self, "c_" + name)(*params)
                     if not ok:
-                        return [{"[applied]": False, **current}]
-        for name, params in items:
-            getattr(self, "w_" + name)(*params)
-        return [{"[applied]": True}] if conditional else []
+                        result = [{"[applied]": False, **current}]
+        if result == [] or result[0]["[applied]"]:
+            for name, params in items:
+                getattr(self, "w_" + name)(*params)
+        if mode == "after":
+            raise ChatError("unavailable", f"injected timeout after batch {items[0][0]}")
+        return result
 
     def _failure(self, name):
         mode = self.fail.pop(name, None)
@@ -246,21 +254,33 @@ class EmulatedKeyspace(CqlRunner):
     def _partition(self, cid, bucket):
         return self.tables["messages"].setdefault((cid, bucket), {})
 
-    def c_msg_insert(self, cid, bucket, seq, *rest):
-        assert bucket == bucket_of(seq, self.bucket_size), f"seq {seq} written to bucket {bucket}"
-        row = self.tables["messages"].get((cid, bucket), {}).get(seq)
-        return row is None, ({} if row is None else {"channel_id": cid, "bucket": bucket, **row})
+    def c_bucket_advance(self, new, cid, bucket, expected):
+        current = self.tables["bucket_heads"].get((cid, bucket))
+        return current == expected, {"channel_id": cid, "bucket": bucket, "bucket_head": current}
 
-    def w_msg_insert(self, cid, bucket, seq, sender_id, client_msg_id, body, created_at):
-        self._partition(cid, bucket)[seq] = {"seq": seq, "sender_id": sender_id, "client_msg_id": client_msg_id,
-                                             "body": body, "created_at": created_at}
+    def w_bucket_advance(self, new, cid, bucket, expected):
+        self.tables["bucket_heads"][(cid, bucket)] = new
+
+    def w_msg_put(self, cid, bucket, seq, sender_id, client_msg_id, body, created_at):
+        assert bucket == bucket_of(seq, self.bucket_size), f"seq {seq} written to bucket {bucket}"
+        part = self._partition(cid, bucket)
+        # A plain INSERT overwrites: in chatd that would be two messages given one seq - a bug.
+        assert seq not in part or (part[seq]["sender_id"], part[seq]["client_msg_id"]) == (sender_id, client_msg_id), \
+            f"seq {seq} of {cid} overwritten"
+        part[seq] = {"seq": seq, "sender_id": sender_id, "client_msg_id": client_msg_id,
+                     "body": body, "created_at": created_at}
 
     def r_msg_top(self, cid, bucket):
         part = self.tables["messages"].get((cid, bucket), {})
+        head = self.tables["bucket_heads"].get((cid, bucket))
         if not part:
-            return []
+            return [{"seq": None, "created_at": None, "bucket_head": head}] if head is not None else []
         top = part[max(part)]
-        return [{"seq": top["seq"], "created_at": top["created_at"]}]
+        return [{"seq": top["seq"], "created_at": top["created_at"], "bucket_head": head}]
+
+    def r_msg_get(self, cid, bucket, seq):
+        row = self.tables["messages"].get((cid, bucket), {}).get(seq)
+        return [dict(row)] if row else []
 
     def _range(self, cid, bucket, lo, hi):
         part = self.tables["messages"].get((cid, bucket), {})
@@ -272,21 +292,13 @@ class EmulatedKeyspace(CqlRunner):
     def r_msg_desc(self, cid, bucket, lo, hi, limit):
         return self._range(cid, bucket, lo, hi)[::-1][:limit]
 
-    def c_dedup_claim(self, cid, sender_id, client_msg_id, seq):
+    def r_dedup_get(self, cid, sender_id, client_msg_id):
         row = self.tables["message_dedup"].get((cid, sender_id, client_msg_id))
-        return row is None, dict(row or {})
+        return [{"seq": row["seq"]}] if row else []
 
-    def w_dedup_claim(self, cid, sender_id, client_msg_id, seq):
+    def w_dedup_put(self, cid, sender_id, client_msg_id, seq):
         self.tables["message_dedup"][(cid, sender_id, client_msg_id)] = {
             "channel_id": cid, "sender_id": sender_id, "client_msg_id": client_msg_id, "seq": seq}
-
-    def c_dedup_move(self, new, cid, sender_id, client_msg_id, expected):
-        row = self.tables["message_dedup"].get((cid, sender_id, client_msg_id))
-        current = row["seq"] if row else None
-        return current is not None and current == expected, {"seq": current}
-
-    def w_dedup_move(self, new, cid, sender_id, client_msg_id, expected):
-        self.tables["message_dedup"][(cid, sender_id, client_msg_id)]["seq"] = new
 
     # ---- push notifications ------------------------------------------------------------------
     _TOKEN = ("push_token", "user_id", "device_id", "provider", "app_id", "created_at")

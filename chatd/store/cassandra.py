@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections import OrderedDict
+from collections import OrderedDict, deque
 
 import trio
 from cassandra.query import UNSET_VALUE
@@ -75,8 +75,37 @@ log = logging.getLogger(__name__)
 
 MAX_SEQ = 2**63 - 1
 APPEND_ATTEMPTS = 64  # seq races resolved before giving up with "unavailable"
+MAX_BATCH = 64  # messages in one conditional batch (one partition, one mutation)
+MAX_BATCH_BYTES = 1 << 20  # body characters in one batch (a single larger message goes alone)
 MEMBER_ATTEMPTS = 32  # membership version races likewise
 FAN_OUT = 32  # concurrent reads one call issues (get_users, channels_of, group creation)
+
+
+# ---- the append queue -----------------------------------------------------------------------------
+class _Append:
+    __slots__ = ("sender_id", "client_msg_id", "body", "created_at", "dm_pair", "wake", "result", "error")
+
+    def __init__(self, sender_id, client_msg_id, body, created_at, dm_pair):
+        self.sender_id = sender_id
+        self.client_msg_id = client_msg_id
+        self.body = body
+        self.created_at = created_at
+        self.dm_pair = dm_pair
+        self.wake = trio.Event()
+        self.result: AppendResult | None = None
+        self.error: BaseException | None = None
+
+    @property
+    def key(self) -> tuple[int, str]:
+        return self.sender_id, self.client_msg_id
+
+
+class _ChannelQueue:
+    __slots__ = ("items", "busy")
+
+    def __init__(self):
+        self.items: deque[_Append] = deque()
+        self.busy = False
 
 
 # ---- the store ------------------------------------------------------------------------------------
@@ -90,12 +119,13 @@ class CassandraStore(Store):
         self.bucket_size = bucket_size
         self._heads: OrderedDict[str, int] = OrderedDict()  # channel -> a seq known to exist (LRU)
         self._head_cache_max = head_cache_max
-        self._locks: dict[str, list] = {}  # channel -> [trio.Lock, users]; gone when unused
+        self._bucket_heads: dict[str, int | None] = {}  # channel -> bucket_head of the bucket of head+1
+        self._queues: dict[str, _ChannelQueue] = {}  # channel -> its appends waiting for a batch
         self._running = 0
         self._idle = trio.Event()
         self._idle.set()
         self._closed = False
-        self.stats = {"appends": 0, "duplicates": 0, "seq_conflicts": 0, "lwt": 0}
+        self.stats = {"appends": 0, "batches": 0, "duplicates": 0, "seq_conflicts": 0, "lwt": 0}
 
     # ---- lifecycle -----------------------------------------------------------------------
     @contextlib.contextmanager
@@ -153,27 +183,16 @@ class CassandraStore(Store):
             self._heads.move_to_end(channel_id)
         return head
 
-    def _note_head(self, channel_id: str, seq: int) -> None:
-        """Remember that ``seq`` exists (and so the channel does)."""
+    def _note_head(self, channel_id: str, seq: int, bucket_head: int | None) -> None:
+        """Remember that ``seq`` exists, every message up to it is indexed, and what the
+        ``bucket_head`` of the bucket of seq+1 is (the expected value of the next batch's condition)."""
         if seq >= self._heads.get(channel_id, -1):
             self._heads[channel_id] = seq
+            self._bucket_heads[channel_id] = bucket_head
         self._heads.move_to_end(channel_id)
         while len(self._heads) > self._head_cache_max:
-            self._heads.popitem(last=False)
-
-    @contextlib.asynccontextmanager
-    async def _channel_lock(self, channel_id: str):
-        entry = self._locks.get(channel_id)
-        if entry is None:
-            entry = self._locks[channel_id] = [trio.Lock(), 0]
-        entry[1] += 1
-        try:
-            async with entry[0]:
-                yield
-        finally:
-            entry[1] -= 1
-            if entry[1] == 0:
-                del self._locks[channel_id]
+            old, _ = self._heads.popitem(last=False)
+            self._bucket_heads.pop(old, None)
 
     # ---- users and devices ---------------------------------------------------------------
     async def create_user(self, username, password_hash, display_name, created_at):
@@ -361,15 +380,66 @@ class CassandraStore(Store):
 
     # ---- messages ------------------------------------------------------------------------
     async def append_message(self, channel_id, sender_id, client_msg_id, body, created_at, dm_pair=None):
+        """Queue the message on its channel and wait for its batch. The caller's order is the seq
+        order: nothing yields between the call and the enqueue. One caller at a time per channel
+        (the *leader*) runs batches; when its own message is done it hands the lead to the next."""
         with self._op():
-            async with self._channel_lock(channel_id):
-                head = self._known_head(channel_id)
-                if head is None:
-                    head = await self._load_channel(channel_id, dm_pair, created_at)
-                return await self._append(channel_id, head, sender_id, client_msg_id, body, created_at)
+            queue = self._queues.get(channel_id)
+            if queue is None:
+                queue = self._queues[channel_id] = _ChannelQueue()
+            item = _Append(sender_id, client_msg_id, body, created_at, dm_pair)
+            queue.items.append(item)
+            if queue.busy:
+                await item.wake.wait()  # done, or asked to lead
+            if item.result is None and item.error is None:
+                queue.busy = True
+                try:
+                    while item.result is None and item.error is None:
+                        await self._run_batch(channel_id, queue)
+                finally:
+                    if queue.items:
+                        queue.items[0].wake.set()  # the next waiter leads
+                    else:
+                        queue.busy = False
+                        del self._queues[channel_id]
+            if item.error is not None:
+                raise item.error
+            return item.result
+
+    async def _run_batch(self, channel_id: str, queue: "_ChannelQueue") -> None:
+        """Take the queued messages (up to MAX_BATCH / MAX_BATCH_BYTES, one per dedup key) and
+        store them; every taken item ends with a result or an error."""
+        batch: list[_Append] = []
+        keys, size = set(), 0
+        while queue.items and len(batch) < MAX_BATCH:
+            it = queue.items[0]
+            if it.key in keys or (batch and size + len(it.body) > MAX_BATCH_BYTES):
+                break  # a resend of a message in this batch waits for the next one
+            queue.items.popleft()
+            batch.append(it)
+            keys.add(it.key)
+            size += len(it.body)
+        try:
+            head = self._known_head(channel_id)
+            if head is None:
+                head = await self._load_channel(channel_id, batch[0].dm_pair, batch[0].created_at)
+            await self._store_batch(channel_id, head, batch)
+        except ChatError as e:  # store trouble: every unanswered message of the batch gets it
+            for it in batch:
+                if it.result is None:
+                    it.error = e
+        except BaseException:  # a bug: the others get "unavailable", the leader's call raises it
+            for it in batch:
+                if it.result is None:
+                    it.error = ChatError("unavailable", "the message was not stored; retry")
+            raise
+        finally:
+            for it in batch:
+                it.wake.set()
 
     async def _load_channel(self, channel_id, dm_pair, created_at) -> int:
-        """Check the channel exists (creating a 1:1 channel on its first message); return its head."""
+        """Check the channel exists (creating a 1:1 channel on its first message); return its head,
+        with every message up to it indexed in ``message_dedup``."""
         row, head_row = await self._gather(lambda: self._cql.one("channel_get", (channel_id,)),
                                            lambda: self._cql.one("head_get", (channel_id,)))
         if row is None:
@@ -378,54 +448,103 @@ class CassandraStore(Store):
             # Members first, the channel row last: a crash in between only repeats this next time.
             await self._write_new_members(channel_id, "dm", "", created_at, list(dm_pair))
             await self._lwt("channel_insert", (channel_id, "dm", "", None, created_at))
-        head, _ = await self._probe_head(channel_id, self._head_hint(channel_id, head_row))
-        self._note_head(channel_id, head)
+        return await self._catch_up(channel_id, self._head_hint(channel_id, head_row))
+
+    async def _catch_up(self, channel_id: str, indexed: int, probed=None) -> int:
+        """The true head, found from ``indexed`` (a seq up to which every message has its
+        ``message_dedup`` row; ``probed``: ``_probe_head(indexed)`` if already read); the messages
+        above it (written by a writer that died before indexing them, or by another owner right
+        now) are indexed, then the head hint is written. Returns the head."""
+        head, at, bucket_head = probed or await self._probe_head(channel_id, indexed)
+        if head > indexed:
+            rows = await self._read_forward(channel_id, indexed, head + 1, head - indexed)
+            await self._index(channel_id, rows)
+            await self._set_head(channel_id, head, at)
+        self._note_head(channel_id, head, bucket_head)
         return head
 
-    async def _append(self, channel_id, head, sender_id, client_msg_id, body, created_at) -> AppendResult:
-        key = (channel_id, sender_id, client_msg_id)
-        applied, row = await self._lwt("dedup_claim", (*key, head + 1))
-        intent = head + 1 if applied else row["seq"]
-        for _ in range(APPEND_ATTEMPTS):
-            applied, row = await self._lwt("msg_insert", (channel_id, self._bucket(intent), intent, sender_id,
-                                                          client_msg_id, body, created_at))
-            self._note_head(channel_id, intent)  # seq `intent` exists now, whoever wrote it
-            if applied:
-                await self._set_head(channel_id, intent, created_at)
-                self.stats["appends"] += 1
-                return AppendResult(Message(channel_id, intent, sender_id, client_msg_id, body, created_at), False)
-            if row["sender_id"] == sender_id and row["client_msg_id"] == client_msg_id:
-                await self._set_head(channel_id, intent, row["created_at"])  # heal a lagging hint
+    async def _index(self, channel_id: str, messages: list[Message]) -> None:
+        await self._gather(*[lambda m=m: self._cql.write("dedup_put", (channel_id, m.sender_id, m.client_msg_id,
+                                                                      m.seq)) for m in messages])
+
+    async def _store_batch(self, channel_id: str, head: int, batch: list["_Append"]) -> None:
+        # 1. Resends: a message_dedup row names the seq of an earlier copy (rows exist only for
+        #    stored messages; one left by schema v2 may name a seq that holds another message).
+        rows = await self._gather(*[lambda it=it: self._cql.one("dedup_get", (channel_id, *it.key))
+                                    for it in batch])
+        known = [(it, r["seq"]) for it, r in zip(batch, rows) if r and r.get("seq")]
+        stored = await self._gather(*[lambda s=s: self._cql.one("msg_get", (channel_id, self._bucket(s), s))
+                                      for _, s in known])
+        for (it, seq), row in zip(known, stored):
+            if row and row["sender_id"] == it.sender_id and row["client_msg_id"] == it.client_msg_id:
+                it.result = AppendResult(message_from_row(channel_id, {**row, "seq": seq}), True)
                 self.stats["duplicates"] += 1
-                return AppendResult(message_from_row(channel_id, {**row, "seq": intent}), True)
-            # Another message holds `intent`: move our claim past the true head, unless someone
-            # already moved it (then follow theirs).
+        fresh = [it for it in batch if it.result is None]
+        # 2. The new ones, as consecutive seqs: one conditional batch per bucket they fall in.
+        for _ in range(APPEND_ATTEMPTS):
+            if not fresh:
+                return
+            bucket = self._bucket(head + 1)
+            chunk = fresh[:bucket_last_seq(bucket, self.bucket_size) - head]
+            expected = self._bucket_heads.get(channel_id)
+            new_head = head + len(chunk)
+            items = [("bucket_advance", (new_head, channel_id, bucket, expected))]
+            items += [("msg_put", (channel_id, bucket, head + 1 + i, it.sender_id, it.client_msg_id, it.body,
+                                   it.created_at)) for i, it in enumerate(chunk)]
+            self.stats["lwt"] += 1
+            applied, current = await self._cql.batch(items, conditional=True)
+            if applied:
+                messages = [Message(channel_id, head + 1 + i, it.sender_id, it.client_msg_id, it.body, it.created_at)
+                            for i, it in enumerate(chunk)]
+                # Indexed before the head hint moves past them (the hint is the indexed mark), and
+                # both before the ack: a resend from now on finds its seq.
+                await self._index(channel_id, messages)
+                await self._set_head(channel_id, new_head, chunk[-1].created_at)
+                head = new_head
+                self._note_head(channel_id, head, head if self._bucket(head + 1) == bucket else None)
+                for it, m in zip(chunk, messages):
+                    it.result = AppendResult(m, False)
+                self.stats["appends"] += len(chunk)
+                self.stats["batches"] += 1
+                fresh = fresh[len(chunk):]
+                continue
+            # Another writer advanced this bucket (ownership moved), or it is a bucket written
+            # before schema v3 (no bucket_head yet): catch up, index what it wrote, and answer
+            # ours that it already stored as duplicates.
             self.stats["seq_conflicts"] += 1
-            true_head, _ = await self._probe_head(channel_id, max(intent, self._heads.get(channel_id, 0)))
-            self._note_head(channel_id, true_head)
-            applied, row = await self._lwt("dedup_move", (true_head + 1, *key, intent))
-            intent = true_head + 1 if applied else row.get("seq")
-            if intent is None:  # the claim vanished (it is never deleted; be safe anyway): claim again
-                applied, row = await self._lwt("dedup_claim", (*key, true_head + 1))
-                intent = true_head + 1 if applied else row["seq"]
+            before = head
+            self._bucket_heads[channel_id] = current.get("bucket_head")
+            head, _, bucket_head = await self._probe_head(channel_id, before)
+            theirs = await self._read_forward(channel_id, before, head + 1, head - before) if head > before else []
+            await self._index(channel_id, theirs)
+            by_key = {(m.sender_id, m.client_msg_id): m for m in theirs}
+            for it in fresh:
+                m = by_key.get(it.key)
+                if m is not None:
+                    it.result = AppendResult(m, True)
+                    self.stats["duplicates"] += 1
+            fresh = [it for it in fresh if it.result is None]
+            self._note_head(channel_id, head, bucket_head)
         raise ChatError("unavailable", "could not assign a sequence number (too much contention); retry")
 
     async def _set_head(self, channel_id: str, seq: int, at: float) -> None:
         await self._cql.write("head_set", (seq, seq, at, channel_id))
 
-    async def _probe_head(self, channel_id: str, hint: int) -> tuple[int, float | None]:
-        """The true head, given ``hint`` (a seq known to exist, or 0), and its message's created_at
-        (None if nothing newer than ``hint`` was found). Seqs are 1..H without gaps, so only the
-        bucket of hint+1 and the buckets after it, while full, can hold newer ones."""
+    async def _probe_head(self, channel_id: str, hint: int) -> tuple[int, float | None, int | None]:
+        """The true head, given ``hint`` (a seq known to exist, or 0); its message's created_at
+        (None if nothing newer than ``hint`` was found); and the ``bucket_head`` of the bucket the
+        next seq falls in (None there is none yet). Seqs are 1..H without gaps, so only the bucket
+        of hint+1 and the buckets after it, while full, can hold newer ones."""
         head, at = hint, None
         bucket = self._bucket(hint + 1)
         while True:
             top = await self._cql.one("msg_top", (channel_id, bucket))
-            if top is None or top["seq"] <= head:
-                return head, at
+            bucket_head = top.get("bucket_head") if top else None
+            if top is None or top["seq"] is None or top["seq"] <= head:
+                return head, at, bucket_head
             head, at = top["seq"], top["created_at"]
             if head != bucket_last_seq(bucket, self.bucket_size):
-                return head, at
+                return head, at, bucket_head
             bucket += 1
 
     async def head_seq(self, channel_id):
@@ -435,12 +554,11 @@ class CassandraStore(Store):
     async def _head_seq(self, channel_id: str) -> int:
         row = await self._cql.one("head_get", (channel_id,))
         stored = row["last_seq"] if row and row.get("last_seq") is not None else 0
-        head, at = await self._probe_head(channel_id, self._head_hint(channel_id, row))
-        if at is not None and head > stored:  # the hint lagged (a writer died before updating it)
-            await self._set_head(channel_id, head, at)
-        if channel_id in self._heads:
-            self._note_head(channel_id, head)
-        return head
+        hint = self._head_hint(channel_id, row)
+        probed = await self._probe_head(channel_id, hint)
+        if probed[0] > stored:  # the hint lags (a writer died before updating it, or is about to)
+            return await self._catch_up(channel_id, hint, probed)
+        return probed[0]
 
     async def read_messages(self, channel_id, *, after=None, before=None, limit):
         with self._op():

@@ -99,7 +99,8 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             created_at double,
             PRIMARY KEY ((channel_id, bucket), seq))
             WITH CLUSTERING ORDER BY (seq DESC)""",
-        # (channel, sender, client_msg_id) -> the seq its message has or will have (an intent).
+        # (channel, sender, client_msg_id) -> the seq of its stored message (since v3 written after
+        # the message; v2 wrote an intended seq first, so an old row may name another message's seq).
         """CREATE TABLE IF NOT EXISTS {ks}.message_dedup (
             channel_id text,
             sender_id bigint,
@@ -153,6 +154,11 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             slot int PRIMARY KEY,
             owner text,
             lease_until double)""",
+    ]),
+    (3, [  # batched sequencing (chatd/store/cassandra.py): the CAS target of every append batch
+        # The last seq stored in this bucket, written only together with its messages by one
+        # conditional batch on the partition: ``... IF bucket_head = <the head the writer saw>``.
+        "ALTER TABLE {ks}.messages ADD bucket_head bigint STATIC",
     ]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -217,17 +223,20 @@ STATEMENTS: dict[str, tuple[str, str]] = {
     "cursor_raise": (LWT, "UPDATE read_cursors SET read_seq = ? WHERE user_id = ? AND channel_id = ? "
                           "IF read_seq < ?"),
     # messages
-    "msg_insert": (LWT, f"INSERT INTO messages (channel_id, bucket, {_MSG}) VALUES (?, ?, ?, ?, ?, ?, ?) "
-                        "IF NOT EXISTS"),
-    "msg_top": (READ, "SELECT seq, created_at FROM messages WHERE channel_id = ? AND bucket = ? LIMIT 1"),
+    # one append batch = bucket_advance (the condition) + msg_put per message, on one partition
+    "bucket_advance": (LWT, "UPDATE messages SET bucket_head = ? WHERE channel_id = ? AND bucket = ? "
+                            "IF bucket_head = ?"),
+    "msg_put": (WRITE, f"INSERT INTO messages (channel_id, bucket, {_MSG}) VALUES (?, ?, ?, ?, ?, ?, ?)"),
+    "msg_top": (READ, "SELECT seq, created_at, bucket_head FROM messages WHERE channel_id = ? AND bucket = ? "
+                      "LIMIT 1"),
+    "msg_get": (READ, f"SELECT {_MSG} FROM messages WHERE channel_id = ? AND bucket = ? AND seq = ?"),
     "msg_asc": (READ, f"SELECT {_MSG} FROM messages WHERE channel_id = ? AND bucket = ? AND seq > ? AND seq < ? "
                       "ORDER BY seq ASC LIMIT ?"),
     "msg_desc": (READ, f"SELECT {_MSG} FROM messages WHERE channel_id = ? AND bucket = ? AND seq > ? AND seq < ? "
                        "ORDER BY seq DESC LIMIT ?"),
-    "dedup_claim": (LWT, "INSERT INTO message_dedup (channel_id, sender_id, client_msg_id, seq) "
-                         "VALUES (?, ?, ?, ?) IF NOT EXISTS"),
-    "dedup_move": (LWT, "UPDATE message_dedup SET seq = ? WHERE channel_id = ? AND sender_id = ? "
-                        "AND client_msg_id = ? IF seq = ?"),
+    "dedup_get": (READ, "SELECT seq FROM message_dedup WHERE channel_id = ? AND sender_id = ? "
+                        "AND client_msg_id = ?"),
+    "dedup_put": (WRITE, "INSERT INTO message_dedup (channel_id, sender_id, client_msg_id, seq) VALUES (?, ?, ?, ?)"),
     # push notifications
     "push_token_get": (READ, f"SELECT {_TOKEN} FROM push_tokens WHERE push_token = ?"),
     "push_token_put": (WRITE, f"INSERT INTO push_tokens ({_TOKEN}) VALUES (?, ?, ?, ?, ?, ?)"),
@@ -363,7 +372,11 @@ async def migrate(cfg: CassandraConfig, bucket_size: int = DEFAULT_BUCKET_SIZE) 
             log.info("keyspace %s keeps its bucket size %d (asked for %d)", ks, size, bucket_size)
         for version, statements in migration_ddl(ks, found):
             for ddl in statements:
-                await execute_ddl(session, ddl)
+                try:
+                    await execute_ddl(session, ddl)
+                except RuntimeError as e:  # a step that half-applied before: its ADD is done
+                    if not (ddl.lstrip().upper().startswith("ALTER TABLE") and "already exists" in str(e)):
+                        raise
             await cql.write("schema_set", (COMPONENT, version, size, time.time()))
             log.info("cassandra keyspace %s migrated to schema v%d", ks, version)
         return found, SCHEMA_VERSION
