@@ -503,16 +503,28 @@ async def test_timeout_after_the_batch_applied(keyspace):
 async def test_owner_died_before_indexing_its_batch(keyspace):
     old, (a, _), gid = await _setup(keyspace)
     await old.append_message(gid, a.id, "m0", "zero", 1.0)
-    keyspace.fail["dedup_put"] = "before"  # stored; its dedup row and the head hint never written
-    with pytest.raises(ChatError):
-        await old.append_message(gid, a.id, "m1", "one", 2.0)
+    keyspace.fail["dedup_put"] = "before"  # stored and acked; its dedup row never written
+    assert (await old.append_message(gid, a.id, "m1", "one", 2.0)).message.seq == 2
     assert (gid, a.id, "m1") not in keyspace.tables["message_dedup"]
-    new = CassandraStore(keyspace, bucket_size=4)
-    # the new owner indexes what lies above the head hint before it appends: the resend is found
+    assert keyspace.tables["channel_heads"][gid]["last_seq"] == 1  # the hint waits for the row
+    new = CassandraStore(keyspace, bucket_size=4)  # the owner died; a new one takes over
+    # it indexes what lies above the head hint before it appends: the resend is found
     r = await new.append_message(gid, a.id, "m1", "one (resent)", 3.0)
     assert (r.duplicate, r.message.seq, r.message.body) == (True, 2, "one")
     assert keyspace.tables["message_dedup"][(gid, a.id, "m1")]["seq"] == 2
     assert keyspace.stored_seqs(gid) == [1, 2]
+
+
+async def test_a_resend_before_its_dedup_row_is_written_is_found_in_memory(keyspace):
+    store, (a, _), gid = await _setup(keyspace)
+    keyspace.fail["dedup_put"] = "before"
+    assert (await store.append_message(gid, a.id, "m0", "zero", 1.0)).message.seq == 1
+    r = await store.append_message(gid, a.id, "m0", "zero (resent)", 2.0)
+    assert (r.duplicate, r.message.seq, r.message.body) == (True, 1, "zero")
+    # that batch wrote the missing row again, and the hint followed
+    assert keyspace.tables["message_dedup"][(gid, a.id, "m0")]["seq"] == 1
+    assert keyspace.tables["channel_heads"][gid]["last_seq"] == 1
+    assert keyspace.stored_seqs(gid) == [1]
 
 
 async def test_an_old_owner_with_a_stale_head_catches_up_and_finds_its_resend(keyspace):
@@ -571,11 +583,11 @@ async def test_lost_head_write_does_not_lose_the_message(keyspace):
     store, (a, _), gid = await _setup(keyspace)
     await store.append_message(gid, a.id, "m0", "zero", 1.0)
     keyspace.fail["head_set"] = "before"
-    with pytest.raises(ChatError):  # stored, but not acked
-        await store.append_message(gid, a.id, "m1", "one", 2.0)
+    assert (await store.append_message(gid, a.id, "m1", "one", 2.0)).message.seq == 2  # stored, acked
     assert keyspace.tables["channel_heads"][gid]["last_seq"] == 1
     other = CassandraStore(keyspace, bucket_size=4)
     assert await other.head_seq(gid) == 2
+    assert keyspace.tables["channel_heads"][gid]["last_seq"] == 2  # repaired by the reader
     r = await store.append_message(gid, a.id, "m1", "one", 3.0)
     assert (r.duplicate, r.message.seq) == (True, 2)
 

@@ -62,11 +62,15 @@ def dm(a, b):
     return f"dm:{lo}:{hi}"
 
 
-async def send_until_acked(client, channel_id, body, timeout=20):
-    cmid = str(uuid.uuid4())
+async def send_until_acked(client, channel_id, body, timeout=20, cmid=None):
+    """Resend with one client_msg_id until acked, as a client does (also after its own timeout)."""
+    cmid = cmid or str(uuid.uuid4())
     with trio.fail_after(timeout):
         while True:
-            reply = await client.send_message(channel_id, body, cmid)
+            try:
+                reply = await client.send_message(channel_id, body, cmid)
+            except trio.TooSlowError:  # no answer in 10 s: resend
+                continue
             if reply["type"] == "ack":
                 return reply
             assert reply["code"] == "unavailable", reply
@@ -504,3 +508,61 @@ async def test_membership_changes_reach_every_shard(cluster, nursery):
                 break
             await trio.sleep(0.1)
     assert reply["code"] == "not_member"
+
+
+async def test_a_frozen_owner_resumes_fenced(zk, tmp_path, nursery, store_toml):
+    """SIGSTOP the owner of a channel while its own clients' sends are in flight in its store
+    calls; another shard takes the channel over when the ZooKeeper session expires and acks more;
+    then the old owner resumes and its in-flight writes land (or not) after the new owner's.
+    The store must still hold each message once, seqs 1..H without a gap, and every ack must
+    name what is stored: the store, not the frozen process, fences the old owner."""
+    cluster = Cluster(zk, tmp_path, n=2, session_timeout_s=1.5, store_toml=store_toml)
+    try:
+        await cluster.start()
+        a = await cluster.api.signup_login("fz1")
+        b = await cluster.api.signup_login("fz2")
+        ch = dm(a, b)
+        owner = View(0, {s: None for s in cluster.shard_ids}).owner_of(ch)
+        other = next(s for s in cluster.shard_ids if s != owner)
+        da, db = Device(cluster, a, "a"), Device(cluster, b, "b")
+        await da.connect(nursery, cluster.ws_url(other))  # routes to the owner over a link
+        await db.connect(nursery, cluster.ws_url(owner))  # inside the owner's own write path
+        assert (await da.client.send_message(ch, "hello", "a-0"))["type"] == "ack"
+        acked: dict[str, int] = {}
+        # a burst straight into the owner, frozen while it is being stored
+        burst = {f"b-{i}": 1000 + i for i in range(20)}
+        for cmid, rid in burst.items():
+            await db.client.send({"type": "send", "id": rid, "channel_id": ch, "body": cmid, "client_msg_id": cmid})
+        cluster.kill(owner, signal.SIGSTOP)
+        try:
+            for i in range(1, 11):  # acked by the new owner once the frozen one's session expires
+                acked[f"a-{i}"] = (await send_until_acked(da.client, ch, f"a-{i}", timeout=40, cmid=f"a-{i}"))["seq"]
+        finally:
+            cluster.kill(owner, signal.SIGCONT)
+        # the burst: whatever the old owner answered, a client resends the rest until acked
+        for cmid, rid in burst.items():
+            try:
+                reply = await db.client.reply_to(rid, timeout=15)
+            except (trio.TooSlowError, ConnectionError):
+                reply = None
+            if reply is not None and reply["type"] == "ack":
+                acked[cmid] = reply["seq"]
+        with trio.fail_after(60):
+            while True:
+                try:
+                    await db.connect(nursery, relogin=True)
+                    break
+                except Exception:  # the API may hand out a shard that is re-registering
+                    await trio.sleep(0.3)
+        for cmid in burst:
+            seq = (await send_until_acked(db.client, ch, cmid, timeout=40, cmid=cmid))["seq"]
+            assert acked.setdefault(cmid, seq) == seq, cmid  # a resend answers the first ack's seq
+        r = await cluster.api.call("GET", f"/v1/channels/{ch}/messages?limit=500&after=0", token=a["token"])
+        stored = r.body["messages"]
+        assert [m["seq"] for m in stored] == list(range(1, len(stored) + 1))
+        cmids = [m["client_msg_id"] for m in stored]
+        assert len(set(cmids)) == len(cmids) == 1 + len(acked)
+        by_cmid = {m["client_msg_id"]: m["seq"] for m in stored}
+        assert all(by_cmid[c] == s for c, s in acked.items())
+    finally:
+        cluster.stop()

@@ -83,7 +83,8 @@ FAN_OUT = 32  # concurrent reads one call issues (get_users, channels_of, group 
 
 # ---- the append queue -----------------------------------------------------------------------------
 class _Append:
-    __slots__ = ("sender_id", "client_msg_id", "body", "created_at", "dm_pair", "wake", "result", "error")
+    __slots__ = ("sender_id", "client_msg_id", "body", "created_at", "dm_pair", "wake", "result", "error", "batch",
+                 "index_failed")
 
     def __init__(self, sender_id, client_msg_id, body, created_at, dm_pair):
         self.sender_id = sender_id
@@ -94,10 +95,16 @@ class _Append:
         self.wake = trio.Event()
         self.result: AppendResult | None = None
         self.error: BaseException | None = None
+        self.batch: list | None = None  # [last seq, its created_at, rows not yet indexed] if stored here
+        self.index_failed = False
 
     @property
     def key(self) -> tuple[int, str]:
         return self.sender_id, self.client_msg_id
+
+
+def _stored_hint(head_row: dict | None) -> int:
+    return head_row["last_seq"] if head_row and head_row.get("last_seq") is not None else 0
 
 
 class _ChannelQueue:
@@ -121,6 +128,8 @@ class CassandraStore(Store):
         self._head_cache_max = head_cache_max
         self._bucket_heads: dict[str, int | None] = {}  # channel -> bucket_head of the bucket of head+1
         self._queues: dict[str, _ChannelQueue] = {}  # channel -> its appends waiting for a batch
+        self._unindexed: dict[str, dict] = {}  # channel -> {dedup key: _Append} stored, row not yet written
+        self._batches: dict[str, deque] = {}  # channel -> stored batches not fully indexed, in seq order
         self._running = 0
         self._idle = trio.Event()
         self._idle.set()
@@ -303,8 +312,7 @@ class CassandraStore(Store):
             return channel_from_row(row, self._head_hint(channel_id, head))
 
     def _head_hint(self, channel_id: str, head_row: dict | None) -> int:
-        stored = head_row["last_seq"] if head_row and head_row.get("last_seq") is not None else 0
-        return max(stored, self._heads.get(channel_id, 0))
+        return self._probe_from(channel_id, _stored_hint(head_row))
 
     async def add_member(self, channel_id, user_id, max_members, joined_at):
         with self._op():
@@ -382,7 +390,9 @@ class CassandraStore(Store):
     async def append_message(self, channel_id, sender_id, client_msg_id, body, created_at, dm_pair=None):
         """Queue the message on its channel and wait for its batch. The caller's order is the seq
         order: nothing yields between the call and the enqueue. One caller at a time per channel
-        (the *leader*) runs batches; when its own message is done it hands the lead to the next."""
+        (the *leader*) runs batches; when its own message is done it hands the lead to the next.
+        A caller whose message was stored then writes its ``message_dedup`` row itself, off the
+        leader's path (see :meth:`_index_stored`)."""
         with self._op():
             queue = self._queues.get(channel_id)
             if queue is None:
@@ -404,6 +414,8 @@ class CassandraStore(Store):
                         del self._queues[channel_id]
             if item.error is not None:
                 raise item.error
+            if item.batch is not None:
+                await self._index_stored(channel_id, item)
             return item.result
 
     async def _run_batch(self, channel_id: str, queue: "_ChannelQueue") -> None:
@@ -448,31 +460,83 @@ class CassandraStore(Store):
             # Members first, the channel row last: a crash in between only repeats this next time.
             await self._write_new_members(channel_id, "dm", "", created_at, list(dm_pair))
             await self._lwt("channel_insert", (channel_id, "dm", "", None, created_at))
-        return await self._catch_up(channel_id, self._head_hint(channel_id, head_row))
+        return await self._catch_up(channel_id, _stored_hint(head_row))
 
     async def _catch_up(self, channel_id: str, indexed: int, probed=None) -> int:
-        """The true head, found from ``indexed`` (a seq up to which every message has its
-        ``message_dedup`` row; ``probed``: ``_probe_head(indexed)`` if already read); the messages
-        above it (written by a writer that died before indexing them, or by another owner right
-        now) are indexed, then the head hint is written. Returns the head."""
-        head, at, bucket_head = probed or await self._probe_head(channel_id, indexed)
+        """The true head, found from the stored head hint ``indexed`` (every message up to it has
+        its ``message_dedup`` row; ``probed``: ``_probe_head`` already read); the messages above it
+        (written by a writer that died before indexing them, or by another owner right now) are
+        indexed, then the hint is written. Returns the head."""
+        head, at, bucket_head = probed or await self._probe_head(channel_id, self._probe_from(channel_id, indexed))
         if head > indexed:
             rows = await self._read_forward(channel_id, indexed, head + 1, head - indexed)
             await self._index(channel_id, rows)
-            await self._set_head(channel_id, head, at)
+            await self._set_head(channel_id, head, at if at is not None else rows[-1].created_at)
         self._note_head(channel_id, head, bucket_head)
         return head
+
+    def _probe_from(self, channel_id: str, stored: int) -> int:
+        """Where a head probe may start: the stored hint, or a higher seq this process knows exists."""
+        return max(stored, self._heads.get(channel_id, 0))
 
     async def _index(self, channel_id: str, messages: list[Message]) -> None:
         await self._gather(*[lambda m=m: self._cql.write("dedup_put", (channel_id, m.sender_id, m.client_msg_id,
                                                                       m.seq)) for m in messages])
 
+    async def _index_stored(self, channel_id: str, item: "_Append") -> None:
+        """Write the dedup row of a message this process just stored, and once every message of
+        its batch and of all earlier batches is indexed, the head hint. Until its row is written
+        the message is in ``_unindexed`` (the leader checks resends against it); a failed write
+        leaves it there, and the next batch of the channel writes it again. The hint is never
+        written past a message without its row: after a crash, the next owner indexes everything
+        above the hint before it appends (:meth:`_catch_up`), so no resend can be stored twice."""
+        m = item.result.message
+        try:
+            await self._cql.write("dedup_put", (channel_id, m.sender_id, m.client_msg_id, m.seq))
+        except ChatError:  # stored and acked all the same; retried by the channel's next batch
+            item.index_failed = True
+            return
+        await self._indexed(channel_id, [item])
+
+    async def _indexed(self, channel_id: str, items: list["_Append"]) -> None:
+        unindexed = self._unindexed.get(channel_id, {})
+        for it in items:
+            unindexed.pop(it.key, None)
+            it.batch[2] -= 1
+        batches = self._batches.get(channel_id)
+        done = None
+        while batches and batches[0][2] == 0:
+            done = batches.popleft()
+        if not batches:
+            self._batches.pop(channel_id, None)
+        if not unindexed:
+            self._unindexed.pop(channel_id, None)
+        if done is not None:
+            try:
+                await self._set_head(channel_id, done[0], done[1])
+            except ChatError:
+                pass  # a lagging hint is repaired by the next reader or owner
+
     async def _store_batch(self, channel_id: str, head: int, batch: list["_Append"]) -> None:
+        # 0. Messages stored here whose dedup row is not written yet are checked from memory; the
+        #    ones whose row failed to be written are written again now.
+        pending = dict(self._unindexed.get(channel_id, {}))
+        retry = [it for it in pending.values() if it.index_failed]
         # 1. Resends: a message_dedup row names the seq of an earlier copy (rows exist only for
         #    stored messages; one left by schema v2 may name a seq that holds another message).
+        lookups = [it for it in batch if it.key not in pending]
         rows = await self._gather(*[lambda it=it: self._cql.one("dedup_get", (channel_id, *it.key))
-                                    for it in batch])
-        known = [(it, r["seq"]) for it, r in zip(batch, rows) if r and r.get("seq")]
+                                    for it in lookups],
+                                  *[lambda it=it: self._cql.write("dedup_put", (channel_id, *it.key,
+                                                                                it.result.message.seq))
+                                    for it in retry])
+        if retry:
+            await self._indexed(channel_id, retry)
+        for it in batch:
+            if it.key in pending:
+                it.result = AppendResult(pending[it.key].result.message, True)
+                self.stats["duplicates"] += 1
+        known = [(it, r["seq"]) for it, r in zip(lookups, rows) if r and r.get("seq")]
         stored = await self._gather(*[lambda s=s: self._cql.one("msg_get", (channel_id, self._bucket(s), s))
                                       for _, s in known])
         for (it, seq), row in zip(known, stored):
@@ -494,16 +558,16 @@ class CassandraStore(Store):
             self.stats["lwt"] += 1
             applied, current = await self._cql.batch(items, conditional=True)
             if applied:
-                messages = [Message(channel_id, head + 1 + i, it.sender_id, it.client_msg_id, it.body, it.created_at)
-                            for i, it in enumerate(chunk)]
-                # Indexed before the head hint moves past them (the hint is the indexed mark), and
-                # both before the ack: a resend from now on finds its seq.
-                await self._index(channel_id, messages)
-                await self._set_head(channel_id, new_head, chunk[-1].created_at)
+                record = [new_head, chunk[-1].created_at, len(chunk)]
+                self._batches.setdefault(channel_id, deque()).append(record)
+                unindexed = self._unindexed.setdefault(channel_id, {})
+                for i, it in enumerate(chunk):
+                    it.result = AppendResult(Message(channel_id, head + 1 + i, it.sender_id, it.client_msg_id,
+                                                     it.body, it.created_at), False)
+                    it.batch = record
+                    unindexed[it.key] = it
                 head = new_head
                 self._note_head(channel_id, head, head if self._bucket(head + 1) == bucket else None)
-                for it, m in zip(chunk, messages):
-                    it.result = AppendResult(m, False)
                 self.stats["appends"] += len(chunk)
                 self.stats["batches"] += 1
                 fresh = fresh[len(chunk):]
@@ -553,11 +617,11 @@ class CassandraStore(Store):
 
     async def _head_seq(self, channel_id: str) -> int:
         row = await self._cql.one("head_get", (channel_id,))
-        stored = row["last_seq"] if row and row.get("last_seq") is not None else 0
-        hint = self._head_hint(channel_id, row)
-        probed = await self._probe_head(channel_id, hint)
-        if probed[0] > stored:  # the hint lags (a writer died before updating it, or is about to)
-            return await self._catch_up(channel_id, hint, probed)
+        stored = _stored_hint(row)
+        probed = await self._probe_head(channel_id, self._probe_from(channel_id, stored))
+        if probed[0] > stored and channel_id not in self._batches and channel_id not in self._queues:
+            # the hint lags and nobody here is about to move it: a writer died before it did
+            return await self._catch_up(channel_id, stored, probed)
         return probed[0]
 
     async def read_messages(self, channel_id, *, after=None, before=None, limit):
