@@ -113,6 +113,7 @@ class App {
     this.channels.clear();
     this.currentId = null;
     this.members = null;
+    view.clearMessages();
     $("chat-view").hidden = true;
     $("login-view").hidden = false;
     $("login-error").textContent = message;

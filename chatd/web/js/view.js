@@ -16,6 +16,27 @@ export function el(tag, attrs = {}, ...children) {
   return e;
 }
 
+/**
+ * Make `parent`'s children the elements for `items` ({key, sig, build}) with the fewest DOM changes:
+ * an item whose key and signature are unchanged keeps its element and is not touched (screen
+ * readers announce only what is new in the live log; focus stays where it was).
+ */
+function reconcile(parent, items) {
+  const old = parent._items || new Map();
+  const next = new Map();
+  const els = items.map(({ key, sig, build }) => {
+    const have = old.get(key);
+    const e = have && have.sig === sig ? have.el : build();
+    next.set(key, { el: e, sig });
+    return e;
+  });
+  els.forEach((e, i) => {
+    if (parent.children[i] !== e) parent.insertBefore(e, parent.children[i] || null);
+  });
+  while (parent.children.length > els.length) parent.lastChild.remove();
+  parent._items = next;
+}
+
 export function clock(ts) {
   if (!ts) return "";
   const d = new Date(ts * 1000);
@@ -91,33 +112,17 @@ export function renderChannel(app) {
   const seen = c.seen(app.me.id);
   const items = c.messages.map((m) => {
     const mine = m.sender_id === app.me.id;
-    const li = el("li", { class: `msg${mine ? " mine" : ""}`, "data-seq": m.seq, "data-cmid": m.client_msg_id,
-                          "data-status": mine ? "sent" : null },
-      el("div", { class: "meta" },
-        el("span", { class: "who", text: mine ? "You" : app.userName(m.sender_id) }),
-        el("time", { text: clock(m.created_at) })),
-      el("div", { class: "body", text: m.body }));
+    const who = mine ? "You" : app.userName(m.sender_id);
+    let receipt = null;
     if (seen && seen.seq === m.seq) {
-      const who = c.kind === "dm" ? "Seen" : `Seen by ${seen.readers.map((u) => app.userName(u)).join(", ")}`;
-      li.append(el("div", { class: "receipt", text: who }));
+      receipt = c.kind === "dm" ? "Seen" : `Seen by ${seen.readers.map((u) => app.userName(u)).join(", ")}`;
     }
-    return li;
+    return { key: `${c.id} ${m.seq}`, sig: `${who}|${receipt}`, build: () => messageItem(m, mine, who, receipt) };
   });
   for (const p of c.pending.values()) {
-    const status = el("div", { class: "status" });
-    if (p.status === "failed") {
-      status.append(`Failed — ${p.error} `,
-        el("button", { type: "button", class: "link retry", onclick: () => app.retry(c, p) }, "Retry"),
-        el("button", { type: "button", class: "link discard", onclick: () => app.discard(c, p) }, "Discard"));
-    } else {
-      status.textContent = p.status === "sent" ? "Sent" : "Sending…";
-    }
-    items.push(el("li", { class: "msg mine pending", "data-cmid": p.cmid, "data-status": p.status },
-      el("div", { class: "meta" }, el("span", { class: "who", text: "You" })),
-      el("div", { class: "body", text: p.body }),
-      status));
+    items.push({ key: `${c.id} ${p.cmid}`, sig: `${p.status}|${p.error}`, build: () => pendingItem(app, c, p) });
   }
-  $("message-list").replaceChildren(...items);
+  reconcile($("message-list"), items);
   if (keepBottom) box.scrollTop = box.scrollHeight;
   else if (app.prepended) box.scrollTop = prevTop + (box.scrollHeight - prevHeight);
   app.scrollToEnd = false;
@@ -126,6 +131,37 @@ export function renderChannel(app) {
   const typing = c.typingUsers(Date.now()).filter((u) => u !== app.me.id).map((u) => app.userName(u));
   $("typing").textContent = typing.length === 0 ? "" :
     `${typing.join(", ")} ${typing.length === 1 ? "is" : "are"} typing…`;
+}
+
+function messageItem(m, mine, who, receipt) {
+  const li = el("li", { class: `msg${mine ? " mine" : ""}`, "data-seq": m.seq, "data-cmid": m.client_msg_id,
+                        "data-status": mine ? "sent" : null },
+    el("div", { class: "meta" }, el("span", { class: "who", text: who }), el("time", { text: clock(m.created_at) })),
+    el("div", { class: "body", text: m.body }));
+  if (receipt) li.append(el("div", { class: "receipt", text: receipt }));
+  return li;
+}
+
+function pendingItem(app, c, p) {
+  const status = el("div", { class: "status" });
+  if (p.status === "failed") {
+    status.append(`Failed — ${p.error} `,
+      el("button", { type: "button", class: "link retry", onclick: () => app.retry(c, p) }, "Retry"),
+      el("button", { type: "button", class: "link discard", onclick: () => app.discard(c, p) }, "Discard"));
+  } else {
+    status.textContent = p.status === "sent" ? "Sent" : "Sending…";
+  }
+  return el("li", { class: "msg mine pending", "data-cmid": p.cmid, "data-status": p.status },
+    el("div", { class: "meta" }, el("span", { class: "who", text: "You" })),
+    el("div", { class: "body", text: p.body }),
+    status);
+}
+
+/** Forget the rendered messages (after a logout). */
+export function clearMessages() {
+  const list = $("message-list");
+  list._items = null;
+  list.replaceChildren();
 }
 
 export function renderMembers(app) {
