@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 
 CHROMIUM = "/usr/bin/chromium"
+PASSWORD = "password-123"
+TIMEOUT_MS = 30_000  # for every wait on the page: generous, for a loaded CI machine
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
@@ -98,3 +100,41 @@ class Shots:
         path = self.dir / f"{self.n:02d}-{name}.png"
         page.screenshot(path=str(path))
         return path
+
+
+# ---- the web client's page, as a person uses it --------------------------------------------------
+
+def expect(*a, **kw):
+    from playwright.sync_api import expect as pw_expect
+    pw_expect.set_options(timeout=TIMEOUT_MS)
+    return pw_expect(*a, **kw)
+
+
+def enter(page, url: str, username: str, signup: bool = False):
+    """Open the client, sign up (or log in) and wait until it is connected."""
+    page.goto(url + "/")
+    page.fill("#login-username", username)
+    page.fill("#login-password", PASSWORD)
+    page.click("#signup-button" if signup else "#login-button")
+    expect(page.locator("#conn-status")).to_have_text("Connected")
+
+
+def bodies(page) -> list[str]:
+    """The texts of the open channel's messages, top to bottom."""
+    return page.locator("#message-list .msg .body").all_inner_texts()
+
+
+def seqs(page) -> list[int]:
+    """The seqs of the open channel's stored messages, top to bottom."""
+    return [int(s) for s in page.locator("#message-list .msg[data-seq]").evaluate_all(
+        "els => els.map(e => e.dataset.seq)")]
+
+
+def send(page, text: str):
+    page.fill("#composer-input", text)
+    page.press("#composer-input", "Enter")
+
+
+def open_channel(page, name: str):
+    page.locator("#channel-list button", has=page.locator(".ch-name", has_text=name)).click()
+    expect(page.locator("#channel-title")).to_have_text(name)

@@ -6,63 +6,26 @@ and its history. Every step is a screenshot under the test's tmp dir (``shots/``
 
 from __future__ import annotations
 
-import re
+import json
 
 import pytest
 
-from tests.browser import ChatdProcess, Shots, http, launch, require_browser
+from tests.browser import (PASSWORD, TIMEOUT_MS, ChatdProcess, Shots, bodies, enter, expect, http, launch,
+                           open_channel, require_browser, send, seqs)
 from tests.cluster import free_port
 
-PASSWORD = "password-123"
-TIMEOUT_MS = 30_000  # generous: a loaded CI machine
-
-
 @pytest.fixture
-def server(tmp_path):
+def chatd_proc(tmp_path):
     require_browser()
     srv = ChatdProcess(tmp_path, free_port(), free_port(), "[limits]\nmax_group_members = 3\n")
     yield srv
     srv.stop()
 
 
-def sign_up(page, url, username):
-    page.goto(url + "/")
-    page.fill("#login-username", username)
-    page.fill("#login-password", PASSWORD)
-    page.click("#signup-button")
-    expect(page.locator("#conn-status")).to_have_text("Connected")
-
-
-def bodies(page):
-    """The texts of the open channel's messages, top to bottom."""
-    return page.locator("#message-list .msg .body").all_inner_texts()
-
-
-def seqs(page):
-    return [int(s) for s in page.locator("#message-list .msg[data-seq]").evaluate_all(
-        "els => els.map(e => e.dataset.seq)")]
-
-
-def send(page, text):
-    page.fill("#composer-input", text)
-    page.press("#composer-input", "Enter")
-
-
-def open_channel(page, name):
-    page.locator("#channel-list button", has=page.locator(".ch-name", has_text=name)).click()
-    expect(page.locator("#channel-title")).to_have_text(name)
-
-
-def expect(*a, **kw):
-    from playwright.sync_api import expect as pw_expect
-    pw_expect.set_options(timeout=TIMEOUT_MS)
-    return pw_expect(*a, **kw)
-
-
-def test_web_client_two_people_group_offline_reload(server, tmp_path):
+def test_web_client_two_people_group_offline_reload(chatd_proc, tmp_path):
     from playwright.sync_api import sync_playwright
     shots = Shots(tmp_path / "shots")
-    url = server.url
+    url = chatd_proc.url
     with sync_playwright() as pw:
         browser = launch(pw)
         try:
@@ -70,15 +33,16 @@ def test_web_client_two_people_group_offline_reload(server, tmp_path):
             for ctx in (ctx_a, ctx_b, ctx_c):
                 ctx.set_default_timeout(TIMEOUT_MS)
             a, b, c = ctx_a.new_page(), ctx_b.new_page(), ctx_c.new_page()
-            errors = []
+            errors, sent_frames = [], []
             for p in (a, b, c):
                 p.on("pageerror", lambda e: errors.append(str(e)))
+            a.on("websocket", lambda ws: ws.on("framesent", lambda f: sent_frames.append(json.loads(f))))
             a.goto(url + "/")
             expect(a.locator("#login-form")).to_be_visible()
             shots(a, "login")
-            sign_up(a, url, "alice")
-            sign_up(b, url, "bob")
-            sign_up(c, url, "carol")
+            enter(a, url, "alice", signup=True)
+            enter(b, url, "bob", signup=True)
+            enter(c, url, "carol", signup=True)
             http("POST", url + "/v1/users", {"username": "dave", "password": PASSWORD})
 
             # --- a DM by username; sending -> sent; the other side's list shows it unread
@@ -138,6 +102,10 @@ def test_web_client_two_people_group_offline_reload(server, tmp_path):
             failed = a.locator("#message-list .msg[data-status=failed]")
             expect(failed.locator(".status")).to_contain_text("Message too long")
             shots(a, "body-too-long")
+            failed.locator("button.retry").click()  # the retry sends the same client_msg_id again
+            expect(failed.locator(".status")).to_contain_text("Message too long")
+            long_sends = [f["client_msg_id"] for f in sent_frames if f.get("body", "").startswith("xxxx")]
+            assert len(long_sends) == 2 and long_sends[0] == long_sends[1], long_sends
             failed.locator("button.discard").click()
             expect(failed).to_have_count(0)
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.browser import Shots, http, launch, require_browser
+from tests.browser import (PASSWORD, TIMEOUT_MS, Shots, bodies, enter, expect, http, launch, open_channel,
+                           require_browser, send, seqs)
 from tests.cluster import free_port, zookeeper_available
-from tests.test_web_client import PASSWORD, TIMEOUT_MS, bodies, expect, open_channel, send, seqs
 
 SCRIPT = Path(__file__).parent.parent / "bin" / "chatd-local-cluster"
 pytestmark = pytest.mark.skipif(not zookeeper_available(),
@@ -40,14 +40,6 @@ def cluster(tmp_path):
         assert stopped.returncode == 0, stopped.stdout + stopped.stderr
 
 
-def login(page, url, username):
-    page.goto(url + "/")
-    page.fill("#login-username", username)
-    page.fill("#login-password", PASSWORD)
-    page.click("#login-button")
-    expect(page.locator("#conn-status")).to_have_text("Connected")
-
-
 def test_web_client_on_local_cluster(cluster, tmp_path):
     from playwright.sync_api import sync_playwright
     url, cluster_dir = cluster
@@ -68,8 +60,8 @@ def test_web_client_on_local_cluster(cluster, tmp_path):
             a, b = ctx_a.new_page(), ctx_b.new_page()
             for p in (a, b):
                 p.set_default_timeout(TIMEOUT_MS)
-            login(a, url, a_name)
-            login(b, url, b_name)
+            enter(a, url, a_name)
+            enter(b, url, b_name)
             a.fill("#dm-username", b_name)
             a.click("#dm-form button")
             send(a, f"{shard_of[a_name]} to {shard_of[b_name]}")

@@ -189,6 +189,9 @@ class App {
     this.markRead();
     const c = this.current();
     if (c && c.kind === "dm") this.watchPresence([c.peerId]);
+    if (c && c.kind === "group" && !c.gone && !(this.members && this.members.channelId === id)) {
+      this.loadMembers(c, false).catch(() => {});  // the header's "3 members"; the panel shows errors
+    }
     $("composer-input").focus();
   }
 
