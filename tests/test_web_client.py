@@ -36,6 +36,8 @@ def test_web_client_two_people_group_offline_reload(chatd_proc, tmp_path):
             errors, sent_frames = [], []
             for p in (a, b, c):
                 p.on("pageerror", lambda e: errors.append(str(e)))
+                # nothing the page does may be blocked by its own Content-Security-Policy
+                p.on("console", lambda m: "Content Security Policy" in m.text and errors.append(m.text))
             a.on("websocket", lambda ws: ws.on("framesent", lambda f: sent_frames.append(json.loads(f))))
             a.goto(url + "/")
             expect(a.locator("#login-form")).to_be_visible()
@@ -97,7 +99,14 @@ def test_web_client_two_people_group_offline_reload(chatd_proc, tmp_path):
             shots(a, "group-and-cap-error")
             shots(c, "carol-group")
 
-            # --- too long a message: the server's error, readable, with a retry that keeps the id
+            # --- the longest message goes through; one character more is the server's error, readable,
+            # with a retry that keeps the id
+            a.fill("#composer-input", "y" * 100_000)
+            expect(a.locator("#char-count")).to_have_text("100,000 / 100,000 characters")
+            a.press("#composer-input", "Enter")
+            longest = a.locator("#message-list .msg", has_text="yyyyyyyyyy")
+            expect(longest).to_have_attribute("data-status", "sent")
+            assert len(longest.locator(".body").inner_text()) == 100_000
             send(a, "x" * 100_001)
             failed = a.locator("#message-list .msg[data-status=failed]")
             expect(failed.locator(".status")).to_contain_text("Message too long")
