@@ -97,6 +97,13 @@ def test_web_client_two_people_group_offline_reload(chatd_proc, tmp_path):
             a.click("#add-member-form button")
             expect(a.locator("#members-error")).to_contain_text("No such user")
             shots(a, "group-and-cap-error")
+            a.click("#member-list li[data-user] button[aria-label='Remove bob']")
+            expect(a.locator("#member-list li")).to_have_count(2)
+            a.fill("#add-member", "dave")
+            a.click("#add-member-form button")
+            expect(a.locator("#member-list li")).to_have_count(3)
+            expect(a.locator("#member-list")).to_contain_text("dave")
+            expect(a.locator("#members-error")).to_be_empty()
             shots(c, "carol-group")
 
             # --- the longest message goes through; one character more is the server's error, readable,
@@ -182,9 +189,15 @@ def test_web_client_two_people_group_offline_reload(chatd_proc, tmp_path):
             assert bodies(c) == [f"page {i}" for i in range(1, 71)] and seqs(c) == list(range(1, 71))
             shots(c, "carol-paged-back")
 
-            # --- log out: back to the login form, the session gone from the tab
+            # --- log out: back to the login form, the session gone from the tab; carol's contacts see
+            # her offline at once
+            open_channel(a, "carol")
+            expect(a.locator("#channel-sub")).to_have_text("online")
             c.click("#logout-button")
             expect(c.locator("#login-view")).to_be_visible()
+            expect(a.locator("#channel-sub")).to_have_text("last active just now")
+            expect(a.locator("#channel-list button", has_text="carol").locator(".dot")).to_have_attribute(
+                "aria-label", "offline")
             c.reload()
             expect(c.locator("#login-view")).to_be_visible()
             assert not errors, errors
