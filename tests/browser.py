@@ -19,7 +19,8 @@ CHROMIUM = "/usr/bin/chromium"
 PASSWORD = "password-123"
 TIMEOUT_MS = 30_000  # for every wait on the page: generous, for a loaded CI machine
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage"]  # containers often have a tiny /dev/shm
 
 
 def require_browser():
