@@ -10,6 +10,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["chatd", "chatd.*"]),
+    # the web client (chatd/api/web.py serves it): static files, no build step
+    package_data={"chatd": ["web/*.html", "web/*.css", "web/js/*.js"]},
     install_requires=[
         "trio>=0.25",
         # chatd.shard.session writes pre-built frames through trio-websocket internals: pinned range.
@@ -25,7 +27,9 @@ setup(
         "cassandra-driver>=3.29",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-trio>=0.8", "pytest-timeout>=2.3"],
+        "test": ["pytest>=8", "pytest-trio>=0.8", "pytest-timeout>=2.3",
+                 # browser tests drive Debian's chromium (apt), never a downloaded browser
+                 "playwright>=1.40"],
     },
     entry_points={"console_scripts": ["chatd = chatd.cli:main"]},
 )

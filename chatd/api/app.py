@@ -26,6 +26,7 @@ from ..protocol.client import message_frame
 from ..store.base import PushToken
 from . import validate as v
 from .loginguard import LoginGuard
+from .web import add_web_client
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +155,23 @@ def create_app(node) -> QuartTrio:
         user = await store.update_profile(uid, display, about)
         return {"user": user.public()}
 
+    @app.get("/v1/users/by-name/<username>")
+    async def get_user_by_name(username: str):
+        current_user()
+        user = await store.get_user_by_name(username[:64])
+        if user is None:
+            raise ChatError("no_such_user", f"there is no user named {username[:64]!r}")
+        return {"user": user.public()}
+
+    @app.get("/v1/connect")
+    async def connect_url():
+        uid, device_id = current_user()
+        try:
+            shard = node.discovery.pick_shard(uid)
+        except LookupError:
+            raise ChatError("unavailable", "no chat shard is available; retry") from None
+        return {"ws_url": shard.ws_url, "shard_id": shard.shard_id, "device_id": device_id}
+
     @app.get("/v1/users/<int:user_id>")
     async def get_user(user_id: int):
         current_user()
@@ -225,7 +243,9 @@ def create_app(node) -> QuartTrio:
     async def channel_members(channel_id: str):
         uid, _ = current_user()
         members = await require_member(channel_id, uid)
-        return {"channel_id": channel_id, "members": sorted(members)}
+        channel = await store.get_channel(channel_id) if is_group(channel_id) else None
+        return {"channel_id": channel_id, "members": sorted(members),
+                "owner_id": channel.owner_id if channel else None}
 
     async def group_for_change(channel_id: str, uid: int):
         if not is_valid_channel_id(channel_id) or not is_group(channel_id):
@@ -306,4 +326,5 @@ def create_app(node) -> QuartTrio:
         push_tokens_changed(uid)
         return {"removed": removed}
 
+    add_web_client(app)
     return app

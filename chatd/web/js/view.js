@@ -1,0 +1,212 @@
+// Rendering: state in, DOM out. Everything the server sent is inserted as text (textContent), never
+// as HTML. Callers batch changes through `app.render()`.
+
+const $ = (id) => document.getElementById(id);
+
+export function el(tag, attrs = {}, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (v === null || v === undefined || v === false) continue;
+    if (k === "class") e.className = v;
+    else if (k === "text") e.textContent = v;
+    else if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
+    else e.setAttribute(k, v === true ? "" : v);
+  }
+  for (const c of children) if (c !== null && c !== undefined) e.append(c);
+  return e;
+}
+
+/**
+ * Make `parent`'s children the elements for `items` ({key, sig, build}) with the fewest DOM changes:
+ * an item whose key and signature are unchanged keeps its element and is not touched (screen
+ * readers announce only what is new in the live log; focus stays where it was).
+ */
+function reconcile(parent, items) {
+  const old = parent._items || new Map();
+  const next = new Map();
+  const els = items.map(({ key, sig, build }) => {
+    const have = old.get(key);
+    const e = have && have.sig === sig ? have.el : build();
+    next.set(key, { el: e, sig });
+    return e;
+  });
+  els.forEach((e, i) => {
+    if (parent.children[i] !== e) parent.insertBefore(e, parent.children[i] || null);
+  });
+  while (parent.children.length > els.length) parent.lastChild.remove();
+  parent._items = next;
+}
+
+export function clock(ts) {
+  if (!ts) return "";
+  const d = new Date(ts * 1000);
+  const now = new Date();
+  const hm = d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  return d.toDateString() === now.toDateString() ? hm : `${d.toLocaleDateString()} ${hm}`;
+}
+
+export function ago(ts) {
+  if (!ts) return "never seen";
+  const s = Math.max(0, Date.now() / 1000 - ts);
+  if (s < 60) return "last active just now";
+  if (s < 3600) return `last active ${Math.floor(s / 60)} min ago`;
+  if (s < 86400) return `last active ${Math.floor(s / 3600)} h ago`;
+  return `last active ${Math.floor(s / 86400)} d ago`;
+}
+
+export function presenceText(p) {
+  if (!p) return "";
+  return p.status === "online" ? "online" : ago(p.last_active_at);
+}
+
+export function renderChannelList(app) {
+  const list = $("channel-list");
+  const chans = [...app.channels.values()].filter((c) => !c.gone)
+    .sort((a, b) => b.activityAt() - a.activityAt() || a.id.localeCompare(b.id));
+  $("no-channels").hidden = chans.length > 0;
+  list.replaceChildren(...chans.map((c) => {
+    const last = c.last();
+    const mine = last && (last.mine || last.sender_id === app.me.id);
+    const preview = last ? `${mine ? "You: " : ""}${last.body.slice(0, 80)}` : "no messages yet";
+    const p = c.kind === "dm" ? app.presence.get(c.peerId) : null;
+    const name = el("span", { class: "ch-name" });
+    if (c.kind === "dm") {
+      name.append(el("span", { class: `dot ${p && p.status === "online" ? "online" : ""}`,
+                               role: "img", "aria-label": p && p.status === "online" ? "online" : "offline" }));
+    }
+    name.append(app.channelTitle(c));
+    const unread = c.id === app.currentId ? 0 : c.unread;
+    return el("li", {},
+      el("button", { type: "button", "data-channel": c.id, "aria-current": c.id === app.currentId ? "true" : null,
+                     onclick: () => app.open(c.id) },
+        name,
+        el("span", { class: "ch-time", text: clock(c.activityAt()) }),
+        el("span", { class: "ch-last", text: preview }),
+        unread ? el("span", { class: "badge", "aria-label": `${unread} unread`, text: String(unread) }) : null));
+  }));
+}
+
+export function renderChannel(app) {
+  const c = app.current();
+  $("empty-pane").hidden = !!c;
+  $("channel-view").hidden = !c;
+  document.getElementById("chat-view").classList.toggle("in-channel", !!c);
+  if (!c) return;
+  $("channel-title").textContent = app.channelTitle(c);
+  let sub = "";
+  if (c.gone) sub = "you are no longer a member";
+  else if (c.kind === "dm") sub = presenceText(app.presence.get(c.peerId));
+  else if (app.members && app.members.channelId === c.id) sub = `${app.members.ids.length} members`;
+  $("channel-sub").textContent = sub;
+  $("members-button").hidden = c.kind !== "group";
+
+  const box = $("messages");
+  const fromBottom = box.scrollHeight - box.scrollTop - box.clientHeight;
+  const keepBottom = fromBottom < 40 || app.scrollToEnd;
+  const prevHeight = box.scrollHeight;
+  const prevTop = box.scrollTop;
+  $("older-button").hidden = !c.hasOlder;
+  $("older-button").disabled = c.loadingOlder;
+  $("older-button").textContent = c.loadingOlder ? "Loading…" : "Load older messages";
+
+  const seen = c.seen(app.me.id);
+  const items = c.messages.map((m) => {
+    const mine = m.sender_id === app.me.id;
+    const who = mine ? "You" : app.userName(m.sender_id);
+    let receipt = null;
+    if (seen && seen.seq === m.seq) {
+      receipt = c.kind === "dm" ? "Seen" : `Seen by ${seen.readers.map((u) => app.userName(u)).join(", ")}`;
+    }
+    return { key: `${c.id} ${m.seq}`, sig: `${who}|${receipt}`, build: () => messageItem(m, mine, who, receipt) };
+  });
+  for (const p of c.pending.values()) {
+    items.push({ key: `${c.id} ${p.cmid}`, sig: `${p.status}|${p.error}`, build: () => pendingItem(app, c, p) });
+  }
+  reconcile($("message-list"), items);
+  if (keepBottom) box.scrollTop = box.scrollHeight;
+  else if (app.prepended) box.scrollTop = prevTop + (box.scrollHeight - prevHeight);
+  app.scrollToEnd = false;
+  app.prepended = false;
+
+  const typing = c.typingUsers(Date.now()).filter((u) => u !== app.me.id).map((u) => app.userName(u));
+  $("typing").textContent = typing.length === 0 ? "" :
+    `${typing.join(", ")} ${typing.length === 1 ? "is" : "are"} typing…`;
+}
+
+function messageItem(m, mine, who, receipt) {
+  const li = el("li", { class: `msg${mine ? " mine" : ""}`, "data-seq": m.seq, "data-cmid": m.client_msg_id,
+                        "data-status": mine ? "sent" : null },
+    el("div", { class: "meta" }, el("span", { class: "who", text: who }), el("time", { text: clock(m.created_at) })),
+    el("div", { class: "body", text: m.body }));
+  if (receipt) li.append(el("div", { class: "receipt", text: receipt }));
+  return li;
+}
+
+function pendingItem(app, c, p) {
+  const status = el("div", { class: "status" });
+  if (p.status === "failed") {
+    status.append(`Failed — ${p.error} `,
+      el("button", { type: "button", class: "link retry", onclick: () => app.retry(c, p) }, "Retry"),
+      el("button", { type: "button", class: "link discard", onclick: () => app.discard(c, p) }, "Discard"));
+  } else {
+    status.textContent = p.status === "sent" ? "Sent" : "Sending…";
+  }
+  return el("li", { class: "msg mine pending", "data-cmid": p.cmid, "data-status": p.status },
+    el("div", { class: "meta" }, el("span", { class: "who", text: "You" })),
+    el("div", { class: "body", text: p.body }),
+    status);
+}
+
+/** Forget the rendered messages (after a logout). */
+export function clearMessages() {
+  const list = $("message-list");
+  list._items = null;
+  list.replaceChildren();
+}
+
+export function renderMembers(app) {
+  const c = app.current();
+  const m = app.members;
+  const open = !!(c && m && m.channelId === c.id && m.open);
+  $("members-panel").hidden = !open;
+  $("members-button").setAttribute("aria-expanded", String(open));
+  if (!open) return;
+  const iOwn = m.ownerId === app.me.id;
+  $("add-member-form").hidden = !iOwn;
+  $("member-list").replaceChildren(...m.ids.map((uid) => {
+    const p = uid === app.me.id ? { status: app.conn && app.conn.connected ? "online" : "offline" } : app.presence.get(uid);
+    const label = `${app.userName(uid)}${uid === m.ownerId ? " (owner)" : ""}`;
+    const li = el("li", { "data-user": uid },
+      el("span", { class: `dot ${p && p.status === "online" ? "online" : ""}`, role: "img",
+                   "aria-label": p && p.status === "online" ? "online" : "offline" }),
+      el("span", { text: label, title: presenceText(p) }));
+    if (uid === app.me.id || iOwn) {
+      li.append(el("button", { type: "button", class: "secondary",
+                               "aria-label": uid === app.me.id ? "Leave the group" : `Remove ${app.userName(uid)}`,
+                               onclick: () => app.removeMember(c, uid) }, uid === app.me.id ? "Leave" : "Remove"));
+    }
+    return li;
+  }));
+}
+
+export function renderConn(state, detail) {
+  const s = $("conn-status");
+  s.dataset.state = state;
+  const retry = $("conn-retry");
+  retry.hidden = state !== "offline";
+  if (state === "online") s.textContent = "Connected";
+  else if (state === "connecting") s.textContent = "Connecting…";
+  else if (state === "offline") {
+    const why = detail.reason ? `${detail.reason}; ` : "";
+    s.textContent = `Offline — ${why}reconnecting in ${Math.max(1, Math.round(detail.retryInS || 1))} s`;
+  } else s.textContent = "";
+}
+
+export function toast(text) {
+  const box = $("toasts");
+  const t = el("div", { class: "toast" }, el("span", { text }),
+    el("button", { type: "button", "aria-label": "Dismiss", onclick: () => t.remove() }, "×"));
+  box.append(t);
+  while (box.children.length > 4) box.firstChild.remove();
+  setTimeout(() => t.remove(), 10000);
+}
