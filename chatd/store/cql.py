@@ -82,6 +82,15 @@ def check_keyspace_name(name: str) -> str:
     return name
 
 
+_TABLE_RE = re.compile(r"\b(FROM|INTO|UPDATE)\s+([A-Za-z_]\w*)\b(?!\.)")
+
+
+def qualify(cql: str, keyspace: str) -> str:
+    """The statement with its table named as ``keyspace.table``: Cassandra warns about prepared
+    statements that rely on the session's ``USE`` keyspace (ambiguous on a shared connection)."""
+    return _TABLE_RE.sub(lambda m: f"{m.group(1)} {keyspace}.{m.group(2)}", cql, count=1)
+
+
 def unavailable(error: BaseException, what: str) -> ChatError:
     """The chatd error for a failed driver request (logged here, once)."""
     log.warning("cassandra %s failed: %s: %s", what, type(error).__name__, error)
@@ -200,10 +209,12 @@ class CqlSession(CqlRunner):
         write_cl = consistency_level(cfg.write_consistency)
         serial_cl = consistency_level(cfg.serial_consistency)
 
+        keyspace = check_keyspace_name(cfg.keyspace)
+
         def prepare_all():
             out = {}
             for name, (kind, cql) in statements.items():
-                ps = session.prepare(cql)
+                ps = session.prepare(qualify(cql, keyspace))
                 ps.consistency_level = read_cl if kind == READ else write_cl
                 if kind == LWT:
                     ps.serial_consistency_level = serial_cl
