@@ -14,31 +14,32 @@ every acked write in the DC), lightweight transactions (LWT, Paxos) at ``LOCAL_S
 Sequencing (:meth:`append_message`) - why two owners can never both store seq N, and why a crash can
 create neither a duplicate nor a gap:
 
-* ``messages`` rows are only ever written by ``INSERT ... IF NOT EXISTS`` on (channel, bucket, seq), and
-  never changed or deleted: a seq belongs to exactly one message, whoever races for it.
-* A message for seq N is only attempted when seq N-1 is known to exist (the head this process saw, or
-  seq N-1 read back from the store), so the stored seqs are always exactly 1..H: no gap, ever.
-* ``message_dedup`` maps (channel, sender, client_msg_id) to the *intended* seq of that message, and is
-  written first, only by LWT: ``IF NOT EXISTS`` to claim, ``IF seq = <old>`` to move. The message is
-  only ever inserted at the seq its dedup row names, and the row moves off N only after seq N was seen
-  holding *another* message. Hence the message of one client_msg_id exists at one seq at most.
-* Crash after the claim, before the insert: a resend finds the claim N; if N is still free (N-1 exists,
-  so no gap) it inserts there, if another message took N it moves the claim to the head + 1. A second
-  owner racing on the same resend ends at the same seq: one insert applies, the other reads the row
-  back, sees its own client_msg_id and answers ``duplicate``.
-* Crash after the insert, before the ack: the resend finds the claim, the insert at N is not applied and
-  returns the stored row: it is ours, so the original message comes back with ``duplicate=True``.
-* ``channel_heads`` is a hint written after the insert (``USING TIMESTAMP`` = seq, so a late write
-  from a former owner cannot lower it). It never runs ahead of the messages, so the true head is found
-  by reading forward from it (:meth:`_probe_head`, one read per bucket, normally one); a head found that
-  way is written back.
+* ``messages`` rows are only ever written by one single-partition conditional batch that also moves
+  the partition's static ``bucket_head`` from the head the writer saw (``IF bucket_head = n``, null
+  for a bucket's first batch) to the last seq it writes; rows are never changed or deleted. Two
+  writers that saw the same head cannot both apply, and rows and head move together: the stored
+  seqs are always exactly 1..H, each held by one message, whoever races for them.
+* A channel's sends queue in arrival order; one caller at a time (the leader) takes all queued ones
+  (up to ``MAX_BATCH``, one per dedup key, never across a bucket) into one batch. A caller whose
+  message is stored writes its ``message_dedup`` row itself, after the batch.
+* ``channel_heads`` (the head hint) is written only once every message up to it has its dedup row
+  (``USING TIMESTAMP`` = seq, so a late write cannot lower it): it is the *indexed mark*. Above it
+  can be (1) messages this process stored whose row is not written yet - kept in ``_unindexed``,
+  checked by the leader before every batch and re-written if their write failed; (2) messages of a
+  writer that died before indexing - whoever loads the channel (``_catch_up``) reads and indexes
+  everything above the hint before appending; (3) messages another owner writes right now - our
+  next batch fails its condition, and we read, index and match what it wrote before retrying.
+  So a resend always finds its original: in memory, in ``message_dedup``, or among the rows read
+  after a failed condition, and is answered ``duplicate`` with the original message.
+* A timed-out batch may have applied: the resend's batch then fails its condition and finds it (3).
+* A dedup row left by schema v2 can name a seq that holds another message (an intent): a hit counts
+  only if the row at that seq is this message.
 
-Cost of one new message with this process's head cached: 2 LWTs (dedup claim, message insert; each
-about 4 replica round trips in Paxos v1, 2 in Cassandra 5's Paxos v2) + 1 plain write (head), as 3
-sequential client round trips; a channel's appends are serialised by a per-channel lock, so one
-channel takes ~1/(3 RTT) messages per second per process (every other channel runs in parallel).
-A resend costs 2 LWTs that do not apply + 1 write. A seq taken by someone else (takeover) adds one
-read per bucket scanned and one LWT to move the claim.
+Cost of one new message with the channel loaded: 1 read (dedup lookup, in parallel for the batch),
+a share of one conditional batch (one Paxos round per batch), 1 write (its dedup row) and a share of
+the head-hint write; only the read and the batch are on the channel's critical path. A resend costs
+2 reads. A bucket moved by another owner adds one read per bucket scanned, the rows it wrote and
+their dedup writes.
 
 Membership: ``members_by_channel`` is authoritative; a change is a conditional batch on its partition
 that bumps the static ``member_version`` (so the member cap holds under concurrent adds), then the
