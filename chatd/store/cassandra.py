@@ -85,7 +85,7 @@ FAN_OUT = 32  # concurrent reads one call issues (get_users, channels_of, group 
 # ---- the append queue -----------------------------------------------------------------------------
 class _Append:
     __slots__ = ("sender_id", "client_msg_id", "body", "created_at", "dm_pair", "wake", "result", "error", "batch",
-                 "index_failed")
+                 "index_failed", "indexed_tick", "looked", "lookup_tick", "dedup_seq")
 
     def __init__(self, sender_id, client_msg_id, body, created_at, dm_pair):
         self.sender_id = sender_id
@@ -98,6 +98,10 @@ class _Append:
         self.error: BaseException | None = None
         self.batch: list | None = None  # [last seq, its created_at, rows not yet indexed] if stored here
         self.index_failed = False
+        self.indexed_tick: int | None = None  # when its dedup row was written (stored here)
+        self.looked: trio.Event | None = None  # its dedup lookup ahead of the batch, if one ran
+        self.lookup_tick: int | None = None  # when that lookup started
+        self.dedup_seq: int | None = None  # what it found
 
     @property
     def key(self) -> tuple[int, str]:
@@ -131,6 +135,8 @@ class CassandraStore(Store):
         self._queues: dict[str, _ChannelQueue] = {}  # channel -> its appends waiting for a batch
         self._unindexed: dict[str, dict] = {}  # channel -> {dedup key: _Append} stored, row not yet written
         self._batches: dict[str, deque] = {}  # channel -> stored batches not fully indexed, in seq order
+        self._loaded_tick: dict[str, int] = {}  # channel -> when it was last (re)loaded
+        self._tick = 0  # orders lookups, loads and index writes
         self._running = 0
         self._idle = trio.Event()
         self._idle.set()
@@ -203,6 +209,7 @@ class CassandraStore(Store):
         while len(self._heads) > self._head_cache_max:
             old, _ = self._heads.popitem(last=False)
             self._bucket_heads.pop(old, None)
+            self._loaded_tick.pop(old, None)
 
     # ---- users and devices ---------------------------------------------------------------
     async def create_user(self, username, password_hash, display_name, created_at):
@@ -401,6 +408,8 @@ class CassandraStore(Store):
             item = _Append(sender_id, client_msg_id, body, created_at, dm_pair)
             queue.items.append(item)
             if queue.busy:
+                if channel_id in self._heads:  # look up its dedup row while the batch ahead runs
+                    await self._lookup(channel_id, item)
                 await item.wake.wait()  # done, or asked to lead
             if item.result is None and item.error is None:
                 queue.busy = True
@@ -474,6 +483,7 @@ class CassandraStore(Store):
             await self._index(channel_id, rows)
             await self._set_head(channel_id, head, at if at is not None else rows[-1].created_at)
         self._note_head(channel_id, head, bucket_head)
+        self._loaded_tick[channel_id] = self._next_tick()  # earlier lookups may have missed rows
         return head
 
     def _probe_from(self, channel_id: str, stored: int) -> int:
@@ -499,10 +509,28 @@ class CassandraStore(Store):
             return
         await self._indexed(channel_id, [item])
 
+    async def _lookup(self, channel_id: str, item: "_Append") -> None:
+        """Read ``item``'s dedup row ahead of its batch. The result is used only if the lookup
+        started after the channel was (re)loaded; a failed one is done again by the leader."""
+        item.looked = trio.Event()
+        item.lookup_tick = self._next_tick()
+        try:
+            row = await self._cql.one("dedup_get", (channel_id, *item.key))
+            item.dedup_seq = row["seq"] if row and row.get("seq") else None
+        except ChatError:
+            item.lookup_tick = None
+        finally:
+            item.looked.set()
+
+    def _next_tick(self) -> int:
+        self._tick += 1
+        return self._tick
+
     async def _indexed(self, channel_id: str, items: list["_Append"]) -> None:
-        unindexed = self._unindexed.get(channel_id, {})
+        """``items`` (stored here) have their dedup rows now. They stay in ``_unindexed``, marked
+        with the time, until no lookup that started before that time can still be pending."""
         for it in items:
-            unindexed.pop(it.key, None)
+            it.indexed_tick = self._next_tick()
             it.batch[2] -= 1
         batches = self._batches.get(channel_id)
         done = None
@@ -510,34 +538,57 @@ class CassandraStore(Store):
             done = batches.popleft()
         if not batches:
             self._batches.pop(channel_id, None)
-        if not unindexed:
-            self._unindexed.pop(channel_id, None)
         if done is not None:
             try:
                 await self._set_head(channel_id, done[0], done[1])
             except ChatError:
                 pass  # a lagging hint is repaired by the next reader or owner
 
+    def _prune_memory(self, channel_id: str, queue_items) -> None:
+        """Forget indexed messages that no pending lookup can have missed."""
+        memory = self._unindexed.get(channel_id)
+        if not memory:
+            return
+        queue = self._queues.get(channel_id)
+        ticks = [it.lookup_tick for it in (*queue_items, *(queue.items if queue else ()))
+                 if it.lookup_tick is not None]
+        oldest = min(ticks, default=self._tick + 1)
+        for key in [k for k, it in memory.items() if it.indexed_tick is not None and it.indexed_tick < oldest]:
+            del memory[key]
+        if not memory:
+            del self._unindexed[channel_id]
+
     async def _store_batch(self, channel_id: str, head: int, batch: list["_Append"]) -> None:
-        # 0. Messages stored here whose dedup row is not written yet are checked from memory; the
-        #    ones whose row failed to be written are written again now.
-        pending = dict(self._unindexed.get(channel_id, {}))
-        retry = [it for it in pending.values() if it.index_failed]
+        # 0. Messages stored here are checked from memory while a lookup may have missed their dedup
+        #    row: not yet written, or written after the lookup started. Rows that failed to be
+        #    written are written again now.
+        memory = self._unindexed.get(channel_id, {})
+        retry = [it for it in memory.values() if it.index_failed and it.indexed_tick is None]
         # 1. Resends: a message_dedup row names the seq of an earlier copy (rows exist only for
         #    stored messages; one left by schema v2 may name a seq that holds another message).
-        lookups = [it for it in batch if it.key not in pending]
+        for it in batch:
+            if it.looked is not None:
+                await it.looked.wait()
+        loaded = self._loaded_tick.get(channel_id, 0)
+        lookups = [it for it in batch if it.lookup_tick is None or it.lookup_tick <= loaded]
+        tick = self._next_tick()
         rows = await self._gather(*[lambda it=it: self._cql.one("dedup_get", (channel_id, *it.key))
                                     for it in lookups],
                                   *[lambda it=it: self._cql.write("dedup_put", (channel_id, *it.key,
                                                                                 it.result.message.seq))
                                     for it in retry])
+        for it, row in zip(lookups, rows):
+            it.lookup_tick = tick
+            it.dedup_seq = row["seq"] if row and row.get("seq") else None
         if retry:
             await self._indexed(channel_id, retry)
         for it in batch:
-            if it.key in pending:
-                it.result = AppendResult(pending[it.key].result.message, True)
+            mine = memory.get(it.key)
+            if mine is not None and (mine.indexed_tick is None or mine.indexed_tick >= it.lookup_tick):
+                it.result = AppendResult(mine.result.message, True)
                 self.stats["duplicates"] += 1
-        known = [(it, r["seq"]) for it, r in zip(lookups, rows) if r and r.get("seq")]
+        self._prune_memory(channel_id, queue_items=batch)
+        known = [(it, it.dedup_seq) for it in batch if it.result is None and it.dedup_seq]
         stored = await self._gather(*[lambda s=s: self._cql.one("msg_get", (channel_id, self._bucket(s), s))
                                       for _, s in known])
         for (it, seq), row in zip(known, stored):
