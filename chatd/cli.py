@@ -77,7 +77,10 @@ def main():
 @click.option("--ws-port", type=int, help="WebSocket port (0 = any free port).")
 @click.option("--host", help="Listen address for both API and WebSocket.")
 def run(config_path, data_dir, api_port, ws_port, host):
-    """Everything in one process: API + one chat shard, SQLite store, no ZooKeeper."""
+    """Everything in one process: API + one chat shard, no ZooKeeper.
+
+    The store is SQLite in the data directory unless the config says store.backend = "cassandra"
+    (run `chatd store migrate` first; see docs/cassandra.md)."""
     from .node import serve_run
 
     config = _load(config_path, data_dir=data_dir, **{"server.api_port": api_port, "server.ws_port": ws_port,

@@ -228,6 +228,21 @@ def test_startup_on_an_older_schema_says_migrate(cassandra_server, keyspace, tmp
     assert one_error_line(chatd("run", config=config)).startswith(f"Error: {newer}")
 
 
+def test_existing_keyspace_without_quorum_says_why(cassandra_server, keyspace, tmp_path):
+    """A keyspace made elsewhere with 3 replicas on this one node: no LOCAL_QUORUM. Not refused up
+    front (a node may be down for maintenance), but the failure says how many replicas were alive."""
+    cfg = keyspace
+    cql(cfg, f"CREATE KEYSPACE {cfg.keyspace} WITH replication = {{'class': 'SimpleStrategy', 'replication_factor': 3}}",
+        MIGRATIONS[0][1][0].format(ks=cfg.keyspace))
+    config = write_config(tmp_path, cassandra_server, cfg)
+    expected = (f"cassandra: reading {cfg.keyspace}.schema_version at LOCAL_QUORUM failed: Unable to complete the "
+                "operation against any hosts: Cannot achieve consistency level LOCAL_QUORUM (2 replicas required, "
+                "1 alive); check that the keyspace's replicas are up (`nodetool status`) and that its replication "
+                "factor does not exceed its nodes")
+    assert one_error_line(chatd("run", config=config)) == f"Error: {expected}"
+    assert one_error_line(chatd("store", "migrate", config=config)) == f"Error: chatd store migrate failed: {expected}"
+
+
 def test_migrate_without_a_reachable_cassandra(cassandra_server, keyspace, tmp_path):
     import socket
     with socket.socket() as s:  # a port nothing listens on

@@ -594,12 +594,7 @@ async def open_cassandra(cfg: CassandraConfig, *, max_inflight: int = 1024):
     cluster, session = await connect(cfg, keyspace)
     try:
         # The version first: the other statements only prepare against the current schema.
-        try:
-            row = await read_schema_row(session, cfg, keyspace)
-        except RuntimeError as e:
-            raise RuntimeError(f"Cassandra keyspace {keyspace!r}: cannot read its chatd schema version "
-                               f"({e}); run `chatd store migrate`") from e
-        bucket_size = check_schema(row, keyspace)
+        bucket_size = check_schema(await read_schema_row(session, cfg, keyspace), keyspace)
         cql = await CqlSession.prepare(session, STATEMENTS, cfg, max_inflight=max_inflight)
         store = CassandraStore(cql, bucket_size=bucket_size)
         try:

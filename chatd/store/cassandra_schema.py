@@ -430,6 +430,9 @@ async def read_schema_row(session, cfg: CassandraConfig, ks: str) -> dict | None
     """The keyspace's ``schema_version`` row (version, bucket_size), or None. Unprepared and with
     the keyspace named: it is read once, and before :func:`check_schema` the other statements
     may not prepare. Failure: a one-line ``RuntimeError``."""
+    tables = getattr(session.cluster.metadata.keyspaces.get(ks), "tables", {})
+    if "schema_version" not in tables:  # a keyspace chatd did not create (or a migrate that died at once)
+        return None
     rows = await _run(session, cfg.read_consistency, f"reading {ks}.schema_version",
                       f"SELECT version, bucket_size FROM {ks}.schema_version WHERE component = %s", (COMPONENT,))
     return rows[0] if rows else None
@@ -446,7 +449,8 @@ async def _run(session, consistency: str, what: str, cql: str, params: tuple) ->
         result = await await_response(session.execute_async(statement, params))
     except DRIVER_ERRORS as e:
         replicas = isinstance(e, (Unavailable, Timeout, OperationTimedOut, NoHostAvailable))
-        hint = "; are the keyspace's replicas up (`nodetool status`)?" if replicas else ""
+        hint = ("; check that the keyspace's replicas are up (`nodetool status`) and that its replication "
+                "factor does not exceed its nodes") if replicas else ""
         raise RuntimeError(f"cassandra: {what} at {consistency} failed: {error_text(e)}{hint}") from e
     return list(result.current_rows)
 
