@@ -19,7 +19,6 @@ from chatd.store import cassandra_schema
 from chatd.store.cassandra import open_cassandra
 from chatd.store.cassandra_schema import MIGRATIONS, SCHEMA_VERSION, drop_keyspace, migrate
 from chatd.store.cql import connect, execute_ddl, shutdown
-from tests.cassandra_server import fresh_keyspace
 from tests.test_cql_identifiers import reserved_keywords
 
 BUCKET = 4

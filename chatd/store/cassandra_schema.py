@@ -1,6 +1,6 @@
 """The Cassandra schema and its CQL: versioned migrations, every data statement (prepared by name),
 row -> dataclass mapping, bucket arithmetic, and the schema version check at open. Pure, except
-:func:`migrate` and :func:`drop_keyspace`.
+:func:`migrate`, :func:`read_schema_row` and :func:`drop_keyspace`.
 
 ``chatd store migrate`` (:func:`migrate`) creates the keyspace with the configured replication and
 applies every migration newer than the version recorded in ``schema_version``. Opening a store
@@ -157,13 +157,6 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
-# The two data statements migrate and open need (prepared, like every data statement).
-SCHEMA_STATEMENTS = {
-    "schema_get": (READ, "SELECT version, bucket_size FROM schema_version WHERE component = ?"),
-    "schema_set": (WRITE, "INSERT INTO schema_version (component, version, bucket_size, migrated_at) "
-                            "VALUES (?, ?, ?, ?)"),
-}
-
 
 # ---- data statements and row mapping -----------------------------------------------------
 MAX_USER_ID = 2**53  # ids are random in [1, 2**53): exact as JSON numbers in every client
@@ -174,8 +167,8 @@ _TOKEN = "push_token, user_id, device_id, provider, app_id, created_at"
 _OUTBOX = "user_id, channel_id, seq, sender_id, body, queued_at"
 
 # name -> (kind, CQL). Every statement names its full partition key: no scans, no ALLOW FILTERING.
+# (schema_version is read and written by read_schema_row and migrate, unprepared.)
 STATEMENTS: dict[str, tuple[str, str]] = {
-    **SCHEMA_STATEMENTS,
     # users and devices
     "user_insert": (LWT, f"INSERT INTO users ({_USER}) VALUES (?, ?, ?, ?, ?, ?) IF NOT EXISTS"),
     "user_delete": (WRITE, "DELETE FROM users WHERE id = ?"),

@@ -262,9 +262,9 @@ def _connect_blocking(cfg: CassandraConfig, keyspace: str | None):
         try:
             session = cluster.connect()
         except NoHostAvailable:
-            _explain_connect_failure(cluster, cfg, keyspace)  # raises what it can explain
+            _check_dc_and_keyspace(cluster, cfg, keyspace)  # raises what it can explain
             raise
-        _explain_connect_failure(cluster, cfg, keyspace)  # a wrong local_dc may still have connected
+        _check_dc_and_keyspace(cluster, cfg, keyspace)  # a wrong local_dc may still have connected
         if keyspace:
             session.set_keyspace(keyspace)
         return cluster, session
@@ -273,7 +273,7 @@ def _connect_blocking(cfg: CassandraConfig, keyspace: str | None):
         raise
 
 
-def _explain_connect_failure(cluster, cfg: CassandraConfig, keyspace: str | None) -> None:
+def _check_dc_and_keyspace(cluster, cfg: CassandraConfig, keyspace: str | None) -> None:
     """What the control connection learnt, as an operator's error: a ``local_dc`` the cluster does
     not have (the driver then sends nothing anywhere), or a keyspace that does not exist yet."""
     dcs = sorted(live_nodes_by_dc(cluster, all_nodes=True))
@@ -327,7 +327,7 @@ def error_text(error: BaseException) -> str:
         m = re.search(r'message="(.*?)"', text)  # "Error from server: code=... message="...""
         if m:
             text = m.group(1)
-        if getattr(error, "alive_replicas", None) is not None:  # Unavailable, read/write timeouts
+        if getattr(error, "alive_replicas", None) is not None:  # Unavailable
             text += f" ({error.required_replicas} replicas required, {error.alive_replicas} alive)"
     return " ".join(text.split())
 
@@ -352,14 +352,14 @@ async def execute_ddl(session, cql: str, *, ok_if_exists: bool = False, timeout_
     except AlreadyExists:
         if ok_if_exists:
             return False
-        raise_ddl_error(cql, "already exists")
+        raise _ddl_error(cql, "already exists") from None
     except InvalidRequest as e:
         if ok_if_exists and _ALREADY_DONE.search(str(e)):
             log.info("already applied: %s (%s)", _ddl_head(cql), error_text(e))
             return False
-        raise_ddl_error(cql, error_text(e), e)
+        raise _ddl_error(cql, error_text(e)) from e
     except DRIVER_ERRORS as e:
-        raise_ddl_error(cql, error_text(e), e)
+        raise _ddl_error(cql, error_text(e)) from e
 
 
 def _ddl_head(cql: str) -> str:
@@ -367,8 +367,8 @@ def _ddl_head(cql: str) -> str:
     return " ".join(cql.split("(")[0].split())
 
 
-def raise_ddl_error(cql: str, reason: str, cause: BaseException | None = None):
-    raise RuntimeError(f"cassandra: {_ddl_head(cql)} failed: {reason}") from cause
+def _ddl_error(cql: str, reason: str) -> RuntimeError:
+    return RuntimeError(f"cassandra: {_ddl_head(cql)} failed: {reason}")
 
 
 async def shutdown(cluster) -> None:
