@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sqlite3
 import sys
 
 import click
@@ -28,9 +29,39 @@ def _load(config_path, **overrides) -> Config:
         raise click.ClickException(str(e)) from None
 
 
-def _setup_logging(level: str) -> None:
+def _setup_logging(level: str, *, quiet_driver: bool = False) -> None:
+    """Log lines to stderr. Unless log_level is debug, the Cassandra driver's records lose their
+    tracebacks (it attaches one to every failed connection attempt; its message says what failed),
+    and with ``quiet_driver`` (``store migrate``) its records are dropped: the command reports every
+    failure itself, in one line."""
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if level.lower() != "debug":
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_driver_without_traceback)
+        if quiet_driver:
+            logging.getLogger("cassandra").setLevel(logging.CRITICAL)
+
+
+def _driver_without_traceback(record: logging.LogRecord) -> bool:
+    if record.name.startswith("cassandra.") and record.exc_info:
+        record.exc_info, record.exc_text = None, None
+    return True
+
+
+def operator_error(error: BaseException) -> str | None:
+    """The one-line message of a start-up failure an operator must fix (a ``RuntimeError`` or
+    ``ValueError`` chatd raised with what to do), also when trio wrapped it in
+    ``ExceptionGroup``s (errors of a nursery's tasks); None for anything else - a bug keeps its
+    traceback."""
+    if isinstance(error, BaseExceptionGroup):
+        leaves = [operator_error(e) for e in error.exceptions]
+        if not leaves or None in leaves:
+            return None
+        return "; ".join(dict.fromkeys(leaves))  # the distinct messages, in order
+    if isinstance(error, (RuntimeError, ValueError)) and str(error):
+        return " ".join(str(error).split())
+    return None
 
 
 @click.group()
@@ -46,7 +77,10 @@ def main():
 @click.option("--ws-port", type=int, help="WebSocket port (0 = any free port).")
 @click.option("--host", help="Listen address for both API and WebSocket.")
 def run(config_path, data_dir, api_port, ws_port, host):
-    """Everything in one process: API + one chat shard, SQLite store, no ZooKeeper."""
+    """Everything in one process: API + one chat shard, no ZooKeeper.
+
+    The store is SQLite in the data directory unless the config says store.backend = "cassandra"
+    (run `chatd store migrate` first; see docs/cassandra.md)."""
     from .node import serve_run
 
     config = _load(config_path, data_dir=data_dir, **{"server.api_port": api_port, "server.ws_port": ws_port,
@@ -72,8 +106,12 @@ def _serve_role(serve, config, cluster_role: str | None = None) -> None:
 
     try:
         trio.run(main_task)
-    except RuntimeError as e:  # e.g. ZooKeeper unreachable, a database written by a newer chatd
-        raise click.ClickException(str(e)) from None
+    except (RuntimeError, ValueError, BaseExceptionGroup) as e:
+        # e.g. ZooKeeper unreachable, a database written by a newer chatd, a keyspace to migrate
+        message = operator_error(e)
+        if message is None:
+            raise
+        raise click.ClickException(message) from None
 
 
 @main.command()
@@ -151,11 +189,9 @@ def store_group():
 def store_migrate(config_path, data_dir, bucket_size):
     """Create or upgrade the configured store's schema (SQLite file or Cassandra keyspace)."""
     config = _load(config_path, data_dir=data_dir)
-    _setup_logging(config.log_level)
+    _setup_logging(config.log_level, quiet_driver=True)
     try:
         if config.store.backend == "sqlite":
-            import sqlite3
-
             from .store.sqlite import SCHEMA_VERSION, migrate as migrate_sqlite
             path = config.resolve(config.store.sqlite_path)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -169,8 +205,8 @@ def store_migrate(config_path, data_dir, bucket_size):
             from .store.cassandra_schema import DEFAULT_BUCKET_SIZE, migrate as migrate_cassandra
             found, now = trio.run(migrate_cassandra, config.cassandra, bucket_size or DEFAULT_BUCKET_SIZE)
             click.echo(f"cassandra keyspace {config.cassandra.keyspace}: schema v{found} -> v{now}")
-    except (RuntimeError, ValueError) as e:
-        raise click.ClickException(str(e)) from None
+    except (RuntimeError, ValueError, OSError, sqlite3.Error) as e:
+        raise click.ClickException(f"chatd store migrate failed: {' '.join(str(e).split())}") from None
 
 
 if __name__ == "__main__":

@@ -93,14 +93,6 @@ class EmulatedKeyspace(CqlRunner):
             raise ChatError("unavailable", f"injected failure before {name}")
         return mode
 
-    # ---- schema -----------------------------------------------------------------------------------
-    def r_schema_get(self, component):
-        row = self.tables["schema_version"].get(component)
-        return [dict(row)] if row else []
-
-    def w_schema_set(self, component, version, bucket_size, at):
-        self.tables["schema_version"][component] = {"version": version, "bucket_size": bucket_size}
-
     # ---- users, devices ---------------------------------------------------------------------------
     def c_user_insert(self, uid, *rest):
         row = self.tables["users"].get(uid)

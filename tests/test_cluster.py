@@ -4,7 +4,6 @@ frames, link loss, ZooKeeper session loss, and kill -9 failover with exactly-onc
 
 from __future__ import annotations
 
-import json
 import signal
 import uuid
 

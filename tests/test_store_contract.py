@@ -17,13 +17,11 @@ Buckets are 4 messages wide in both Cassandra variants, so ten messages cross tw
 from __future__ import annotations
 
 import contextlib
-import os
 import secrets
 
 import pytest
 import trio
 
-from chatd.config import CassandraConfig
 from chatd.errors import ChatError
 from chatd.ids import dm_channel_id, new_group_id
 from chatd.store.base import Channel, ChannelSummary, PushEntry, PushToken, push_slot

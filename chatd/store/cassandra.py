@@ -66,10 +66,10 @@ from cassandra.query import UNSET_VALUE
 from ..config import CassandraConfig
 from ..errors import ChatError
 from .base import AppendResult, Channel, ChannelSummary, Message, Store, User, push_slot
-from .cassandra_schema import (COMPONENT, SCHEMA_STATEMENTS, SCHEMA_VERSION, STATEMENTS, bucket_last_seq,
+from .cassandra_schema import (SCHEMA_VERSION, STATEMENTS, bucket_last_seq,
                                bucket_of, channel_from_row, check_schema, message_from_row, new_user_id,
-                               push_entry_from_row, push_token_from_row, summary_from_rows, user_from_row,
-                               username_key)
+                               push_entry_from_row, push_token_from_row, read_schema_row, summary_from_rows,
+                               user_from_row, username_key)
 from .cql import CqlRunner, CqlSession, check_keyspace_name, connect, shutdown
 
 log = logging.getLogger(__name__)
@@ -828,13 +828,7 @@ async def open_cassandra(cfg: CassandraConfig, *, max_inflight: int = 1024):
     cluster, session = await connect(cfg, keyspace)
     try:
         # The version first: the other statements only prepare against the current schema.
-        try:
-            meta = await CqlSession.prepare(session, SCHEMA_STATEMENTS, cfg)
-            row = await meta.one("schema_get", (COMPONENT,))
-        except (RuntimeError, ChatError) as e:
-            raise RuntimeError(f"Cassandra keyspace {keyspace!r}: cannot read its chatd schema version "
-                               f"({e}); run `chatd store migrate`") from e
-        bucket_size = check_schema(row, keyspace)
+        bucket_size = check_schema(await read_schema_row(session, cfg, keyspace), keyspace)
         cql = await CqlSession.prepare(session, STATEMENTS, cfg, max_inflight=max_inflight)
         store = CassandraStore(cql, bucket_size=bucket_size)
         try:

@@ -1,6 +1,6 @@
 """The Cassandra schema and its CQL: versioned migrations, every data statement (prepared by name),
 row -> dataclass mapping, bucket arithmetic, and the schema version check at open. Pure, except
-:func:`migrate` and :func:`drop_keyspace`.
+:func:`migrate`, :func:`read_schema_row` and :func:`drop_keyspace`.
 
 ``chatd store migrate`` (:func:`migrate`) creates the keyspace with the configured replication and
 applies every migration newer than the version recorded in ``schema_version``. Opening a store
@@ -14,15 +14,15 @@ where every message lives; the store reads it at open (docs/cassandra.md has the
 
 from __future__ import annotations
 
+import ast
 import logging
 import secrets
 import time
 
-import trio
-
 from ..config import CassandraConfig
 from .base import Channel, ChannelSummary, Message, PushEntry, PushToken, User
-from .cql import LWT, READ, WRITE, CqlSession, check_keyspace_name, connect, execute_ddl, shutdown
+from .cql import (DRIVER_ERRORS, LWT, READ, WRITE, await_response, check_keyspace_name, connect, consistency_level,
+                  error_text, execute_ddl, live_nodes_by_dc, shutdown)
 
 log = logging.getLogger(__name__)
 
@@ -163,13 +163,6 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
-# The two data statements migrate and open need (prepared, like every data statement).
-SCHEMA_STATEMENTS = {
-    "schema_get": (READ, "SELECT version, bucket_size FROM schema_version WHERE component = ?"),
-    "schema_set": (WRITE, "INSERT INTO schema_version (component, version, bucket_size, migrated_at) "
-                            "VALUES (?, ?, ?, ?)"),
-}
-
 
 # ---- data statements and row mapping -----------------------------------------------------
 MAX_USER_ID = 2**53  # ids are random in [1, 2**53): exact as JSON numbers in every client
@@ -180,8 +173,8 @@ _TOKEN = "push_token, user_id, device_id, provider, app_id, created_at"
 _OUTBOX = "user_id, channel_id, seq, sender_id, body, queued_at"
 
 # name -> (kind, CQL). Every statement names its full partition key: no scans, no ALLOW FILTERING.
+# (schema_version is read and written by read_schema_row and migrate, unprepared.)
 STATEMENTS: dict[str, tuple[str, str]] = {
-    **SCHEMA_STATEMENTS,
     # users and devices
     "user_insert": (LWT, f"INSERT INTO users ({_USER}) VALUES (?, ?, ?, ?, ?, ?) IF NOT EXISTS"),
     "user_delete": (WRITE, "DELETE FROM users WHERE id = ?"),
@@ -314,14 +307,59 @@ def bucket_first_seq(bucket: int, bucket_size: int) -> int:
     return max(1, bucket * bucket_size)
 
 
-# ---- DDL text -------------------------------------------------------------------------------
+# ---- DDL text ----------------------------------------------------------------------------------
 def keyspace_ddl(keyspace: str, replication: str) -> str:
-    replication = replication.strip()
-    if not (replication.startswith("{") and replication.endswith("}")):
-        raise ValueError(f"cassandra.replication must be a CQL map like "
-                         f"{{'class': 'NetworkTopologyStrategy', 'dc1': 3}}, got {replication!r}")
+    parse_replication(replication)
     return (f"CREATE KEYSPACE IF NOT EXISTS {check_keyspace_name(keyspace)} "
-            f"WITH replication = {replication} AND durable_writes = true")
+            f"WITH replication = {replication.strip()} AND durable_writes = true")
+
+
+def parse_replication(replication: str) -> dict[str, str]:
+    """``cassandra.replication`` (a CQL map literal) -> ``{option: value}`` as strings;
+    ``ValueError`` naming the key if it is not a map of names to names or numbers."""
+    text = replication.strip()
+    example = "{'class': 'NetworkTopologyStrategy', 'dc1': 3}"
+    try:
+        value = ast.literal_eval(text) if text.startswith("{") and text.endswith("}") else None
+    except (ValueError, SyntaxError):
+        value = None
+    if not (isinstance(value, dict) and value and all(isinstance(k, str) for k in value)
+            and all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in value.values())):
+        raise ValueError(f"cassandra.replication must be a CQL map like {example}, got {replication!r}")
+    return {k: str(v) for k, v in value.items()}
+
+
+def replication_shortfall(replication: str, live_by_dc: dict[str, int]) -> str | None:
+    """Why ``replication`` cannot be met by the live nodes (``{data center: live nodes}``), or None.
+    SimpleStrategy counts every live node; NetworkTopologyStrategy each data center it names (its
+    ``replication_factor`` option stands for every data center not named). Other strategies and
+    unparsable factors are left to Cassandra. The text names both numbers and the config key."""
+    options = parse_replication(replication)
+    strategy = options.get("class", "").rsplit(".", 1)[-1]
+    wanted: dict[str | None, str] = {}
+    if strategy == "SimpleStrategy":
+        wanted[None] = options.get("replication_factor", "")
+    elif strategy == "NetworkTopologyStrategy":
+        named = {k: v for k, v in options.items() if k not in ("class", "replication_factor")}
+        if "replication_factor" in options:
+            wanted.update({dc: options["replication_factor"] for dc in live_by_dc if dc not in named})
+        wanted.update(named)
+    seen = ", ".join(f"{dc!r}: {n} live" for dc, n in sorted(live_by_dc.items())) or "none"
+    for dc, factor in wanted.items():
+        try:
+            rf = int(factor.split("/")[0])  # "3/1": 3 replicas, 1 of them transient
+        except ValueError:
+            continue
+        if dc is not None and dc not in live_by_dc:
+            return (f"cassandra.replication names data center {dc!r}, which this cluster does not have "
+                    f"(the driver sees {seen}): use the data center names `nodetool status` shows")
+        live = sum(live_by_dc.values()) if dc is None else live_by_dc[dc]
+        if rf > live:
+            where = "the cluster" if dc is None else f"data center {dc!r}"
+            return (f"cassandra.replication asks for {rf} replicas in {where}, which has {live} live "
+                    f"node{'' if live == 1 else 's'} (the driver sees {seen}): lower the replication factor "
+                    f"in cassandra.replication to at most {live} or start more nodes")
+    return None
 
 
 def migration_ddl(keyspace: str, found: int) -> list[tuple[int, list[str]]]:
@@ -352,17 +390,25 @@ def check_schema(row: dict | None, keyspace: str) -> int:
 async def migrate(cfg: CassandraConfig, bucket_size: int = DEFAULT_BUCKET_SIZE) -> tuple[int, int]:
     """Create the keyspace and bring its schema to ``SCHEMA_VERSION``; return (found, now).
     ``bucket_size`` only applies to a keyspace created now; an existing one keeps its own.
-    Run it from one place at a time (concurrent schema changes can disagree in Cassandra)."""
+    Run it from one place at a time (concurrent schema changes can disagree in Cassandra).
+
+    Safe to re-run at any point: every DDL statement runs with ``ok_if_exists`` (a table, or an
+    ``ALTER TABLE ... ADD`` column, that a crashed earlier run already made counts as done), and
+    the version is recorded only after all of its step's statements ran. A replication that the
+    live nodes cannot meet is refused before the keyspace is created. Errors: ``RuntimeError`` or
+    ``ValueError``, each one line that says what failed and what to do."""
     if bucket_size < 2:
         raise ValueError("bucket_size must be >= 2")
     ks = check_keyspace_name(cfg.keyspace)
     cluster, session = await connect(cfg, None)
     try:
-        await execute_ddl(session, keyspace_ddl(ks, cfg.replication))
-        await execute_ddl(session, MIGRATIONS[0][1][0].format(ks=ks))  # schema_version itself
-        await trio.to_thread.run_sync(session.set_keyspace, ks)
-        cql = await CqlSession.prepare(session, SCHEMA_STATEMENTS, cfg)
-        row = await cql.one("schema_get", (COMPONENT,))
+        if ks not in cluster.metadata.keyspaces:
+            shortfall = replication_shortfall(cfg.replication, live_nodes_by_dc(cluster))
+            if shortfall:
+                raise RuntimeError(f"{shortfall}; keyspace {ks!r} was not created")
+        await execute_ddl(session, keyspace_ddl(ks, cfg.replication), ok_if_exists=True)
+        await execute_ddl(session, MIGRATIONS[0][1][0].format(ks=ks), ok_if_exists=True)  # schema_version
+        row = await read_schema_row(session, cfg, ks)
         found = row["version"] if row and row.get("version") is not None else 0
         if found > SCHEMA_VERSION:
             raise RuntimeError(f"Cassandra keyspace {ks!r} has schema v{found}, newer than this chatd "
@@ -372,16 +418,43 @@ async def migrate(cfg: CassandraConfig, bucket_size: int = DEFAULT_BUCKET_SIZE) 
             log.info("keyspace %s keeps its bucket size %d (asked for %d)", ks, size, bucket_size)
         for version, statements in migration_ddl(ks, found):
             for ddl in statements:
-                try:
-                    await execute_ddl(session, ddl)
-                except RuntimeError as e:  # a step that half-applied before: its ADD is done
-                    if not (ddl.lstrip().upper().startswith("ALTER TABLE") and "already exists" in str(e)):
-                        raise
-            await cql.write("schema_set", (COMPONENT, version, size, time.time()))
+                await execute_ddl(session, ddl, ok_if_exists=True)
+            await _run(session, cfg.write_consistency, f"recording schema v{version} in {ks}.schema_version",
+                       f"INSERT INTO {ks}.schema_version (component, version, bucket_size, migrated_at) "
+                       "VALUES (%s, %s, %s, %s)", (COMPONENT, version, size, time.time()))
             log.info("cassandra keyspace %s migrated to schema v%d", ks, version)
         return found, SCHEMA_VERSION
     finally:
         await shutdown(cluster)
+
+
+async def read_schema_row(session, cfg: CassandraConfig, ks: str) -> dict | None:
+    """The keyspace's ``schema_version`` row (version, bucket_size), or None. Unprepared and with
+    the keyspace named: it is read once, and before :func:`check_schema` the other statements
+    may not prepare. Failure: a one-line ``RuntimeError``."""
+    tables = getattr(session.cluster.metadata.keyspaces.get(ks), "tables", {})
+    if "schema_version" not in tables:  # a keyspace chatd did not create (or a migrate that died at once)
+        return None
+    rows = await _run(session, cfg.read_consistency, f"reading {ks}.schema_version",
+                      f"SELECT version, bucket_size FROM {ks}.schema_version WHERE component = %s", (COMPONENT,))
+    return rows[0] if rows else None
+
+
+async def _run(session, consistency: str, what: str, cql: str, params: tuple) -> list[dict]:
+    """One unprepared statement of ``migrate`` (it runs a handful, once): rows, or a one-line
+    ``RuntimeError`` (an unmet consistency level says how many replicas were alive)."""
+    from cassandra import OperationTimedOut, Timeout, Unavailable
+    from cassandra.cluster import NoHostAvailable
+    from cassandra.query import SimpleStatement
+    statement = SimpleStatement(cql, consistency_level=consistency_level(consistency))
+    try:
+        result = await await_response(session.execute_async(statement, params))
+    except DRIVER_ERRORS as e:
+        replicas = isinstance(e, (Unavailable, Timeout, OperationTimedOut, NoHostAvailable))
+        hint = ("; check that the keyspace's replicas are up (`nodetool status`) and that its replication "
+                "factor does not exceed its nodes") if replicas else ""
+        raise RuntimeError(f"cassandra: {what} at {consistency} failed: {error_text(e)}{hint}") from e
+    return list(result.current_rows)
 
 
 async def drop_keyspace(cfg: CassandraConfig) -> None:

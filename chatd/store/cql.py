@@ -270,14 +270,50 @@ def _connect_blocking(cfg: CassandraConfig, keyspace: str | None):
                       protocol_version=ProtocolVersion.V4, execution_profiles={EXEC_PROFILE_DEFAULT: profile},
                       auth_provider=auth, connect_timeout=cfg.connect_timeout_s)
     try:
-        return cluster, cluster.connect(keyspace)
+        try:
+            session = cluster.connect()
+        except NoHostAvailable:
+            _check_dc_and_keyspace(cluster, cfg, keyspace)  # raises what it can explain
+            raise
+        _check_dc_and_keyspace(cluster, cfg, keyspace)  # a wrong local_dc may still have connected
+        if keyspace:
+            session.set_keyspace(keyspace)
+        return cluster, session
     except BaseException:
         cluster.shutdown()
         raise
 
 
+def _check_dc_and_keyspace(cluster, cfg: CassandraConfig, keyspace: str | None) -> None:
+    """What the control connection learnt, as an operator's error: a ``local_dc`` the cluster does
+    not have (the driver then sends nothing anywhere), or a keyspace that does not exist yet."""
+    dcs = sorted(live_nodes_by_dc(cluster, all_nodes=True))
+    if not dcs:  # the control connection never connected: nothing to explain
+        return
+    if cfg.local_dc and cfg.local_dc not in dcs:
+        raise RuntimeError(f"cassandra.local_dc = {cfg.local_dc!r} is not a data center of this cluster; "
+                           f"the driver sees: {', '.join(map(repr, dcs))} (set cassandra.local_dc to one of them)")
+    if keyspace and keyspace not in cluster.metadata.keyspaces:
+        raise RuntimeError(f"Cassandra keyspace {keyspace!r} does not exist; run `chatd store migrate`")
+
+
+def live_nodes_by_dc(cluster, *, all_nodes: bool = False) -> dict[str, int]:
+    """data center -> how many of its nodes the driver does not know to be down (every node it
+    knows with ``all_nodes``), from the connected cluster's metadata."""
+    out: dict[str, int] = {}
+    for host in cluster.metadata.all_hosts():
+        if host.datacenter is None:
+            continue
+        out.setdefault(host.datacenter, 0)
+        if all_nodes or host.is_up is not False:
+            out[host.datacenter] += 1
+    return out
+
+
 async def connect(cfg: CassandraConfig, keyspace: str | None):
-    """``(cluster, session)``; a failure is a ``RuntimeError`` with the reason (start-up error)."""
+    """``(cluster, session)``; a failure is a ``RuntimeError`` with the reason, on one line
+    (start-up error): unreachable contact points, an unknown ``local_dc`` (naming the data centers
+    the driver sees), a keyspace that does not exist."""
     try:  # the whole section is checked before any network I/O
         for name in (cfg.read_consistency, cfg.write_consistency, cfg.serial_consistency):
             consistency_level(name)
@@ -288,16 +324,62 @@ async def connect(cfg: CassandraConfig, keyspace: str | None):
         return await trio.to_thread.run_sync(_connect_blocking, cfg, keyspace)
     except (*DRIVER_ERRORS, OSError) as e:
         where = f"{cfg.contact_points} (port {cfg.port})"
-        hint = f" (if keyspace {keyspace!r} does not exist yet: run `chatd store migrate`)" if keyspace else ""
-        raise RuntimeError(f"cannot connect to Cassandra at {where}: {e}{hint}") from e
+        raise RuntimeError(f"cannot connect to Cassandra at {where}: {error_text(e)}; check "
+                           f"cassandra.contact_points and cassandra.port, and that Cassandra is running") from e
 
 
-async def execute_ddl(session, cql: str, timeout_s: float = 120.0) -> None:
-    """A schema statement (not prepared: DDL runs once, from ``chatd store migrate``)."""
+def error_text(error: BaseException) -> str:
+    """A driver exception as one short line (``NoHostAvailable`` lists one reason per host)."""
+    if isinstance(error, NoHostAvailable) and isinstance(error.errors, dict) and error.errors:
+        reasons = {error_text(e) if isinstance(e, BaseException) else str(e) for e in error.errors.values()}
+        text = f"{error.args[0]}: {'; '.join(sorted(reasons))}"
+    else:
+        text = str(error) or type(error).__name__
+        m = re.search(r'message="(.*?)"', text)  # "Error from server: code=... message="...""
+        if m:
+            text = m.group(1)
+        if getattr(error, "alive_replicas", None) is not None:  # Unavailable
+            text += f" ({error.required_replicas} replicas required, {error.alive_replicas} alive)"
+    return " ".join(text.split())
+
+
+# Which failed schema statements mean "this was already done" (a step re-run after a crash):
+# CREATE without IF NOT EXISTS -> AlreadyExists; ALTER TABLE ... ADD of a column that is there ->
+# InvalidRequest "Column with name 'c' already exists" (Cassandra 4.0-5.0), "... conflicts with
+# an existing column" (3.x).
+_ALREADY_DONE = re.compile(r"already exists|conflicts with an existing column", re.IGNORECASE)
+
+
+async def execute_ddl(session, cql: str, *, ok_if_exists: bool = False, timeout_s: float = 120.0) -> bool:
+    """A schema statement (not prepared: DDL runs once, from ``chatd store migrate``); True if it
+    applied. With ``ok_if_exists`` a statement whose effect is already there (a table or keyspace
+    that exists, an ``ALTER TABLE ... ADD`` of a column that exists) is taken as done and returns
+    False: that is what makes a migration step safe to re-run after it half applied. The column's
+    type is not compared. Any other failure: ``RuntimeError`` naming the statement, on one line."""
+    from cassandra import AlreadyExists, InvalidRequest
     try:
         await await_response(session.execute_async(cql, timeout=timeout_s))
+        return True
+    except AlreadyExists:
+        if ok_if_exists:
+            return False
+        raise _ddl_error(cql, "already exists") from None
+    except InvalidRequest as e:
+        if ok_if_exists and _ALREADY_DONE.search(str(e)):
+            log.info("already applied: %s (%s)", _ddl_head(cql), error_text(e))
+            return False
+        raise _ddl_error(cql, error_text(e)) from e
     except DRIVER_ERRORS as e:
-        raise RuntimeError(f"cassandra: {cql.split('(')[0].strip()} failed: {e}") from e
+        raise _ddl_error(cql, error_text(e)) from e
+
+
+def _ddl_head(cql: str) -> str:
+    """``CREATE TABLE IF NOT EXISTS ks.t (...`` -> ``CREATE TABLE IF NOT EXISTS ks.t``."""
+    return " ".join(cql.split("(")[0].split())
+
+
+def _ddl_error(cql: str, reason: str) -> RuntimeError:
+    return RuntimeError(f"cassandra: {_ddl_head(cql)} failed: {reason}")
 
 
 async def shutdown(cluster) -> None:
