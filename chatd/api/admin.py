@@ -7,9 +7,12 @@ from quart import Response
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from .spec import read_bodies_first
+
 
 def create_admin_app(node) -> QuartTrio:
     app = QuartTrio("chatd-shard")
+    read_bodies_first(app)
 
     @app.errorhandler(HTTPException)
     async def on_http_error(e: HTTPException):
