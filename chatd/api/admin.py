@@ -29,6 +29,6 @@ def create_admin_app(node) -> QuartTrio:
 
     @app.get("/metrics")
     async def metrics():
-        return Response(node.metrics.render(), content_type="text/plain; version=0.0.4")
+        return Response(node.metrics.render(), content_type=node.metrics.CONTENT_TYPE)
 
     return app

@@ -97,7 +97,7 @@ def create_app(node) -> QuartTrio:
     @app.get("/metrics")
     @hide  # Prometheus text, not JSON (docs/operations.md)
     async def metrics():
-        return Response(node.metrics.render(), content_type="text/plain; version=0.0.4")
+        return Response(node.metrics.render(), content_type=node.metrics.CONTENT_TYPE)
 
     # ---- users ---------------------------------------------------------------------------
     @app.post("/v1/users")
