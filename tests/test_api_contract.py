@@ -155,3 +155,11 @@ async def test_login_with_a_password_of_spaces_is_not_a_400(server):
     assert r.status == 200
     r = await api.call("POST", "/v1/login", {"username": "sp.ace_1", "password": PASSWORD, "extra": [1, {"x": 2}]})
     assert r.status == 401 and r.body["error"]["code"] == "bad_credentials"
+
+
+async def test_authentication_comes_before_the_body(server):
+    """A request without a valid token is a 401 whatever its body (the models decode after the
+    token check)."""
+    for method, path in [("POST", "/v1/groups"), ("PATCH", "/v1/users/me"), ("POST", "/v1/push/tokens")]:
+        r = await server.api.call(method, path, raw=b"\xff not json")
+        assert r.status == 401 and r.body["error"]["code"] == "not_authenticated", (path, r)

@@ -27,7 +27,7 @@ from ..protocol.client import message_frame
 from ..store.base import PushToken
 from . import models as m
 from .loginguard import LoginGuard
-from .spec import hide, install, route
+from .spec import hide, install, route, set_authenticate
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,8 @@ def create_app(node) -> QuartTrio:
         if not header.startswith("Bearer "):
             raise ChatError("not_authenticated", "send 'Authorization: Bearer <token>' (from /v1/login)")
         return verify_token(node.secret, header[len("Bearer "):].strip())
+
+    set_authenticate(app, current_user)
 
     async def require_member(channel_id: str, user_id: int) -> frozenset[int]:
         if not is_valid_channel_id(channel_id):

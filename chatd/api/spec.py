@@ -16,9 +16,10 @@ on it was never answered. A body that cannot be read to its end (above ``MAX_CON
 from __future__ import annotations
 
 import functools
+import inspect
 
 import msgspec
-from quart import Quart, g, request
+from quart import Quart, current_app, g, request
 from quart_schema import OpenAPIProvider, QuartSchema, document_querystring, document_request, document_response
 from quart_schema import hide, security_scheme
 
@@ -83,10 +84,18 @@ def read_bodies_first(app: Quart) -> None:
         return response
 
 
+def set_authenticate(app: Quart, check) -> None:
+    """``check()`` (sync or async) raises unless the request carries a valid token; authenticated
+    routes run it before their body is decoded."""
+    app.extensions["chatd.authenticate"] = check
+
+
 def route(ok=None, status: int = 200, *, body=None, query=None, errors=(), auth: bool = True):
     """Document and decode one route.
 
-    ``ok``: the answer's model (with ``status``); ``body`` / ``query``: the models the request body
+    With ``auth``, the app's authentication check (:func:`set_authenticate`) runs first: a request
+    without a valid token is a 401 whatever its body. ``ok``: the answer's model (with ``status``);
+    ``body`` / ``query``: the models the request body
     / query string are decoded through, passed as ``data=`` / ``query=``; ``errors``: the error
     statuses the route may answer besides those every route may (400, 413, and 401 with ``auth``).
     A body model without required fields makes the body optional: an empty one is its defaults.
@@ -94,6 +103,10 @@ def route(ok=None, status: int = 200, *, body=None, query=None, errors=(), auth:
     def decorator(func):
         @functools.wraps(func)
         async def wrapper(*args, **kwargs):
+            if auth:
+                checked = current_app.extensions["chatd.authenticate"]()
+                if inspect.isawaitable(checked):
+                    await checked
             if body is not None:
                 kwargs["data"] = await decode_body(body, not required_fields(body))
             if query is not None:
@@ -141,4 +154,4 @@ def decode_query(model):
         raise ChatError("bad_request", f"query string: {e}") from None
 
 
-__all__ = ["install", "read_bodies_first", "route", "hide"]
+__all__ = ["install", "read_bodies_first", "route", "set_authenticate", "hide"]
