@@ -135,6 +135,8 @@ class Metrics:
         self.send_ack = self._add(Histogram("chatd_send_ack_seconds", "Send to ack at the channel's owner: "
                                             "membership check, dedup, store queue, group commit"))
         self.http_requests = self._add(Counter("chatd_http_requests_total", "HTTP API requests by status", ("status",)))
+        self.http_latency = self._add(Histogram("chatd_http_request_seconds",
+                                                "HTTP API requests: from the request's head to the answer"))
         self.link_frames = self._add(Counter("chatd_link_frames_sent_total",
                                              "Frames queued to inter-shard links, by peer and frame type",
                                              ("peer", "type")))

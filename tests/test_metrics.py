@@ -56,6 +56,7 @@ async def test_metrics_follow_traffic(server, nursery):
     assert m["chatd_discovery_writable"] == 1 and m["chatd_discovery_shards"] == 1
     assert m['chatd_errors_total{code="not_found"}'] == 1
     assert m['chatd_http_requests_total{status="404"}'] == 1
+    assert m["chatd_http_request_seconds_count"] >= 5  # 2 sign-ups, 2 logins, the 404
     assert "chatd_link_queue_frames" in m  # no links in chatd run: the family without samples
 
 

@@ -16,7 +16,7 @@ import secrets
 import time
 
 import trio
-from quart import Response, request
+from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -39,6 +39,11 @@ def create_app(node) -> QuartTrio:
     app = QuartTrio("chatd")
     app.config["MAX_CONTENT_LENGTH"] = 1024 * 1024
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = True
+
+    @app.before_request
+    async def started():  # first: before the body is read
+        g.started = time.perf_counter()
+
     install(app, "chatd HTTP API")
     cfg = node.config
     GroupCreate = m.group_create(cfg.limits.max_group_members)
@@ -74,6 +79,8 @@ def create_app(node) -> QuartTrio:
     @app.after_request
     async def count(response):
         node.metrics.http_requests.inc(status=str(response.status_code))
+        if "started" in g:
+            node.metrics.http_latency.observe(time.perf_counter() - g.started)
         return response
 
     def current_user() -> tuple[int, str]:
