@@ -17,17 +17,22 @@ setup(
         # chatd.shard.session writes pre-built frames through trio-websocket internals: pinned range.
         "trio-websocket>=0.11,<0.13",
         "hypercorn>=0.16",
-        "h11>=0.14",  # push gateway client (chatd/push/http.py); hypercorn needs it too
         # Python 3.11 needs these pins (newer releases need 3.12 features).
         "quart>=0.19,<=0.22",
         "quart-trio>=0.11,<=0.12",
+        # /openapi.json and request models; chatd/api/spec.py subclasses its OpenAPIProvider: pinned minor.
+        "quart-schema[msgspec]>=0.25,<0.26",
+        "msgspec>=0.18",
+        "prometheus-client>=0.20",
+        "httpx>=0.27",  # push gateways (chatd/push/http.py), the bench's setup calls
         "msgpack>=1.0",
         "click>=8.1",
         "kazoo>=2.9",
         "cassandra-driver>=3.29",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-trio>=0.8", "pytest-timeout>=2.3",
+        "test": ["pytest>=8", "pytest-trio>=0.8", "pytest-timeout>=2.3", "schemathesis>=4.0,<5",
+                 "openapi-spec-validator>=0.7", "wsproto>=1.2", "trustme>=1.0",
                  # browser tests drive Debian's chromium (apt), never a downloaded browser
                  "playwright>=1.40"],
     },

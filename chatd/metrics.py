@@ -1,127 +1,166 @@
-"""A minimal Prometheus registry (text exposition format 0.0.4). Counters, gauges and histograms
-are plain Python numbers updated from the trio thread; no locks, no background tasks."""
+"""The metrics of one chatd process, on a ``prometheus_client`` registry of its own.
+
+:class:`Metrics` names every metric once (the names are public: docs/operations.md, the Grafana
+dashboard in docs/grafana-chatd.json); the rest of chatd calls ``metrics.<name>.inc(**labels)``,
+``.observe(seconds)``, ``.set(value)``. ``prometheus_client`` keeps the values and writes the text
+format (:meth:`Metrics.render`, served by a Quart route). Values are updated from the trio thread
+only; gauges whose value lives elsewhere are read by a callback at scrape time (:meth:`Metrics.gauge`,
+:meth:`Metrics.labeled_gauge`, :meth:`Metrics.counter_from`), so nothing runs between scrapes.
+
+A callback that raises is logged and its metric left out of that scrape: a scrape never fails.
+"""
 
 from __future__ import annotations
 
-import bisect
+import logging
+from typing import Callable
+
+import prometheus_client as prom
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+log = logging.getLogger(__name__)
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
-def _labels(labels: dict) -> str:
-    if not labels:
-        return ""
-    inner = ",".join(f'{k}="{_esc(str(v))}"' for k, v in sorted(labels.items()))
-    return "{" + inner + "}"
+class Counter:
+    """A counter. ``labels`` names its label keys (``inc(code=...)``); left out, they are taken
+    from the first ``inc``."""
 
-
-def _esc(s: str) -> str:
-    return s.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-class _Metric:
-    kind = ""
-
-    def __init__(self, name: str, help: str):
+    def __init__(self, name: str, help: str, labels: tuple[str, ...] | None = None):
         self.name, self.help = name, help
+        self._c = None if labels is None else self._make(labels)
 
-    def header(self) -> list[str]:
-        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
+    def _make(self, labels) -> prom.Counter:
+        base = self.name[:-len("_total")] if self.name.endswith("_total") else self.name
+        return prom.Counter(base, self.help, tuple(labels), registry=None)
 
-
-class Counter(_Metric):
-    kind = "counter"
-
-    def __init__(self, name, help):
-        super().__init__(name, help)
-        self.values: dict[tuple, float] = {}
+    def _child(self, labels: dict):
+        if self._c is None:
+            self._c = self._make(sorted(labels))
+        return self._c.labels(**labels) if labels else self._c
 
     def inc(self, amount: float = 1.0, **labels) -> None:
-        key = tuple(sorted(labels.items()))
-        self.values[key] = self.values.get(key, 0.0) + amount
+        self._child(labels).inc(amount)
 
     def get(self, **labels) -> float:
-        return self.values.get(tuple(sorted(labels.items())), 0.0)
+        return self._child(labels)._value.get()
 
-    def render(self) -> list[str]:
-        lines = self.header()
-        for key, v in sorted(self.values.items()) or [((), 0.0)]:
-            lines.append(f"{self.name}{_labels(dict(key))} {v:g}")
-        return lines
+    def collect(self):
+        if self._c is None:
+            yield CounterMetricFamily(self.name, self.help, value=0.0)
+        else:
+            yield from self._c.collect()
 
 
-class Gauge(_Metric):
-    """A gauge whose value is read from a callable at scrape time, or set directly."""
-    kind = "gauge"
+class Histogram:
+    def __init__(self, name: str, help: str, buckets=LATENCY_BUCKETS):
+        self.name = name
+        self._h = prom.Histogram(name, help, buckets=buckets, registry=None)
 
-    def __init__(self, name, help, fn=None):
-        super().__init__(name, help)
-        self.fn = fn
+    def observe(self, v: float) -> None:
+        self._h.observe(v)
+
+    def collect(self):
+        return self._h.collect()
+
+
+class Gauge:
+    """A gauge set directly (``set``) or read from ``fn`` at scrape time."""
+
+    def __init__(self, name: str, help: str, fn: Callable[[], float] | None = None):
+        self.name, self.help, self.fn = name, help, fn
         self.value = 0.0
 
     def set(self, v: float) -> None:
         self.value = v
 
-    def render(self) -> list[str]:
-        v = self.fn() if self.fn else self.value
-        return self.header() + [f"{self.name} {v:g}"]
+    def collect(self):
+        yield GaugeMetricFamily(self.name, self.help, value=self.fn() if self.fn else self.value)
 
 
-class Histogram(_Metric):
-    kind = "histogram"
-    DEFAULT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+class _LabeledGauge:
+    def __init__(self, name: str, help: str, label: str, fn: Callable[[], dict]):
+        self.name, self.help, self.label, self.fn = name, help, label, fn
 
-    def __init__(self, name, help, buckets=DEFAULT_BUCKETS):
-        super().__init__(name, help)
-        self.buckets = tuple(buckets)
-        self.counts = [0] * (len(self.buckets) + 1)
-        self.sum = 0.0
-        self.count = 0
+    def collect(self):
+        family = GaugeMetricFamily(self.name, self.help, labels=[self.label])
+        for key, value in sorted(self.fn().items()):
+            family.add_metric([str(key)], value)
+        yield family
 
-    def observe(self, v: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, v)] += 1
-        self.sum += v
-        self.count += 1
 
-    def render(self) -> list[str]:
-        lines = self.header()
-        cum = 0
-        for b, c in zip(self.buckets, self.counts):
-            cum += c
-            lines.append(f'{self.name}_bucket{{le="{b:g}"}} {cum}')
-        lines.append(f'{self.name}_bucket{{le="+Inf"}} {self.count}')
-        lines.append(f"{self.name}_sum {self.sum:g}")
-        lines.append(f"{self.name}_count {self.count}")
-        return lines
+class _CallbackCounter:
+    def __init__(self, name: str, help: str, fn: Callable[[], float]):
+        self.name, self.help, self.fn = name, help, fn
+
+    def collect(self):
+        base = self.name[:-len("_total")] if self.name.endswith("_total") else self.name
+        yield CounterMetricFamily(base, self.help, value=self.fn())
+
+
+class _Collector:
+    """The registry's one collector: every metric of :class:`Metrics`, in definition order
+    (prometheus_client's own registration would refuse the gauge ``chatd_ws_connections`` next
+    to the counter ``chatd_ws_connections_total``)."""
+
+    def __init__(self):
+        self.items: list = []
+
+    def collect(self):
+        for item in self.items:
+            try:
+                yield from list(item.collect())
+            except Exception:  # noqa: BLE001 - a broken callback must not fail the scrape
+                log.exception("metric %s: callback failed", item.name)
 
 
 class Metrics:
     """The metrics of one chatd process."""
 
     def __init__(self):
-        self._all: list[_Metric] = []
+        self.registry = prom.CollectorRegistry(auto_describe=False)
+        self._collector = _Collector()
+        self.registry.register(self._collector)
         self.connections = self._add(Gauge("chatd_ws_connections", "Open client WebSocket connections"))
         self.connections_total = self._add(Counter("chatd_ws_connections_total", "Accepted WebSocket connections"))
         self.messages_in = self._add(Counter("chatd_messages_in_total", "Messages stored (acked sends, not duplicates)"))
         self.duplicates = self._add(Counter("chatd_duplicate_sends_total", "Resends answered from the dedup index"))
         self.messages_out = self._add(Counter("chatd_messages_out_total", "Message frames written to client WebSockets"))
-        self.errors = self._add(Counter("chatd_errors_total", "Error frames and responses sent, by code"))
+        self.errors = self._add(Counter("chatd_errors_total", "Error frames and responses sent, by code", ("code",)))
         self.slow_consumers = self._add(Counter("chatd_slow_consumer_disconnects_total",
                                                 "Connections cut off because their send queue filled"))
-        self.store_latency = self._add(Histogram("chatd_store_append_seconds", "Latency of durable message appends"))
-        self.http_requests = self._add(Counter("chatd_http_requests_total", "HTTP API requests by status"))
+        self.store_latency = self._add(Histogram("chatd_store_append_seconds",
+                                                 "Latency of durable message appends (queue + group commit)"))
+        self.send_ack = self._add(Histogram("chatd_send_ack_seconds", "Send to ack at the channel's owner: "
+                                            "membership check, dedup, store queue, group commit"))
+        self.http_requests = self._add(Counter("chatd_http_requests_total", "HTTP API requests by status", ("status",)))
+        self.http_latency = self._add(Histogram("chatd_http_request_seconds",
+                                                "HTTP API requests: from the request's head to the answer"))
         self.link_frames = self._add(Counter("chatd_link_frames_sent_total",
-                                             "Frames queued to inter-shard links, by peer and frame type"))
+                                             "Frames queued to inter-shard links, by peer and frame type",
+                                             ("peer", "type")))
         self.link_drops = self._add(Counter("chatd_link_frames_dropped_total",
-                                            "Frames dropped because a link queue was full or the link down"))
+                                            "Frames dropped because a link queue was full or the link down", ("peer",)))
 
     def _add(self, m):
-        self._all.append(m)
+        self._collector.items.append(m)
         return m
 
-    def gauge(self, name: str, help: str, fn) -> Gauge:
+    def gauge(self, name: str, help: str, fn: Callable[[], float]) -> Gauge:
+        """A gauge read from ``fn()`` at scrape time."""
         return self._add(Gauge(name, help, fn))
 
+    def labeled_gauge(self, name: str, help: str, label: str, fn: Callable[[], dict]) -> None:
+        """One gauge sample per item of ``fn()`` (``{label value: value}``), read at scrape time."""
+        self._add(_LabeledGauge(name, help, label, fn))
+
+    def counter_from(self, name: str, help: str, fn: Callable[[], float]) -> None:
+        """A counter kept elsewhere (e.g. a store's statistics), read at scrape time."""
+        self._add(_CallbackCounter(name, help, fn))
+
+    # ---- exposition ----------------------------------------------------------------------------
+    CONTENT_TYPE = prom.CONTENT_TYPE_LATEST
+
     def render(self) -> str:
-        lines: list[str] = []
-        for m in self._all:
-            lines.extend(m.render())
-        return "\n".join(lines) + "\n"
+        return prom.generate_latest(self.registry).decode()

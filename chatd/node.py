@@ -72,11 +72,10 @@ class Node:
         self._link_chains: dict = {}
         self.stop_event = trio.Event()
         self.metrics.gauge("chatd_ws_authenticated", "Authenticated client sessions", lambda: self.hub.count)
-        # Each backend counts what it does (SQLite: commits, ops...; Cassandra: appends, lwt...):
-        # chatd_store_<key> for every key the open backend has (docs/operations.md lists them).
-        for key in getattr(store, "stats", {}):
-            self.metrics.gauge(f"chatd_store_{key}", f"Store: {key.replace('_', ' ')} (since start)",
-                               lambda key=key: store.stats[key])
+        store_metrics(self.metrics, store)
+        discovery_metrics(self.metrics, self.discovery)
+        self.metrics.labeled_gauge("chatd_link_queue_frames", "Frames waiting in each inter-shard link's send queue",
+                                   "peer", lambda: link_queue_depths(self.router.links))
 
     def _connected_here(self, user_id: int) -> bool:
         """A device of ``user_id`` is connected (known for the users homed on this shard)."""
@@ -248,6 +247,39 @@ async def serve_shard(config: Config, *, task_status=trio.TASK_STATUS_IGNORED, n
     log.info("stopped")
 
 
+STORE_STATS_HELP = {"ops": "Writes committed by the store's group commits (batch size = ops / commits)",
+                    "commit_seconds": "Seconds spent in the store's group commits (latency = seconds / commits)"}
+
+
+def store_metrics(metrics, store) -> None:
+    """The store's own statistics (``store.stats``, if it keeps any) as counters."""
+    stats = getattr(store, "stats", None)
+    if stats is None:
+        return
+    if "commits" in stats:
+        metrics.gauge("chatd_store_commits", "Group commits done by the store", lambda: stats["commits"])
+    for key in stats:
+        metrics.counter_from(f"chatd_store_{key}_total", STORE_STATS_HELP.get(key, f"Store statistic: {key}"),
+                             lambda key=key: stats[key])
+
+
+def discovery_metrics(metrics, discovery, registers: bool = True) -> None:
+    """What this process knows of the cluster: its view, and (a shard) whether it may write."""
+    metrics.gauge("chatd_discovery_view_version", "Version of the shard view in use (ZooKeeper cversion)",
+                  lambda: discovery.view.version)
+    metrics.gauge("chatd_discovery_shards", "Live shards in the view in use", lambda: len(discovery.view.shards))
+    if registers:
+        metrics.gauge("chatd_discovery_writable", "1 while this shard is registered under a live ZooKeeper "
+                      "session (0: suspended or lost, writes refused)", lambda: float(bool(discovery.writable)))
+
+
+def link_queue_depths(links) -> dict:
+    """``{peer: frames queued}`` of a LinkManager (its links' memory channels), {} without one."""
+    if links is None:
+        return {}
+    return {peer: link._send.statistics().current_buffer_used for peer, link in list(links.links.items())}
+
+
 class ApiNode:
     """What the stateless API role shares: no sessions, no owners; membership changes are
     broadcast to the shards over links."""
@@ -259,6 +291,10 @@ class ApiNode:
         self.metrics = Metrics()
         self.discovery = discovery
         self.links = links
+        store_metrics(self.metrics, store)
+        discovery_metrics(self.metrics, discovery, registers=False)
+        self.metrics.labeled_gauge("chatd_link_queue_frames", "Frames waiting in each inter-shard link's send queue",
+                                   "peer", lambda: link_queue_depths(links))
         self.membership = Membership(store, max_cached=0)  # other API servers change it too
         self.stop_event = trio.Event()
 

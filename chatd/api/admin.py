@@ -7,9 +7,12 @@ from quart import Response
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from .spec import read_bodies_first
+
 
 def create_admin_app(node) -> QuartTrio:
     app = QuartTrio("chatd-shard")
+    read_bodies_first(app)
 
     @app.errorhandler(HTTPException)
     async def on_http_error(e: HTTPException):
@@ -26,6 +29,6 @@ def create_admin_app(node) -> QuartTrio:
 
     @app.get("/metrics")
     async def metrics():
-        return Response(node.metrics.render(), content_type="text/plain; version=0.0.4")
+        return Response(node.metrics.render(), content_type=node.metrics.CONTENT_TYPE)
 
     return app

@@ -1,7 +1,9 @@
 """The HTTP API as a quart-trio application bound to a :class:`~chatd.node.Node`.
 
-JSON in, JSON out. Errors are ``{"error": {"code", "message"}}`` with a 4xx status for client
-mistakes (codes from :mod:`chatd.errors`); an unexpected exception is logged and answered with
+JSON in, JSON out; the contract is ``/openapi.json``, generated from :mod:`chatd.api.models`
+through which every request is decoded (:mod:`chatd.api.spec`, which also reads every body before
+any answer). Errors are ``{"error": {"code", "message"}}`` with a 4xx status for client mistakes
+(codes from :mod:`chatd.errors`); an unexpected exception is logged and answered with
 ``internal``/500 without details. Authentication: ``Authorization: Bearer <token>`` from /v1/login.
 Password hashing runs in worker threads, at most two at a time (scrypt is memory-hard).
 """
@@ -10,12 +12,11 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import secrets
 import time
 
 import trio
-from quart import Response, request
+from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -24,13 +25,13 @@ from ..errors import ChatError
 from ..ids import dm_channel_id, dm_members, is_group, is_valid_channel_id, new_group_id
 from ..protocol.client import message_frame
 from ..store.base import PushToken
-from . import validate as v
+from . import models as m
 from .loginguard import LoginGuard
+from .spec import hide, install, route, set_authenticate
 from .web import add_web_client
 
 log = logging.getLogger(__name__)
 
-PUSH_PROVIDER_RE = re.compile(r"[A-Za-z0-9_.-]{1,32}")
 _HTTP_CODES = {400: "bad_request", 401: "not_authenticated", 403: "forbidden", 404: "not_found",
                405: "bad_request", 413: "frame_too_large", 429: "rate_limited"}
 
@@ -39,7 +40,16 @@ def create_app(node) -> QuartTrio:
     app = QuartTrio("chatd")
     app.config["MAX_CONTENT_LENGTH"] = 1024 * 1024
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = True
+
+    @app.before_request
+    async def started():  # first: before the body is read
+        g.started = time.perf_counter()
+
+    install(app, "chatd HTTP API")
     cfg = node.config
+    GroupCreate = m.group_create(cfg.limits.max_group_members)
+    HistoryQuery = m.history_query(cfg.limits.history_page_max)
+    PresenceQuery = m.presence_query(cfg.presence.max_query)
     store = node.store
     hash_limiter = trio.CapacityLimiter(2)
     dummy_hash = hash_password("not-a-password", cfg.auth.scrypt_n)
@@ -59,7 +69,8 @@ def create_app(node) -> QuartTrio:
 
     @app.errorhandler(HTTPException)
     async def on_http_error(e: HTTPException):
-        return err(_HTTP_CODES.get(e.code, "bad_request"), e.description or e.name, e.code)
+        body_, status = err(_HTTP_CODES.get(e.code, "bad_request"), e.description or e.name, e.code)
+        return body_, status, [h for h in e.get_headers() if h[0] == "Allow"]  # 405 names the methods
 
     @app.errorhandler(Exception)
     async def on_unexpected(e: Exception):
@@ -69,17 +80,17 @@ def create_app(node) -> QuartTrio:
     @app.after_request
     async def count(response):
         node.metrics.http_requests.inc(status=str(response.status_code))
+        if "started" in g:
+            node.metrics.http_latency.observe(time.perf_counter() - g.started)
         return response
-
-    async def body() -> dict:
-        data = await request.get_json(force=True, silent=True)
-        return v.require_object(data)
 
     def current_user() -> tuple[int, str]:
         header = request.headers.get("Authorization", "")
         if not header.startswith("Bearer "):
             raise ChatError("not_authenticated", "send 'Authorization: Bearer <token>' (from /v1/login)")
         return verify_token(node.secret, header[len("Bearer "):].strip())
+
+    set_authenticate(app, current_user)
 
     async def require_member(channel_id: str, user_id: int) -> frozenset[int]:
         if not is_valid_channel_id(channel_id):
@@ -88,32 +99,30 @@ def create_app(node) -> QuartTrio:
 
     # ---- health and metrics --------------------------------------------------------------
     @app.get("/healthz")
+    @route(m.Health, auth=False)
     async def healthz():
         return {"status": "ok", "shards": sorted(s.shard_id for s in node.discovery.live()),
                 "connections": node.connection_count()}
 
     @app.get("/metrics")
+    @hide  # Prometheus text, not JSON (docs/operations.md)
     async def metrics():
-        return Response(node.metrics.render(), content_type="text/plain; version=0.0.4")
+        return Response(node.metrics.render(), content_type=node.metrics.CONTENT_TYPE)
 
     # ---- users ---------------------------------------------------------------------------
     @app.post("/v1/users")
-    async def sign_up():
-        b = await body()
-        name = v.username(b)
-        password = v.field_str(b, "password", min_len=8, max_len=1024)
-        display = v.field_str(b, "display_name", required=False, max_len=64, default=name)
+    @route(m.UserAnswer, 201, body=m.SignUp, errors=(409,), auth=False)
+    async def sign_up(data: m.SignUp):
+        display = data.username if data.display_name is None else data.display_name
         async with hash_limiter:
-            pw_hash = await trio.to_thread.run_sync(hash_password, password, cfg.auth.scrypt_n)
-        user = await store.create_user(name, pw_hash, display, time.time())
+            pw_hash = await trio.to_thread.run_sync(hash_password, data.password, cfg.auth.scrypt_n)
+        user = await store.create_user(data.username, pw_hash, display, time.time())
         return {"user": user.public()}, 201
 
     @app.post("/v1/login")
-    async def login():
-        b = await body()
-        name = v.field_str(b, "username", max_len=64)
-        password = v.field_str(b, "password", max_len=1024)
-        device_id = v.field_str(b, "device_id", required=False, min_len=1, max_len=64)
+    @route(m.LoginAnswer, body=m.Login, errors=(401, 429, 503), auth=False)
+    async def login(data: m.Login):
+        name, password, device_id = data.username, data.password, data.device_id
         ip = request.remote_addr or "?"
         wait = guard.retry_after(name, ip, trio.current_time())
         if wait > 0:
@@ -139,6 +148,7 @@ def create_app(node) -> QuartTrio:
                 "ws_url": shard.ws_url, "shard_id": shard.shard_id}
 
     @app.get("/v1/users/me")
+    @route(m.UserAnswer, errors=(404,))
     async def get_me():
         uid, _ = current_user()
         user = await store.get_user(uid)
@@ -147,15 +157,14 @@ def create_app(node) -> QuartTrio:
         return {"user": user.public()}
 
     @app.patch("/v1/users/me")
-    async def patch_me():
+    @route(m.UserAnswer, body=m.ProfilePatch, errors=(404,))
+    async def patch_me(data: m.ProfilePatch):
         uid, _ = current_user()
-        b = await body()
-        display = v.field_str(b, "display_name", required=False, min_len=1, max_len=64)
-        about = v.field_str(b, "about", required=False, max_len=1000)
-        user = await store.update_profile(uid, display, about)
+        user = await store.update_profile(uid, data.display_name, data.about)
         return {"user": user.public()}
 
     @app.get("/v1/users/by-name/<username>")
+    @route(m.UserAnswer, errors=(404,))
     async def get_user_by_name(username: str):
         current_user()
         user = await store.get_user_by_name(username[:64])
@@ -164,6 +173,7 @@ def create_app(node) -> QuartTrio:
         return {"user": user.public()}
 
     @app.get("/v1/connect")
+    @route(m.ConnectAnswer, errors=(503,))
     async def connect_url():
         uid, device_id = current_user()
         try:
@@ -173,6 +183,7 @@ def create_app(node) -> QuartTrio:
         return {"ws_url": shard.ws_url, "shard_id": shard.shard_id, "device_id": device_id}
 
     @app.get("/v1/users/<int:user_id>")
+    @route(m.UserAnswer, errors=(404,))
     async def get_user(user_id: int):
         current_user()
         user = await store.get_user(user_id) if user_id < 2**63 else None
@@ -182,19 +193,15 @@ def create_app(node) -> QuartTrio:
 
     # ---- presence ------------------------------------------------------------------------
     @app.get("/v1/presence")
-    async def presence_batch():
+    @route(m.PresenceAnswer, query=PresenceQuery)
+    async def presence_batch(query: m.PresenceQuery):
         current_user()
-        raw = request.args.get("user_ids", "")
-        try:
-            ids = list(dict.fromkeys(int(x) for x in raw.split(",") if x.strip()))
-        except ValueError:
-            raise ChatError("bad_request", "user_ids must be a comma-separated list of user ids") from None
-        if not ids or len(ids) > cfg.presence.max_query or any(not 1 <= i < 2**63 for i in ids):
-            raise ChatError("bad_request", f"user_ids: 1 to {cfg.presence.max_query} user ids")
+        ids = list(dict.fromkeys(int(x) for x in query.user_ids.split(",")))  # the model's pattern checked them
         users = await node.presence.statuses(ids)
         return {"users": {str(u): st for u, st in users.items()}}
 
     @app.get("/v1/users/<int:user_id>/presence")
+    @route(m.UserPresence, errors=(404,))
     async def presence_one(user_id: int):
         current_user()
         if not 1 <= user_id < 2**63 or await store.get_user(user_id) is None:
@@ -202,6 +209,7 @@ def create_app(node) -> QuartTrio:
         return {"user_id": user_id, **(await node.presence.statuses([user_id]))[user_id]}
 
     @app.post("/v1/logout")
+    @route(m.LogoutAnswer)
     async def logout():
         uid, device_id = current_user()
         node.presence.logout(uid, device_id)
@@ -209,17 +217,17 @@ def create_app(node) -> QuartTrio:
 
     # ---- channels ------------------------------------------------------------------------
     @app.post("/v1/groups")
-    async def create_group():
+    @route(m.GroupAnswer, 201, body=GroupCreate, errors=(404, 409))
+    async def create_group(data: m.GroupCreate):
         uid, _ = current_user()
-        b = await body()
-        name = v.field_str(b, "name", min_len=1, max_len=128)
-        members = v.field_int_list(b, "members", cfg.limits.max_group_members)
+        name, members = data.name, data.members
         channel = await store.create_group(new_group_id(), name, uid, members, time.time(),
                                            cfg.limits.max_group_members)
         return {"channel": {"id": channel.id, "kind": "group", "name": channel.name, "owner_id": uid,
                             "members": await store.members(channel.id)}}, 201
 
     @app.get("/v1/channels")
+    @route(m.ChannelList)
     async def my_channels():
         uid, _ = current_user()
         out = []
@@ -233,13 +241,15 @@ def create_app(node) -> QuartTrio:
         return {"channels": out}
 
     @app.get("/v1/dm/<int:peer_id>")
+    @route(m.DmAnswer, errors=(404,))
     async def dm_channel(peer_id: int):
         uid, _ = current_user()
         if peer_id == uid or peer_id >= 2**63 or await store.get_user(peer_id) is None:
             raise ChatError("no_such_user", f"user {peer_id} does not exist (or is you)")
         return {"channel_id": dm_channel_id(uid, peer_id)}
 
-    @app.get("/v1/channels/<channel_id>/members")
+    @app.get("/v1/channels/<string:channel_id>/members")
+    @route(m.Members, errors=(403, 404))
     async def channel_members(channel_id: str):
         uid, _ = current_user()
         members = await require_member(channel_id, uid)
@@ -255,34 +265,37 @@ def create_app(node) -> QuartTrio:
             raise ChatError("no_such_channel", f"channel {channel_id} does not exist")
         return channel
 
-    @app.post("/v1/channels/<channel_id>/members")
-    async def add_member(channel_id: str):
+    @app.post("/v1/channels/<string:channel_id>/members")
+    @route(m.MemberAdded, body=m.MemberAdd, errors=(403, 404, 409))
+    async def add_member(channel_id: str, data: m.MemberAdd):
         uid, _ = current_user()
         channel = await group_for_change(channel_id, uid)
         if channel.owner_id != uid:
             raise ChatError("forbidden", "only the group's owner adds members")
-        new = v.field_int(await body(), "user_id", lo=1)
+        new = data.user_id
         added = await store.add_member(channel_id, new, cfg.limits.max_group_members, time.time())
         node.membership_changed(channel_id)
         return {"channel_id": channel_id, "user_id": new, "added": added}
 
-    @app.delete("/v1/channels/<channel_id>/members/<int:member_id>")
+    @app.delete("/v1/channels/<string:channel_id>/members/<int:member_id>")
+    @route(m.MemberRemoved, errors=(403, 404))
     async def remove_member(channel_id: str, member_id: int):
         uid, _ = current_user()
         channel = await group_for_change(channel_id, uid)
+        if not 1 <= member_id < 2**63:
+            raise ChatError("no_such_user", f"user {member_id} does not exist")
         if uid not in (channel.owner_id, member_id):
             raise ChatError("forbidden", "only the group's owner removes others; anyone may leave")
         removed = await store.remove_member(channel_id, member_id)
         node.membership_changed(channel_id)
         return {"channel_id": channel_id, "user_id": member_id, "removed": removed}
 
-    @app.get("/v1/channels/<channel_id>/messages")
-    async def history(channel_id: str):
+    @app.get("/v1/channels/<string:channel_id>/messages")
+    @route(m.History, query=HistoryQuery, errors=(403, 404))
+    async def history(channel_id: str, query: m.HistoryQuery):
         uid, _ = current_user()
         await require_member(channel_id, uid)
-        after = v.query_int(request.args, "after")
-        before = v.query_int(request.args, "before")
-        limit = v.query_int(request.args, "limit", default=50, lo=1, hi=cfg.limits.history_page_max)
+        after, before, limit = m.unset_to_none(query.after), m.unset_to_none(query.before), query.limit
         msgs = await store.read_messages(channel_id, after=after, before=before, limit=limit)
         return {"channel_id": channel_id, "messages": [message_frame(m) for m in msgs],
                 "more": len(msgs) == limit}
@@ -294,30 +307,25 @@ def create_app(node) -> QuartTrio:
             push.tokens_changed(uid)
 
     @app.post("/v1/push/tokens")
-    async def register_push_token():
+    @route(m.PushTokenAnswer, 201, body=m.PushTokenCreate)
+    async def register_push_token(data: m.PushTokenCreate):
         uid, device_id = current_user()
-        b = await body()
-        provider = v.field_str(b, "provider", min_len=1, max_len=32)
-        if not PUSH_PROVIDER_RE.fullmatch(provider):
-            raise ChatError("bad_request", "field 'provider' must be letters, digits, '_', '.', '-' (e.g. 'fcm')")
-        token = v.field_str(b, "token", min_len=1, max_len=4096)
-        app_id = v.field_str(b, "app_id", required=False, max_len=256, default="")
-        registered = PushToken(uid, device_id, provider, token, app_id, time.time())
+        registered = PushToken(uid, device_id, data.provider, data.token, data.app_id, time.time())
         await store.add_push_token(registered)
         push_tokens_changed(uid)
         return {"push_token": registered.public()}, 201
 
     @app.get("/v1/push/tokens")
+    @route(m.PushTokens)
     async def list_push_tokens():
         uid, _ = current_user()
         return {"push_tokens": [t.public() for t in await store.push_tokens(uid)]}
 
     @app.delete("/v1/push/tokens")
-    async def unregister_push_tokens():
+    @route(m.Removed, body=m.PushTokenDelete)
+    async def unregister_push_tokens(data: m.PushTokenDelete):
         uid, device_id = current_user()
-        token = None  # no body: every token of this device; {"token": ...}: that one
-        if (await request.get_data()).strip():
-            token = v.field_str(await body(), "token", min_len=1, max_len=4096)
+        token = data.token  # no body (or no token): every token of this device; {"token": ...}: that one
         targets = [token] if token is not None else \
             [t.token for t in await store.push_tokens(uid) if t.device_id == device_id]
         removed = 0

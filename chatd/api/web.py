@@ -13,6 +13,8 @@ from pathlib import Path
 
 from quart import send_from_directory
 
+from .spec import hide
+
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 CSP = ("default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; "
        "style-src 'self'; script-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
@@ -29,9 +31,11 @@ def add_web_client(app) -> None:
         return response
 
     @app.get("/")
+    @hide  # static files: not part of the JSON API's OpenAPI description
     async def web_index():
         return await static("index.html")
 
     @app.get("/web/<path:name>")
+    @hide
     async def web_file(name: str):
         return await static(name)

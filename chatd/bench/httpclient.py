@@ -1,105 +1,46 @@
-"""A small keep-alive HTTP/1.1 JSON client (h11 over trio streams) for the bench's setup calls.
+"""The bench's JSON client for its setup calls (sign-ups, logins, groups): httpx, one keep-alive
+connection per :class:`HTTPClient`, used by one task at a time.
 
-One :class:`HTTPClient` is one connection, used by one task at a time; it reconnects when the server
-closes it. A request that fails before any response byte arrived is retried once on a fresh
-connection (the setup calls tolerate that: signup answers 409 to a repeat, login just makes one more
-device). Non-2xx answers are returned, not raised; transport failures raise ``OSError``/trio errors.
+A request that fails before an answer (the server closed the kept-alive connection, or refused
+it) is retried once on a fresh connection (the setup calls tolerate that: sign-up answers 409 to
+a repeat, login just makes one more device). Non-2xx answers are returned, not raised; transport
+failures raise ``OSError``; every request is bounded by ``timeout_s``.
 """
 
 from __future__ import annotations
 
 import json
-import ssl
-from urllib.parse import urlsplit
 
-import h11
+import httpx
 import trio
 
 
 class HTTPClient:
     def __init__(self, base_url: str, timeout_s: float = 60.0):
-        u = urlsplit(base_url)
-        self.secure = u.scheme == "https"
-        self.host = u.hostname or "localhost"
-        self.port = u.port or (443 if self.secure else 80)
-        self.prefix = u.path.rstrip("/")
         self.timeout_s = timeout_s
-        self._stream = None
-        self._conn: h11.Connection | None = None
-
-    async def _connect(self) -> None:
-        if self.secure:
-            self._stream = await trio.open_ssl_over_tcp_stream(self.host, self.port,
-                                                               ssl_context=ssl.create_default_context())
-        else:
-            self._stream = await trio.open_tcp_stream(self.host, self.port)
-        self._conn = h11.Connection(h11.CLIENT)
+        self._client = httpx.AsyncClient(base_url=base_url.rstrip("/"), timeout=timeout_s,
+                                         limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
+                                         headers={"Accept": "application/json"})
 
     async def aclose(self) -> None:
-        if self._stream is not None:
-            await trio.aclose_forcefully(self._stream)
-        self._stream = self._conn = None
+        await self._client.aclose()
 
     async def request(self, method: str, path: str, body=None, token: str | None = None) -> tuple[int, object]:
         """``(status, decoded JSON body or text)``."""
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        content = None if body is None else json.dumps(body).encode()
+        if content is not None:
+            headers["Content-Type"] = "application/json"
         with trio.fail_after(self.timeout_s):
             for attempt in (1, 2):
-                if self._stream is None:
-                    await self._connect()
                 try:
-                    return await self._request(method, path, body, token)
-                except _Retryable:
-                    await self.aclose()
-                    if attempt == 2:
-                        raise OSError(f"{method} {path}: connection closed before a response") from None
-        raise AssertionError("unreachable")
-
-    async def _request(self, method, path, body, token):
-        conn = self._conn
-        data = b"" if body is None else json.dumps(body).encode()
-        headers = [("Host", f"{self.host}:{self.port}"), ("Accept", "application/json"),
-                   ("Content-Length", str(len(data)))]
-        if body is not None:
-            headers.append(("Content-Type", "application/json"))
-        if token:
-            headers.append(("Authorization", f"Bearer {token}"))
-        out = conn.send(h11.Request(method=method, target=self.prefix + path, headers=headers))
-        if data:
-            out += conn.send(h11.Data(data=data))
-        out += conn.send(h11.EndOfMessage())
-        got_response = False
-        try:
-            await self._stream.send_all(out)
-            status, ctype, chunks = 0, "", []
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    chunk = await self._stream.receive_some(65536)
-                    conn.receive_data(chunk)
-                    continue
-                if isinstance(event, h11.Response):
-                    got_response = True
-                    status = event.status_code
-                    for k, v in event.headers:
-                        if k == b"content-type":
-                            ctype = v.decode()
-                elif isinstance(event, h11.Data):
-                    chunks.append(bytes(event.data))
-                elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                    r = await self._client.request(method, path, content=content, headers=headers)
                     break
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, h11.RemoteProtocolError):
-            if not got_response:
-                raise _Retryable() from None
-            raise
-        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
-            conn.start_next_cycle()
-        else:
-            await self.aclose()
-        payload = b"".join(chunks)
-        if "json" in ctype:
-            return status, json.loads(payload)
-        return status, payload.decode("utf-8", "replace")
-
-
-class _Retryable(Exception):
-    pass
+                except (httpx.RemoteProtocolError, httpx.ConnectError) as e:  # no answer came
+                    if attempt == 2:
+                        raise OSError(f"{method} {path}: {type(e).__name__}: {e}") from None
+                except httpx.TransportError as e:
+                    raise OSError(f"{method} {path}: {type(e).__name__}: {e}") from None
+        if "json" in r.headers.get("content-type", ""):
+            return r.status_code, r.json()
+        return r.status_code, r.text

@@ -275,6 +275,8 @@ class WebSocket:
         self._backlog = bytearray()
         self._backlog_event = trio.Event()
         self._broken: BaseException | None = None
+        self._close_sent = False  # RFC 6455 5.5.1: one close frame per side, ours maybe a reply
+        self._queued: list[tuple[int, bytes]] = []  # parsed frames not handled yet (from a close on)
         self.closed = False
 
     @classmethod
@@ -359,34 +361,43 @@ class WebSocket:
 
     # ---- reading -------------------------------------------------------------------------------
     async def receive(self) -> list[tuple[int, bytes]]:
-        """The next data messages (at least one); answers pings; raises :class:`WSClosed`."""
+        """The next data messages (at least one); answers pings; raises :class:`WSClosed` (after
+        the data messages that came before the close frame were returned)."""
         while True:
-            if self._leftover:
-                data, self._leftover = self._leftover, b""
+            if self._queued:
+                msgs, self._queued = self._queued, []
             else:
-                try:
-                    data = await self.transport.recv()
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
-                    self.closed = True
-                    raise WSClosed(1006, str(e)) from None
-                if not data:
-                    self.closed = True
-                    raise WSClosed(1006, "connection ended")
-            msgs = self.parser.feed(data)
+                if self._leftover:
+                    data, self._leftover = self._leftover, b""
+                else:
+                    try:
+                        data = await self.transport.recv()
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+                        self.closed = True
+                        raise WSClosed(1006, str(e)) from None
+                    if not data:
+                        self.closed = True
+                        raise WSClosed(1006, "connection ended")
+                msgs = self.parser.feed(data)
             out = []
-            for op, payload in msgs:
+            for i, (op, payload) in enumerate(msgs):
                 if op == OP_TEXT or op == OP_BINARY:
                     out.append((op, payload))
                 elif op == OP_PING:
                     await self.send(payload, OP_PONG)
                 elif op == OP_CLOSE:
+                    if out:  # what came before the close first; the close on the next call
+                        self._queued = msgs[i:]
+                        return out
                     code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1005
                     reason = payload[2:].decode("utf-8", "replace")
-                    with trio.move_on_after(1):
-                        try:
-                            await self.send(close_payload(code if code != 1005 else 1000), OP_CLOSE)
-                        except WSClosed:
-                            pass
+                    if not self._close_sent:  # their close starts the handshake: reply
+                        self._close_sent = True
+                        with trio.move_on_after(1):
+                            try:
+                                await self.send(close_payload(code if code != 1005 else 1000), OP_CLOSE)
+                            except WSClosed:
+                                pass
                     await self.abort()
                     raise WSClosed(code, reason)
             if out:
@@ -399,6 +410,7 @@ class WebSocket:
         if not self.closed:
             with trio.move_on_after(wait_s):
                 try:
+                    self._close_sent = True
                     await self.send(close_payload(code, reason), OP_CLOSE)
                     while True:
                         await self.receive()

@@ -1,7 +1,7 @@
 """Push notifications for members with no connected device (docs/push.md).
 
 ``service.PushService`` (outbox writer, slot leases, sender), ``providers`` (webhook, Matrix Push
-Gateway), ``payload`` (the wire formats and answers, pure), ``http`` (a small h11 client)."""
+Gateway), ``payload`` (the wire formats and answers, pure), ``http`` (the pooled httpx client)."""
 
 from __future__ import annotations
 

@@ -1,13 +1,16 @@
-"""A minimal HTTP/1.1 POST client (h11 over trio streams) for push gateways.
+"""POSTs to push gateways, with httpx (on trio through anyio).
 
-One request per connection (``Connection: close``): a push is one small POST, gateways are few, and a
-fresh connection per attempt means a retry never inherits a half-broken socket. ``https://`` URLs use
-the system's default TLS context.
+A :class:`GatewayClient` is one pooled ``httpx.AsyncClient`` per provider: keep-alive connections
+to the gateway are reused across pushes (at most ``MAX_CONNECTIONS`` open); ``https://`` URLs are
+verified against the system's CA store (``ssl.create_default_context()``); proxies come from the
+environment (``HTTPS_PROXY`` / ``HTTP_PROXY`` / ``NO_PROXY``). HTTP/1.1.
 
-Error policy: :func:`post` returns any HTTP answer (the caller interprets the status) and raises
-:class:`TransportError` when there is no usable answer: the name does not resolve, the connection is
-refused or reset, the whole exchange exceeds ``timeout_s``, or the peer speaks broken HTTP. Nothing else
-escapes (a bug aside).
+Error policy: :meth:`GatewayClient.post` returns any HTTP answer (the caller interprets the status)
+and raises :class:`TransportError` when there is no usable answer: the name does not resolve, the
+connection is refused or reset, the whole exchange (connect, send, answer) exceeds ``timeout_s``,
+or the peer speaks broken HTTP. Nothing else escapes (a bug aside). Answers are cut at
+``MAX_RESPONSE_BYTES``. :meth:`GatewayClient.aclose` closes the pool (the push service does, on
+its way out).
 """
 
 from __future__ import annotations
@@ -16,10 +19,11 @@ import ssl
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-import h11
+import httpx
 import trio
 
 MAX_RESPONSE_BYTES = 64 * 1024  # gateway answers are tiny JSON documents; more is cut off
+MAX_CONNECTIONS = 32
 USER_AGENT = "chatd-push/1"
 
 
@@ -44,50 +48,48 @@ def split_url(url: str) -> tuple[bool, str, int, str]:
     return secure, u.hostname, u.port or (443 if secure else 80), target
 
 
-async def post(url: str, body: bytes, headers: list[tuple[str, str]], timeout_s: float) -> HTTPResponse:
-    """POST ``body`` to ``url``; the whole exchange (connect, send, answer) is bounded by ``timeout_s``."""
-    secure, host, port, target = split_url(url)
-    with trio.move_on_after(timeout_s) as scope:
-        try:
-            if secure:
-                stream = await trio.open_ssl_over_tcp_stream(host, port, ssl_context=ssl.create_default_context())
-            else:
-                stream = await trio.open_tcp_stream(host, port)
-        except OSError as e:
-            raise TransportError(f"connect to {host}:{port} failed: {e}") from e
-        try:
-            return await _exchange(stream, host, port, target, body, headers)
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError) as e:
-            raise TransportError(f"{host}:{port}: {type(e).__name__}: {e}") from e
-        finally:
-            await trio.aclose_forcefully(stream)
-    assert scope.cancelled_caught
-    raise TransportError(f"{host}:{port}: no answer within {timeout_s:g} s")
+class GatewayClient:
+    def __init__(self, max_connections: int = MAX_CONNECTIONS):
+        self._limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        self._client: httpx.AsyncClient | None = None  # made at first use (needs no event loop until then)
+
+    def _get(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = httpx.AsyncClient(verify=ssl.create_default_context(), limits=self._limits,
+                                             headers={"User-Agent": USER_AGENT}, follow_redirects=False)
+        return self._client
+
+    async def post(self, url: str, body: bytes, headers: list[tuple[str, str]], timeout_s: float) -> HTTPResponse:
+        """POST ``body`` to ``url``; the whole exchange is bounded by ``timeout_s``."""
+        _, host, port, _ = split_url(url)
+        client = self._get()
+        with trio.move_on_after(timeout_s) as scope:
+            try:
+                async with client.stream("POST", url, content=body, headers=headers, timeout=timeout_s) as resp:
+                    chunks, size = [], 0
+                    async for chunk in resp.aiter_bytes():
+                        chunks.append(chunk[:MAX_RESPONSE_BYTES - size])
+                        size += len(chunks[-1])
+                        if size >= MAX_RESPONSE_BYTES:
+                            break
+                    return HTTPResponse(resp.status_code, {k.lower(): v for k, v in resp.headers.items()},
+                                        b"".join(chunks))
+            except (httpx.TransportError, httpx.DecodingError, OSError) as e:
+                raise TransportError(f"{host}:{port}: {_describe(e)}") from e
+        assert scope.cancelled_caught
+        raise TransportError(f"{host}:{port}: no answer within {timeout_s:g} s")
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.aclose()
 
 
-async def _exchange(stream, host, port, target, body, headers) -> HTTPResponse:
-    conn = h11.Connection(h11.CLIENT)
-    default_port = 443 if isinstance(stream, trio.SSLStream) else 80
-    all_headers = [("Host", host if port == default_port else f"{host}:{port}"), ("User-Agent", USER_AGENT),
-                   ("Content-Length", str(len(body))), ("Connection", "close"), *headers]
-    out = conn.send(h11.Request(method="POST", target=target, headers=all_headers))
-    out += conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage())
-    await stream.send_all(out)
-    status, resp_headers, chunks, size = 0, {}, [], 0
-    while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA:
-            conn.receive_data(await stream.receive_some(65536))  # b"" (EOF) makes h11 decide
-            continue
-        if isinstance(event, h11.Response):
-            status = event.status_code
-            resp_headers = {k.decode().lower(): v.decode("latin-1") for k, v in event.headers}
-        elif isinstance(event, h11.Data):
-            if size < MAX_RESPONSE_BYTES:
-                chunks.append(bytes(event.data)[:MAX_RESPONSE_BYTES - size])
-                size += len(chunks[-1])
-        elif isinstance(event, h11.EndOfMessage):
-            return HTTPResponse(status, resp_headers, b"".join(chunks))
-        elif isinstance(event, h11.ConnectionClosed):
-            raise trio.BrokenResourceError("connection closed before a complete answer")
-        # h11.InformationalResponse (100 Continue): keep reading
+def _describe(e: BaseException) -> str:
+    """``Type: message`` of ``e`` and of its causes (httpx's own messages are often empty)."""
+    parts, seen = [], set()
+    while e is not None and id(e) not in seen and len(parts) < 4:
+        seen.add(id(e))
+        parts.append(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
+        e = e.__cause__ or e.__context__
+    return " <- ".join(parts)

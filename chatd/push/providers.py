@@ -1,6 +1,7 @@
 """Push gateways, chosen by ``push.provider``: each turns a :class:`~chatd.push.payload.Notification`
 into one HTTP POST and the answer into an :class:`~chatd.push.payload.Outcome`. A provider never
-raises for a gateway problem: transport failures are ``retry`` outcomes."""
+raises for a gateway problem: transport failures are ``retry`` outcomes. An HTTP provider owns a
+pooled :class:`~chatd.push.http.GatewayClient` unless given a ``post`` function; ``aclose`` closes it."""
 
 from __future__ import annotations
 
@@ -26,11 +27,16 @@ class Provider(Protocol):
 class _HTTPProvider:
     name = ""
 
-    def __init__(self, url: str, timeout_s: float, post: PostFn = http.post):
+    def __init__(self, url: str, timeout_s: float, post: PostFn | None = None):
         http.split_url(url)  # refuse a bad URL at start-up, not at the first push
         self.url = url
         self.timeout_s = timeout_s
-        self._post = post
+        self._client = http.GatewayClient() if post is None else None
+        self._post = post or self._client.post
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
 
     def request(self, n: Notification) -> tuple[bytes, list[tuple[str, str]]]:
         raise NotImplementedError
@@ -51,7 +57,7 @@ class WebhookProvider(_HTTPProvider):
     """POST the chatd JSON document, signed: ``X-Chatd-Signature: sha256=<HMAC-SHA256(secret, body)>``."""
     name = "webhook"
 
-    def __init__(self, url: str, secret: str, timeout_s: float, post: PostFn = http.post,
+    def __init__(self, url: str, secret: str, timeout_s: float, post: PostFn | None = None,
                  clock: Callable[[], float] = time.time):
         super().__init__(url, timeout_s, post)
         self.secret = secret
@@ -68,7 +74,7 @@ class MatrixProvider(_HTTPProvider):
     """The Matrix Push Gateway API (``POST /_matrix/push/v1/notify``), e.g. Sygnal in front of APNs/FCM."""
     name = "matrix"
 
-    def __init__(self, gateway_url: str, default_app_id: str, timeout_s: float, post: PostFn = http.post):
+    def __init__(self, gateway_url: str, default_app_id: str, timeout_s: float, post: PostFn | None = None):
         super().__init__(payload.matrix_notify_url(gateway_url), timeout_s, post)
         self.default_app_id = default_app_id
 

@@ -122,7 +122,8 @@ class PushService:
     # ---- tasks ------------------------------------------------------------------------------------
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Run the writer, the lease keeper and the sender until cancelled; on the way out, release
-        the leases so another shard can take the slots without waiting for them to expire."""
+        the leases so another shard can take the slots without waiting for them to expire, and
+        close the provider's connections."""
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -132,12 +133,15 @@ class PushService:
                 task_status.started()
         finally:
             held, self._held = list(self._held), {}
-            if held:
-                with trio.CancelScope(shield=True), trio.move_on_after(2):
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                if held:
                     try:
                         await self.store.release_push_slots(self.owner, held)
                     except ChatError:
                         pass
+                aclose = getattr(self.provider, "aclose", None)
+                if aclose is not None:  # the provider's connection pool
+                    await aclose()
 
     # writer
     async def _writer(self) -> None:

@@ -69,6 +69,7 @@ class ChannelOwners:
         next send, so one connection's messages are stored in the order it sent them.
         ``on_stored(result)`` is called as soon as the message is durable, before the fan-out: the
         sender's ack does not wait behind a hundred deliveries."""
+        t_arrived = time.perf_counter()
         await self.membership.require_member(channel_id, sender_id)
         key = (channel_id, sender_id, client_msg_id)
         pending = self._pending.get(key)
@@ -79,6 +80,7 @@ class ChannelOwners:
             if pending.error is not None:
                 raise pending.error
             self.metrics.duplicates.inc()
+            self.metrics.send_ack.observe(time.perf_counter() - t_arrived)
             result = type(pending.result)(pending.result.message, duplicate=True)
             if on_stored is not None:
                 on_stored(result)
@@ -99,6 +101,7 @@ class ChannelOwners:
                 finally:
                     state.inflight -= 1
                 self.metrics.store_latency.observe(time.perf_counter() - t0)
+                self.metrics.send_ack.observe(time.perf_counter() - t_arrived)
                 if result.duplicate:
                     self.metrics.duplicates.inc()
                 else:

@@ -1,0 +1,255 @@
+"""The HTTP API's typed models (msgspec Structs): request bodies and query strings are decoded
+*through* these (:mod:`chatd.api.spec`), responses are documented by them, and ``/openapi.json`` is
+generated from them. A limit that depends on the configuration (the page size, the member cap) is
+checked in the route; what is fixed is stated here once.
+
+Strings in request bodies are UTF-8 without lone surrogates (msgspec's JSON decoder refuses
+both), so nothing the store cannot keep gets past decoding.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+from ..errors import CODES
+
+UserId = Annotated[int, Meta(ge=1, le=2**63 - 1)]
+Seq = Annotated[int, Meta(ge=0, le=2**63 - 1)]
+
+
+def text(lo: int, hi: int, pattern: str | None = None, description: str | None = None):
+    return Annotated[str, Meta(min_length=lo, max_length=hi, pattern=pattern, description=description)]
+
+
+# ---- errors --------------------------------------------------------------------------------------
+ErrorCode = Literal[tuple(CODES)]  # type: ignore[valid-type]  # the stable codes (chatd.errors)
+
+
+class ErrorDetail(Struct):
+    code: ErrorCode
+    message: str
+
+
+class ErrorBody(Struct):
+    """Every error answer: ``{"error": {"code", "message"}}``."""
+    error: ErrorDetail
+
+
+# ---- request bodies ----------------------------------------------------------------------------
+class SignUp(Struct):
+    username: text(3, 32, r"^[A-Za-z0-9_.-]*$", "3-32 of A-Za-z0-9_.-")
+    password: text(8, 1024)
+    display_name: text(0, 64) | None = None
+
+
+class Login(Struct):
+    username: text(0, 64)
+    password: text(0, 1024)
+    device_id: text(1, 64) | None = None
+
+
+class ProfilePatch(Struct):
+    display_name: text(1, 64) | None = None
+    about: text(0, 1000) | None = None
+
+
+class GroupCreate(Struct):
+    name: text(1, 128)
+    members: list[UserId] = []
+
+
+def group_create(max_members: int) -> type[GroupCreate]:
+    """``GroupCreate`` with the configured member cap (``limits.max_group_members``)."""
+    return msgspec.defstruct("GroupCreate", [("members", Annotated[list[UserId], Meta(max_length=max_members)], [])],
+                             bases=(GroupCreate,))
+
+
+class MemberAdd(Struct):
+    user_id: UserId
+
+
+class PushTokenCreate(Struct):
+    provider: text(1, 32, r"^[A-Za-z0-9_.-]*$", "e.g. fcm, apns")
+    token: text(1, 4096)
+    app_id: text(0, 256) = ""
+
+
+class PushTokenDelete(Struct):
+    token: text(1, 4096) | None = None
+
+
+# ---- query strings -----------------------------------------------------------------------------
+class HistoryQuery(Struct, forbid_unknown_fields=True):
+    after: Seq | msgspec.UnsetType = msgspec.UNSET  # (a query string has no null)
+    before: Seq | msgspec.UnsetType = msgspec.UNSET
+    limit: Annotated[int, Meta(ge=1)] = 50
+
+
+def history_query(page_max: int) -> type[HistoryQuery]:
+    """``HistoryQuery`` with the configured page size (``limits.history_page_max``)."""
+    return msgspec.defstruct("HistoryQuery", [("limit", Annotated[int, Meta(ge=1, le=page_max)], 50)],
+                             bases=(HistoryQuery,))
+
+
+class PresenceQuery(Struct, forbid_unknown_fields=True):
+    user_ids: Annotated[str, Meta(description="comma-separated user ids")]
+
+
+def presence_query(max_ids: int) -> type[PresenceQuery]:
+    """``PresenceQuery`` with the configured number of ids (``presence.max_query``)."""
+    one = "[1-9][0-9]{0,17}"  # user ids are below 2**53 (18 digits are below 2**63)
+    ids = Annotated[str, Meta(pattern=f"^{one}(,{one}){{0,{max_ids - 1}}}$",
+                              description=f"comma-separated user ids, 1 to {max_ids}")]
+    return msgspec.defstruct("PresenceQuery", [("user_ids", ids)], bases=(PresenceQuery,))
+
+
+def unset_to_none(v):
+    return None if v is msgspec.UNSET else v
+
+
+# ---- responses ---------------------------------------------------------------------------------
+class User(Struct):
+    id: int
+    username: str
+    display_name: str
+    about: str
+    created_at: float
+
+
+class UserAnswer(Struct):
+    user: User
+
+
+class LoginAnswer(Struct):
+    token: str
+    expires_at: int
+    user: User
+    device_id: str
+    ws_url: str
+    shard_id: str
+
+
+class Status(Struct):
+    status: Literal["online", "offline"]
+    last_active_at: float | None
+
+
+class PresenceAnswer(Struct):
+    users: dict[str, Status]
+
+
+class UserPresence(Struct):
+    user_id: int
+    status: Literal["online", "offline"]
+    last_active_at: float | None
+
+
+class LogoutAnswer(Struct):
+    user_id: int
+    device_id: str
+    logged_out: bool
+
+
+class Group(Struct):
+    id: str
+    kind: Literal["group"]
+    name: str
+    owner_id: int
+    members: list[int]
+
+
+class GroupAnswer(Struct):
+    channel: Group
+
+
+class ChannelItem(Struct):
+    id: str
+    kind: Literal["dm", "group"]
+    name: str | None
+    last_seq: int
+    read_seq: int
+    unread: int
+    last_at: float | None
+    peer_id: int | msgspec.UnsetType = msgspec.UNSET
+
+
+class ChannelList(Struct):
+    channels: list[ChannelItem]
+
+
+class DmAnswer(Struct):
+    channel_id: str
+
+
+class Members(Struct):
+    channel_id: str
+    members: list[int]
+    owner_id: int | None  # the group's owner (null for a 1:1 channel)
+
+
+class ConnectAnswer(Struct):
+    ws_url: str
+    shard_id: str
+    device_id: str
+
+
+class MemberAdded(Struct):
+    channel_id: str
+    user_id: int
+    added: bool
+
+
+class MemberRemoved(Struct):
+    channel_id: str
+    user_id: int
+    removed: bool
+
+
+class Message(Struct):
+    type: Literal["message"]
+    channel_id: str
+    seq: int
+    sender_id: int
+    client_msg_id: str
+    body: str
+    created_at: float
+
+
+class History(Struct):
+    channel_id: str
+    messages: list[Message]
+    more: bool
+
+
+class PushToken(Struct):
+    device_id: str
+    provider: str
+    token: str
+    app_id: str
+    created_at: float
+
+
+class PushTokenAnswer(Struct):
+    push_token: PushToken
+
+
+class PushTokens(Struct):
+    push_tokens: list[PushToken]
+
+
+class Removed(Struct):
+    removed: int
+
+
+class Health(Struct):
+    status: str
+    shards: list[str]
+    connections: int
+
+
+def all_models() -> list[type[Struct]]:
+    """Every model of this module (for the spec's components)."""
+    return [v for v in globals().values() if isinstance(v, type) and issubclass(v, Struct) and v is not Struct]

@@ -1,0 +1,157 @@
+"""The HTTP API's contract: ``/openapi.json`` (quart-schema, from :mod:`chatd.api.models`), request
+decoding through those models, and the body rule that keeps keep-alive connections usable.
+
+:func:`route` is what every route wears: it documents the request, the answers and the error
+statuses, and decodes the body and the query string through the route's models before the route
+runs. A body that is not UTF-8 JSON of the model's shape is ``400 bad_request`` naming the field;
+the JSON is read whatever the ``Content-Type`` (``curl -d`` sends a form type).
+
+Body rule (:func:`install`): every request body is read to its end *before* any answer, the
+early ones included (a failed token check, 403, 404, 405): an answer sent while the client is
+still sending leaves hypercorn's HTTP/1.1 connection unusable, and a pooled client's next request
+on it was never answered. A body that cannot be read to its end (above ``MAX_CONTENT_LENGTH``:
+413, or not sent within ``BODY_TIMEOUT``) is answered with ``Connection: close``.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import msgspec
+from quart import Quart, current_app, g, request
+from quart_schema import OpenAPIProvider, QuartSchema, document_querystring, document_request, document_response
+from quart_schema import hide, security_scheme
+
+from ..errors import ChatError
+from .models import ErrorBody, all_models
+
+BEARER = [{"bearer": []}]
+
+
+class _Provider(OpenAPIProvider):
+    """quart-schema 0.25 with msgspec models drops the nested models (the ``$ref`` targets) from
+    ``components`` and never marks a request body or a query parameter as required; fixed here."""
+
+    def schema(self) -> dict:
+        out = super().schema()
+        _, components = msgspec.json.schema_components(all_models(), ref_template="#/components/schemas/{name}")
+        out["components"]["schemas"] = {**components, **out["components"]["schemas"]}
+        return out
+
+    def build_request_body(self, model, source):
+        body, definitions = super().build_request_body(model, source)
+        body["required"] = bool(required_fields(model))
+        return body, definitions
+
+    def build_querystring_parameters(self, model):
+        params, definitions = super().build_querystring_parameters(model)
+        for p in params:
+            if p["name"] in required_fields(model):
+                p["required"] = True
+        return params, definitions
+
+
+def required_fields(model) -> set[str]:
+    fields = model.__struct_fields__
+    return set(fields[:len(fields) - len(model.__struct_defaults__)])
+
+
+def install(app: Quart, title: str) -> QuartSchema:
+    """``/openapi.json`` and the body rule on ``app`` (no UI pages: they load scripts from CDNs)."""
+    schema = QuartSchema(app, openapi_path="/openapi.json", redoc_ui_path=None, scalar_ui_path=None,
+                         swagger_ui_path=None, conversion_preference="msgspec",
+                         info={"title": title, "version": "1",
+                               "description": "Errors: {\"error\": {\"code\", \"message\"}}; "
+                                              "codes in docs/protocol.md."},
+                         security_schemes={"bearer": {"type": "http", "scheme": "bearer"}},
+                         openapi_provider_class=_Provider)
+    read_bodies_first(app)
+    return schema
+
+
+def read_bodies_first(app: Quart) -> None:
+    """The body rule (module docstring) on ``app``."""
+    @app.before_request
+    async def read_body_first():
+        await request.get_data()
+        g.body_read = True
+
+    @app.after_request
+    async def close_if_body_unread(response):
+        if not g.get("body_read", False):
+            response.headers["Connection"] = "close"
+        return response
+
+
+def set_authenticate(app: Quart, check) -> None:
+    """``check()`` (sync or async) raises unless the request carries a valid token; authenticated
+    routes run it before their body is decoded."""
+    app.extensions["chatd.authenticate"] = check
+
+
+def route(ok=None, status: int = 200, *, body=None, query=None, errors=(), auth: bool = True):
+    """Document and decode one route.
+
+    With ``auth``, the app's authentication check (:func:`set_authenticate`) runs first: a request
+    without a valid token is a 401 whatever its body. ``ok``: the answer's model (with ``status``);
+    ``body`` / ``query``: the models the request body
+    / query string are decoded through, passed as ``data=`` / ``query=``; ``errors``: the error
+    statuses the route may answer besides those every route may (400, 413, and 401 with ``auth``).
+    A body model without required fields makes the body optional: an empty one is its defaults.
+    """
+    def decorator(func):
+        @functools.wraps(func)
+        async def wrapper(*args, **kwargs):
+            if auth:
+                checked = current_app.extensions["chatd.authenticate"]()
+                if inspect.isawaitable(checked):
+                    await checked
+            if body is not None:
+                kwargs["data"] = await decode_body(body, not required_fields(body))
+            if query is not None:
+                kwargs["query"] = decode_query(query)
+            return await func(*args, **kwargs)
+
+        if body is not None:
+            document_request(body)(wrapper)
+        if query is not None:
+            document_querystring(query)(wrapper)
+        if ok is not None:
+            document_response(ok, status)(wrapper)
+        for code in {400, 413, *errors, *((401,) if auth else ())}:
+            document_response(ErrorBody, code)(wrapper)
+        if auth:
+            security_scheme(BEARER)(wrapper)
+        return wrapper
+    return decorator
+
+
+async def decode_body(model, empty_ok: bool):
+    raw = await request.get_data()
+    if empty_ok and not raw.strip():
+        return model()
+    try:
+        obj = msgspec.json.decode(raw)
+    except msgspec.DecodeError as e:
+        raise ChatError("bad_request", f"the request body must be a UTF-8 JSON object ({e})") from None
+    if isinstance(obj, dict):  # an integral number is an integer (JSON Schema), 3.0 too; our models are flat
+        obj = {k: _integral(v) if not isinstance(v, list) else [_integral(x) for x in v] for k, v in obj.items()}
+    try:
+        return msgspec.convert(obj, model)
+    except msgspec.ValidationError as e:
+        raise ChatError("bad_request", f"request body: {e}") from None
+
+
+def _integral(v):
+    return int(v) if isinstance(v, float) and v.is_integer() and abs(v) < 2**63 else v
+
+
+def decode_query(model):
+    try:
+        return msgspec.convert(dict(request.args.items()), model, strict=False)
+    except msgspec.ValidationError as e:
+        raise ChatError("bad_request", f"query string: {e}") from None
+
+
+__all__ = ["install", "read_bodies_first", "route", "set_authenticate", "hide"]
