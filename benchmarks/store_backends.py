@@ -12,7 +12,10 @@ machine that gets busier or quieter during the run affects both alike), for two 
 * 100 pairs: 200 clients, 100 channels, 4 sends in flight each.
 
 Prints one line per run and a table: acked msgs/s per backend (median of the rounds), the ratio
-Cassandra / SQLite, and each server's CPU. Every run must report 0 lost / duplicated / out of order.
+Cassandra / SQLite, and each server's CPU. Overloaded runs must report 0 duplicated / out of order;
+their "lost" (acked, not yet delivered when the bench's drain ends while clients still work through
+an open-loop backlog) is shown but not a verdict. Then each backend runs every load once more at 80%
+of its measured capacity, where nothing may be lost, duplicated or out of order.
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ LOADS = {
 }
 
 
-def bench(args: list[str], duration: float, extra: list[str]) -> dict:
+def bench(args: list[str], duration: float, extra: list[str], rate: float | None = None) -> dict:
+    if rate is not None:
+        args = [a if prev != "--rate" else f"{rate:.0f}" for prev, a in zip(["", *args], args)]
     cmd = [sys.executable, "-m", "chatd.cli", "bench", "dm", "--procs", "1", "--duration", str(duration),
            "--drain", "10", "--json", *args, *extra]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -52,33 +57,44 @@ def main() -> None:
                                        str(node)], capture_output=True, text=True, check=True).stdout)
     print(f"Apache Cassandra {state['version']} on 127.0.0.1:{state['port']}", flush=True)
     results: dict[tuple[str, str], list[dict]] = {}
+    checks: list[str] = []
+
+    def cassandra_opts() -> list[str]:
+        ks = "bench_" + secrets.token_hex(4)
+        cfg = node / f"{ks}.toml"
+        cfg.write_text('[store]\nbackend = "cassandra"\n[cassandra]\ncontact_points = "127.0.0.1"\n'
+                       f'port = {state["port"]}\nkeyspace = "{ks}"\n'
+                       "replication = \"{'class': 'SimpleStrategy', 'replication_factor': 1}\"\n")
+        subprocess.run([sys.executable, "-m", "chatd.cli", "store", "migrate", "--config", str(cfg)],
+                       check=True, capture_output=True, cwd=ROOT)
+        return ["--server-opt", "store.backend=cassandra", "--server-opt", f"cassandra.port={state['port']}",
+                "--server-opt", f"cassandra.keyspace={ks}",
+                "--server-opt", "cassandra.replication={'class': 'SimpleStrategy', 'replication_factor': 1}"]
+
     try:
         for rnd in range(a.rounds):
             for load, args in LOADS.items():
                 for backend in ("sqlite", "cassandra"):
-                    extra = []
-                    if backend == "cassandra":
-                        ks = "bench_" + secrets.token_hex(4)
-                        cfg = node / f"{ks}.toml"
-                        cfg.write_text('[store]\nbackend = "cassandra"\n[cassandra]\ncontact_points = "127.0.0.1"\n'
-                                       f'port = {state["port"]}\nkeyspace = "{ks}"\n'
-                                       "replication = \"{'class': 'SimpleStrategy', 'replication_factor': 1}\"\n")
-                        subprocess.run([sys.executable, "-m", "chatd.cli", "store", "migrate", "--config", str(cfg)],
-                                       check=True, capture_output=True, cwd=ROOT)
-                        extra = ["--server-opt", "store.backend=cassandra",
-                                 "--server-opt", f"cassandra.port={state['port']}",
-                                 "--server-opt", f"cassandra.keyspace={ks}",
-                                 "--server-opt", "cassandra.replication={'class': 'SimpleStrategy', "
-                                                 "'replication_factor': 1}"]
-                    r = bench(args, a.duration, extra)
+                    r = bench(args, a.duration, cassandra_opts() if backend == "cassandra" else [])
                     c = r["counts"]
-                    bad = c["lost"] + c["duplicated"] + c["out_of_order"]
                     print(f"round {rnd + 1} {load:32s} {backend:9s} acked/s {r['throughput']['acked_per_s']:8.1f}"
                           f"  server CPU {r['server']['cpu_util']:.2f}  lost/dup/ooo {c['lost']}/{c['duplicated']}/"
-                          f"{c['out_of_order']}", flush=True)
-                    if bad:
-                        raise SystemExit("lost, duplicated or out-of-order messages: a bug")
+                          f"{c['out_of_order']} (overloaded)", flush=True)
+                    if c["duplicated"] + c["out_of_order"]:
+                        raise SystemExit("duplicated or out-of-order messages: a bug")
                     results.setdefault((load, backend), []).append(r)
+        for load, args in LOADS.items():
+            for backend in ("sqlite", "cassandra"):
+                rate = 0.8 * statistics.median(r["throughput"]["acked_per_s"] for r in results[(load, backend)])
+                r = bench(args, a.duration, cassandra_opts() if backend == "cassandra" else [], rate=rate)
+                c = r["counts"]
+                line = (f"check {load:32s} {backend:9s} at {rate:6.0f}/s: acked {c['acked']}/{c['sent']}, "
+                        f"lost/dup/ooo {c['lost']}/{c['duplicated']}/{c['out_of_order']}, "
+                        f"p99 send->ack {r['latency_ms']['send_ack']['p99']:.0f} ms")
+                print(line, flush=True)
+                checks.append(line)
+                if c["lost"] + c["duplicated"] + c["out_of_order"] or c["acked"] != c["sent"]:
+                    raise SystemExit("lost, duplicated, out-of-order or unacked messages at 80% load: a bug")
     finally:
         subprocess.run([sys.executable, str(ROOT / "bin" / "chatd-cassandra"), "stop", "--dir", str(node)],
                        capture_output=True)
