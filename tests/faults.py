@@ -122,7 +122,7 @@ async def start_zookeeper_again(zk, timeout_s: float = 30.0) -> float:
     with trio.fail_after(timeout_s):
         while True:
             try:
-                stream = await trio.open_tcp_stream("127.0.0.1", zk.port)
+                stream = await trio.open_tcp_stream(zk.host, zk.port)
             except OSError:
                 assert zk.proc.poll() is None, "ZooKeeper exited; see its log"
                 await trio.sleep(0.02)
