@@ -10,6 +10,8 @@ import subprocess
 from dataclasses import dataclass, field
 
 import trio
+from kazoo.client import KazooClient
+from kazoo.handlers.threading import KazooTimeoutError
 
 from chatd.config import LimitsConfig
 from tests.cluster import ZK_CLASSPATH
@@ -116,16 +118,21 @@ def kill_zookeeper(zk) -> None:
 
 async def start_zookeeper_again(zk, timeout_s: float = 30.0) -> float:
     """Start ZooKeeper on its old port and data (the sessions it knew survive, as they do when an
-    ensemble restarts); return the trio time it accepted a connection."""
+    ensemble restarts); return the trio time it first answered a client (a session opened)."""
     zk.proc = subprocess.Popen(["java", "-cp", ZK_CLASSPATH, "org.apache.zookeeper.server.ZooKeeperServerMain",
                                 str(zk.dir / "zoo.cfg")], stdout=zk.log, stderr=zk.log)
+
+    def answers() -> bool:
+        client = KazooClient(hosts=zk.hosts, timeout=2.0)
+        try:
+            client.start(timeout=0.5)
+            return True
+        except KazooTimeoutError:
+            return False
+        finally:
+            client.stop()
+            client.close()
     with trio.fail_after(timeout_s):
-        while True:
-            try:
-                stream = await trio.open_tcp_stream(zk.host, zk.port)
-            except OSError:
-                assert zk.proc.poll() is None, "ZooKeeper exited; see its log"
-                await trio.sleep(0.02)
-                continue
-            await stream.aclose()
-            return trio.current_time()
+        while not await trio.to_thread.run_sync(answers):
+            assert zk.proc.poll() is None, "ZooKeeper exited; see its log"
+        return trio.current_time()

@@ -352,31 +352,44 @@ class Session:
         it with the same ``client_msg_id`` and gets the original ``(channel_id, seq)``."""
         answered = False
 
-        def ack(result) -> None:
+        def answer(frame_or_error) -> None:
             nonlocal answered
             if answered:
                 return
             answered = True
+            if isinstance(frame_or_error, ChatError):
+                self.push_error(frame_or_error, req.id)
+            else:
+                self.push(frame_or_error)
+
+        def ack(result) -> None:
             m = result.message
-            self.push({"type": "ack", "id": req.id, "channel_id": m.channel_id, "seq": m.seq,
-                       "client_msg_id": m.client_msg_id, "created_at": m.created_at,
-                       "duplicate": result.duplicate})
+            answer({"type": "ack", "id": req.id, "channel_id": m.channel_id, "seq": m.seq,
+                    "client_msg_id": m.client_msg_id, "created_at": m.created_at, "duplicate": result.duplicate})
+
+        budget = self.limits.send_answer_s
+
+        async def expire(send_scope: trio.CancelScope) -> None:
+            # Answers at the deadline even while the send is in a shielded store write (which
+            # goes on; its ack is then not sent: the resend gets it as a duplicate).
+            await trio.sleep(budget)
+            answer(ChatError("unavailable", f"no answer from the channel's owner within {budget:g} s; resend "
+                             "with the same client_msg_id", retry_after_ms=RETRY_AFTER_MS))
+            send_scope.cancel()
         try:
-            budget = self.limits.send_answer_s
-            with trio.move_on_after(budget) as deadline:
-                if previous is not None and not previous.is_set():
-                    await previous.wait()
-                await self.node.router.send(self.user_id, req.channel_id, req.client_msg_id, req.body,
-                                            on_submit=submitted.set, on_stored=ack, timeout_s=budget)
-            if deadline.cancelled_caught and not answered:
-                raise ChatError("unavailable", f"no answer from the channel's owner within {budget:g} s; resend "
-                                "with the same client_msg_id", retry_after_ms=RETRY_AFTER_MS)
-        except ChatError as e:
-            if not answered:
-                answered = True
-                if e.code == "unavailable" and "retry_after_ms" not in e.details:
-                    e.details["retry_after_ms"] = RETRY_AFTER_MS
-                self.push_error(e, req.id)
+            with trio.CancelScope() as send_scope:
+                async with trio.open_nursery() as timer:
+                    timer.start_soon(expire, send_scope)
+                    try:
+                        if previous is not None and not previous.is_set():
+                            await previous.wait()
+                        await self.node.router.send(self.user_id, req.channel_id, req.client_msg_id, req.body,
+                                                    on_submit=submitted.set, on_stored=ack, timeout_s=budget)
+                    except ChatError as e:
+                        if e.code == "unavailable" and "retry_after_ms" not in e.details:
+                            e.details["retry_after_ms"] = RETRY_AFTER_MS
+                        answer(e)
+                    timer.cancel_scope.cancel()
         finally:
             submitted.set()
             if self._last_send.get(req.channel_id) is submitted:
