@@ -17,7 +17,9 @@ Per fault, over the sends made from the fault until the next one: the time to th
 channel the faulted shard owned (kill, freeze) or on any channel (zk: writes resumed), counted from
 the fault and, for zk, from ZooKeeper's restart; sends answered ``unavailable``; sends answered
 after ``answer_bound_s`` or never (must be 0; a send whose connection closed under it is counted
-apart, as the client knows at once); duplicated and out-of-order deliveries seen. At the end, after
+apart, as the client knows at once, and so is a send not answered in time by the faulted shard
+itself, to a device connected to it: no server can answer there); duplicated and out-of-order
+deliveries seen. At the end, after
 every device caught up: lost messages (acked but missing on some member device), and seqs acked
 for two different messages (both must be 0).
 
@@ -304,6 +306,7 @@ class FailoverRun:
             else:
                 await trio.sleep(o.freeze_s)
                 os.kill(self._pid(target), signal.SIGCONT)
+            rec["victim"], rec["t_end"] = target, trio.current_time()
         elif kind == "zk":
             argv, cwd = self._capture("zookeeper")
             rec["t"] = trio.current_time()
@@ -366,11 +369,16 @@ class FailoverRun:
             t0 = f["t"]
             t1 = faults[i + 1]["t"] if i + 1 < len(faults) else float("inf")
             window = [a for a in attempts if t0 <= a.sent < t1]
-            # a device connected to the killed or frozen shard itself: nobody can answer it there
-            # (its client notices by the closed connection, or by its heartbeats); counted apart
-            victim = f["fault"].partition(":")[2]
-            on_victim = [a for a in window if victim and a.shard == victim and a.outcome != "ack"]
-            window = [a for a in window if not (victim and a.shard == victim and a.outcome != "ack")]
+            # A device connected to a killed or frozen shard itself: nobody can answer it there
+            # (its client notices by the closed connection, or by heartbeats going unanswered); its
+            # sends that were not answered in time while that shard was down are counted apart.
+            def stranded(a: Attempt) -> bool:
+                if a.outcome == "ack" and a.answered - a.sent <= o.answer_bound_s:
+                    return False
+                end = a.answered if a.answered is not None else float("inf")
+                return any(g.get("victim") == a.shard and a.sent <= g["t_end"] and end >= g["t"] for g in faults)
+            on_victim = [a for a in window if stranded(a)]
+            window = [a for a in window if not stranded(a)]
             acks = [a for a in window if a.outcome == "ack" and (not f.get("channels") or a.channel in f["channels"])]
             first = min((a.answered for a in acks), default=None)
             row = {"fault": f["fault"], "sends": len(window),
