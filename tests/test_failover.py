@@ -78,7 +78,10 @@ async def test_owner_fault_every_send_answered(fault, zk, tmp_path, nursery):
             await trio.sleep(0.5)
             t0 = trio.current_time()
             cluster.kill(victim, signal.SIGKILL if fault == "kill" else signal.SIGSTOP)
-            # one send to the stuck channel, then one to the free channel, same connection
+            # once the victim's links are down (a reset at once; a frozen peer's after 3 heartbeats)
+            # and before its session expires: one send to the stuck channel (it waits for a link),
+            # then one to the free channel, same connection
+            await trio.sleep(0.5 if fault == "kill" else 1.2)
             answers = {}
 
             async def one(ch, cmid):
