@@ -14,6 +14,7 @@ import trio
 
 from chatd.discovery.view import View
 from tests.cluster import Cluster, Device, ZooKeeper, zookeeper_available
+from tests.helpers import open_client
 from tests.faults import (ANSWER_BOUND_S, SendLog, check_store, kill_zookeeper, start_zookeeper_again)
 from tests.test_cluster import dm, settle
 
@@ -72,12 +73,18 @@ async def test_owner_fault_every_send_answered(fault, zk, tmp_path, nursery):
         log = SendLog()
         for ch in (stuck, free):
             await log.send_until_acked(dev.client, ch, "before", f"before-{ch}")
+        zombie_log = SendLog()
+        if fault == "freeze":  # another device of the sender, connected to the owner that will freeze
+            z = await open_client(nursery, cluster.ws_url(victim),
+                                  (await cluster.api.login(a["user"]["username"]))["token"])
         stop = trio.Event()
         async with trio.open_nursery() as n:
             n.start_soon(keep_sending, log, dev.client, free, "free", stop)
             await trio.sleep(0.5)
             t0 = trio.current_time()
             cluster.kill(victim, signal.SIGKILL if fault == "kill" else signal.SIGSTOP)
+            if fault == "freeze":  # read by the zombie only when it thaws, its session long expired
+                n.start_soon(zombie_log.send, z, stuck, "to the zombie", "zombie-1")
             # once the victim's links are down (a reset at once; a frozen peer's after 3 heartbeats)
             # and before its session expires: one send to the stuck channel (it waits for a link),
             # then one to the free channel, same connection
@@ -105,6 +112,14 @@ async def test_owner_fault_every_send_answered(fault, zk, tmp_path, nursery):
             if fault == "freeze":
                 await trio.sleep(max(0.0, SESSION_S + 2.0 - (trio.current_time() - t0)))
                 cluster.kill(victim, signal.SIGCONT)  # the zombie comes back: its session is gone
+                t_thaw = trio.current_time()
+                with trio.fail_after(ANSWER_BOUND_S):
+                    while not zombie_log.records or zombie_log.records[0].reply is None:
+                        await trio.sleep(0.02)
+                # it refused to store: it cannot know yet whether its session survived the stall
+                assert zombie_log.records[0].reply["code"] == "unavailable", zombie_log.records[0].reply
+                print(f"the thawed zombie answered {zombie_log.records[0].answered_at - t_thaw:.2f} s after SIGCONT")
+                n.start_soon(log.send_until_acked, z, stuck, "to the zombie", "zombie-1")
             await trio.sleep(2.0)
             stop.set()
         print(f"{fault}: first ack by the new owner {takeover_s:.2f} s after the fault; "
