@@ -36,6 +36,7 @@ from ..auth import verify_token
 from ..errors import ChatError
 from ..protocol import client as proto
 from ..store.base import Message
+from .answers import AnswerClock
 from .router import RETRY_AFTER_MS
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,9 @@ class Session:
         self._limited_in_row = 0
         self._bad_tokens = 0
         self._inflight = trio.Semaphore(limits.max_inflight_sends)
+        self._answers = AnswerClock(limits.send_answer_s, lambda: ChatError(
+            "unavailable", f"no answer from the channel's owner within {limits.send_answer_s:g} s; resend with the "
+            "same client_msg_id", retry_after_ms=RETRY_AFTER_MS))
         self._last_send: dict[str, trio.Event] = {}  # channel -> its last send's 'submitted' event
         self._subscribed: set[int] = set()  # explicit presence subscriptions of this connection
         self._out: list[bytes] = []  # framed bytes waiting for the writer's next send
@@ -350,46 +354,29 @@ class Session:
         error; ``unavailable`` (with ``retry_after_ms``) when the owner is unreachable or did not
         answer in time. After such an answer the message may still be stored: the client resends
         it with the same ``client_msg_id`` and gets the original ``(channel_id, seq)``."""
-        answered = False
-
-        def answer(frame_or_error) -> None:
-            nonlocal answered
-            if answered:
-                return
-            answered = True
-            if isinstance(frame_or_error, ChatError):
-                self.push_error(frame_or_error, req.id)
+        def answer(reply) -> None:
+            if isinstance(reply, ChatError):
+                self.push_error(reply, req.id)
             else:
-                self.push(frame_or_error)
+                self.push(reply)
+        ticket = self._answers.ticket(answer)
 
         def ack(result) -> None:
             m = result.message
-            answer({"type": "ack", "id": req.id, "channel_id": m.channel_id, "seq": m.seq,
-                    "client_msg_id": m.client_msg_id, "created_at": m.created_at, "duplicate": result.duplicate})
-
-        budget = self.limits.send_answer_s
-
-        async def expire(send_scope: trio.CancelScope) -> None:
-            # Answers at the deadline even while the send is in a shielded store write (which
-            # goes on; its ack is then not sent: the resend gets it as a duplicate).
-            await trio.sleep(budget)
-            answer(ChatError("unavailable", f"no answer from the channel's owner within {budget:g} s; resend "
-                             "with the same client_msg_id", retry_after_ms=RETRY_AFTER_MS))
-            send_scope.cancel()
+            ticket.answer({"type": "ack", "id": req.id, "channel_id": m.channel_id, "seq": m.seq,
+                           "client_msg_id": m.client_msg_id, "created_at": m.created_at,
+                           "duplicate": result.duplicate})
         try:
-            with trio.CancelScope() as send_scope:
-                async with trio.open_nursery() as timer:
-                    timer.start_soon(expire, send_scope)
-                    try:
-                        if previous is not None and not previous.is_set():
-                            await previous.wait()
-                        await self.node.router.send(self.user_id, req.channel_id, req.client_msg_id, req.body,
-                                                    on_submit=submitted.set, on_stored=ack, timeout_s=budget)
-                    except ChatError as e:
-                        if e.code == "unavailable" and "retry_after_ms" not in e.details:
-                            e.details["retry_after_ms"] = RETRY_AFTER_MS
-                        answer(e)
-                    timer.cancel_scope.cancel()
+            with ticket.scope:  # cancelled at the deadline, once the ticket answered `unavailable`
+                if previous is not None and not previous.is_set():
+                    await previous.wait()
+                await self.node.router.send(self.user_id, req.channel_id, req.client_msg_id, req.body,
+                                            on_submit=submitted.set, on_stored=ack,
+                                            timeout_s=self._answers.budget_s)
+        except ChatError as e:
+            if e.code == "unavailable" and "retry_after_ms" not in e.details:
+                e.details["retry_after_ms"] = RETRY_AFTER_MS
+            ticket.answer(e)
         finally:
             submitted.set()
             if self._last_send.get(req.channel_id) is submitted:
@@ -462,6 +449,7 @@ class Session:
                 if self.close_reason is not None:
                     nursery.cancel_scope.cancel()
                 nursery.start_soon(self._writer_guard)
+                nursery.start_soon(self._answers.run)
                 nursery.start_soon(self._auth_timeout)
                 try:
                     await self._reader(nursery)
