@@ -67,7 +67,9 @@ class ClusterConfig:
     """Cluster mode (``chatd shard`` / ``chatd api``); ``chatd run`` ignores it."""
     zk_hosts: str = "127.0.0.1:2181"
     zk_root: str = "/chatd"
-    zk_session_timeout_s: float = 10.0
+    # A killed shard's channels move to the survivors after this long (its znode expires). 4 s is
+    # the least a stock ZooKeeper grants (2 x its tickTime of 2 s); see docs/operations.md.
+    zk_session_timeout_s: float = 4.0
     # Shared secret authenticating inter-shard links (HMAC); required in cluster mode.
     secret: str = ""
     link_host: str = "127.0.0.1"
@@ -76,7 +78,8 @@ class ClusterConfig:
     link_public_addr: str = ""
     link_max_frame_bytes: int = 4 * 1024 * 1024
     link_queue_frames: int = 10_000
-    link_heartbeat_s: float = 1.0
+    # A ping after this long without traffic; a link silent for 3 heartbeats is dead (< 1 s).
+    link_heartbeat_s: float = 0.3
     load_refresh_s: float = 2.0
     # Logins go to the least-loaded shard when the user's home has more connections than this (0 = never).
     overload_connections: int = 0
@@ -129,6 +132,8 @@ class LimitsConfig:
     send_queue_frames: int = 1024
     max_inflight_sends: int = 64
     auth_timeout_s: float = 10.0
+    # Every send is answered (ack or error) within this many seconds, whatever fails behind it.
+    send_answer_s: float = 2.0
     heartbeat_interval_s: float = 5.0
     history_page_max: int = 500
     sync_page: int = 500
@@ -220,6 +225,10 @@ class Config:
                      "send_queue_frames", "max_inflight_sends", "history_page_max", "sync_page"):
             if getattr(self.limits, name) < 1:
                 raise ConfigError(f"limits.{name} must be >= 1")
+        if self.limits.send_answer_s <= 0:
+            raise ConfigError("limits.send_answer_s must be > 0")
+        if self.cluster.link_heartbeat_s <= 0:
+            raise ConfigError("cluster.link_heartbeat_s must be > 0")
         self._validate_push()
 
     def _validate_push(self) -> None:

@@ -69,7 +69,7 @@ class Node:
             for key in ("sent", "rejected", "failed", "gave_up", "dropped"):
                 self.metrics.gauge(f"chatd_push_{key}", f"Push notifications: {key} (since start)",
                                    lambda key=key: self.push.stats[key])
-        self._link_chains: dict = {}
+        self._link_chains: dict = {}  # (link, channel) -> the last send's 'submitted' event
         self.stop_event = trio.Event()
         self.metrics.gauge("chatd_ws_authenticated", "Authenticated client sessions", lambda: self.hub.count)
         store_metrics(self.metrics, store)
@@ -105,10 +105,13 @@ class Node:
     # ---- cluster links -------------------------------------------------------------------
     async def on_link_frame(self, link, frame: dict) -> None:
         if frame.get("t") == "send":
-            # like a session: concurrent, but entering the store in the order the link carried them
-            previous = self._link_chains.get(link)
-            submitted = self._link_chains[link] = trio.Event()
-            self.nursery.start_soon(self.router.on_remote_send, link, frame, previous, submitted)
+            # like a session: concurrent, but entering the store in the order the link carried
+            # them, per channel (a send stuck on one channel holds no other channel's)
+            ch = frame.get("ch")
+            key = (link, ch if isinstance(ch, str) else None)
+            previous = self._link_chains.get(key)
+            submitted = self._link_chains[key] = trio.Event()
+            self.nursery.start_soon(self._remote_send, key, frame, previous, submitted)
         else:
             view = frame.get("view")
             if type(view) is int and view > self.discovery.view.version and frame.get("t") in VIEW_ROUTED:
@@ -119,9 +122,15 @@ class Node:
                 await self.discovery.wait_view(view, VIEW_WAIT_S)
             self.router.on_frame(link, frame)
 
+    async def _remote_send(self, key, frame: dict, previous, submitted: trio.Event) -> None:
+        try:
+            await self.router.on_remote_send(key[0], frame, previous, submitted)
+        finally:
+            if self._link_chains.get(key) is submitted:
+                del self._link_chains[key]
+
     def on_link_up(self, link) -> None:
-        for old in [k for k in self._link_chains if k.closed.is_set()]:
-            del self._link_chains[old]
+        self.router.topology_changed()
         self.router.announce_all(only_to=link.peer_id)
         self.router.schedule_resync(1.0)
 

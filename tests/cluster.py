@@ -58,20 +58,21 @@ def zookeeper_available() -> bool:
 class ZooKeeper:
     """A standalone ZooKeeper server (tickTime 250 ms: sessions can be as short as 0.5 s)."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, host: str = "127.0.0.1"):
         self.port = free_port()
+        self.host = host
         self.dir = workdir
         (workdir / "data").mkdir(parents=True, exist_ok=True)
         cfg = workdir / "zoo.cfg"
         cfg.write_text(f"tickTime=250\ndataDir={workdir / 'data'}\nclientPort={self.port}\n"
-                       "clientPortAddress=127.0.0.1\nadmin.enableServer=false\nmaxClientCnxns=0\n")
+                       f"clientPortAddress={host}\nadmin.enableServer=false\nmaxClientCnxns=0\n")
         self.log = open(workdir / "zookeeper.log", "ab")
         self.proc = subprocess.Popen(["java", "-cp", ZK_CLASSPATH, "org.apache.zookeeper.server.ZooKeeperServerMain",
                                       str(cfg)], stdout=self.log, stderr=self.log)
         deadline = time.monotonic() + 30
         while True:
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                with socket.create_connection((host, self.port), timeout=0.5):
                     break
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -80,7 +81,7 @@ class ZooKeeper:
 
     @property
     def hosts(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def pause(self) -> None:
         self.proc.send_signal(signal.SIGSTOP)

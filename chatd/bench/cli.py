@@ -22,6 +22,12 @@ SCENARIO is one of:
           missed exactly once, and its un-acked sends are resent with the same client_msg_id.
   idle    hold --clients x --devices connections that only heartbeat; with a local server
           (self-started, or --server-pid) report its RSS per connection.
+  failover  faults under load against bin/chatd-local-cluster (--cluster-dir, --api):
+          --faults kill:s1,freeze:s2,zk (kill -9 + restart, SIGSTOP for --freeze seconds,
+          ZooKeeper kill -9 + restart after --zk-down seconds); reports per fault the time
+          to the first ack by the new owner, sends answered unavailable, sends answered
+          later than --answer-bound or never (must be 0), duplicated / out-of-order /
+          lost deliveries (must be 0). Uses --clients, --rate, --seed, --json, --check.
 
 \b
 Target: --api URL of a running deployment, or by default a `chatd run` that bench starts
@@ -74,7 +80,7 @@ def _procs(value):
 
 
 @click.command(help=HELP, context_settings={"max_content_width": 100})
-@click.argument("scenario", type=click.Choice(sorted(SCENARIOS)))
+@click.argument("scenario", type=click.Choice(sorted(SCENARIOS) + ["failover"]))
 @click.option("--clients", type=int, default=100, show_default=True,
               help="Users taking part (each with --devices connections).")
 @click.option("--devices", type=int, default=1, show_default=True,
@@ -127,9 +133,24 @@ def _procs(value):
                                             "order or never acked (for CI).")
 @click.option("--progress/--no-progress", default=None,
               help="Live one-line progress on stderr [default: only when stderr is a terminal].")
+@click.option("--cluster-dir", default="./local-cluster", show_default=True,
+              help="failover: the CLUSTER_DIR of bin/chatd-local-cluster (its run/*.pid files).")
+@click.option("--faults", default="kill:s1,freeze:s2,zk", show_default=True,
+              help="failover: comma-separated faults, applied one at a time: kill:SHARD, freeze:SHARD, zk.")
+@click.option("--freeze", "freeze_s", type=float, default=6.0, show_default=True,
+              help="failover: seconds a frozen shard stays stopped (longer than the ZooKeeper session: a zombie).")
+@click.option("--zk-down", "zk_down_s", type=float, default=5.0, show_default=True,
+              help="failover: seconds ZooKeeper stays down.")
+@click.option("--answer-bound", "answer_bound_s", type=float, default=2.5, show_default=True,
+              help="failover: a send answered later than this is a failure (limits.send_answer_s = 2 s, "
+                   "plus the client's share).")
 def bench(scenario, clients, devices, rate, duration_s, size, ramp_up_s, seed, procs, fmt, group_size,
           reconnect_interval_s, offline_s, drain_s, max_inflight, connect_concurrency, connect_timeout_s, api,
-          server_pid, server_opt, server_env, keep_data, as_json, plot_path, check, progress):
+          server_pid, server_opt, server_env, keep_data, as_json, plot_path, check, progress, cluster_dir, faults,
+          freeze_s, zk_down_s, answer_bound_s):
+    if scenario == "failover":
+        _failover(api, cluster_dir, faults, clients, rate, seed, freeze_s, zk_down_s, answer_bound_s, as_json, check)
+        return
     from .runner import BenchError, Display, TargetOptions, run_bench
     from .worker import raise_nofile_limit
 
@@ -168,5 +189,28 @@ def bench(scenario, clients, devices, rate, duration_s, size, ramp_up_s, seed, p
 
         write_svg(plot_path, report, hists)
         click.echo(f"plot written to {plot_path}", err=True)
+    if check and not report["ok"]:
+        sys.exit(1)
+
+
+def _failover(api, cluster_dir, faults, clients, rate, seed, freeze_s, zk_down_s, answer_bound_s, as_json, check):
+    from .failover import FailoverError, FailoverOptions, format_report, run_failover
+
+    opts = FailoverOptions(api=api or "http://127.0.0.1:8080", cluster_dir=cluster_dir,
+                           faults=tuple(f.strip() for f in faults.split(",") if f.strip()), clients=clients,
+                           rate=rate, seed=seed, freeze_s=freeze_s, zk_down_s=zk_down_s,
+                           answer_bound_s=answer_bound_s)
+    if clients < 4 or rate <= 0:
+        raise click.UsageError("failover needs --clients >= 4 and --rate > 0")
+    try:
+        report = run_failover(opts, log=lambda line: click.echo(line, err=True))
+    except FailoverError as e:
+        raise click.ClickException(str(e)) from None
+    summary = format_report(report)
+    if as_json:
+        click.echo(summary, err=True)
+        click.echo(json.dumps(report, indent=2, default=list))
+    else:
+        click.echo(summary)
     if check and not report["ok"]:
         sys.exit(1)

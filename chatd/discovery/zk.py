@@ -16,7 +16,11 @@ Policies
 
 * **View**: a watch task reads the children (with the parent's ``cversion`` as the view version)
   and each child's data whenever ZooKeeper reports a change, and every ``load_refresh_s`` to pick
-  up load figures. Read errors (connection loss) are retried with backoff; the last view stays.
+  up load figures. Read errors (connection loss) are retried with backoff (capped at 0.5 s); the
+  last view stays.
+* **Reconnection**: kazoo reconnects with a backoff capped at ``RECONNECT_MAX_DELAY_S``, so writes
+  resume within about a second of ZooKeeper answering again (session kept), or once the znode is
+  created again under a new session (session expired).
 * **Registration and the write barrier**: ``writable`` is True only while our ephemeral znode
   exists under our current session. On SUSPENDED or LOST it turns False at once (the owner shard
   refuses sends with ``unavailable``); on reconnection the znode is checked or created again
@@ -33,10 +37,18 @@ import trio
 from kazoo.client import KazooClient, KazooState
 from kazoo.exceptions import KazooException, NodeExistsError, NoNodeError
 from kazoo.handlers.threading import KazooTimeoutError
+from kazoo.retry import KazooRetry
 
 from .view import ShardInfo, View
 
 log = logging.getLogger(__name__)
+
+# Reconnection to ZooKeeper: kazoo's default backoff doubles up to an hour, so after a 10 s outage
+# the next attempt came up to ~10 s after the ensemble was back. Capped, a shard reconnects (and
+# writes resume) within ~0.6 s of ZooKeeper answering again; an attempt to a down server costs a
+# refused connection.
+RECONNECT_MAX_DELAY_S = 0.5
+RETRY_MAX_DELAY_S = 0.5  # our own retries of failed reads and registrations
 
 
 async def _kazoo(fn, *args):
@@ -72,7 +84,9 @@ class ZkDiscovery:
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Connect, keep the view current (and our registration alive); never returns."""
         self._token = trio.lowlevel.current_trio_token()
-        zk = self._zk = KazooClient(hosts=self.hosts, timeout=self.session_timeout_s)
+        zk = self._zk = KazooClient(hosts=self.hosts, timeout=self.session_timeout_s,
+                                    connection_retry=KazooRetry(max_tries=-1, delay=0.05, backoff=2, max_jitter=0.2,
+                                                                max_delay=RECONNECT_MAX_DELAY_S))
         zk.add_listener(self._on_state_thread)
         try:
             try:
@@ -167,7 +181,7 @@ class ZkDiscovery:
             except KazooException as e:
                 log.warning("zookeeper read failed (%s); retrying in %.1fs", type(e).__name__, backoff)
                 await trio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                backoff = min(backoff * 2, RETRY_MAX_DELAY_S)
                 continue
             self._apply(view)
             if not started:
@@ -245,7 +259,7 @@ class ZkDiscovery:
                 continue  # created since we looked (by a session of ours?): look again at once
             except KazooException as e:
                 log.warning("zookeeper registration failed (%s); retrying", type(e).__name__)
-            await trio.sleep(min(1.0, self.session_timeout_s / 4))
+            await trio.sleep(min(RETRY_MAX_DELAY_S, self.session_timeout_s / 8))
         self.writable = True
 
     async def _publish_load(self) -> None:

@@ -4,7 +4,7 @@
 Topology: one link per pair. A shard dials every shard whose id sorts after its own; an API
 server dials every shard; shards and API servers dial every presence server; nobody dials an API
 server. The dialer reconnects with exponential
-backoff (0.1 s doubling to 5 s, with jitter) for as long as the peer is in the view.
+backoff (0.1 s doubling to 1 s, with jitter) for as long as the peer is in the view.
 
 Resources and policies
 
@@ -14,7 +14,8 @@ Resources and policies
   sessions: a dropped live frame costs latency, never a message). :meth:`request` waits for room
   (backpressure on the caller) and for the reply.
 * **Heartbeats**: a ``ping`` after ``link_heartbeat_s`` of silence; a link that hears nothing for
-  three heartbeats is closed (and redialled).
+  three heartbeats is closed (and redialled): with the default 0.3 s a dead or frozen peer is
+  noticed in under a second, and every request pending on it is answered ``unavailable``.
 * **Limits**: frames above ``link_max_frame_bytes`` are refused from their header; a peer that
   speaks anything but the protocol is disconnected.
 * **Handshake**: mutual HMAC over fresh nonces with ``cluster.secret``; 5 s to complete.
@@ -36,6 +37,9 @@ from ..protocol import link as lp
 log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT_S = 5.0
+# A peer back from a freeze or a partition is redialled within a second (a longer pause only
+# prolongs the time its channels answer `unavailable`); failed dials to loopback cost nothing.
+DIAL_BACKOFF_MAX_S = 1.0
 
 
 class Link:
@@ -249,7 +253,7 @@ class LinkManager:
                         backoff = 0.1
                         await self._run_link(Link(self, stream, codec, peer, "shard"))
                 await trio.sleep(backoff * (0.5 + random.random()))
-                backoff = min(backoff * 2, 5.0)
+                backoff = min(backoff * 2, DIAL_BACKOFF_MAX_S)
 
     async def _run_link(self, link: Link) -> None:
         old = self.links.get(link.peer_id)
@@ -290,18 +294,26 @@ class LinkManager:
         raise ChatError("unavailable", f"no link to shard {peer}; retry")
 
     async def request(self, peer: str, frame: dict, timeout_s: float = 10.0, on_sent=None) -> dict:
-        """Send ``frame`` with a fresh ``rid`` and wait for the ``reply`` carrying it."""
+        """Send ``frame`` with a fresh ``rid`` to ``peer`` (waiting up to ``timeout_s`` for a link)
+        and wait for the ``reply`` carrying it."""
         link = await self.wait_link(peer, timeout_s)
+        return await self.request_on(link, frame, timeout_s, on_sent)
+
+    async def request_on(self, link: Link, frame: dict, timeout_s: float, on_sent=None) -> dict:
+        """:meth:`request` on a given link. The answer is the reply, or an ``unavailable`` error
+        reply as soon as the link closes; ``ChatError("unavailable")`` after ``timeout_s``."""
         rid = next(self._rids)
         slot = self._pending[rid] = [trio.Event(), None, link]
         try:
+            if link.closed.is_set():
+                raise ChatError("unavailable", f"link to {link.peer_id} is down")
             await link.send({**frame, "rid": rid})
             if on_sent is not None:
                 on_sent()
             with trio.move_on_after(timeout_s):
                 await slot[0].wait()
             if slot[1] is None:
-                raise ChatError("unavailable", f"shard {peer} did not answer in time; retry")
+                raise ChatError("unavailable", f"shard {link.peer_id} did not answer in time; retry")
             return slot[1]
         finally:
             self._pending.pop(rid, None)

@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 RESYNC_DELAY_S = 1.0
 SEND_ATTEMPTS = 5
 VIEW_WAIT_S = 5.0
+# A send waits this long for a missing link to its owner (a shard that just joined, a link being
+# redialled) before it is answered `unavailable`; a view change ends the wait at once.
+LINK_WAIT_S = 0.5
+RETRY_AFTER_MS = 500  # what `unavailable` answers to a send suggest (the client resends then)
 
 
 def pack(m: Message) -> list:
@@ -53,6 +57,7 @@ class Router:
         self.links = None  # LinkManager in cluster mode
         self.dropped = 0
         self._resync_pending = False
+        self._topology = trio.Event()  # set (and replaced) when a link comes up or the view changes
 
     @property
     def view(self):
@@ -92,22 +97,31 @@ class Router:
 
     # ---- sends -----------------------------------------------------------------------------
     async def send(self, user_id: int, channel_id: str, client_msg_id: str, body: str, on_submit=None,
-                   on_stored=None) -> AppendResult:
-        """Store a message through its owner; ``on_stored(result)`` is called once it is durable."""
+                   on_stored=None, timeout_s: float = 10.0) -> AppendResult:
+        """Store a message through its owner; ``on_stored(result)`` is called once it is durable.
+
+        Fails fast: ``ChatError("unavailable", retry_after_ms=...)`` as soon as the owner is known
+        unreachable (no link to it within ``LINK_WAIT_S``, its link closed, no reply within
+        ``timeout_s``); a view change while waiting for a link re-routes at once. Waits for a
+        newer view (``stale_view``) are bounded too; the caller bounds the whole (the session's
+        ``limits.send_answer_s``)."""
         for _ in range(SEND_ATTEMPTS):
             if not self.view.shards:  # starting up, or every shard gone from the view
                 await self.wait_for_view()
             view = self.view
             if not view.shards:
-                raise ChatError("unavailable", "no chat shard is live; retry")
+                raise ChatError("unavailable", "no chat shard is live; retry", retry_after_ms=RETRY_AFTER_MS)
             owner = view.owner_of(channel_id)
             if owner == self.me:
                 self._check_writable()
                 return await self.node.owners.send(user_id, channel_id, client_msg_id, body, on_submit=on_submit,
                                                    on_stored=on_stored)
-            reply = await self.links.request(owner, {"t": "send", "view": view.version, "ch": channel_id,
-                                                     "u": user_id, "cmid": client_msg_id, "body": body},
-                                             on_sent=on_submit)
+            link = await self._wait_link(owner, view.version)
+            if link is None:
+                continue  # the view changed meanwhile: route again
+            reply = await self.links.request_on(link, {"t": "send", "view": view.version, "ch": channel_id,
+                                                       "u": user_id, "cmid": client_msg_id, "body": body},
+                                                timeout_s, on_sent=on_submit)
             if "ok" in reply:
                 result = AppendResult(unpack(reply["ok"]), bool(reply.get("dup")))
                 if on_stored is not None:
@@ -117,11 +131,35 @@ class Router:
             if err.get("code") == "stale_view":
                 await self.node.discovery.wait_view(int(err.get("view", 0)), 2.0)
                 continue
-            if err.get("code") in ("unavailable",):
-                await trio.sleep(0.2)
-                continue
-            raise ChatError(err.get("code", "internal"), err.get("message", "remote error"))
-        raise ChatError("unavailable", "the channel's owner could not be reached; retry")
+            details = {k: v for k, v in err.items() if k not in ("code", "message")}
+            if err.get("code") == "unavailable":
+                details.setdefault("retry_after_ms", RETRY_AFTER_MS)
+            raise ChatError(err.get("code", "internal"), err.get("message", "remote error"), **details)
+        raise ChatError("unavailable", "the channel's owner could not be reached; retry",
+                        retry_after_ms=RETRY_AFTER_MS)
+
+    async def _wait_link(self, owner: str, version: int):
+        """The link to ``owner``; None if the view moved past ``version`` meanwhile (route
+        again); ``unavailable`` when no link comes up within ``LINK_WAIT_S``."""
+        with trio.move_on_after(LINK_WAIT_S):
+            while (link := self.links.links.get(owner)) is None:
+                if self.view.version != version:
+                    return None
+                await self._topology_event().wait()
+            return link
+        if self.view.version != version:
+            return None
+        raise ChatError("unavailable", f"the channel's owner ({owner}) is unreachable; retry",
+                        retry_after_ms=RETRY_AFTER_MS)
+
+    def _topology_event(self) -> trio.Event:
+        if self._topology.is_set():
+            self._topology = trio.Event()
+        return self._topology
+
+    def topology_changed(self) -> None:
+        """A link came up or the view changed: wake the sends waiting for a link."""
+        self._topology.set()
 
     async def wait_for_view(self) -> bool:
         """Until this shard's view has shards in it (at start-up clients can reach us before our
@@ -137,7 +175,8 @@ class Router:
 
     def _check_writable(self) -> None:
         if not self.node.discovery.writable:
-            raise ChatError("unavailable", "this shard is not registered in the cluster; retry")
+            raise ChatError("unavailable", "this shard is not registered in the cluster; retry",
+                            retry_after_ms=RETRY_AFTER_MS)
 
     async def on_remote_send(self, link, frame: dict, previous: trio.Event | None, submitted: trio.Event) -> None:
         """Serve a ``send`` routed to us as owner; keeps the link's order like a session does."""
@@ -266,6 +305,7 @@ class Router:
 
     # ---- view changes ----------------------------------------------------------------------
     def on_view_change(self, old, new) -> None:
+        self.topology_changed()
         if not new.shards:
             return
         # forget devices on shards that left, and users that are no longer homed here

@@ -36,6 +36,8 @@ from ..auth import verify_token
 from ..errors import ChatError
 from ..protocol import client as proto
 from ..store.base import Message
+from .answers import AnswerClock
+from .router import RETRY_AFTER_MS
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +100,10 @@ class Session:
         self._limited_in_row = 0
         self._bad_tokens = 0
         self._inflight = trio.Semaphore(limits.max_inflight_sends)
-        self._last_send: trio.Event | None = None
+        self._answers = AnswerClock(limits.send_answer_s, lambda: ChatError(
+            "unavailable", f"no answer from the channel's owner within {limits.send_answer_s:g} s; resend with the "
+            "same client_msg_id", retry_after_ms=RETRY_AFTER_MS))
+        self._last_send: dict[str, trio.Event] = {}  # channel -> its last send's 'submitted' event
         self._subscribed: set[int] = set()  # explicit presence subscriptions of this connection
         self._out: list[bytes] = []  # framed bytes waiting for the writer's next send
         self._nursery: trio.Nursery | None = None
@@ -291,8 +296,9 @@ class Session:
                                           f"{self.limits.max_body_chars} characters"), req.id)
                 return
             await self._inflight.acquire()
-            previous, self._last_send = self._last_send, trio.Event()
-            nursery.start_soon(self._on_send, req, previous, self._last_send)
+            previous = self._last_send.get(req.channel_id)
+            submitted = self._last_send[req.channel_id] = trio.Event()
+            nursery.start_soon(self._on_send, req, previous, submitted)
         elif isinstance(req, proto.Sync):
             self.push(_SyncJob(req.id, req.cursors))
         elif isinstance(req, proto.Heartbeat):
@@ -340,22 +346,41 @@ class Session:
 
     async def _on_send(self, req: proto.Send, previous: trio.Event | None, submitted: trio.Event) -> None:
         """Sends run concurrently (their commits share a group commit) but enter the store in
-        the order the client sent them: each waits until the previous one is queued. The ack is
-        queued the moment the message is durable, ahead of its fan-out."""
+        the order the client sent them *per channel*: each waits until the previous send to
+        the same channel is queued (a send stuck on one channel holds no other channel's). The
+        ack is queued the moment the message is durable, ahead of its fan-out.
+
+        Every send is answered exactly once, within ``limits.send_answer_s``: an ``ack``, or an
+        error; ``unavailable`` (with ``retry_after_ms``) when the owner is unreachable or did not
+        answer in time. After such an answer the message may still be stored: the client resends
+        it with the same ``client_msg_id`` and gets the original ``(channel_id, seq)``."""
+        def answer(reply) -> None:
+            if isinstance(reply, ChatError):
+                self.push_error(reply, req.id)
+            else:
+                self.push(reply)
+        ticket = self._answers.ticket(answer)
+
         def ack(result) -> None:
             m = result.message
-            self.push({"type": "ack", "id": req.id, "channel_id": m.channel_id, "seq": m.seq,
-                       "client_msg_id": m.client_msg_id, "created_at": m.created_at,
-                       "duplicate": result.duplicate})
+            ticket.answer({"type": "ack", "id": req.id, "channel_id": m.channel_id, "seq": m.seq,
+                           "client_msg_id": m.client_msg_id, "created_at": m.created_at,
+                           "duplicate": result.duplicate})
         try:
-            if previous is not None and not previous.is_set():
-                await previous.wait()
-            await self.node.router.send(self.user_id, req.channel_id, req.client_msg_id, req.body,
-                                        on_submit=submitted.set, on_stored=ack)
+            with ticket.scope:  # cancelled at the deadline, once the ticket answered `unavailable`
+                if previous is not None and not previous.is_set():
+                    await previous.wait()
+                await self.node.router.send(self.user_id, req.channel_id, req.client_msg_id, req.body,
+                                            on_submit=submitted.set, on_stored=ack,
+                                            timeout_s=self._answers.budget_s)
         except ChatError as e:
-            self.push_error(e, req.id)
+            if e.code == "unavailable" and "retry_after_ms" not in e.details:
+                e.details["retry_after_ms"] = RETRY_AFTER_MS
+            ticket.answer(e)
         finally:
             submitted.set()
+            if self._last_send.get(req.channel_id) is submitted:
+                del self._last_send[req.channel_id]
             self._inflight.release()
 
     async def _on_history(self, req: proto.History) -> None:
@@ -424,6 +449,7 @@ class Session:
                 if self.close_reason is not None:
                     nursery.cancel_scope.cancel()
                 nursery.start_soon(self._writer_guard)
+                nursery.start_soon(self._answers.run)
                 nursery.start_soon(self._auth_timeout)
                 try:
                     await self._reader(nursery)

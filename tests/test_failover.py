@@ -1,0 +1,190 @@
+"""Failover without silence (issue 11), with real ZooKeeper and shard processes: whatever fails
+behind a send — its owner killed with -9, frozen (SIGSTOP: a zombie owner), ZooKeeper killed and
+started again — the send is answered (``ack``, or ``unavailable`` with ``retry_after_ms``) within
+``limits.send_answer_s``; a send stuck on one channel does not hold the same connection's sends
+to another channel; and resending as docs/protocol.md says loses, duplicates and reorders
+nothing. The bounds asserted are liveness bounds with room for a loaded CI machine."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+import trio
+
+from chatd.discovery.view import View
+from tests.cluster import Cluster, Device, ZooKeeper, zookeeper_available
+from tests.helpers import open_client
+from tests.faults import (ANSWER_BOUND_S, SendLog, check_store, kill_zookeeper, start_zookeeper_again)
+from tests.test_cluster import dm, settle
+
+pytestmark = pytest.mark.skipif(not zookeeper_available(),
+                                reason="ZooKeeper not installed (apt-get install zookeeper); .ci/run installs it")
+
+SESSION_S = 2.0  # the test clusters' zk_session_timeout_s
+# kill -9 -> first ack by the new owner: the issue's bound is the session timeout + 1 s; +2 s more
+# for a loaded CI machine (measured here: see the test's output and docs/operations.md)
+TAKEOVER_BOUND_S = SESSION_S + 3.0
+
+
+@pytest.fixture(scope="module")
+def zk(tmp_path_factory):
+    server = ZooKeeper(tmp_path_factory.mktemp("zk"))
+    yield server
+    server.stop()
+
+
+async def sender_and_channels(cluster):
+    """A sender ``a`` and two partners: ``stuck`` = dm(a, b) is owned by a shard other than a's
+    home (the victim), ``free`` = dm(a, c) by a shard that is not the victim."""
+    view = View(0, {s: None for s in cluster.shard_ids})
+    a = await cluster.api.signup_login("fo-sender")
+    stuck = free = None
+    for i in range(80):
+        p = await cluster.api.signup_login(f"fo-partner{i}")
+        ch = dm(a, p)
+        owner = view.owner_of(ch)
+        if stuck is None and owner != a["shard_id"] and p["shard_id"] != owner:
+            stuck, victim = ch, owner
+        elif free is None and stuck is not None and owner != victim:
+            free = ch
+        if stuck and free:
+            return a, stuck, free, victim
+    pytest.fail("no suitable channels")
+
+
+async def keep_sending(log: SendLog, client, ch: str, prefix: str, stop: trio.Event, every_s: float = 0.05):
+    i = 0
+    while not stop.is_set():
+        await log.send_until_acked(client, ch, f"{prefix} {i}", f"{prefix}-{i}")
+        i += 1
+        await trio.sleep(every_s)
+
+
+@pytest.mark.parametrize("fault", ["kill", "freeze"])
+async def test_owner_fault_every_send_answered(fault, zk, tmp_path, nursery):
+    cluster = Cluster(zk, tmp_path, n=3, session_timeout_s=SESSION_S, heartbeat_s=0.3)
+    try:
+        await cluster.start()
+        a, stuck, free, victim = await sender_and_channels(cluster)
+        dev = Device(cluster, a, "sender")
+        dev.follow(stuck, free)
+        await dev.connect(nursery)
+        log = SendLog()
+        for ch in (stuck, free):
+            await log.send_until_acked(dev.client, ch, "before", f"before-{ch}")
+        zombie_log = SendLog()
+        if fault == "freeze":  # another device of the sender, connected to the owner that will freeze
+            z = await open_client(nursery, cluster.ws_url(victim),
+                                  (await cluster.api.login(a["user"]["username"]))["token"])
+        stop = trio.Event()
+        async with trio.open_nursery() as n:
+            n.start_soon(keep_sending, log, dev.client, free, "free", stop)
+            await trio.sleep(0.5)
+            t0 = trio.current_time()
+            cluster.kill(victim, signal.SIGKILL if fault == "kill" else signal.SIGSTOP)
+            if fault == "freeze":  # read by the zombie only when it thaws, its session long expired
+                n.start_soon(zombie_log.send, z, stuck, "to the zombie", "zombie-1")
+            # once the victim's links are down (a reset at once; a frozen peer's after 3 heartbeats)
+            # and before its session expires: one send to the stuck channel (it waits for a link),
+            # then one to the free channel, same connection
+            await trio.sleep(0.5 if fault == "kill" else 1.2)
+            answers = {}
+
+            async def one(ch, cmid):
+                answers[ch] = await log.send(dev.client, ch, "probe", cmid)
+                answers[ch + "@"] = trio.current_time()
+            async with trio.open_nursery() as probes:
+                probes.start_soon(one, stuck, "probe-stuck")
+                await trio.sleep(0.05)
+                probes.start_soon(one, free, "probe-free")
+            assert answers[free]["type"] == "ack", answers
+            assert answers[free + "@"] < answers[stuck + "@"], "the free channel's send waited for the stuck one"
+            assert answers[stuck] is not None and answers[stuck]["type"] in ("ack", "error")
+            if answers[stuck]["type"] == "error":
+                assert answers[stuck]["code"] == "unavailable" and answers[stuck]["retry_after_ms"] > 0
+            # then, as a client does, resend until the new owner (or the thawed one) acks
+            n.start_soon(keep_sending, log, dev.client, stuck, "stuck", stop)
+            with trio.fail_after(30):
+                while log.first_ack_after(t0, stuck) is None:
+                    await trio.sleep(0.05)
+            takeover_s = log.first_ack_after(t0, stuck) - t0
+            if fault == "freeze":
+                await trio.sleep(max(0.0, SESSION_S + 2.0 - (trio.current_time() - t0)))
+                cluster.kill(victim, signal.SIGCONT)  # the zombie comes back: its session is gone
+                t_thaw = trio.current_time()
+                with trio.fail_after(ANSWER_BOUND_S):
+                    while not zombie_log.records or zombie_log.records[0].reply is None:
+                        await trio.sleep(0.02)
+                # it refused to store: it cannot know yet whether its session survived the stall
+                assert zombie_log.records[0].reply["code"] == "unavailable", zombie_log.records[0].reply
+                print(f"the thawed zombie answered {zombie_log.records[0].answered_at - t_thaw:.2f} s after SIGCONT")
+                n.start_soon(log.send_until_acked, z, stuck, "to the zombie", "zombie-1")
+            await trio.sleep(2.0)
+            stop.set()
+        print(f"{fault}: first ack by the new owner {takeover_s:.2f} s after the fault; "
+              f"{len(log.unavailable())} of {len(log.records)} sends answered unavailable; "
+              f"slowest answer {max(r.waited_s for r in log.records):.2f} s")
+        assert log.late() == [], [(r.client_msg_id, r.waited_s, r.reply) for r in log.late()]
+        assert log.unavailable(), "no send was answered unavailable: the fault was not seen"
+        assert takeover_s <= TAKEOVER_BOUND_S, takeover_s
+        heads = {ch: await check_store(cluster, ch, a["token"], log) for ch in (stuck, free)}
+        await settle([dev], heads)
+        assert dev.anomalies == []
+        for ch in (stuck, free):
+            assert dev.received[ch] == list(range(1, heads[ch] + 1))
+    finally:
+        cluster.stop()
+
+
+async def test_zookeeper_kill_and_restart_writes_resume(tmp_path, nursery):
+    zk = ZooKeeper(tmp_path / "own-zk")  # killed and restarted: this test's own server
+    cluster = Cluster(zk, tmp_path, n=2, session_timeout_s=SESSION_S, heartbeat_s=0.3)
+    try:
+        await cluster.start()
+        # one channel owned by each shard: every shard must come back (kazoo clients back off
+        # independently)
+        view = View(0, {s: None for s in cluster.shard_ids})
+        a = await cluster.api.signup_login("zkr-a")
+        channels: dict[str, str] = {}
+        for i in range(40):
+            ch = dm(a, await cluster.api.signup_login(f"zkr-{i}"))
+            channels.setdefault(view.owner_of(ch), ch)
+            if len(channels) == len(cluster.shard_ids):
+                break
+        dev = Device(cluster, a, "a")
+        dev.follow(*channels.values())
+        await dev.connect(nursery)
+        log = SendLog()
+        for ch in channels.values():
+            await log.send_until_acked(dev.client, ch, "before", f"before-{ch}")
+        stop = trio.Event()
+        async with trio.open_nursery() as n:
+            for sid, ch in channels.items():
+                n.start_soon(keep_sending, log, dev.client, ch, f"zk-{sid}", stop, 0.1)
+            await trio.sleep(0.5)
+            kill_zookeeper(zk)
+            t_kill = trio.current_time()
+            await trio.sleep(7.0)  # long enough for an uncapped backoff to reach seconds
+            t_back = await start_zookeeper_again(zk)
+            with trio.fail_after(30):
+                while any(log.first_ack_after(t_back, ch) is None for ch in channels.values()):
+                    await trio.sleep(0.05)
+            await trio.sleep(1.0)
+            stop.set()
+        refused = [r for r in log.unavailable() if r.sent_at > t_kill]
+        resume_s = max(log.first_ack_after(t_back, ch) for ch in channels.values()) - t_back
+        print(f"zookeeper down {t_back - t_kill:.1f} s: writes resumed on every shard {resume_s:.2f} s after it "
+              f"was back; {len(refused)} sends answered unavailable; "
+              f"slowest answer {max(r.waited_s for r in log.records):.2f} s")
+        assert refused, "writes were not refused while ZooKeeper was down"
+        assert log.late() == [], [(r.client_msg_id, r.waited_s, r.reply) for r in log.late()]
+        assert resume_s <= 3.0, resume_s  # the promise is 2 s; 1 s more for a loaded CI machine
+        heads = {ch: await check_store(cluster, ch, a["token"], log) for ch in channels.values()}
+        await settle([dev], heads)
+        assert dev.anomalies == []
+        for ch, head in heads.items():
+            assert dev.received[ch] == list(range(1, head + 1))
+    finally:
+        cluster.stop()
+        zk.stop()
