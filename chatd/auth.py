@@ -52,7 +52,15 @@ def issue_token(secret: str, user_id: int, device_id: str, ttl_s: float, now: fl
 
 def verify_token(secret: str, token: str, now: float | None = None) -> tuple[int, str]:
     """Return ``(user_id, device_id)`` or raise ``invalid_token`` / ``token_expired``."""
+    user_id, device_id, _ = token_claims(secret, token, now)
+    return user_id, device_id
+
+
+def token_claims(secret: str, token: str, now: float | None = None) -> tuple[int, str, int]:
+    """Return ``(user_id, device_id, expires_at)`` or raise ``invalid_token`` / ``token_expired``.
+    (Revocation by logout is checked against the store: chatd/revocation.py.)"""
     try:
+        token.encode("ascii")
         version, payload, sig = token.split(".")
     except (ValueError, AttributeError):
         raise ChatError("invalid_token", "token is malformed") from None
@@ -67,7 +75,7 @@ def verify_token(secret: str, token: str, now: float | None = None) -> tuple[int
         raise ChatError("invalid_token", "token payload is malformed") from None
     if (time.time() if now is None else now) >= exp:
         raise ChatError("token_expired", "token has expired; log in again")
-    return user_id, device_id
+    return user_id, device_id, exp
 
 
 def _sign(secret: str, data: str) -> str:

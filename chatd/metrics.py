@@ -106,6 +106,8 @@ class Metrics:
         self.errors = self._add(Counter("chatd_errors_total", "Error frames and responses sent, by code"))
         self.slow_consumers = self._add(Counter("chatd_slow_consumer_disconnects_total",
                                                 "Connections cut off because their send queue filled"))
+        self.session_crashes = self._add(Counter("chatd_session_crashes_total",
+                                                 "Client sessions closed with 1011 by a server bug (should stay 0)"))
         self.store_latency = self._add(Histogram("chatd_store_append_seconds", "Latency of durable message appends"))
         self.http_requests = self._add(Counter("chatd_http_requests_total", "HTTP API requests by status"))
         self.link_frames = self._add(Counter("chatd_link_frames_sent_total",
