@@ -2,7 +2,9 @@
 ``hash_password`` / ``verify_password`` in a worker thread.
 
 Token format: ``v1.<base64url(JSON payload)>.<base64url(HMAC-SHA256(secret, "v1." + payload))>``;
-the payload is ``{"u": user_id, "d": device_id, "exp": unix_seconds}``. Verification is
+the payload is ``{"u": user_id, "d": device_id, "exp": unix_seconds, "n": nonce}``; the random nonce
+makes every issued token distinct, so a logout (which revokes one token) never revokes the token of a
+later login of the same device within the same second. Verification is
 constant-time; a bad signature is ``invalid_token``, a past ``exp`` is ``token_expired``.
 """
 
@@ -45,7 +47,7 @@ def new_secret() -> str:
 
 def issue_token(secret: str, user_id: int, device_id: str, ttl_s: float, now: float | None = None) -> tuple[str, float]:
     exp = int((time.time() if now is None else now) + ttl_s)
-    payload = _b64(json.dumps({"u": user_id, "d": device_id, "exp": exp}, separators=(",", ":")).encode())
+    payload = _b64(json.dumps({"u": user_id, "d": device_id, "exp": exp, "n": secrets.token_hex(6)}, separators=(",", ":")).encode())
     signed = "v1." + payload
     return f"{signed}.{_sign(secret, signed)}", exp
 
