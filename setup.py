@@ -25,7 +25,7 @@ setup(
         "cassandra-driver>=3.29",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-trio>=0.8", "pytest-timeout>=2.3"],
+        "test": ["pytest>=8", "pytest-trio>=0.8", "pytest-timeout>=2.3", "hypothesis>=6.100"],
     },
     entry_points={"console_scripts": ["chatd = chatd.cli:main"]},
 )
