@@ -193,6 +193,11 @@ async def test_history_more_is_exact_on_ws_and_http(server, nursery):
         query = "&".join(f"{k}={v}" for k, v in frame.items())
         r = await server.api.call("GET", f"/v1/channels/{ch}/messages?{query}", token=alice["token"])
         assert ([m["seq"] for m in r.body["messages"]], r.body["more"]) == (seqs, more), frame
+    # the page limit is the same on both: 500 answered, 501 refused
+    assert "messages" in await ca.request({"type": "history", "channel_id": ch, "limit": 500})
+    assert (await ca.request({"type": "history", "channel_id": ch, "limit": 501}))["code"] == "bad_field"
+    r = await server.api.call("GET", f"/v1/channels/{ch}/messages?limit=501", token=alice["token"])
+    assert r.status == 400
 
 
 async def test_read_on_a_dm_with_no_message_yet(server, nursery):

@@ -431,8 +431,11 @@ class Session:
         self.push(_Close(CLOSE_LOG_IN_AGAIN, "token expired; log in again"))
 
     async def _on_history(self, req: proto.History) -> None:
+        page_max = self.limits.history_page_max
+        if req.limit is not None and req.limit > page_max:  # as over HTTP: refused, not clamped
+            raise ChatError("bad_field", f"field 'limit' must be between 1 and {page_max}")
         await self.node.membership.require_member(req.channel_id, self.user_id)
-        limit = min(req.limit or 50, self.limits.history_page_max)
+        limit = req.limit or 50
         msgs, more = await read_page(self.node.store, req.channel_id, req.after, req.before, limit)
         # Keep the reply under the frame limit: drop from the far end (newest for "after" pages,
         # oldest otherwise) and say there is more.
