@@ -93,15 +93,23 @@ async def test_lone_surrogates_and_deep_nesting_are_errors_not_crashes(server, n
     await assert_intact(server, alice["token"], ch, ["keep me"])
 
 
-async def test_a_bug_answers_internal_closes_1011_and_is_counted(server, nursery, monkeypatch):
+@pytest.mark.parametrize("where", ["handler", "send", "writer"])
+async def test_a_bug_answers_internal_closes_1011_and_is_counted(server, nursery, monkeypatch, where):
+    from chatd.shard.session import Session
     alice, bob, ch, ca = await setup_pair(server, nursery)
     cb = await open_client(nursery, bob["ws_url"], bob["token"])
 
-    async def broken(user_ids):  # a bug somewhere below a handler
+    async def broken(*args, **kwargs):  # a bug somewhere below the session
         raise RuntimeError("boom")
-    monkeypatch.setattr(server.node.presence, "statuses", broken)
-    reply = await ca.request({"type": "presence", "user_ids": [1]})
-    assert (reply["type"], reply["code"]) == ("error", "internal")
+    target, name, frame = {
+        "handler": (server.node.presence, "statuses", {"type": "presence", "user_ids": [1]}),
+        "send": (server.node.router, "send", {"type": "send", "channel_id": ch, "client_msg_id": "b", "body": "x"}),
+        "writer": (Session, "_run_sync", {"type": "sync", "cursors": {ch: 0}}),
+    }[where]
+    monkeypatch.setattr(target, name, broken)
+    await ca.send({**frame, "id": "bug"})
+    reply = await ca._wait_for(lambda f: f.get("type") == "error", 10)
+    assert (reply["code"], reply["id"]) == ("internal", None if where == "writer" else "bug")
     reason = await ca.wait_closed()
     assert reason.code == 1011
     assert crashes(server) == 1

@@ -376,7 +376,7 @@ class Session:
         try:
             user_id, device_id, exp = token_claims(self.node.secret, req.token)
             key = revocation.token_key(req.token)
-            if await self.node.store.token_revoked(key) or key in getattr(self.node, "revoked_here", ()):
+            if await self.node.store.token_revoked(key) or key in self.node.revoked_here:
                 raise ChatError("invalid_token", revocation.REVOKED_MESSAGE)
         except ChatError as e:
             if e.code == "unavailable":
@@ -411,6 +411,8 @@ class Session:
                                         on_submit=submitted.set, on_stored=ack)
         except ChatError as e:
             self.push_error(e, req.id)
+        except Exception as e:  # noqa: BLE001 - a bug: answered 'internal', connection closed
+            self.crashed(e, req.id)
         finally:
             submitted.set()
             self._inflight.release()
@@ -466,7 +468,8 @@ class Session:
             # a member of a 1:1 channel with no message yet (no rows stored): nothing to read
             if e.code != "not_member" or dm_members(req.channel_id) is None:
                 raise
-            seq = 0
+            self.push({"type": "read", "id": req.id, "channel_id": req.channel_id, "seq": 0})
+            return
         self.push({"type": "read", "id": req.id, "channel_id": req.channel_id, "seq": seq})
         event = {"type": "read", "channel_id": req.channel_id, "user_id": self.user_id, "seq": seq}
         self.node.router.deliver_event(event, members, skip=self.device_id)
@@ -510,6 +513,11 @@ class Session:
                 except ConnectionClosed:
                     pass
                 nursery.cancel_scope.cancel()
+        except Exception as e:  # noqa: BLE001 - a bug that escaped the handlers above: still 1011
+            log.error("session crashed (user %s): closing with 1011", self.user_id, exc_info=e)
+            self.node.metrics.session_crashes.inc()
+            if self.close_reason is None:
+                self.close_reason = (CLOSE_INTERNAL, "internal server error")
         finally:
             if self.user_id is not None:
                 self.node.router.detach(self)
