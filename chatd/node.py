@@ -305,14 +305,8 @@ class ApiNode:
 
     def notify_members(self, event: dict, user_ids) -> None:
         """Hand the event to each user's home shard (``deliver`` link frame), which fans it out."""
-        view = self.discovery.view
-        if not view.shards:
-            return
-        by_home: dict[str, list[int]] = {}
-        for uid in user_ids:
-            by_home.setdefault(view.home_of(uid), []).append(uid)
-        for home, uids in by_home.items():
-            self.links.send_nowait(home, {"t": "deliver", "view": view.version, "e": event, "u": uids})
+        for home, frame in self.discovery.view.deliver_frames(event, user_ids).items():
+            self.links.send_nowait(home, frame)
 
     def device_logged_out(self, user_id: int, device_id: str, token_key: str, except_session=None) -> None:
         for peer in list(self.links.links):

@@ -1,4 +1,4 @@
-"""Logout and membership events in a real cluster (ZooKeeper, two shards and an API server as OS
+"""Logout and membership events in a real cluster (ZooKeeper, shards and an API server as OS
 processes): a logout through the API server or on one shard revokes the token on every shard and
 API server and closes the device's connections wherever they are; ``member_added`` reaches members
 connected to any shard."""
@@ -7,28 +7,12 @@ from __future__ import annotations
 
 import pytest
 
-from tests.cluster import Cluster, ZooKeeper, zookeeper_available
+from tests.cluster import zookeeper_available
 from tests.helpers import open_client
+from tests.test_cluster import cluster, zk  # noqa: F401 - the fixtures: ZooKeeper, 3 shards, an API server
 
 pytestmark = pytest.mark.skipif(not zookeeper_available(),
                                 reason="ZooKeeper not installed (apt-get install zookeeper); .ci/run installs it")
-
-
-@pytest.fixture(scope="module")
-def zk(tmp_path_factory):
-    server = ZooKeeper(tmp_path_factory.mktemp("zk"))
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-async def cluster(zk, tmp_path):
-    c = Cluster(zk, tmp_path, n=2)
-    try:
-        await c.start()
-        yield c
-    finally:
-        c.stop()
 
 
 async def test_logout_reaches_every_shard_and_api_server(cluster, nursery):
