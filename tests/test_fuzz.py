@@ -73,6 +73,9 @@ def base_frames(ch: str, group: str, peer: int, token: str) -> list[dict]:
 @st.composite
 def mutated_frame(draw, bases: list[dict]):
     frame = copy.deepcopy(draw(st.sampled_from(bases)))
+    if frame["type"] == "send" and draw(st.booleans()):  # a new message: the store path, not dedup
+        frame["client_msg_id"] = draw(st.text(min_size=1, max_size=24) | st.sampled_from(NASTY_STRINGS))
+        frame["body"] = draw(st.text(max_size=64) | st.sampled_from(NASTY_STRINGS))
     for _ in range(draw(st.integers(0, 3))):
         op = draw(st.sampled_from(["set", "set", "del", "add", "type", "deep", "wrap"]))
         if not isinstance(frame, dict):
