@@ -5,8 +5,8 @@ stored data that changed.
 
 Sizes: CI sends ``CHATD_FUZZ_FRAMES`` frames to the live server (default 16,000) and an eighth of
 that through the codec per format: 20,000 frames, about 40 s on a loaded 2-core machine (generating
-the frames is most of it). CI is derandomized (the same frames every run); the long run (docs/protocol.md
-has its result) draws new ones:
+the frames is most of it). CI is derandomized (the same frames every run); the long run
+(docs/operations.md, "Fuzzing", has its result) draws new ones:
 ``CHATD_FUZZ_FRAMES=1000000 CHATD_FUZZ_RANDOM=1 python -m pytest tests/test_fuzz.py -k live -p no:timeout -s``.
 """
 
