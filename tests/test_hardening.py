@@ -60,6 +60,14 @@ def test_codec_refuses_what_cannot_be_stored_or_nests_too_deep(frame, code):
     assert info.value.code == code
 
 
+def test_codec_depth_limit_is_exact():
+    frame = '{"type":"heartbeat","id":1,"x":%s}'
+    assert proto.parse(frame % ("[" * 7 + "]" * 7), proto.JSON, 10**6).id == 1  # 8 levels with the frame
+    with pytest.raises(proto.ProtocolError) as info:
+        proto.parse(frame % ("[" * 8 + "]" * 8), proto.JSON, 10**6)
+    assert info.value.code == "bad_frame" and "deeper than 8" in info.value.message
+
+
 def test_codec_keeps_nul_in_bodies_and_reads_ids_of_dropped_frames():
     req = proto.parse('{"type":"send","id":1,"channel_id":"dm:1:2","client_msg_id":"a","body":"a\\u0000b"}',
                       proto.JSON, 10**6)
