@@ -32,7 +32,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-trio>=0.8", "pytest-timeout>=2.3", "schemathesis>=4.0,<5",
-                 "openapi-spec-validator>=0.7", "wsproto>=1.2", "trustme>=1.0",
+                 "openapi-spec-validator>=0.7", "wsproto>=1.2", "trustme>=1.0", "hypothesis>=6.100",
                  # browser tests drive Debian's chromium (apt), never a downloaded browser
                  "playwright>=1.40"],
     },

@@ -2,7 +2,9 @@
 ``hash_password`` / ``verify_password`` in a worker thread.
 
 Token format: ``v1.<base64url(JSON payload)>.<base64url(HMAC-SHA256(secret, "v1." + payload))>``;
-the payload is ``{"u": user_id, "d": device_id, "exp": unix_seconds}``. Verification is
+the payload is ``{"u": user_id, "d": device_id, "exp": unix_seconds, "n": nonce}``; the random nonce
+makes every issued token distinct, so a logout (which revokes one token) never revokes the token of a
+later login of the same device within the same second. Verification is
 constant-time; a bad signature is ``invalid_token``, a past ``exp`` is ``token_expired``.
 """
 
@@ -45,14 +47,22 @@ def new_secret() -> str:
 
 def issue_token(secret: str, user_id: int, device_id: str, ttl_s: float, now: float | None = None) -> tuple[str, float]:
     exp = int((time.time() if now is None else now) + ttl_s)
-    payload = _b64(json.dumps({"u": user_id, "d": device_id, "exp": exp}, separators=(",", ":")).encode())
+    payload = _b64(json.dumps({"u": user_id, "d": device_id, "exp": exp, "n": secrets.token_hex(6)}, separators=(",", ":")).encode())
     signed = "v1." + payload
     return f"{signed}.{_sign(secret, signed)}", exp
 
 
 def verify_token(secret: str, token: str, now: float | None = None) -> tuple[int, str]:
     """Return ``(user_id, device_id)`` or raise ``invalid_token`` / ``token_expired``."""
+    user_id, device_id, _ = token_claims(secret, token, now)
+    return user_id, device_id
+
+
+def token_claims(secret: str, token: str, now: float | None = None) -> tuple[int, str, int]:
+    """Return ``(user_id, device_id, expires_at)`` or raise ``invalid_token`` / ``token_expired``.
+    (Revocation by logout is checked against the store: chatd/revocation.py.)"""
     try:
+        token.encode("ascii")
         version, payload, sig = token.split(".")
     except (ValueError, AttributeError):
         raise ChatError("invalid_token", "token is malformed") from None
@@ -67,7 +77,7 @@ def verify_token(secret: str, token: str, now: float | None = None) -> tuple[int
         raise ChatError("invalid_token", "token payload is malformed") from None
     if (time.time() if now is None else now) >= exp:
         raise ChatError("token_expired", "token has expired; log in again")
-    return user_id, device_id
+    return user_id, device_id, exp
 
 
 def _sign(secret: str, data: str) -> str:

@@ -130,6 +130,8 @@ class Metrics:
         self.errors = self._add(Counter("chatd_errors_total", "Error frames and responses sent, by code", ("code",)))
         self.slow_consumers = self._add(Counter("chatd_slow_consumer_disconnects_total",
                                                 "Connections cut off because their send queue filled"))
+        self.session_crashes = self._add(Counter("chatd_session_crashes_total",
+                                                 "Client sessions closed with 1011 by a server bug (should stay 0)"))
         self.store_latency = self._add(Histogram("chatd_store_append_seconds",
                                                  "Latency of durable message appends (queue + group commit)"))
         self.send_ack = self._add(Histogram("chatd_send_ack_seconds", "Send to ack at the channel's owner: "

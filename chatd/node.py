@@ -12,6 +12,7 @@ closed with 1001), stops the API, then the store finishes queued writes; everyth
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +71,9 @@ class Node:
                 self.metrics.gauge(f"chatd_push_{key}", f"Push notifications: {key} (since start)",
                                    lambda key=key: self.push.stats[key])
         self._link_chains: dict = {}  # (link, channel) -> the last send's 'submitted' event
+        # keys of tokens revoked lately (logout frames seen here): closes the window between a
+        # session's store check and its attach (chatd/shard/session.py)
+        self.revoked_here: OrderedDict[str, None] = OrderedDict()
         self.stop_event = trio.Event()
         self.metrics.gauge("chatd_ws_authenticated", "Authenticated client sessions", lambda: self.hub.count)
         store_metrics(self.metrics, store)
@@ -102,9 +106,36 @@ class Node:
     def connection_count(self) -> int:
         return self.hub.count
 
+    def notify_members(self, event: dict, user_ids) -> None:
+        """A transient event (``member_added`` / ``member_removed``) to every device of ``user_ids``."""
+        self.router.deliver_event(event, user_ids)
+
+    def device_logged_out(self, user_id: int, device_id: str, token_key: str, except_session=None) -> None:
+        """A logout revoked ``token_key``: close the device's connections here and on every shard
+        (link frame ``logout``; best effort: a peer whose link is down misses it, but its shard
+        refuses the token at the next ``auth``)."""
+        self._close_device(user_id, device_id, token_key, except_session)
+        links = self.router.links
+        if links is not None:
+            for peer in list(links.links):
+                links.send_nowait(peer, {"t": "logout", "u": user_id, "d": device_id, "k": token_key})
+
+    def _close_device(self, user_id: int, device_id: str, token_key: str, except_session=None) -> None:
+        self.revoked_here[token_key] = None
+        if len(self.revoked_here) > REVOKED_REMEMBERED:
+            self.revoked_here.popitem(last=False)
+        for session in tuple(self.hub.sessions_of(user_id)):
+            if session.device_id == device_id and session is not except_session:
+                session.logged_out_elsewhere()
+
     # ---- cluster links -------------------------------------------------------------------
     async def on_link_frame(self, link, frame: dict) -> None:
-        if frame.get("t") == "send":
+        if frame.get("t") == "logout":
+            try:
+                self._close_device(int(frame["u"]), str(frame["d"]), str(frame["k"]))
+            except (KeyError, TypeError, ValueError):
+                log.warning("malformed logout frame from %s", link.peer_id)
+        elif frame.get("t") == "send":
             # like a session: concurrent, but entering the store in the order the link carried
             # them, per channel (a send stuck on one channel holds no other channel's)
             ch = frame.get("ch")
@@ -134,6 +165,8 @@ class Node:
         self.router.announce_all(only_to=link.peer_id)
         self.router.schedule_resync(1.0)
 
+
+REVOKED_REMEMBERED = 10_000
 
 # link frames routed by a view: the receiver must route them by at least that view
 VIEW_ROUTED = frozenset({"deliver", "push", "device", "devices"})
@@ -316,6 +349,15 @@ class ApiNode:
 
     def connection_count(self) -> int:
         return sum(s.load for s in self.discovery.live())
+
+    def notify_members(self, event: dict, user_ids) -> None:
+        """Hand the event to each user's home shard (``deliver`` link frame), which fans it out."""
+        for home, frame in self.discovery.view.deliver_frames(event, user_ids).items():
+            self.links.send_nowait(home, frame)
+
+    def device_logged_out(self, user_id: int, device_id: str, token_key: str, except_session=None) -> None:
+        for peer in list(self.links.links):
+            self.links.send_nowait(peer, {"t": "logout", "u": user_id, "d": device_id, "k": token_key})
 
 
 async def serve_api_role(config: Config, *, task_status=trio.TASK_STATUS_IGNORED, node_out: list | None = None) -> None:

@@ -161,6 +161,15 @@ class EmulatedKeyspace(CqlRunner):
         row = self.tables.setdefault("presence", {}).get(uid)
         return [{"last_active_at": row["last_active_at"]}] if row else []
 
+    def w_revoked_put(self, key, uid, device_id, expires_at, ttl):
+        import time  # USING TTL: the row disappears ttl seconds after the write
+        self.tables.setdefault("revoked_tokens", {})[key] = {"user_id": uid, "until": time.time() + ttl}
+
+    def r_revoked_get(self, key):
+        import time
+        row = self.tables.setdefault("revoked_tokens", {}).get(key)
+        return [{"user_id": row["user_id"]}] if row and row["until"] > time.time() else []
+
     def r_head_get(self, cid):
         row = self.tables["channel_heads"].get(cid)
         return [{"last_seq": row["last_seq"], "last_at": row["last_at"]}] if row else []

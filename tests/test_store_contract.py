@@ -599,3 +599,19 @@ async def test_push_slot_leases(store):
     await store.release_push_slots(two, [2, 1])  # 1 is not two's: untouched
     assert await store.claim_push_slots(one, [1, 2], 10.0, 121.0) == [1, 2]
     assert await store.claim_push_slots(two, [1, 2, 3], 10.0, 122.0) == [3]
+
+
+# ---- token revocation (logout) ----------------------------------------------------------------------
+async def test_revoked_tokens(store):
+    import time
+    (a,) = await users(store, 1)
+    k1, k2, old = uniq("key1"), uniq("key2"), uniq("old")
+    assert not await store.token_revoked(k1)
+    await store.revoke_token(k1, a.id, "phone", time.time() + 3600)
+    await store.revoke_token(k1, a.id, "phone", time.time() + 3600)  # again: harmless
+    assert await store.token_revoked(k1)
+    assert not await store.token_revoked(k2)  # one token, not the device or the user
+    # a record may be forgotten once its token has expired (it is refused as expired anyway)
+    await store.revoke_token(old, a.id, "phone", time.time() - 3600)
+    await store.revoke_token(k2, a.id, "tablet", time.time() + 3600)
+    assert await store.token_revoked(k2) and await store.token_revoked(k1)

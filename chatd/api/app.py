@@ -20,11 +20,14 @@ from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from .. import revocation
 from ..auth import hash_password, issue_token, verify_password, verify_token
 from ..errors import ChatError
 from ..ids import dm_channel_id, dm_members, is_group, is_valid_channel_id, new_group_id
 from ..protocol.client import message_frame
+from ..shard.membership import announce_member_change
 from ..store.base import PushToken
+from ..store.pages import read_page
 from . import models as m
 from .loginguard import LoginGuard
 from .spec import hide, install, route, set_authenticate
@@ -84,11 +87,18 @@ def create_app(node) -> QuartTrio:
             node.metrics.http_latency.observe(time.perf_counter() - g.started)
         return response
 
+    @app.before_request
+    async def note_revoked_token():  # current_user() is sync: the store is asked here
+        g.token_revoked = await revocation.header_revoked(node.secret, store, request.headers.get("Authorization", ""))
+
     def current_user() -> tuple[int, str]:
         header = request.headers.get("Authorization", "")
         if not header.startswith("Bearer "):
             raise ChatError("not_authenticated", "send 'Authorization: Bearer <token>' (from /v1/login)")
-        return verify_token(node.secret, header[len("Bearer "):].strip())
+        user = verify_token(node.secret, header[len("Bearer "):].strip())
+        if g.get("token_revoked"):
+            raise ChatError("invalid_token", revocation.REVOKED_MESSAGE)
+        return user
 
     set_authenticate(app, current_user)
 
@@ -212,7 +222,10 @@ def create_app(node) -> QuartTrio:
     @route(m.LogoutAnswer)
     async def logout():
         uid, device_id = current_user()
+        token = revocation.bearer(request.headers["Authorization"])
+        await revocation.revoke(node.secret, store, token)
         node.presence.logout(uid, device_id)
+        node.device_logged_out(uid, device_id, revocation.token_key(token))
         return {"user_id": uid, "device_id": device_id, "logged_out": True}
 
     # ---- channels ------------------------------------------------------------------------
@@ -275,6 +288,8 @@ def create_app(node) -> QuartTrio:
         new = data.user_id
         added = await store.add_member(channel_id, new, cfg.limits.max_group_members, time.time())
         node.membership_changed(channel_id)
+        if added:
+            await announce_member_change(node, "member_added", channel_id, new, uid)
         return {"channel_id": channel_id, "user_id": new, "added": added}
 
     @app.delete("/v1/channels/<string:channel_id>/members/<int:member_id>")
@@ -288,6 +303,8 @@ def create_app(node) -> QuartTrio:
             raise ChatError("forbidden", "only the group's owner removes others; anyone may leave")
         removed = await store.remove_member(channel_id, member_id)
         node.membership_changed(channel_id)
+        if removed:
+            await announce_member_change(node, "member_removed", channel_id, member_id, uid)
         return {"channel_id": channel_id, "user_id": member_id, "removed": removed}
 
     @app.get("/v1/channels/<string:channel_id>/messages")
@@ -295,10 +312,9 @@ def create_app(node) -> QuartTrio:
     async def history(channel_id: str, query: m.HistoryQuery):
         uid, _ = current_user()
         await require_member(channel_id, uid)
-        after, before, limit = m.unset_to_none(query.after), m.unset_to_none(query.before), query.limit
-        msgs = await store.read_messages(channel_id, after=after, before=before, limit=limit)
-        return {"channel_id": channel_id, "messages": [message_frame(m) for m in msgs],
-                "more": len(msgs) == limit}
+        after, before = m.unset_to_none(query.after), m.unset_to_none(query.before)
+        msgs, more = await read_page(store, channel_id, after, before, query.limit)
+        return {"channel_id": channel_id, "messages": [message_frame(m) for m in msgs], "more": more}
 
     # ---- push tokens (docs/push.md) ----------------------------------------------------------
     def push_tokens_changed(uid: int) -> None:

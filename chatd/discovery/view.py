@@ -41,6 +41,14 @@ class View:
     def home_of(self, user_id: int) -> str:
         return hashing.owner(f"u:{user_id}", self.shards)
 
+    def deliver_frames(self, event: dict, user_ids) -> dict[str, dict]:
+        """home shard -> the ``deliver`` link frame that hands ``event`` to its users of ``user_ids``
+        (the home fans it out to their devices). Empty without shards."""
+        by_home: dict[str, list[int]] = {}
+        for uid in user_ids if self.shards else ():
+            by_home.setdefault(self.home_of(uid), []).append(uid)
+        return {home: {"t": "deliver", "view": self.version, "e": event, "u": uids} for home, uids in by_home.items()}
+
     def pick_for_login(self, user_id: int, overload_connections: int = 0) -> ShardInfo:
         """The user's home shard, or the least-loaded one when home is above the threshold."""
         if not self.shards:

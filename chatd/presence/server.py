@@ -65,15 +65,9 @@ class PresenceServer:
                 self.service.unsubscribe(subscriber, [target])
 
     def publish(self, frame: dict, user_ids) -> None:
-        view = self.shards.view
-        if not view.shards:
-            return
-        by_home: dict[str, list[int]] = {}
-        for uid in user_ids:
-            by_home.setdefault(view.home_of(uid), []).append(uid)
-        for home, uids in by_home.items():
-            if not self.links.send_nowait(home, {"t": "deliver", "view": view.version, "e": frame, "u": uids}):
-                log.debug("presence event for %d users on %s dropped (no link)", len(uids), home)
+        for home, deliver in self.shards.view.deliver_frames(frame, user_ids).items():
+            if not self.links.send_nowait(home, deliver):
+                log.debug("presence event for %d users on %s dropped (no link)", len(deliver["u"]), home)
 
     async def on_frame(self, link, frame: dict) -> None:
         t = frame.get("t")

@@ -7,7 +7,14 @@ as msgpack maps in binary frames (subprotocol ``chatd.v1.msgpack``).
 Error policy: anything wrong with what the peer sent raises :class:`ProtocolError` carrying a
 stable code (``bad_frame``, ``unknown_type``, ``bad_field``, ``frame_too_large``) and, when it could
 be read, the request ``id`` so the error reply can echo it. The caller replies with
-:func:`error_frame` and goes on; nothing here is fatal to a connection.
+:func:`error_frame` and goes on; nothing here is fatal to a connection. Any other exception out of
+:func:`parse` is a bug (tests/test_fuzz.py looks for them).
+
+What passes is safe to store and to echo: every string is valid Unicode (no lone surrogates, which
+JSON's ``\\ud83d`` escapes can produce and UTF-8 cannot carry), only ``body`` may contain NUL, and a
+decoded frame nests at most ``MAX_DEPTH`` levels (JSON deep enough to exhaust the decoder's stack
+raises ``RecursionError`` inside the C decoder, which unwinds cleanly and is a ``bad_frame`` too;
+msgpack's unpacker refuses depth above 1024 itself).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ MAX_ID_LEN = 64
 MAX_CLIENT_MSG_ID_LEN = 128
 MAX_TOKEN_LEN = 4096
 MAX_CURSORS = 10_000
+MAX_DEPTH = 8  # the deepest valid frame nests 2 levels ({"cursors": {...}})
 
 
 class ProtocolError(ChatError):
@@ -113,13 +121,24 @@ class Logout:
 
 
 # field checkers: value -> value or raise ValueError(reason)
+def _text(v: str, allow_nul: bool = False) -> str:
+    """``v`` if the store can keep it and UTF-8 can carry it: no lone surrogate, NUL only if allowed."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode (it contains a lone surrogate, e.g. half an emoji)") from None
+    if not allow_nul and "\x00" in v:
+        raise ValueError("must not contain NUL (U+0000)")
+    return v
+
+
 def _str(maxlen):
     def check(v):
         if not isinstance(v, str):
             raise ValueError("must be a string")
         if len(v) > maxlen:
             raise ValueError(f"must be at most {maxlen} characters")
-        return v
+        return _text(v)
     return check
 
 
@@ -157,7 +176,7 @@ def _channel(v):
 def _body(v):
     if not isinstance(v, str):
         raise ValueError("must be a string")
-    return v  # length is a semantic limit (body_too_long), checked by the session
+    return _text(v, allow_nul=True)  # length is a semantic limit (body_too_long), checked by the session
 
 
 def _cursors(v):
@@ -208,6 +227,8 @@ def _check_id(v):
         raise ValueError("must be a string or an integer")
     if isinstance(v, str) and len(v) > MAX_ID_LEN:
         raise ValueError(f"must be at most {MAX_ID_LEN} characters")
+    if isinstance(v, str):
+        _text(v)
     if isinstance(v, int) and not -(2**63) <= v <= MAX_SEQ:
         raise ValueError("is out of range")
     return v
@@ -224,19 +245,50 @@ def parse(data: str | bytes, fmt: str, max_bytes: int):
     return from_object(obj)
 
 
+def peek_id(data: str | bytes, fmt: str, max_bytes: int):
+    """The request ``id`` of a frame we will not serve (rate limited), if it can be read; never raises."""
+    try:
+        obj = loads(data, fmt) if len(data) <= max_bytes else None
+        return _check_id(obj["id"]) if isinstance(obj, dict) and "id" in obj else None
+    except (ProtocolError, ValueError):
+        return None
+
+
+def _depth_ok(obj, limit: int = MAX_DEPTH) -> bool:
+    """Whether ``obj`` nests at most ``limit`` containers deep (iterative: no recursion)."""
+    stack = [(obj, 1)]
+    while stack:
+        o, d = stack.pop()
+        if isinstance(o, dict):
+            children = o.values()
+        elif isinstance(o, list):
+            children = o
+        else:
+            continue
+        if d > limit:
+            return False
+        stack.extend((c, d + 1) for c in children if isinstance(c, (dict, list)))
+    return True
+
+
 def loads(data: str | bytes, fmt: str):
     try:
         if isinstance(data, str):
             if fmt != JSON:
                 raise ProtocolError("bad_frame", "this connection speaks msgpack: send binary frames")
-            return json.loads(data)
-        if fmt != MSGPACK:
-            raise ProtocolError("bad_frame", "this connection speaks JSON: send text frames")
-        return msgpack.unpackb(data, raw=False, strict_map_key=True)
+            obj = json.loads(data)
+        else:
+            if fmt != MSGPACK:
+                raise ProtocolError("bad_frame", "this connection speaks JSON: send text frames")
+            obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
     except ProtocolError:
         raise
-    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
+    except (ValueError, TypeError, RecursionError, msgpack.ExtraData, msgpack.FormatError,
+            msgpack.StackError) as e:
         raise ProtocolError("bad_frame", f"cannot decode {fmt}: {type(e).__name__}") from None
+    if not _depth_ok(obj):
+        raise ProtocolError("bad_frame", f"frame nests deeper than {MAX_DEPTH} levels")
+    return obj
 
 
 def from_object(obj):

@@ -42,6 +42,7 @@ class Notification:
     last_seq: int
     device: PushToken
     body: str | None = None  # the newest message's (truncated) body, only with include_body
+    unread: int | None = None  # the user's unread messages in all channels (Matrix counts.unread)
 
     @property
     def id(self) -> str:
@@ -157,10 +158,12 @@ def matrix_notify_url(base: str) -> str:
 
 
 def matrix_document(n: Notification, default_app_id: str) -> dict:
-    """``POST /_matrix/push/v1/notify``: the channel is the room, the newest message the event, the
-    count the unread count; one device per request (as Synapse sends them)."""
+    """``POST /_matrix/push/v1/notify``: the channel is the room, the newest message the event;
+    ``counts.unread`` is the user's unread count over all channels (the spec's meaning, the badge
+    gateways show), at least the burst's count; one device per request (as Synapse sends them)."""
+    unread = n.count if n.unread is None else max(n.unread, n.count)
     note = {"event_id": f"{n.channel_id}:{n.last_seq}", "room_id": n.channel_id, "type": "m.room.message",
-            "sender": str(n.sender_id), "prio": "high", "counts": {"unread": n.count},
+            "sender": str(n.sender_id), "prio": "high", "counts": {"unread": unread},
             "devices": [{"app_id": n.device.app_id or default_app_id, "pushkey": n.device.token,
                          "pushkey_ts": int(n.device.created_at),
                          "data": {"provider": n.device.provider, "chatd_id": n.id, "first_seq": n.first_seq,

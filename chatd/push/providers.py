@@ -73,6 +73,7 @@ class WebhookProvider(_HTTPProvider):
 class MatrixProvider(_HTTPProvider):
     """The Matrix Push Gateway API (``POST /_matrix/push/v1/notify``), e.g. Sygnal in front of APNs/FCM."""
     name = "matrix"
+    needs_unread_total = True  # counts.unread: the service reads the user's total before sending
 
     def __init__(self, gateway_url: str, default_app_id: str, timeout_s: float, post: PostFn | None = None):
         super().__init__(payload.matrix_notify_url(gateway_url), timeout_s, post)

@@ -34,6 +34,7 @@ Clocks: outbox times are wall-clock (``now``, default ``time.time``); tests pass
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -309,6 +310,9 @@ class PushService:
                 tokens = await self.store.push_tokens(user_id)
                 marks = await self.store.push_marks(user_id, channel_id) if tokens else {}
                 notes = payload.plan(group, tokens, marks)
+                if notes and getattr(self.provider, "needs_unread_total", False):
+                    unread = sum(c.unread for c in await self.store.channels_of(user_id))
+                    notes = [dataclasses.replace(n, unread=unread) for n in notes]
             outcomes: list = [None] * len(notes)
 
             async def one(i, n):

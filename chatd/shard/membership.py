@@ -55,3 +55,11 @@ class Membership:
     def invalidate(self, channel_id: str) -> None:
         self._cache.pop(channel_id, None)
         self._generation[channel_id] = self._generation.get(channel_id, 0) + 1
+
+
+async def announce_member_change(node, kind: str, channel_id: str, user_id: int, by: int) -> None:
+    """After a stored membership change: a ``member_added`` / ``member_removed`` event to every
+    connected device of the members and of ``user_id`` (the one who joined or left). Transient,
+    like typing: a device that was offline learns it from ``GET /v1/channels`` and ``sync``."""
+    members = set(await node.store.members(channel_id)) | {user_id}
+    node.notify_members({"type": kind, "channel_id": channel_id, "user_id": user_id, "by": by}, members)

@@ -16,7 +16,10 @@ import trio
 from trio_websocket import ConnectionClosed, serve_websocket
 
 from ..protocol.client import JSON, MSGPACK, SUBPROTOCOLS
+from . import wsfix
 from .session import CLOSE_GOING_AWAY, Session
+
+wsfix.apply()  # a text frame that is not UTF-8 gets a 1007 close frame, not a bare TCP close
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +92,9 @@ class ShardServer:
                 serve_websocket, self._handle, cfg.server.ws_host, cfg.server.ws_port, None,
                 handler_nursery=nursery,
                 # Frames above max_frame_bytes get a 'frame_too_large' error and the connection goes on;
-                # only frames above twice that are refused by the WebSocket layer (close 1009).
-                max_message_size=2 * limits.max_frame_bytes + 1024,
+                # only frames above twice that are refused by the WebSocket layer (close 1009), exactly:
+                # 2 * max_frame_bytes bytes is answered, one byte more closes.
+                max_message_size=2 * limits.max_frame_bytes,
                 message_queue_size=4, connect_timeout=10, disconnect_timeout=5))
             self.port = server.port
             log.info("shard %s accepting WebSocket clients on %s:%d", cfg.server.shard_id,

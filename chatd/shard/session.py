@@ -6,7 +6,10 @@ Resources and policies
   goes through one bounded queue (``limits.send_queue_frames``) drained by the writer task.
   :meth:`push` never blocks: when the queue is full the client is a *slow consumer* and is
   disconnected with close code 1013; it resyncs when it comes back. Memory per connection is
-  bounded by the queue size.
+  bounded by the queue size. A write to the socket is never cut in the middle of a frame: a
+  close waits up to ``SEND_GRACE_S`` for the write in progress (a client that reads again in
+  time gets every whole frame and then the close frame); a client that does not read for that
+  long has its TCP connection aborted (it sees 1006: no close frame can reach a full buffer).
 * **Per-channel delivery cursor**: the writer remembers, per channel, the contiguous range of
   seqs ``[floor, cursor]`` it has delivered on this connection. A live message at or below the
   cursor is dropped (never delivered twice); one above ``cursor + 1`` first has the hole filled
@@ -16,10 +19,18 @@ Resources and policies
   with 1008); at most ``max_inflight_sends`` sends in flight (the reader then waits: TCP
   backpressure on that client only). Bad frames get an ``error`` frame and the connection goes on.
 * **Auth**: nothing but ``auth`` is served before it succeeds; a connection that has not
-  authenticated within ``auth_timeout_s`` is closed with 1008.
+  authenticated within ``auth_timeout_s`` is closed with 1008. A token revoked by a logout is
+  refused (store record, chatd/revocation.py); when the token expires, or another connection
+  logs the device out, the connection gets an ``error`` frame and is closed with 4001.
+* **Bugs**: any exception that is not a :class:`ChatError` is a bug. It is logged ("session
+  crashed"), counted (``chatd_session_crashes_total``), answered with an ``internal`` error frame
+  and the connection is closed with 1011 once what is queued is sent; other connections and the
+  stored data are unaffected.
 
-Close codes: 1001 server going away, 1008 policy (auth timeout, flood, repeated bad tokens),
-1009 frame above the hard cap, 1013 slow consumer.
+Close codes: 1000 after the client's own ``logout``, 1001 server going away, 1007 text frame that
+is not UTF-8 (chatd/shard/wsfix.py), 1008 policy (auth timeout, flood, repeated bad tokens),
+1009 frame above the hard cap, 1011 server bug, 1013 slow consumer or shard not ready, 4001 token
+expired or revoked (log in again).
 """
 
 from __future__ import annotations
@@ -32,20 +43,26 @@ from trio_websocket import ConnectionClosed
 from wsproto.connection import ConnectionState
 from wsproto.frame_protocol import FrameProtocol
 
-from ..auth import verify_token
+from .. import revocation
+from ..auth import token_claims
 from ..errors import ChatError
+from ..ids import dm_members
 from ..protocol import client as proto
 from ..store.base import Message
 from .answers import AnswerClock
 from .router import RETRY_AFTER_MS
+from ..store.pages import read_page
 
 log = logging.getLogger(__name__)
 
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
+CLOSE_INTERNAL = 1011
 CLOSE_TRY_AGAIN = 1013
+CLOSE_LOG_IN_AGAIN = 4001  # token expired or revoked (logout of this device elsewhere)
 MAX_BAD_TOKENS = 5
+SEND_GRACE_S = 2.0  # how long a close waits for the socket write in progress
 
 
 class _SyncJob:
@@ -95,6 +112,8 @@ class Session:
         self._out_send, self._out_recv = trio.open_memory_channel(limits.send_queue_frames)
         self.user_id: int | None = None
         self.device_id: str | None = None
+        self.token_key: str | None = None
+        self._token_exp: float | None = None
         self._cursors: dict[str, list[int]] = {}  # channel -> [floor, cursor] delivered here
         self._bucket = node.rate_bucket()
         self._limited_in_row = 0
@@ -126,6 +145,18 @@ class Session:
         self.node.metrics.errors.inc(code=err.code)
         self.push(proto.error_frame(err.code, err.message, request_id, **err.details))
 
+    def crashed(self, exc: BaseException, request_id=None) -> None:
+        """A bug (any exception that is not a ChatError): say ``internal``, then close with 1011."""
+        log.error("session crashed (user %s): internal error, closing with 1011", self.user_id, exc_info=exc)
+        self.node.metrics.session_crashes.inc()
+        self.push_error(ChatError("internal", "internal server error; please report it"), request_id)
+        self.push(_Close(CLOSE_INTERNAL, "internal server error"))
+
+    def logged_out_elsewhere(self) -> None:
+        """This device logged out on another connection (any shard): its token is revoked."""
+        self.push_error(ChatError("invalid_token", "this device logged out; log in again"))
+        self.push(_Close(CLOSE_LOG_IN_AGAIN, "device logged out; log in again"))
+
     async def _close_after_queued(self, code: int, reason: str) -> None:
         """Stop reading; the writer sends what is queued (an error frame), then closes."""
         self.push(_Close(code, reason))
@@ -155,7 +186,15 @@ class Session:
         if self._out:
             data = b"".join(self._out)
             self._out.clear()
-            await send_raw(self.ws, data)
+            # Never cancelled mid-frame (the close frame that follows would be garbage to the
+            # client): a close waits for this write, at most SEND_GRACE_S, then aborts the TCP
+            # connection of a client that is not reading.
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(SEND_GRACE_S) as grace:
+                    await send_raw(self.ws, data)
+            if grace.cancelled_caught:
+                await self.ws._abort_web_socket()  # trio-websocket internals, as send_raw
+                raise ConnectionClosed(self.ws._close_reason)
 
     async def _writer(self) -> None:
         recv = self._out_recv
@@ -267,27 +306,38 @@ class Session:
                     self.close_soon(CLOSE_POLICY, "flood: too many frames over the rate limit")
                     return
                 self.push_error(ChatError("rate_limited", "too many frames; slow down",
-                                          retry_after_ms=int(self._bucket.retry_after_s() * 1000) + 1))
+                                          retry_after_ms=int(self._bucket.retry_after_s() * 1000) + 1),
+                                proto.peek_id(data, self.fmt, limits.max_frame_bytes))
                 continue
             self._limited_in_row = 0
+            req = None
             try:
                 req = proto.parse(data, self.fmt, limits.max_frame_bytes)
+                await self._serve(req, nursery)
             except proto.ProtocolError as e:
                 self.push_error(e, e.request_id)
-                continue
-            if self.user_id is None:
-                if isinstance(req, proto.Auth):
-                    # A session attached before this shard has a view would be announced to
-                    # no home shard, and miss live messages: wait for the first view.
-                    if not self.node.router.view.shards and not await self.node.router.wait_for_view():
-                        self.push_error(ChatError("unavailable", "this shard is starting; reconnect"), req.id)
-                        await self._close_after_queued(CLOSE_TRY_AGAIN, "shard not ready; reconnect")
-                    if not self._on_auth(req):
-                        await self._close_after_queued(CLOSE_POLICY, "too many invalid tokens")
-                else:
-                    self.push_error(ChatError("not_authenticated", "send an 'auth' frame first"), req.id)
-                continue
-            await self._dispatch(req, nursery)
+            except ChatError as e:
+                self.push_error(e, getattr(req, "id", None))
+            except Exception as e:  # noqa: BLE001 - a bug: answered 'internal', connection closed
+                self.crashed(e, getattr(req, "id", None))
+                await trio.sleep_forever()  # the writer sends what is queued, then closes
+
+    async def _serve(self, req, nursery: trio.Nursery) -> None:
+        if self.user_id is None:
+            if isinstance(req, proto.Auth):
+                # A session attached before this shard has a view would be announced to
+                # no home shard, and miss live messages: wait for the first view.
+                if not self.node.router.view.shards and not await self.node.router.wait_for_view():
+                    self.push_error(ChatError("unavailable", "this shard is starting; reconnect"), req.id)
+                    await self._close_after_queued(CLOSE_TRY_AGAIN, "shard not ready; reconnect")
+                if not await self._on_auth(req):
+                    await self._close_after_queued(CLOSE_POLICY, "too many invalid tokens")
+                if self.user_id is not None:
+                    nursery.start_soon(self._expiry)
+            else:
+                self.push_error(ChatError("not_authenticated", "send an 'auth' frame first"), req.id)
+            return
+        await self._dispatch(req, nursery)
 
     async def _dispatch(self, req, nursery: trio.Nursery) -> None:
         if isinstance(req, proto.Send):
@@ -310,9 +360,7 @@ class Session:
             self.node.presence.unsubscribe(self.user_id, gone)
             self.push({"type": "unsubscribe_presence", "id": req.id, "user_ids": list(req.user_ids)})
         elif isinstance(req, proto.Logout):
-            self.node.presence.logout(self.user_id, self.device_id)
-            self.push({"type": "logout", "id": req.id})
-            self.push(_Close(CLOSE_NORMAL, "logged out"))
+            nursery.start_soon(self._guarded, self._on_logout, req)
         elif isinstance(req, proto.Auth):
             self.push_error(ChatError("already_authenticated", "this connection is authenticated"), req.id)
         else:
@@ -326,15 +374,24 @@ class Session:
             await handler(req)
         except ChatError as e:
             self.push_error(e, req.id)
+        except Exception as e:  # noqa: BLE001 - a bug: answered 'internal', connection closed
+            self.crashed(e, req.id)
 
-    def _on_auth(self, req: proto.Auth) -> bool:
+    async def _on_auth(self, req: proto.Auth) -> bool:
         """False once the connection has presented too many bad tokens (it must be closed)."""
         try:
-            self.user_id, self.device_id = verify_token(self.node.secret, req.token)
+            user_id, device_id, exp = token_claims(self.node.secret, req.token)
+            key = revocation.token_key(req.token)
+            if await self.node.store.token_revoked(key) or key in self.node.revoked_here:
+                raise ChatError("invalid_token", revocation.REVOKED_MESSAGE)
         except ChatError as e:
+            if e.code == "unavailable":
+                self.push_error(e, req.id)
+                return True
             self._bad_tokens += 1
             self.push_error(e, req.id)
             return self._bad_tokens < MAX_BAD_TOKENS
+        self.user_id, self.device_id, self.token_key, self._token_exp = user_id, device_id, key, exp
         # No await from here on: every live message routed to us is queued after this sync job.
         self.node.router.attach(self)
         self.node.presence.heartbeat(self.user_id, self.device_id)
@@ -377,17 +434,37 @@ class Session:
             if e.code == "unavailable" and "retry_after_ms" not in e.details:
                 e.details["retry_after_ms"] = RETRY_AFTER_MS
             ticket.answer(e)
+        except Exception as e:  # noqa: BLE001 - a bug: answered 'internal', connection closed
+            ticket.answered = True  # (the deadline must not answer it again)
+            self.crashed(e, req.id)
         finally:
             submitted.set()
             if self._last_send.get(req.channel_id) is submitted:
                 del self._last_send[req.channel_id]
             self._inflight.release()
 
+    async def _on_logout(self, req: proto.Logout) -> None:
+        """Revoke this connection's token (durably, before the reply), close the device's other
+        connections everywhere, then close this one with 1000."""
+        await self.node.store.revoke_token(self.token_key, self.user_id, self.device_id, float(self._token_exp))
+        self.node.presence.logout(self.user_id, self.device_id)
+        self.node.device_logged_out(self.user_id, self.device_id, self.token_key, except_session=self)
+        self.push({"type": "logout", "id": req.id})
+        self.push(_Close(CLOSE_NORMAL, "logged out"))
+
+    async def _expiry(self) -> None:
+        """Tokens expire while connected too: at ``exp`` the connection is closed with 4001."""
+        await trio.sleep(max(0.0, self._token_exp - time.time()))
+        self.push_error(ChatError("token_expired", "token has expired; log in again"))
+        self.push(_Close(CLOSE_LOG_IN_AGAIN, "token expired; log in again"))
+
     async def _on_history(self, req: proto.History) -> None:
+        page_max = self.limits.history_page_max
+        if req.limit is not None and req.limit > page_max:  # as over HTTP: refused, not clamped
+            raise ChatError("bad_field", f"field 'limit' must be between 1 and {page_max}")
         await self.node.membership.require_member(req.channel_id, self.user_id)
-        limit = min(req.limit or 50, self.limits.history_page_max)
-        msgs = await self.node.store.read_messages(req.channel_id, after=req.after, before=req.before, limit=limit)
-        more = len(msgs) == limit
+        limit = req.limit or 50
+        msgs, more = await read_page(self.node.store, req.channel_id, req.after, req.before, limit)
         # Keep the reply under the frame limit: drop from the far end (newest for "after" pages,
         # oldest otherwise) and say there is more.
         budget = self.limits.max_frame_bytes
@@ -411,7 +488,14 @@ class Session:
 
     async def _on_read(self, req: proto.Read) -> None:
         members = await self.node.membership.require_member(req.channel_id, self.user_id)
-        seq = await self.node.store.set_read(req.channel_id, self.user_id, req.seq)
+        try:
+            seq = await self.node.store.set_read(req.channel_id, self.user_id, req.seq)
+        except ChatError as e:
+            # a member of a 1:1 channel with no message yet (no rows stored): nothing to read
+            if e.code != "not_member" or dm_members(req.channel_id) is None:
+                raise
+            self.push({"type": "read", "id": req.id, "channel_id": req.channel_id, "seq": 0})
+            return
         self.push({"type": "read", "id": req.id, "channel_id": req.channel_id, "seq": seq})
         event = {"type": "read", "channel_id": req.channel_id, "user_id": self.user_id, "seq": seq}
         self.node.router.deliver_event(event, members, skip=self.device_id)
@@ -456,6 +540,11 @@ class Session:
                 except ConnectionClosed:
                     pass
                 nursery.cancel_scope.cancel()
+        except Exception as e:  # noqa: BLE001 - a bug that escaped the handlers above: still 1011
+            log.error("session crashed (user %s): closing with 1011", self.user_id, exc_info=e)
+            self.node.metrics.session_crashes.inc()
+            if self.close_reason is None:
+                self.close_reason = (CLOSE_INTERNAL, "internal server error")
         finally:
             if self.user_id is not None:
                 self.node.router.detach(self)
@@ -477,5 +566,18 @@ class Session:
         except ChatError as e:  # store failure while syncing: tell the client, let it retry
             log.warning("closing session of user %s: %s", self.user_id, e)
             self.close_soon(CLOSE_TRY_AGAIN, "server could not read the store; reconnect and sync")
+        except Exception as e:  # noqa: BLE001 - a bug in the writer: say so if we still can
+            log.error("session crashed (user %s): writer failed, closing with 1011", self.user_id, exc_info=e)
+            self.node.metrics.session_crashes.inc()
+            self.node.metrics.errors.inc(code="internal")
+            self.close_soon(CLOSE_INTERNAL, "internal server error")
+            self._out.clear()
+            with trio.CancelScope(shield=True), trio.move_on_after(SEND_GRACE_S):
+                try:
+                    self._emit(proto.dumps(proto.error_frame("internal", "internal server error; please report it"),
+                                           self.fmt))
+                    await send_raw(self.ws, self._out.pop())
+                except ConnectionClosed:
+                    pass
         finally:
             self._nursery.cancel_scope.cancel()

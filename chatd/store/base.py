@@ -252,6 +252,16 @@ class Store(abc.ABC):
     async def release_push_slots(self, owner: str, slots: list[int]) -> None:
         """End ``owner``'s leases of ``slots`` at once (slots held by others are left alone)."""
 
+    # -- token revocation (logout; chatd/revocation.py) --
+    @abc.abstractmethod
+    async def revoke_token(self, token_key: str, user_id: int, device_id: str, expires_at: float) -> None:
+        """Record the token (by its key) as revoked until ``expires_at``; repeating it is harmless.
+        Backends may forget records after ``expires_at`` (the token has expired by then)."""
+
+    @abc.abstractmethod
+    async def token_revoked(self, token_key: str) -> bool:
+        """Whether the token with this key was revoked (and has not expired since)."""
+
     @abc.abstractmethod
     async def aclose(self) -> None:
         """Finish queued writes and release connections. Idempotent."""

@@ -58,6 +58,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import time
 from collections import OrderedDict, deque
 
 import trio
@@ -79,6 +81,7 @@ APPEND_ATTEMPTS = 64  # seq races resolved before giving up with "unavailable"
 MAX_BATCH = 64  # messages in one conditional batch (one partition, one mutation)
 MAX_BATCH_BYTES = 1 << 20  # body characters in one batch (a single larger message goes alone)
 MEMBER_ATTEMPTS = 32  # membership version races likewise
+MAX_TTL_S = 630_720_000  # Cassandra's largest TTL (20 years)
 FAN_OUT = 32  # concurrent reads one call issues (get_users, channels_of, group creation)
 
 
@@ -744,6 +747,16 @@ class CassandraStore(Store):
             ids = list(dict.fromkeys(user_ids))
             rows = await self._gather(*[lambda u=u: self._cql.one("presence_get", (u,)) for u in ids])
             return {u: r["last_active_at"] for u, r in zip(ids, rows) if r is not None}
+
+    # ---- token revocation --------------------------------------------------------------------
+    async def revoke_token(self, token_key, user_id, device_id, expires_at):
+        with self._op():
+            ttl = max(1, min(MAX_TTL_S, math.ceil(expires_at - time.time()) + 60))  # a minute of clock skew
+            await self._cql.write("revoked_put", (token_key, user_id, device_id, expires_at, ttl))
+
+    async def token_revoked(self, token_key):
+        with self._op():
+            return await self._cql.one("revoked_get", (token_key,)) is not None
 
     # ---- push notifications ----------------------------------------------------------------
     # ``push_tokens`` (by token) is authoritative, ``push_tokens_by_user`` lists them: a by-user row

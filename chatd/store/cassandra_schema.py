@@ -160,6 +160,14 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
         # conditional batch on the partition: ``... IF bucket_head = <the head the writer saw>``.
         "ALTER TABLE {ks}.messages ADD bucket_head bigint STATIC",
     ]),
+    (4, [  # logout revokes tokens (chatd/revocation.py); rows are written with a TTL up to the
+        # token's expiry, so the table only ever holds tokens that would still be accepted.
+        """CREATE TABLE IF NOT EXISTS {ks}.revoked_tokens (
+            token_key text PRIMARY KEY,
+            user_id bigint,
+            device_id text,
+            expires_at double)""",
+    ]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -245,6 +253,10 @@ STATEMENTS: dict[str, tuple[str, str]] = {
                              "AND push_token = ?"),
     "push_lease_create": (LWT, "INSERT INTO push_leases (slot, owner, lease_until) VALUES (?, ?, ?) IF NOT EXISTS"),
     "push_lease_renew": (LWT, "UPDATE push_leases SET lease_until = ? WHERE slot = ? IF owner = ?"),
+    # token revocation
+    "revoked_put": (WRITE, "INSERT INTO revoked_tokens (token_key, user_id, device_id, expires_at) "
+                           "VALUES (?, ?, ?, ?) USING TTL ?"),
+    "revoked_get": (READ, "SELECT user_id FROM revoked_tokens WHERE token_key = ?"),
     "push_lease_take": (LWT, "UPDATE push_leases SET owner = ?, lease_until = ? WHERE slot = ? IF lease_until < ?"),
 }
 

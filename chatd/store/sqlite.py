@@ -100,6 +100,14 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             PRIMARY KEY (user_id, channel_id, token)) WITHOUT ROWID""",
         "CREATE TABLE push_leases (slot INTEGER PRIMARY KEY, owner TEXT NOT NULL, lease_until REAL NOT NULL)",
     ]),
+    (4, [  # logout revokes tokens (chatd/revocation.py)
+        """CREATE TABLE revoked_tokens (
+            token_key TEXT PRIMARY KEY,
+            user_id INTEGER NOT NULL,
+            device_id TEXT NOT NULL,
+            expires_at REAL NOT NULL) WITHOUT ROWID""",
+        "CREATE INDEX revoked_tokens_by_expiry ON revoked_tokens (expires_at)",
+    ]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -546,6 +554,19 @@ class SQLiteStore(Store):
                           [(s, owner) for s in slots])
         if slots:
             await self._write(fn)
+
+    # ---- token revocation ----------------------------------------------------------------
+    async def revoke_token(self, token_key, user_id, device_id, expires_at):
+        def fn(c):
+            c.execute("DELETE FROM revoked_tokens WHERE expires_at < ?", (time.time(),))  # expired anyway
+            c.execute("INSERT OR IGNORE INTO revoked_tokens (token_key, user_id, device_id, expires_at) "
+                      "VALUES (?, ?, ?, ?)", (token_key, user_id, device_id, expires_at))
+        await self._write(fn)
+
+    async def token_revoked(self, token_key):
+        def fn(c):
+            return c.execute("SELECT 1 FROM revoked_tokens WHERE token_key = ?", (token_key,)).fetchone() is not None
+        return await self._read(fn)
 
 
 def _select_in(c, sql: str, values: list, chunk: int = 500):

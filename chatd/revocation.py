@@ -1,0 +1,59 @@
+"""Logout revokes the token: one record per revoked token in the store, checked wherever a token is
+accepted (WebSocket ``auth`` on every shard, every HTTP request on every API server).
+
+A token is stored as a key: the first 32 hex digits of its SHA-256, never the token itself (the
+store would otherwise hold live credentials). A record lives until the token's own expiry (after
+that the signature check refuses the token anyway); backends drop expired records themselves.
+
+Error policy: a revoked token is ``invalid_token`` (``"this token was revoked by a logout"``); a
+store failure while checking is ``unavailable`` (the token is never accepted unchecked).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from .auth import token_claims
+from .errors import ChatError
+
+REVOKED_MESSAGE = "this token was revoked by a logout; log in again"
+
+
+def token_key(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def bearer(header: str) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, or None."""
+    if not header.startswith("Bearer "):
+        return None
+    return header[len("Bearer "):].strip() or None
+
+
+async def is_revoked(store, token: str) -> bool:
+    return await store.token_revoked(token_key(token))
+
+
+async def require_not_revoked(store, token: str) -> None:
+    if await is_revoked(store, token):
+        raise ChatError("invalid_token", REVOKED_MESSAGE)
+
+
+async def header_revoked(secret: str, store, header: str) -> bool:
+    """Whether the request's bearer token is genuine but revoked (False for no or a forged token:
+    the route's own check refuses those, without a store read)."""
+    token = bearer(header)
+    if token is None:
+        return False
+    try:
+        token_claims(secret, token)
+    except ChatError:
+        return False
+    return await is_revoked(store, token)
+
+
+async def revoke(secret: str, store, token: str) -> tuple[int, str]:
+    """Record ``token`` as revoked (durable when this returns); return its (user_id, device_id)."""
+    user_id, device_id, expires_at = token_claims(secret, token)
+    await store.revoke_token(token_key(token), user_id, device_id, float(expires_at))
+    return user_id, device_id

@@ -1,0 +1,58 @@
+"""Logout and membership events in a real cluster (ZooKeeper, shards and an API server as OS
+processes): a logout through the API server or on one shard revokes the token on every shard and
+API server and closes the device's connections wherever they are; ``member_added`` reaches members
+connected to any shard."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.cluster import zookeeper_available
+from tests.helpers import open_client
+from tests.test_cluster import cluster, store_toml, zk  # noqa: F401 - the fixtures: ZooKeeper, 3 shards, an API server, on SQLite and on Cassandra
+
+pytestmark = pytest.mark.skipif(not zookeeper_available(),
+                                reason="ZooKeeper not installed (apt-get install zookeeper); .ci/run installs it")
+
+
+async def test_logout_reaches_every_shard_and_api_server(cluster, nursery):
+    api = cluster.api
+    s1, s2 = cluster.ws_url("s1"), cluster.ws_url("s2")
+    alice, bob = await api.signup_login("alice"), await api.signup_login("bob")
+    ch = f"dm:{alice['user']['id']}:{bob['user']['id']}"
+    phone = [await open_client(nursery, url, alice["token"]) for url in (s1, s2)]
+    laptop_login = await api.login("alice")
+    laptop = await open_client(nursery, s1, laptop_login["token"])
+
+    # HTTP logout on the API server: the device's sockets on both shards close with 4001
+    r = await api.call("POST", "/v1/logout", token=alice["token"])
+    assert r.status == 200
+    for c in phone:
+        assert (await c.wait_closed()).code == 4001
+    for url in (s1, s2):
+        c = await open_client(nursery, url)
+        assert (await c.request({"type": "auth", "token": alice["token"]}))["code"] == "invalid_token"
+    assert (await api.call("GET", "/v1/users/me", token=alice["token"])).status == 401
+    assert (await laptop.send_message(ch, "the laptop still works"))["type"] == "ack"
+
+    # WS logout on s1: the same device's socket on s2 is closed too
+    laptop_s2 = await open_client(nursery, s2, laptop_login["token"])
+    assert (await laptop.request({"type": "logout"}))["type"] == "logout"
+    assert (await laptop.wait_closed()).code == 1000
+    assert (await laptop_s2.wait_closed()).code == 4001
+    assert (await api.call("GET", "/v1/channels", token=laptop_login["token"])).status == 401
+
+
+async def test_member_added_reaches_members_on_every_shard(cluster, nursery):
+    api = cluster.api
+    people = [await api.signup_login(n) for n in ("owner", "member", "newcomer")]
+    ids = [p["user"]["id"] for p in people]
+    r = await api.call("POST", "/v1/groups", {"name": "g", "members": [ids[1]]}, token=people[0]["token"])
+    gid = r.body["channel"]["id"]
+    clients = [await open_client(nursery, cluster.ws_url(sid), p["token"])
+               for sid, p in zip(("s1", "s2", "s1"), people)]
+    r = await api.call("POST", f"/v1/channels/{gid}/members", {"user_id": ids[2]}, token=people[0]["token"])
+    assert r.body["added"] is True
+    for c in clients:
+        assert await c.next_event("member_added", timeout=15) == \
+            {"type": "member_added", "channel_id": gid, "user_id": ids[2], "by": ids[0]}
