@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 
+from chatd.ids import dm_channel_id
 from tests.cluster import zookeeper_available
 from tests.helpers import open_client
 from tests.test_cluster import cluster, store_toml, zk  # noqa: F401 - the fixtures: ZooKeeper, 3 shards, an API server, on SQLite and on Cassandra
@@ -19,7 +20,7 @@ async def test_logout_reaches_every_shard_and_api_server(cluster, nursery):
     api = cluster.api
     s1, s2 = cluster.ws_url("s1"), cluster.ws_url("s2")
     alice, bob = await api.signup_login("alice"), await api.signup_login("bob")
-    ch = f"dm:{alice['user']['id']}:{bob['user']['id']}"
+    ch = dm_channel_id(alice["user"]["id"], bob["user"]["id"])  # ids are random on Cassandra: lower first
     phone = [await open_client(nursery, url, alice["token"]) for url in (s1, s2)]
     laptop_login = await api.login("alice")
     laptop = await open_client(nursery, s1, laptop_login["token"])
