@@ -127,10 +127,14 @@ class _ChannelQueue:
 class CassandraStore(Store):
     schema_version = SCHEMA_VERSION
 
-    def __init__(self, cql: CqlRunner, *, bucket_size: int, head_cache_max: int = 100_000):
+    def __init__(self, cql: CqlRunner, *, bucket_size: int, head_cache_max: int = 100_000, background=None):
+        """``background``: a nursery for the dedup rows and head hint of stored batches, so the
+        callers are answered right after their batch applied; without one, each caller writes its
+        own row before it returns (the emulator tests use that)."""
         if bucket_size < 2:
             raise ValueError("bucket_size must be >= 2")
         self._cql = cql
+        self._background = background
         self.bucket_size = bucket_size
         self._heads: OrderedDict[str, int] = OrderedDict()  # channel -> a seq known to exist (LRU)
         self._head_cache_max = head_cache_max
@@ -427,7 +431,7 @@ class CassandraStore(Store):
                         del self._queues[channel_id]
             if item.error is not None:
                 raise item.error
-            if item.batch is not None:
+            if item.batch is not None and self._background is None:
                 await self._index_stored(channel_id, item)
             return item.result
 
@@ -529,6 +533,18 @@ class CassandraStore(Store):
         self._tick += 1
         return self._tick
 
+    async def _index_batch(self, channel_id: str, items: list["_Append"]) -> None:
+        """The background twin of :meth:`_index_stored`, for a whole stored batch."""
+        async def one(it):
+            try:
+                await self._cql.write("dedup_put", (channel_id, *it.key, it.result.message.seq))
+                return True
+            except ChatError:
+                it.index_failed = True
+                return False
+        done = await self._gather(*[lambda it=it: one(it) for it in items])
+        await self._indexed(channel_id, [it for it, ok in zip(items, done) if ok])
+
     async def _indexed(self, channel_id: str, items: list["_Append"]) -> None:
         """``items`` (stored here) have their dedup rows now. They stay in ``_unindexed``, marked
         with the time, until no lookup that started before that time can still be pending."""
@@ -621,6 +637,8 @@ class CassandraStore(Store):
                                                      it.body, it.created_at), False)
                     it.batch = record
                     unindexed[it.key] = it
+                if self._background is not None:
+                    self._background.start_soon(self._index_batch, channel_id, list(chunk))
                 head = new_head
                 self._note_head(channel_id, head, head if self._bucket(head + 1) == bucket else None)
                 self.stats["appends"] += len(chunk)
@@ -843,10 +861,11 @@ async def open_cassandra(cfg: CassandraConfig, *, max_inflight: int = 1024):
         # The version first: the other statements only prepare against the current schema.
         bucket_size = check_schema(await read_schema_row(session, cfg, keyspace), keyspace)
         cql = await CqlSession.prepare(session, STATEMENTS, cfg, max_inflight=max_inflight)
-        store = CassandraStore(cql, bucket_size=bucket_size)
-        try:
-            yield store
-        finally:
-            await store.aclose()
+        async with trio.open_nursery() as background:  # dedup rows and head hints after the ack
+            store = CassandraStore(cql, bucket_size=bucket_size, background=background)
+            try:
+                yield store
+            finally:
+                await store.aclose()
     finally:
         await shutdown(cluster)
