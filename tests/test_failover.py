@@ -133,6 +133,10 @@ async def test_owner_fault_every_send_answered(fault, zk, tmp_path, nursery):
         assert log.unavailable(), "no send was answered unavailable: the fault was not seen"
         assert takeover_s <= TAKEOVER_BOUND_S, takeover_s
         heads = {ch: await check_store(cluster, ch, a["token"], log) for ch in (stuck, free)}
+        if fault == "freeze" and zombie_log.records[0].reply["type"] == "ack":  # the resend names its seq
+            resent = [r.reply for r in log.records if r.client_msg_id == "zombie-1" and r.reply
+                      and r.reply["type"] == "ack"]
+            assert resent and all(x["seq"] == zombie_log.records[0].reply["seq"] for x in resent), resent
         await settle([dev], heads)
         assert dev.anomalies == []
         for ch in (stuck, free):
