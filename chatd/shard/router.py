@@ -138,6 +138,15 @@ class Router:
         raise ChatError("unavailable", "the channel's owner could not be reached; retry",
                         retry_after_ms=RETRY_AFTER_MS)
 
+    def send_nowait(self, user_id: int, channel_id: str, client_msg_id: str, body: str, done) -> bool:
+        """The common case of :meth:`send` without a task: this shard owns the channel and can
+        queue the append at once (``ChannelOwners.send_nowait``); ``done(result, error)`` follows.
+        False, with nothing done, otherwise: use :meth:`send`."""
+        view = self.view
+        if not view.shards or view.owner_of(channel_id) != self.me or not self.node.discovery.writable:
+            return False
+        return self.node.owners.send_nowait(user_id, channel_id, client_msg_id, body, done)
+
     async def _wait_link(self, owner: str, version: int):
         """The link to ``owner``; None if the view moved past ``version`` meanwhile (route
         again); ``unavailable`` when no link comes up within ``LINK_WAIT_S``."""

@@ -345,8 +345,19 @@ class Session:
                 self.push_error(ChatError("body_too_long", f"a message body has at most "
                                           f"{self.limits.max_body_chars} characters"), req.id)
                 return
-            await self._inflight.acquire()
+            try:
+                self._inflight.acquire_nowait()  # (no checkpoint per send unless at the limit)
+            except trio.WouldBlock:
+                await self._inflight.acquire()
             previous = self._last_send.get(req.channel_id)
+            if previous is None or previous.is_set():
+                try:
+                    if self._send_nowait(req):
+                        return
+                except Exception as e:  # noqa: BLE001 - a bug: answered 'internal', connection closed
+                    self._inflight.release()
+                    self.crashed(e, req.id)
+                    return
             submitted = self._last_send[req.channel_id] = trio.Event()
             nursery.start_soon(self._on_send, req, previous, submitted)
         elif isinstance(req, proto.Sync):
@@ -401,6 +412,44 @@ class Session:
             self.push(_SyncJob(req.id, req.cursors))
         return True
 
+    def _send_nowait(self, req: proto.Send) -> bool:
+        """The send's fast path (issue 13): no earlier send of this channel waits to be queued and
+        this shard can queue it at once -- then no task and no event: the store's completion
+        answers it (the answer clock still answers ``unavailable`` at the deadline, and the late
+        ack is then dropped, as in :meth:`_on_send`). False when :meth:`_on_send` must serve it."""
+        ticket = None
+
+        def done(result, error) -> None:
+            self._inflight.release()
+            try:
+                answer(result, error)
+            except Exception as e:  # noqa: BLE001 - a bug: answered 'internal', connection closed
+                ticket.answered = True
+                self.crashed(e, req.id)
+
+        def answer(result, error) -> None:
+            if error is not None:
+                if error.code == "unavailable" and "retry_after_ms" not in error.details:
+                    error.details["retry_after_ms"] = RETRY_AFTER_MS
+                ticket.answer(error)
+                return
+            m = result.message
+            ticket.answer({"type": "ack", "id": req.id, "channel_id": m.channel_id, "seq": m.seq,
+                           "client_msg_id": m.client_msg_id, "created_at": m.created_at,
+                           "duplicate": result.duplicate})
+        if not self.node.router.send_nowait(self.user_id, req.channel_id, req.client_msg_id, req.body, done):
+            return False
+        ticket = self._answers.ticket(self._answer_send(req))
+        return True
+
+    def _answer_send(self, req):
+        def answer(reply) -> None:
+            if isinstance(reply, ChatError):
+                self.push_error(reply, req.id)
+            else:
+                self.push(reply)
+        return answer
+
     async def _on_send(self, req: proto.Send, previous: trio.Event | None, submitted: trio.Event) -> None:
         """Sends run concurrently (their commits share a group commit) but enter the store in
         the order the client sent them *per channel*: each waits until the previous send to
@@ -411,12 +460,7 @@ class Session:
         error; ``unavailable`` (with ``retry_after_ms``) when the owner is unreachable or did not
         answer in time. After such an answer the message may still be stored: the client resends
         it with the same ``client_msg_id`` and gets the original ``(channel_id, seq)``."""
-        def answer(reply) -> None:
-            if isinstance(reply, ChatError):
-                self.push_error(reply, req.id)
-            else:
-                self.push(reply)
-        ticket = self._answers.ticket(answer)
+        ticket = self._answers.ticket(self._answer_send(req))
 
         def ack(result) -> None:
             m = result.message
