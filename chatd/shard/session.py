@@ -122,6 +122,7 @@ class Session:
         self._answers = AnswerClock(limits.send_answer_s, lambda: ChatError(
             "unavailable", f"no answer from the channel's owner within {limits.send_answer_s:g} s; resend with the "
             "same client_msg_id", retry_after_ms=RETRY_AFTER_MS))
+        self._clock_started = False
         self._last_send: dict[str, trio.Event] = {}  # channel -> its last send's 'submitted' event
         self._subscribed: set[int] = set()  # explicit presence subscriptions of this connection
         self._out: list[bytes] = []  # framed bytes waiting for the writer's next send
@@ -439,8 +440,16 @@ class Session:
                            "duplicate": result.duplicate})
         if not self.node.router.send_nowait(self.user_id, req.channel_id, req.client_msg_id, req.body, done):
             return False
-        ticket = self._answers.ticket(self._answer_send(req))
+        ticket = self._ticket(req)
         return True
+
+    def _ticket(self, req):
+        """The send's answer-deadline ticket; the connection's clock task starts with its first
+        send (an idle connection has none)."""
+        if not self._clock_started:
+            self._clock_started = True
+            self._nursery.start_soon(self._answers.run)
+        return self._answers.ticket(self._answer_send(req))
 
     def _answer_send(self, req):
         def answer(reply) -> None:
@@ -460,7 +469,7 @@ class Session:
         error; ``unavailable`` (with ``retry_after_ms``) when the owner is unreachable or did not
         answer in time. After such an answer the message may still be stored: the client resends
         it with the same ``client_msg_id`` and gets the original ``(channel_id, seq)``."""
-        ticket = self._answers.ticket(self._answer_send(req))
+        ticket = self._ticket(req)
 
         def ack(result) -> None:
             m = result.message
@@ -577,7 +586,6 @@ class Session:
                 if self.close_reason is not None:
                     nursery.cancel_scope.cancel()
                 nursery.start_soon(self._writer_guard)
-                nursery.start_soon(self._answers.run)
                 nursery.start_soon(self._auth_timeout)
                 try:
                     await self._reader(nursery)
