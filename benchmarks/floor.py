@@ -18,8 +18,10 @@ lean WebSocket client of ``chatd bench``), sending at ``--rate`` frames/s round-
 senders. Reported: server CPU µs per send and per delivery over the steady window (after
 ``--ramp-up``), deliveries seen, latency p50/p99 (send -> partner/member, same clock).
 
-Writes use chatd's own ``send_raw`` (pre-built frames, one ``send_all`` under trio-websocket's
-stream lock); ``--send-message`` uses trio-websocket's ``send_message`` instead (for comparison).
+Writes use chatd's own primitives (pre-built frames: ``write_nowait``, what the socket takes at
+once, then ``send_raw`` for any rest, one ``send_all`` under trio-websocket's stream lock), so the
+floor is always as thin as chatd's own writes; ``--send-message`` uses trio-websocket's
+``send_message`` instead (for comparison).
 
 Usage::
 
@@ -49,7 +51,18 @@ ACK = b'{"type":"ack","id":%d,"seq":%d}'
 def serve(mode: str, group_size: int, send_message: bool) -> None:
     from trio_websocket import ConnectionClosed, serve_websocket
 
+    from wsproto.connection import ConnectionState
+
     from chatd.shard.session import frame, send_raw
+
+    def write_nowait(ws, data: bytes) -> int:  # as chatd.shard.session.write_nowait (kept here so
+        # that the floor stays the same when it is run against older chatd code)
+        if ws._stream_lock.locked() or ws._close_reason is not None or ws._wsproto.state != ConnectionState.OPEN:
+            return 0
+        try:
+            return ws._stream.socket._sock.send(data)
+        except OSError:
+            return 0
 
     conns: dict[int, object] = {}
 
@@ -59,7 +72,10 @@ def serve(mode: str, group_size: int, send_message: bool) -> None:
                 await ws.send_message(ack.decode())
             await ws.send_message(payload)
         else:
-            await send_raw(ws, data if ack is None else frame(ack) + data)
+            data = data if ack is None else frame(ack) + data
+            n = write_nowait(ws, data)  # chatd's own write: at once if the socket takes it all
+            if n < len(data):
+                await send_raw(ws, data[n:])
 
     async def handler(request) -> None:
         ws = await request.accept()

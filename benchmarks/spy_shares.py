@@ -7,8 +7,10 @@ over the busy samples of all threads (idle frames -- waits in epoll, thread-pool
 import collections
 import sys
 
-IDLE = ("epoll", "select (selectors", "_wait_for_tstate_lock", "wait (threading", "get (queue",
-        "_handle_io", "sleep (", "_read_ready")
+# leaf frames that are waits, not work: trio's epoll wait, idle thread-cache workers, the SQLite
+# writer thread waiting for its queue
+IDLE = ("EpollIOManager.get_events (", "WorkerThread._work (", "SQLiteStore._drain (",
+        "_wait_for_tstate_lock (", "Condition.wait (")
 
 
 def main(path: str, top: int = 45) -> None:
@@ -23,7 +25,7 @@ def main(path: str, top: int = 45) -> None:
         total += n
         frames = stack.split(";")
         leaf = frames[-1]
-        if any(k in leaf for k in IDLE) or "(idle)" in frames[0]:
+        if any(k in leaf for k in IDLE):
             continue
         busy += n
         own[_name(leaf)] += n
