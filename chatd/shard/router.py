@@ -28,6 +28,7 @@ import trio
 
 from ..errors import ChatError
 from ..store.base import AppendResult, Message
+from .stall import StallWatch
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class Router:
         self.dropped = 0
         self._resync_pending = False
         self._topology = trio.Event()  # set (and replaced) when a link comes up or the view changes
+        self._stall = StallWatch()
 
     @property
     def view(self):
@@ -65,6 +67,7 @@ class Router:
 
     # ---- sessions --------------------------------------------------------------------------
     def attach(self, session) -> None:
+        self._stall.start(self.node.nursery)
         first = not self.hub.sessions_of(session.user_id)
         self.hub.add(session)
         if first:
@@ -144,6 +147,8 @@ class Router:
         False, with nothing done, otherwise: use :meth:`send`."""
         view = self.view
         if not view.shards or view.owner_of(channel_id) != self.me or not self.node.discovery.writable:
+            return False
+        if self._stall.recently_stalled():  # writable may be stale: chatd/shard/stall.py
             return False
         return self.node.owners.send_nowait(user_id, channel_id, client_msg_id, body, done)
 
