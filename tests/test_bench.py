@@ -266,6 +266,9 @@ def test_smoke_dm():
     assert r["latency_ms"]["send_deliver"]["count"] == r["counts"]["acked"]
     assert r["generator"]["procs"] == 2
     assert r["server"]["pid"] == r["target"]["server_pid"]
+    s = r["server"]
+    assert s["cpu_us_per_send"] == round(s["cpu_s"] / r["counts"]["sent"] * 1e6, 1) > 0
+    assert 0 < s["cpu_us_per_delivery"] < s["cpu_us_per_send"]
 
 
 def test_smoke_group_msgpack():

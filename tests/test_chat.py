@@ -237,3 +237,67 @@ async def test_auth_waits_for_the_shards_view(server, nursery, monkeypatch):
     assert reply["type"] == "error" and reply["code"] == "unavailable"
     assert (await cb.wait_closed()).code == 1013
     disc.register(info)
+
+
+async def test_send_on_a_warm_channel_spawns_no_task(server, nursery):
+    """issue 13: once a channel's members and head are known here, a send is queued to the store
+    from the reader and answered from the store's completion -- no task per send -- and every
+    ack, delivery and order guarantee holds all the same (a burst, so sends overlap)."""
+    alice, bob = await users(server, "alice", "bob")
+    ch = dm(alice, bob)
+    ca = await open_client(nursery, alice["ws_url"], alice["token"])
+    cb = await open_client(nursery, bob["ws_url"], bob["token"])
+    assert (await ca.send_message(ch, "warm-up"))["seq"] == 1  # loads members and the head
+    spawned = []
+
+    class Spawns(trio.abc.Instrument):
+        def task_spawned(self, task):
+            spawned.append(task.name)
+
+    trio.lowlevel.add_instrument(inst := Spawns())
+    try:
+        acks = []
+
+        async def send(i):
+            acks.append(await ca.send_message(ch, f"m{i}", f"id-{i}"))
+        async with trio.open_nursery() as n:
+            for i in range(20):
+                n.start_soon(send, i)
+    finally:
+        trio.lowlevel.remove_instrument(inst)
+    assert [n for n in spawned if "_on_send" in n] == []
+    assert sorted(a["seq"] for a in acks) == list(range(2, 22)) and not any(a["duplicate"] for a in acks)
+    got = await cb.messages(21)
+    assert [m["seq"] for m in got] == list(range(1, 22))
+
+
+async def test_warm_send_on_a_stuck_store_is_answered_unavailable_then_dedups(nursery, tmp_path):
+    """The task-free send path keeps the answer deadline: with the database's write lock held by
+    another connection (the store's commit waits), a send on a warm channel is answered
+    ``unavailable`` within ``limits.send_answer_s``; once the lock is released the write commits,
+    its late ack is dropped, and the resend with the same client_msg_id gets the original seq."""
+    import sqlite3
+
+    from tests.conftest import RunningServer, make_config
+    cfg = make_config(tmp_path, send_answer_s=0.5)
+    server = await RunningServer(nursery, cfg).start()
+    alice, bob = await users(server, "alice", "bob")
+    ch = dm(alice, bob)
+    ca = await open_client(nursery, alice["ws_url"], alice["token"])
+    assert (await ca.send_message(ch, "warm-up", "w"))["seq"] == 1
+    db = sqlite3.connect(str(cfg.resolve(cfg.store.sqlite_path)), isolation_level=None)
+    db.execute("BEGIN IMMEDIATE")  # the write lock
+    try:
+        t0 = trio.current_time()
+        await ca.send({"type": "send", "id": "stuck", "channel_id": ch, "client_msg_id": "s", "body": "x"})
+        reply = await ca._wait_for(lambda f: f.get("id") == "stuck", 10)
+        assert reply["type"] == "error" and reply["code"] == "unavailable" and reply["retry_after_ms"] > 0
+        assert trio.current_time() - t0 < 0.5 + 0.5
+    finally:
+        db.execute("ROLLBACK")
+        db.close()
+    again = await ca.send_message(ch, "x", "s")
+    assert again["seq"] == 2 and again["duplicate"] is True
+    await trio.sleep(0.3)
+    assert [f for f in ca.inbox if f.get("id") == "stuck"] == []  # the late ack was dropped
+    await server.stop()

@@ -115,6 +115,10 @@ async def test_a_bug_answers_internal_closes_1011_and_is_counted(server, nursery
         "writer": (Session, "_run_sync", {"type": "sync", "cursors": {ch: 0}}),
     }[where]
     monkeypatch.setattr(target, name, broken)
+    if where == "send":  # the send's task-free path too (a warm channel takes it)
+        def broken_nowait(*args, **kwargs):
+            raise RuntimeError("boom")
+        monkeypatch.setattr(target, "send_nowait", broken_nowait)
     await ca.send({**frame, "id": "bug"})
     reply = await ca._wait_for(lambda f: f.get("type") == "error", 10)
     assert (reply["code"], reply["id"]) == ("internal", None if where == "writer" else "bug")

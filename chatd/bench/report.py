@@ -114,6 +114,11 @@ def build_report(opts: BenchOptions, population, results: list[dict], meta: dict
         before, loaded = server["rss_kib_before"], server["rss_kib_loaded"]
         if before is not None and loaded is not None:
             server["kib_per_connection"] = round((loaded - before) / meta["connected"], 2)
+    if server and server.get("cpu_s") is not None and scenario.sends:
+        # the server's CPU over the run (start to the last send's heads) per send and per delivery
+        # seen in it; the deliveries of the drain that follows are a few and not counted apart
+        server["cpu_us_per_send"] = round(server["cpu_s"] / max(1, c["sent"]) * 1e6, 1)
+        server["cpu_us_per_delivery"] = round(server["cpu_s"] / max(1, c["delivered"]) * 1e6, 2)
     problems = []
     if scenario.sends:
         if c["sent"] == 0:
@@ -211,7 +216,9 @@ def format_summary(r: dict) -> str:
             mem += f"; {s['kib_per_connection']:.2f} KiB per connection"
         lines.append(mem)
         if s.get("cpu_util") is not None:
-            lines.append(f"  server CPU: {s['cpu_util'] * 100:.0f}% of a core during the run")
+            lines.append(f"  server CPU: {s['cpu_util'] * 100:.0f}% of a core during the run"
+                         + (f"; {s['cpu_us_per_send']:,.1f} µs per send, {s['cpu_us_per_delivery']:,.2f} µs per "
+                            "delivery" if "cpu_us_per_send" in s else ""))
     if c["errors"]:
         lines.append("  errors: " + ", ".join(f"{k} {v}" for k, v in c["errors"].items()))
     if c["closes"]:

@@ -229,6 +229,8 @@ def run_bench(opts: BenchOptions, topts: TargetOptions, display: Display | None 
                            "rss_kib_max": max((v for _, v in rss.samples), default=None),
                            "cpu_util": None if server_cpu0 is None or server_cpu1 is None else
                            round((server_cpu1 - server_cpu0) / max(1e-9, t_send_end - t_cpu0), 3),
+                           "cpu_s": None if server_cpu0 is None or server_cpu1 is None else
+                           round(server_cpu1 - server_cpu0, 3),
                            "rss_timeline": [[round(t - t0_mono, 1), v] for t, v in rss.samples]}
         meta = {"started_at": started_at.isoformat(timespec="seconds"), "target": target,
                 "setup_s": round(setup_s, 2), "run_s": round(t_send_end - t0_mono, 2),

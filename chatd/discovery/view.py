@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field
 
 from . import hashing
 
+MEMO_MAX = 200_000  # answers kept per view (then forgotten all at once)
+
 
 @dataclass(frozen=True)
 class ShardInfo:
@@ -34,12 +36,24 @@ class ShardInfo:
 class View:
     version: int = 0
     shards: dict = field(default_factory=dict)  # shard_id -> ShardInfo
+    # answers already computed under this view (a view never changes: a new view starts empty);
+    # every send asks for its channel's owner and its members' homes (a blake2b per shard each)
+    _memo: dict = field(default_factory=dict, compare=False, repr=False)
 
     def owner_of(self, channel_id: str) -> str:
-        return hashing.owner(f"c:{channel_id}", self.shards)
+        return self._owner(("c", channel_id), f"c:{channel_id}")
 
     def home_of(self, user_id: int) -> str:
-        return hashing.owner(f"u:{user_id}", self.shards)
+        return self._owner(("u", user_id), f"u:{user_id}")
+
+    def _owner(self, memo_key, key: str) -> str:
+        found = self._memo.get(memo_key)
+        if found is None:
+            found = hashing.owner(key, self.shards)
+            if len(self._memo) >= MEMO_MAX:
+                self._memo.clear()
+            self._memo[memo_key] = found
+        return found
 
     def deliver_frames(self, event: dict, user_ids) -> dict[str, dict]:
         """home shard -> the ``deliver`` link frame that hands ``event`` to its users of ``user_ids``

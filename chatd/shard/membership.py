@@ -43,6 +43,10 @@ class Membership:
                 self._cache.popitem(last=False)
         return members
 
+    def cached(self, channel_id: str) -> frozenset[int] | None:
+        """The members if they are in the cache (no I/O); None otherwise."""
+        return self._cache.get(channel_id)
+
     async def require_member(self, channel_id: str, user_id: int) -> frozenset[int]:
         pair = dm_members(channel_id)
         if pair is not None and user_id not in pair:

@@ -9,6 +9,12 @@ For each channel this shard owns, :class:`ChannelOwners`
    commits may resume in any order: results wait in a per-channel reorder buffer until every lower
    seq has been fanned out.
 
+Two ways in, the same steps: :meth:`ChannelOwners.send` (a task awaits each step) and, when every
+step can be taken at once -- members cached, channel state loaded, no resend of the same message
+in flight, a store that can queue without waiting (``submit_append``) --
+:meth:`ChannelOwners.send_nowait`, which queues the append in the caller's step and finishes from
+the store's completion callback: no task, no event, no thread hop per send (issue 13).
+
 The reorder buffer's baseline is the channel's head seq, read from the store the first time the
 channel is used here; if some other writer ever advanced the channel (ownership moved), the
 buffer would see a hole: it is flushed in order as soon as no send of the channel is in flight,
@@ -122,6 +128,58 @@ class ChannelOwners:
             del self._pending[key]
             pending.done.set()
 
+    def send_nowait(self, sender_id: int, channel_id: str, client_msg_id: str, body: str, done) -> bool:
+        """:meth:`send` without a task, when nothing has to be waited for: the message takes its
+        place in the store's queue before this returns, and ``done(result, error)`` is called once
+        it is durable (before the fan-out) or failed. False, with nothing done, when some step
+        would wait (or refuse: the caller then uses :meth:`send`, which says why)."""
+        members = self.membership.cached(channel_id)
+        if members is None or sender_id not in members:
+            return False
+        key = (channel_id, sender_id, client_msg_id)
+        state = self._channels.get(channel_id)
+        if key in self._pending or state is None or not state.loaded.is_set():
+            return False
+        submit = getattr(self.store, "submit_append", None)
+        if submit is None:
+            return False
+        t_arrived = time.perf_counter()
+        pending = _Pending()
+
+        def stored(result, error) -> None:  # in the trio thread, once the store is done
+            state.inflight -= 1
+            del self._pending[key]
+            try:
+                if error is not None:
+                    if not isinstance(error, ChatError):
+                        log.error("store append failed: %r", error)
+                        error = ChatError("unavailable", "the message was not acked; resend it with the same "
+                                          "client_msg_id")
+                    pending.error = error
+                    done(None, error)
+                    self._fan_out_ready(state, self.membership.cached(channel_id) or members)
+                    return
+                self.metrics.store_latency.observe(time.perf_counter() - t_arrived)
+                self.metrics.send_ack.observe(time.perf_counter() - t_arrived)
+                if result.duplicate:
+                    self.metrics.duplicates.inc()
+                else:
+                    self.metrics.messages_in.inc()
+                    state.ready[result.message.seq] = result.message
+                pending.result = result
+                done(result, None)
+                # members now (an invalidation since may have emptied the cache: then those of
+                # the send's start; a member added meanwhile gets it by sync / gap fill)
+                self._fan_out_ready(state, self.membership.cached(channel_id) or members)
+            finally:
+                pending.done.set()
+
+        if not submit(channel_id, sender_id, client_msg_id, body, time.time(), dm_members(channel_id), stored):
+            return False
+        self._pending[key] = pending
+        state.inflight += 1
+        return True
+
     async def _state(self, channel_id: str) -> _ChannelState:
         state = self._channels.get(channel_id)
         if state is None:
@@ -152,6 +210,9 @@ class ChannelOwners:
         except ChatError as e:  # stored and acked all the same; devices get it by sync / gap fill
             log.warning("fan-out of %s postponed: %s", channel_id, e)
             return
+        self._fan_out_ready(state, members)
+
+    def _fan_out_ready(self, state: _ChannelState, members) -> None:
         ready = state.ready
         out = []
         while state.delivered + 1 in ready:

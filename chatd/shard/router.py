@@ -28,6 +28,7 @@ import trio
 
 from ..errors import ChatError
 from ..store.base import AppendResult, Message
+from .stall import StallWatch
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class Router:
         self.dropped = 0
         self._resync_pending = False
         self._topology = trio.Event()  # set (and replaced) when a link comes up or the view changes
+        self._stall = StallWatch()
 
     @property
     def view(self):
@@ -65,6 +67,7 @@ class Router:
 
     # ---- sessions --------------------------------------------------------------------------
     def attach(self, session) -> None:
+        self._stall.start(self.node.nursery)
         first = not self.hub.sessions_of(session.user_id)
         self.hub.add(session)
         if first:
@@ -137,6 +140,17 @@ class Router:
             raise ChatError(err.get("code", "internal"), err.get("message", "remote error"), **details)
         raise ChatError("unavailable", "the channel's owner could not be reached; retry",
                         retry_after_ms=RETRY_AFTER_MS)
+
+    def send_nowait(self, user_id: int, channel_id: str, client_msg_id: str, body: str, done) -> bool:
+        """The common case of :meth:`send` without a task: this shard owns the channel and can
+        queue the append at once (``ChannelOwners.send_nowait``); ``done(result, error)`` follows.
+        False, with nothing done, otherwise: use :meth:`send`."""
+        view = self.view
+        if not view.shards or view.owner_of(channel_id) != self.me or not self.node.discovery.writable:
+            return False
+        if self._stall.recently_stalled():  # writable may be stale: chatd/shard/stall.py
+            return False
+        return self.node.owners.send_nowait(user_id, channel_id, client_msg_id, body, done)
 
     async def _wait_link(self, owner: str, version: int):
         """The link to ``owner``; None if the view moved past ``version`` meanwhile (route

@@ -1,11 +1,16 @@
 """SQLite backend: the embedded default store.
 
 Resources: one writer connection and ``read_connections`` reader connections to one database
-file in WAL mode. All writes go through a single writer task that batches whatever is queued
-(up to ``commit_batch_max`` operations) into one transaction - group commit: concurrent sends
-share one fsync. Each operation runs inside its own SAVEPOINT, so one failing operation (a taken
-username, a full group) does not fail its batch neighbours. The transaction itself runs in a trio
-worker thread; reads run in worker threads on a pooled reader connection. The event loop never
+file in WAL mode. All writes go through one long-lived writer *thread* that drains a queue: it
+takes everything queued (up to ``commit_batch_max`` operations) into one transaction - group
+commit: what arrives while a commit (its fsync) runs shares the next one. Each operation runs
+inside its own SAVEPOINT, so one failing operation (a taken username, a full group) does not fail
+its batch neighbours; except a message append, which refuses (``no_such_channel``) before it
+writes anything and so needs none: should it fail later (an SQLite error), the whole batch is
+rolled back and every operation in it answered ``unavailable``, as when a commit fails. The thread hands each finished batch back to trio with one
+``run_sync_soon`` (no thread hop, task or channel per operation: measured in benchmarks/README.md,
+issue 13). At most ``commit_batch_max * 8`` operations wait at once (callers beyond that wait
+their turn). Reads run in trio worker threads on a pooled reader connection. The event loop never
 blocks on SQLite.
 
 Error policy: ``sqlite3`` errors become ``ChatError("unavailable")``; when a commit fails every
@@ -21,8 +26,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import queue
 import random
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -174,13 +181,29 @@ def migrate(conn: sqlite3.Connection) -> int:
 
 
 class _Op:
-    __slots__ = ("fn", "done", "result", "error")
+    __slots__ = ("fn", "atomic", "done", "callback", "result", "error")
 
-    def __init__(self, fn):
+    def __init__(self, fn, atomic: bool = False, callback=None):
         self.fn = fn
-        self.done = trio.Event()
+        self.atomic = atomic  # fn raises ChatError only before its first write: no SAVEPOINT needed
+        self.callback = callback  # called (result, error) in the trio thread instead of done.set()
+        self.done = trio.Event() if callback is None else None
         self.result = None
         self.error: BaseException | None = None
+
+
+def _caller_error(e: BaseException) -> BaseException:
+    """What a write's caller gets for an operation's failure: sqlite3 errors become ``unavailable``."""
+    if isinstance(e, sqlite3.Error):
+        log.error("sqlite write failed: %s", e)
+        err = ChatError("unavailable", "the store failed; retry")
+        err.__cause__ = e
+        return err
+    return e
+
+
+class _BatchFailed(Exception):
+    """An operation without a savepoint failed after it may have written: roll the batch back."""
 
 
 class SQLiteStore(Store):
@@ -194,7 +217,8 @@ class SQLiteStore(Store):
         self._writer: sqlite3.Connection | None = None
         self._readers: list[sqlite3.Connection] = []
         self._reader_sem = trio.Semaphore(readers)
-        self._queue_send, self._queue_recv = trio.open_memory_channel(batch_max * 8)
+        self._ops: queue.SimpleQueue = queue.SimpleQueue()  # _Op, or None: the writer thread ends
+        self._room = trio.Semaphore(batch_max * 8)  # operations queued or being committed
         self._closed = False
         self.stats = {"commits": 0, "ops": 0, "commit_seconds": 0.0, "failed_commits": 0}
 
@@ -209,17 +233,68 @@ class SQLiteStore(Store):
         self._writer, self._readers = await trio.to_thread.run_sync(opener)
 
     async def _writer_loop(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Run the writer thread until :meth:`aclose` (or cancellation) and it has drained the queue."""
+        token = trio.lowlevel.current_trio_token()
+        ended = trio.Event()
+        crashed: list[BaseException] = []
+
+        def finished(batch: list[_Op]) -> None:  # in the trio thread
+            for op in batch:
+                self._room.release()
+                if op.callback is None:
+                    op.done.set()
+                    continue
+                try:
+                    op.callback(op.result, None if op.error is None else _caller_error(op.error))
+                except Exception:  # noqa: BLE001 - a bug in a callback must not end the event loop
+                    log.exception("store completion callback failed")
+
+        def thread_main() -> None:
+            try:
+                self._drain(lambda batch: token.run_sync_soon(finished, batch))
+            except trio.RunFinishedError:
+                pass
+            except BaseException as e:  # a bug: re-raised in the trio task below
+                crashed.append(e)
+            finally:
+                with contextlib.suppress(trio.RunFinishedError):
+                    token.run_sync_soon(ended.set)
+
+        thread = threading.Thread(target=thread_main, name="chatd-sqlite-writer", daemon=True)
+        thread.start()
         task_status.started()
-        async for first in self._queue_recv:
-            batch = [first]
+        try:
+            await ended.wait()
+            if crashed:
+                raise crashed[0]
+        finally:
+            self._ops.put(None)  # (a second None, after aclose's, is never read)
+            if thread.is_alive():
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(thread.join)
+
+    def _drain(self, done) -> None:
+        """The writer thread: take everything queued, one transaction, hand the batch back."""
+        ops = self._ops
+        while True:
+            op = ops.get()
+            if op is None:
+                return
+            batch = [op]
+            end = False
             while len(batch) < self._batch_max:
                 try:
-                    batch.append(self._queue_recv.receive_nowait())
-                except (trio.WouldBlock, trio.EndOfChannel):
+                    op = ops.get_nowait()
+                except queue.Empty:
                     break
-            await trio.to_thread.run_sync(self._apply_batch, batch)
-            for op in batch:
-                op.done.set()
+                if op is None:
+                    end = True
+                    break
+                batch.append(op)
+            self._apply_batch(batch)
+            done(batch)
+            if end:
+                return
 
     def _apply_batch(self, batch: list[_Op]) -> None:
         conn = self._writer
@@ -227,6 +302,14 @@ class SQLiteStore(Store):
         try:
             conn.execute("BEGIN IMMEDIATE")
             for op in batch:
+                if op.atomic:
+                    try:
+                        op.result = op.fn(conn)
+                    except ChatError as e:  # refused before writing anything
+                        op.error = e
+                    except Exception as e:  # might have written half: the whole batch fails
+                        raise _BatchFailed(e) from e
+                    continue
                 conn.execute("SAVEPOINT op")
                 try:
                     op.result = op.fn(conn)
@@ -235,7 +318,7 @@ class SQLiteStore(Store):
                     conn.execute("ROLLBACK TO op")
                 conn.execute("RELEASE op")
             conn.execute("COMMIT")
-        except sqlite3.Error as e:
+        except (sqlite3.Error, _BatchFailed) as e:
             log.error("sqlite commit of %d ops failed: %s", len(batch), e)
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
@@ -247,20 +330,33 @@ class SQLiteStore(Store):
         self.stats["ops"] += len(batch)
         self.stats["commit_seconds"] += time.perf_counter() - t0
 
-    async def _write(self, fn):
+    async def _write(self, fn, atomic: bool = False):
         if self._closed:
             raise ChatError("unavailable", "the store is closed")
-        op = _Op(fn)
-        await self._queue_send.send(op)
+        op = _Op(fn, atomic)
+        try:
+            self._room.acquire_nowait()
+        except trio.WouldBlock:
+            await self._room.acquire()  # (no yield on the common path: keeps callers' order)
+        self._ops.put(op)
         await op.done.wait()
         if op.error is not None:
-            if isinstance(op.error, ChatError):
-                raise op.error
-            if isinstance(op.error, sqlite3.Error):
-                log.error("sqlite write failed: %s", op.error)
-                raise ChatError("unavailable", "the store failed; retry") from op.error
-            raise op.error
+            raise _caller_error(op.error)
         return op.result
+
+    def submit_append(self, channel_id, sender_id, client_msg_id, body, created_at, dm_pair, callback) -> bool:
+        """:meth:`append_message` without a task: queue it now (in the caller's order) and call
+        ``callback(result, error)`` in the trio thread once it is committed (or failed). False,
+        queueing nothing, when the store is closed or its queue is full: use the async call."""
+        if self._closed:
+            return False
+        try:
+            self._room.acquire_nowait()
+        except trio.WouldBlock:
+            return False
+        self._ops.put(_Op(self._append_fn(channel_id, sender_id, client_msg_id, body, created_at, dm_pair),
+                          atomic=True, callback=callback))
+        return True
 
     async def _read(self, fn):
         if self._closed:
@@ -279,7 +375,7 @@ class SQLiteStore(Store):
         if self._closed:
             return
         self._closed = True
-        self._queue_send.close()
+        self._ops.put(None)  # the writer thread commits what is queued before it, then ends
 
     def _close_connections(self) -> None:
         for c in [self._writer, *self._readers]:
@@ -404,6 +500,11 @@ class SQLiteStore(Store):
 
     # ---- messages ------------------------------------------------------------------------
     async def append_message(self, channel_id, sender_id, client_msg_id, body, created_at, dm_pair=None):
+        fn = self._append_fn(channel_id, sender_id, client_msg_id, body, created_at, dm_pair)
+        return await self._write(fn, atomic=True)  # its only ChatError comes before any write
+
+    @staticmethod
+    def _append_fn(channel_id, sender_id, client_msg_id, body, created_at, dm_pair):
         def fn(c):
             row = c.execute(f"SELECT {_MSG_COLS} FROM messages WHERE channel_id = ? AND sender_id = ? "
                             "AND client_msg_id = ?", (channel_id, sender_id, client_msg_id)).fetchone()
@@ -423,7 +524,7 @@ class SQLiteStore(Store):
                       (channel_id, seq, sender_id, client_msg_id, body, created_at))
             c.execute("UPDATE channels SET last_seq = ?, last_at = ? WHERE id = ?", (seq, created_at, channel_id))
             return AppendResult(Message(channel_id, seq, sender_id, client_msg_id, body, created_at), False)
-        return await self._write(fn)
+        return fn
 
     async def read_messages(self, channel_id, *, after=None, before=None, limit):
         def fn(c):
@@ -595,6 +696,6 @@ async def open_sqlite(path: str, synchronous: str = "full", batch_max: int = 512
             try:
                 yield store
             finally:
-                await store.aclose()  # writer loop drains the queue, then ends
+                await store.aclose()  # the writer thread drains the queue, then ends
     finally:
         store._close_connections()
