@@ -105,6 +105,7 @@ class Cluster:
     def __init__(self, zk: ZooKeeper, workdir: Path, n: int = 3, session_timeout_s: float = 2.0,
                  heartbeat_s: float = 0.3, extra: str = "", presence: int = 0, store_toml: str = ""):
         self.zk = zk
+        self.store_toml = store_toml
         self.dir = workdir
         self.root = f"/chatd-test-{os.getpid()}-{workdir.name}"
         self.config = workdir / "cluster.toml"
@@ -145,7 +146,7 @@ class Cluster:
         assert proc.returncode == 0, f"chatd store migrate failed: {proc.stdout}{proc.stderr}"
 
     async def start(self) -> "Cluster":
-        if "backend = \"cassandra\"" in self.config.read_text():
+        if self.store_toml:  # Cassandra: the keyspace is made by `chatd store migrate`
             self.migrate()
         for pid in self.presence_ids:
             self.start_presence(pid)

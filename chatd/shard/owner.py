@@ -37,6 +37,10 @@ from ..ids import dm_members
 log = logging.getLogger(__name__)
 
 
+def _not_acked() -> ChatError:
+    return ChatError("unavailable", "the message was not acked; resend it with the same client_msg_id")
+
+
 class _Pending:
     __slots__ = ("done", "result", "error")
 
@@ -106,13 +110,7 @@ class ChannelOwners:
                                                              time.time(), dm_pair=dm_members(channel_id))
                 finally:
                     state.inflight -= 1
-                self.metrics.store_latency.observe(time.perf_counter() - t0)
-                self.metrics.send_ack.observe(time.perf_counter() - t_arrived)
-                if result.duplicate:
-                    self.metrics.duplicates.inc()
-                else:
-                    self.metrics.messages_in.inc()
-                    state.ready[result.message.seq] = result.message
+                self._stored(state, result, t0, t_arrived)
                 if on_stored is not None:
                     on_stored(result)
                 await self._flush(channel_id, state)
@@ -122,11 +120,22 @@ class ChannelOwners:
             pending.error = e
             raise
         except BaseException:
-            pending.error = ChatError("unavailable", "the message was not acked; resend it with the same client_msg_id")
+            pending.error = _not_acked()
             raise
         finally:
             del self._pending[key]
             pending.done.set()
+
+    def _stored(self, state: _ChannelState, result, t_store: float, t_arrived: float) -> None:
+        """Count a durable append and put a new message in the channel's reorder buffer."""
+        now = time.perf_counter()
+        self.metrics.store_latency.observe(now - t_store)
+        self.metrics.send_ack.observe(now - t_arrived)
+        if result.duplicate:
+            self.metrics.duplicates.inc()
+        else:
+            self.metrics.messages_in.inc()
+            state.ready[result.message.seq] = result.message
 
     def send_nowait(self, sender_id: int, channel_id: str, client_msg_id: str, body: str, done) -> bool:
         """:meth:`send` without a task, when nothing has to be waited for: the message takes its
@@ -153,19 +162,12 @@ class ChannelOwners:
                 if error is not None:
                     if not isinstance(error, ChatError):
                         log.error("store append failed: %r", error)
-                        error = ChatError("unavailable", "the message was not acked; resend it with the same "
-                                          "client_msg_id")
+                        error = _not_acked()
                     pending.error = error
                     done(None, error)
                     self._fan_out_ready(state, self.membership.cached(channel_id) or members)
                     return
-                self.metrics.store_latency.observe(time.perf_counter() - t_arrived)
-                self.metrics.send_ack.observe(time.perf_counter() - t_arrived)
-                if result.duplicate:
-                    self.metrics.duplicates.inc()
-                else:
-                    self.metrics.messages_in.inc()
-                    state.ready[result.message.seq] = result.message
+                self._stored(state, result, t_arrived, t_arrived)
                 pending.result = result
                 done(result, None)
                 # members now (an invalidation since may have emptied the cache: then those of

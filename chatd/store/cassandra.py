@@ -432,7 +432,7 @@ class CassandraStore(Store):
             if item.error is not None:
                 raise item.error
             if item.batch is not None and self._background is None:
-                await self._index_stored(channel_id, item)
+                await self._index_stored(channel_id, [item])
             return item.result
 
     async def _run_batch(self, channel_id: str, queue: "_ChannelQueue") -> None:
@@ -486,8 +486,7 @@ class CassandraStore(Store):
         indexed, then the hint is written. Returns the head."""
         head, at, bucket_head = probed or await self._probe_head(channel_id, self._probe_from(channel_id, indexed))
         if head > indexed:
-            rows = await self._read_forward(channel_id, indexed, head + 1, head - indexed)
-            await self._index(channel_id, rows)
+            rows = await self._index_above(channel_id, indexed, head)
             await self._set_head(channel_id, head, at if at is not None else rows[-1].created_at)
         self._note_head(channel_id, head, bucket_head)
         self._loaded_tick[channel_id] = self._next_tick()  # earlier lookups may have missed rows
@@ -497,24 +496,36 @@ class CassandraStore(Store):
         """Where a head probe may start: the stored hint, or a higher seq this process knows exists."""
         return max(stored, self._heads.get(channel_id, 0))
 
+    async def _index_above(self, channel_id: str, lo: int, head: int) -> list[Message]:
+        """Read the messages with lo < seq <= head (another writer's, or a dead one's) and write
+        their dedup rows; return them."""
+        if head <= lo:
+            return []
+        rows = await self._read_forward(channel_id, lo, head + 1, head - lo)
+        await self._index(channel_id, rows)
+        return rows
+
     async def _index(self, channel_id: str, messages: list[Message]) -> None:
         await self._gather(*[lambda m=m: self._cql.write("dedup_put", (channel_id, m.sender_id, m.client_msg_id,
                                                                       m.seq)) for m in messages])
 
-    async def _index_stored(self, channel_id: str, item: "_Append") -> None:
-        """Write the dedup row of a message this process just stored, and once every message of
-        its batch and of all earlier batches is indexed, the head hint. Until its row is written
-        the message is in ``_unindexed`` (the leader checks resends against it); a failed write
-        leaves it there, and the next batch of the channel writes it again. The hint is never
-        written past a message without its row: after a crash, the next owner indexes everything
-        above the hint before it appends (:meth:`_catch_up`), so no resend can be stored twice."""
-        m = item.result.message
-        try:
-            await self._cql.write("dedup_put", (channel_id, m.sender_id, m.client_msg_id, m.seq))
-        except ChatError:  # stored and acked all the same; retried by the channel's next batch
-            item.index_failed = True
-            return
-        await self._indexed(channel_id, [item])
+    async def _index_stored(self, channel_id: str, items: list["_Append"]) -> None:
+        """Write the dedup rows of messages this process just stored (one batch's, in the
+        background nursery; or one caller's own, without one), and once every message of a batch
+        and of all earlier batches is indexed, the head hint. Until its row is written a message is
+        in ``_unindexed`` (the leader checks resends against it); a failed write leaves it there,
+        and the next batch of the channel writes it again. The hint is never written past a message
+        without its row: after a crash, the next owner indexes everything above the hint before it
+        appends (:meth:`_catch_up`), so no resend can be stored twice."""
+        async def one(it):
+            try:
+                await self._cql.write("dedup_put", (channel_id, *it.key, it.result.message.seq))
+                return True
+            except ChatError:  # stored and acked all the same; retried by the channel's next batch
+                it.index_failed = True
+                return False
+        done = await self._gather(*[lambda it=it: one(it) for it in items])
+        await self._indexed(channel_id, [it for it, ok in zip(items, done) if ok])
 
     async def _lookup(self, channel_id: str, item: "_Append") -> None:
         """Read ``item``'s dedup row ahead of its batch. The result is used only if the lookup
@@ -532,18 +543,6 @@ class CassandraStore(Store):
     def _next_tick(self) -> int:
         self._tick += 1
         return self._tick
-
-    async def _index_batch(self, channel_id: str, items: list["_Append"]) -> None:
-        """The background twin of :meth:`_index_stored`, for a whole stored batch."""
-        async def one(it):
-            try:
-                await self._cql.write("dedup_put", (channel_id, *it.key, it.result.message.seq))
-                return True
-            except ChatError:
-                it.index_failed = True
-                return False
-        done = await self._gather(*[lambda it=it: one(it) for it in items])
-        await self._indexed(channel_id, [it for it, ok in zip(items, done) if ok])
 
     async def _indexed(self, channel_id: str, items: list["_Append"]) -> None:
         """``items`` (stored here) have their dedup rows now. They stay in ``_unindexed``, marked
@@ -638,7 +637,7 @@ class CassandraStore(Store):
                     it.batch = record
                     unindexed[it.key] = it
                 if self._background is not None:
-                    self._background.start_soon(self._index_batch, channel_id, list(chunk))
+                    self._background.start_soon(self._index_stored, channel_id, list(chunk))
                 head = new_head
                 self._note_head(channel_id, head, head if self._bucket(head + 1) == bucket else None)
                 self.stats["appends"] += len(chunk)
@@ -652,8 +651,7 @@ class CassandraStore(Store):
             before = head
             self._bucket_heads[channel_id] = current.get("bucket_head")
             head, _, bucket_head = await self._probe_head(channel_id, before)
-            theirs = await self._read_forward(channel_id, before, head + 1, head - before) if head > before else []
-            await self._index(channel_id, theirs)
+            theirs = await self._index_above(channel_id, before, head)
             by_key = {(m.sender_id, m.client_msg_id): m for m in theirs}
             for it in fresh:
                 m = by_key.get(it.key)
