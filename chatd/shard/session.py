@@ -28,7 +28,7 @@ Resources and policies
   stored data are unaffected.
 
 Close codes: 1000 after the client's own ``logout``, 1001 server going away, 1007 text frame that
-is not UTF-8 (chatd/shard/wsfix.py), 1008 policy (auth timeout, flood, repeated bad tokens),
+is not UTF-8 and 1002 protocol violation (chatd/shard/wsconn.py), 1008 policy (auth timeout, flood, repeated bad tokens),
 1009 frame above the hard cap, 1011 server bug, 1013 slow consumer or shard not ready, 4001 token
 expired or revoked (log in again).
 """
@@ -40,7 +40,6 @@ import time
 
 import trio
 from trio_websocket import ConnectionClosed
-from wsproto.connection import ConnectionState
 from wsproto.frame_protocol import FrameProtocol
 
 from .. import revocation
@@ -80,35 +79,6 @@ _FRAMER = FrameProtocol(client=False, extensions=[])
 def frame(payload: str | bytes) -> bytes:
     """One unmasked, unfragmented server WebSocket frame (text for str, binary for bytes)."""
     return bytes(_FRAMER.send_data(payload, fin=True))
-
-
-async def send_raw(ws, data: bytes) -> None:
-    """Write pre-built frames on a trio-websocket connection, under its send lock, with the same
-    error behaviour as ``send_message``. (Uses trio-websocket internals; setup.py pins the range.)"""
-    if ws._close_reason is not None or ws._wsproto.state != ConnectionState.OPEN:
-        raise ConnectionClosed(ws._close_reason)
-    async with ws._stream_lock:
-        try:
-            await ws._stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            await ws._abort_web_socket()
-            raise ConnectionClosed(ws._close_reason) from None
-
-
-def write_nowait(ws, data: bytes) -> int:
-    """Write what the socket takes *now* of pre-built frames, without yielding; the bytes written
-    (0 when another writer holds the connection's send lock, it is not open, the socket buffer is
-    full or the socket failed: :func:`send_raw` then writes the rest and reports any failure).
-    Nothing can run between this and a :func:`send_raw` of the rest that follows it at once, so
-    frames are never interleaved. Saves the lock, the cancel scopes and the checkpoints of an
-    awaited write for the common case: measured in benchmarks/README.md, issue 13.
-    (Uses trio-websocket and trio socket internals, like send_raw; setup.py pins the ranges.)"""
-    if ws._stream_lock.locked() or ws._close_reason is not None or ws._wsproto.state != ConnectionState.OPEN:
-        return 0
-    try:
-        return ws._stream.socket._sock.send(data)
-    except OSError:  # BlockingIOError included
-        return 0
 
 
 class _Close:
@@ -203,7 +173,7 @@ class Session:
         if self._out:
             data = b"".join(self._out)
             self._out.clear()
-            n = write_nowait(self.ws, data)
+            n = self.ws.write_nowait(data)
             if n == len(data):
                 return
             if n:
@@ -213,10 +183,10 @@ class Session:
             # connection of a client that is not reading.
             with trio.CancelScope(shield=True):
                 with trio.move_on_after(SEND_GRACE_S) as grace:
-                    await send_raw(self.ws, data)
+                    await self.ws.send_raw(data)
             if grace.cancelled_caught:
-                await self.ws._abort_web_socket()  # trio-websocket internals, as send_raw
-                raise ConnectionClosed(self.ws._close_reason)
+                await self.ws.abort()
+                raise ConnectionClosed(self.ws.closed)
 
     async def _writer(self) -> None:
         recv = self._out_recv
@@ -649,7 +619,7 @@ class Session:
                 try:
                     self._emit(proto.dumps(proto.error_frame("internal", "internal server error; please report it"),
                                            self.fmt))
-                    await send_raw(self.ws, self._out.pop())
+                    await self.ws.send_raw(self._out.pop())
                 except ConnectionClosed:
                     pass
         finally:
