@@ -2,7 +2,8 @@
 
 Resources: one listening socket; one task per connection (the handshake, bounded by
 ``CONNECT_TIMEOUT_S``, then the :class:`~chatd.shard.session.Session`'s reader), all in one
-handler nursery owned by this function. Started with ``nursery.start``:
+handler nursery owned by this function, with the two tasks shared by all sessions: the flusher
+(chatd/shard/flusher.py) and the timer wheel (chatd/shard/timers.py). Started with ``nursery.start``:
 it reports the bound port only once it accepts. Stopping: :meth:`ShardServer.drain` asks every
 session to close with 1001 (clients reconnect through discovery), then cancellation ends the rest.
 """
@@ -18,7 +19,9 @@ from trio_websocket import ConnectionClosed
 
 from ..protocol.client import JSON, SUBPROTOCOLS
 from . import wsconn
+from .flusher import Flusher
 from .session import CLOSE_GOING_AWAY, Session
+from .timers import Timers
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,8 @@ class ShardServer:
         self.accepting = True
         self._drained = trio.Event()
         self._accepted = 0
+        self.flusher = Flusher()  # one writer pass for all sessions (chatd/shard/flusher.py)
+        self.timers = Timers()  # every session's auth timeout / token expiry (chatd/shard/timers.py)
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         """One connection. Nothing a client does may end the server: a failure here ends only
@@ -64,7 +69,7 @@ class ShardServer:
             log.exception("session crashed; connection dropped")
 
     async def _serve_connection(self, ws: wsconn.ServerConnection) -> None:
-        session = Session(self.node, ws, SUBPROTOCOLS.get(ws.subprotocol, JSON))
+        session = Session(self.node, ws, SUBPROTOCOLS.get(ws.subprotocol, JSON), self.flusher, self.timers)
         self._accepted += 1
         if self._accepted % GC_FREEZE_EVERY == 0:
             # Long-lived connection state would otherwise be re-scanned by every full collection:
@@ -95,6 +100,8 @@ class ShardServer:
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.node.config
         async with trio.open_nursery() as nursery:
+            await nursery.start(self.flusher.run)
+            await nursery.start(self.timers.run)
             listeners = await nursery.start(functools.partial(
                 trio.serve_tcp, self._handle, cfg.server.ws_port, host=cfg.server.ws_host,
                 handler_nursery=nursery))
