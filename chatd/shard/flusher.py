@@ -15,7 +15,11 @@ loop never dies of one session.
 
 from __future__ import annotations
 
+import logging
+
 import trio
+
+log = logging.getLogger(__name__)
 
 
 class Flusher:
@@ -48,4 +52,7 @@ class Flusher:
                 await trio.lowlevel.checkpoint()
             dirty, self._dirty = self._dirty, []
             for session in dirty:
-                session._flush_now()
+                try:
+                    session._flush_now()
+                except Exception:  # noqa: BLE001 - a bug: that session's writes stop, not the server's
+                    log.exception("flusher: a session's write failed")

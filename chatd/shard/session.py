@@ -191,7 +191,10 @@ class Session:
         if self._nursery is None:
             return
         self._wstate = WRITING
-        self._nursery.start_soon(self._writer_guard)
+        try:
+            self._nursery.start_soon(self._writer_guard)
+        except RuntimeError:  # closed: run() is ending (trio lets others run in that moment)
+            self._wstate = DONE
 
     def push_error(self, err: ChatError, request_id=None) -> None:
         self.node.metrics.errors.inc(code=err.code)
