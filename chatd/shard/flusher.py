@@ -23,9 +23,10 @@ log = logging.getLogger(__name__)
 
 
 class Flusher:
-    __slots__ = ("_dirty", "_task", "_parked")
+    __slots__ = ("_dirty", "_task", "_parked", "messages_out")
 
-    def __init__(self):
+    def __init__(self, messages_out):
+        self.messages_out = messages_out  # the metrics Counter the sessions bump (its ``pending``)
         self._dirty: list = []
         self._task = None
         self._parked = False

@@ -45,7 +45,7 @@ class ShardServer:
         self.accepting = True
         self._drained = trio.Event()
         self._accepted = 0
-        self.flusher = Flusher()  # one writer pass for all sessions (chatd/shard/flusher.py)
+        self.flusher = Flusher(node.metrics.messages_out)  # one writer pass for all sessions (chatd/shard/flusher.py)
         self.timers = Timers()  # every session's auth timeout / token expiry (chatd/shard/timers.py)
 
     async def _handle(self, stream: trio.SocketStream) -> None:

@@ -153,10 +153,19 @@ class Session:
             self.node.metrics.slow_consumers.inc()
             self.close_soon(CLOSE_TRY_AGAIN, "slow consumer: send queue full; reconnect and sync")
             return
-        self._queue.append(item)
-        if self._wstate == IDLE:
+        if self._wstate == IDLE:  # (then nothing is queued or half-written)
+            if type(item) is Message:  # a fan-out: written straight away, no pass, no task
+                try:
+                    if self._deliver_nowait(item):
+                        self._write_out()
+                        return
+                except Exception as e:  # noqa: BLE001 - a bug: the writer task says so, closes with 1011
+                    self._queue.append(_Crash(e))
+                    self._start_writer()
+                    return
             self._wstate = MARKED
             self._flusher.mark(self)
+        self._queue.append(item)
 
     def _flush_now(self) -> None:
         """Called by the flusher: write what the queue holds if nothing in it must wait and the
@@ -185,6 +194,17 @@ class Session:
         except Exception as e:  # noqa: BLE001 - a bug: the writer task says so and closes with 1011
             queue.appendleft(_Crash(e))
         if (queue or self._out) and self.close_reason is None:
+            self._start_writer()
+
+    def _write_out(self) -> None:
+        """Write the framed bytes of ``_out`` now; what the socket does not take goes to the
+        writer task (which writes it before anything queued after it)."""
+        out = self._out
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        n = self.ws.write_nowait(data)
+        if n < len(data):
+            out.append(data[n:])
             self._start_writer()
 
     def _start_writer(self) -> None:
@@ -235,7 +255,7 @@ class Session:
         if data is None:
             data = m.__dict__[key] = frame(proto.dumps(proto.message_frame(m), self.fmt))
         self._out.append(data)
-        self.node.metrics.messages_out.inc()
+        self._flusher.messages_out.pending += 1  # (folded into the counter when it is read)
 
     async def _flush(self) -> None:
         if self._out:

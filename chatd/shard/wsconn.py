@@ -77,7 +77,8 @@ class ServerConnection:
         """Write what the socket takes *now*, without yielding; the bytes written (0 when an
         awaited write holds the send lock, the connection is not open, the buffer is full or the
         socket failed: :meth:`send_raw` then writes the rest and reports any failure)."""
-        if (self._lock is not None and self._lock.locked()) or not self.is_open:
+        # (_close_reason is set by every path that moves wsproto's state off OPEN)
+        if self._close_reason is not None or (self._lock is not None and self._lock.locked()):
             return 0
         try:
             return self._sock.send(data)
