@@ -3,7 +3,8 @@
 Why not a writer task per session (as before issue 13): a task per connection costs memory for
 the connection's whole life, and a wake-up per flush cost 38 % of the GIL samples of a DM
 profile (benchmarks/README.md). Here :meth:`Session.push <chatd.shard.session.Session.push>`
-queues its item and marks the session dirty; this task, woken once for all the sessions made
+writes a live message straight to the socket when nothing is queued before it (the fan-out:
+no pass, no task), and otherwise queues its item and marks the session dirty; this task, woken once for all the sessions made
 dirty since its last pass (e.g. a group message's 100 members), has each write what the socket
 takes at once (``Session._flush_now``). Anything that must wait (a socket that is full, a gap to
 fill from the store, a sync job, a close) is handed to a writer task of that session only, which

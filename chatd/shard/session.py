@@ -10,8 +10,9 @@ Resources and policies
   task per request only for requests that wait (history, presence, a cold send, ...).
   tests/test_session_resources.py counts the tasks.
 * **Outgoing queue**: every frame to the client (replies, ``message`` events, typing, receipts)
-  goes through one bounded queue (``limits.send_queue_frames``). :meth:`push` queues and marks
-  the session for the server's one flusher task (chatd/shard/flusher.py), which writes what the
+  goes through one bounded queue (``limits.send_queue_frames``). A live message pushed while
+  nothing is queued is written at once (what the socket takes); anything else :meth:`push`
+  queues and marks the session for the server's one flusher task (chatd/shard/flusher.py), which writes what the
   socket takes at once for every session marked since its last pass; only what must wait (a
   full socket, a gap to fill from the store, a sync job, a close) goes to a writer task of this
   session, which ends when the queue is empty again. :meth:`push` never blocks: when the queue is full the client is a *slow consumer* and is
