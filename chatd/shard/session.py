@@ -12,11 +12,11 @@ Resources and policies
 * **Outgoing queue**: every frame to the client (replies, ``message`` events, typing, receipts)
   goes through one bounded queue (``limits.send_queue_frames``). A live message pushed while
   nothing is queued is written at once (what the socket takes); anything else :meth:`push`
-  queues and marks the session for the server's one flusher task (chatd/shard/flusher.py), which writes what the
-  socket takes at once for every session marked since its last pass; only what must wait (a
-  full socket, a gap to fill from the store, a sync job, a close) goes to a writer task of this
-  session, which ends when the queue is empty again. :meth:`push` never blocks: when the queue is full the client is a *slow consumer* and is
-  disconnected with close code 1013; it resyncs when it comes back. Memory per connection is
+  queues and marks the session for the server's one flusher task (chatd/shard/flusher.py),
+  which writes what the socket takes at once for every session marked since its last pass;
+  only what must wait (a full socket, a gap to fill from the store, a sync job, a close) goes
+  to a writer task of this session, which ends when the queue is empty again. :meth:`push`
+  never blocks: when the queue is full the client is a *slow consumer* and is disconnected with close code 1013; it resyncs when it comes back. Memory per connection is
   bounded by the queue size. A write to the socket is never cut in the middle of a frame: a
   close waits up to ``SEND_GRACE_S`` for the write in progress (a client that reads again in
   time gets every whole frame and then the close frame); a client that does not read for that
@@ -39,8 +39,8 @@ Resources and policies
   stored data are unaffected.
 
 Close codes: 1000 after the client's own ``logout``, 1001 server going away, 1007 text frame that
-is not UTF-8 and 1002 protocol violation (chatd/shard/wsconn.py), 1008 policy (auth timeout, flood, repeated bad tokens),
-1009 frame above the hard cap, 1011 server bug, 1013 slow consumer or shard not ready, 4001 token
+is not UTF-8 and 1002 protocol violation (chatd/shard/wsconn.py), 1008 policy (auth timeout,
+flood, repeated bad tokens), 1009 frame above the hard cap, 1011 server bug, 1013 slow consumer or shard not ready, 4001 token
 expired or revoked (log in again).
 """
 
