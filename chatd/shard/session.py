@@ -16,8 +16,9 @@ Resources and policies
   which writes what the socket takes at once for every session marked since its last pass;
   only what must wait (a full socket, a gap to fill from the store, a sync job, a close) goes
   to a writer task of this session, which ends when the queue is empty again. :meth:`push`
-  never blocks: when the queue is full the client is a *slow consumer* and is disconnected with close code 1013; it resyncs when it comes back. Memory per connection is
-  bounded by the queue size. A write to the socket is never cut in the middle of a frame: a
+  never blocks: when the queue is full the client is a *slow consumer* and is disconnected
+  with close code 1013; it resyncs when it comes back. Memory per connection is bounded by the
+  queue size. A write to the socket is never cut in the middle of a frame: a
   close waits up to ``SEND_GRACE_S`` for the write in progress (a client that reads again in
   time gets every whole frame and then the close frame); a client that does not read for that
   long has its TCP connection aborted (it sees 1006: no close frame can reach a full buffer).
