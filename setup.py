@@ -14,8 +14,10 @@ setup(
     package_data={"chatd": ["web/*.html", "web/*.css", "web/js/*.js"]},
     install_requires=[
         "trio>=0.25",
-        # chatd.shard.session writes pre-built frames through trio-websocket internals: pinned range.
+        # the bench's and the tests' WebSocket clients, and ConnectionClosed/CloseReason for the server's
+        # own connection (chatd/shard/wsconn.py: wsproto's handshake and framing, trio glue).
         "trio-websocket>=0.11,<0.13",
+        "wsproto>=1.2,<2",
         "hypercorn>=0.16",
         # Python 3.11 needs these pins (newer releases need 3.12 features).
         "quart>=0.19,<=0.22",

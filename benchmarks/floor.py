@@ -53,7 +53,18 @@ def serve(mode: str, group_size: int, send_message: bool) -> None:
 
     from wsproto.connection import ConnectionState
 
-    from chatd.shard.session import frame, send_raw
+    from chatd.shard.session import frame
+
+    async def send_raw(ws, data: bytes) -> None:  # chatd's awaited write of the rest, as it was on
+        # trio-websocket (chatd's server now has its own connection: chatd/shard/wsconn.py)
+        if ws._close_reason is not None or ws._wsproto.state != ConnectionState.OPEN:
+            raise ConnectionClosed(ws._close_reason)
+        async with ws._stream_lock:
+            try:
+                await ws._stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                await ws._abort_web_socket()
+                raise ConnectionClosed(ws._close_reason) from None
 
     def write_nowait(ws, data: bytes) -> int:  # as chatd.shard.session.write_nowait (kept here so
         # that the floor stays the same when it is run against older chatd code)

@@ -30,6 +30,14 @@ class Counter:
     def __init__(self, name: str, help: str, labels: tuple[str, ...] | None = None):
         self.name, self.help = name, help
         self._c = None if labels is None else self._make(labels)
+        # A hot path without labels may add to this plain int instead of calling inc() (one per
+        # message frame written, issue 13); it is folded in whenever the counter is read.
+        self.pending = 0
+
+    def _fold(self) -> None:
+        if self.pending:
+            n, self.pending = self.pending, 0
+            self._child({}).inc(n)
 
     def _make(self, labels) -> prom.Counter:
         base = self.name[:-len("_total")] if self.name.endswith("_total") else self.name
@@ -44,9 +52,11 @@ class Counter:
         self._child(labels).inc(amount)
 
     def get(self, **labels) -> float:
+        self._fold()
         return self._child(labels)._value.get()
 
     def collect(self):
+        self._fold()
         if self._c is None:
             yield CounterMetricFamily(self.name, self.help, value=0.0)
         else:

@@ -140,6 +140,32 @@ async def test_contacts_get_changes_and_reconnect_within_grace_is_silent(presenc
     assert (await svc.statuses([a]))[a]["status"] == "offline"
 
 
+async def test_heartbeats_of_online_devices_do_not_wake_the_scan(presence, autojump_clock):
+    """The loop's expiry scan is O(users): woken by every heartbeat it took 93 % of a shard's CPU
+    at 10,000 idle connections (issue 13). A refresh only moves a deadline later: no wake-up."""
+    svc, store, rec, users = presence
+    for u in users:
+        svc.heartbeat(u, "phone")
+    await pause(svc, 2)
+    scans = 0
+    expire = svc.tracker.expire
+
+    def counting(now):
+        nonlocal scans
+        scans += 1
+        expire(now)
+    svc.tracker.expire = counting
+    for _ in range(50):
+        for u in users:
+            svc.heartbeat(u, "phone")
+        await pause(svc, 0.1)
+    assert scans == 0
+    assert {st["status"] for st in (await svc.statuses(users)).values()} == {"online"}
+    await pause(svc, 31)  # and they still go offline at their deadline
+    assert scans >= 1
+    assert {st["status"] for st in (await svc.statuses(users)).values()} == {"offline"}
+
+
 async def test_two_device_user_flapping_one_device_shows_no_change(presence, autojump_clock):
     svc, store, rec, (a, b, c, d, e) = presence
     svc.subscribe(c, [a])  # an explicit subscriber

@@ -40,19 +40,21 @@ class View:
     # every send asks for its channel's owner and its members' homes (a blake2b per shard each)
     _memo: dict = field(default_factory=dict, compare=False, repr=False)
 
+    # (memo keys: a channel id is a str, a user id an int, so they cannot collide; the hashed key
+    # is built only on a miss: a group's fan-out asks for 100 homes per message)
     def owner_of(self, channel_id: str) -> str:
-        return self._owner(("c", channel_id), f"c:{channel_id}")
+        found = self._memo.get(channel_id)
+        return found if found is not None else self._owner(channel_id, f"c:{channel_id}")
 
     def home_of(self, user_id: int) -> str:
-        return self._owner(("u", user_id), f"u:{user_id}")
+        found = self._memo.get(user_id)
+        return found if found is not None else self._owner(user_id, f"u:{user_id}")
 
     def _owner(self, memo_key, key: str) -> str:
-        found = self._memo.get(memo_key)
-        if found is None:
-            found = hashing.owner(key, self.shards)
-            if len(self._memo) >= MEMO_MAX:
-                self._memo.clear()
-            self._memo[memo_key] = found
+        found = hashing.owner(key, self.shards)
+        if len(self._memo) >= MEMO_MAX:
+            self._memo.clear()
+        self._memo[memo_key] = found
         return found
 
     def deliver_frames(self, event: dict, user_ids) -> dict[str, dict]:

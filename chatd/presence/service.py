@@ -52,12 +52,15 @@ class PresenceService:
 
     # ---- events (synchronous, never block) -----------------------------------------------
     def heartbeat(self, user_id: int, device: str) -> None:
-        self.tracker.heartbeat(user_id, device, trio.current_time())
-        self._wake.set()
+        # Woken only when a status changed: the loop's scans are O(users), and waking it for every
+        # heartbeat made them O(users) per heartbeat (at 10,000 idle connections that was 93 % of
+        # the shard's CPU, py-spy, issue 13).
+        if self.tracker.heartbeat(user_id, device, trio.current_time()):
+            self._wake.set()
 
     def logout(self, user_id: int, device: str) -> None:
-        self.tracker.logout(user_id, device, trio.current_time())
-        self._wake.set()
+        if self.tracker.logout(user_id, device, trio.current_time()):
+            self._wake.set()
 
     def subscribe(self, subscriber: int, targets) -> None:
         self.subscribers.add(subscriber, targets)

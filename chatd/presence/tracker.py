@@ -41,23 +41,29 @@ class PresenceTracker:
         self._dirty: set[int] = set()
 
     # ---- events ------------------------------------------------------------------------------
-    def heartbeat(self, user_id: int, device: str, now: float) -> None:
-        """A device connected or heartbeated."""
+    def heartbeat(self, user_id: int, device: str, now: float) -> bool:
+        """A device connected or heartbeated. True when the user's status changed (a ticker must
+        look again); a refresh only moves a deadline later, so it needs nobody woken."""
         u = self._users.setdefault(user_id, _User())
         u.devices[device] = now
         u.last_active_at = max(u.last_active_at, now)
         if not u.online:
             u.online = True
             self._dirty.add(user_id)
+            return True
+        return False
 
-    def logout(self, user_id: int, device: str, now: float) -> None:
+    def logout(self, user_id: int, device: str, now: float) -> bool:
+        """True when the user's status changed (its last device logged out)."""
         u = self._users.get(user_id)
         if u is None:
-            return
+            return False
         u.devices.pop(device, None)
         if not u.devices and u.online:
             u.online = False
             self._dirty.add(user_id)
+            return True
+        return False
 
     def expire(self, now: float) -> None:
         """Forget devices silent for longer than the grace period; users left without one go offline."""

@@ -280,8 +280,8 @@ class Router:
                 self._to(shard.removeprefix("->"), frame)
 
     def push_local(self, item, user_ids, skip: str | None = None) -> None:
-        for uid in user_ids:
-            for session in tuple(self.hub.sessions_of(uid)):
+        for uid in user_ids:  # (push never adds or removes sessions: no copy of the set)
+            for session in self.hub.sessions_of(uid):
                 if skip is None or session.device_id != skip:
                     session.push(item)
 

@@ -1,7 +1,9 @@
-"""``serve_shard``: the client-facing WebSocket server of one chat shard (trio-websocket).
+"""``serve_shard``: the client-facing WebSocket server of one chat shard (wsproto, chatd/shard/wsconn.py).
 
-Resources: one listening socket; one :class:`~chatd.shard.session.Session` (two tasks) per
-connection, all in one handler nursery owned by this function. Started with ``nursery.start``:
+Resources: one listening socket; one task per connection (the handshake, bounded by
+``CONNECT_TIMEOUT_S``, then the :class:`~chatd.shard.session.Session`'s reader), all in one
+handler nursery owned by this function, with the two tasks shared by all sessions: the flusher
+(chatd/shard/flusher.py) and the timer wheel (chatd/shard/timers.py). Started with ``nursery.start``:
 it reports the bound port only once it accepts. Stopping: :meth:`ShardServer.drain` asks every
 session to close with 1001 (clients reconnect through discovery), then cancellation ends the rest.
 """
@@ -13,25 +15,26 @@ import gc
 import logging
 
 import trio
-from trio_websocket import ConnectionClosed, serve_websocket
+from trio_websocket import ConnectionClosed
 
-from ..protocol.client import JSON, MSGPACK, SUBPROTOCOLS
-from . import wsfix
+from ..protocol.client import JSON, SUBPROTOCOLS
+from . import wsconn
+from .flusher import Flusher
 from .session import CLOSE_GOING_AWAY, Session
-
-wsfix.apply()  # a text frame that is not UTF-8 gets a 1007 close frame, not a bare TCP close
+from .timers import Timers
 
 log = logging.getLogger(__name__)
 
 GC_FREEZE_EVERY = 500  # accepted connections between two gc.freeze() calls
+CONNECT_TIMEOUT_S = 10.0  # a WebSocket handshake not finished by then is dropped
 
 
-def choose_subprotocol(proposed) -> tuple[str | None, str]:
-    """(subprotocol to accept, format). Prefer what the client listed first among ours."""
+def choose_subprotocol(proposed) -> str | None:
+    """The subprotocol to accept: the first the client listed among ours (None: JSON)."""
     for name in proposed:
         if name in SUBPROTOCOLS:
-            return name, SUBPROTOCOLS[name]
-    return None, JSON
+            return name
+    return None
 
 
 class ShardServer:
@@ -42,21 +45,31 @@ class ShardServer:
         self.accepting = True
         self._drained = trio.Event()
         self._accepted = 0
+        self.flusher = Flusher(node.metrics.messages_out)  # one writer pass for all sessions (chatd/shard/flusher.py)
+        self.timers = Timers()  # every session's auth timeout / token expiry (chatd/shard/timers.py)
 
-    async def _handle(self, request) -> None:
+    async def _handle(self, stream: trio.SocketStream) -> None:
         """One connection. Nothing a client does may end the server: a failure here ends only
-        this connection (logged); a bug is logged with its traceback."""
+        this connection (logged); a bug is logged with its traceback. The TCP connection is
+        closed when this returns, whatever happened."""
         try:
-            await self._serve_connection(request)
+            async with stream:
+                ws = None
+                # Frames above max_frame_bytes get a 'frame_too_large' error and the connection goes on;
+                # only frames above twice that are refused with close 1009, exactly: 2 * max_frame_bytes
+                # bytes is answered, one byte more closes.
+                with trio.move_on_after(CONNECT_TIMEOUT_S):
+                    ws = await wsconn.accept(stream, choose_subprotocol, 2 * self.node.config.limits.max_frame_bytes)
+                if ws is None:
+                    return
+                await self._serve_connection(ws)
         except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
             log.debug("connection ended during set-up: %r", e)
         except Exception:  # noqa: BLE001 - a bug in one session must not take the shard down
             log.exception("session crashed; connection dropped")
 
-    async def _serve_connection(self, request) -> None:
-        subprotocol, fmt = choose_subprotocol(request.proposed_subprotocols)
-        ws = await request.accept(subprotocol=subprotocol)  # the client may be gone already
-        session = Session(self.node, ws, fmt)
+    async def _serve_connection(self, ws: wsconn.ServerConnection) -> None:
+        session = Session(self.node, ws, SUBPROTOCOLS.get(ws.subprotocol, JSON), self.flusher, self.timers)
         self._accepted += 1
         if self._accepted % GC_FREEZE_EVERY == 0:
             # Long-lived connection state would otherwise be re-scanned by every full collection:
@@ -86,17 +99,13 @@ class ShardServer:
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.node.config
-        limits = cfg.limits
         async with trio.open_nursery() as nursery:
-            server = await nursery.start(functools.partial(
-                serve_websocket, self._handle, cfg.server.ws_host, cfg.server.ws_port, None,
-                handler_nursery=nursery,
-                # Frames above max_frame_bytes get a 'frame_too_large' error and the connection goes on;
-                # only frames above twice that are refused by the WebSocket layer (close 1009), exactly:
-                # 2 * max_frame_bytes bytes is answered, one byte more closes.
-                max_message_size=2 * limits.max_frame_bytes,
-                message_queue_size=4, connect_timeout=10, disconnect_timeout=5))
-            self.port = server.port
+            await nursery.start(self.flusher.run)
+            await nursery.start(self.timers.run)
+            listeners = await nursery.start(functools.partial(
+                trio.serve_tcp, self._handle, cfg.server.ws_port, host=cfg.server.ws_host,
+                handler_nursery=nursery))
+            self.port = listeners[0].socket.getsockname()[1]
             log.info("shard %s accepting WebSocket clients on %s:%d", cfg.server.shard_id,
                      cfg.server.ws_host, self.port)
             gc.freeze()  # everything built at start-up lives as long as the process

@@ -1,12 +1,24 @@
-"""One client WebSocket connection: one reader task, one writer task, one method per client verb.
+"""One client WebSocket connection: one task (its reader), one method per client verb.
 
 Resources and policies
 
+* **Per connection**, idle and authenticated: one task (the connection's handler, which reads),
+  the :class:`Session` (``__slots__``), its wsproto connection (chatd/shard/wsconn.py), a rate
+  bucket, an empty queue and cursor dict, and one timer handle on the server's shared timer
+  wheel (chatd/shard/timers.py: the auth timeout, then the token's expiry). What a send needs
+  (its semaphore, the answer clock and its task) is made with the connection's first send; a
+  task per request only for requests that wait (history, presence, a cold send, ...).
+  tests/test_session_resources.py counts the tasks.
 * **Outgoing queue**: every frame to the client (replies, ``message`` events, typing, receipts)
-  goes through one bounded queue (``limits.send_queue_frames``) drained by the writer task.
-  :meth:`push` never blocks: when the queue is full the client is a *slow consumer* and is
-  disconnected with close code 1013; it resyncs when it comes back. Memory per connection is
-  bounded by the queue size. A write to the socket is never cut in the middle of a frame: a
+  goes through one bounded queue (``limits.send_queue_frames``). A live message pushed while
+  nothing is queued is written at once (what the socket takes); anything else :meth:`push`
+  queues and marks the session for the server's one flusher task (chatd/shard/flusher.py),
+  which writes what the socket takes at once for every session marked since its last pass;
+  only what must wait (a full socket, a gap to fill from the store, a sync job, a close) goes
+  to a writer task of this session, which ends when the queue is empty again. :meth:`push`
+  never blocks: when the queue is full the client is a *slow consumer* and is disconnected
+  with close code 1013; it resyncs when it comes back. Memory per connection is bounded by the
+  queue size. A write to the socket is never cut in the middle of a frame: a
   close waits up to ``SEND_GRACE_S`` for the write in progress (a client that reads again in
   time gets every whole frame and then the close frame); a client that does not read for that
   long has its TCP connection aborted (it sees 1006: no close frame can reach a full buffer).
@@ -28,8 +40,8 @@ Resources and policies
   stored data are unaffected.
 
 Close codes: 1000 after the client's own ``logout``, 1001 server going away, 1007 text frame that
-is not UTF-8 (chatd/shard/wsfix.py), 1008 policy (auth timeout, flood, repeated bad tokens),
-1009 frame above the hard cap, 1011 server bug, 1013 slow consumer or shard not ready, 4001 token
+is not UTF-8 and 1002 protocol violation (chatd/shard/wsconn.py), 1008 policy (auth timeout,
+flood, repeated bad tokens), 1009 frame above the hard cap, 1011 server bug, 1013 slow consumer or shard not ready, 4001 token
 expired or revoked (log in again).
 """
 
@@ -37,10 +49,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 
 import trio
 from trio_websocket import ConnectionClosed
-from wsproto.connection import ConnectionState
 from wsproto.frame_protocol import FrameProtocol
 
 from .. import revocation
@@ -82,35 +94,6 @@ def frame(payload: str | bytes) -> bytes:
     return bytes(_FRAMER.send_data(payload, fin=True))
 
 
-async def send_raw(ws, data: bytes) -> None:
-    """Write pre-built frames on a trio-websocket connection, under its send lock, with the same
-    error behaviour as ``send_message``. (Uses trio-websocket internals; setup.py pins the range.)"""
-    if ws._close_reason is not None or ws._wsproto.state != ConnectionState.OPEN:
-        raise ConnectionClosed(ws._close_reason)
-    async with ws._stream_lock:
-        try:
-            await ws._stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            await ws._abort_web_socket()
-            raise ConnectionClosed(ws._close_reason) from None
-
-
-def write_nowait(ws, data: bytes) -> int:
-    """Write what the socket takes *now* of pre-built frames, without yielding; the bytes written
-    (0 when another writer holds the connection's send lock, it is not open, the socket buffer is
-    full or the socket failed: :func:`send_raw` then writes the rest and reports any failure).
-    Nothing can run between this and a :func:`send_raw` of the rest that follows it at once, so
-    frames are never interleaved. Saves the lock, the cancel scopes and the checkpoints of an
-    awaited write for the common case: measured in benchmarks/README.md, issue 13.
-    (Uses trio-websocket and trio socket internals, like send_raw; setup.py pins the ranges.)"""
-    if ws._stream_lock.locked() or ws._close_reason is not None or ws._wsproto.state != ConnectionState.OPEN:
-        return 0
-    try:
-        return ws._stream.socket._sock.send(data)
-    except OSError:  # BlockingIOError included
-        return 0
-
-
 class _Close:
     __slots__ = ("code", "reason")
 
@@ -118,14 +101,31 @@ class _Close:
         self.code, self.reason = code, reason
 
 
+class _Crash:
+    """A bug met by the flusher's pass: the writer task raises it (logged, 1011)."""
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+IDLE, MARKED, WRITING, DONE = range(4)  # Session._wstate: who writes the queue next
+
+
 class Session:
-    def __init__(self, node, ws, fmt: str):
+    __slots__ = ("node", "ws", "fmt", "limits", "_flusher", "_timers", "_queue", "_wstate", "user_id", "device_id",
+                 "token_key", "_token_exp", "_cursors", "_bucket", "_limited_in_row", "_bad_tokens", "_inflight",
+                 "_answers", "_last_send", "_subscribed", "_out", "_nursery", "close_reason", "_timer")
+
+    def __init__(self, node, ws, fmt: str, flusher, timers):
         self.node = node
         self.ws = ws
         self.fmt = fmt
-        limits = node.config.limits
-        self.limits = limits
-        self._out_send, self._out_recv = trio.open_memory_channel(limits.send_queue_frames)
+        self.limits = node.config.limits
+        self._flusher = flusher  # chatd/shard/flusher.py: writes what push() queued, for all sessions
+        self._timers = timers  # chatd/shard/timers.py: the auth timeout, then the token's expiry
+        self._queue: deque = deque()  # frames, Messages, sync jobs, closes not yet written
+        self._wstate = IDLE
         self.user_id: int | None = None
         self.device_id: str | None = None
         self.token_key: str | None = None
@@ -134,29 +134,89 @@ class Session:
         self._bucket = node.rate_bucket()
         self._limited_in_row = 0
         self._bad_tokens = 0
-        self._inflight = trio.Semaphore(limits.max_inflight_sends)
-        self._answers = AnswerClock(limits.send_answer_s, lambda: ChatError(
-            "unavailable", f"no answer from the channel's owner within {limits.send_answer_s:g} s; resend with the "
-            "same client_msg_id", retry_after_ms=RETRY_AFTER_MS))
-        self._clock_started = False
-        self._last_send: dict[str, trio.Event] = {}  # channel -> its last send's 'submitted' event
-        self._subscribed: set[int] = set()  # explicit presence subscriptions of this connection
-        self._out: list[bytes] = []  # framed bytes waiting for the writer's next send
+        # Made with the first send (an idle connection has none of them):
+        self._inflight: trio.Semaphore | None = None
+        self._answers: AnswerClock | None = None
+        self._last_send: dict[str, trio.Event] | None = None  # channel -> its last send's 'submitted' event
+        self._subscribed: set[int] | None = None  # explicit presence subscriptions of this connection
+        self._out: list[bytes] = []  # framed bytes waiting for the next write
         self._nursery: trio.Nursery | None = None
         self.close_reason: tuple[int, str] | None = None
+        self._timer = None
 
     # ---- outgoing --------------------------------------------------------------------------
     def push(self, item) -> None:
-        """Queue a frame dict, a Message or a sync job; cut the client off if it is not reading."""
-        if self.close_reason is not None:
+        """Queue a frame dict, a Message or a sync job; cut the client off if it is not reading.
+        Never blocks: the flusher writes it in its next pass (or this session's writer task, when
+        one is running)."""
+        if self.close_reason is not None or self._wstate == DONE:
             return
-        try:
-            self._out_send.send_nowait(item)
-        except trio.WouldBlock:
+        if len(self._queue) >= self.limits.send_queue_frames:
             self.node.metrics.slow_consumers.inc()
             self.close_soon(CLOSE_TRY_AGAIN, "slow consumer: send queue full; reconnect and sync")
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            pass
+            return
+        if self._wstate == IDLE:  # (then nothing is queued or half-written)
+            if type(item) is Message:  # a fan-out: written straight away, no pass, no task
+                try:
+                    if self._deliver_nowait(item):
+                        self._write_out()
+                        return
+                except Exception as e:  # noqa: BLE001 - a bug: the writer task says so, closes with 1011
+                    self._queue.append(_Crash(e))
+                    self._start_writer()
+                    return
+            self._wstate = MARKED
+            self._flusher.mark(self)
+        self._queue.append(item)
+
+    def _flush_now(self) -> None:
+        """Called by the flusher: write what the queue holds if nothing in it must wait and the
+        socket takes it all at once; else start this session's writer task for the rest."""
+        if self._wstate != MARKED:
+            return
+        self._wstate = IDLE
+        queue = self._queue
+        try:
+            while queue:
+                item = queue[0]
+                if isinstance(item, Message):
+                    if not self._deliver_nowait(item):
+                        break  # a gap to fill from the store first
+                elif isinstance(item, dict):
+                    self._emit(proto.dumps(item, self.fmt))
+                else:
+                    break  # a sync job or a close
+                queue.popleft()
+            if self._out:
+                data = b"".join(self._out)
+                self._out.clear()
+                n = self.ws.write_nowait(data)
+                if n < len(data):
+                    self._out.append(data[n:])
+        except Exception as e:  # noqa: BLE001 - a bug: the writer task says so and closes with 1011
+            queue.appendleft(_Crash(e))
+        if (queue or self._out) and self.close_reason is None:
+            self._start_writer()
+
+    def _write_out(self) -> None:
+        """Write the framed bytes of ``_out`` now; what the socket does not take goes to the
+        writer task (which writes it before anything queued after it)."""
+        out = self._out
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        n = self.ws.write_nowait(data)
+        if n < len(data):
+            out.append(data[n:])
+            self._start_writer()
+
+    def _start_writer(self) -> None:
+        if self._nursery is None:
+            return
+        self._wstate = WRITING
+        try:
+            self._nursery.start_soon(self._writer_guard)
+        except RuntimeError:  # closed: run() is ending (trio lets others run in that moment)
+            self._wstate = DONE
 
     def push_error(self, err: ChatError, request_id=None) -> None:
         self.node.metrics.errors.inc(code=err.code)
@@ -197,13 +257,13 @@ class Session:
         if data is None:
             data = m.__dict__[key] = frame(proto.dumps(proto.message_frame(m), self.fmt))
         self._out.append(data)
-        self.node.metrics.messages_out.inc()
+        self._flusher.messages_out.pending += 1  # (folded into the counter when it is read)
 
     async def _flush(self) -> None:
         if self._out:
             data = b"".join(self._out)
             self._out.clear()
-            n = write_nowait(self.ws, data)
+            n = self.ws.write_nowait(data)
             if n == len(data):
                 return
             if n:
@@ -213,19 +273,19 @@ class Session:
             # connection of a client that is not reading.
             with trio.CancelScope(shield=True):
                 with trio.move_on_after(SEND_GRACE_S) as grace:
-                    await send_raw(self.ws, data)
+                    await self.ws.send_raw(data)
             if grace.cancelled_caught:
-                await self.ws._abort_web_socket()  # trio-websocket internals, as send_raw
-                raise ConnectionClosed(self.ws._close_reason)
+                await self.ws.abort()
+                raise ConnectionClosed(self.ws.closed)
 
     async def _writer(self) -> None:
-        recv = self._out_recv
-        while True:
-            try:
-                item = await recv.receive()
-            except trio.EndOfChannel:
-                return
+        """The rest of what the flusher could not write at once, in order; ends (handing the queue
+        back to the flusher) when the queue is empty and everything is written."""
+        queue = self._queue
+        await self._flush()
+        while queue and self.close_reason is None:
             for _ in range(256):
+                item = queue.popleft()
                 if isinstance(item, Message):
                     await self._deliver_live(item)
                 elif isinstance(item, _SyncJob):
@@ -234,15 +294,29 @@ class Session:
                     await self._flush()
                     self.close_soon(item.code, item.reason)
                     return
+                elif isinstance(item, _Crash):
+                    raise item.exc
                 else:
                     self._emit(proto.dumps(item, self.fmt))
-                try:
-                    item = recv.receive_nowait()
-                except (trio.WouldBlock, trio.EndOfChannel):
+                if not queue:
                     break
             await self._flush()
 
     # ---- delivery cursors ------------------------------------------------------------------
+    def _deliver_nowait(self, m: Message) -> bool:
+        """:meth:`_deliver_live` when it needs no store read; False (nothing done) when it does."""
+        st = self._cursors.get(m.channel_id)
+        if st is None:
+            self._cursors[m.channel_id] = [m.seq, m.seq]
+        elif m.seq <= st[1]:
+            return True  # delivered already (by sync or gap fill)
+        elif m.seq > st[1] + 1:
+            return False
+        else:
+            st[1] = m.seq
+        self._emit_message(m)
+        return True
+
     async def _deliver_live(self, m: Message) -> None:
         st = self._cursors.get(m.channel_id)
         if st is None:
@@ -354,8 +428,9 @@ class Session:
                     await self._close_after_queued(CLOSE_TRY_AGAIN, "shard not ready; reconnect")
                 if not await self._on_auth(req):
                     await self._close_after_queued(CLOSE_POLICY, "too many invalid tokens")
-                if self.user_id is not None:
-                    nursery.start_soon(self._expiry)
+                if self.user_id is not None:  # the auth timeout's timer becomes the token's
+                    self._timers.cancel(self._timer)
+                    self._timer = self._timers.call_later(self._token_exp - time.time(), self._expired)
             else:
                 self.push_error(ChatError("not_authenticated", "send an 'auth' frame first"), req.id)
             return
@@ -367,10 +442,14 @@ class Session:
                 self.push_error(ChatError("body_too_long", f"a message body has at most "
                                           f"{self.limits.max_body_chars} characters"), req.id)
                 return
+            if self._inflight is None:
+                self._inflight = trio.Semaphore(self.limits.max_inflight_sends)
             try:
                 self._inflight.acquire_nowait()  # (no checkpoint per send unless at the limit)
             except trio.WouldBlock:
                 await self._inflight.acquire()
+            if self._last_send is None:
+                self._last_send = {}
             previous = self._last_send.get(req.channel_id)
             if previous is None or previous.is_set():
                 try:
@@ -388,8 +467,9 @@ class Session:
             self.node.presence.heartbeat(self.user_id, self.device_id)
             self.push({"type": "heartbeat", "id": req.id, "server_time": time.time()})
         elif isinstance(req, proto.UnsubscribePresence):
-            gone = [u for u in req.user_ids if u in self._subscribed]
-            self._subscribed.difference_update(gone)
+            gone = [u for u in req.user_ids if u in (self._subscribed or ())]
+            if gone:
+                self._subscribed.difference_update(gone)
             self.node.presence.unsubscribe(self.user_id, gone)
             self.push({"type": "unsubscribe_presence", "id": req.id, "user_ids": list(req.user_ids)})
         elif isinstance(req, proto.Logout):
@@ -467,8 +547,11 @@ class Session:
     def _ticket(self, req):
         """The send's answer-deadline ticket; the connection's clock task starts with its first
         send (an idle connection has none)."""
-        if not self._clock_started:
-            self._clock_started = True
+        if self._answers is None:
+            budget = self.limits.send_answer_s
+            self._answers = AnswerClock(budget, lambda: ChatError(
+                "unavailable", f"no answer from the channel's owner within {budget:g} s; resend with the "
+                "same client_msg_id", retry_after_ms=RETRY_AFTER_MS))
             self._nursery.start_soon(self._answers.run)
         return self._answers.ticket(self._answer_send(req))
 
@@ -526,9 +609,8 @@ class Session:
         self.push({"type": "logout", "id": req.id})
         self.push(_Close(CLOSE_NORMAL, "logged out"))
 
-    async def _expiry(self) -> None:
+    def _expired(self) -> None:
         """Tokens expire while connected too: at ``exp`` the connection is closed with 4001."""
-        await trio.sleep(max(0.0, self._token_exp - time.time()))
         self.push_error(ChatError("token_expired", "token has expired; log in again"))
         self.push(_Close(CLOSE_LOG_IN_AGAIN, "token expired; log in again"))
 
@@ -576,6 +658,8 @@ class Session:
 
     async def _on_subscribe(self, req: proto.SubscribePresence) -> None:
         """Subscribe (at once, before any await), then answer with the current statuses."""
+        if self._subscribed is None:
+            self._subscribed = set()
         new = [u for u in req.user_ids if u not in self._subscribed and u != self.user_id]
         limit = self.node.config.presence.max_subscriptions
         if len(self._subscribed) + len(new) > limit:
@@ -591,8 +675,7 @@ class Session:
         users = await self.node.presence.statuses(list(req.user_ids))
         self.push({"type": "presence", "id": req.id, "users": {str(u): st for u, st in users.items()}})
 
-    async def _auth_timeout(self) -> None:
-        await trio.sleep(self.limits.auth_timeout_s)
+    def _auth_timeout(self) -> None:
         if self.user_id is None:
             self.close_soon(CLOSE_POLICY, "authentication timeout")
 
@@ -606,8 +689,7 @@ class Session:
                 self._nursery = nursery
                 if self.close_reason is not None:
                     nursery.cancel_scope.cancel()
-                nursery.start_soon(self._writer_guard)
-                nursery.start_soon(self._auth_timeout)
+                self._timer = self._timers.call_later(self.limits.auth_timeout_s, self._auth_timeout)
                 try:
                     await self._reader(nursery)
                 except ConnectionClosed:
@@ -619,11 +701,13 @@ class Session:
             if self.close_reason is None:
                 self.close_reason = (CLOSE_INTERNAL, "internal server error")
         finally:
+            self._wstate = DONE  # push() drops, the flusher skips this session from now on
+            self._queue.clear()
+            self._timers.cancel(self._timer)
             if self.user_id is not None:
                 self.node.router.detach(self)
                 if self._subscribed:
                     self.node.presence.unsubscribe(self.user_id, list(self._subscribed))
-            self._out_send.close()
             if self.close_reason is not None and not self.ws.closed:
                 with trio.CancelScope(shield=True), trio.move_on_after(2):
                     try:
@@ -634,6 +718,9 @@ class Session:
     async def _writer_guard(self) -> None:
         try:
             await self._writer()
+            if self.close_reason is None:  # all written: the flusher writes what comes next
+                self._wstate = IDLE
+                return
         except ConnectionClosed:
             pass
         except ChatError as e:  # store failure while syncing: tell the client, let it retry
@@ -649,8 +736,7 @@ class Session:
                 try:
                     self._emit(proto.dumps(proto.error_frame("internal", "internal server error; please report it"),
                                            self.fmt))
-                    await send_raw(self.ws, self._out.pop())
+                    await self.ws.send_raw(self._out.pop())
                 except ConnectionClosed:
                     pass
-        finally:
-            self._nursery.cancel_scope.cancel()
+        self._nursery.cancel_scope.cancel()
