@@ -13,6 +13,9 @@ Resources and policies
   ``resync`` frame follows once the queue has room (the peer then re-reads the store for its
   sessions: a dropped live frame costs latency, never a message). :meth:`request` waits for room
   (backpressure on the caller) and for the reply.
+* **Writes**: one writer task per link writes what is queued in one ``send_all`` (a frame
+  written straight to the socket instead was measured: no gain, and the frames one callback
+  queues -- a reply and the deliveries after it -- would no longer share a write).
 * **Heartbeats**: a ``ping`` after ``link_heartbeat_s`` of silence; a link that hears nothing for
   three heartbeats is closed (and redialled): with the default 0.3 s a dead or frozen peer is
   noticed in under a second, and every request pending on it is answered ``unavailable``.
@@ -24,6 +27,7 @@ Resources and policies
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import random
@@ -58,14 +62,21 @@ class Link:
         self._scope: trio.CancelScope | None = None
 
     def send_nowait(self, frame: dict) -> bool:
+        ok = self.offer(frame)
+        if ok is False:
+            self.dropped += 1
+            self.needs_resync = True
+        return bool(ok)
+
+    def offer(self, frame: dict) -> bool | None:
+        """Queue ``frame`` without waiting: True if queued, False if the queue is full
+        (nothing done: the caller decides, see :meth:`send_nowait`), None if the link is closed."""
         try:
             self._send.send_nowait(frame)
         except trio.WouldBlock:
-            self.dropped += 1
-            self.needs_resync = True
             return False
         except (trio.ClosedResourceError, trio.BrokenResourceError):
-            return False
+            return None
         self.manager.count(self.peer_id, frame)
         return True
 
@@ -317,6 +328,11 @@ class LinkManager:
             return slot[1]
         finally:
             self._pending.pop(rid, None)
+
+    def reply_nowait(self, link: Link, rid, **fields) -> None:
+        """:meth:`reply` from a callback: at once, or (a full queue) from a task that waits for room."""
+        if link.offer({"t": "reply", "rid": rid, **fields}) is False and self._nursery is not None:
+            self._nursery.start_soon(functools.partial(self.reply, link, rid, **fields))
 
     @staticmethod
     async def reply(link: Link, rid, **fields) -> None:

@@ -218,6 +218,29 @@ class Router:
         finally:
             submitted.set()
 
+    def remote_send_nowait(self, link, frame: dict) -> bool:
+        """:meth:`on_remote_send` without a task, when this shard owns the channel and can queue
+        the append at once (``ChannelOwners.send_nowait``); the store's completion replies. False,
+        with nothing done, otherwise (the caller then runs :meth:`on_remote_send`, which also
+        answers malformed frames). The caller keeps the link's per-channel order: it only asks
+        when no earlier send of the same channel from this link waits to be queued."""
+        try:
+            ch, uid, cmid, body, rid = frame["ch"], int(frame["u"]), str(frame["cmid"]), str(frame["body"]), frame["rid"]
+        except (KeyError, TypeError, ValueError):
+            return False
+        if type(ch) is not str or not self._owns(ch) or not self.node.discovery.writable:
+            return False
+        if self._stall.recently_stalled():  # writable may be stale: chatd/shard/stall.py
+            return False
+        links = self.links
+
+        def done(result, error) -> None:
+            if error is None:
+                links.reply_nowait(link, rid, ok=pack(result.message), dup=result.duplicate)
+            else:
+                links.reply_nowait(link, rid, err=error.to_dict())
+        return self.node.owners.send_nowait(uid, ch, cmid, body, done)
+
     # ---- fan-out ---------------------------------------------------------------------------
     def deliver_message(self, message: Message, member_ids) -> None:
         self._fan_out(message, None, member_ids, None)
