@@ -141,6 +141,8 @@ class Node:
             ch = frame.get("ch")
             key = (link, ch if isinstance(ch, str) else None)
             previous = self._link_chains.get(key)
+            if (previous is None or previous.is_set()) and self.router.remote_send_nowait(link, frame):
+                return  # queued in the store already: no task, no event (issue 13)
             submitted = self._link_chains[key] = trio.Event()
             self.nursery.start_soon(self._remote_send, key, frame, previous, submitted)
         else:

@@ -225,6 +225,43 @@ def test_report_shape_and_loss_accounting():
     assert account({ch: [0, 1]}, {ch: [[1, 3]]}, {0: {ch: [[1, 3]]}, 1: {ch: [[1, 3]]}})["lost"] == 0
 
 
+def test_cross_shard_pairs_and_topology():
+    from chatd.bench.topology import cross_shard_order, role_of, topology
+    from chatd.discovery import hashing
+
+    shards = ["s1", "s1", "s1", "s2", "s2", "s3"]
+    order = cross_shard_order(shards)
+    assert sorted(order) == list(range(6))
+    assert all(shards[order[k]] != shards[order[k + 1]] for k in range(0, 6, 2))  # every pair straddles
+    lopsided = cross_shard_order(["a", "a", "a", "a", "b", "b"])
+    assert sum(["a", "a", "a", "a", "b", "b"][lopsided[k]] != ["a", "a", "a", "a", "b", "b"][lopsided[k + 1]]
+               for k in range(0, 6, 2)) == 2  # as many as the shares allow
+    with pytest.raises(ValueError):
+        BenchOptions("group", clients=4, group_size=4, cross_shard=True).validate()
+    # one pair: user 1 on s1, user 2 on s2; the report says where its sends go
+    live = ["s1", "s2", "s3"]
+    ch = "dm:1:2"
+    devs = [_device(0, ch), _device(1, ch)]
+    devs[0].shard, devs[1].shard = "s1", "s2"
+    t = topology(devs, {ch: [0, 1]}, live)
+    owner = hashing.owner(f"c:{ch}", live)
+    assert t["sends_partner_on_other_shard"] == 1.0
+    assert t["sends_owner_remote"] == (0.5 if owner in ("s1", "s2") else 1.0)
+    assert t["devices_by_shard"] == {"s1": 1, "s2": 1}
+    assert t["link_frames_per_send"] > 0
+    devs[1].shard = "s1"
+    assert topology(devs, {ch: [0, 1]}, live) is None  # one shard: no cluster section
+    assert [role_of(n) for n in ("s1", "s12", "p1", "api", "4242", "server")] == \
+        ["shard", "shard", "presence", "api", "server", "server"]
+
+
+def test_server_pid_and_cluster_dir_need_api(tmp_path):
+    out = CliRunner().invoke(bench, ["dm", "--server-pid", "1"])
+    assert out.exit_code == 2 and "need --api" in out.output
+    out = CliRunner().invoke(bench, ["dm", "--api", "http://127.0.0.1:1", "--cluster-dir", str(tmp_path)])
+    assert out.exit_code == 2 and "no chatd pid files" in out.output
+
+
 def test_split_spreads_pairs_over_processes():
     devs = [_device(i, "dm:1:2") for i in range(5)]
     parts = split(devs, 2)
@@ -237,7 +274,8 @@ def test_help_documents_every_scenario_and_option():
     for name in SCENARIOS:
         assert f"  {name} " in out
     for opt in ("--clients", "--rate", "--duration", "--size", "--ramp-up", "--seed", "--procs", "--format",
-                "--json", "--plot", "--api", "--group-size", "--server-opt", "--server-env", "TOTAL"):
+                "--json", "--plot", "--api", "--group-size", "--server-opt", "--server-env", "TOTAL",
+                "--cross-shard", "--cluster-dir", "--server-pid"):
         assert opt in out
 
 

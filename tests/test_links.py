@@ -85,3 +85,34 @@ async def test_a_reset_while_writing_does_not_crash_the_writer(nursery):
     with trio.fail_after(5):
         while not got["s2"] or got["s2"][-1]["t"] != "after":
             await trio.sleep(0.01)
+
+
+async def test_request_nowait_gets_exactly_one_answer(nursery):
+    """A request without a task (issue 13: the sending shard's fast path): its callback gets the
+    reply; the link closing, or no reply within the timeout, answers it ``unavailable`` -- once."""
+    a, b, got, ups = await _pair(nursery)
+    answers: dict[str, list] = {"served": [], "dropped": [], "closed": []}
+
+    b._on_frame = _serve_echo(b)  # s2 replies to 'echo', ignores 'mute'
+    assert a.request_nowait(a.links["s2"], {"t": "echo", "x": 7}, answers["served"].append, 5.0)
+    assert a.request_nowait(a.links["s2"], {"t": "mute"}, answers["dropped"].append, 0.3)
+    with trio.fail_after(5):
+        while not (answers["served"] and answers["dropped"]):
+            await trio.sleep(0.01)
+    assert answers["served"][0]["ok"] == 7
+    assert answers["dropped"][0]["err"]["code"] == "unavailable"  # no reply within its 0.3 s
+    assert a.request_nowait(a.links["s2"], {"t": "mute"}, answers["closed"].append, 30.0)
+    _reset(a.links["s2"])
+    with trio.fail_after(5):
+        while not answers["closed"]:
+            await trio.sleep(0.01)
+    assert answers["closed"][0]["err"]["code"] == "unavailable"  # at once, not after 30 s
+    await trio.sleep(0.6)  # the expiry sweep runs again: nothing is answered twice
+    assert [len(v) for v in answers.values()] == [1, 1, 1] and not a._pending
+
+
+def _serve_echo(manager):
+    async def on_frame(link, frame):
+        if frame["t"] == "echo":
+            manager.reply_nowait(link, frame["rid"], ok=frame["x"])
+    return on_frame

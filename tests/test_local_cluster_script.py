@@ -3,6 +3,7 @@ across shards, and it stops everything cleanly."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -58,3 +59,35 @@ async def test_local_cluster_script(tmp_path, nursery):
     assert stopped.returncode == 0 and "stopped" in stopped.stdout, stopped.stdout + stopped.stderr
     status = await trio.to_thread.run_sync(run, "status")
     assert "running" not in status.stdout
+
+
+def test_bench_dm_across_the_local_cluster(tmp_path):
+    """`chatd bench dm --cross-shard --cluster-dir` against the script's cluster: the pairs straddle
+    shards, the report sums the CPU of every chatd process (by role too), nothing is lost."""
+    env = dict(os.environ, CLUSTER_DIR=str(tmp_path / "lc"), ZK_PORT=str(free_port()), API_PORT=str(free_port()),
+               WS_BASE_PORT=str(free_port()), CHATD=str(Path(sys.executable).parent / "chatd"))
+    run = lambda cmd: subprocess.run([str(SCRIPT), cmd], env=env, capture_output=True, text=True, timeout=120)  # noqa: E731
+    started = run("start")
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        proc = subprocess.run([sys.executable, "-m", "chatd.cli", "bench", "dm", "--api",
+                               f"http://127.0.0.1:{env['API_PORT']}", "--cluster-dir", env["CLUSTER_DIR"],
+                               "--cross-shard", "--clients", "12", "--rate", "60", "--duration", "2", "--procs", "1",
+                               "--json", "--no-progress", "--check"], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        r = json.loads(proc.stdout)
+    finally:
+        run("stop")
+    c = r["counts"]
+    assert c["sent"] > 0 and c["acked"] == c["sent"] and c["delivered"] == 2 * c["sent"]
+    assert (c["lost"], c["duplicated"], c["out_of_order"]) == (0, 0, 0)
+    cl = r["cluster"]
+    assert cl["shards"] == ["s1", "s2", "s3"] and sum(cl["devices_by_shard"].values()) == 12
+    # as many of the 6 pairs straddle two shards as the shards' shares allow (homes are random)
+    possible = min(6, 12 - max(cl["devices_by_shard"].values()))
+    assert cl["sends_partner_on_other_shard"] == round(possible / 6, 3) > 0
+    s = r["server"]
+    assert set(s["procs"]) == {"s1", "s2", "s3", "p1", "api"}
+    assert s["cpu_s"] == pytest.approx(sum(p["cpu_s"] for p in s["procs"].values()), abs=0.002)
+    assert set(s["cpu_us_per_send_by_role"]) == {"shard", "presence", "api"}
+    assert s["cpu_us_per_send_by_role"]["shard"] > 0

@@ -117,8 +117,9 @@ def _procs(value):
 @click.option("--connect-timeout", "connect_timeout_s", type=float, default=15.0, show_default=True,
               help="Seconds one TCP+WebSocket handshake may take before the client gives up and retries.")
 @click.option("--api", help="API URL of a running deployment (default: start a `chatd run` locally).")
-@click.option("--server-pid", type=int,
-              help="With --api on this machine: the server's pid, to sample its RSS (/proc/PID/status).")
+@click.option("--server-pid", type=int, multiple=True,
+              help="With --api on this machine: a server process's pid, to sample its RSS and CPU time "
+                   "(/proc); repeatable: the figures are summed over all (and listed per process).")
 @click.option("--server-opt", multiple=True, metavar="SECTION.KEY=VALUE",
               help="Self-started server: a config override, passed as CHATD_SECTION__KEY=VALUE "
                    "(e.g. store.sqlite_synchronous=normal). Repeatable.")
@@ -133,8 +134,13 @@ def _procs(value):
                                             "order or never acked (for CI).")
 @click.option("--progress/--no-progress", default=None,
               help="Live one-line progress on stderr [default: only when stderr is a terminal].")
-@click.option("--cluster-dir", default="./local-cluster", show_default=True,
-              help="failover: the CLUSTER_DIR of bin/chatd-local-cluster (its run/*.pid files).")
+@click.option("--cluster-dir",
+              help="The CLUSTER_DIR of bin/chatd-local-cluster (its run/*.pid files). failover: the cluster to "
+                   "fault [default: ./local-cluster]. dm, group, storm, idle (with --api): its chatd processes "
+                   "(shards, presence, API; not ZooKeeper) are the servers whose CPU and RSS are summed.")
+@click.option("--cross-shard", is_flag=True,
+              help="dm, storm: pair users whose logins named different shards (as far as the shards' shares "
+                   "allow); the report's 'cluster' section says what share of sends crossed shards.")
 @click.option("--faults", default="kill:s1,freeze:s2,zk", show_default=True,
               help="failover: comma-separated faults, applied one at a time: kill:SHARD, freeze:SHARD, zk.")
 @click.option("--freeze", "freeze_s", type=float, default=6.0, show_default=True,
@@ -146,10 +152,10 @@ def _procs(value):
                    "plus the client's share).")
 def bench(scenario, clients, devices, rate, duration_s, size, ramp_up_s, seed, procs, fmt, group_size,
           reconnect_interval_s, offline_s, drain_s, max_inflight, connect_concurrency, connect_timeout_s, api,
-          server_pid, server_opt, server_env, keep_data, as_json, plot_path, check, progress, cluster_dir, faults,
-          freeze_s, zk_down_s, answer_bound_s):
+          server_pid, server_opt, server_env, keep_data, as_json, plot_path, check, progress, cluster_dir,
+          cross_shard, faults, freeze_s, zk_down_s, answer_bound_s):
     if scenario == "failover":
-        _failover(api, cluster_dir, faults, clients, rate, seed, freeze_s, zk_down_s, answer_bound_s, as_json, check)
+        _failover(api, cluster_dir or "./local-cluster", faults, clients, rate, seed, freeze_s, zk_down_s, answer_bound_s, as_json, check)
         return
     from .runner import BenchError, Display, TargetOptions, run_bench
     from .worker import raise_nofile_limit
@@ -160,18 +166,26 @@ def bench(scenario, clients, devices, rate, duration_s, size, ramp_up_s, seed, p
                         procs=n_procs or auto_procs(clients * devices), fmt=fmt, group_size=group_size,
                         drain_s=drain_s, reconnect_interval_s=reconnect_interval_s, offline_s=offline_s,
                         connect_concurrency=connect_concurrency, connect_timeout_s=connect_timeout_s,
-                        max_inflight=max_inflight)
+                        max_inflight=max_inflight, cross_shard=cross_shard)
     try:
         opts.validate()
+        pids = {}
+        if cluster_dir:
+            from .topology import cluster_pids
+
+            pids.update(cluster_pids(cluster_dir))
+        pids.update((str(p) if len(server_pid) > 1 or pids else "server", p) for p in server_pid)
         env = dict(SERVER_ENV_DEFAULTS)
         env.update(server_opt_env(o) for o in server_opt)
         env.update(server_env_pair(e) for e in server_env)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
+    if (server_pid or cluster_dir) and not api:
+        raise click.UsageError("--server-pid and --cluster-dir need --api (a self-started server is measured anyway)")
     if api and (server_opt or server_env or keep_data):
         raise click.UsageError("--server-opt, --server-env and --keep-data apply to a self-started server only")
     raise_nofile_limit()  # for our sockets, and inherited by a self-started server
-    topts = TargetOptions(api=api, server_env=env, server_pid=server_pid, keep_data=keep_data)
+    topts = TargetOptions(api=api, server_env=env, server_pids=pids, keep_data=keep_data)
     try:
         report, hists = run_bench(opts, topts, Display(progress))
     except BenchError as e:

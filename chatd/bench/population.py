@@ -8,13 +8,14 @@ run with :class:`SetupError` naming the call.
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
 from ..ids import dm_channel_id
 from .httpclient import HTTPClient
 from .scenarios import BenchOptions, DeviceSpec, plan_channels
+from .topology import cross_shard_order
 
 HTTP_CONCURRENCY = 16
 
@@ -30,6 +31,7 @@ class Population:
     devices: list[DeviceSpec]
     channel_devices: dict[str, list[int]]  # channel id -> indices of its members' devices
     http_calls: int = 0
+    shards: list[str] = field(default_factory=list)  # live shards at setup (the API's /healthz)
 
 
 def run_prefix(seed: int) -> str:
@@ -42,8 +44,9 @@ def _check(status: int, body, what: str, ok=(200, 201)) -> dict:
     return body
 
 
-async def populate(api_url: str, opts: BenchOptions, progress=None) -> Population:
-    """Create ``opts.clients`` users, log each in ``opts.devices`` times, create the groups."""
+async def populate(api_url: str, opts: BenchOptions, progress=None, shards: list[str] | None = None) -> Population:
+    """Create ``opts.clients`` users, log each in ``opts.devices`` times, create the groups;
+    with ``opts.cross_shard``, pair users on different shards (:func:`cross_shard_order`)."""
     prefix = run_prefix(opts.seed)
     password = "bench-" + secrets.token_hex(8)
     n = opts.clients
@@ -70,6 +73,9 @@ async def populate(api_url: str, opts: BenchOptions, progress=None) -> Populatio
         user_ids[i] = logins[i][0]["user"]["id"]
 
     await _run_pool(api_url, list(range(n)), make_user)
+    if opts.cross_shard:
+        order = cross_shard_order([lg[0].get("shard_id", "") for lg in logins])
+        user_ids, logins = [user_ids[i] for i in order], [logins[i] for i in order]
 
     plans = plan_channels(opts.scenario, n, opts.group_size)
     channel_ids: list[str] = [""] * len(plans)
@@ -101,10 +107,12 @@ async def populate(api_url: str, opts: BenchOptions, progress=None) -> Populatio
             ch = channel_of_user.get(i)
             devices.append(DeviceSpec(index=idx, user_index=i, user_id=user_ids[i], token=login["token"],
                                       ws_url=login["ws_url"], tag=f"{prefix}{idx}.",
-                                      channels=(ch,) if ch else (), send_channel=ch))
+                                      channels=(ch,) if ch else (), send_channel=ch,
+                                      shard=login.get("shard_id") or ""))
             if ch:
                 channel_devices[ch].append(idx)
-    return Population(prefix, user_ids, devices, channel_devices, http_calls=total_calls + len(plans))
+    return Population(prefix, user_ids, devices, channel_devices, http_calls=total_calls + len(plans),
+                      shards=list(shards or []))
 
 
 async def _run_pool(api_url: str, jobs: list, fn) -> None:

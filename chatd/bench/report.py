@@ -119,6 +119,14 @@ def build_report(opts: BenchOptions, population, results: list[dict], meta: dict
         # seen in it; the deliveries of the drain that follows are a few and not counted apart
         server["cpu_us_per_send"] = round(server["cpu_s"] / max(1, c["sent"]) * 1e6, 1)
         server["cpu_us_per_delivery"] = round(server["cpu_s"] / max(1, c["delivered"]) * 1e6, 2)
+        if "procs" in server:  # several processes (a cluster): the sum above, and by role
+            by_role: dict[str, float] = {}
+            for p in server["procs"].values():
+                if p["cpu_s"] is not None:
+                    p["cpu_us_per_send"] = round(p["cpu_s"] / max(1, c["sent"]) * 1e6, 1)
+                    by_role[p["role"]] = by_role.get(p["role"], 0.0) + p["cpu_s"]
+            server["cpu_us_per_send_by_role"] = {r: round(v / max(1, c["sent"]) * 1e6, 1)
+                                                 for r, v in sorted(by_role.items())}
     problems = []
     if scenario.sends:
         if c["sent"] == 0:
@@ -148,6 +156,8 @@ def build_report(opts: BenchOptions, population, results: list[dict], meta: dict
         "latency_ms": {k: h.summary_ms() for k, h in m["hists"].items()},
         "timeline": timeline, "generator": generator, "server": server,
     }
+    if meta.get("cluster"):
+        report["cluster"] = meta["cluster"]
     return report, m["hists"]
 
 
@@ -219,6 +229,16 @@ def format_summary(r: dict) -> str:
             lines.append(f"  server CPU: {s['cpu_util'] * 100:.0f}% of a core during the run"
                          + (f"; {s['cpu_us_per_send']:,.1f} µs per send, {s['cpu_us_per_delivery']:,.2f} µs per "
                             "delivery" if "cpu_us_per_send" in s else ""))
+        if s.get("cpu_us_per_send_by_role"):
+            lines.append("  server CPU per send by role (µs, summed over its processes): "
+                         + ", ".join(f"{k} {v:,.1f}" for k, v in s["cpu_us_per_send_by_role"].items()))
+    cl = r.get("cluster")
+    if cl:
+        lines.append(f"  cluster: shards {', '.join(cl['shards'])}; devices by shard "
+                     + ", ".join(f"{k} {v}" for k, v in cl["devices_by_shard"].items())
+                     + f"; sends with the partner on another shard {cl['sends_partner_on_other_shard'] * 100:.0f}%, "
+                     f"owner not the sender's shard {cl['sends_owner_remote'] * 100:.0f}%, "
+                     f"{cl['link_frames_per_send']:.2f} link frames per send")
     if c["errors"]:
         lines.append("  errors: " + ", ".join(f"{k} {v}" for k, v in c["errors"].items()))
     if c["closes"]:

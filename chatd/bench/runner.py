@@ -22,6 +22,7 @@ from .population import Population, SetupError, populate, split
 from .report import build_report
 from .scenarios import SCENARIOS, BenchOptions, WorkerSpec
 from .target import LocalServer, TargetError, cpu_s, rss_kib, wait_healthy
+from .topology import role_of, topology
 from .worker import worker_main
 
 START_DELAY_S = 0.3
@@ -35,7 +36,7 @@ class BenchError(RuntimeError):
 class TargetOptions:
     api: str | None = None
     server_env: dict = field(default_factory=dict)
-    server_pid: int | None = None
+    server_pids: dict[str, int] = field(default_factory=dict)  # name -> pid (--server-pid, --cluster-dir)
     keep_data: bool = False
 
 
@@ -146,23 +147,31 @@ class _Workers:
 
 
 class _RssSampler:
-    def __init__(self, pid: int | None):
-        self.pid = pid
+    """The summed RSS of the server processes (all of them, or None if one cannot be read)."""
+
+    def __init__(self, pids: list[int]):
+        self.pids = pids
         self.samples: list[tuple[float, int]] = []  # (monotonic s, KiB)
         self._last = 0.0
 
     def sample(self) -> int | None:
-        if self.pid is None:
+        if not self.pids:
             return None
-        v = rss_kib(self.pid)
-        if v is not None:
-            self.samples.append((time.monotonic(), v))
+        values = [rss_kib(p) for p in self.pids]
+        if None in values:
+            return None
+        v = sum(values)
+        self.samples.append((time.monotonic(), v))
         return v
 
     def tick(self) -> None:
         if time.monotonic() - self._last >= 1.0:
             self._last = time.monotonic()
             self.sample()
+
+
+def _cpu_all(pids: dict[str, int]) -> dict[str, float | None]:
+    return {name: cpu_s(pid) for name, pid in pids.items()}
 
 
 def run_bench(opts: BenchOptions, topts: TargetOptions, display: Display | None = None) -> tuple[dict, dict]:
@@ -177,20 +186,24 @@ def run_bench(opts: BenchOptions, topts: TargetOptions, display: Display | None 
     try:
         if topts.api:
             api_url = topts.api.rstrip("/")
-            wait_healthy(api_url, 10)
-            pid = topts.server_pid
-            target = {"api": api_url, "self_started": False, "server_pid": pid}
+            health = wait_healthy(api_url, 10)
+            pids = dict(topts.server_pids)
+            target = {"api": api_url, "self_started": False, "server_pid": next(iter(pids.values()), None)}
+            if len(pids) > 1:
+                target["server_pids"] = pids
         else:
             display.status("starting chatd run ...", force=True)
             server = LocalServer(topts.server_env, keep_data=topts.keep_data)
             api_url = server.start()
-            pid = server.pid
-            target = {"api": api_url, "self_started": True, "server_pid": pid,
+            health = {}
+            pids = {"server": server.pid}
+            target = {"api": api_url, "self_started": True, "server_pid": server.pid,
                       "server_env": dict(sorted(topts.server_env.items()))}
         t_setup = time.monotonic()
-        population: Population = trio.run(populate, api_url, opts, lambda s: display.status(s))
+        population: Population = trio.run(populate, api_url, opts, lambda s: display.status(s),
+                                          health.get("shards") or [])
         setup_s = time.monotonic() - t_setup
-        rss = _RssSampler(pid)
+        rss = _RssSampler(list(pids.values()))
         rss_before = rss.sample()
 
         groups = split(population.devices, opts.procs)
@@ -208,10 +221,10 @@ def run_bench(opts: BenchOptions, topts: TargetOptions, display: Display | None 
         workers.t0_mono = t0_mono
         workers.phase = scenario.name
         workers.send_all(("start", t0_wall))
-        server_cpu0, t_cpu0 = (cpu_s(pid) if pid else None), time.monotonic()
+        cpu0, t_cpu0 = _cpu_all(pids), time.monotonic()
         heads_by_worker = workers.gather("heads", opts.duration_s + opts.drain_s + 60)
         t_send_end = time.monotonic()
-        server_cpu1 = cpu_s(pid) if pid else None
+        cpu1 = _cpu_all(pids)
         heads: dict[str, int] = {}
         for h in heads_by_worker.values():
             for ch, seq in h.items():
@@ -222,20 +235,25 @@ def run_bench(opts: BenchOptions, topts: TargetOptions, display: Display | None 
         display.clear()
         hold = [v for t, v in rss.samples if t0_mono + 1.0 <= t <= t0_mono + opts.duration_s]
         server_info = None
-        if pid is not None:
+        if pids:
             loaded = statistics.median(hold) if hold else rss_connected
-            server_info = {"pid": pid, "rss_kib_before": rss_before, "rss_kib_connected": rss_connected,
-                           "rss_kib_loaded": loaded,
+            cpu = {name: None if cpu0[name] is None or cpu1[name] is None else cpu1[name] - cpu0[name]
+                   for name in pids}
+            total = None if None in cpu.values() else sum(cpu.values())
+            server_info = {"pid": next(iter(pids.values())), "rss_kib_before": rss_before,
+                           "rss_kib_connected": rss_connected, "rss_kib_loaded": loaded,
                            "rss_kib_max": max((v for _, v in rss.samples), default=None),
-                           "cpu_util": None if server_cpu0 is None or server_cpu1 is None else
-                           round((server_cpu1 - server_cpu0) / max(1e-9, t_send_end - t_cpu0), 3),
-                           "cpu_s": None if server_cpu0 is None or server_cpu1 is None else
-                           round(server_cpu1 - server_cpu0, 3),
+                           "cpu_util": None if total is None else round(total / max(1e-9, t_send_end - t_cpu0), 3),
+                           "cpu_s": None if total is None else round(total, 3),
                            "rss_timeline": [[round(t - t0_mono, 1), v] for t, v in rss.samples]}
+            if len(pids) > 1:  # the sums above are over all of them; each one's share here
+                server_info["procs"] = {name: {"pid": pid, "role": role_of(name), "cpu_s": None if cpu[name] is None
+                                               else round(cpu[name], 3)} for name, pid in pids.items()}
         meta = {"started_at": started_at.isoformat(timespec="seconds"), "target": target,
                 "setup_s": round(setup_s, 2), "run_s": round(t_send_end - t0_mono, 2),
                 "connected": connected, "connect_failed": failed, "server": server_info,
-                "http_calls": population.http_calls, "user_prefix": population.prefix}
+                "http_calls": population.http_calls, "user_prefix": population.prefix,
+                "cluster": topology(population.devices, population.channel_devices, population.shards)}
         return build_report(opts, population, [results[i] for i in sorted(results)], meta)
     except (SetupError, TargetError) as e:
         raise BenchError(str(e)) from None

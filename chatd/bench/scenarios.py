@@ -55,6 +55,7 @@ class BenchOptions:
     connect_concurrency: int = 64
     connect_timeout_s: float = 15.0
     max_inflight: int = 64
+    cross_shard: bool = False  # dm/storm: pair users whose logins named different shards
 
     @property
     def connections(self) -> int:
@@ -87,6 +88,8 @@ class BenchOptions:
             raise ValueError("--size must be <= 100000 (the server's body limit)")
         if self.procs < 1:
             raise ValueError("--procs must be >= 1")
+        if self.cross_shard and sc.channels != "dm":
+            raise ValueError("--cross-shard applies to 1:1 pairs (dm, storm)")
         if self.fmt not in ("json", "msgpack"):
             raise ValueError("--format must be json or msgpack")
 
@@ -122,6 +125,7 @@ class DeviceSpec:
     tag: str  # client_msg_id prefix, unique to this device in this run
     channels: tuple[str, ...] = ()  # channels it reads (its auth cursors)
     send_channel: str | None = None
+    shard: str = ""  # the shard its login sent it to
 
 
 @dataclass

@@ -12,18 +12,24 @@ Resources and policies
   never blocks: on a full queue it drops the frame, counts it, and marks the link so that a
   ``resync`` frame follows once the queue has room (the peer then re-reads the store for its
   sessions: a dropped live frame costs latency, never a message). :meth:`request` waits for room
-  (backpressure on the caller) and for the reply.
+  (backpressure on the caller) and for the reply; :meth:`request_nowait` (no task: a callback
+  gets the reply) only queues when there is room.
+* **Writes**: one writer task per link writes what is queued in one ``send_all`` (a frame
+  written straight to the socket instead was measured: no gain, and the frames one callback
+  queues -- a reply and the deliveries after it -- would no longer share a write).
 * **Heartbeats**: a ``ping`` after ``link_heartbeat_s`` of silence; a link that hears nothing for
   three heartbeats is closed (and redialled): with the default 0.3 s a dead or frozen peer is
   noticed in under a second, and every request pending on it is answered ``unavailable``.
 * **Limits**: frames above ``link_max_frame_bytes`` are refused from their header; a peer that
   speaks anything but the protocol is disconnected.
 * **Handshake**: mutual HMAC over fresh nonces with ``cluster.secret``; 5 s to complete.
-* Requests pending on a link that closes fail with ``ChatError("unavailable")``.
+* Requests pending on a link that closes fail with ``ChatError("unavailable")`` (a
+  :meth:`request_nowait` callback gets an ``unavailable`` error reply, also after its timeout).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import random
@@ -58,14 +64,21 @@ class Link:
         self._scope: trio.CancelScope | None = None
 
     def send_nowait(self, frame: dict) -> bool:
+        ok = self.offer(frame)
+        if ok is False:
+            self.dropped += 1
+            self.needs_resync = True
+        return bool(ok)
+
+    def offer(self, frame: dict) -> bool | None:
+        """Queue ``frame`` without waiting: True if queued, False if the queue is full
+        (nothing done: the caller decides, see :meth:`send_nowait`), None if the link is closed."""
         try:
             self._send.send_nowait(frame)
         except trio.WouldBlock:
-            self.dropped += 1
-            self.needs_resync = True
             return False
         except (trio.ClosedResourceError, trio.BrokenResourceError):
-            return False
+            return None
         self.manager.count(self.peer_id, frame)
         return True
 
@@ -158,7 +171,9 @@ class LinkManager:
         self._seen: set[str] = set()  # the servers of the last view given to set_peers
         self._nursery: trio.Nursery | None = None
         self._rids = itertools.count(1)
-        self._pending: dict[int, list] = {}  # rid -> [event, reply, link]
+        # rid -> [event, reply, link] (request_on), or [None, on_reply, link, deadline] (request_nowait)
+        self._pending: dict[int, list] = {}
+        self._expiring = False  # the task answering overdue request_nowait calls runs
         self._link_up = trio.Event()  # set (and replaced) whenever a link comes up
         self.port: int | None = None
         self.metrics = metrics
@@ -274,8 +289,7 @@ class LinkManager:
                 self._on_link_down(link)
             for rid, slot in list(self._pending.items()):
                 if slot[2] is link:
-                    slot[1] = {"err": {"code": "unavailable", "message": f"link to {link.peer_id} closed"}}
-                    slot[0].set()
+                    self._answer(rid, slot, {"err": {"code": "unavailable", "message": f"link to {link.peer_id} closed"}})
             log.info("link down: %s <-> %s", self.node_id, link.peer_id)
 
     # ---- sending ---------------------------------------------------------------------------
@@ -318,6 +332,57 @@ class LinkManager:
         finally:
             self._pending.pop(rid, None)
 
+    def request_nowait(self, link: Link, frame: dict, on_reply: Callable[[dict], None], timeout_s: float) -> bool:
+        """:meth:`request_on` without a task: queue ``frame`` with a fresh ``rid`` now; ``on_reply``
+        is then called exactly once, with the reply, or with an ``unavailable`` error reply as
+        soon as the link closes or after ``timeout_s``. False, with nothing done, when the
+        link's queue is full or the link is closed (use :meth:`request_on`)."""
+        rid = next(self._rids)
+        if link.closed.is_set() or link.offer({**frame, "rid": rid}) is not True:
+            return False
+        self._pending[rid] = [None, on_reply, link, trio.current_time() + timeout_s]
+        if not self._expiring and self._nursery is not None:
+            self._expiring = True
+            self._nursery.start_soon(self._expire)
+        return True
+
+    async def _expire(self) -> None:
+        """Answer the :meth:`request_nowait` calls that are overdue; ends when none is pending."""
+        try:
+            while True:
+                await trio.sleep(0.25)
+                now = trio.current_time()
+                waiting = False
+                for rid, slot in list(self._pending.items()):
+                    if slot[0] is None:
+                        if slot[3] <= now:
+                            self._answer(rid, slot, {"err": {"code": "unavailable", "message":
+                                                             f"shard {slot[2].peer_id} did not answer in time; retry"}})
+                        else:
+                            waiting = True
+                if not waiting:
+                    return
+        finally:
+            self._expiring = False
+
+    def _answer(self, rid: int, slot: list, reply: dict) -> None:
+        """A pending request's answer: wake its :meth:`request_on`, or call (once) and forget its
+        :meth:`request_nowait` callback."""
+        if slot[0] is None:
+            del self._pending[rid]
+            try:
+                slot[1](reply)
+            except Exception:  # a bug in one request's callback must not take the link down
+                log.exception("a link reply callback failed")
+        else:
+            slot[1] = reply
+            slot[0].set()
+
+    def reply_nowait(self, link: Link, rid, **fields) -> None:
+        """:meth:`reply` from a callback: at once, or (a full queue) from a task that waits for room."""
+        if link.offer({"t": "reply", "rid": rid, **fields}) is False and self._nursery is not None:
+            self._nursery.start_soon(functools.partial(self.reply, link, rid, **fields))
+
     @staticmethod
     async def reply(link: Link, rid, **fields) -> None:
         try:
@@ -327,10 +392,10 @@ class LinkManager:
 
     async def _dispatch(self, link: Link, frame: dict) -> None:
         if frame["t"] == "reply":
-            slot = self._pending.get(frame.get("rid"))
+            rid = frame.get("rid")
+            slot = self._pending.get(rid)
             if slot is not None:
-                slot[1] = frame
-                slot[0].set()
+                self._answer(rid, slot, frame)
             return
         await self._on_frame(link, frame)
 

@@ -134,23 +134,72 @@ class Router:
             if err.get("code") == "stale_view":
                 await self.node.discovery.wait_view(int(err.get("view", 0)), 2.0)
                 continue
-            details = {k: v for k, v in err.items() if k not in ("code", "message")}
-            if err.get("code") == "unavailable":
-                details.setdefault("retry_after_ms", RETRY_AFTER_MS)
-            raise ChatError(err.get("code", "internal"), err.get("message", "remote error"), **details)
+            raise _remote_error(err)
         raise ChatError("unavailable", "the channel's owner could not be reached; retry",
                         retry_after_ms=RETRY_AFTER_MS)
 
     def send_nowait(self, user_id: int, channel_id: str, client_msg_id: str, body: str, done) -> bool:
         """The common case of :meth:`send` without a task: this shard owns the channel and can
-        queue the append at once (``ChannelOwners.send_nowait``); ``done(result, error)`` follows.
+        queue the append at once (``ChannelOwners.send_nowait``), or another shard does and its
+        link can take the request at once; ``done(result, error)`` follows, exactly once.
         False, with nothing done, otherwise: use :meth:`send`."""
         view = self.view
-        if not view.shards or view.owner_of(channel_id) != self.me or not self.node.discovery.writable:
+        if not view.shards:
+            return False
+        owner = view.owner_of(channel_id)
+        if owner != self.me:
+            return self._send_remote_nowait(owner, view.version, user_id, channel_id, client_msg_id, body, done)
+        if not self.node.discovery.writable:
             return False
         if self._stall.recently_stalled():  # writable may be stale: chatd/shard/stall.py
             return False
         return self.node.owners.send_nowait(user_id, channel_id, client_msg_id, body, done)
+
+    def _send_remote_nowait(self, owner: str, version: int, user_id: int, channel_id: str, client_msg_id: str,
+                            body: str, done) -> bool:
+        """The remote case of :meth:`send_nowait`: the request queued on the owner's link at once
+        (False when there is no link or its queue is full: :meth:`send` waits for those), the
+        reply handled by a callback. ``stale_view`` (rare: views differ) is retried by a task
+        with :meth:`send`; no reply within ``limits.send_answer_s`` or a closed link answers
+        ``unavailable``, as :meth:`send` does."""
+        links = self.links
+        link = links.links.get(owner) if links is not None else None
+        if link is None:
+            return False
+
+        def on_reply(reply: dict) -> None:
+            if "ok" in reply:
+                try:
+                    result = AppendResult(unpack(reply["ok"]), bool(reply.get("dup")))
+                except (TypeError, ValueError):
+                    done(None, ChatError("unavailable", "malformed reply from the owner; retry"))
+                    return
+                done(result, None)
+                return
+            err = reply.get("err") or {}
+            if err.get("code") == "stale_view" and self.node.nursery is not None:
+                self.node.nursery.start_soon(self._send_again, user_id, channel_id, client_msg_id, body, done,
+                                             int(err.get("view", 0)))
+                return
+            done(None, _remote_error(err))
+        return links.request_nowait(link, {"t": "send", "view": version, "ch": channel_id, "u": user_id,
+                                           "cmid": client_msg_id, "body": body}, on_reply,
+                                    self.node.config.limits.send_answer_s)
+
+    async def _send_again(self, user_id: int, channel_id: str, client_msg_id: str, body: str, done,
+                          view: int) -> None:
+        """A :meth:`send_nowait` answered ``stale_view``: once our view caught up, :meth:`send`."""
+        try:
+            with trio.fail_after(self.node.config.limits.send_answer_s + 1.0):
+                await self.node.discovery.wait_view(view, 2.0)
+                result = await self.send(user_id, channel_id, client_msg_id, body)
+        except ChatError as e:
+            done(None, e)
+        except trio.TooSlowError:
+            done(None, ChatError("unavailable", "the channel's owner could not be reached; retry",
+                                 retry_after_ms=RETRY_AFTER_MS))
+        else:
+            done(result, None)
 
     async def _wait_link(self, owner: str, version: int):
         """The link to ``owner``; None if the view moved past ``version`` meanwhile (route
@@ -217,6 +266,29 @@ class Router:
             await self.links.reply(link, rid, err={"code": "bad_frame", "message": "malformed send"})
         finally:
             submitted.set()
+
+    def remote_send_nowait(self, link, frame: dict) -> bool:
+        """:meth:`on_remote_send` without a task, when this shard owns the channel and can queue
+        the append at once (``ChannelOwners.send_nowait``); the store's completion replies. False,
+        with nothing done, otherwise (the caller then runs :meth:`on_remote_send`, which also
+        answers malformed frames). The caller keeps the link's per-channel order: it only asks
+        when no earlier send of the same channel from this link waits to be queued."""
+        try:
+            ch, uid, cmid, body, rid = frame["ch"], int(frame["u"]), str(frame["cmid"]), str(frame["body"]), frame["rid"]
+        except (KeyError, TypeError, ValueError):
+            return False
+        if type(ch) is not str or not self._owns(ch) or not self.node.discovery.writable:
+            return False
+        if self._stall.recently_stalled():  # writable may be stale: chatd/shard/stall.py
+            return False
+        links = self.links
+
+        def done(result, error) -> None:
+            if error is None:
+                links.reply_nowait(link, rid, ok=pack(result.message), dup=result.duplicate)
+            else:
+                links.reply_nowait(link, rid, err=error.to_dict())
+        return self.node.owners.send_nowait(uid, ch, cmid, body, done)
 
     # ---- fan-out ---------------------------------------------------------------------------
     def deliver_message(self, message: Message, member_ids) -> None:
@@ -360,6 +432,14 @@ class Router:
             for session in self.hub.all_sessions():
                 session.resync()
         self.node.nursery.start_soon(later)
+
+
+def _remote_error(err: dict) -> ChatError:
+    """The ChatError of an owner's error reply (``unavailable`` gets a ``retry_after_ms``)."""
+    details = {k: v for k, v in err.items() if k not in ("code", "message")}
+    if err.get("code") == "unavailable":
+        details.setdefault("retry_after_ms", RETRY_AFTER_MS)
+    return ChatError(err.get("code", "internal"), err.get("message", "remote error"), **details)
 
 
 class _Stale(Exception):
