@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -38,6 +39,24 @@ def store_counters(api_url: str) -> dict[str, float]:
     return out
 
 
+def thread_cpu(pid: int) -> dict[str, list[float]]:
+    """User and system CPU seconds per thread name (threads of one name summed)."""
+    out: dict[str, list[float]] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                head, _, rest = f.read().rpartition(")")
+        except OSError:
+            continue
+        name = head.partition("(")[2]
+        fields = rest.split()
+        t = out.setdefault(name, [0.0, 0.0])
+        t[0] += int(fields[11]) / tick
+        t[1] += int(fields[12]) / tick
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--server-opt", action="append", default=[])
@@ -49,10 +68,10 @@ def main() -> None:
     server = LocalServer(env)
     url = server.start()
     try:
-        before = store_counters(url)
+        before, cpu0 = store_counters(url), thread_cpu(server.pid)
         out = subprocess.run([sys.executable, "-m", "chatd.cli", "bench", *bench, "--api", url,
                               "--server-pid", str(server.pid), "--json"], stdout=subprocess.PIPE, check=False).stdout
-        after = store_counters(url)
+        after, cpu1 = store_counters(url), thread_cpu(server.pid)
     finally:
         server.stop()
     r = json.loads(out)
@@ -67,6 +86,10 @@ def main() -> None:
         "failed_commits": d["failed_commits_total"],
         "ops_per_commit": round(d["ops_total"] / max(d["commits"], 1), 2),
         "commit_ms": round(1000 * d["commit_seconds_total"] / max(d["commits"], 1), 3),
+        # CPU µs per send by thread (user, system), over the whole bench run (set-up included)
+        "thread_cpu_us_per_send": {name: [round(1e6 * (u - cpu0.get(name, [0, 0])[0]) / max(c["sent"], 1), 1),
+                                          round(1e6 * (s - cpu0.get(name, [0, 0])[1]) / max(c["sent"], 1), 1)]
+                                   for name, (u, s) in cpu1.items()},
     }, indent=2))
 
 

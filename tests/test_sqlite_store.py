@@ -163,3 +163,14 @@ def test_racing_first_opens_never_fail_with_locked(tmp_path):
         for trial in range(20):
             path = str(tmp_path / f"race{trial}.sqlite")
             assert pool.map(_open_and_migrate, [path] * 8) == ["wal"] * 8
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/task"), reason="reads Linux's /proc")
+async def test_writer_thread_has_its_os_name(tmp_path):
+    """`top -H` (and a CPU split per thread from /proc) shows the writer thread by name."""
+    import glob
+    import os
+    async with open_sqlite(str(tmp_path / "db.sqlite")) as store:
+        await store.append_message("dm:1:2", 1, "c", "b", 0.0, dm_pair=(1, 2))
+        names = [open(f).read().strip() for f in glob.glob(f"/proc/{os.getpid()}/task/*/comm")]
+        assert "chatd-sqlite-wr" in names
