@@ -332,8 +332,9 @@ class SQLiteStore(Store):
     def _gather(self, batch: list[_Op]) -> bool:
         """Let a group commit form: sleep until ``commit_delay_s`` after the oldest operation of
         ``batch`` was queued (so none waits longer than that for its commit to begin), then take
-        what came meanwhile. (Sleeping, not waking for each arrival: a wake-up per operation, and
-        the GIL hand-over with it, cost more than the wait saved.) Only while waits pay: each
+        what came meanwhile. (Sleeping rather than waking for each arrival: one wake-up per batch,
+        not one per operation; the writer thread's CPU per send measured the same within noise,
+        and the code is simpler.) Only while waits pay: each
         wait's gain (operations that arrived during it) feeds a moving average; below
         ``_WAIT_GAIN_MIN`` (one client sending after each ack, a quiet store) the writer commits
         at once, and tries a wait again every ``_WAIT_PROBE_EVERY`` batches. True if the end was
