@@ -24,7 +24,7 @@ setup(
         "quart-trio>=0.11,<=0.12",
         # /openapi.json and request models; chatd/api/spec.py subclasses its OpenAPIProvider: pinned minor.
         "quart-schema[msgspec]>=0.25,<0.26",
-        "msgspec>=0.18",
+        "msgspec>=0.18",  # also the client codec (chatd/protocol/client.py): decode + validate, encode
         "prometheus-client>=0.20",
         "httpx>=0.27",  # push gateways (chatd/push/http.py), the bench's setup calls
         "msgpack>=1.0",

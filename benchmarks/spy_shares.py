@@ -9,7 +9,7 @@ import sys
 
 # leaf frames that are waits, not work: trio's epoll wait, idle thread-cache workers, the SQLite
 # writer thread waiting for its queue
-IDLE = ("EpollIOManager.get_events (", "WorkerThread._work (", "SQLiteStore._drain (",
+IDLE = ("EpollIOManager.get_events (", "WorkerThread._work (", "SQLiteStore._drain (", "SQLiteStore._gather (",
         "_wait_for_tstate_lock (", "Condition.wait (")
 
 

@@ -45,6 +45,9 @@ class StoreConfig:
     # "full" fsyncs each group commit (durable across power loss); "normal" only across crashes.
     sqlite_synchronous: str = "full"
     commit_batch_max: int = 512
+    # SQLite: a commit waits up to this long after its oldest write was queued for more writes to
+    # share its fsync (only while such waits gather some; see docs/operations.md). 0: never waits.
+    commit_delay_s: float = 0.002
     read_connections: int = 4
 
 
@@ -214,6 +217,8 @@ class Config:
                               f"(known: {', '.join(STORE_BACKENDS)})")
         if self.store.sqlite_synchronous not in ("full", "normal"):
             raise ConfigError("store.sqlite_synchronous must be 'full' or 'normal'")
+        if not 0 <= self.store.commit_delay_s <= 0.1:
+            raise ConfigError("store.commit_delay_s must be between 0 and 0.1")
         n = self.auth.scrypt_n
         if n < 2 or n & (n - 1):
             raise ConfigError("auth.scrypt_n must be a power of two >= 2")

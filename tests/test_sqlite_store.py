@@ -28,6 +28,54 @@ async def test_concurrent_appends_share_commits(tmp_path):
         assert (await store.head_seq("dm:1:2")) == 200
 
 
+async def _append_every(store, n: int, interval_s: float, sequential: bool = False) -> list[float]:
+    """``n`` appends to one channel, one every ``interval_s`` (or each after the previous one's
+    answer); the seconds each took from its submission to its answer."""
+    took = []
+
+    async def send(i):
+        t0 = trio.current_time()
+        await store.append_message("dm:1:2", 1, f"c{i}", f"b{i}", 0.0, dm_pair=(1, 2))
+        took.append(trio.current_time() - t0)
+    async with trio.open_nursery() as nursery:
+        for i in range(n):
+            if sequential:
+                await send(i)
+            else:
+                nursery.start_soon(send, i)
+                await trio.sleep(interval_s)
+    return took
+
+
+async def test_commit_delay_lets_a_stream_of_appends_share_commits(tmp_path):
+    """Appends that trickle in (one per ms, each alone in the queue when the writer wakes) share
+    commits: the writer waits up to commit_delay_s after the oldest for more. And it does not wait
+    for the stream to end: a commit starts at most commit_delay_s after its oldest write came."""
+    async with open_sqlite(str(tmp_path / "db.sqlite"), commit_delay_s=0.02) as store:
+        await _append_every(store, 100, 0.001)
+        stats = store.stats
+        assert stats["ops"] == 100
+        assert stats["commits"] <= 100 / 3, stats  # ~5 appends per commit at a 20 ms delay
+        assert stats["commits"] >= 3, stats  # ~100 ms of sends: no commit waited for all of them
+        assert (await store.head_seq("dm:1:2")) == 100
+
+
+async def test_commit_delay_is_skipped_while_waits_gather_nothing(tmp_path):
+    """One writer at a time (each append after the previous answer): a wait can gather nothing, so
+    after a few the writer stops waiting (trying again once in a while) instead of adding the delay
+    to every write."""
+    async with open_sqlite(str(tmp_path / "db.sqlite"), commit_delay_s=0.05) as store:
+        await _append_every(store, 100, 0, sequential=True)
+        assert store.stats["commits"] == 100
+        assert 1 <= store.stats["commit_waits"] <= 25, store.stats
+
+
+async def test_no_commit_delay_commits_at_once(tmp_path):
+    async with open_sqlite(str(tmp_path / "db.sqlite"), commit_delay_s=0) as store:
+        await _append_every(store, 20, 0.001)
+        assert store.stats["commit_waits"] == 0 and store.stats["ops"] == 20
+
+
 async def test_failing_operation_does_not_fail_its_batch(tmp_path):
     async with open_sqlite(str(tmp_path / "db.sqlite")) as store:
         await store.create_user("taken", "h", "", 0.0)
@@ -115,3 +163,14 @@ def test_racing_first_opens_never_fail_with_locked(tmp_path):
         for trial in range(20):
             path = str(tmp_path / f"race{trial}.sqlite")
             assert pool.map(_open_and_migrate, [path] * 8) == ["wal"] * 8
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/task"), reason="reads Linux's /proc")
+async def test_writer_thread_has_its_os_name(tmp_path):
+    """`top -H` (and a CPU split per thread from /proc) shows the writer thread by name."""
+    import glob
+    import os
+    async with open_sqlite(str(tmp_path / "db.sqlite")) as store:
+        await store.append_message("dm:1:2", 1, "c", "b", 0.0, dm_pair=(1, 2))
+        names = [open(f).read().strip() for f in glob.glob(f"/proc/{os.getpid()}/task/*/comm")]
+        assert "chatd-sqlite-wr" in names

@@ -44,6 +44,14 @@ def test_config_file_env_and_unknown_keys(tmp_path):
         Config.load(tmp_path / "missing.toml", env={})
 
 
+def test_commit_delay_is_configured_and_bounded():
+    assert Config.load(None, env={"CHATD_STORE__COMMIT_DELAY_S": "0.002"}).store.commit_delay_s == 0.002
+    assert Config.load(None, env={"CHATD_STORE__COMMIT_DELAY_S": "0"}).store.commit_delay_s == 0
+    for bad in ("-0.001", "0.5"):
+        with pytest.raises(ConfigError, match="commit_delay_s"):
+            Config.load(None, env={"CHATD_STORE__COMMIT_DELAY_S": bad})
+
+
 def test_example_configs_load():
     from pathlib import Path
     for path in sorted(Path(__file__).parent.parent.glob("config/*.toml")):

@@ -18,7 +18,8 @@ async def open_store(config: Config):
         from .sqlite import open_sqlite
         config.data_path.mkdir(parents=True, exist_ok=True)
         async with open_sqlite(str(config.resolve(config.store.sqlite_path)), config.store.sqlite_synchronous,
-                               config.store.commit_batch_max, config.store.read_connections) as store:
+                               config.store.commit_batch_max, config.store.read_connections,
+                               config.store.commit_delay_s) as store:
             yield store
     elif backend == "cassandra":
         from .cassandra import open_cassandra
