@@ -369,7 +369,7 @@ def run_chatd(mode: str, clients: int, group_size: int, rate: float, duration_s:
     given by ``extra``: ``--api URL --cluster-dir DIR``)."""
     if mode == "cluster-dm":
         mode, extra = "dm", ["--cross-shard", *extra]
-    cmd = [sys.executable, "-m", "chatd.cli", "bench", mode, "--clients", str(clients), "--rate", str(rate),
+    cmd = [sys.executable, "-P", "-m", "chatd.cli", "bench", mode, "--clients", str(clients), "--rate", str(rate),
            "--duration", str(duration_s), "--ramp-up", str(ramp_s), "--size", str(size), "--procs", "1", "--json",
            *extra]
     if mode == "group":

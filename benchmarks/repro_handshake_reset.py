@@ -32,7 +32,7 @@ def free_port() -> int:
 
 def main() -> int:
     api, ws = free_port(), free_port()
-    srv = subprocess.Popen([sys.executable, "-m", "chatd.cli", "run", "--data-dir", tempfile.mkdtemp(),
+    srv = subprocess.Popen([sys.executable, "-P", "-m", "chatd.cli", "run", "--data-dir", tempfile.mkdtemp(),
                             "--api-port", str(api), "--ws-port", str(ws), "--host", "127.0.0.1"],
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     for _ in range(100):

@@ -39,7 +39,7 @@ LOADS = {
 def bench(args: list[str], duration: float, extra: list[str], rate: float | None = None) -> dict:
     if rate is not None:
         args = [a if prev != "--rate" else f"{rate:.0f}" for prev, a in zip(["", *args], args)]
-    cmd = [sys.executable, "-m", "chatd.cli", "bench", "dm", "--procs", "1", "--duration", str(duration),
+    cmd = [sys.executable, "-P", "-m", "chatd.cli", "bench", "dm", "--procs", "1", "--duration", str(duration),
            "--drain", "10", "--json", *args, *extra]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if out.returncode != 0 or not out.stdout.strip():
@@ -65,7 +65,7 @@ def main() -> None:
         cfg.write_text('[store]\nbackend = "cassandra"\n[cassandra]\ncontact_points = "127.0.0.1"\n'
                        f'port = {state["port"]}\nkeyspace = "{ks}"\n'
                        "replication = \"{'class': 'SimpleStrategy', 'replication_factor': 1}\"\n")
-        subprocess.run([sys.executable, "-m", "chatd.cli", "store", "migrate", "--config", str(cfg)],
+        subprocess.run([sys.executable, "-P", "-m", "chatd.cli", "store", "migrate", "--config", str(cfg)],
                        check=True, capture_output=True, cwd=ROOT)
         return ["--server-opt", "store.backend=cassandra", "--server-opt", f"cassandra.port={state['port']}",
                 "--server-opt", f"cassandra.keyspace={ks}",

@@ -69,7 +69,7 @@ def main() -> None:
     url = server.start()
     try:
         before, cpu0 = store_counters(url), thread_cpu(server.pid)
-        out = subprocess.run([sys.executable, "-m", "chatd.cli", "bench", *bench, "--api", url,
+        out = subprocess.run([sys.executable, "-P", "-m", "chatd.cli", "bench", *bench, "--api", url,
                               "--server-pid", str(server.pid), "--json"], stdout=subprocess.PIPE, check=False).stdout
         after, cpu1 = store_counters(url), thread_cpu(server.pid)
     finally:

@@ -1,8 +1,10 @@
 """Where the load goes: a deployment given by its API URL, or a ``chatd run`` the bench starts.
 
 :class:`LocalServer` owns a child process: ``start`` picks two free loopback ports and a temporary
-data directory, starts ``python -m chatd.cli run`` with the bench's environment overrides, and
-returns once ``/healthz`` answers (or raises :class:`TargetError` with the tail of the server's log).
+data directory, starts ``python -P -m chatd.cli run`` with the bench's environment overrides
+(``-P``: chatd is imported from the installed package or ``PYTHONPATH``, never from the current
+directory, which ``-m`` would otherwise put first -- a benchmark of another checkout measured the
+wrong code that way, issue 13), and returns once ``/healthz`` answers (or raises :class:`TargetError` with the tail of the server's log).
 ``stop`` sends SIGTERM (graceful drain), then SIGKILL after a deadline, and removes the data
 directory unless asked to keep it. :func:`rss_kib` reads a local process's resident memory.
 """
@@ -133,7 +135,7 @@ class LocalServer:
             api_port, ws_port = _free_ports(2, self.host)
             self._log = open(self.log_path, "ab")
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "chatd.cli", "run", "--data-dir", str(self.data_dir / "data"),
+                [sys.executable, "-P", "-m", "chatd.cli", "run", "--data-dir", str(self.data_dir / "data"),
                  "--api-port", str(api_port), "--ws-port", str(ws_port), "--host", self.host],
                 stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=env)
             self.api_url = f"http://{self.host}:{api_port}"
