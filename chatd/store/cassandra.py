@@ -139,6 +139,7 @@ class CassandraStore(Store):
         self._heads: OrderedDict[str, int] = OrderedDict()  # channel -> a seq known to exist (LRU)
         self._head_cache_max = head_cache_max
         self._bucket_heads: dict[str, int | None] = {}  # channel -> bucket_head of the bucket of head+1
+        self._head_at: dict[str, tuple[int, float]] = {}  # channel -> (head, its created_at) when known
         self._queues: dict[str, _ChannelQueue] = {}  # channel -> its appends waiting for a batch
         self._unindexed: dict[str, dict] = {}  # channel -> {dedup key: _Append} stored, row not yet written
         self._batches: dict[str, deque] = {}  # channel -> stored batches not fully indexed, in seq order
@@ -206,16 +207,21 @@ class CassandraStore(Store):
             self._heads.move_to_end(channel_id)
         return head
 
-    def _note_head(self, channel_id: str, seq: int, bucket_head: int | None) -> None:
+    def _note_head(self, channel_id: str, seq: int, bucket_head: int | None, at: float | None = None) -> None:
         """Remember that ``seq`` exists, every message up to it is indexed, and what the
-        ``bucket_head`` of the bucket of seq+1 is (the expected value of the next batch's condition)."""
+        ``bucket_head`` of the bucket of seq+1 is (the expected value of the next batch's condition);
+        and ``at``, the created_at of message ``seq``, when the caller knows it (``channels_of``
+        reports it while the head hint written after the ack is still on its way)."""
         if seq >= self._heads.get(channel_id, -1):
             self._heads[channel_id] = seq
             self._bucket_heads[channel_id] = bucket_head
+            if at is not None:
+                self._head_at[channel_id] = (seq, at)
         self._heads.move_to_end(channel_id)
         while len(self._heads) > self._head_cache_max:
             old, _ = self._heads.popitem(last=False)
             self._bucket_heads.pop(old, None)
+            self._head_at.pop(old, None)
             self._loaded_tick.pop(old, None)
 
     # ---- users and devices ---------------------------------------------------------------
@@ -396,7 +402,9 @@ class CassandraStore(Store):
                 s = summary_from_rows(uc, head, read.get(uc["channel_id"]))
                 known = self._heads.get(s.id, 0)
                 if known > s.last_seq:  # this process appended more than the hint shows yet
-                    s = ChannelSummary(s.id, s.kind, s.name, known, s.read_seq, s.last_at)
+                    seq_at = self._head_at.get(s.id)
+                    at = seq_at[1] if seq_at is not None and seq_at[0] == known else s.last_at
+                    s = ChannelSummary(s.id, s.kind, s.name, known, s.read_seq, at)
                 out.append(s)
             out.sort(key=lambda s: (-s.last_at, s.id))
             return out
@@ -487,8 +495,9 @@ class CassandraStore(Store):
         head, at, bucket_head = probed or await self._probe_head(channel_id, self._probe_from(channel_id, indexed))
         if head > indexed:
             rows = await self._index_above(channel_id, indexed, head)
-            await self._set_head(channel_id, head, at if at is not None else rows[-1].created_at)
-        self._note_head(channel_id, head, bucket_head)
+            at = at if at is not None else rows[-1].created_at
+            await self._set_head(channel_id, head, at)
+        self._note_head(channel_id, head, bucket_head, at)
         self._loaded_tick[channel_id] = self._next_tick()  # earlier lookups may have missed rows
         return head
 
@@ -639,7 +648,8 @@ class CassandraStore(Store):
                 if self._background is not None:
                     self._background.start_soon(self._index_stored, channel_id, list(chunk))
                 head = new_head
-                self._note_head(channel_id, head, head if self._bucket(head + 1) == bucket else None)
+                self._note_head(channel_id, head, head if self._bucket(head + 1) == bucket else None,
+                                chunk[-1].created_at)
                 self.stats["appends"] += len(chunk)
                 self.stats["batches"] += 1
                 fresh = fresh[len(chunk):]
