@@ -117,16 +117,17 @@ def build_report(opts: BenchOptions, population, results: list[dict], meta: dict
     if server and server.get("cpu_s") is not None and scenario.sends:
         # the server's CPU over the run (start to the last send's heads) per send and per delivery
         # seen in it; the deliveries of the drain that follows are a few and not counted apart
-        server["cpu_us_per_send"] = round(server["cpu_s"] / max(1, c["sent"]) * 1e6, 1)
+        def per_send(cpu_s: float) -> float:
+            return round(cpu_s / max(1, c["sent"]) * 1e6, 1)
+        server["cpu_us_per_send"] = per_send(server["cpu_s"])
         server["cpu_us_per_delivery"] = round(server["cpu_s"] / max(1, c["delivered"]) * 1e6, 2)
         if "procs" in server:  # several processes (a cluster): the sum above, and by role
             by_role: dict[str, float] = {}
             for p in server["procs"].values():
                 if p["cpu_s"] is not None:
-                    p["cpu_us_per_send"] = round(p["cpu_s"] / max(1, c["sent"]) * 1e6, 1)
+                    p["cpu_us_per_send"] = per_send(p["cpu_s"])
                     by_role[p["role"]] = by_role.get(p["role"], 0.0) + p["cpu_s"]
-            server["cpu_us_per_send_by_role"] = {r: round(v / max(1, c["sent"]) * 1e6, 1)
-                                                 for r, v in sorted(by_role.items())}
+            server["cpu_us_per_send_by_role"] = {r: per_send(v) for r, v in sorted(by_role.items())}
     problems = []
     if scenario.sends:
         if c["sent"] == 0:

@@ -159,17 +159,16 @@ class ChannelOwners:
             state.inflight -= 1
             del self._pending[key]
             try:
-                if error is not None:
+                if error is None:
+                    self._stored(state, result, t_arrived, t_arrived)
+                    pending.result = result
+                else:
                     if not isinstance(error, ChatError):
                         log.error("store append failed: %r", error)
                         error = _not_acked()
                     pending.error = error
-                    done(None, error)
-                    self._fan_out_ready(state, self.membership.cached(channel_id) or members)
-                    return
-                self._stored(state, result, t_arrived, t_arrived)
-                pending.result = result
-                done(result, None)
+                done(result if error is None else None, error)
+                # (also after a failure: what earlier sends left in the reorder buffer goes out)
                 # members now (an invalidation since may have emptied the cache: then those of
                 # the send's start; a member added meanwhile gets it by sync / gap fill)
                 self._fan_out_ready(state, self.membership.cached(channel_id) or members)

@@ -149,11 +149,14 @@ class Router:
         owner = view.owner_of(channel_id)
         if owner != self.me:
             return self._send_remote_nowait(owner, view.version, user_id, channel_id, client_msg_id, body, done)
-        if not self.node.discovery.writable:
-            return False
-        if self._stall.recently_stalled():  # writable may be stale: chatd/shard/stall.py
+        if not self._writable_now():
             return False
         return self.node.owners.send_nowait(user_id, channel_id, client_msg_id, body, done)
+
+    def _writable_now(self) -> bool:
+        """May a send be queued in the store at once (the task-free paths)? Not while this shard
+        is not writable, nor just after a stall, when ``writable`` may be stale (chatd/shard/stall.py)."""
+        return self.node.discovery.writable and not self._stall.recently_stalled()
 
     def _send_remote_nowait(self, owner: str, version: int, user_id: int, channel_id: str, client_msg_id: str,
                             body: str, done) -> bool:
@@ -277,9 +280,7 @@ class Router:
             ch, uid, cmid, body, rid = frame["ch"], int(frame["u"]), str(frame["cmid"]), str(frame["body"]), frame["rid"]
         except (KeyError, TypeError, ValueError):
             return False
-        if type(ch) is not str or not self._owns(ch) or not self.node.discovery.writable:
-            return False
-        if self._stall.recently_stalled():  # writable may be stale: chatd/shard/stall.py
+        if type(ch) is not str or not self._owns(ch) or not self._writable_now():
             return False
         links = self.links
 

@@ -41,8 +41,8 @@ Resources and policies
 
 Close codes: 1000 after the client's own ``logout``, 1001 server going away, 1007 text frame that
 is not UTF-8 and 1002 protocol violation (chatd/shard/wsconn.py), 1008 policy (auth timeout,
-flood, repeated bad tokens), 1009 frame above the hard cap, 1011 server bug, 1013 slow consumer or shard not ready, 4001 token
-expired or revoked (log in again).
+flood, repeated bad tokens), 1009 frame above the hard cap, 1011 server bug, 1013 slow consumer
+or shard not ready, 4001 token expired or revoked (log in again).
 """
 
 from __future__ import annotations
@@ -110,6 +110,20 @@ class _Crash:
 
 
 IDLE, MARKED, WRITING, DONE = range(4)  # Session._wstate: who writes the queue next
+
+
+def _ack(req: proto.Send, result) -> dict:
+    """The ``ack`` of a stored send (``result``: the store's AppendResult)."""
+    m = result.message
+    return {"type": "ack", "id": req.id, "channel_id": m.channel_id, "seq": m.seq,
+            "client_msg_id": m.client_msg_id, "created_at": m.created_at, "duplicate": result.duplicate}
+
+
+def _retryable(error: ChatError) -> ChatError:
+    """A send's error as answered: ``unavailable`` always says when to resend."""
+    if error.code == "unavailable" and "retry_after_ms" not in error.details:
+        error.details["retry_after_ms"] = RETRY_AFTER_MS
+    return error
 
 
 class Session:
@@ -187,26 +201,27 @@ class Session:
                 else:
                     break  # a sync job or a close
                 queue.popleft()
-            if self._out:
-                data = b"".join(self._out)
-                self._out.clear()
-                n = self.ws.write_nowait(data)
-                if n < len(data):
-                    self._out.append(data[n:])
+            self._write_nowait()
         except Exception as e:  # noqa: BLE001 - a bug: the writer task says so and closes with 1011
             queue.appendleft(_Crash(e))
         if (queue or self._out) and self.close_reason is None:
             self._start_writer()
 
+    def _write_nowait(self) -> None:
+        """Write what the socket takes now of the framed bytes in ``_out``; the rest stays there
+        (one piece), for the writer task."""
+        if self._out:
+            data = b"".join(self._out)
+            self._out.clear()
+            n = self.ws.write_nowait(data)
+            if n < len(data):
+                self._out.append(data[n:])
+
     def _write_out(self) -> None:
         """Write the framed bytes of ``_out`` now; what the socket does not take goes to the
         writer task (which writes it before anything queued after it)."""
-        out = self._out
-        data = out[0] if len(out) == 1 else b"".join(out)
-        out.clear()
-        n = self.ws.write_nowait(data)
-        if n < len(data):
-            out.append(data[n:])
+        self._write_nowait()
+        if self._out:
             self._start_writer()
 
     def _start_writer(self) -> None:
@@ -260,14 +275,9 @@ class Session:
         self._flusher.messages_out.pending += 1  # (folded into the counter when it is read)
 
     async def _flush(self) -> None:
+        self._write_nowait()
         if self._out:
-            data = b"".join(self._out)
-            self._out.clear()
-            n = self.ws.write_nowait(data)
-            if n == len(data):
-                return
-            if n:
-                data = data[n:]
+            data = self._out.pop()
             # Never cancelled mid-frame (the close frame that follows would be garbage to the
             # client): a close waits for this write, at most SEND_GRACE_S, then aborts the TCP
             # connection of a client that is not reading.
@@ -530,15 +540,7 @@ class Session:
                 self.crashed(e, req.id)
 
         def answer(result, error) -> None:
-            if error is not None:
-                if error.code == "unavailable" and "retry_after_ms" not in error.details:
-                    error.details["retry_after_ms"] = RETRY_AFTER_MS
-                ticket.answer(error)
-                return
-            m = result.message
-            ticket.answer({"type": "ack", "id": req.id, "channel_id": m.channel_id, "seq": m.seq,
-                           "client_msg_id": m.client_msg_id, "created_at": m.created_at,
-                           "duplicate": result.duplicate})
+            ticket.answer(_ack(req, result) if error is None else _retryable(error))
         if not self.node.router.send_nowait(self.user_id, req.channel_id, req.client_msg_id, req.body, done):
             return False
         ticket = self._ticket(req)
@@ -576,10 +578,7 @@ class Session:
         ticket = self._ticket(req)
 
         def ack(result) -> None:
-            m = result.message
-            ticket.answer({"type": "ack", "id": req.id, "channel_id": m.channel_id, "seq": m.seq,
-                           "client_msg_id": m.client_msg_id, "created_at": m.created_at,
-                           "duplicate": result.duplicate})
+            ticket.answer(_ack(req, result))
         try:
             with ticket.scope:  # cancelled at the deadline, once the ticket answered `unavailable`
                 if previous is not None and not previous.is_set():
@@ -588,9 +587,7 @@ class Session:
                                             on_submit=submitted.set, on_stored=ack,
                                             timeout_s=self._answers.budget_s)
         except ChatError as e:
-            if e.code == "unavailable" and "retry_after_ms" not in e.details:
-                e.details["retry_after_ms"] = RETRY_AFTER_MS
-            ticket.answer(e)
+            ticket.answer(_retryable(e))
         except Exception as e:  # noqa: BLE001 - a bug: answered 'internal', connection closed
             ticket.answered = True  # (the deadline must not answer it again)
             self.crashed(e, req.id)

@@ -8,12 +8,12 @@ transaction the writer waits for more operations until ``commit_delay_s`` after 
 holds was queued (never longer: the bound on what the wait adds to a write's latency), as long as
 such waits gather any (see :meth:`SQLiteStore._gather`): at 1,000 sends/s, 2 ms lets ~2.7
 appends share a commit instead of ~1.15, which saves ~15 % of a send's server CPU (measured in
-benchmarks/README.md, issue 13). Each operation runs
-inside its own SAVEPOINT, so one failing operation (a taken username, a full group) does not fail
-its batch neighbours; except a message append, which refuses (``no_such_channel``) before it
-writes anything and so needs none: should it fail later (an SQLite error), the whole batch is
-rolled back and every operation in it answered ``unavailable``, as when a commit fails. The thread hands each finished batch back to trio with one
-``run_sync_soon`` (no thread hop, task or channel per operation: measured in benchmarks/README.md,
+benchmarks/README.md, issue 13). Each operation runs inside its own SAVEPOINT, so one failing
+operation (a taken username, a full group) does not fail its batch neighbours; except a message
+append, which refuses (``no_such_channel``) before it writes anything and so needs none: should
+it fail later (an SQLite error), the whole batch is rolled back and every operation in it
+answered ``unavailable``, as when a commit fails. The thread hands each finished batch back to
+trio with one ``run_sync_soon`` (no thread hop, task or channel per operation: measured in benchmarks/README.md,
 issue 13). At most ``commit_batch_max * 8`` operations wait at once (callers beyond that wait
 their turn). Reads run in trio worker threads on a pooled reader connection. The event loop never
 blocks on SQLite.
