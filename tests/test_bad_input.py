@@ -237,3 +237,41 @@ async def test_client_that_resets_during_the_handshake(server, nursery):
     await trio.sleep(0.5)
     assert (await ca.send_message(ch, "still serving"))["seq"] == 2
     await assert_intact(server, alice["token"], ch, ["keep me", "still serving"])
+
+
+def _raw_exchange(url: str, send: bytes, timeout_s: float) -> bytes:
+    """Connect to the WebSocket port with a plain TCP socket, send ``send``, read until the server
+    closes (or ``timeout_s``): what the server answered."""
+    import socket
+    from urllib.parse import urlparse
+    u = urlparse(url)
+    with socket.create_connection((u.hostname, u.port), timeout=timeout_s) as c:
+        if send:
+            c.sendall(send)
+        got = b""
+        while True:
+            data = c.recv(65536)  # socket.timeout (a test failure) if the server never closes
+            if not data:
+                return got
+            got += data
+
+
+async def test_a_request_that_is_not_a_websocket_upgrade_gets_400(server, nursery):
+    """The shard's own WebSocket server (chatd/shard/wsconn.py): plain HTTP on the WebSocket
+    port is answered 400 and closed; the server goes on serving."""
+    alice, bob, ch, ca = await setup_pair(server, nursery)
+    answer = await trio.to_thread.run_sync(_raw_exchange, server.ws_url, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", 10.0)
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:80]
+    assert (await ca.send_message(ch, "still serving"))["seq"] == 2
+    await assert_intact(server, alice["token"], ch, ["keep me", "still serving"])
+
+
+async def test_a_connection_that_never_finishes_its_handshake_is_dropped(server, nursery, monkeypatch):
+    """A TCP connection that sends nothing (or half a request) is closed once the handshake
+    timeout (server.CONNECT_TIMEOUT_S, 10 s; 0.5 s here) runs out, without an answer."""
+    from chatd.shard import server as shard_server
+    monkeypatch.setattr(shard_server, "CONNECT_TIMEOUT_S", 0.5)
+    alice, bob, ch, ca = await setup_pair(server, nursery)
+    for partial in (b"", b"GET / HTTP/1.1\r\nHost: x\r\n"):
+        assert await trio.to_thread.run_sync(_raw_exchange, server.ws_url, partial, 10.0) == b""
+    assert (await ca.send_message(ch, "still serving"))["seq"] == 2
