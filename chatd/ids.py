@@ -10,6 +10,9 @@ import re
 import secrets
 
 MAX_CHANNEL_ID_LEN = 64
+# The largest user id, seq or request id: a signed 64-bit integer (SQLite's INTEGER, Cassandra's
+# bigint, msgpack's int64). Every bound check on those numbers uses this one constant.
+MAX_INT64 = 2**63 - 1
 _DM = re.compile(r"dm:([1-9][0-9]{0,18}):([1-9][0-9]{0,18})")
 _GROUP = re.compile(r"g:[0-9a-f]{16}")
 
@@ -31,7 +34,7 @@ def dm_members(channel_id: str) -> tuple[int, int] | None:
     if not m:
         return None
     a, b = int(m.group(1)), int(m.group(2))
-    if not a < b or b >= 2**63:
+    if not a < b or b > MAX_INT64:
         return None
     return a, b
 

@@ -31,7 +31,7 @@ class Counter:
         self.name, self.help = name, help
         self._c = None if labels is None else self._make(labels)
         # A hot path without labels may add to this plain int instead of calling inc() (one per
-        # message frame written, issue 13); it is folded in whenever the counter is read.
+        # message frame written); it is folded in whenever the counter is read.
         self.pending = 0
 
     def _fold(self) -> None:

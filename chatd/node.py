@@ -26,9 +26,9 @@ from .metrics import Metrics
 from .presence.service import PresenceService
 from .push import make_push_service
 from .shard.hub import Hub
-from .shard.membership import Membership
+from .membership import Membership
 from .shard.owner import ChannelOwners
-from .shard.ratelimit import TokenBucket
+from .ratelimit import TokenBucket
 from .shard.router import VIEW_WAIT_S, Router
 from .shard.server import ShardServer
 from .store import open_store
@@ -142,7 +142,7 @@ class Node:
             key = (link, ch if isinstance(ch, str) else None)
             previous = self._link_chains.get(key)
             if (previous is None or previous.is_set()) and self.router.remote_send_nowait(link, frame):
-                return  # queued in the store already: no task, no event (issue 13)
+                return  # queued in the store already: no task, no event
             submitted = self._link_chains[key] = trio.Event()
             self.nursery.start_soon(self._remote_send, key, frame, previous, submitted)
         else:
@@ -246,7 +246,7 @@ async def serve_shard(config: Config, *, task_status=trio.TASK_STATUS_IGNORED, n
     from .api.admin import create_admin_app
     from .api.server import serve_api
     from .discovery.zk import ZkDiscovery
-    from .shard.links import LinkManager
+    from .cluster.links import LinkManager
 
     config.validate_cluster("shard")
     cc = config.cluster
@@ -369,7 +369,7 @@ async def serve_api_role(config: Config, *, task_status=trio.TASK_STATUS_IGNORED
 
     from .api.server import serve_api
     from .discovery.zk import ZkDiscovery
-    from .shard.links import LinkManager
+    from .cluster.links import LinkManager
 
     config.validate_cluster("api")
     cc = config.cluster
@@ -405,7 +405,7 @@ def _remote_presence(node, config: Config, node_id: str, role: str, on_frame):
     """Replace ``node.presence`` by the client of the cluster's presence servers."""
     from .discovery.zk import ZkDiscovery
     from .presence.remote import RemotePresence
-    from .shard.links import LinkManager
+    from .cluster.links import LinkManager
 
     cc = config.cluster
     view = ZkDiscovery(cc.zk_hosts, cc.zk_root, cc.zk_session_timeout_s, cc.load_refresh_s, kind="presence")

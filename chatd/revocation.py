@@ -34,11 +34,6 @@ async def is_revoked(store, token: str) -> bool:
     return await store.token_revoked(token_key(token))
 
 
-async def require_not_revoked(store, token: str) -> None:
-    if await is_revoked(store, token):
-        raise ChatError("invalid_token", REVOKED_MESSAGE)
-
-
 async def header_revoked(secret: str, store, header: str) -> bool:
     """Whether the request's bearer token is genuine but revoked (False for no or a forged token:
     the route's own check refuses those, without a store read)."""
@@ -52,8 +47,12 @@ async def header_revoked(secret: str, store, header: str) -> bool:
     return await is_revoked(store, token)
 
 
-async def revoke(secret: str, store, token: str) -> tuple[int, str]:
-    """Record ``token`` as revoked (durable when this returns); return its (user_id, device_id)."""
-    user_id, device_id, expires_at = token_claims(secret, token)
-    await store.revoke_token(token_key(token), user_id, device_id, float(expires_at))
-    return user_id, device_id
+async def log_out(node, user_id: int, device_id: str, key: str, expires_at: float, except_session=None) -> None:
+    """The logout use case, the same over HTTP (``POST /v1/logout``) and WebSocket (``logout``):
+    record the token (its ``key``) as revoked -- durable when this returns, before any answer --,
+    take the device offline, and close the device's connections on every shard (except
+    ``except_session``, the connection that asked, which closes itself after its answer).
+    A store failure raises ``ChatError("unavailable")`` with nothing else done."""
+    await node.store.revoke_token(key, user_id, device_id, float(expires_at))
+    node.presence.logout(user_id, device_id)
+    node.device_logged_out(user_id, device_id, key, except_session=except_session)

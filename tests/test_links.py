@@ -14,7 +14,7 @@ import trio
 
 from chatd.config import ClusterConfig
 from chatd.discovery.view import ShardInfo, View
-from chatd.shard.links import LinkManager
+from chatd.cluster.links import LinkManager
 
 
 def _cfg() -> ClusterConfig:

@@ -11,7 +11,7 @@ import trio.testing
 
 from chatd.presence.service import PresenceService
 from chatd.presence.tracker import PresenceTracker
-from chatd.shard.membership import Membership
+from chatd.membership import Membership
 from chatd.store.sqlite import open_sqlite
 from tests.conftest import RunningServer, make_config
 from tests.helpers import open_client

@@ -9,7 +9,7 @@ from chatd.config import Config, ConfigError
 from chatd.discovery import hashing
 from chatd.errors import ChatError
 from chatd.metrics import Metrics
-from chatd.shard.ratelimit import TokenBucket
+from chatd.ratelimit import TokenBucket
 
 
 def test_config_file_env_and_unknown_keys(tmp_path):

@@ -21,11 +21,11 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from .. import revocation
-from ..auth import hash_password, issue_token, verify_password, verify_token
+from ..auth import hash_password, issue_token, token_claims, verify_password, verify_token
 from ..errors import ChatError
-from ..ids import dm_channel_id, dm_members, is_group, is_valid_channel_id, new_group_id
+from ..ids import MAX_INT64, dm_channel_id, dm_members, is_group, is_valid_channel_id, new_group_id
 from ..protocol.client import message_frame
-from ..shard.membership import announce_member_change
+from ..membership import announce_member_change
 from ..store.base import PushToken
 from ..store.pages import read_page
 from . import models as m
@@ -196,7 +196,7 @@ def create_app(node) -> QuartTrio:
     @route(m.UserAnswer, errors=(404,))
     async def get_user(user_id: int):
         current_user()
-        user = await store.get_user(user_id) if user_id < 2**63 else None
+        user = await store.get_user(user_id) if user_id <= MAX_INT64 else None
         if user is None:
             raise ChatError("no_such_user", f"user {user_id} does not exist")
         return {"user": user.public()}
@@ -214,7 +214,7 @@ def create_app(node) -> QuartTrio:
     @route(m.UserPresence, errors=(404,))
     async def presence_one(user_id: int):
         current_user()
-        if not 1 <= user_id < 2**63 or await store.get_user(user_id) is None:
+        if not 1 <= user_id <= MAX_INT64 or await store.get_user(user_id) is None:
             raise ChatError("no_such_user", f"user {user_id} does not exist")
         return {"user_id": user_id, **(await node.presence.statuses([user_id]))[user_id]}
 
@@ -223,9 +223,8 @@ def create_app(node) -> QuartTrio:
     async def logout():
         uid, device_id = current_user()
         token = revocation.bearer(request.headers["Authorization"])
-        await revocation.revoke(node.secret, store, token)
-        node.presence.logout(uid, device_id)
-        node.device_logged_out(uid, device_id, revocation.token_key(token))
+        _, _, expires_at = token_claims(node.secret, token)
+        await revocation.log_out(node, uid, device_id, revocation.token_key(token), expires_at)
         return {"user_id": uid, "device_id": device_id, "logged_out": True}
 
     # ---- channels ------------------------------------------------------------------------
@@ -257,7 +256,7 @@ def create_app(node) -> QuartTrio:
     @route(m.DmAnswer, errors=(404,))
     async def dm_channel(peer_id: int):
         uid, _ = current_user()
-        if peer_id == uid or peer_id >= 2**63 or await store.get_user(peer_id) is None:
+        if peer_id == uid or peer_id > MAX_INT64 or await store.get_user(peer_id) is None:
             raise ChatError("no_such_user", f"user {peer_id} does not exist (or is you)")
         return {"channel_id": dm_channel_id(uid, peer_id)}
 
@@ -297,7 +296,7 @@ def create_app(node) -> QuartTrio:
     async def remove_member(channel_id: str, member_id: int):
         uid, _ = current_user()
         channel = await group_for_change(channel_id, uid)
-        if not 1 <= member_id < 2**63:
+        if not 1 <= member_id <= MAX_INT64:
             raise ChatError("no_such_user", f"user {member_id} does not exist")
         if uid not in (channel.owner_id, member_id):
             raise ChatError("forbidden", "only the group's owner removes others; anyone may leave")

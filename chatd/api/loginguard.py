@@ -14,7 +14,7 @@ proxy is trusted to set it (docs/operations.md).
 
 from __future__ import annotations
 
-from ..shard.ratelimit import TokenBucket
+from ..ratelimit import TokenBucket
 
 
 class LoginGuard:

@@ -15,9 +15,10 @@ import msgspec
 from msgspec import Meta, Struct
 
 from ..errors import CODES
+from ..ids import MAX_INT64
 
-UserId = Annotated[int, Meta(ge=1, le=2**63 - 1)]
-Seq = Annotated[int, Meta(ge=0, le=2**63 - 1)]
+UserId = Annotated[int, Meta(ge=1, le=MAX_INT64)]
+Seq = Annotated[int, Meta(ge=0, le=MAX_INT64)]
 
 
 def text(lo: int, hi: int, pattern: str | None = None, description: str | None = None):

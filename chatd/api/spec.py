@@ -24,6 +24,7 @@ from quart_schema import OpenAPIProvider, QuartSchema, document_querystring, doc
 from quart_schema import hide, security_scheme
 
 from ..errors import ChatError
+from ..ids import MAX_INT64
 from .models import ErrorBody, all_models
 
 BEARER = [{"bearer": []}]
@@ -144,7 +145,7 @@ async def decode_body(model, empty_ok: bool):
 
 
 def _integral(v):
-    return int(v) if isinstance(v, float) and v.is_integer() and abs(v) < 2**63 else v
+    return int(v) if isinstance(v, float) and v.is_integer() and abs(v) <= MAX_INT64 else v
 
 
 def decode_query(model):

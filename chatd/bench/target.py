@@ -3,8 +3,8 @@
 :class:`LocalServer` owns a child process: ``start`` picks two free loopback ports and a temporary
 data directory, starts ``python -P -m chatd.cli run`` with the bench's environment overrides
 (``-P``: chatd is imported from the installed package or ``PYTHONPATH``, never from the current
-directory, which ``-m`` would otherwise put first -- a benchmark of another checkout measured the
-wrong code that way, issue 13), and returns once ``/healthz`` answers (or raises
+directory, which ``-m`` would otherwise put first -- a benchmark of another checkout would measure
+the wrong code), and returns once ``/healthz`` answers (or raises
 :class:`TargetError` with the tail of the server's log).
 ``stop`` sends SIGTERM (graceful drain), then SIGKILL after a deadline, and removes the data
 directory unless asked to keep it. :func:`rss_kib` reads a local process's resident memory.

@@ -25,7 +25,7 @@ import trio
 from ..config import Config
 from ..discovery import hashing
 from ..discovery.view import ShardInfo
-from ..shard.membership import Membership
+from ..membership import Membership
 from ..store import open_store
 from .service import PresenceService
 
@@ -131,7 +131,7 @@ class PresenceServer:
 async def serve_presence(config: Config, *, task_status=trio.TASK_STATUS_IGNORED, node_out: list | None = None) -> None:
     """``chatd presence``: ready once it listens for links and its znode exists."""
     from ..discovery.zk import ZkDiscovery
-    from ..shard.links import LinkManager
+    from ..cluster.links import LinkManager
 
     config.validate_cluster("presence")
     cc = config.cluster

@@ -54,7 +54,7 @@ class PresenceService:
     def heartbeat(self, user_id: int, device: str) -> None:
         # Woken only when a status changed: the loop's scans are O(users), and waking it for every
         # heartbeat made them O(users) per heartbeat (at 10,000 idle connections that was 93 % of
-        # the shard's CPU, py-spy, issue 13).
+        # the shard's CPU, py-spy).
         if self.tracker.heartbeat(user_id, device, trio.current_time()):
             self._wake.set()
 

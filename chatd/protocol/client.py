@@ -25,7 +25,7 @@ hand-written checks), which gives the error its stable code, message and request
 frame the fast path is stricter about (an unknown extra field). So what ``parse`` answers is what
 the reference answers, frame for frame (tests/test_protocol_fastpath.py checks it on the fuzzer's
 frames); the fast path only has to accept nothing the reference refuses. Measured in
-benchmarks/README.md (issue 13): 4.6 -> ~1 µs for a send frame. Outgoing frames are encoded with
+benchmarks/README.md: 4.6 -> ~1 µs for a send frame. Outgoing frames are encoded with
 ``msgspec`` too (the same bytes as ``json.dumps(..., separators=(",", ":"), ensure_ascii=False)``
 and ``msgpack.packb(..., use_bin_type=True)`` for any frame chatd sends, except the exponent
 notation of floats beyond 1e16 or below 1e-4: ``1e16`` for ``1e+16``, ``0.00001`` for
@@ -43,13 +43,13 @@ import msgspec
 from msgspec import Meta
 
 from ..errors import ChatError
-from ..ids import is_valid_channel_id
+from ..ids import MAX_INT64, is_valid_channel_id
 
 JSON = "json"
 MSGPACK = "msgpack"
 SUBPROTOCOLS = {"chatd.v1.json": JSON, "chatd.v1.msgpack": MSGPACK}
 
-MAX_SEQ = 2**63 - 1
+MAX_SEQ = MAX_INT64
 MAX_ID_LEN = 64
 MAX_CLIENT_MSG_ID_LEN = 128
 MAX_TOKEN_LEN = 4096
@@ -247,7 +247,7 @@ def _check_id(v):
         raise ValueError(f"must be at most {MAX_ID_LEN} characters")
     if isinstance(v, str):
         _text(v)
-    if isinstance(v, int) and not -(2**63) <= v <= MAX_SEQ:
+    if isinstance(v, int) and not -MAX_INT64 - 1 <= v <= MAX_SEQ:
         raise ValueError("is out of range")
     return v
 
@@ -355,7 +355,7 @@ def from_object(obj):
 # Each Struct mirrors a request type above, field for field and in the same order, with what
 # msgspec can check in C; _FAST_CHECKS does the rest. Stricter than the reference is fine (the
 # frame then takes the reference path); laxer is a bug.
-_Id = Union[Annotated[int, Meta(ge=-(2**63), le=MAX_SEQ)], Annotated[str, Meta(max_length=MAX_ID_LEN)]]
+_Id = Union[Annotated[int, Meta(ge=-MAX_INT64 - 1, le=MAX_SEQ)], Annotated[str, Meta(max_length=MAX_ID_LEN)]]
 _Seq = Annotated[int, Meta(ge=0, le=MAX_SEQ)]
 _Cursors = Annotated[dict[str, _Seq], Meta(max_length=MAX_CURSORS)]
 _UserIds = Annotated[list[Annotated[int, Meta(ge=1, le=MAX_SEQ)]], Meta(min_length=1, max_length=MAX_USER_IDS)]

@@ -1,6 +1,6 @@
 """One writer task for every connection of a server: what sessions queued goes out in one pass.
 
-Why not a writer task per session (as before issue 13): a task per connection costs memory for
+Why not a writer task per session: a task per connection costs memory for
 the connection's whole life, and a wake-up per flush cost 38 % of the GIL samples of a DM
 profile (benchmarks/README.md). Here :meth:`Session.push <chatd.shard.session.Session.push>`
 writes a live message straight to the socket when nothing is queued before it (the fan-out:

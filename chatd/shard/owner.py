@@ -13,7 +13,7 @@ Two ways in, the same steps: :meth:`ChannelOwners.send` (a task awaits each step
 step can be taken at once -- members cached, channel state loaded, no resend of the same message
 in flight, a store that can queue without waiting (``submit_append``) --
 :meth:`ChannelOwners.send_nowait`, which queues the append in the caller's step and finishes from
-the store's completion callback: no task, no event, no thread hop per send (issue 13).
+the store's completion callback: no task, no event, no thread hop per send.
 
 The reorder buffer's baseline is the channel's head seq, read from the store the first time the
 channel is used here; if some other writer ever advanced the channel (ownership moved), the

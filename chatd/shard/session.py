@@ -525,7 +525,7 @@ class Session:
         return True
 
     def _send_nowait(self, req: proto.Send) -> bool:
-        """The send's fast path (issue 13): no earlier send of this channel waits to be queued and
+        """The send's fast path: no earlier send of this channel waits to be queued and
         this shard can queue it at once -- then no task and no event: the store's completion
         answers it (the answer clock still answers ``unavailable`` at the deadline, and the late
         ack is then dropped, as in :meth:`_on_send`). False when :meth:`_on_send` must serve it."""
@@ -600,9 +600,8 @@ class Session:
     async def _on_logout(self, req: proto.Logout) -> None:
         """Revoke this connection's token (durably, before the reply), close the device's other
         connections everywhere, then close this one with 1000."""
-        await self.node.store.revoke_token(self.token_key, self.user_id, self.device_id, float(self._token_exp))
-        self.node.presence.logout(self.user_id, self.device_id)
-        self.node.device_logged_out(self.user_id, self.device_id, self.token_key, except_session=self)
+        await revocation.log_out(self.node, self.user_id, self.device_id, self.token_key, self._token_exp,
+                                 except_session=self)
         self.push({"type": "logout", "id": req.id})
         self.push(_Close(CLOSE_NORMAL, "logged out"))
 

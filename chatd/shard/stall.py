@@ -4,7 +4,7 @@ A shard that was stopped for longer than its ZooKeeper session may no longer own
 and learns so only when kazoo's thread reports the lost session, a moment after the process
 runs again. The send's task-free path (``Router.send_nowait``) queues a write in the very step
 that reads the client's frame, so right after a stall it must not be taken: those sends go the
-task path, which checks ``discovery.writable`` later, as before issue 13.
+task path, which checks ``discovery.writable`` later.
 
 Resources: one task per process (started as the first session attaches), waking every ``TICK_S``.
 A tick that wakes more than ``STALL_S`` late marks a stall; checks answer True for ``GRACE_S``

@@ -1,7 +1,7 @@
 """One timer task for every connection of a server: auth timeouts and token expiries.
 
 Why: a sleeping task per connection and per timer (the auth timeout, the token's expiry) cost
-a task, a coroutine frame and a cancel scope each for the connection's whole life (issue 13:
+a task, a coroutine frame and a cancel scope each for the connection's whole life (the goal is
 <= 16 KiB per idle connection). Here a timer is a small handle in one heap, and one task
 sleeps until the earliest deadline (trio's clock) and calls the due callbacks.
 

@@ -1,20 +1,19 @@
 """The server side of a client WebSocket connection: wsproto's handshake and framing, trio glue here.
 
-Why not trio-websocket's server (which chatd used before, and its bench clients still use):
-memory and tasks per idle connection (issue 13, goal <= 16 KiB per connection at 10,000). A
+Why not trio-websocket's server (the bench clients use its client side): memory and tasks per
+idle connection (goal: <= 16 KiB per connection at 10,000). A
 trio-websocket server connection keeps, for its whole life, a reader task of its own (plus the
 handler task and a nursery around both), a memory channel for received messages, a send lock,
 three events, a ping dict, the ``WSConnection`` wrapper with its h11 handshake state and the
 request headers. Measured (``chatd bench idle --clients 2000 --duration 15 --ramp-up 10
---procs 2``, server RSS per connection, issue 13): 36.8 KiB per idle authenticated connection
+--procs 2``, server RSS per connection): 36.8 KiB per idle authenticated connection
 with trio-websocket's server, 24.1 KiB with this module and nothing else changed. Here a connection is one ``__slots__`` object that keeps only
 wsproto's ``Connection`` (the frame parser) once the handshake is over, and no task: the
 session's reader task reads the socket itself (:meth:`ServerConnection.get_message`), so a
 connection costs the handler task only. The handshake, framing, UTF-8 checks and close-frame
 parsing stay wsproto's (the well-kept library); this module is the I/O around it.
 
-Behaviour kept from trio-websocket + chatd's old ``wsfix`` patch (tests/test_hardening.py checks
-it with real clients):
+Behaviour (tests/test_hardening.py checks it with real clients):
 
 * a frame wsproto cannot parse gets a close frame with wsproto's code before the TCP close (1007
   for a text frame that is not UTF-8, 1002 for a protocol violation), never a bare TCP close;

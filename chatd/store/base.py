@@ -77,9 +77,6 @@ class Message:
     body: str
     created_at: float
 
-    def key(self) -> tuple[str, int]:
-        return (self.channel_id, self.seq)
-
 
 @dataclass(frozen=True)
 class AppendResult:

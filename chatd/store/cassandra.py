@@ -67,6 +67,7 @@ from cassandra.query import UNSET_VALUE
 
 from ..config import CassandraConfig
 from ..errors import ChatError
+from ..ids import MAX_INT64
 from .base import AppendResult, Channel, ChannelSummary, Message, Store, User, push_slot
 from .cassandra_schema import (SCHEMA_VERSION, STATEMENTS, bucket_last_seq,
                                bucket_of, channel_from_row, check_schema, message_from_row, new_user_id,
@@ -76,7 +77,7 @@ from .cql import CqlRunner, CqlSession, check_keyspace_name, connect, shutdown
 
 log = logging.getLogger(__name__)
 
-MAX_SEQ = 2**63 - 1
+MAX_SEQ = MAX_INT64
 APPEND_ATTEMPTS = 64  # seq races resolved before giving up with "unavailable"
 MAX_BATCH = 64  # messages in one conditional batch (one partition, one mutation)
 MAX_BATCH_BYTES = 1 << 20  # body characters in one batch (a single larger message goes alone)
@@ -249,7 +250,7 @@ class CassandraStore(Store):
             return await self._get_user(user_id)
 
     async def _get_user(self, user_id: int) -> User | None:
-        if not 0 < user_id < 2**63:
+        if not 0 < user_id <= MAX_INT64:
             return None
         row = await self._cql.one("user_get", (user_id,))
         return user_from_row(row) if row else None

@@ -8,13 +8,13 @@ transaction the writer waits for more operations until ``commit_delay_s`` after 
 holds was queued (never longer: the bound on what the wait adds to a write's latency), as long as
 such waits gather any (see :meth:`SQLiteStore._gather`): at 1,000 sends/s, 2 ms lets ~2.7
 appends share a commit instead of ~1.15, which saves ~15 % of a send's server CPU (measured in
-benchmarks/README.md, issue 13). Each operation runs inside its own SAVEPOINT, so one failing
+benchmarks/README.md). Each operation runs inside its own SAVEPOINT, so one failing
 operation (a taken username, a full group) does not fail its batch neighbours; except a message
 append, which refuses (``no_such_channel``) before it writes anything and so needs none: should
 it fail later (an SQLite error), the whole batch is rolled back and every operation in it
 answered ``unavailable``, as when a commit fails. The thread hands each finished batch back to
-trio with one ``run_sync_soon`` (no thread hop, task or channel per operation: measured in benchmarks/README.md,
-issue 13). At most ``commit_batch_max * 8`` operations wait at once (callers beyond that wait
+trio with one ``run_sync_soon`` (no thread hop, task or channel per operation: measured in
+benchmarks/README.md). At most ``commit_batch_max * 8`` operations wait at once (callers beyond that wait
 their turn). Reads run in trio worker threads on a pooled reader connection. The event loop never
 blocks on SQLite.
 
@@ -124,7 +124,7 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
-DEFAULT_COMMIT_DELAY_S = 0.002  # store.commit_delay_s: measured in benchmarks/README.md (issue 13)
+DEFAULT_COMMIT_DELAY_S = 0.002  # store.commit_delay_s: measured in benchmarks/README.md
 _WAIT_GAIN_MIN = 0.25  # a commit wait pays when it gathers this many operations on average
 _WAIT_GAIN_ALPHA = 0.1  # weight of the last wait in that average
 _WAIT_PROBE_EVERY = 16  # while waits do not pay, try one every this many batches

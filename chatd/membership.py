@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from ..errors import ChatError
-from ..ids import dm_members, is_group
+from .errors import ChatError
+from .ids import dm_members, is_group
 
 
 class Membership:
