@@ -1,5 +1,6 @@
 """Logout revokes the token: one record per revoked token in the store, checked wherever a token is
-accepted (WebSocket ``auth`` on every shard, every HTTP request on every API server).
+accepted (WebSocket ``auth`` on every shard; every authenticated HTTP request on every API server,
+:mod:`chatd.api.caller`).
 
 A token is stored as a key: the first 32 hex digits of its SHA-256, never the token itself (the
 store would otherwise hold live credentials). A record lives until the token's own expiry (after
@@ -13,38 +14,11 @@ from __future__ import annotations
 
 import hashlib
 
-from .auth import token_claims
-from .errors import ChatError
-
 REVOKED_MESSAGE = "this token was revoked by a logout; log in again"
 
 
 def token_key(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()[:32]
-
-
-def bearer(header: str) -> str | None:
-    """The token of an ``Authorization: Bearer <token>`` header, or None."""
-    if not header.startswith("Bearer "):
-        return None
-    return header[len("Bearer "):].strip() or None
-
-
-async def is_revoked(store, token: str) -> bool:
-    return await store.token_revoked(token_key(token))
-
-
-async def header_revoked(secret: str, store, header: str) -> bool:
-    """Whether the request's bearer token is genuine but revoked (False for no or a forged token:
-    the route's own check refuses those, without a store read)."""
-    token = bearer(header)
-    if token is None:
-        return False
-    try:
-        token_claims(secret, token)
-    except ChatError:
-        return False
-    return await is_revoked(store, token)
 
 
 async def log_out(node, user_id: int, device_id: str, key: str, expires_at: float, except_session=None) -> None:

@@ -6,7 +6,11 @@ from __future__ import annotations
 import pytest
 import trio
 
+from chatd import auth
+from chatd.api.spec import route
 from chatd.auth import issue_token
+from chatd.errors import ChatError
+from chatd.revocation import token_key
 from tests.conftest import RunningServer, make_config
 from tests.helpers import PASSWORD, open_client
 
@@ -220,3 +224,72 @@ async def test_failed_logins_are_throttled_per_user_and_per_address(nursery, tmp
         assert r.status == 429  # the address is throttled for every account now
     finally:
         await srv.stop()
+
+
+async def test_an_authenticated_request_checks_its_token_once(server, monkeypatch):
+    """One signature check and one revocation read per authenticated request, the logout
+    included; a forged token costs no store read; a route without authentication checks nothing,
+    even when a token comes with the request."""
+    api = server.api
+    me, bob = await api.signup_login("alice"), await api.signup_login("bob")
+    key = token_key(me["token"])
+    signed, reads = [], []
+    real_sign, real_revoked = auth._sign, server.node.store.token_revoked
+
+    def sign(secret, data):
+        signed.append(data)
+        return real_sign(secret, data)
+
+    async def revoked(token_key_):
+        reads.append(token_key_)
+        return await real_revoked(token_key_)
+
+    monkeypatch.setattr(auth, "_sign", sign)
+    monkeypatch.setattr(server.node.store, "token_revoked", revoked)
+
+    async def checks(method, path, body=None, token=me["token"], status=200):
+        signed.clear()
+        reads.clear()
+        r = await api.call(method, path, body, token=token)
+        assert r.status == status, (path, r)
+        return len(signed), list(reads)
+
+    for method, path, body, status in [("GET", "/v1/users/me", None, 200),
+                                       ("PATCH", "/v1/users/me", {"about": "x"}, 200),
+                                       ("GET", f"/v1/users/{bob['user']['id']}", None, 200),
+                                       ("GET", "/v1/channels", None, 200),
+                                       ("GET", f"/v1/dm/{bob['user']['id']}", None, 200),
+                                       ("GET", "/v1/connect", None, 200),
+                                       ("POST", "/v1/push/tokens", {"provider": "fcm", "token": "t1"}, 201),
+                                       ("POST", "/v1/logout", None, 200)]:
+        assert await checks(method, path, body, status=status) == (1, [key]), path
+    assert await checks("GET", "/v1/users/me", status=401) == (1, [key])  # revoked by the logout
+    forged = me["token"][:-2] + ("xx" if not me["token"].endswith("xx") else "yy")
+    assert await checks("GET", "/v1/users/me", token=forged, status=401) == (1, [])
+    assert await checks("GET", "/v1/users/me", token=None, status=401) == (0, [])
+    assert await checks("GET", "/healthz", token=bob["token"]) == (0, [])
+
+
+async def test_a_store_failure_while_checking_revocation_refuses_the_token(server, monkeypatch):
+    """Never accepted unchecked: the answer is ``unavailable``, and the route does not run."""
+    api = server.api
+    me = await api.signup_login("alice")
+
+    async def failing(token_key_):
+        raise ChatError("unavailable", "the store is down")
+
+    monkeypatch.setattr(server.node.store, "token_revoked", failing)
+    r = await api.call("PATCH", "/v1/users/me", {"about": "changed"}, token=me["token"])
+    assert (r.status, r.body["error"]["code"]) == (503, "unavailable"), r
+    monkeypatch.undo()
+    r = await api.call("GET", "/v1/users/me", token=me["token"])
+    assert r.status == 200 and r.body["user"]["about"] == ""
+
+
+def test_only_an_authenticated_route_takes_a_caller():
+    async def handler(caller):
+        return {}
+
+    assert route(auth=True)(handler).__name__ == "handler"
+    with pytest.raises(TypeError, match="no authentication"):
+        route(auth=False)(handler)

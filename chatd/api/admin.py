@@ -7,10 +7,11 @@ from quart import Response
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from .host import ApiHost
 from .spec import read_bodies_first
 
 
-def create_admin_app(node) -> QuartTrio:
+def create_admin_app(node: ApiHost) -> QuartTrio:
     app = QuartTrio("chatd-shard")
     read_bodies_first(app)
 

@@ -12,9 +12,10 @@ from hypercorn.config import Config as HyperConfig
 from hypercorn.trio import serve
 
 from .app import create_app
+from .host import ApiHost
 
 
-async def serve_api(node, stop: trio.Event, app_factory=create_app, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+async def serve_api(node: ApiHost, stop: trio.Event, app_factory=create_app, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     cfg = node.config.server
     hc = HyperConfig()
     hc.bind = [f"{cfg.api_host}:{cfg.api_port}"]

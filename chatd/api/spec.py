@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from typing import Awaitable, Callable
 
 import msgspec
 from quart import Quart, current_app, g, request
@@ -85,29 +86,34 @@ def read_bodies_first(app: Quart) -> None:
         return response
 
 
-def set_authenticate(app: Quart, check) -> None:
-    """``check()`` (sync or async) raises unless the request carries a valid token; authenticated
-    routes run it before their body is decoded."""
-    app.extensions["chatd.authenticate"] = check
+def set_authenticate(app: Quart, authenticate: Callable[[], Awaitable[object]]) -> None:
+    """``await authenticate()`` returns the caller of the current request or raises unless it
+    carries a valid token; authenticated routes run it once, before their body is decoded."""
+    app.extensions["chatd.authenticate"] = authenticate
 
 
 def route(ok=None, status: int = 200, *, body=None, query=None, errors=(), auth: bool = True):
     """Document and decode one route.
 
-    With ``auth``, the app's authentication check (:func:`set_authenticate`) runs first: a request
-    without a valid token is a 401 whatever its body. ``ok``: the answer's model (with ``status``);
-    ``body`` / ``query``: the models the request body
-    / query string are decoded through, passed as ``data=`` / ``query=``; ``errors``: the error
-    statuses the route may answer besides those every route may (400, 413, and 401 with ``auth``).
-    A body model without required fields makes the body optional: an empty one is its defaults.
+    With ``auth``, the app's authentication (:func:`set_authenticate`) runs first, once: a
+    request without a valid token is a 401 whatever its body; a handler with a ``caller``
+    parameter gets what it returned (:class:`chatd.api.caller.Caller`). ``ok``: the answer's
+    model (with ``status``); ``body`` / ``query``: the models the request body / query string are
+    decoded through, passed as ``data=`` / ``query=``; ``errors``: the error statuses the route
+    may answer besides those every route may (400, 413, and 401 with ``auth``). A body model
+    without required fields makes the body optional: an empty one is its defaults.
     """
     def decorator(func):
+        wants_caller = "caller" in inspect.signature(func).parameters
+        if wants_caller and not auth:
+            raise TypeError(f"{func.__name__} takes a caller but its route has no authentication")
+
         @functools.wraps(func)
         async def wrapper(*args, **kwargs):
             if auth:
-                checked = current_app.extensions["chatd.authenticate"]()
-                if inspect.isawaitable(checked):
-                    await checked
+                caller = await current_app.extensions["chatd.authenticate"]()
+                if wants_caller:
+                    kwargs["caller"] = caller
             if body is not None:
                 kwargs["data"] = await decode_body(body, not required_fields(body))
             if query is not None:

@@ -1,0 +1,37 @@
+"""What the API's route modules and its error handlers share: the error answer, the shard a user
+connects to, the membership check of a channel route.
+
+Error policy: every error answer is ``{"error": {"code", "message"}}`` with the code's status
+(:mod:`chatd.errors`) unless one is given, counted in ``chatd_errors_total``; no live shard is
+``unavailable`` (503, retry); a channel id that is no channel id is ``no_such_channel`` (404), a
+caller who is not a member ``not_member`` (403).
+"""
+
+from __future__ import annotations
+
+from ..discovery.view import ShardInfo
+from ..errors import ChatError
+from ..ids import is_valid_channel_id
+from ..membership import Membership
+from ..metrics import Metrics
+from .host import Discovery
+
+
+def error_answer(metrics: Metrics, code: str, message: str, status: int | None = None) -> tuple[dict, int]:
+    metrics.errors.inc(code=code)
+    e = ChatError(code, message)
+    return {"error": e.to_dict()}, status or e.http_status
+
+
+def shard_for(discovery: Discovery, user_id: int) -> ShardInfo:
+    try:
+        return discovery.pick_shard(user_id)
+    except LookupError:
+        raise ChatError("unavailable", "no chat shard is available; retry") from None
+
+
+async def require_member(membership: Membership, channel_id: str, user_id: int) -> frozenset[int]:
+    """The channel's members, or raise unless ``user_id`` is one of them."""
+    if not is_valid_channel_id(channel_id):
+        raise ChatError("no_such_channel", f"{channel_id[:70]!r} is not a channel id")
+    return await membership.require_member(channel_id, user_id)

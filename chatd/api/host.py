@@ -1,0 +1,50 @@
+"""What the HTTP API uses of the node that serves it (``Node`` of ``chatd run`` and ``chatd
+shard``, ``ApiNode`` of ``chatd api``), as typing protocols: the route modules touch nothing
+else, so a new use shows here first.
+
+A node may also carry ``push`` (a push service, absent on the API role): the push-token routes
+tell it when a user's tokens changed, if there is one.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Protocol
+
+from ..config import Config
+from ..discovery.view import ShardInfo, View
+from ..membership import Membership
+from ..metrics import Metrics
+from ..store.base import Store
+
+
+class Discovery(Protocol):
+    view: View
+    writable: bool
+
+    def live(self) -> list[ShardInfo]: ...
+
+    def pick_shard(self, user_id: int) -> ShardInfo: ...  # LookupError without a live shard
+
+
+class Presence(Protocol):
+    async def statuses(self, user_ids: list[int]) -> dict[int, dict]: ...
+
+    def logout(self, user_id: int, device: str) -> None: ...
+
+
+class ApiHost(Protocol):
+    config: Config
+    store: Store
+    secret: str
+    metrics: Metrics
+    membership: Membership
+    presence: Presence
+    discovery: Discovery
+
+    def connection_count(self) -> int: ...
+
+    def membership_changed(self, channel_id: str) -> None: ...
+
+    def notify_members(self, event: dict, user_ids: Iterable[int]) -> None: ...
+
+    def device_logged_out(self, user_id: int, device_id: str, token_key: str, except_session=None) -> None: ...
