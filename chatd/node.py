@@ -61,15 +61,17 @@ class Node:
     ``discovery``: LocalDiscovery (``chatd run``) unless given; ``links``: the cluster's links
     (None in process); ``hub`` and ``presence``: given when the presence client must be built
     before the node (a cluster shard's :class:`~chatd.presence.remote.RemotePresence` reads the
-    hub), else the hub is new and presence is in process."""
+    hub), else the hub is new and presence is in process; ``metrics``: given when the links
+    count into it, else new."""
 
     def __init__(self, config: Config, store: Store, secret: str, discovery: Discovery | None = None,
-                 links: LinkManager | None = None, hub: Hub | None = None, presence=None):
+                 links: LinkManager | None = None, hub: Hub | None = None, presence=None,
+                 metrics: Metrics | None = None):
         me = config.server.shard_id
         self.config = config
         self.store = store
         self.secret = secret
-        self.metrics = Metrics()
+        self.metrics = metrics if metrics is not None else Metrics()
         self.hub = hub if hub is not None else Hub()
         self.discovery = discovery if discovery is not None else LocalDiscovery()
         self.links = links
@@ -265,10 +267,11 @@ async def serve_shard(config: Config, *, task_status=trio.TASK_STATUS_IGNORED, n
     cc = config.cluster
     me = config.server.shard_id
     async with open_store(config) as store:
-        links = LinkManager(me, "shard", cc)
+        metrics = Metrics()
+        links = LinkManager(me, "shard", cc, metrics=metrics)
         hub = Hub()
         presence, presence_links, presence_view = _remote_presence(cc, me, "shard", store, local_devices(hub))
-        node = Node(config, store, config.auth.secret, zk_discovery(cc), links, hub, presence)
+        node = Node(config, store, config.auth.secret, zk_discovery(cc), links, hub, presence, metrics)
         if node_out is not None:
             node_out.append(node)
         async with trio.open_nursery() as nursery:

@@ -41,7 +41,7 @@ WIRE = [
     (lf.Send(3, "g:x", 9, "c1", "hi", rid=5),
      {"t": "send", "view": 3, "ch": "g:x", "u": 9, "cmid": "c1", "body": "hi", "rid": 5}),
     (lf.Reply(5, ok=M, dup=True), {"t": "reply", "rid": 5, "ok": list(M), "dup": True}),
-    (lf.Reply(5, ok=M), {"t": "reply", "rid": 5, "ok": list(M)}),
+    (lf.Reply(5, ok=M, dup=False), {"t": "reply", "rid": 5, "ok": list(M), "dup": False}),
     (lf.Reply(5, err={"code": "stale_view", "view": 4}), {"t": "reply", "rid": 5, "err": {"code": "stale_view", "view": 4}}),
     (lf.Reply(6, users={"1": {"status": "online"}}), {"t": "reply", "rid": 6, "users": {"1": {"status": "online"}}}),
     (lf.Deliver(2, [1, 2], M, skip="d1"), {"t": "deliver", "view": 2, "u": [1, 2], "m": list(M), "x": "d1"}),

@@ -130,7 +130,7 @@ class Send(Frame, tag="send"):
 class Reply(Frame, tag="reply"):
     rid: int = 0
     ok: PackedMessage | None = None
-    dup: bool = False
+    dup: bool | None = None  # with ``ok``: whether the message was stored before (always sent then)
     err: dict[str, Any] | None = None
     users: dict[str, dict[str, Any]] | None = None
 

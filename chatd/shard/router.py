@@ -117,7 +117,7 @@ class Router:
             reply = await self.links.request_on(link, Send(view.version, channel_id, user_id, client_msg_id, body),
                                                 timeout_s, on_sent=on_submit)
             if reply.ok is not None:
-                result = AppendResult(Message(*reply.ok), reply.dup)
+                result = AppendResult(Message(*reply.ok), reply.dup is True)
                 if on_stored is not None:
                     on_stored(result)
                 return result
@@ -163,7 +163,7 @@ class Router:
 
         def on_reply(reply: Reply) -> None:
             if reply.ok is not None:
-                done(AppendResult(Message(*reply.ok), reply.dup), None)
+                done(AppendResult(Message(*reply.ok), reply.dup is True), None)
                 return
             err = reply.err or {}
             if err.get("code") == "stale_view" and self._nursery is not None:
