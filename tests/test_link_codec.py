@@ -154,3 +154,10 @@ def test_handshake_mutual_and_replay_safe():
         link.hello(secret, "s1", "shard", msgspec.structs.replace(chal, v=99), nc)
     with pytest.raises(link.LinkProtocolError, match="expected 'challenge'"):
         link.hello(secret, "s1", "shard", w, nc)
+
+
+def test_next_body_is_framing_only():
+    codec = link.LinkCodec(100)
+    codec.receive_data(_framed({"t": "tool", "p": 1}) + _framed({"t": "ping"})[:3])
+    assert msgpack.unpackb(codec.next_body()) == {"t": "tool", "p": 1}
+    assert codec.next_body() is None and codec.buffered() == 3

@@ -66,6 +66,17 @@ class LinkCodec:
         self._check_header()
         return frame
 
+    def next_body(self) -> bytes | None:
+        """The next frame's body undecoded (framing only: for a tool with frames of its own)."""
+        n = self._need
+        if n is None or len(self._buf) < 4 + n:
+            return None
+        body = bytes(self._buf[4:4 + n])
+        del self._buf[:4 + n]
+        self._need = None
+        self._check_header()
+        return body
+
     def buffered(self) -> int:
         return len(self._buf)
 
