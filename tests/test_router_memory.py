@@ -14,7 +14,7 @@ from chatd.protocol import link_frames as lf
 from chatd.shard.fanout import FanOut
 from chatd.shard.hub import Hub
 from chatd.shard.router import Router
-from chatd.store.base import AppendResult, Message
+from chatd.store.base import Message
 
 SHARDS = ("s1", "s2", "s3")
 VIEW = View(4, {s: ShardInfo(s, "") for s in SHARDS})
