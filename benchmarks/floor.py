@@ -56,6 +56,7 @@ import subprocess
 import sys
 import time
 
+import msgpack
 import trio
 
 ACK = b'{"type":"ack","id":%d,"seq":%d}'
@@ -132,6 +133,10 @@ def serve(mode: str, group_size: int, send_message: bool, node: int = 0, link_po
     links: dict[int, _LinkOut] = {}  # cluster-dm: peer node -> its link
     encode = LinkCodec.encode
 
+    def next_frame(codec):  # the floor's own frames (not the link catalog's): framing only
+        body = codec.next_body()
+        return None if body is None else msgpack.unpackb(body)
+
     async def write(ws, data: bytes, payload: str, ack: bytes | None) -> None:
         if send_message:
             if ack is not None:
@@ -190,7 +195,7 @@ def serve(mode: str, group_size: int, send_message: bool, node: int = 0, link_po
         async with trio.open_nursery() as nursery:
             nursery.start_soon(out.run)
             while True:
-                while (f := codec.next_frame()) is not None:
+                while (f := next_frame(codec)) is not None:
                     peer_ws = conns.get(f["u"])
                     if peer_ws is not None:
                         try:
@@ -204,7 +209,7 @@ def serve(mode: str, group_size: int, send_message: bool, node: int = 0, link_po
 
     async def accept_link(stream) -> None:
         codec = LinkCodec(1 << 20)
-        while (hello := codec.next_frame()) is None:
+        while (hello := next_frame(codec)) is None:
             codec.receive_data(await stream.receive_some(65536))
         await run_link(stream, hello["id"], codec)
 

@@ -154,6 +154,9 @@ class Metrics:
                                              ("peer", "type")))
         self.link_drops = self._add(Counter("chatd_link_frames_dropped_total",
                                             "Frames dropped because a link queue was full or the link down", ("peer",)))
+        self.link_refused = self._add(Counter("chatd_link_frames_refused_total",
+                                              "Frames not sent because they exceed link_max_frame_bytes",
+                                              ("peer", "type")))
 
     def _add(self, m):
         self._collector.items.append(m)

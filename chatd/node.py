@@ -1,12 +1,20 @@
-"""The nursery tree of a chatd process and the context its services share.
+"""The nursery tree of a chatd process, the context its services share, and their wiring.
 
 ``serve_run`` is ``chatd run``: store -> shard (WebSocket) -> API (HTTP), one process, one shard,
 in-process discovery. It is the cluster's shape with one shard: the API asks discovery for a
-shard, sends go to the channel's owner, fan-out goes through the router.
+shard, sends go to the channel's owner, fan-out goes through the router. ``serve_shard`` and
+``serve_api_role`` are the cluster roles (ZooKeeper discovery, links between processes).
 
-Stop policy: :meth:`Node.request_stop` (SIGINT/SIGTERM, or a test) drains the shard (sessions
-closed with 1001), stops the API, then the store finishes queued writes; everything is bounded by
-``server.shutdown_grace_s``.
+Wiring (:class:`Node`): every service gets the collaborators it uses as parameters, built in
+dependency order -- hub, discovery and links first; the fan-out (:class:`~chatd.shard.fanout.FanOut`);
+the channel owners, which hand committed messages to the fan-out's ``deliver_message``; the router
+(owners, fan-out, links). Link frames reaching a shard are dispatched in one place,
+:meth:`Node.on_link_frame` (one handler per frame type, the catalog in
+:mod:`chatd.protocol.link_frames`).
+
+Stop policy: :meth:`Node.request_stop` (SIGINT/SIGTERM, or a test) unregisters the shard, drains it
+(sessions closed with 1001), stops the API, lets push finish queuing, then the store finishes
+queued writes; everything is bounded by ``server.shutdown_grace_s`` (:func:`_stop_serving`).
 """
 
 from __future__ import annotations
@@ -19,19 +27,24 @@ from pathlib import Path
 import trio
 
 from .auth import new_secret
-from .config import Config
+from .cluster.links import LinkManager
+from .config import ClusterConfig, Config
+from .discovery.base import Discovery
 from .discovery.local import LocalDiscovery
 from .discovery.view import ShardInfo
+from .membership import Membership
 from .metrics import Metrics
 from .presence.service import PresenceService
+from .protocol import link_frames as lf
 from .push import make_push_service
-from .shard.hub import Hub
-from .membership import Membership
-from .shard.owner import ChannelOwners
 from .ratelimit import TokenBucket
+from .shard.fanout import FanOut
+from .shard.hub import Hub
+from .shard.owner import ChannelOwners
 from .shard.router import VIEW_WAIT_S, Router
 from .shard.server import ShardServer
 from .store import open_store
+from .store.base import Store
 
 log = logging.getLogger(__name__)
 
@@ -43,49 +56,66 @@ class RunInfo:
 
 
 class Node:
-    """Everything one chatd process shares; passed explicitly, never global."""
+    """Everything one chat process shares; passed explicitly, never global.
 
-    def __init__(self, config: Config, store, secret: str, discovery=None):
+    ``discovery``: LocalDiscovery (``chatd run``) unless given; ``links``: the cluster's links
+    (None in process); ``hub`` and ``presence``: given when the presence client must be built
+    before the node (a cluster shard's :class:`~chatd.presence.remote.RemotePresence` reads the
+    hub), else the hub is new and presence is in process; ``metrics``: given when the links
+    count into it, else new."""
+
+    def __init__(self, config: Config, store: Store, secret: str, discovery: Discovery | None = None,
+                 links: LinkManager | None = None, hub: Hub | None = None, presence=None,
+                 metrics: Metrics | None = None):
+        me = config.server.shard_id
         self.config = config
         self.store = store
         self.secret = secret
-        self.metrics = Metrics()
-        self.hub = Hub()
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.hub = hub if hub is not None else Hub()
         self.discovery = discovery if discovery is not None else LocalDiscovery()
-        self.router = Router(self)
+        self.links = links
         self.membership = Membership(store)
-        self.owners = ChannelOwners(store, self.membership, self.router, self.metrics)
-        self.shard = ShardServer(self)
-        pc = config.presence
-        # In-process presence (chatd run); a cluster shard replaces it with the remote client.
-        self.presence = PresenceService(store, self.membership, self.router.deliver_event, pc.grace_s,
-                                        pc.coalesce_s, pc.group_push_max)
-        self.nursery: trio.Nursery | None = None  # for background work of the node's services
-        self.discovery.on_change(self.router.on_view_change)
         # Push notifications for members with no connected device (None with push.provider = "none").
         self.push = make_push_service(config, store, shards=lambda: list(self.discovery.view.shards),
                                       online=self._connected_here)
+        self.fanout = FanOut(me, self.hub, self.discovery, links, self.push)
+        self.owners = ChannelOwners(store, self.membership, self.fanout.deliver_message, self.metrics)
+        self.router = Router(me, self.hub, self.discovery, self.owners, self.fanout, links,
+                             config.limits.send_answer_s)
+        self.shard = ShardServer(self)
+        pc = config.presence
+        self.presence = presence if presence is not None else PresenceService(
+            store, self.membership, self.fanout.deliver_event, pc.grace_s, pc.coalesce_s, pc.group_push_max)
+        self.discovery.on_change(self.router.on_view_change)
         if self.push is not None:
             self.discovery.on_change(self.push.on_view_change)
             for key in ("sent", "rejected", "failed", "gave_up", "dropped"):
                 self.metrics.gauge(f"chatd_push_{key}", f"Push notifications: {key} (since start)",
                                    lambda key=key: self.push.stats[key])
-        self._link_chains: dict = {}  # (link, channel) -> the last send's 'submitted' event
         # keys of tokens revoked lately (logout frames seen here): closes the window between a
         # session's store check and its attach (chatd/shard/session.py)
         self.revoked_here: OrderedDict[str, None] = OrderedDict()
         self.stop_event = trio.Event()
+        # the link frames a shard takes, and who handles each (handler(link, frame))
+        self._frame_handlers = {
+            lf.Send: self.router.on_send,
+            lf.Deliver: self.fanout.on_deliver,
+            lf.Push: self.fanout.on_push,
+            lf.Device: self.fanout.on_device,
+            lf.Devices: self.fanout.on_devices,
+            lf.Invalidate: self._on_invalidate,
+            lf.Logout: self._on_logout,
+            lf.Resync: self.router.on_resync,
+        }
         self.metrics.gauge("chatd_ws_authenticated", "Authenticated client sessions", lambda: self.hub.count)
         store_metrics(self.metrics, store)
         discovery_metrics(self.metrics, self.discovery)
         self.metrics.labeled_gauge("chatd_link_queue_frames", "Frames waiting in each inter-shard link's send queue",
-                                   "peer", lambda: link_queue_depths(self.router.links))
+                                   "peer", lambda: link_queue_depths(links))
 
     def _connected_here(self, user_id: int) -> bool:
-        """A device of ``user_id`` is connected (known for the users homed on this shard)."""
-        view = self.discovery.view
-        return bool(view.shards) and view.home_of(user_id) == self.config.server.shard_id \
-            and bool(self.router.locations.get(user_id))
+        return self.fanout.connected_here(user_id)
 
     def rate_bucket(self) -> TokenBucket:
         lim = self.config.limits
@@ -98,27 +128,21 @@ class Node:
         """The API changed a channel's members: drop cached membership here (and, in cluster
         mode, on every shard)."""
         self.membership.invalidate(channel_id)
-        links = self.router.links
-        if links is not None:
-            for peer in list(links.links):
-                links.send_nowait(peer, {"t": "invalidate", "ch": channel_id})
+        _broadcast(self.links, lf.Invalidate(channel_id))
 
     def connection_count(self) -> int:
         return self.hub.count
 
     def notify_members(self, event: dict, user_ids) -> None:
         """A transient event (``member_added`` / ``member_removed``) to every device of ``user_ids``."""
-        self.router.deliver_event(event, user_ids)
+        self.fanout.deliver_event(event, user_ids)
 
     def device_logged_out(self, user_id: int, device_id: str, token_key: str, except_session=None) -> None:
         """A logout revoked ``token_key``: close the device's connections here and on every shard
         (link frame ``logout``; best effort: a peer whose link is down misses it, but its shard
         refuses the token at the next ``auth``)."""
         self._close_device(user_id, device_id, token_key, except_session)
-        links = self.router.links
-        if links is not None:
-            for peer in list(links.links):
-                links.send_nowait(peer, {"t": "logout", "u": user_id, "d": device_id, "k": token_key})
+        _broadcast(self.links, lf.Logout(user_id, device_id, token_key))
 
     def _close_device(self, user_id: int, device_id: str, token_key: str, except_session=None) -> None:
         self.revoked_here[token_key] = None
@@ -129,49 +153,38 @@ class Node:
                 session.logged_out_elsewhere()
 
     # ---- cluster links -------------------------------------------------------------------
-    async def on_link_frame(self, link, frame: dict) -> None:
-        if frame.get("t") == "logout":
-            try:
-                self._close_device(int(frame["u"]), str(frame["d"]), str(frame["k"]))
-            except (KeyError, TypeError, ValueError):
-                log.warning("malformed logout frame from %s", link.peer_id)
-        elif frame.get("t") == "send":
-            # like a session: concurrent, but entering the store in the order the link carried
-            # them, per channel (a send stuck on one channel holds no other channel's)
-            ch = frame.get("ch")
-            key = (link, ch if isinstance(ch, str) else None)
-            previous = self._link_chains.get(key)
-            if (previous is None or previous.is_set()) and self.router.remote_send_nowait(link, frame):
-                return  # queued in the store already: no task, no event
-            submitted = self._link_chains[key] = trio.Event()
-            self.nursery.start_soon(self._remote_send, key, frame, previous, submitted)
-        else:
-            view = frame.get("view")
-            if type(view) is int and view > self.discovery.view.version and frame.get("t") in VIEW_ROUTED:
-                # Routed by a view newer than ours (its ZooKeeper watch fired first): catch up
-                # (wait_view re-reads at once) before routing it further, or a user who just
-                # became homed here would be looked up by the old view and the message missed.
-                # Holding this link's reader keeps its frames in order; the wait is bounded.
-                await self.discovery.wait_view(view, VIEW_WAIT_S)
-            self.router.on_frame(link, frame)
+    async def on_link_frame(self, link, frame: lf.Frame) -> None:
+        """Every frame that reaches this shard over a link (shards, API servers, presence
+        servers), to its handler (the table in ``__init__``); others are logged and skipped."""
+        t = type(frame)
+        handler = self._frame_handlers.get(t)
+        if handler is None:
+            log.warning("unexpected %s frame from %s: skipped", lf.NAMES.get(t), link.peer_id)
+            return
+        if t in VIEW_ROUTED and frame.view > self.discovery.view.version:
+            # Routed by a view newer than ours (its ZooKeeper watch fired first): catch up
+            # (wait_view re-reads at once) before routing it further, or a user who just
+            # became homed here would be looked up by the old view and the message missed.
+            # Holding this link's reader keeps its frames in order; the wait is bounded.
+            await self.discovery.wait_view(frame.view, VIEW_WAIT_S)
+        handler(link, frame)
 
-    async def _remote_send(self, key, frame: dict, previous, submitted: trio.Event) -> None:
-        try:
-            await self.router.on_remote_send(key[0], frame, previous, submitted)
-        finally:
-            if self._link_chains.get(key) is submitted:
-                del self._link_chains[key]
+    def _on_invalidate(self, link, frame: lf.Invalidate) -> None:
+        self.membership.invalidate(frame.channel_id)
 
-    def on_link_up(self, link) -> None:
-        self.router.topology_changed()
-        self.router.announce_all(only_to=link.peer_id)
-        self.router.schedule_resync(1.0)
+    def _on_logout(self, link, frame: lf.Logout) -> None:
+        self._close_device(frame.user_id, frame.device_id, frame.token_key)
 
 
 REVOKED_REMEMBERED = 10_000
+VIEW_ROUTED = lf.VIEW_ROUTED
 
-# link frames routed by a view: the receiver must route them by at least that view
-VIEW_ROUTED = frozenset({"deliver", "push", "device", "devices"})
+
+def _broadcast(links: LinkManager | None, frame: lf.Frame) -> None:
+    """``frame`` to every process linked with ours (best effort: a full queue drops it, counted)."""
+    if links is not None:
+        for peer in list(links.links):
+            links.send_nowait(peer, frame)
 
 
 def load_secret(config: Config) -> str:
@@ -207,33 +220,36 @@ async def serve_run(config: Config, *, task_status=trio.TASK_STATUS_IGNORED, nod
         if node_out is not None:
             node_out.append(node)
         async with trio.open_nursery() as nursery:
-            node.nursery = nursery
+            await nursery.start(node.router.run)
             await nursery.start(node.presence.run)
             if node.push is not None:
                 await nursery.start(node.push.run)
             ws_port = await nursery.start(node.shard.serve)
             ws_url = public_ws_url(config, ws_port)
-            node.discovery.register(ShardInfo(config.server.shard_id, ws_url), load=lambda: node.hub.count)
+            await node.discovery.register(ShardInfo(config.server.shard_id, ws_url), load=lambda: node.hub.count)
             api_stop = trio.Event()
             api_url = await nursery.start(serve_api, node, api_stop)
             log.info("chatd run ready: api %s, websocket %s, data %s", api_url, ws_url, config.data_path)
             task_status.started(RunInfo(api_url, ws_url))
             await node.stop_event.wait()
-            log.info("stopping: draining %d sessions", len(node.shard.sessions))
-            node.discovery.unregister(config.server.shard_id)
-            node.shard.drain("server shutting down; reconnect")
-            api_stop.set()
-            with trio.move_on_after(config.server.shutdown_grace_s):
-                await node.shard.wait_drained()
-            await _flush_push(node)
+            await _stop_serving(node, api_stop, "server shutting down; reconnect")
             nursery.cancel_scope.cancel()
     log.info("stopped")
 
 
-async def _flush_push(node, timeout_s: float = 2.0) -> None:
-    """Stopping: what delivery queued for pushes reaches the outbox (a restart sends it)."""
-    if node.push is not None:
-        with trio.move_on_after(timeout_s):
+async def _stop_serving(node: Node, api_stop: trio.Event, drain_reason: str) -> None:
+    """The stop sequence of a chat shard: unregister (logins and channels go elsewhere), drain
+    the clients (1001, ``drain_reason``), stop its HTTP server (``api_stop``), wait for the
+    sessions to end within ``server.shutdown_grace_s``, let push queue what delivery owes."""
+    log.info("stopping: unregistering and draining %d sessions", len(node.shard.sessions))
+    with trio.move_on_after(2):
+        await node.discovery.unregister()
+    node.shard.drain(drain_reason)
+    api_stop.set()
+    with trio.move_on_after(node.config.server.shutdown_grace_s):
+        await node.shard.wait_drained()
+    if node.push is not None:  # what delivery queued for pushes reaches the outbox (a restart sends it)
+        with trio.move_on_after(2.0):
             await node.push.flush()
 
 
@@ -241,52 +257,41 @@ async def _flush_push(node, timeout_s: float = 2.0) -> None:
 
 async def serve_shard(config: Config, *, task_status=trio.TASK_STATUS_IGNORED, node_out: list | None = None) -> None:
     """``chatd shard``: one chat shard of a cluster. Ready (``task_status``) once it listens for
-    WebSockets and links and its znode exists. Stop: unregister (logins go elsewhere), drain
-    clients with 1001, finish queued writes."""
+    WebSockets and links and its znode exists. Stop: see :func:`_stop_serving`; then the store
+    finishes queued writes."""
     from .api.admin import create_admin_app
     from .api.server import serve_api
-    from .discovery.zk import ZkDiscovery
-    from .cluster.links import LinkManager
+    from .discovery.zk import zk_discovery
 
     config.validate_cluster("shard")
     cc = config.cluster
+    me = config.server.shard_id
     async with open_store(config) as store:
-        node = Node(config, store, config.auth.secret,
-                    ZkDiscovery(cc.zk_hosts, cc.zk_root, cc.zk_session_timeout_s, cc.load_refresh_s,
-                                cc.overload_connections))
+        metrics = Metrics()
+        links = LinkManager(me, "shard", cc, metrics=metrics)
+        hub = Hub()
+        presence, presence_links, presence_view = _remote_presence(cc, me, "shard", store, local_devices(hub))
+        node = Node(config, store, config.auth.secret, zk_discovery(cc), links, hub, presence, metrics)
         if node_out is not None:
             node_out.append(node)
-        links = LinkManager(config.server.shard_id, "shard", cc, on_frame=node.on_link_frame,
-                            on_link_up=node.on_link_up, metrics=node.metrics)
-        node.router.links = links
-        presence_links, presence_view = _remote_presence(node, config, config.server.shard_id, "shard",
-                                                         on_frame=node.on_link_frame)
         async with trio.open_nursery() as nursery:
-            node.nursery = nursery
+            await nursery.start(node.router.run)
             await nursery.start(node.discovery.run)
-            await nursery.start(links.run, True)
+            await nursery.start(links.run, True, node.on_link_frame, node.router.on_link_up)
             if node.push is not None:
                 await nursery.start(node.push.run)
             node.discovery.on_change(lambda old, new: links.set_peers(new))
-            await _start_remote_presence(nursery, node.presence, presence_links, presence_view)
+            await _start_remote_presence(nursery, presence, presence_links, presence_view, node.on_link_frame)
             ws_port = await nursery.start(node.shard.serve)
             ws_url = public_ws_url(config, ws_port)
             admin_stop = trio.Event()
             await nursery.start(serve_api, node, admin_stop, create_admin_app)
-            await node.discovery.register(ShardInfo(config.server.shard_id, ws_url, links.public_addr()),
-                                          load=lambda: node.hub.count)
+            await node.discovery.register(ShardInfo(me, ws_url, links.public_addr()), load=lambda: node.hub.count)
             links.set_peers(node.discovery.view)
-            log.info("shard %s ready: websocket %s, links %s", config.server.shard_id, ws_url, links.public_addr())
+            log.info("shard %s ready: websocket %s, links %s", me, ws_url, links.public_addr())
             task_status.started(RunInfo("", ws_url))
             await node.stop_event.wait()
-            log.info("stopping: unregistering and draining %d sessions", len(node.shard.sessions))
-            with trio.move_on_after(2):
-                await node.discovery.unregister()
-            node.shard.drain("shard shutting down; log in again to reconnect")
-            admin_stop.set()
-            with trio.move_on_after(config.server.shutdown_grace_s):
-                await node.shard.wait_drained()
-            await _flush_push(node)
+            await _stop_serving(node, admin_stop, "shard shutting down; log in again to reconnect")
             nursery.cancel_scope.cancel()
     log.info("stopped")
 
@@ -295,19 +300,18 @@ STORE_STATS_HELP = {"ops": "Writes committed by the store's group commits (batch
                     "commit_seconds": "Seconds spent in the store's group commits (latency = seconds / commits)"}
 
 
-def store_metrics(metrics, store) -> None:
-    """The store's own statistics (``store.stats``, if it keeps any) as counters."""
-    stats = getattr(store, "stats", None)
-    if stats is None:
-        return
+def store_metrics(metrics: Metrics, store: Store) -> None:
+    """The store's own statistics (``store.statistics()``; none for a backend that keeps none) as
+    counters, read at scrape time."""
+    stats = store.statistics()
     if "commits" in stats:
-        metrics.gauge("chatd_store_commits", "Group commits done by the store", lambda: stats["commits"])
+        metrics.gauge("chatd_store_commits", "Group commits done by the store", lambda: store.statistics()["commits"])
     for key in stats:
         metrics.counter_from(f"chatd_store_{key}_total", STORE_STATS_HELP.get(key, f"Store statistic: {key}"),
-                             lambda key=key: stats[key])
+                             lambda key=key: store.statistics()[key])
 
 
-def discovery_metrics(metrics, discovery, registers: bool = True) -> None:
+def discovery_metrics(metrics: Metrics, discovery: Discovery, registers: bool = True) -> None:
     """What this process knows of the cluster: its view, and (a shard) whether it may write."""
     metrics.gauge("chatd_discovery_view_version", "Version of the shard view in use (ZooKeeper cversion)",
                   lambda: discovery.view.version)
@@ -317,7 +321,7 @@ def discovery_metrics(metrics, discovery, registers: bool = True) -> None:
                       "session (0: suspended or lost, writes refused)", lambda: float(bool(discovery.writable)))
 
 
-def link_queue_depths(links) -> dict:
+def link_queue_depths(links: LinkManager | None) -> dict:
     """``{peer: frames queued}`` of a LinkManager (its links' memory channels), {} without one."""
     if links is None:
         return {}
@@ -328,13 +332,14 @@ class ApiNode:
     """What the stateless API role shares: no sessions, no owners; membership changes are
     broadcast to the shards over links."""
 
-    def __init__(self, config: Config, store, discovery, links):
+    def __init__(self, config: Config, store: Store, discovery: Discovery, links: LinkManager, presence):
         self.config = config
         self.store = store
         self.secret = config.auth.secret
         self.metrics = Metrics()
         self.discovery = discovery
         self.links = links
+        self.presence = presence
         store_metrics(self.metrics, store)
         discovery_metrics(self.metrics, discovery, registers=False)
         self.metrics.labeled_gauge("chatd_link_queue_frames", "Frames waiting in each inter-shard link's send queue",
@@ -346,20 +351,19 @@ class ApiNode:
         self.stop_event.set()
 
     def membership_changed(self, channel_id: str) -> None:
-        for peer in list(self.links.links):
-            self.links.send_nowait(peer, {"t": "invalidate", "ch": channel_id})
+        _broadcast(self.links, lf.Invalidate(channel_id))
 
     def connection_count(self) -> int:
         return sum(s.load for s in self.discovery.live())
 
     def notify_members(self, event: dict, user_ids) -> None:
         """Hand the event to each user's home shard (``deliver`` link frame), which fans it out."""
-        for home, frame in self.discovery.view.deliver_frames(event, user_ids).items():
-            self.links.send_nowait(home, frame)
+        view = self.discovery.view
+        for home, uids in view.by_home(user_ids).items():
+            self.links.send_nowait(home, lf.Deliver(view.version, uids, event=event))
 
     def device_logged_out(self, user_id: int, device_id: str, token_key: str, except_session=None) -> None:
-        for peer in list(self.links.links):
-            self.links.send_nowait(peer, {"t": "logout", "u": user_id, "d": device_id, "k": token_key})
+        _broadcast(self.links, lf.Logout(user_id, device_id, token_key))
 
 
 async def serve_api_role(config: Config, *, task_status=trio.TASK_STATUS_IGNORED, node_out: list | None = None) -> None:
@@ -368,29 +372,24 @@ async def serve_api_role(config: Config, *, task_status=trio.TASK_STATUS_IGNORED
     import secrets
 
     from .api.server import serve_api
-    from .discovery.zk import ZkDiscovery
-    from .cluster.links import LinkManager
+    from .discovery.zk import zk_discovery
 
     config.validate_cluster("api")
     cc = config.cluster
     async with open_store(config) as store:
-        discovery = ZkDiscovery(cc.zk_hosts, cc.zk_root, cc.zk_session_timeout_s, cc.load_refresh_s,
-                                cc.overload_connections)
-
-        async def ignore(link, frame):
-            pass
+        discovery = zk_discovery(cc)
         api_id = f"api-{os.getpid()}-{secrets.token_hex(3)}"
-        links = LinkManager(api_id, "api", cc, on_frame=ignore)
-        node = ApiNode(config, store, discovery, links)
-        presence_links, presence_view = _remote_presence(node, config, api_id, "api", on_frame=ignore)
+        links = LinkManager(api_id, "api", cc)
+        presence, presence_links, presence_view = _remote_presence(cc, api_id, "api", store, lambda: [])
+        node = ApiNode(config, store, discovery, links, presence)
         if node_out is not None:
             node_out.append(node)
         async with trio.open_nursery() as nursery:
             await nursery.start(discovery.run)
-            await nursery.start(links.run, False)
+            await nursery.start(links.run, False)  # (shards send an API server nothing but replies)
             discovery.on_change(lambda old, new: links.set_peers(new))
             links.set_peers(discovery.view)
-            await _start_remote_presence(nursery, node.presence, presence_links, presence_view)
+            await _start_remote_presence(nursery, presence, presence_links, presence_view)
             stop = trio.Event()
             async with trio.open_nursery() as api_nursery:  # ends when hypercorn has shut down
                 api_url = await api_nursery.start(serve_api, node, stop)
@@ -401,28 +400,29 @@ async def serve_api_role(config: Config, *, task_status=trio.TASK_STATUS_IGNORED
             nursery.cancel_scope.cancel()
 
 
-def _remote_presence(node, config: Config, node_id: str, role: str, on_frame):
-    """Replace ``node.presence`` by the client of the cluster's presence servers."""
-    from .discovery.zk import ZkDiscovery
+def local_devices(hub: Hub):
+    """``() -> [(user_id, device_id)]`` of the sessions connected to ``hub``."""
+    return lambda: [(s.user_id, s.device_id) for s in hub.all_sessions()]
+
+
+def _remote_presence(cc: ClusterConfig, node_id: str, role: str, store: Store, local_devices):
+    """The client of the cluster's presence servers: ``(presence, its links, the presence
+    servers' discovery)``; :func:`_start_remote_presence` runs them."""
+    from .discovery.zk import zk_discovery
     from .presence.remote import RemotePresence
-    from .cluster.links import LinkManager
 
-    cc = config.cluster
-    view = ZkDiscovery(cc.zk_hosts, cc.zk_root, cc.zk_session_timeout_s, cc.load_refresh_s, kind="presence")
-    holder: list = []
-    links = LinkManager(node_id, role, cc, on_frame=on_frame, dial_all=True,
-                        on_link_up=lambda link: holder[0].on_link_up(link))
-    hub = getattr(node, "hub", None)
-    local = (lambda: [(s.user_id, s.device_id) for s in hub.all_sessions()]) if hub is not None else (lambda: [])
-    node.presence = RemotePresence(node_id, node.store, links, view, local_devices=local)
-    holder.append(node.presence)
+    view = zk_discovery(cc, kind="presence")
+    links = LinkManager(node_id, role, cc, dial_all=True)
+    presence = RemotePresence(node_id, store, links, view, local_devices=local_devices)
     view.on_change(lambda old, new: links.set_peers(new))
-    view.on_change(node.presence.on_view_change)
-    return links, view
+    view.on_change(presence.on_view_change)
+    return presence, links, view
 
 
-async def _start_remote_presence(nursery, presence, links, view) -> None:
-    await nursery.start(links.run, False)
+async def _start_remote_presence(nursery, presence, links: LinkManager, view, on_frame=None) -> None:
+    """Run the presence client; ``on_frame``: where the frames presence servers send go (a
+    shard's :meth:`Node.on_link_frame`: presence events to deliver), None to ignore them."""
+    await nursery.start(links.run, False, on_frame, presence.on_link_up)
     await nursery.start(view.run)
     links.set_peers(view.view)
     await nursery.start(presence.run)

@@ -218,25 +218,25 @@ async def test_auth_waits_for_the_shards_view(server, nursery, monkeypatch):
     a = await server.api.signup_login("early1")
     disc = server.node.discovery
     (info,) = disc.view.shards.values()
-    disc.unregister(info.shard_id)
+    await disc.unregister()
     returned = []
 
     async def back():
         await trio.sleep(0.5)
         returned.append(True)
-        disc.register(info)
+        await disc.register(info)
     nursery.start_soon(back)
     ca = await open_client(nursery, a["ws_url"], a["token"])
     assert returned, "auth answered while the shard had no view"
     assert (await ca.request({"type": "heartbeat"}))["type"] == "heartbeat"
 
     monkeypatch.setattr(router_mod, "VIEW_WAIT_S", 0.5)
-    disc.unregister(info.shard_id)
+    await disc.unregister()
     cb = await open_client(nursery, a["ws_url"])
     reply = await cb.request({"type": "auth", "token": a["token"]})
     assert reply["type"] == "error" and reply["code"] == "unavailable"
     assert (await cb.wait_closed()).code == 1013
-    disc.register(info)
+    await disc.register(info)
 
 
 async def test_send_on_a_warm_channel_spawns_no_task(server, nursery):

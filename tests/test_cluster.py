@@ -7,6 +7,7 @@ from __future__ import annotations
 import signal
 import uuid
 
+import msgspec
 import pytest
 import trio
 from kazoo.client import KazooClient
@@ -148,7 +149,7 @@ async def raw_link(cluster, zk_hosts, shard_id, secret="test-link-secret", peer_
     stream = await trio.open_tcp_stream(host, int(port))
     codec = lp.LinkCodec(1 << 22)
 
-    async def read():
+    async def read_frame():
         with trio.fail_after(10):
             while (f := codec.next_frame()) is None:
                 chunk = await stream.receive_some(65536)
@@ -156,7 +157,11 @@ async def raw_link(cluster, zk_hosts, shard_id, secret="test-link-secret", peer_
                     return None
                 codec.receive_data(chunk)
             return f
-    chal = await read()
+
+    async def read():  # the frame as the map it is on the wire
+        f = await read_frame()
+        return None if f is None else msgspec.to_builtins(f, builtin_types=(bytes,))
+    chal = await read_frame()
     nonce = lp.new_nonce()
     await stream.send_all(codec.encode(lp.hello(secret, peer_id, "shard", chal, nonce)))
     return stream, codec, read

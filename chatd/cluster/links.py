@@ -1,5 +1,5 @@
-"""Direct TCP links between cluster processes, carrying length-prefixed msgpack frames
-(:mod:`chatd.protocol.link`).
+"""Direct TCP links between cluster processes, carrying the frames of
+:mod:`chatd.protocol.link_frames` (framed by :mod:`chatd.protocol.link`).
 
 Topology: one link per pair. A shard dials every shard whose id sorts after its own; an API
 server dials every shard; shards and API servers dial every presence server; nobody dials an API
@@ -21,24 +21,34 @@ Resources and policies
   three heartbeats is closed (and redialled): with the default 0.3 s a dead or frozen peer is
   noticed in under a second, and every request pending on it is answered ``unavailable``.
 * **Limits**: frames above ``link_max_frame_bytes`` are refused from their header; a peer that
-  speaks anything but the protocol is disconnected.
+  speaks anything but the protocol is disconnected. The writer checks the same limit before
+  sending: a frame too large is not sent (logged, counted in ``chatd_link_frames_refused_total``);
+  a request of ours is answered ``frame_too_large`` at once, a reply of ours is replaced by a
+  ``frame_too_large`` error reply, any other frame is followed by a ``resync`` (as a drop is).
+* **Unknown and malformed frames** (:func:`chatd.protocol.link_frames.decode`) are logged and
+  skipped; a malformed request is answered ``bad_frame``, a malformed reply answers its request
+  ``bad_frame``. The link stays up.
 * **Handshake**: mutual HMAC over fresh nonces with ``cluster.secret``; 5 s to complete.
+* **Callbacks**: where frames go is given to :meth:`LinkManager.run` (``on_frame`` for every
+  frame but replies, pings and the skipped ones; ``on_link_up`` / ``on_link_down``), so the
+  manager can be built before what handles its frames.
 * Requests pending on a link that closes fail with ``ChatError("unavailable")`` (a
   :meth:`request_nowait` callback gets an ``unavailable`` error reply, also after its timeout).
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
 import random
 from typing import Awaitable, Callable
 
+import msgspec
 import trio
 
 from ..errors import ChatError
 from ..protocol import link as lp
+from ..protocol import link_frames as lf
 
 log = logging.getLogger(__name__)
 
@@ -60,17 +70,18 @@ class Link:
         self._send, self._recv = trio.open_memory_channel(cfg.link_queue_frames)
         self.closed = trio.Event()
         self.needs_resync = False
-        self.dropped = 0
+        self.dropped = 0  # frames dropped on a full queue
+        self.refused = 0  # frames not sent: above the frame size limit
         self._scope: trio.CancelScope | None = None
 
-    def send_nowait(self, frame: dict) -> bool:
+    def send_nowait(self, frame: lf.Frame) -> bool:
         ok = self.offer(frame)
         if ok is False:
             self.dropped += 1
             self.needs_resync = True
         return bool(ok)
 
-    def offer(self, frame: dict) -> bool | None:
+    def offer(self, frame: lf.Frame) -> bool | None:
         """Queue ``frame`` without waiting: True if queued, False if the queue is full
         (nothing done: the caller decides, see :meth:`send_nowait`), None if the link is closed."""
         try:
@@ -82,7 +93,7 @@ class Link:
         self.manager.count(self.peer_id, frame)
         return True
 
-    async def send(self, frame: dict) -> None:
+    async def send(self, frame: lf.Frame) -> None:
         try:
             await self._send.send(frame)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
@@ -117,22 +128,30 @@ class Link:
 
     async def _writer(self) -> None:
         hb = self.manager.cfg.link_heartbeat_s
-        encode = lp.LinkCodec.encode
+        append = self.codec.append
+        receive_nowait = self._recv.receive_nowait
         while True:
             with trio.move_on_after(hb) as idle:
                 frame = await self._recv.receive()
             if idle.cancelled_caught:
-                frame = {"t": "ping"}
-            chunks = [encode(frame)]
-            while len(chunks) < 256:  # batch what is queued into one write
+                frame = _PING
+            buf = bytearray()
+            batched = 0
+            while True:  # batch what is queued (up to 256 frames) into one write
+                if append(buf, frame) < 0:
+                    self.manager._refused(self, frame, buf)
+                batched += 1
+                if batched == 256:
+                    break
                 try:
-                    chunks.append(encode(self._recv.receive_nowait()))
+                    frame = receive_nowait()
                 except trio.WouldBlock:
                     break
             if self.needs_resync and self._send.statistics().current_buffer_used == 0:
                 self.needs_resync = False
-                chunks.append(encode({"t": "resync"}))
-            await self.stream.send_all(b"".join(chunks))
+                append(buf, _RESYNC)
+            if buf:
+                await self.stream.send_all(buf)
 
     async def _reader(self) -> None:
         timeout = 3 * self.manager.cfg.link_heartbeat_s
@@ -147,24 +166,30 @@ class Link:
             try:
                 self.codec.receive_data(data)
                 while (frame := self.codec.next_frame()) is not None:
-                    if frame["t"] != "ping":
+                    if type(frame) is not lf.Ping:
                         await self.manager._dispatch(self, frame)
             except lp.LinkProtocolError as e:
                 log.warning("link to %s broken: %s", self.peer_id, e)
                 return
 
 
+async def _ignore(link: Link, frame: lf.Frame) -> None:
+    log.debug("frame %s from %s ignored", lf.NAMES[type(frame)], link.peer_id)
+
+
+def _nothing(link: Link) -> None:
+    pass
+
+
 class LinkManager:
-    def __init__(self, node_id: str, role: str, cfg, on_frame: Callable[[Link, dict], Awaitable[None]],
-                 on_link_up: Callable[[Link], None] = lambda link: None, metrics=None, dial_all: bool = False,
-                 on_link_down: Callable[[Link], None] = lambda link: None):
+    def __init__(self, node_id: str, role: str, cfg, metrics=None, dial_all: bool = False):
         self.node_id = node_id
         self.role = role
         self.cfg = cfg
         self.secret = cfg.secret
-        self._on_frame = on_frame
-        self._on_link_up = on_link_up
-        self._on_link_down = on_link_down
+        self._on_frame: Callable[[Link, lf.Frame], Awaitable[None]] = _ignore
+        self._on_link_up: Callable[[Link], None] = _nothing
+        self._on_link_down: Callable[[Link], None] = _nothing
         self.dial_all = dial_all  # dial every server of the view (API servers; shards -> presence)
         self.links: dict[str, Link] = {}
         self._dialers: dict[str, tuple[str, trio.CancelScope]] = {}
@@ -178,12 +203,20 @@ class LinkManager:
         self.port: int | None = None
         self.metrics = metrics
 
-    def count(self, peer: str, frame: dict) -> None:
+    def count(self, peer: str, frame: lf.Frame) -> None:
         if self.metrics is not None:
-            self.metrics.link_frames.inc(peer=peer, type=frame.get("t", "?"))
+            self.metrics.link_frames.inc(peer=peer, type=_NAMES[type(frame)])
 
     # ---- lifecycle -----------------------------------------------------------------------
-    async def run(self, listen: bool, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, listen: bool, on_frame: Callable[[Link, lf.Frame], Awaitable[None]] | None = None,
+                  on_link_up: Callable[[Link], None] = _nothing, on_link_down: Callable[[Link], None] = _nothing,
+                  *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Accept links (``listen``) and dial the peers :meth:`set_peers` names, until cancelled.
+        ``on_frame(link, frame)`` gets every frame but replies, pings and skipped ones (awaited:
+        it holds the link's reader; None: they are ignored); ``on_link_up`` / ``on_link_down``
+        each link that comes up or goes down."""
+        self._on_frame = on_frame if on_frame is not None else _ignore
+        self._on_link_up, self._on_link_down = on_link_up, on_link_down
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             if listen:
@@ -233,7 +266,7 @@ class LinkManager:
                 await stream.send_all(codec.encode(lp.challenge(self.node_id, nonce)))
                 hello = await _read_frame(stream, codec)
                 peer, role = lp.check_hello(self.secret, self.node_id, nonce, hello)
-                await stream.send_all(codec.encode(lp.welcome(self.secret, self.node_id, peer, hello["nonce"], nonce)))
+                await stream.send_all(codec.encode(lp.welcome(self.secret, self.node_id, peer, hello.nonce, nonce)))
         except (lp.LinkProtocolError, trio.TooSlowError, trio.BrokenResourceError, OSError) as e:
             log.warning("refused a link: %s", e)
             await trio.aclose_forcefully(stream)
@@ -257,10 +290,10 @@ class LinkManager:
                             cnonce = lp.new_nonce()
                             await stream.send_all(codec.encode(lp.hello(self.secret, self.node_id, self.role, chal,
                                                                         cnonce)))
-                            lp.check_welcome(self.secret, chal["id"], self.node_id, cnonce, chal["nonce"],
+                            lp.check_welcome(self.secret, chal.id, self.node_id, cnonce, chal.nonce,
                                              await _read_frame(stream, codec))
-                        if chal["id"] != peer:
-                            raise lp.LinkProtocolError(f"dialled {peer} at {addr} but {chal['id']} answered")
+                        if chal.id != peer:
+                            raise lp.LinkProtocolError(f"dialled {peer} at {addr} but {chal.id} answered")
                     except (lp.LinkProtocolError, trio.TooSlowError, trio.BrokenResourceError, OSError) as e:
                         log.warning("link handshake with %s failed: %s", peer, e)
                         await trio.aclose_forcefully(stream)
@@ -289,11 +322,12 @@ class LinkManager:
                 self._on_link_down(link)
             for rid, slot in list(self._pending.items()):
                 if slot[2] is link:
-                    self._answer(rid, slot, {"err": {"code": "unavailable", "message": f"link to {link.peer_id} closed"}})
+                    self._answer(rid, slot, lf.Reply(rid, err={"code": "unavailable",
+                                                               "message": f"link to {link.peer_id} closed"}))
             log.info("link down: %s <-> %s", self.node_id, link.peer_id)
 
     # ---- sending ---------------------------------------------------------------------------
-    def send_nowait(self, peer: str, frame: dict) -> bool:
+    def send_nowait(self, peer: str, frame: lf.Frame) -> bool:
         link = self.links.get(peer)
         ok = link is not None and link.send_nowait(frame)
         if not ok and self.metrics is not None:
@@ -307,13 +341,13 @@ class LinkManager:
             return self.links[peer]
         raise ChatError("unavailable", f"no link to shard {peer}; retry")
 
-    async def request(self, peer: str, frame: dict, timeout_s: float = 10.0, on_sent=None) -> dict:
-        """Send ``frame`` with a fresh ``rid`` to ``peer`` (waiting up to ``timeout_s`` for a link)
-        and wait for the ``reply`` carrying it."""
+    async def request(self, peer: str, frame: lf.Frame, timeout_s: float = 10.0, on_sent=None) -> lf.Reply:
+        """Send ``frame`` (a request: ``send``, ``p_query``) with a fresh ``rid`` to ``peer``
+        (waiting up to ``timeout_s`` for a link) and wait for the ``reply`` carrying it."""
         link = await self.wait_link(peer, timeout_s)
         return await self.request_on(link, frame, timeout_s, on_sent)
 
-    async def request_on(self, link: Link, frame: dict, timeout_s: float, on_sent=None) -> dict:
+    async def request_on(self, link: Link, frame: lf.Frame, timeout_s: float, on_sent=None) -> lf.Reply:
         """:meth:`request` on a given link. The answer is the reply, or an ``unavailable`` error
         reply as soon as the link closes; ``ChatError("unavailable")`` after ``timeout_s``."""
         rid = next(self._rids)
@@ -321,7 +355,7 @@ class LinkManager:
         try:
             if link.closed.is_set():
                 raise ChatError("unavailable", f"link to {link.peer_id} is down")
-            await link.send({**frame, "rid": rid})
+            await link.send(_with_rid(frame, rid=rid))
             if on_sent is not None:
                 on_sent()
             with trio.move_on_after(timeout_s):
@@ -332,13 +366,14 @@ class LinkManager:
         finally:
             self._pending.pop(rid, None)
 
-    def request_nowait(self, link: Link, frame: dict, on_reply: Callable[[dict], None], timeout_s: float) -> bool:
+    def request_nowait(self, link: Link, frame: lf.Frame, on_reply: Callable[[lf.Reply], None],
+                       timeout_s: float) -> bool:
         """:meth:`request_on` without a task: queue ``frame`` with a fresh ``rid`` now; ``on_reply``
         is then called exactly once, with the reply, or with an ``unavailable`` error reply as
         soon as the link closes or after ``timeout_s``. False, with nothing done, when the
         link's queue is full or the link is closed (use :meth:`request_on`)."""
         rid = next(self._rids)
-        if link.closed.is_set() or link.offer({**frame, "rid": rid}) is not True:
+        if link.closed.is_set() or link.offer(_with_rid(frame, rid=rid)) is not True:
             return False
         self._pending[rid] = [None, on_reply, link, trio.current_time() + timeout_s]
         if not self._expiring and self._nursery is not None:
@@ -356,8 +391,8 @@ class LinkManager:
                 for rid, slot in list(self._pending.items()):
                     if slot[0] is None:
                         if slot[3] <= now:
-                            self._answer(rid, slot, {"err": {"code": "unavailable", "message":
-                                                             f"shard {slot[2].peer_id} did not answer in time; retry"}})
+                            self._answer(rid, slot, lf.Reply(rid, err={
+                                "code": "unavailable", "message": f"shard {slot[2].peer_id} did not answer in time; retry"}))
                         else:
                             waiting = True
                 if not waiting:
@@ -365,7 +400,7 @@ class LinkManager:
         finally:
             self._expiring = False
 
-    def _answer(self, rid: int, slot: list, reply: dict) -> None:
+    def _answer(self, rid: int, slot: list, reply: lf.Reply) -> None:
         """A pending request's answer: wake its :meth:`request_on`, or call (once) and forget its
         :meth:`request_nowait` callback."""
         if slot[0] is None:
@@ -378,29 +413,63 @@ class LinkManager:
             slot[1] = reply
             slot[0].set()
 
-    def reply_nowait(self, link: Link, rid, **fields) -> None:
+    def reply_nowait(self, link: Link, reply: lf.Reply) -> None:
         """:meth:`reply` from a callback: at once, or (a full queue) from a task that waits for room."""
-        if link.offer({"t": "reply", "rid": rid, **fields}) is False and self._nursery is not None:
-            self._nursery.start_soon(functools.partial(self.reply, link, rid, **fields))
+        if link.offer(reply) is False and self._nursery is not None:
+            self._nursery.start_soon(self.reply, link, reply)
 
     @staticmethod
-    async def reply(link: Link, rid, **fields) -> None:
+    async def reply(link: Link, reply: lf.Reply) -> None:
         try:
-            await link.send({"t": "reply", "rid": rid, **fields})
+            await link.send(reply)
         except ChatError:
             pass  # the link is gone; the requester gets 'unavailable' and retries
 
-    async def _dispatch(self, link: Link, frame: dict) -> None:
-        if frame["t"] == "reply":
-            rid = frame.get("rid")
-            slot = self._pending.get(rid)
+    def _refused(self, link: Link, frame: lf.Frame, buf: bytearray) -> None:
+        """The writer did not send ``frame``: the peer would refuse it (see the module docstring)."""
+        link.refused += 1
+        name = _NAMES[type(frame)]
+        log.warning("a %s frame to %s is above link_max_frame_bytes (%d): not sent", name, link.peer_id,
+                    self.cfg.link_max_frame_bytes)
+        if self.metrics is not None:
+            self.metrics.link_refused.inc(peer=link.peer_id, type=name)
+        error = {"code": "frame_too_large", "message": f"the {name} frame exceeds the link's frame size limit"}
+        if frame.REQUEST:
+            slot = self._pending.get(frame.rid)
+            if slot is not None and slot[2] is link:
+                self._answer(frame.rid, slot, lf.Reply(frame.rid, err=error))
+        elif type(frame) is lf.Reply:
+            link.codec.append(buf, lf.Reply(frame.rid, err=error))
+        else:
+            link.needs_resync = True  # a live frame lost, as on a full queue
+
+    async def _dispatch(self, link: Link, frame) -> None:
+        t = type(frame)
+        if t is lf.Reply:
+            slot = self._pending.get(frame.rid)
             if slot is not None:
-                self._answer(rid, slot, frame)
-            return
-        await self._on_frame(link, frame)
+                self._answer(frame.rid, slot, frame)
+        elif t is lf.Unknown:
+            log.warning("unknown link frame %r from %s: skipped", frame.t, link.peer_id)
+        elif t is lf.Malformed:
+            log.warning("malformed %r frame from %s: %s", frame.t, link.peer_id, frame.error)
+            if frame.rid is not None:
+                error = {"code": "bad_frame", "message": f"malformed {frame.t}"}
+                if frame.t != "reply":
+                    await self.reply(link, lf.Reply(frame.rid, err=error))
+                elif (slot := self._pending.get(frame.rid)) is not None and slot[2] is link:
+                    self._answer(frame.rid, slot, lf.Reply(frame.rid, err=error))
+        else:
+            await self._on_frame(link, frame)
 
 
-async def _read_frame(stream, codec: lp.LinkCodec) -> dict:
+_PING = lf.Ping()
+_RESYNC = lf.Resync()
+_NAMES = lf.NAMES
+_with_rid = msgspec.structs.replace
+
+
+async def _read_frame(stream, codec: lp.LinkCodec):
     while (frame := codec.next_frame()) is None:
         data = await stream.receive_some(65536)
         if not data:

@@ -1,2 +1,3 @@
-"""Which shard serves whom. ``local`` is the in-process discovery of ``chatd run``; the
-ZooKeeper-backed discovery of cluster mode implements the same :class:`Discovery` face."""
+"""Which shard serves whom. ``local`` is the in-process discovery of ``chatd run``; ``zk`` the
+ZooKeeper-backed discovery of cluster mode; both have the face of
+:class:`~chatd.discovery.base.Discovery`. ``view`` and ``hashing`` are pure data."""

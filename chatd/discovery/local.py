@@ -1,7 +1,9 @@
 """In-process discovery for ``chatd run``: the cluster's shape with the shards of this process.
 
-Same face as the ZooKeeper discovery: a current :class:`~chatd.discovery.view.View`, change
-callbacks, ``pick_shard`` for logins, ``writable`` for the shard's write barrier."""
+The :class:`~chatd.discovery.base.Discovery` face, as the ZooKeeper discovery has it: a current
+:class:`~chatd.discovery.view.View`, change callbacks, ``pick_shard`` for logins, ``writable`` for
+the shard's write barrier (always True: there is no session to lose), ``register`` /
+``unregister`` (one registration per instance)."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ class LocalDiscovery:
         self._loads: dict[str, Callable[[], int]] = {}
         self.writable = True  # no session to lose
         self._view_event: trio.Event | None = None
+        self._registered: str | None = None
 
     def on_change(self, fn: Callable[[View, View], None]) -> None:
         self._listeners.append(fn)
@@ -42,11 +45,17 @@ class LocalDiscovery:
             return True
         return False
 
-    def register(self, info: ShardInfo, load: Callable[[], int] = lambda: 0) -> None:
+    async def register(self, info: ShardInfo, load: Callable[[], int] = lambda: 0) -> None:
+        """Join the view as ``info`` (at once: there is nobody to ask)."""
+        self._registered = info.shard_id
         self._loads[info.shard_id] = load
         self._set({**self.view.shards, info.shard_id: info})
 
-    def unregister(self, shard_id: str) -> None:
+    async def unregister(self) -> None:
+        """Leave the view (the shard :meth:`register` registered; nothing if none)."""
+        shard_id, self._registered = self._registered, None
+        if shard_id is None:
+            return
         self._loads.pop(shard_id, None)
         self._set({k: v for k, v in self.view.shards.items() if k != shard_id})
 

@@ -57,13 +57,12 @@ class View:
         self._memo[memo_key] = found
         return found
 
-    def deliver_frames(self, event: dict, user_ids) -> dict[str, dict]:
-        """home shard -> the ``deliver`` link frame that hands ``event`` to its users of ``user_ids``
-        (the home fans it out to their devices). Empty without shards."""
+    def by_home(self, user_ids) -> dict[str, list[int]]:
+        """home shard -> its users among ``user_ids`` (in their order). Empty without shards."""
         by_home: dict[str, list[int]] = {}
         for uid in user_ids if self.shards else ():
             by_home.setdefault(self.home_of(uid), []).append(uid)
-        return {home: {"t": "deliver", "view": self.version, "e": event, "u": uids} for home, uids in by_home.items()}
+        return by_home
 
     def pick_for_login(self, user_id: int, overload_connections: int = 0) -> ShardInfo:
         """The user's home shard, or the least-loaded one when home is above the threshold."""

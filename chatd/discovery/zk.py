@@ -5,7 +5,8 @@ ZooKeeper layout (``root`` defaults to ``/chatd``)::
     /chatd/shards/<shard id>       ephemeral; JSON ShardInfo {shard_id, ws_url, link_addr, load}
     /chatd/presence/<server id>    ephemeral; the same JSON (ws_url empty), for presence servers
 
-One instance watches (and may register in) one of the two sets (``kind``).
+One instance watches (and may register in) one of the two sets (``kind``); :func:`zk_discovery`
+builds one from the cluster config. It has the :class:`~chatd.discovery.base.Discovery` face.
 
 Threads and trio: kazoo runs its own connection thread and calls watchers and state listeners on
 it. Those callbacks do nothing but hand an event to trio with ``TrioToken.run_sync_soon``; every
@@ -49,6 +50,13 @@ log = logging.getLogger(__name__)
 # refused connection.
 RECONNECT_MAX_DELAY_S = 0.5
 RETRY_MAX_DELAY_S = 0.5  # our own retries of failed reads and registrations
+
+
+def zk_discovery(cluster, kind: str = "shards") -> "ZkDiscovery":
+    """The discovery of a cluster process, from its ``[cluster]`` config (``ClusterConfig``):
+    ``kind`` "shards" (the chat shards) or "presence" (the presence servers)."""
+    return ZkDiscovery(cluster.zk_hosts, cluster.zk_root, cluster.zk_session_timeout_s, cluster.load_refresh_s,
+                       cluster.overload_connections if kind == "shards" else 0, kind=kind)
 
 
 async def _kazoo(fn, *args):

@@ -22,6 +22,7 @@ import trio
 
 from ..discovery import hashing
 from ..errors import ChatError
+from ..protocol.link_frames import PHeartbeats, PLogout, PQuery, PSubscribe
 from .service import status_dict
 from .tracker import Subscriptions
 
@@ -55,8 +56,7 @@ class RemotePresence:
     def logout(self, user_id: int, device: str) -> None:
         server = self._server(user_id)
         if server is not None:
-            self.links.send_nowait(server, {"t": "p_logout", "pv": self.discovery.view.version, "u": user_id,
-                                            "d": device})
+            self.links.send_nowait(server, PLogout(self.discovery.view.version, user_id, device))
 
     def subscribe(self, subscriber: int, targets) -> None:
         self._send_subs(subscriber, self._subs.add(subscriber, targets), True)
@@ -71,8 +71,7 @@ class RemotePresence:
             if server is not None and (only_to is None or server == only_to):
                 by_server.setdefault(server, []).append(t)
         for server, ts in by_server.items():
-            self.links.send_nowait(server, {"t": "p_sub", "pv": self.discovery.view.version, "from": self.node_id,
-                                            "s": subscriber, "u": ts, "on": on})
+            self.links.send_nowait(server, PSubscribe(self.discovery.view.version, self.node_id, subscriber, ts, on))
 
     # ---- reading ---------------------------------------------------------------------------
     async def statuses(self, user_ids) -> dict[int, dict]:
@@ -83,9 +82,9 @@ class RemotePresence:
         for server, uids in by_server.items():
             if server is not None:
                 try:
-                    reply = await self.links.request(server, {"t": "p_query", "u": uids}, timeout_s=5.0)
-                    if "users" in reply:
-                        out.update({int(k): v for k, v in reply["users"].items()})
+                    reply = await self.links.request(server, PQuery(uids), timeout_s=5.0)
+                    if reply.users is not None:
+                        out.update({int(k): v for k, v in reply.users.items()})
                         continue
                 except ChatError as e:
                     log.warning("presence server %s: %s", server, e)
@@ -119,6 +118,6 @@ class RemotePresence:
             await trio.sleep(FLUSH_S)  # batch what arrives meanwhile
             batches, self._hb = self._hb, {}
             for server, pairs in batches.items():
-                frame = {"t": "p_hb", "pv": self.discovery.view.version, "hb": [list(p) for p in pairs]}
+                frame = PHeartbeats(self.discovery.view.version, list(pairs))
                 if not self.links.send_nowait(server, frame):
                     log.debug("presence heartbeats for %s dropped (no link yet); resent on link up", server)

@@ -10,22 +10,27 @@ them for users it owns, or when the sender's view is newer than its own (it is a
 When its view changes, it forgets the users and subscriptions it no longer owns, so a server that
 lost users to a newcomer never publishes stale news about them.
 
-Link frames in: ``p_hb`` (batched connects/heartbeats), ``p_logout``, ``p_sub`` (subscription
-changes, per source node), ``p_query`` (request: statuses). When the link from a node goes down,
+Link frames in (:mod:`chatd.protocol.link_frames`; one handler each, :meth:`PresenceServer.on_frame`):
+``p_hb`` (batched connects/heartbeats), ``p_logout``, ``p_sub`` (subscription changes, per source
+node), ``p_query`` (request: statuses); any other frame is logged and skipped. When the link from a node goes down,
 the subscriptions it registered are dropped (it re-sends them when it reconnects); its users'
 devices simply stop heartbeating and expire after the grace period.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import trio
 
+from ..cluster.links import LinkManager
 from ..config import Config
 from ..discovery import hashing
+from ..discovery.base import Discovery
 from ..discovery.view import ShardInfo
 from ..membership import Membership
+from ..protocol.link_frames import NAMES, Deliver, PHeartbeats, PLogout, PQuery, PSubscribe, Reply
 from ..store import open_store
 from .service import PresenceService
 
@@ -33,13 +38,18 @@ log = logging.getLogger(__name__)
 
 
 class PresenceServer:
-    def __init__(self, config: Config, store, shards_discovery, links_factory, presence_discovery=None):
+    def __init__(self, config: Config, store, shards_discovery: Discovery, links: LinkManager,
+                 presence_discovery: Discovery | None = None):
+        """``links``: accepts the links of shards and API servers (frames go to :meth:`on_frame`,
+        closed links to :meth:`on_link_down`: give both to ``links.run``)."""
         pc = config.presence
         self.config = config
         self.server_id = pc.server_id
         self.shards = shards_discovery
         self.peers = presence_discovery  # the presence servers' view: who owns which user now
-        self.links = links_factory(self.on_frame, self.on_link_down)
+        self.links = links
+        self._handlers = {PHeartbeats: self._on_heartbeats, PLogout: self._on_logout, PSubscribe: self._on_subscribe,
+                          PQuery: self._on_query}
         self.service = PresenceService(store, Membership(store, max_cached=0), self.publish, pc.grace_s,
                                        pc.coalesce_s, pc.group_push_max)
         self._subs: dict[tuple[int, int], set[str]] = {}  # (target, subscriber) -> source nodes
@@ -64,33 +74,36 @@ class PresenceServer:
                 del self._subs[(target, subscriber)]
                 self.service.unsubscribe(subscriber, [target])
 
-    def publish(self, frame: dict, user_ids) -> None:
-        for home, deliver in self.shards.view.deliver_frames(frame, user_ids).items():
-            if not self.links.send_nowait(home, deliver):
-                log.debug("presence event for %d users on %s dropped (no link)", len(deliver["u"]), home)
+    def publish(self, event: dict, user_ids) -> None:
+        """A status change to each recipient's home shard (one ``deliver`` per home), which fans it out."""
+        view = self.shards.view
+        for home, uids in view.by_home(user_ids).items():
+            if not self.links.send_nowait(home, Deliver(view.version, uids, event=event)):
+                log.debug("presence event for %d users on %s dropped (no link)", len(uids), home)
 
-    async def on_frame(self, link, frame: dict) -> None:
-        t = frame.get("t")
-        svc = self.service
-        try:
-            pv = int(frame.get("pv", 0))
-            if t == "p_hb":
-                for uid, device in frame["hb"]:
-                    if self.accepts(int(uid), pv):
-                        svc.heartbeat(int(uid), str(device))
-            elif t == "p_logout":
-                if self.accepts(int(frame["u"]), pv):
-                    svc.logout(int(frame["u"]), str(frame["d"]))
-            elif t == "p_sub":
-                targets = [int(u) for u in frame["u"] if self.accepts(int(u), pv) or not frame["on"]]
-                self._subscribe(str(frame["from"]), int(frame["s"]), targets, bool(frame["on"]))
-            elif t == "p_query":
-                users = await svc.statuses([int(u) for u in frame["u"]][:self.config.presence.max_query])
-                await self.links.reply(link, frame.get("rid"), users={str(k): v for k, v in users.items()})
-            else:
-                log.warning("unknown presence frame %r from %s", t, link.peer_id)
-        except (KeyError, TypeError, ValueError) as e:
-            log.warning("malformed %r frame from %s: %s", t, link.peer_id, e)
+    async def on_frame(self, link, frame) -> None:
+        handler = self._handlers.get(type(frame))
+        if handler is None:
+            log.warning("unexpected %s frame from %s: skipped", NAMES.get(type(frame)), link.peer_id)
+            return
+        await handler(link, frame)
+
+    async def _on_heartbeats(self, link, frame: PHeartbeats) -> None:
+        for uid, device in frame.heartbeats:
+            if self.accepts(uid, frame.pv):
+                self.service.heartbeat(uid, device)
+
+    async def _on_logout(self, link, frame: PLogout) -> None:
+        if self.accepts(frame.user_id, frame.pv):
+            self.service.logout(frame.user_id, frame.device_id)
+
+    async def _on_subscribe(self, link, frame: PSubscribe) -> None:
+        targets = [u for u in frame.targets if not frame.on or self.accepts(u, frame.pv)]
+        self._subscribe(frame.source, frame.subscriber, targets, frame.on)
+
+    async def _on_query(self, link, frame: PQuery) -> None:
+        users = await self.service.statuses(frame.user_ids[:self.config.presence.max_query])
+        await self.links.reply(link, Reply(frame.rid, users={str(k): v for k, v in users.items()}))
 
     def _subscribe(self, source: str, subscriber: int, targets: list[int], on: bool) -> None:
         new = []
@@ -130,17 +143,15 @@ class PresenceServer:
 
 async def serve_presence(config: Config, *, task_status=trio.TASK_STATUS_IGNORED, node_out: list | None = None) -> None:
     """``chatd presence``: ready once it listens for links and its znode exists."""
-    from ..discovery.zk import ZkDiscovery
-    from ..cluster.links import LinkManager
+    from ..discovery.zk import zk_discovery
 
     config.validate_cluster("presence")
     cc = config.cluster
     server_id = config.presence.server_id
     async with open_store(config) as store:
-        shards = ZkDiscovery(cc.zk_hosts, cc.zk_root, cc.zk_session_timeout_s, cc.load_refresh_s, kind="shards")
-        me = ZkDiscovery(cc.zk_hosts, cc.zk_root, cc.zk_session_timeout_s, cc.load_refresh_s, kind="presence")
-        server = PresenceServer(config, store, shards, lambda on_frame, on_down: LinkManager(
-            server_id, "presence", cc, on_frame=on_frame, on_link_down=on_down), presence_discovery=me)
+        shards = zk_discovery(cc, kind="shards")
+        me = zk_discovery(cc, kind="presence")
+        server = PresenceServer(config, store, shards, LinkManager(server_id, "presence", cc), presence_discovery=me)
         if node_out is not None:
             node_out.append(server)
         server.stop_event = trio.Event()
@@ -150,7 +161,8 @@ async def serve_presence(config: Config, *, task_status=trio.TASK_STATUS_IGNORED
             await nursery.start(shards.run)
             me.on_change(server.on_peers_change)
             await nursery.start(me.run)
-            await nursery.start(server.links.run, True)
+            await nursery.start(functools.partial(server.links.run, True, server.on_frame,
+                                                  on_link_down=server.on_link_down))
             await nursery.start(server.service.run)
             await me.register(ShardInfo(server_id, "", server.links.public_addr()), load=lambda: 0)
             log.info("presence server %s ready: links %s", server_id, server.links.public_addr())

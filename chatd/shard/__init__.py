@@ -1,3 +1,4 @@
 """The chat shard: WebSocket sessions (``session``), the local connection registry (``hub``),
-channel ownership and sequencing (``owner``), membership checks (``membership``) and the router
-that decides where a frame goes (``router``)."""
+channel ownership and sequencing (``owner``), the fan-out of committed messages and events to
+members' devices (``fanout``) and the router that sends a ``send`` to its channel's owner
+(``router``)."""

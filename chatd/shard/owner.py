@@ -11,7 +11,7 @@ For each channel this shard owns, :class:`ChannelOwners`
 
 Two ways in, the same steps: :meth:`ChannelOwners.send` (a task awaits each step) and, when every
 step can be taken at once -- members cached, channel state loaded, no resend of the same message
-in flight, a store that can queue without waiting (``submit_append``) --
+in flight, a store that queues without waiting (``Store.submit_append`` answers True) --
 :meth:`ChannelOwners.send_nowait`, which queues the append in the caller's step and finishes from
 the store's completion callback: no task, no event, no thread hop per send.
 
@@ -19,6 +19,9 @@ The reorder buffer's baseline is the channel's head seq, read from the store the
 channel is used here; if some other writer ever advanced the channel (ownership moved), the
 buffer would see a hole: it is flushed in order as soon as no send of the channel is in flight,
 and devices fill such holes from the store (see the session's gap fill).
+
+Collaborators: the store, the membership cache, and ``deliver(message, member_ids)``, which takes
+each message on in seq order (the shard's fan-out, :class:`~chatd.shard.fanout.FanOut`).
 
 Error policy: store failures reach the caller as ``ChatError("unavailable")`` and nothing is
 fanned out; membership errors as ``not_member`` / ``no_such_channel`` / ``no_such_user``.
@@ -28,11 +31,15 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Callable
 
 import trio
 
 from ..errors import ChatError
 from ..ids import dm_members
+from ..membership import Membership
+from ..metrics import Metrics
+from ..store.base import Message, Store
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +68,11 @@ class _ChannelState:
 
 
 class ChannelOwners:
-    def __init__(self, store, membership, router, metrics, max_idle_channels: int = 200_000):
+    def __init__(self, store: Store, membership: Membership, deliver: Callable[[Message, object], None],
+                 metrics: Metrics, max_idle_channels: int = 200_000):
         self.store = store
         self.membership = membership
-        self.router = router
+        self.deliver = deliver
         self.metrics = metrics
         self._pending: dict[tuple, _Pending] = {}
         self._channels: dict[str, _ChannelState] = {}
@@ -149,9 +157,6 @@ class ChannelOwners:
         state = self._channels.get(channel_id)
         if key in self._pending or state is None or not state.loaded.is_set():
             return False
-        submit = getattr(self.store, "submit_append", None)
-        if submit is None:
-            return False
         t_arrived = time.perf_counter()
         pending = _Pending()
 
@@ -175,7 +180,8 @@ class ChannelOwners:
             finally:
                 pending.done.set()
 
-        if not submit(channel_id, sender_id, client_msg_id, body, time.time(), dm_members(channel_id), stored):
+        if not self.store.submit_append(channel_id, sender_id, client_msg_id, body, time.time(),
+                                        dm_members(channel_id), stored):
             return False
         self._pending[key] = pending
         state.inflight += 1
@@ -223,8 +229,9 @@ class ChannelOwners:
             for seq in sorted(ready):
                 out.append(ready.pop(seq))
             state.delivered = out[-1].seq
+        deliver = self.deliver
         for m in out:
-            self.router.deliver_message(m, members)
+            deliver(m, members)
 
     def _evict_idle(self) -> None:
         if len(self._channels) <= self._max_idle:

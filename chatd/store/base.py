@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
+from typing import Callable
 
 
 @dataclass(frozen=True)
@@ -181,6 +182,16 @@ class Store(abc.ABC):
         """Store the next message of the channel (see the sequencing contract). For a 1:1 channel
         pass ``dm_pair``: its channel row and memberships are created with the first message."""
 
+    def submit_append(self, channel_id: str, sender_id: int, client_msg_id: str, body: str, created_at: float,
+                      dm_pair: tuple[int, int] | None,
+                      callback: Callable[[AppendResult | None, BaseException | None], None]) -> bool:
+        """:meth:`append_message` without a task, for a backend that can queue the write without
+        waiting: queue it now, behind every write queued before (the caller's order is kept), and
+        call ``callback(result, error)`` in the trio thread once it is durable (``error`` None) or
+        failed (``result`` None). False, with nothing queued, when it cannot queue at once: the
+        caller then awaits :meth:`append_message`. This default always answers False."""
+        return False
+
     @abc.abstractmethod
     async def read_messages(self, channel_id: str, *, after: int | None = None, before: int | None = None,
                             limit: int) -> list[Message]:
@@ -258,6 +269,12 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def token_revoked(self, token_key: str) -> bool:
         """Whether the token with this key was revoked (and has not expired since)."""
+
+    # -- operations --
+    def statistics(self) -> dict[str, float]:
+        """The backend's own counters (commits, batches...) by name, for the metrics endpoint:
+        the same names on every call, values that only rise. This default keeps none: {}."""
+        return {}
 
     @abc.abstractmethod
     async def aclose(self) -> None:

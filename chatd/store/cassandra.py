@@ -152,6 +152,10 @@ class CassandraStore(Store):
         self._closed = False
         self.stats = {"appends": 0, "batches": 0, "duplicates": 0, "seq_conflicts": 0, "lwt": 0}
 
+    def statistics(self) -> dict[str, float]:
+        """``appends``, ``batches``, ``duplicates``, ``seq_conflicts``, ``lwt`` (conditional writes)."""
+        return self.stats
+
     # ---- lifecycle -----------------------------------------------------------------------
     @contextlib.contextmanager
     def _op(self):

@@ -403,9 +403,10 @@ class SQLiteStore(Store):
         return op.result
 
     def submit_append(self, channel_id, sender_id, client_msg_id, body, created_at, dm_pair, callback) -> bool:
-        """:meth:`append_message` without a task: queue it now (in the caller's order) and call
-        ``callback(result, error)`` in the trio thread once it is committed (or failed). False,
-        queueing nothing, when the store is closed or its queue is full: use the async call."""
+        """:meth:`append_message` without a task: queued now (in the caller's order) for the
+        writer thread's next group commit; ``callback(result, error)`` runs in the trio thread once
+        it is committed (or failed). False, queueing nothing, when the store is closed or its
+        queue is full: use the async call."""
         if self._closed:
             return False
         try:
@@ -415,6 +416,11 @@ class SQLiteStore(Store):
         self._ops.put(_Op(self._append_fn(channel_id, sender_id, client_msg_id, body, created_at, dm_pair),
                           atomic=True, callback=callback))
         return True
+
+    def statistics(self) -> dict[str, float]:
+        """``commits``, ``ops`` (writes committed), ``commit_seconds``, ``failed_commits``,
+        ``commit_waits`` (commits that waited to batch more writes)."""
+        return self.stats
 
     async def _read(self, fn):
         if self._closed:
