@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import PASSWORD
+
 CHROMIUM = "/usr/bin/chromium"
-PASSWORD = "password-123"
 TIMEOUT_MS = 30_000  # for every wait on the page: generous, for a loaded CI machine
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",

@@ -1,54 +1,35 @@
-"""Real-cluster test helpers: Debian's ZooKeeper and chatd shards/API servers as OS processes.
+"""Real-cluster test helpers and fixtures: Debian's ZooKeeper and chatd shards/API servers as OS
+processes.
 
 Nothing is mocked: ZooKeeper is the real server on a free loopback port with a temporary data
 directory; every shard and API server is a ``python -m chatd.cli`` process talking over real
 sockets; the store is one shared SQLite file, or a keyspace on a real Apache Cassandra
-(``store_toml`` from ``CassandraServer.toml``, tests/cassandra_server.py)."""
+(``store_toml`` from ``CassandraServer.toml``, tests/cassandra_server.py).
+
+The fixtures (``zk``: one ZooKeeper per test module; ``store_toml``: SQLite, then Cassandra;
+``cluster``: three shards and an API server) reach every test module through tests/conftest.py,
+which registers this module as a plugin. Resources: every process a fixture or ``Cluster`` starts is
+stopped (SIGTERM, then SIGKILL) by ``stop``, whose output shows the processes' last log lines."""
 
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
+import pytest
 import trio
 
-from tests.helpers import API, open_client
+from tests.cassandra_server import fresh_keyspace
+from tests.helpers import API, eventually, free_port, open_client
 
 ZK_CLASSPATH = "/usr/share/java/zookeeper.jar:/usr/share/java/slf4j-simple.jar"
-
-
-_handed_out: set[int] = set()
-
-
-def free_port() -> int:
-    """A free loopback port for a server a test starts later, chosen *below* the kernel's
-    ephemeral range (32768+), so that servers binding port 0 meanwhile (link listeners) or client
-    sockets can never take it; never the same port twice in one test run."""
-    lo, hi = 20000, 32000
-    try:
-        lo_eph = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
-        hi = min(hi, lo_eph - 1)
-    except (OSError, ValueError, IndexError):
-        pass
-    for _ in range(1000):
-        port = random.randint(lo, hi)
-        if port in _handed_out:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _handed_out.add(port)
-        return port
-    raise RuntimeError("no free port found")
 
 
 def zookeeper_available() -> bool:
@@ -67,8 +48,7 @@ class ZooKeeper:
         cfg.write_text(f"tickTime=250\ndataDir={workdir / 'data'}\nclientPort={self.port}\n"
                        f"clientPortAddress={host}\nadmin.enableServer=false\nmaxClientCnxns=0\n")
         self.log = open(workdir / "zookeeper.log", "ab")
-        self.proc = subprocess.Popen(["java", "-cp", ZK_CLASSPATH, "org.apache.zookeeper.server.ZooKeeperServerMain",
-                                      str(cfg)], stdout=self.log, stderr=self.log)
+        self.spawn()
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -77,7 +57,12 @@ class ZooKeeper:
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"ZooKeeper did not start; see {workdir / 'zookeeper.log'}")
-                time.sleep(0.1)
+                time.sleep(0.1)  # a sync constructor (module fixtures): no trio here
+
+    def spawn(self) -> None:
+        """Start the server process on this port and data directory (again, after ``proc`` died)."""
+        self.proc = subprocess.Popen(["java", "-cp", ZK_CLASSPATH, "org.apache.zookeeper.server.ZooKeeperServerMain",
+                                      str(self.dir / "zoo.cfg")], stdout=self.log, stderr=self.log)
 
     @property
     def hosts(self) -> str:
@@ -158,18 +143,20 @@ class Cluster:
 
     async def wait_shards(self, expected: set[str], timeout: float = 30) -> None:
         """Until the API's discovery sees exactly ``expected``."""
-        with trio.fail_after(timeout):
-            while True:
-                for name, p in self.procs.items():
-                    assert p.poll() is None or name not in expected | {"api"} | set(self.presence_ids), \
-                        f"{name} exited; see its log"
-                try:
-                    r = await self.api.call("GET", "/healthz")
-                    if r.status == 200 and set(r.body["shards"]) == expected:
-                        return
-                except OSError:
-                    pass
-                await trio.sleep(0.1)
+        async def seen() -> bool:
+            for name, p in self.procs.items():
+                assert p.poll() is None or name not in expected | {"api"} | set(self.presence_ids), \
+                    f"{name} exited; see its log"
+            try:
+                r = await self.api.call("GET", "/healthz")
+            except OSError:
+                return False
+            return r.status == 200 and set(r.body["shards"]) == expected
+        await eventually(seen, timeout)
+
+    def log_text(self, *names: str) -> str:
+        """The logs of the processes ``names`` so far, one after the other."""
+        return "".join((self.dir / f"{name}.log").read_text(errors="replace") for name in names)
 
     def kill(self, name: str, sig=signal.SIGKILL) -> None:
         self.procs[name].send_signal(sig)
@@ -212,6 +199,7 @@ class Device:
         self.anomalies: list[str] = []
         self.client = None
         self.shard_url = creds["ws_url"]
+        self._replaced = trio.Event()  # set when ``connect`` replaces ``client``
 
     def follow(self, *channels: str) -> None:
         for ch in channels:
@@ -225,7 +213,20 @@ class Device:
             self.shard_url = fresh["ws_url"]
         self.client = await open_client(nursery, ws_url or self.shard_url, self.creds["token"],
                                         cursors=dict(self.cursors) if self.cursors else None)
+        self._replaced.set()
+        self._replaced = trio.Event()
         return self.client
+
+    async def wait_frame(self) -> None:
+        """Until the client receives a frame or closes; if it is closed, until ``connect`` replaces it."""
+        if self.client.closed_reason is None:
+            await self.client.wait_frame()
+        else:
+            await self._replaced.wait()
+
+    def caught_up(self, expected: dict[str, int]) -> bool:
+        """Every channel this device follows is absorbed up to its seq in ``expected``."""
+        return all(self.cursors.get(ch, 0) >= expected[ch] for ch in self.cursors if ch in expected)
 
     def absorb(self) -> int:
         """Take the message frames received so far into the cursors; return how many."""
@@ -247,3 +248,62 @@ class Device:
             n += 1
         self.client.inbox[:] = keep
         return n
+
+
+async def settle(devices: list[Device], expected: dict[str, int], timeout: float = 20) -> None:
+    """Absorb frames as they arrive until every device has every channel it follows up to
+    ``expected``; then absorb what else has arrived meanwhile."""
+    with trio.fail_after(timeout):
+        for d in devices:
+            d.absorb()
+            while not d.caught_up(expected):
+                await d.wait_frame()
+                d.absorb()
+    for d in devices:
+        d.absorb()
+
+
+async def send_until_acked(client, channel_id: str, body: str, timeout: float = 20, cmid: str | None = None) -> dict:
+    """Resend with one client_msg_id until acked, as a client does: after ``retry_after_ms`` when
+    answered ``unavailable``, at once when not answered within 10 s."""
+    cmid = cmid or str(uuid.uuid4())
+    with trio.fail_after(timeout):
+        while True:
+            try:
+                reply = await client.send_message(channel_id, body, cmid)
+            except trio.TooSlowError:
+                continue
+            if reply["type"] == "ack":
+                return reply
+            assert reply["code"] == "unavailable", reply
+            await trio.sleep(reply["retry_after_ms"] / 1000)  # the protocol's backoff, not a wait for state
+
+
+# ---- fixtures (registered by tests/conftest.py) ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def zk(tmp_path_factory):
+    """One ZooKeeper for the test module; each ``Cluster`` has its own root in it."""
+    if not zookeeper_available():
+        pytest.skip("ZooKeeper not installed (apt-get install zookeeper); .ci/run installs it")
+    server = ZooKeeper(tmp_path_factory.mktemp("zk"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "cassandra"])
+def store_toml(request):
+    """The cluster's store: one shared SQLite file, or a fresh keyspace on the session's real Cassandra."""
+    if request.param == "sqlite":
+        return ""
+    return request.getfixturevalue("cassandra_server").toml(fresh_keyspace())
+
+
+@pytest.fixture
+async def cluster(zk, tmp_path, store_toml):
+    """Three shards (s1..s3) and an API server on ``zk``, ready (the API sees every shard)."""
+    c = Cluster(zk, tmp_path, store_toml=store_toml)
+    try:
+        await c.start()
+        yield c
+    finally:
+        c.stop()

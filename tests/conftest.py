@@ -1,4 +1,9 @@
-"""Fixtures that run a real chatd (``serve_run``: API + shard + SQLite) on loopback port 0."""
+"""The fixtures every test module may use: a real chatd in-process (``server``: ``serve_run`` with API
++ shard + SQLite on loopback port 0; ``server_with`` for changed settings), and the clean-up that
+kills stray processes after the run. The real-cluster fixtures (``zk``, ``store_toml``, ``cluster``)
+come from tests/cluster.py and a real Apache Cassandra (``cassandra_server``) from
+tests/cassandra_server.py, both registered here as plugins; plain helpers are in tests/helpers.py.
+Test modules take fixtures from here, never from each other."""
 
 from __future__ import annotations
 
@@ -7,68 +12,14 @@ import signal
 from pathlib import Path
 
 import pytest
-import trio
 
-from chatd.config import Config
-from chatd.node import serve_run
-from tests.helpers import API
+from tests.helpers import RunningServer, make_config
 
-# A real Apache Cassandra, started once per session when a collected test needs it.
-pytest_plugins = ["tests.cassandra_server"]
+__all__ = ["RunningServer", "make_config"]  # the names test modules still import from here
 
-
-class RunningServer:
-    def __init__(self, nursery, config: Config):
-        self.nursery = nursery
-        self.config = config
-        self.node = None
-        self.info = None
-        self.api: API | None = None
-        self._done = None
-
-    async def start(self):
-        box: list = []
-        self._done = trio.Event()
-        done = self._done
-
-        async def run(task_status=trio.TASK_STATUS_IGNORED):
-            try:
-                await serve_run(self.config, task_status=task_status, node_out=box)
-            finally:
-                done.set()
-
-        self.info = await self.nursery.start(run)
-        self.node = box[0]
-        self.api = API(self.info.api_url)
-        return self
-
-    @property
-    def ws_url(self) -> str:
-        return self.info.ws_url
-
-    async def stop(self):
-        self.node.request_stop()
-        with trio.fail_after(20):
-            await self._done.wait()
-
-    async def restart(self):
-        await self.stop()
-        # keep the same ports is not needed: clients log in again and get the new ws_url
-        return await self.start()
-
-
-def make_config(tmp_path, **limits) -> Config:
-    cfg = Config.from_mapping({
-        "data_dir": str(tmp_path / "data"),
-        "server": {"api_port": 0, "ws_port": 0, "shutdown_grace_s": 3.0},
-        # Cheaper password hashing keeps the 100-member tests quick; same code path.
-        "auth": {"scrypt_n": 2**10},
-        # Durable commits are what we promise; tests keep them (fsync on tmpfs/ext4 is fast enough).
-        "store": {"sqlite_synchronous": "full"},
-    })
-    cfg.update({"limits": limits}, source="test")
-    cfg.validate()
-    return cfg
+# A real Apache Cassandra, started once per session when a collected test needs it; ZooKeeper and
+# cluster processes for the cluster tests.
+pytest_plugins = ["tests.cassandra_server", "tests.cluster"]
 
 
 @pytest.fixture
@@ -81,8 +32,28 @@ async def server(nursery, config):
     srv = RunningServer(nursery, config)
     await srv.start()
     yield srv
-    if not srv._done.is_set():
+    if not srv.stopped:
         await srv.stop()
+
+
+@pytest.fixture
+async def server_with(nursery, tmp_path):
+    """``await server_with(limits..., auth={...})``: a server with some settings changed (as many as
+    the test starts, each in its own directory; all stopped at the end)."""
+    started = []
+
+    async def start(auth=None, **limits):
+        cfg = make_config(tmp_path / str(len(started)), **limits)
+        if auth:
+            cfg.update({"auth": auth}, source="test")
+            cfg.validate()
+        srv = RunningServer(nursery, cfg)
+        started.append(await srv.start())
+        return srv
+    yield start
+    for srv in started:
+        if not srv.stopped:
+            await srv.stop()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,20 +1,19 @@
 """Helpers of the fault tests (tests/test_failover.py, tests/test_partition.py): clients that
-record when each send was answered, the store checks every fault test ends with, and ZooKeeper
-killed and started again on the same port and data directory.
+record when each send was answered, a sender that keeps traffic flowing through a fault, the store
+checks every fault test ends with, and ZooKeeper killed and started again on the same port and
+data directory.
 
 Nothing is mocked: the clients are real WebSocket clients of real shard processes."""
 
 from __future__ import annotations
 
-import subprocess
 from dataclasses import dataclass, field
 
 import trio
 from kazoo.client import KazooClient
 from kazoo.handlers.threading import KazooTimeoutError
 
-from chatd.config import LimitsConfig
-from tests.cluster import ZK_CLASSPATH
+from tests.helpers import eventually
 
 SEND_ANSWER_S = 2.0  # the server's promise (default config)
 # What the tests assert: the promise plus room for a loaded 2-core CI machine. The old code left
@@ -76,10 +75,31 @@ class SendLog:
     def unavailable(self) -> list[SendRecord]:
         return [r for r in self.records if r.reply is not None and r.reply.get("code") == "unavailable"]
 
+    def acks_after(self, t: float, channel_id: str | None = None) -> int:
+        """How many sends made at ``t`` or later were acked (on ``channel_id``, if given)."""
+        return sum(1 for r in self.records if r.reply is not None and r.reply["type"] == "ack"
+                   and r.sent_at >= t and (channel_id is None or r.channel_id == channel_id))
+
     def first_ack_after(self, t: float, channel_id: str | None = None) -> float | None:
         times = [r.answered_at for r in self.records if r.reply is not None and r.reply["type"] == "ack"
                  and r.sent_at >= t and (channel_id is None or r.channel_id == channel_id)]
         return min(times) if times else None
+
+
+async def keep_sending(log: SendLog, client, ch: str, prefix: str, stop: trio.Event, every_s: float = 0.05):
+    """Send ``prefix 0``, ``prefix 1``, ... to ``ch`` (each resent until acked) until ``stop``; one send
+    every ``every_s`` at most (the traffic's pace, not a wait for state)."""
+    i = 0
+    while not stop.is_set():
+        await log.send_until_acked(client, ch, f"{prefix} {i}", f"{prefix}-{i}")
+        i += 1
+        await trio.sleep(every_s)
+
+
+async def traffic_flows(log: SendLog, channels, n: int = 3, timeout: float = 30) -> None:
+    """Until ``n`` sends made from now on were acked on each of ``channels``."""
+    t = trio.current_time()
+    await eventually(lambda: all(log.acks_after(t, ch) >= n for ch in channels), timeout)
 
 
 async def stored_messages(cluster, channel_id: str, token: str) -> list[dict]:
@@ -119,8 +139,7 @@ def kill_zookeeper(zk) -> None:
 async def start_zookeeper_again(zk, timeout_s: float = 30.0) -> float:
     """Start ZooKeeper on its old port and data (the sessions it knew survive, as they do when an
     ensemble restarts); return the trio time it first answered a client (a session opened)."""
-    zk.proc = subprocess.Popen(["java", "-cp", ZK_CLASSPATH, "org.apache.zookeeper.server.ZooKeeperServerMain",
-                                str(zk.dir / "zoo.cfg")], stdout=zk.log, stderr=zk.log)
+    zk.spawn()
 
     def answers() -> bool:
         client = KazooClient(hosts=zk.hosts, timeout=2.0)

@@ -1,20 +1,84 @@
-"""Test helpers: a real HTTP client (urllib in a worker thread) and a real WebSocket client.
+"""The test suite's plain helpers, written once: a real HTTP client (urllib in a worker thread), a
+real WebSocket client, an in-process chatd (``serve_run``) and one as an OS process (``chatd run``),
+free loopback ports, ``eventually`` for state in another process, the DM channel id of two logins,
+and the CQL reserved-keyword list. Fixtures are in tests/conftest.py (and tests/cluster.py for the
+real-cluster ones); no test module imports another.
 
-No mocks: these talk to a chatd listening on loopback."""
+No mocks: the clients talk to a chatd listening on loopback. Resources: a started server or
+process is stopped by whoever started it (the fixtures, or the test's ``finally``)."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import itertools
 import json
+import random
+import socket
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 import uuid
+from pathlib import Path
 
 import msgpack
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
+from chatd.config import Config
+from chatd.ids import dm_channel_id
+from chatd.node import serve_run
+
 PASSWORD = "password-123"
+POLL_S = 0.05  # how often ``eventually`` looks again: state in another process cannot signal this one
+
+
+async def eventually(condition, timeout: float = 30.0):
+    """Until ``condition()`` (a plain or an async function) returns something true, which is returned;
+    ``trio.TooSlowError`` after ``timeout`` s. Only for what cannot signal this process (another OS
+    process, a store, the outcome of a network fault) or in-process state with no event to wait on
+    (a counter): where there is an event, wait on the event."""
+    with trio.fail_after(timeout):
+        while True:
+            result = condition()
+            if inspect.isawaitable(result):
+                result = await result
+            if result:
+                return result
+            await trio.sleep(POLL_S)
+
+
+_handed_out: set[int] = set()
+
+
+def free_port() -> int:
+    """A free loopback port for a server a test starts later (or a port nobody listens on), chosen
+    *below* the kernel's ephemeral range (32768+), so that servers binding port 0 meanwhile (link
+    listeners) or client sockets can never take it; never the same port twice in one test run."""
+    lo, hi = 20000, 32000
+    try:
+        lo_eph = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+        hi = min(hi, lo_eph - 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    for _ in range(1000):
+        port = random.randint(lo, hi)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError("no free port found")
+
+
+def dm(a: dict, b: dict) -> str:
+    """The 1:1 channel of two logins (``signup_login`` answers)."""
+    return dm_channel_id(a["user"]["id"], b["user"]["id"])
 
 
 class HTTPResult:
@@ -109,6 +173,12 @@ class WSClient:
                     raise ConnectionError(f"closed: {self.closed_reason}")
                 await self._arrived.park()
 
+    async def wait_frame(self) -> None:
+        """Until the next frame arrives or the connection closes; ``ConnectionError`` if it is closed."""
+        if self.closed_reason is not None:
+            raise ConnectionError(f"closed: {self.closed_reason}")
+        await self._arrived.park()
+
     async def request(self, frame: dict, timeout: float = 10) -> dict:
         rid = frame.setdefault("id", next(self._ids))
         await self.send(frame)
@@ -140,9 +210,6 @@ class WSClient:
 async def open_client(nursery, ws_url: str, token: str | None = None, fmt: str = "json",
                       cursors: dict | None = None) -> WSClient:
     """Connect (and authenticate if ``token``); the client lives until the nursery ends."""
-    ready = trio.Event()
-    box: list = []
-
     async def run(task_status=trio.TASK_STATUS_IGNORED):
         subprotocols = ["chatd.v1.msgpack"] if fmt == "msgpack" else ["chatd.v1.json"]
         async with open_websocket_url(ws_url, subprotocols=subprotocols,
@@ -160,3 +227,128 @@ async def open_client(nursery, ws_url: str, token: str | None = None, fmt: str =
         assert reply["type"] == "auth", reply
         client.auth_id = frame["id"]
     return client
+
+
+# ---- an in-process chatd ---------------------------------------------------------------------------
+class RunningServer:
+    """``serve_run`` (API + shard + SQLite) in the test's nursery, on the ports of ``config``."""
+
+    def __init__(self, nursery, config: Config):
+        self.nursery = nursery
+        self.config = config
+        self.node = None
+        self.info = None
+        self.api: API | None = None
+        self._done = None
+
+    async def start(self):
+        box: list = []
+        self._done = trio.Event()
+        done = self._done
+
+        async def run(task_status=trio.TASK_STATUS_IGNORED):
+            try:
+                await serve_run(self.config, task_status=task_status, node_out=box)
+            finally:
+                done.set()
+
+        self.info = await self.nursery.start(run)
+        self.node = box[0]
+        self.api = API(self.info.api_url)
+        return self
+
+    @property
+    def ws_url(self) -> str:
+        return self.info.ws_url
+
+    @property
+    def stopped(self) -> bool:
+        return self._done is not None and self._done.is_set()
+
+    async def stop(self):
+        self.node.request_stop()
+        with trio.fail_after(20):
+            await self._done.wait()
+
+    async def restart(self):
+        await self.stop()
+        # keep the same ports is not needed: clients log in again and get the new ws_url
+        return await self.start()
+
+
+def make_config(tmp_path, **limits) -> Config:
+    """A server on loopback port 0 with its data under ``tmp_path``; ``limits`` override ``[limits]``."""
+    cfg = Config.from_mapping({
+        "data_dir": str(tmp_path / "data"),
+        "server": {"api_port": 0, "ws_port": 0, "shutdown_grace_s": 3.0},
+        # Cheaper password hashing keeps the 100-member tests quick; same code path.
+        "auth": {"scrypt_n": 2**10},
+        # Durable commits are what we promise; tests keep them (fsync on tmpfs/ext4 is fast enough).
+        "store": {"sqlite_synchronous": "full"},
+    })
+    cfg.update({"limits": limits}, source="test")
+    cfg.validate()
+    return cfg
+
+
+async def setup_pair(server, nursery, fmt="json"):
+    """alice and bob, their DM with one stored message ("keep me"), alice connected: for the bad-input
+    tests, which end with ``assert_intact``."""
+    alice = await server.api.signup_login("alice")
+    bob = await server.api.signup_login("bob")
+    ch = dm(alice, bob)
+    ca = await open_client(nursery, alice["ws_url"], alice["token"], fmt=fmt)
+    await ca.send_message(ch, "keep me", "keep-1")
+    return alice, bob, ch, ca
+
+
+async def assert_intact(server, token, ch, bodies):
+    """The channel holds exactly ``bodies`` and the server still answers."""
+    r = await server.api.call("GET", f"/v1/channels/{ch}/messages?limit=500", token=token)
+    assert r.status == 200
+    assert [m["body"] for m in r.body["messages"]] == bodies
+    assert (await server.api.call("GET", "/healthz")).status == 200
+
+
+# ---- chatd run as an OS process ------------------------------------------------------------------------
+class ChatdRun:
+    """``chatd run`` as an OS process with a config file (free ports, SQLite under ``tmp_path``, rate
+    limits off: the kill -9 test sends as fast as it can) and its log in ``tmp_path/chatd.log``."""
+
+    def __init__(self, tmp_path):
+        self.api_port, self.ws_port = free_port(), free_port()
+        self.config = tmp_path / "chatd.toml"
+        self.config.write_text(
+            f'data_dir = "{tmp_path / "data"}"\n'
+            f"[server]\napi_port = {self.api_port}\nws_port = {self.ws_port}\n"
+            "[auth]\nscrypt_n = 1024\n"
+            "[limits]\nrate_frames_per_s = 100000.0\nrate_burst = 100000\n")
+        self.log = open(tmp_path / "chatd.log", "ab")
+        self.proc: subprocess.Popen | None = None
+        self.api = API(f"http://127.0.0.1:{self.api_port}")
+
+    async def start(self):
+        self.proc = subprocess.Popen([sys.executable, "-m", "chatd.cli", "run", "--config", str(self.config)],
+                                     stdout=self.log, stderr=self.log)
+
+        async def healthy() -> bool:
+            assert self.proc.poll() is None, "chatd exited during start-up"
+            try:
+                return (await self.api.call("GET", "/healthz")).status == 200
+            except OSError:
+                return False
+        await eventually(healthy, timeout=30)
+
+    async def wait_exit(self, timeout=20) -> int:
+        """The exit status (``subprocess.TimeoutExpired`` after ``timeout`` s)."""
+        return await trio.to_thread.run_sync(functools.partial(self.proc.wait, timeout), abandon_on_cancel=True)
+
+
+# ---- CQL ---------------------------------------------------------------------------------------------
+KEYWORDS_FILE = Path(__file__).resolve().parent / "cql_reserved_keywords.txt"
+
+
+def reserved_keywords() -> frozenset[str]:
+    """Cassandra's reserved CQL keywords, lower case (tests/cql_reserved_keywords.txt)."""
+    words = (line.strip() for line in KEYWORDS_FILE.read_text().splitlines())
+    return frozenset(w.lower() for w in words if w and not w.startswith("#"))

@@ -16,8 +16,8 @@ import sys
 
 import trio
 
+from tests.helpers import ChatdRun as Proc
 from tests.helpers import open_client
-from tests.test_process import Proc
 
 
 async def test_schemathesis_finds_nothing(tmp_path, nursery):

@@ -8,27 +8,11 @@ import json
 import msgpack
 import pytest
 import trio
+import trio.testing
 from trio_websocket import ConnectionClosed, open_websocket_url
 
 from chatd.auth import issue_token
-from tests.conftest import RunningServer, make_config
-from tests.helpers import open_client
-
-
-async def setup_pair(server, nursery, fmt="json"):
-    alice = await server.api.signup_login("alice")
-    bob = await server.api.signup_login("bob")
-    ch = f"dm:{alice['user']['id']}:{bob['user']['id']}"
-    ca = await open_client(nursery, alice["ws_url"], alice["token"], fmt=fmt)
-    await ca.send_message(ch, "keep me", "keep-1")
-    return alice, bob, ch, ca
-
-
-async def assert_intact(server, token, ch, bodies):
-    r = await server.api.call("GET", f"/v1/channels/{ch}/messages?limit=500", token=token)
-    assert r.status == 200
-    assert [m["body"] for m in r.body["messages"]] == bodies
-    assert (await server.api.call("GET", "/healthz")).status == 200
+from tests.helpers import assert_intact, eventually, open_client, setup_pair
 
 
 async def test_malformed_frames_get_errors_and_connection_goes_on(server, nursery):
@@ -85,20 +69,6 @@ async def test_body_limit_exact(server, nursery):
     ok = await ca.send_message(ch, "y" * 100_000)
     assert ok["type"] == "ack" and ok["seq"] == 2
     await assert_intact(server, alice["token"], ch, ["keep me", "y" * 100_000])
-
-
-@pytest.fixture
-async def server_with(nursery, tmp_path):
-    """Start a server with some limits changed: ``await server_with(max_frame_bytes=...)``."""
-    started = []
-
-    async def start(**limits):
-        srv = RunningServer(nursery, make_config(tmp_path / str(len(started)), **limits))
-        started.append(await srv.start())
-        return srv
-    yield start
-    for srv in started:
-        await srv.stop()
 
 
 async def test_oversized_frames(server_with, nursery):
@@ -204,9 +174,7 @@ async def test_slow_consumer_is_cut_off_and_resyncs(server_with, nursery):
         for i in range(n):
             ack = await ca.send_message(ch, body, f"s{i}")
             assert ack["type"] == "ack", ack
-        with trio.fail_after(20):
-            while server.node.metrics.slow_consumers.get() < 1:
-                await trio.sleep(0.05)
+        await eventually(lambda: server.node.metrics.slow_consumers.get() >= 1)  # a counter: no event
     assert server.node.hub.sessions_of(bob["user"]["id"]) == () or all(
         s.close_reason for s in server.node.hub.sessions_of(bob["user"]["id"]))
     # coming back with its cursor, bob gets everything, in order, once
@@ -234,7 +202,7 @@ async def test_client_that_resets_during_the_handshake(server, nursery):
             c.sendall(request)
             c.close()
     await trio.to_thread.run_sync(reset_handshakes)
-    await trio.sleep(0.5)
+    await trio.testing.wait_all_tasks_blocked()  # every reset connection accepted and handled
     assert (await ca.send_message(ch, "still serving"))["seq"] == 2
     await assert_intact(server, alice["token"], ch, ["keep me", "still serving"])
 

@@ -10,14 +10,13 @@ import signal
 import pytest
 
 from chatd.bench.failover import FailoverOptions, FailoverRun, format_report
-from tests.cluster import Cluster, ZooKeeper, zookeeper_available
+from tests.cluster import Cluster, zookeeper_available
 
 pytestmark = pytest.mark.skipif(not zookeeper_available(),
                                 reason="ZooKeeper not installed (apt-get install zookeeper); .ci/run installs it")
 
 
-async def test_failover_bench_reports_a_kill(tmp_path):
-    zk = ZooKeeper(tmp_path / "zk")
+async def test_failover_bench_reports_a_kill(zk, tmp_path):
     cluster = Cluster(zk, tmp_path, n=2, session_timeout_s=2.0, heartbeat_s=0.3)
     lc = tmp_path / "local-cluster"
     (lc / "run").mkdir(parents=True)
@@ -45,4 +44,3 @@ async def test_failover_bench_reports_a_kill(tmp_path):
         except (OSError, ValueError):
             pass
         cluster.stop()
-        zk.stop()

@@ -19,7 +19,7 @@ from chatd.store import cassandra_schema
 from chatd.store.cassandra import open_cassandra
 from chatd.store.cassandra_schema import MIGRATIONS, SCHEMA_VERSION, drop_keyspace, migrate
 from chatd.store.cql import connect, execute_ddl, shutdown
-from tests.test_cql_identifiers import reserved_keywords
+from tests.helpers import reserved_keywords
 
 BUCKET = 4
 

@@ -33,11 +33,7 @@ from chatd.store.cassandra_schema import (DEFAULT_BUCKET_SIZE, MAX_USER_ID, MIGR
                                           username_key)
 from chatd.store.cql import (LWT, READ, WRITE, CqlSession, await_response, check_keyspace_name,
                              consistency_level, parse_contact_points)
-
-try:
-    from conftest_store import EmulatedKeyspace
-except ImportError:  # tests/ became a package
-    from tests.conftest_store import EmulatedKeyspace
+from tests.conftest_store import EmulatedKeyspace
 
 
 # ---- bucket arithmetic ----------------------------------------------------------------------------

@@ -4,6 +4,7 @@ frames, link loss, ZooKeeper session loss, and kill -9 failover with exactly-onc
 
 from __future__ import annotations
 
+import math
 import signal
 import uuid
 
@@ -14,36 +15,11 @@ from kazoo.client import KazooClient
 
 from chatd.discovery.view import ShardInfo, View
 from chatd.protocol import link as lp
-from tests.cassandra_server import fresh_keyspace
-from tests.cluster import Cluster, Device, ZooKeeper, zookeeper_available
+from tests.cluster import Cluster, Device, ZooKeeper, send_until_acked, settle, zookeeper_available
+from tests.helpers import dm, eventually, open_client
 
 pytestmark = pytest.mark.skipif(not zookeeper_available(),
                                 reason="ZooKeeper not installed (apt-get install zookeeper); .ci/run installs it")
-
-
-@pytest.fixture(scope="module")
-def zk(tmp_path_factory):
-    server = ZooKeeper(tmp_path_factory.mktemp("zk"))
-    yield server
-    server.stop()
-
-
-@pytest.fixture(params=["sqlite", "cassandra"])
-def store_toml(request):
-    """The cluster's store: one shared SQLite file, or a fresh keyspace on the session's real Cassandra."""
-    if request.param == "sqlite":
-        return ""
-    return request.getfixturevalue("cassandra_server").toml(fresh_keyspace())
-
-
-@pytest.fixture
-async def cluster(zk, tmp_path, store_toml):
-    c = Cluster(zk, tmp_path, store_toml=store_toml)
-    try:
-        await c.start()
-        yield c
-    finally:
-        c.stop()
 
 
 async def users_on_distinct_homes(cluster, prefix, homes_wanted: int, count: int):
@@ -55,37 +31,6 @@ async def users_on_distinct_homes(cluster, prefix, homes_wanted: int, count: int
         i += 1
         assert i < 60
     return out
-
-
-def dm(a, b):
-    lo, hi = sorted((a["user"]["id"], b["user"]["id"]))
-    return f"dm:{lo}:{hi}"
-
-
-async def send_until_acked(client, channel_id, body, timeout=20, cmid=None):
-    """Resend with one client_msg_id until acked, as a client does (also after its own timeout)."""
-    cmid = cmid or str(uuid.uuid4())
-    with trio.fail_after(timeout):
-        while True:
-            try:
-                reply = await client.send_message(channel_id, body, cmid)
-            except trio.TooSlowError:  # no answer in 10 s: resend
-                continue
-            if reply["type"] == "ack":
-                return reply
-            assert reply["code"] == "unavailable", reply
-            await trio.sleep(0.2)
-
-
-async def settle(devices, expected: dict[str, int], timeout=20):
-    """Absorb frames until every device has every channel it follows up to ``expected``."""
-    with trio.fail_after(timeout):
-        while True:
-            for d in devices:
-                d.absorb()
-            if all(d.cursors.get(ch, 0) >= expected[ch] for d in devices for ch in d.cursors if ch in expected):
-                return
-            await trio.sleep(0.05)
 
 
 async def test_cross_shard_dm_group_and_devices(cluster, nursery):
@@ -123,17 +68,16 @@ async def test_cross_shard_dm_group_and_devices(cluster, nursery):
         assert d.received[group] == list(range(1, len(devices) + 1))
         if ch in d.cursors:
             assert d.received[ch] == list(range(1, 12))
-    # nothing extra arrives later (exactly once)
-    await trio.sleep(0.5)
-    for d in devices + [alice2]:
-        assert d.absorb() == 0
     # a read receipt from alice's far device reaches her other device and bob, never itself
     reply = await alice2.client.request({"type": "read", "channel_id": ch, "seq": 11})
     assert reply["seq"] == 11
     for d in (a_dev, b_dev):
         event = await d.client.next_event("read")
         assert event == {"type": "read", "channel_id": ch, "user_id": alice["user"]["id"], "seq": 11}
+    # what must NOT arrive has no event to wait for: nothing extra (exactly once), no read to alice2
     await trio.sleep(0.5)
+    for d in devices + [alice2]:
+        assert d.absorb() == 0
     assert [f for f in alice2.client.inbox if f.get("type") == "read"] == []
 
 
@@ -227,7 +171,7 @@ async def test_a_frame_routed_by_a_newer_view_waits_for_that_view(patient_cluste
     assert (await read())["t"] == "welcome"
     event = {"type": "typing", "channel_id": dm(a, b), "user_id": b["user"]["id"]}
     await stream.send_all(codec.encode({"t": "deliver", "view": v + 1, "e": event, "u": [a["user"]["id"]]}))
-    await trio.sleep(0.5)
+    await trio.sleep(0.5)  # a frame held shows nothing: that nothing is delivered within 0.5 s is the check
     assert [f for f in ca.inbox if f.get("type") == "typing"] == []  # held: no view v+1 here yet
     # a shard joins (a placeholder znode, keeping a's home): the view moves to v+1, the frame goes on
     shards = {s: None for s in cluster.shard_ids}
@@ -268,16 +212,19 @@ async def test_link_loss_and_reconnect(slow_expiry_cluster, nursery):
     frozen = next(s for s in cluster.shard_ids if s != owner)
     senders = [d for d in devices if d.creds["shard_id"] != frozen]
     await senders[0].client.send_message(group, "before")
-    # freeze s2 long enough for its links to be declared dead (3 heartbeats), not its ZK session
+    # freeze it until its peers declare its links dead (3 heartbeats), not its ZK session
+    peers = [s for s in cluster.shard_ids if s != frozen]
+    downs = {s: cluster.log_text(s).count(f"link down: {s} <-> {frozen}") for s in peers}
+    ups = {s: cluster.log_text(s).count(f"link up: {s} <-> {frozen}") for s in peers}
     cluster.kill(frozen, signal.SIGSTOP)
-    await trio.sleep(1.5)
+    await eventually(lambda: all(cluster.log_text(s).count(f"link down: {s} <-> {frozen}") > downs[s] for s in peers),
+                     timeout=5)
     sent = 1
     for i in range(4):
         ack = await senders[i % len(senders)].client.send_message(group, f"during {i}")
         if ack["type"] == "ack":
             sent += 1
     cluster.kill(frozen, signal.SIGCONT)
-    await trio.sleep(0.5)
     for i in range(3):  # as a client does: an 'unavailable' is resent with the same client_msg_id
         ack = await send_until_acked(senders[i % len(senders)].client, group, f"after {i}")
         sent += 1
@@ -287,8 +234,9 @@ async def test_link_loss_and_reconnect(slow_expiry_cluster, nursery):
     await settle(devices, {group: head}, timeout=30)
     for d in devices:
         assert d.anomalies == [] and d.received[group] == list(range(1, head + 1)), d.name
-    log = (cluster.dir / "s1.log").read_text() + (cluster.dir / "s3.log").read_text()
-    assert log.count("link up:") >= 4  # the links to s2 came back
+    # the links to it came back
+    await eventually(lambda: all(cluster.log_text(s).count(f"link up: {s} <-> {frozen}") > ups[s] for s in peers),
+                     timeout=10)
 
 
 async def test_zookeeper_session_loss_blocks_writes(tmp_path, nursery):
@@ -303,25 +251,17 @@ async def test_zookeeper_session_loss_blocks_writes(tmp_path, nursery):
         await da.connect(nursery)
         assert (await da.client.send_message(ch, "ok before", "z1"))["seq"] == 1
         zk.pause()
-        with trio.fail_after(20):
-            while True:  # once the shards notice, sends are refused, not silently stored
-                reply = await da.client.send_message(ch, "during", f"z-{uuid.uuid4()}")
-                if reply["type"] == "error":
-                    break
-                await trio.sleep(0.2)
-        assert reply["code"] == "unavailable"
+
+        async def refused():  # once the shards notice, sends are refused, not silently stored
+            reply = await da.client.send_message(ch, "during", f"z-{uuid.uuid4()}")
+            return reply if reply["type"] == "error" else None
+        assert (await eventually(refused))["code"] == "unavailable"
         zk.resume()
-        with trio.fail_after(30):
-            while True:  # re-registered under a new session: writes again
-                reply = await da.client.send_message(ch, "after", "z-after")
-                if reply["type"] == "ack":
-                    break
-                await trio.sleep(0.3)
+        await send_until_acked(da.client, ch, "after", timeout=30, cmid="z-after")  # re-registered: writes again
         r = await cluster.api.call("GET", f"/v1/channels/{ch}/messages?after=0", token=a["token"])
         seqs = [m["seq"] for m in r.body["messages"]]
         assert seqs == list(range(1, len(seqs) + 1))
-        log = (cluster.dir / "s1.log").read_text() + (cluster.dir / "s2.log").read_text()
-        assert "refusing writes until registered again" in log
+        assert "refusing writes until registered again" in cluster.log_text("s1", "s2")
     finally:
         cluster.stop()
         zk.stop()
@@ -334,13 +274,14 @@ async def test_processes_stop_on_sigterm_with_zookeeper_gone(tmp_path):
     cluster = Cluster(zk, tmp_path, n=2, session_timeout_s=4.0)
     try:
         await cluster.start()
+        lost = {name: cluster.log_text(name).count("zookeeper connection state: SUSPENDED") for name in cluster.procs}
         zk.stop()
-        await trio.sleep(1.0)  # the clients notice and start reconnecting
+        # the clients notice and start reconnecting
+        await eventually(lambda: all(cluster.log_text(name).count("zookeeper connection state: SUSPENDED") > n
+                                     for name, n in lost.items()))
         for p in cluster.procs.values():
             p.terminate()
-        with trio.fail_after(30):
-            while any(p.poll() is None for p in cluster.procs.values()):
-                await trio.sleep(0.1)
+        await eventually(lambda: all(p.poll() is not None for p in cluster.procs.values()), timeout=30)
         assert all(p.returncode == 0 for p in cluster.procs.values()), \
             {name: p.returncode for name, p in cluster.procs.items()}
     finally:
@@ -375,9 +316,7 @@ async def test_kill_9_failover_exactly_once(cluster, nursery):
     async def keep_connected(d: Device):
         """A robust client: when its connection ends, log in again and reconnect with cursors."""
         while True:
-            await trio.sleep(0.1)
-            if d.client.closed_reason is None:
-                continue
+            await d.client.wait_closed(timeout=math.inf)
             d.absorb()
             while True:
                 try:
@@ -385,7 +324,7 @@ async def test_kill_9_failover_exactly_once(cluster, nursery):
                         await d.connect(nursery, relogin=True)
                     break
                 except Exception:  # the API may still hand out the dead shard for a moment
-                    await trio.sleep(0.3)
+                    await trio.sleep(0.3)  # a client's reconnect backoff
 
     async def sender(d: Device, targets: list[str]):
         for i in range(per_sender):
@@ -401,10 +340,9 @@ async def test_kill_9_failover_exactly_once(cluster, nursery):
                     break
                 if reply is not None:
                     assert reply["type"] == "error" and reply["code"] == "unavailable", reply
-                await trio.sleep(0.2)
+                await trio.sleep(0.2)  # a client's resend backoff (unavailable, or no connection yet)
             if d is devices[owner["user"]["id"]] and i == 8:
                 kill_now.set()
-            await trio.sleep(0.01)
 
     async with trio.open_nursery() as n:
         for d in devices.values():
@@ -495,7 +433,6 @@ async def test_fan_out_is_one_frame_per_destination_shard(cluster, nursery):
 
 
 async def open_client_for(nursery, creds):
-    from tests.helpers import open_client
     return await open_client(nursery, creds["ws_url"], creds["token"])
 
 
@@ -508,13 +445,11 @@ async def test_membership_changes_reach_every_shard(cluster, nursery):
     assert (await cb.send_message(group, "I am in"))["type"] == "ack"  # the owner has cached the members now
     r = await cluster.api.call("DELETE", f"/v1/channels/{group}/members/{bob['user']['id']}", token=alice["token"])
     assert r.body["removed"] is True
-    with trio.fail_after(10):
-        while True:  # the API's invalidation travels over links; it is not instantaneous
-            reply = await cb.send_message(group, "still in?")
-            if reply["type"] == "error":
-                break
-            await trio.sleep(0.1)
-    assert reply["code"] == "not_member"
+
+    async def refused():  # the API's invalidation travels over links; it is not instantaneous
+        reply = await cb.send_message(group, "still in?")
+        return reply if reply["type"] == "error" else None
+    assert (await eventually(refused, timeout=10))["code"] == "not_member"
 
 
 async def test_a_frozen_owner_resumes_fenced(zk, tmp_path, nursery, store_toml):
@@ -561,13 +496,14 @@ async def test_a_frozen_owner_resumes_fenced(zk, tmp_path, nursery, store_toml):
                 reply = None
             if reply is not None and reply["type"] == "ack":
                 acked[cmid] = reply["seq"]
-        with trio.fail_after(60):
-            while True:
-                try:
-                    await db.connect(nursery, relogin=True)
-                    break
-                except Exception:  # the API may hand out a shard that is re-registering
-                    await trio.sleep(0.3)
+
+        async def reconnected() -> bool:
+            try:
+                await db.connect(nursery, relogin=True)
+                return True
+            except Exception:  # the API may hand out a shard that is re-registering
+                return False
+        await eventually(reconnected, timeout=60)
         for cmid in burst:
             seq = (await send_until_acked(db.client, ch, cmid, timeout=40, cmid=cmid))["seq"]
             assert acked.setdefault(cmid, seq) == seq, cmid  # a resend answers the first ack's seq

@@ -12,18 +12,10 @@ so a new kind of statement cannot slip past it unchecked.
 from __future__ import annotations
 
 import re
-from pathlib import Path
-
 import pytest
 
 from chatd.store.cassandra_schema import MIGRATIONS, STATEMENTS
-
-KEYWORDS_FILE = Path(__file__).resolve().parent / "cql_reserved_keywords.txt"
-
-
-def reserved_keywords() -> frozenset[str]:
-    words = (line.strip() for line in KEYWORDS_FILE.read_text().splitlines())
-    return frozenset(w.lower() for w in words if w and not w.startswith("#"))
+from tests.helpers import reserved_keywords
 
 
 # ---- extracting identifiers ----------------------------------------------------------------------

@@ -16,9 +16,7 @@ from trio_websocket import open_websocket_url
 from wsproto.frame_protocol import FrameProtocol, Opcode
 
 from chatd.protocol import client as proto
-from tests.conftest import RunningServer, make_config
-from tests.helpers import open_client
-from tests.test_bad_input import assert_intact, setup_pair
+from tests.helpers import RunningServer, assert_intact, make_config, open_client, setup_pair
 
 
 @pytest.fixture

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.cluster import free_port, zookeeper_available
-from tests.helpers import API, open_client
+from tests.cluster import zookeeper_available
+from tests.helpers import API, dm, eventually, free_port, open_client
 
 SCRIPT = Path(__file__).parent.parent / "bin" / "chatd-local-cluster"
 pytestmark = pytest.mark.skipif(not zookeeper_available(),
@@ -38,9 +38,7 @@ async def test_local_cluster_script(tmp_path, nursery):
                            token=a["token"])
         group = r.body["channel"]["id"]
         ca, cb, cc = [await open_client(nursery, p["ws_url"], p["token"]) for p in (a, b, c)]
-        lo, hi = sorted((a["user"]["id"], b["user"]["id"]))
-        dm = f"dm:{lo}:{hi}"
-        assert (await ca.send_message(dm, "s1 to s2"))["seq"] == 1
+        assert (await ca.send_message(dm(a, b), "s1 to s2"))["seq"] == 1
         assert (await cb.next_event("message"))["body"] == "s1 to s2"
         assert (await cc.send_message(group, "s3 to all"))["seq"] == 1
         for client in (ca, cb, cc):
@@ -48,12 +46,11 @@ async def test_local_cluster_script(tmp_path, nursery):
             assert [m["body"] for m in msgs] == ["s3 to all"]
         # the presence server of the local cluster knows who is connected
         ids = [p["user"]["id"] for p in (a, b, c)]
-        with trio.fail_after(20):
-            while True:
-                r = await api.call("GET", "/v1/presence?user_ids=" + ",".join(map(str, ids)), token=a["token"])
-                if r.status == 200 and all(v["status"] == "online" for v in r.body["users"].values()):
-                    break
-                await trio.sleep(0.2)
+
+        async def all_online() -> bool:
+            r = await api.call("GET", "/v1/presence?user_ids=" + ",".join(map(str, ids)), token=a["token"])
+            return r.status == 200 and all(v["status"] == "online" for v in r.body["users"].values())
+        await eventually(all_online)
     finally:
         stopped = await trio.to_thread.run_sync(run, "stop")
     assert stopped.returncode == 0 and "stopped" in stopped.stdout, stopped.stdout + stopped.stderr

@@ -1,7 +1,8 @@
 """Logout and membership events in a real cluster (ZooKeeper, shards and an API server as OS
 processes): a logout through the API server or on one shard revokes the token on every shard and
 API server and closes the device's connections wherever they are; ``member_added`` reaches members
-connected to any shard."""
+connected to any shard. The ``cluster`` fixture (tests/cluster.py): ZooKeeper, 3 shards, an API
+server, on SQLite and on Cassandra."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import pytest
 from chatd.ids import dm_channel_id
 from tests.cluster import zookeeper_available
 from tests.helpers import open_client
-from tests.test_cluster import cluster, store_toml, zk  # noqa: F401 - the fixtures: ZooKeeper, 3 shards, an API server, on SQLite and on Cassandra
 
 pytestmark = pytest.mark.skipif(not zookeeper_available(),
                                 reason="ZooKeeper not installed (apt-get install zookeeper); .ci/run installs it")

@@ -20,11 +20,10 @@ import pytest
 import trio
 
 from chatd.discovery.view import View
-from tests.cluster import Cluster, Device, ZooKeeper, zookeeper_available
-from tests.faults import ANSWER_BOUND_S, SendLog, check_store
+from tests.cluster import Cluster, Device, ZooKeeper, settle, zookeeper_available
+from tests.faults import SendLog, check_store, keep_sending, traffic_flows
+from tests.helpers import dm, eventually
 from tests.netns import Lan, unavailable_reason
-from tests.test_cluster import dm, settle
-from tests.test_failover import keep_sending
 
 SESSION_S = 2.0
 
@@ -102,26 +101,25 @@ async def test_partitioned_owner(lan, tmp_path, nursery):
             n.start_soon(keep_sending, log, dx.client, cut, "x", stop, 0.05)
             n.start_soon(keep_sending, log, dy.client, cut, "y", stop, 0.05)
             n.start_soon(keep_sending, log, dy.client, free, "free", stop, 0.05)
-            await trio.sleep(0.5)
+            await traffic_flows(log, [cut, free])
             lan.cut(victim)
             t_cut = trio.current_time()
             # the survivors take the channel over once the victim's session expired
-            with trio.fail_after(30):
-                while log.first_ack_after(t_cut + SESSION_S, cut) is None:
-                    await trio.sleep(0.05)
-            takeover_s = log.first_ack_after(t_cut + SESSION_S, cut) - t_cut
-            await trio.sleep(1.0)
+            takeover_s = await eventually(lambda: log.first_ack_after(t_cut + SESSION_S, cut), timeout=30) - t_cut
+
+            def x_answered_after(t):
+                return [r for r in log.records if r.client_msg_id.startswith("x-") and r.sent_at > t and r.reply]
+            # the cut goes on until the cut-off owner's client has had a send answered after the takeover
+            t_taken = trio.current_time()
+            await eventually(lambda: x_answered_after(t_taken), timeout=30)
             lan.heal(victim)
             t_heal = trio.current_time()
             # the old owner re-registers under a new session; its client's writes resume
-            with trio.fail_after(30):
-                while log.first_ack_after(t_heal, cut) is None or \
-                        not any(r.sent_at > t_heal and r.reply and r.reply["type"] == "ack"
-                                and r.client_msg_id.startswith("x-") for r in log.records):
-                    await trio.sleep(0.05)
-            x_back_s = min(r.answered_at for r in log.records if r.sent_at > t_heal and r.reply
-                           and r.reply["type"] == "ack" and r.client_msg_id.startswith("x-")) - t_heal
-            await trio.sleep(1.0)
+            x_back_s = await eventually(
+                lambda: log.first_ack_after(t_heal, cut) and
+                min((r.answered_at for r in x_answered_after(t_heal) if r.reply["type"] == "ack"), default=None),
+                timeout=30) - t_heal
+            await traffic_flows(log, [cut, free])
             stop.set()
         x_during = [r for r in log.records if r.client_msg_id.startswith("x-") and t_cut + SESSION_S < r.sent_at < t_heal]
         print(f"partition: new owner's first ack {takeover_s:.2f} s after the cut; the cut-off owner's client "

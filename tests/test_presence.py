@@ -13,8 +13,7 @@ from chatd.presence.service import PresenceService
 from chatd.presence.tracker import PresenceTracker
 from chatd.membership import Membership
 from chatd.store.sqlite import open_sqlite
-from tests.conftest import RunningServer, make_config
-from tests.helpers import open_client
+from tests.helpers import RunningServer, make_config, open_client
 
 
 # ---- the pure state machine --------------------------------------------------------------------

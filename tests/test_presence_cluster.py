@@ -8,8 +8,8 @@ import pytest
 import trio
 
 from chatd.discovery import hashing
-from tests.cluster import Cluster, ZooKeeper, zookeeper_available
-from tests.helpers import open_client
+from tests.cluster import Cluster, zookeeper_available
+from tests.helpers import eventually, open_client
 
 pytestmark = pytest.mark.skipif(not zookeeper_available(),
                                 reason="ZooKeeper not installed (apt-get install zookeeper); .ci/run installs it")
@@ -18,8 +18,8 @@ GRACE_S = 2.0
 
 
 @pytest.fixture
-async def cluster(tmp_path):
-    zk = ZooKeeper(tmp_path / "zk")
+async def presence_cluster(zk, tmp_path):
+    """Two shards, two presence servers (p1, p2) and an API server."""
     c = Cluster(zk, tmp_path, n=2, session_timeout_s=1.5, presence=2,
                 extra=f"[presence]\ngrace_s = {GRACE_S}\ncoalesce_s = 0.2\n")
     try:
@@ -27,7 +27,6 @@ async def cluster(tmp_path):
         yield c
     finally:
         c.stop()
-        zk.stop()
 
 
 async def statuses(cluster, token, *uids):
@@ -41,13 +40,8 @@ def latest(client, uid):
     return events[-1] if events else None
 
 
-async def eventually(pred, timeout=30):
-    with trio.fail_after(timeout):
-        while not await pred():
-            await trio.sleep(0.2)
-
-
-async def test_presence_server_killed_and_replaced(cluster, nursery):
+async def test_presence_server_killed_and_replaced(presence_cluster, nursery):
+    cluster = presence_cluster
     api = cluster.api
     watcher = await api.signup_login("watcher")
     # two users that hash to the same presence server, the one we will kill
@@ -74,7 +68,7 @@ async def test_presence_server_killed_and_replaced(cluster, nursery):
         async def keep_alive(c):
             while True:
                 await c.send({"type": "heartbeat", "id": "hb"})
-                await trio.sleep(GRACE_S / 4)
+                await trio.sleep(GRACE_S / 4)  # a client's heartbeat interval
         conns.start_soon(keep_alive, cy)
         x_alive = trio.CancelScope()
 
@@ -97,6 +91,7 @@ async def test_presence_server_killed_and_replaced(cluster, nursery):
             return await statuses(cluster, watcher["token"], xid, yid) == {xid: "offline", yid: "online"}
         await eventually(settled)
         # after the grace period it stays that way: no ghost online, the connected user not offline
+        # ("stays" has no event: the wait past the grace period is the check)
         await trio.sleep(GRACE_S * 1.5)
         assert await settled()
 
@@ -109,7 +104,10 @@ async def test_presence_server_killed_and_replaced(cluster, nursery):
 
         # a replacement server joins; users re-hash across p2 and p3 and the state is rebuilt
         cluster.start_presence("p3")
-        await trio.sleep(GRACE_S * 2)
+        await eventually(lambda: all(f"link up: {s} <-> p3" in cluster.log_text(s) for s in cluster.shard_ids),
+                         timeout=30)
+        await eventually(settled)
+        await trio.sleep(GRACE_S * 1.5)  # and it holds past a grace period on the new servers
         assert await settled()
         assert latest(cw, yid) == "online" and latest(cw, xid) == "offline"
         conns.cancel_scope.cancel()

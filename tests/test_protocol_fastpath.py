@@ -16,7 +16,7 @@ from hypothesis import given
 
 from chatd.protocol import client as proto
 from chatd.store.base import Message
-from tests.test_fuzz import CODEC_BASES, FRAMES, fuzz_settings, wire_frame
+from tests.fuzz_frames import CODEC_BASES, FRAMES, fuzz_settings, wire_frame
 
 LIMIT = 64 * 1024
 

@@ -22,8 +22,7 @@ from chatd.push.providers import MatrixProvider, WebhookProvider
 from chatd.push.service import PushService
 from chatd.store.base import PUSH_SLOTS, Message, PushToken
 from chatd.store.sqlite import open_sqlite
-from tests.conftest import RunningServer, make_config
-from tests.helpers import open_client
+from tests.helpers import RunningServer, eventually, free_port, make_config, open_client
 
 SECRET = "webhook-secret"
 
@@ -113,18 +112,14 @@ class Gateway:
             await trio.aclose_forcefully(stream)
 
 
-async def eventually(pred, timeout=15.0):
-    with trio.fail_after(timeout):
-        while not pred():
-            await trio.sleep(0.02)
-
-
-async def free_port() -> int:
-    """A loopback port nobody listens on (connections to it are refused) - for a gateway that is down."""
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    port = listeners[0].socket.getsockname()[1]
-    await listeners[0].aclose()
-    return port
+async def settled(push: PushService, store, timeout=15.0):
+    """Until nothing is queued, in flight or in the outbox: no push can follow any more. (The outbox
+    is rows in the store: no event says it is empty.)"""
+    async def empty() -> bool:
+        await push.flush()
+        rows = [e for s in range(PUSH_SLOTS) for e in await store.pending_pushes(s, 10)]
+        return not rows and not push.statistics()["inflight"]
+    await eventually(empty, timeout)
 
 
 # ---- the service against a real gateway ------------------------------------------------------------
@@ -155,14 +150,7 @@ class Rig:
         return Message("g:00000000000000aa", self.seq, sender, f"c{self.seq}", f"secret body {self.seq}", 0.0)
 
     async def settled(self, svc, timeout=15.0):
-        """Until nothing is queued, in flight or in the outbox: no push can follow any more."""
-        with trio.fail_after(timeout):
-            while True:
-                await svc.flush()
-                rows = [e for s in range(PUSH_SLOTS) for e in await self.store.pending_pushes(s, 10)]
-                if not rows and not svc.statistics()["inflight"]:
-                    return
-                await trio.sleep(0.05)
+        await settled(svc, self.store, timeout)
 
 
 @pytest.fixture
@@ -207,7 +195,7 @@ async def test_matrix_delivery_and_body_when_configured(rig, nursery):
 
 
 async def test_gateway_down_then_up(rig, nursery):
-    port = await free_port()
+    port = free_port()  # nobody listens there: the gateway is down
     svc = await rig.service(push_config("webhook", f"http://127.0.0.1:{port}/"))
     for _ in range(3):
         svc.notify_offline(rig.message(), [42])
@@ -300,14 +288,7 @@ def pushed_tokens(gw, provider):
 
 
 async def settled_server(srv, timeout=15.0):
-    store, push = srv.node.store, srv.node.push
-    with trio.fail_after(timeout):
-        while True:
-            await push.flush()
-            rows = [e for s in range(PUSH_SLOTS) for e in await store.pending_pushes(s, 10)]
-            if not rows and not push.statistics()["inflight"]:
-                return
-            await trio.sleep(0.05)
+    await settled(srv.node.push, srv.node.store, timeout)
 
 
 @pytest.mark.parametrize("provider", ["webhook", "matrix"])
@@ -353,7 +334,7 @@ async def test_offline_member_gets_one_push_per_burst(nursery, tmp_path, provide
 
 
 async def test_restart_with_a_non_empty_outbox(nursery, tmp_path):
-    port = await free_port()
+    port = free_port()  # nobody listens there: the gateway is down
     cfg = run_config(tmp_path, "webhook", f"http://127.0.0.1:{port}/")
     srv = await RunningServer(nursery, cfg).start()
     api = srv.api

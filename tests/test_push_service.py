@@ -21,11 +21,7 @@ from chatd.push.payload import DELIVERED, FAILED, REJECTED, RETRY, Notification,
 from chatd.push.service import PushService
 from chatd.store.base import PUSH_SLOTS, Message, PushEntry, PushToken, push_slot
 from chatd.store.cassandra import CassandraStore
-
-try:
-    from conftest_store import EmulatedKeyspace
-except ImportError:  # tests/ became a package
-    from tests.conftest_store import EmulatedKeyspace
+from tests.conftest_store import EmulatedKeyspace
 
 
 # ---- pure: payloads, answers, schedule --------------------------------------------------------------

@@ -28,11 +28,7 @@ from chatd.store.base import Channel, ChannelSummary, PushEntry, PushToken, push
 from chatd.store.cassandra import CassandraStore, open_cassandra
 from chatd.store.cassandra_schema import drop_keyspace, migrate
 from chatd.store.sqlite import open_sqlite
-
-try:
-    from conftest_store import EmulatedKeyspace
-except ImportError:  # tests/ became a package
-    from tests.conftest_store import EmulatedKeyspace
+from tests.conftest_store import EmulatedKeyspace
 
 TEST_BUCKET_SIZE = 4
 NO_SUCH_ID = 2**62 + 12345  # above every id either backend hands out

@@ -12,7 +12,7 @@ import pytest
 
 from tests.browser import (PASSWORD, TIMEOUT_MS, ChatdProcess, Shots, bodies, enter, expect, http, launch,
                            open_channel, require_browser, send, seqs)
-from tests.cluster import free_port
+from tests.helpers import free_port
 
 @pytest.fixture
 def chatd_proc(tmp_path):

@@ -15,7 +15,8 @@ import pytest
 
 from tests.browser import (PASSWORD, TIMEOUT_MS, Shots, bodies, enter, expect, http, launch, open_channel,
                            require_browser, send, seqs)
-from tests.cluster import free_port, zookeeper_available
+from tests.cluster import zookeeper_available
+from tests.helpers import free_port
 
 SCRIPT = Path(__file__).parent.parent / "bin" / "chatd-local-cluster"
 pytestmark = pytest.mark.skipif(not zookeeper_available(),
