@@ -18,7 +18,7 @@ from chatd.errors import ChatError
 from chatd.metrics import Metrics
 from chatd.shard.flusher import Flusher
 from chatd.shard.outbox import SEND_GRACE_S, Outbox
-from chatd.shard.wsconn import CloseReason, ConnectionClosed, frame
+from chatd.shard.wsconn import CloseReason, ConnectionClosed
 from chatd.store.base import Channel, Message
 
 CH = "g:1"

@@ -12,7 +12,7 @@ Resources and policies
 * **Outgoing**: every frame to the client goes through the connection's outbox
   (chatd/shard/outbox.py: the bounded queue, the direct write of a live message, the flusher's
   pass, the writer task, the per-channel delivery cursors with their gap fill and sync, the 1013
-  slow-consumer close, whole frames only). :meth:`Session.push` *is* the outbox's ``push`` (bound
+  slow-consumer close, whole frames only). ``Session.push`` *is* the outbox's ``push`` (bound
   once: no extra call per frame).
 * **Verbs**: one method per client verb, found by the request's type in one table (``@verb``),
   which says whether the verb runs in the reader (it answers without waiting, or waits as TCP
