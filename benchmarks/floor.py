@@ -104,7 +104,10 @@ def serve(mode: str, group_size: int, send_message: bool, node: int = 0, link_po
 
     from wsproto.connection import ConnectionState
 
-    from chatd.shard.session import frame
+    try:
+        from chatd.shard.wsconn import frame
+    except ImportError:  # chatd before the framing moved to wsconn.py
+        from chatd.shard.session import frame
 
     async def send_raw(ws, data: bytes) -> None:  # chatd's awaited write of the rest, as it was on
         # trio-websocket (chatd's server now has its own connection: chatd/shard/wsconn.py)

@@ -101,7 +101,7 @@ async def test_lone_surrogates_and_deep_nesting_are_errors_not_crashes(server, n
 
 @pytest.mark.parametrize("where", ["handler", "send", "writer"])
 async def test_a_bug_answers_internal_closes_1011_and_is_counted(server, nursery, monkeypatch, where):
-    from chatd.shard.session import Session
+    from chatd.shard.outbox import Outbox
     alice, bob, ch, ca = await setup_pair(server, nursery)
     cb = await open_client(nursery, bob["ws_url"], bob["token"])
 
@@ -110,7 +110,7 @@ async def test_a_bug_answers_internal_closes_1011_and_is_counted(server, nursery
     target, name, frame = {
         "handler": (server.node.presence, "statuses", {"type": "presence", "user_ids": [1]}),
         "send": (server.node.router, "send", {"type": "send", "channel_id": ch, "client_msg_id": "b", "body": "x"}),
-        "writer": (Session, "_run_sync", {"type": "sync", "cursors": {ch: 0}}),
+        "writer": (Outbox, "_run_sync", {"type": "sync", "cursors": {ch: 0}}),
     }[where]
     monkeypatch.setattr(target, name, broken)
     if where == "send":  # the send's task-free path too (a warm channel takes it)
@@ -167,8 +167,8 @@ async def test_rate_limited_errors_name_the_request(server_with, nursery):
 
 
 async def test_slow_consumer_that_reads_again_gets_whole_frames_then_1013(server_with, nursery, monkeypatch):
-    from chatd.shard import session
-    monkeypatch.setattr(session, "SEND_GRACE_S", 10.0, raising=False)  # bob reads again well inside it, however loaded CI is
+    from chatd.shard import outbox
+    monkeypatch.setattr(outbox, "SEND_GRACE_S", 10.0)  # bob reads again well inside it, however loaded CI is
     server = await server_with(send_queue_frames=4)
     alice, bob, ch, ca = await setup_pair(server, nursery)
     body = "b" * 60_000

@@ -92,3 +92,16 @@ async def test_an_idle_authenticated_connection_costs_one_task(server):
             await trio.sleep(0.05)
     assert not server.node.shard.sessions
     assert len(server.node.shard.timers) == 0  # the closed sessions' timers went with them
+
+
+def test_every_request_type_has_one_verb_and_only_verbs_that_wait_get_a_task():
+    """chatd/shard/session.py's one dispatch table: every request the protocol parses has its
+    method; the verbs that answer at once (or wait as backpressure on this client: a send's
+    slot) run in the reader, the ones that wait on the store or a peer in a task of their own."""
+    from chatd.protocol import client as proto
+    from chatd.shard.session import VERBS, Session
+
+    assert set(VERBS) == {cls for cls, _ in proto._SCHEMAS.values()}
+    in_reader = {t.__name__ for t, (_, task) in VERBS.items() if not task}
+    assert in_reader == {"Auth", "Send", "Sync", "Heartbeat", "UnsubscribePresence"}
+    assert all(getattr(Session, method.__name__) is method for method, _ in VERBS.values())

@@ -1,11 +1,14 @@
-"""A lean WebSocket client for the load generator: RFC 6455 framing as pure functions plus a thin
-trio connection. wsproto/trio-websocket are correct but cost several times more CPU per frame; a
-load generator that shares the machine with the server must spend as little as it can.
+"""A lean WebSocket client for the load generator: a frame parser and a thin trio connection.
+wsproto/trio-websocket are correct but cost several times more CPU per frame; a load generator
+that shares the machine with the server must spend as little as it can.
 
 What it does: the opening handshake (with ``Sec-WebSocket-Accept`` checked), client frames masked
-with a fresh random key (XOR done on big integers, not byte by byte), several frames written with one
-``send_all``, unfragmented and fragmented server frames, ping → pong, close handshake. What it does not:
-extensions (permessage-deflate is never offered) and TLS client certificates.
+with a fresh random key (built by chatd/shard/wsconn.py's :func:`~chatd.shard.wsconn.encode_frame`,
+the one frame encoder: XOR done on big integers, not byte by byte), several frames written with
+one ``send_all``, unfragmented and fragmented server frames (:class:`FrameParser`: the client's
+own parser, a few times cheaper per frame than wsproto's, which the server parses with), ping →
+pong, close handshake. What it does not: extensions (permessage-deflate is never offered) and TLS
+client certificates.
 
 Errors: :class:`WSClosed` when the peer closed (with its close code, 1006 if the TCP connection just
 ended), :class:`HandshakeError` when the upgrade was refused; ``trio`` and ``OSError`` errors pass
@@ -17,7 +20,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-import random
 import socket
 import ssl
 import struct
@@ -25,10 +27,11 @@ from urllib.parse import urlsplit
 
 import trio
 
-OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+from ..shard.wsconn import (OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT,  # noqa: F401 - this client's API
+                            close_payload, encode_frame, mask)
+
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-_rng = random.Random(os.urandom(16))
 
 
 class WSError(Exception):
@@ -46,33 +49,7 @@ class WSClosed(WSError):
         self.reason = reason
 
 
-# ---- pure framing ----------------------------------------------------------------------------
-
-def mask(payload: bytes, key: bytes) -> bytes:
-    n = len(payload)
-    if not n:
-        return payload
-    k = (key * (n // 4 + 1))[:n]
-    return (int.from_bytes(payload, "little") ^ int.from_bytes(k, "little")).to_bytes(n, "little")
-
-
-def encode_frame(opcode: int, payload: bytes, key: bytes | None = None) -> bytes:
-    """One final client frame, masked (``key`` for tests; random otherwise)."""
-    if key is None:
-        key = _rng.getrandbits(32).to_bytes(4, "little")
-    n = len(payload)
-    if n < 126:
-        head = struct.pack("!BB", 0x80 | opcode, 0x80 | n)
-    elif n < 65536:
-        head = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, n)
-    else:
-        head = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, n)
-    return head + key + mask(payload, key)
-
-
-def close_payload(code: int, reason: str = "") -> bytes:
-    return struct.pack("!H", code) + reason.encode()[:120]
-
+# ---- parsing ---------------------------------------------------------------------------------
 
 class FrameParser:
     """Bytes in, complete messages out: ``feed(data) -> [(opcode, payload), ...]``. Control frames

@@ -1,17 +1,18 @@
-"""One writer task for every connection of a server: what sessions queued goes out in one pass.
+"""One writer task for every connection of a server: what the connections queued goes out in one pass.
 
-Why not a writer task per session: a task per connection costs memory for
-the connection's whole life, and a wake-up per flush cost 38 % of the GIL samples of a DM
-profile (benchmarks/README.md). Here :meth:`Session.push <chatd.shard.session.Session.push>`
-writes a live message straight to the socket when nothing is queued before it (the fan-out:
-no pass, no task), and otherwise queues its item and marks the session dirty; this task, woken once for all the sessions made
-dirty since its last pass (e.g. a group message's 100 members), has each write what the socket
-takes at once (``Session._flush_now``). Anything that must wait (a socket that is full, a gap to
-fill from the store, a sync job, a close) is handed to a writer task of that session only, which
-ends when its queue is empty again.
+Why not a writer task per connection: a task per connection costs memory for the connection's
+whole life, and a wake-up per flush cost 38 % of the GIL samples of a DM profile
+(benchmarks/README.md). Here :meth:`Outbox.push <chatd.shard.outbox.Outbox.push>` writes a live
+message straight to the socket when nothing is queued before it (the fan-out: no pass, no
+task), and otherwise queues its item and marks the outbox dirty; this task, woken once for all
+the outboxes made dirty since its last pass (e.g. a group message's 100 members), has each
+write what the socket takes at once (:meth:`Outbox.flush_now
+<chatd.shard.outbox.Outbox.flush_now>`). Anything that must wait (a socket that is full, a gap
+to fill from the store, a sync job, a close) is handed to a writer task of that connection
+only, which ends when its queue is empty again.
 
-Errors: ``_flush_now`` handles its own failures (a bug closes that session with 1011); this
-loop never dies of one session.
+Errors: ``flush_now`` handles its own failures (a bug closes that connection with 1011); this
+loop never dies of one connection.
 """
 
 from __future__ import annotations
@@ -27,14 +28,14 @@ class Flusher:
     __slots__ = ("_dirty", "_task", "_parked", "messages_out")
 
     def __init__(self, messages_out):
-        self.messages_out = messages_out  # the metrics Counter the sessions bump (its ``pending``)
+        self.messages_out = messages_out  # the metrics Counter the outboxes bump (its ``pending``)
         self._dirty: list = []
         self._task = None
         self._parked = False
 
-    def mark(self, session) -> None:
-        """``session._flush_now()`` runs in the next pass (the caller marks each session once)."""
-        self._dirty.append(session)
+    def mark(self, outbox) -> None:
+        """``outbox.flush_now()`` runs in the next pass (the caller marks each outbox once)."""
+        self._dirty.append(outbox)
         if self._parked:
             self._parked = False
             trio.lowlevel.reschedule(self._task)
@@ -53,8 +54,8 @@ class Flusher:
             else:  # marked during the last pass: let the others run first
                 await trio.lowlevel.checkpoint()
             dirty, self._dirty = self._dirty, []
-            for session in dirty:
+            for outbox in dirty:
                 try:
-                    session._flush_now()
-                except Exception:  # noqa: BLE001 - a bug: that session's writes stop, not the server's
-                    log.exception("flusher: a session's write failed")
+                    outbox.flush_now()
+                except Exception:  # noqa: BLE001 - a bug: that connection's writes stop, not the server's
+                    log.exception("flusher: a connection's write failed")

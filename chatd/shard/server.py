@@ -1,8 +1,8 @@
-"""``serve_shard``: the client-facing WebSocket server of one chat shard (wsproto, chatd/shard/wsconn.py).
+"""The client-facing WebSocket server of one chat shard (wsproto, chatd/shard/wsconn.py).
 
 Resources: one listening socket; one task per connection (the handshake, bounded by
 ``CONNECT_TIMEOUT_S``, then the :class:`~chatd.shard.session.Session`'s reader), all in one
-handler nursery owned by this function, with the two tasks shared by all sessions: the flusher
+handler nursery owned by :meth:`ShardServer.serve`, with the two tasks shared by all sessions: the flusher
 (chatd/shard/flusher.py) and the timer wheel (chatd/shard/timers.py). Started with ``nursery.start``:
 it reports the bound port only once it accepts. Stopping: :meth:`ShardServer.drain` asks every
 session to close with 1001 (clients reconnect through discovery), then cancellation ends the rest.
@@ -15,13 +15,13 @@ import gc
 import logging
 
 import trio
-from trio_websocket import ConnectionClosed
 
 from ..protocol.client import JSON, SUBPROTOCOLS
 from . import wsconn
 from .flusher import Flusher
 from .session import CLOSE_GOING_AWAY, Session
 from .timers import Timers
+from .wsconn import ConnectionClosed
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +54,11 @@ class ShardServer:
         closed when this returns, whatever happened."""
         try:
             async with stream:
-                ws = None
                 # Frames above max_frame_bytes get a 'frame_too_large' error and the connection goes on;
                 # only frames above twice that are refused with close 1009, exactly: 2 * max_frame_bytes
                 # bytes is answered, one byte more closes.
-                with trio.move_on_after(CONNECT_TIMEOUT_S):
-                    ws = await wsconn.accept(stream, choose_subprotocol, 2 * self.node.config.limits.max_frame_bytes)
+                ws = await wsconn.accept(stream, choose_subprotocol, 2 * self.node.config.limits.max_frame_bytes,
+                                         CONNECT_TIMEOUT_S)
                 if ws is None:
                     return
                 await self._serve_connection(ws)

@@ -1,39 +1,56 @@
-"""The server side of a client WebSocket connection: wsproto's handshake and framing, trio glue here.
+"""The server side of a client WebSocket connection: wsproto's handshake and parsing, trio glue
+and the framing of what the server sends here.
 
 Why not trio-websocket's server (the bench clients use its client side): memory and tasks per
-idle connection (goal: <= 16 KiB per connection at 10,000). A
-trio-websocket server connection keeps, for its whole life, a reader task of its own (plus the
-handler task and a nursery around both), a memory channel for received messages, a send lock,
-three events, a ping dict, the ``WSConnection`` wrapper with its h11 handshake state and the
-request headers. Measured (``chatd bench idle --clients 2000 --duration 15 --ramp-up 10
---procs 2``, server RSS per connection): 36.8 KiB per idle authenticated connection
-with trio-websocket's server, 24.1 KiB with this module and nothing else changed. Here a connection is one ``__slots__`` object that keeps only
+idle connection (goal: <= 16 KiB per connection at 10,000). A trio-websocket server connection
+keeps, for its whole life, a reader task of its own (plus the handler task and a nursery around
+both), a memory channel for received messages, a send lock, three events, a ping dict, the
+``WSConnection`` wrapper with its h11 handshake state and the request headers. Measured (``chatd
+bench idle --clients 2000 --duration 15 --ramp-up 10 --procs 2``, server RSS per connection):
+36.8 KiB per idle authenticated connection with trio-websocket's server, 24.1 KiB with this
+module and nothing else changed. Here a connection is one ``__slots__`` object that keeps only
 wsproto's ``Connection`` (the frame parser) once the handshake is over, and no task: the
-session's reader task reads the socket itself (:meth:`ServerConnection.get_message`), so a
-connection costs the handler task only. The handshake, framing, UTF-8 checks and close-frame
-parsing stay wsproto's (the well-kept library); this module is the I/O around it.
+session's reader task reads the stream itself (:meth:`ServerConnection.get_message`), so a
+connection costs the handler task only. The handshake, parsing, UTF-8 checks and close frames
+stay wsproto's (the well-kept library); this module is the I/O around it.
 
-Behaviour (tests/test_hardening.py checks it with real clients):
+Framing: :func:`frame` builds the server's data frames (unmasked, so a message's frame is the
+same for every connection and is built once per format: chatd/shard/outbox.py), and
+:func:`encode_frame` the masked client frames of the load generator (chatd/bench/ws.py): one
+encoder, byte for byte what wsproto builds (tests/test_wsconn.py compares them), at a fraction
+of its cost per frame (a 130-byte message frame: 1.9 µs with wsproto 1.3's ``FrameProtocol``,
+0.16 µs here; masked: 4.4 µs against 0.9 µs; the shared 2-core development box).
 
-* a frame wsproto cannot parse gets a close frame with wsproto's code before the TCP close (1007
-  for a text frame that is not UTF-8, 1002 for a protocol violation), never a bare TCP close;
+Behaviour (tests/test_wsconn.py drives it over memory streams, tests/test_hardening.py with
+real clients):
+
+* a frame wsproto cannot parse gets a close frame with wsproto's code before the stream is
+  closed (1007 for a text frame that is not UTF-8, 1002 for a protocol violation), never a bare
+  TCP close;
 * a message above ``max_message_size`` (counted as trio-websocket did: characters of a text
   message, bytes of a binary one) gets close 1009;
-* a peer's close frame is answered with the same code, then the TCP connection is closed;
-* pings are answered with pongs; a request that is not a WebSocket upgrade gets HTTP 400 (wsproto's
-  rejection); a handshake not finished within ``connect_timeout`` is dropped.
+* a peer's close frame is answered with the same code, then the stream is closed;
+* pings are answered with pongs; a request that is not a WebSocket upgrade gets HTTP 400
+  (wsproto's rejection); a handshake not finished within ``timeout_s`` is dropped.
 
-Errors: every failure of the socket or the peer surfaces as trio-websocket's
-``ConnectionClosed`` (with a ``CloseReason``), as before, so the session's error policy is
-unchanged. Writes: :meth:`write_nowait` (what the socket takes now, no yield) and
-:meth:`send_raw` (an awaited write of the rest under the connection's send lock) never
-interleave two writers' bytes; the lock exists only once an awaited write needed it.
+Errors: every failure of the stream or the peer surfaces as :class:`ConnectionClosed` (with a
+:class:`CloseReason`: 1006 when the stream just ended or failed). Writes: :meth:`write_nowait`
+(what the stream takes now, no yield) and :meth:`send_raw` (an awaited write of the rest under
+the connection's send lock) never interleave two writers' bytes; the lock exists only once an
+awaited write needed it. Only a :class:`trio.SocketStream` takes bytes without yielding (the
+stdlib socket under it, written directly: trio has no public non-blocking send); on any other
+stream (TLS, memory streams in tests) :meth:`write_nowait` takes nothing and every byte goes
+through :meth:`send_raw`.
 """
 
 from __future__ import annotations
 
+import os
+import random
+import struct
+from typing import Callable, NamedTuple
+
 import trio
-from trio_websocket import CloseReason, ConnectionClosed
 from wsproto.connection import ConnectionState, ConnectionType
 from wsproto.events import (AcceptConnection, BytesMessage, CloseConnection, Ping, RejectConnection,
                             Request, TextMessage)
@@ -44,20 +61,98 @@ RECEIVE_BYTES = 65536
 MAX_REASON_BYTES = 120  # a close frame's reason fits in 123 bytes
 ABNORMAL = 1006
 TOO_BIG = 1009
+OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+
+
+class CloseReason(NamedTuple):
+    """How a connection ended: the close code (1006: no close frame) and its reason."""
+    code: int
+    reason: str | None = None
+
+
+class ConnectionClosed(Exception):
+    """The connection is closed or failed; :attr:`reason` is its :class:`CloseReason`."""
+
+    def __init__(self, reason: CloseReason | None):
+        super().__init__(reason)
+        self.reason = reason or CloseReason(ABNORMAL)
+
+
+# ---- framing -------------------------------------------------------------------------------------
+_rng = random.Random(os.urandom(16))
+_pack_16 = struct.Struct("!BBH").pack
+_pack_64 = struct.Struct("!BBQ").pack
+
+
+def frame(payload: str | bytes) -> bytes:
+    """One final, unmasked server frame: text for ``str``, binary for ``bytes``."""
+    if type(payload) is str:
+        payload = payload.encode()
+        b0 = 0x81
+    else:
+        b0 = 0x82
+    n = len(payload)  # (the header inline here and in encode_frame: a call per frame costs 5 %)
+    if n < 126:
+        return bytes((b0, n)) + payload
+    if n < 65536:
+        return _pack_16(b0, 126, n) + payload
+    return _pack_64(b0, 127, n) + payload
+
+
+def mask(payload: bytes, key: bytes) -> bytes:
+    """``payload`` XOR the 4-byte ``key`` repeated (done on big integers, not byte by byte)."""
+    n = len(payload)
+    if not n:
+        return payload
+    k = (key * (n // 4 + 1))[:n]
+    return (int.from_bytes(payload, "little") ^ int.from_bytes(k, "little")).to_bytes(n, "little")
+
+
+def encode_frame(opcode: int, payload: bytes, key: bytes | None = None) -> bytes:
+    """One final client frame, masked with ``key`` (4 bytes; a fresh random one if None)."""
+    if key is None:
+        key = _rng.getrandbits(32).to_bytes(4, "little")
+    n = len(payload)
+    if n < 126:
+        head = bytes((0x80 | opcode, 0x80 | n))
+    elif n < 65536:
+        head = _pack_16(0x80 | opcode, 0x80 | 126, n)
+    else:
+        head = _pack_64(0x80 | opcode, 0x80 | 127, n)
+    return head + key + mask(payload, key)
+
+
+def close_payload(code: int, reason: str = "") -> bytes:
+    """The payload of a close frame: the code, then the reason cut to fit (valid UTF-8)."""
+    return struct.pack("!H", code) + _short(reason).encode()
 
 
 def _short(reason: str | None) -> str:
     return (reason or "").encode()[:MAX_REASON_BYTES].decode(errors="ignore")
 
 
+def _takes_nothing(data: bytes) -> int:
+    return 0
+
+
+def send_now_of(stream: trio.abc.Stream) -> Callable[[bytes], int]:
+    """How to write, without yielding, what ``stream`` takes now: the ``send`` of the stdlib
+    socket under a :class:`trio.SocketStream` (non-blocking: it takes what fits or raises
+    ``BlockingIOError``); for any other stream a function that takes nothing."""
+    if isinstance(stream, trio.SocketStream):
+        return stream.socket._sock.send
+    return _takes_nothing
+
+
 class ServerConnection:
-    """One accepted WebSocket connection (server side). Not safe for two concurrent readers."""
+    """One accepted WebSocket connection (server side) over any trio stream. Not safe for two
+    concurrent readers."""
 
-    __slots__ = ("stream", "_sock", "_proto", "_lock", "_close_reason", "max_message_size", "subprotocol")
+    __slots__ = ("stream", "_send_now", "_proto", "_lock", "_close_reason", "max_message_size", "subprotocol")
 
-    def __init__(self, stream: trio.SocketStream, proto, subprotocol: str | None, max_message_size: int):
+    def __init__(self, stream: trio.abc.Stream, proto, subprotocol: str | None, max_message_size: int):
         self.stream = stream
-        self._sock = stream.socket._sock  # the stdlib socket under trio's (for write_nowait)
+        self._send_now = send_now_of(stream)  # for write_nowait
         self._proto = proto  # wsproto.connection.Connection
         self._lock: trio.Lock | None = None
         self._close_reason: CloseReason | None = None
@@ -74,21 +169,22 @@ class ServerConnection:
 
     # ---- writes ------------------------------------------------------------------------------
     def write_nowait(self, data: bytes) -> int:
-        """Write what the socket takes *now*, without yielding; the bytes written (0 when an
-        awaited write holds the send lock, the connection is not open, the buffer is full or the
-        socket failed: :meth:`send_raw` then writes the rest and reports any failure)."""
+        """Write what the stream takes *now*, without yielding; the bytes written (0 when an
+        awaited write holds the send lock, the connection is not open, the buffer is full, the
+        socket failed or the stream is not a socket: :meth:`send_raw` then writes the rest and
+        reports any failure)."""
         # (_close_reason is set by every path that moves wsproto's state off OPEN)
         if self._close_reason is not None or (self._lock is not None and self._lock.locked()):
             return 0
         try:
-            return self._sock.send(data)
+            return self._send_now(data)
         except OSError:  # BlockingIOError included
             return 0
 
     async def send_raw(self, data: bytes) -> None:
         """Write pre-built frames, all of them, under the send lock; ConnectionClosed if closed."""
         if not self.is_open:
-            raise ConnectionClosed(self._close_reason or CloseReason(ABNORMAL, None))
+            raise ConnectionClosed(self._close_reason)
         await self._write(data)
 
     async def _write(self, data: bytes) -> None:
@@ -190,10 +286,17 @@ class ServerConnection:
             await self.stream.aclose()
 
 
-async def accept(stream: trio.SocketStream, choose, max_message_size: int) -> ServerConnection | None:
-    """Read the HTTP upgrade request and answer it (the caller bounds the time). ``choose(proposed
-    subprotocols)`` names the one to accept (or None). None when the peer left or sent something
-    that is not a WebSocket upgrade (it got HTTP 400 then)."""
+async def accept(stream: trio.abc.Stream, choose, max_message_size: int, timeout_s: float) -> ServerConnection | None:
+    """Read the HTTP upgrade request and answer it. ``choose(proposed subprotocols)`` names the
+    one to accept (or None). None when the peer left, sent something that is not a WebSocket
+    upgrade (it got HTTP 400 then) or did not finish within ``timeout_s`` (it got nothing); the
+    caller closes the stream."""
+    with trio.move_on_after(timeout_s):
+        return await _accept(stream, choose, max_message_size)
+    return None
+
+
+async def _accept(stream: trio.abc.Stream, choose, max_message_size: int) -> ServerConnection | None:
     handshake = H11Handshake(ConnectionType.SERVER)
     request = None
     try:
