@@ -11,19 +11,10 @@ from __future__ import annotations
 from typing import Iterable, Protocol
 
 from ..config import Config
-from ..discovery.view import ShardInfo, View
+from ..discovery.base import Discovery  # the API reads view, writable, live() and pick_shard()
 from ..membership import Membership
 from ..metrics import Metrics
 from ..store.base import Store
-
-
-class Discovery(Protocol):
-    view: View
-    writable: bool
-
-    def live(self) -> list[ShardInfo]: ...
-
-    def pick_shard(self, user_id: int) -> ShardInfo: ...  # LookupError without a live shard
 
 
 class Presence(Protocol):
