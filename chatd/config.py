@@ -40,6 +40,8 @@ class ServerConfig:
     # Reverse proxies (addresses or CIDRs) whose X-Forwarded-For / Forwarded headers name the
     # client; the client is the right-most hop not listed. Empty: the TCP peer is the client.
     trusted_proxies: list[str] = field(default_factory=list)
+    # The header those proxies set: "x-forwarded-for" or "forwarded" (RFC 7239); the other is ignored.
+    proxy_header: str = "x-forwarded-for"
 
 
 @dataclass
@@ -259,6 +261,8 @@ class Config:
         self._validate_push()
 
     def _validate_trusted_proxies(self) -> None:
+        if self.server.proxy_header not in ("x-forwarded-for", "forwarded"):
+            raise ConfigError("server.proxy_header must be 'x-forwarded-for' or 'forwarded'")
         for entry in self.server.trusted_proxies:
             try:
                 ipaddress.ip_network(entry, strict=False)

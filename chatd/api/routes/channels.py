@@ -27,6 +27,7 @@ from .. import models as m
 from ..caller import Caller
 from ..common import require_member
 from ..host import ApiHost
+from ..names import check_name
 from ..spec import route
 
 
@@ -47,6 +48,7 @@ def register(app: QuartTrio, node: ApiHost) -> None:
     @route(m.GroupAnswer, 201, body=GroupCreate, errors=(404, 409))
     async def create_group(data: m.GroupCreate, caller: Caller):
         uid = caller.user_id
+        check_name("name", data.name)
         channel = await store.create_group(new_group_id(), data.name, uid, data.members, time.time(),
                                            limits.max_group_members)
         return {"channel": {"id": channel.id, "kind": "group", "name": channel.name, "owner_id": uid,
