@@ -42,6 +42,8 @@ class ServerConfig:
     trusted_proxies: list[str] = field(default_factory=list)
     # The header those proxies set: "x-forwarded-for" or "forwarded" (RFC 7239); the other is ignored.
     proxy_header: str = "x-forwarded-for"
+    # An HTTP request body not received within this long is answered 408 and its connection closed.
+    http_body_timeout_s: float = 30.0
 
 
 @dataclass
@@ -261,6 +263,8 @@ class Config:
         self._validate_push()
 
     def _validate_trusted_proxies(self) -> None:
+        if self.server.http_body_timeout_s <= 0:
+            raise ConfigError("server.http_body_timeout_s must be > 0")
         if self.server.proxy_header not in ("x-forwarded-for", "forwarded"):
             raise ConfigError("server.proxy_header must be 'x-forwarded-for' or 'forwarded'")
         for entry in self.server.trusted_proxies:

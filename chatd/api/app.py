@@ -53,6 +53,7 @@ _HTTP_CODES = {400: "bad_request", 401: "not_authenticated", 403: "forbidden", 4
 def create_app(node: ApiHost) -> QuartTrio:
     app = QuartTrio("chatd")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.config["BODY_TIMEOUT"] = node.config.server.http_body_timeout_s
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = True
     metrics = node.metrics
 
