@@ -261,3 +261,182 @@ def test_owasp_scrypt_parameters_hash_and_verify():
     stored = auth.hash_password("pw", 2**17)
     assert stored.startswith("scrypt$131072$8$1$") and auth.verify_password("pw", stored)
     assert auth.needs_rehash("scrypt$32768$8$1$x$y", 2**17) and not auth.needs_rehash(stored, 2**17)
+
+
+# ---- names, media types ---------------------------------------------------------------------------
+async def test_names_refuse_control_and_format_characters(server):
+    me = await server.api.signup_login("alice")
+    t = me["token"]
+    for bad in ("evil\u202egnp.exe", "nul\x00", "line\u2028break", "zero\u200bwidth", "\u2066isolate", "bell\x07",
+                "private\ue000", "   "):
+        r = await server.api.call("PATCH", "/v1/users/me", {"display_name": bad}, token=t)
+        assert r.status == 400 and r.body["error"]["code"] == "bad_field", (bad, r)
+        r = await server.api.call("POST", "/v1/groups", {"name": bad}, token=t)
+        assert r.status == 400 and r.body["error"]["code"] == "bad_field", (bad, r)
+        r = await server.api.call("POST", "/v1/users", {"username": "bobby", "password": PASSWORD, "display_name": bad})
+        assert r.status == 400 and r.body["error"]["code"] == "bad_field", (bad, r)
+    assert await server.node.store.get_user_by_name("bobby") is None
+    for good in ("Zoë 👨\u200d👩\u200d👧", "❤\ufe0f love", "עברית", "名前"):
+        r = await server.api.call("PATCH", "/v1/users/me", {"display_name": good}, token=t)
+        assert r.status == 200 and r.body["user"]["display_name"] == good, (good, r)
+        r = await server.api.call("POST", "/v1/groups", {"name": good}, token=t)
+        assert r.status == 201, (good, r)
+    r = await server.api.call("PATCH", "/v1/users/me", {"display_name": "a\u200db"}, token=t)
+    assert r.status == 400  # a joiner between letters is no emoji sequence
+
+
+async def test_json_bodies_need_the_json_media_type(server):
+    for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None):
+        headers = {"Content-Type": ctype} if ctype else {}
+        raw = json.dumps({"username": "alice", "password": PASSWORD}).encode()
+        status, body, _ = await trio.to_thread.run_sync(_raw_http_typed, server.info.api_url + "/v1/users", raw, headers)
+        assert status == 415 and body["error"]["code"] == "unsupported_media_type", (ctype, body)
+    assert await server.node.store.get_user_by_name("alice") is None
+    status, _, _ = await call(server, "POST", "/v1/users", {"username": "alice", "password": PASSWORD},
+                              {"Content-Type": "application/json; charset=utf-8"})
+    assert status == 201
+    spec = (await server.api.call("GET", "/openapi.json")).body
+    assert "415" in spec["paths"]["/v1/users"]["post"]["responses"]
+    assert "415" not in spec["paths"]["/v1/channels"]["get"]["responses"]
+
+
+def _raw_http_typed(url, data, headers):
+    """urllib adds a form Content-Type to a POST without one: a raw request keeps it out."""
+    if "Content-Type" in headers:
+        return _raw_http(url, "POST", data, headers)
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(b"POST /v1/users HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(data) + data)
+        status, _, body = _read_response(s)
+        return status, json.loads(body), {}
+
+
+# ---- finding 8: unauthenticated bodies, timed-out bodies ------------------------------------------
+def _read_response(s: socket.socket) -> tuple[int, dict, bytes]:
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = s.recv(65536)
+        if not chunk:
+            raise EOFError(buf)
+        buf += chunk
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    lines = head.decode("latin1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    length = int(headers.get("content-length", "0"))
+    while len(rest) < length:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        rest += chunk
+    return int(lines[0].split()[1]), headers, rest[:length]
+
+
+def _closed_within(s: socket.socket, seconds: float) -> bool:
+    s.settimeout(seconds)
+    try:
+        while s.recv(65536):
+            pass
+        return True
+    except (socket.timeout, TimeoutError):
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def _open(srv) -> socket.socket:
+    host, port = srv.info.api_url.split("//")[1].split(":")
+    return socket.create_connection((host, int(port)), timeout=10)
+
+
+@pytest.mark.parametrize("path, status, code", [("/v1/groups", 401, "not_authenticated"),
+                                                ("/v1/users", 413, "frame_too_large")])
+async def test_a_large_body_without_a_token_is_refused_before_it_is_read(server, path, status, code):
+    def probe():
+        with _open(server) as s:
+            s.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 1048575\r\n\r\n" % path.encode() + b" " * 4096)
+            started = time.monotonic()
+            got, headers, body = _read_response(s)  # answered with a megabyte still to come
+            return got, headers, json.loads(body), time.monotonic() - started, _closed_within(s, 3)
+
+    got, headers, body, took, closed = await trio.to_thread.run_sync(probe)
+    assert (got, body["error"]["code"]) == (status, code) and took < 2
+    assert headers["connection"] == "close" and closed
+
+
+async def test_a_chunked_body_without_a_token_is_cut_after_16_kib(server):
+    def probe():
+        with _open(server) as s:
+            s.sendall(b"POST /v1/groups HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Transfer-Encoding: chunked\r\n\r\n")
+            for _ in range(5):  # 20 KiB of an endless body
+                s.sendall(b"1000\r\n" + b" " * 4096 + b"\r\n")
+            got, _, body = _read_response(s)
+            return got, json.loads(body), _closed_within(s, 3)
+
+    got, body, closed = await trio.to_thread.run_sync(probe)
+    assert (got, body["error"]["code"]) == (401, "not_authenticated") and closed
+
+
+async def test_a_large_body_with_a_token_is_read(server):
+    me = await server.api.signup_login("alice")
+    r = await server.api.call("PATCH", "/v1/users/me", raw=json.dumps({"about": "y" * 1000}).encode() + b" " * 40_000,
+                              token=me["token"])
+    assert r.status == 200 and r.body["user"]["about"] == "y" * 1000
+
+
+async def test_the_connection_is_closed_right_after_a_408(nursery, tmp_path):
+    srv = await start(nursery, tmp_path, server_cfg={"http_body_timeout_s": 0.5})
+    me = await srv.api.signup_login("alice")
+
+    def probe():
+        with _open(srv) as s:
+            s.sendall(b"PATCH /v1/users/me HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Authorization: Bearer %s\r\nContent-Length: 100\r\n\r\n{" % me["token"].encode())
+            got, headers, _ = _read_response(s)
+            return got, headers, _closed_within(s, 3)
+
+    got, headers, closed = await trio.to_thread.run_sync(probe)
+    assert got == 408 and headers.get("connection") == "close" and closed
+
+
+# ---- finding 9: history byte budget ---------------------------------------------------------------
+async def test_http_history_pages_stay_within_the_byte_budget(nursery, tmp_path):
+    srv = await start(nursery, tmp_path, max_frame_bytes=64 * 1024, max_body_chars=10_000)
+    me = await srv.api.signup_login("alice")
+    g = (await srv.api.call("POST", "/v1/groups", {"name": "g"}, token=me["token"])).body["channel"]["id"]
+    for i in range(20):
+        await srv.node.store.append_message(g, me["user"]["id"], f"c{i}", f"{i:02d}" + "€" * 9_998, 1000.0 + i)
+    budget = 64 * 1024
+    r = await srv.api.call("GET", f"/v1/channels/{g}/messages?limit=20", token=me["token"])
+    seqs = [m["seq"] for m in r.body["messages"]]
+    assert r.body["more"] is True and seqs == list(range(20 - len(seqs) + 1, 21)) and 0 < len(seqs) < 20
+    assert len(json.dumps(r.body).encode()) <= budget  # (the budget counts 4 bytes a character)
+    r = await srv.api.call("GET", f"/v1/channels/{g}/messages?limit=20&after=0", token=me["token"])
+    seqs = [m["seq"] for m in r.body["messages"]]
+    assert r.body["more"] is True and seqs == list(range(1, len(seqs) + 1))
+    r = await srv.api.call("GET", f"/v1/channels/{g}/messages?limit=1&after=19", token=me["token"])
+    assert [m["seq"] for m in r.body["messages"]] == [20] and r.body["more"] is False
+
+
+# ---- security events ------------------------------------------------------------------------------
+async def test_security_events_are_logged_without_secrets(server, caplog):
+    caplog.set_level(logging.INFO, logger="chatd.security")
+    api = server.api
+    await api.call("POST", "/v1/users", {"username": "alice", "password": PASSWORD})
+    await api.call("POST", "/v1/users", {"username": "alice", "password": PASSWORD})
+    await api.call("POST", "/v1/login", {"username": "alice", "password": "wrong-password-1"})
+    me = await api.login("alice")
+    await api.call("POST", "/v1/logout", token=me["token"])
+    await api.call("GET", "/v1/users/me", token=me["token"])
+    lines = [r.getMessage() for r in caplog.records if r.name == "chatd.security"]
+    uid, dev = me["user"]["id"], me["device_id"]
+    assert lines == [f"event=signup outcome=ok user={uid} username=alice addr=127.0.0.1",
+                     "event=signup outcome=refused reason=taken addr=127.0.0.1",
+                     f"event=login outcome=failed user={uid} username=alice addr=127.0.0.1",
+                     f"event=login outcome=ok user={uid} device={dev} addr=127.0.0.1",
+                     f"event=logout outcome=ok user={uid} device={dev} addr=127.0.0.1",
+                     f"event=token outcome=revoked user={uid} device={dev} addr=127.0.0.1"], lines
+    assert all(r.levelno == logging.INFO for r in caplog.records if r.name == "chatd.security")
+    text = "\n".join(lines)
+    assert PASSWORD not in text and "wrong-password" not in text and me["token"] not in text

@@ -32,6 +32,7 @@ from werkzeug.exceptions import HTTPException
 from ..auth import token_claims
 from ..errors import ChatError
 from . import clientaddr, securitylog as security
+from .asgi import HTTPConnection
 from .caller import Caller, authenticate
 from .clientaddr import request_address
 from .common import RetryLater, error_answer
@@ -52,6 +53,7 @@ _HTTP_CODES = {400: "bad_request", 401: "not_authenticated", 403: "forbidden", 4
 
 def create_app(node: ApiHost) -> QuartTrio:
     app = QuartTrio("chatd")
+    app.asgi_http_class = HTTPConnection
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.config["BODY_TIMEOUT"] = node.config.server.http_body_timeout_s
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = True
