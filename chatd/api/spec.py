@@ -36,6 +36,9 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from ..errors import ChatError
 from ..ids import MAX_INT64
 from .models import ErrorBody, all_models
+from .names import schema_pattern
+
+NAME_FIELDS = {"SignUp": ("display_name",), "ProfilePatch": ("display_name",), "GroupCreate": ("name",)}
 
 BEARER = [{"bearer": []}]
 UNAUTHENTICATED_BODY_BYTES = 16 * 1024
@@ -50,11 +53,15 @@ class _Provider(OpenAPIProvider):
         out = super().schema()
         _, components = msgspec.json.schema_components(all_models(), ref_template="#/components/schemas/{name}")
         out["components"]["schemas"] = {**components, **out["components"]["schemas"]}
+        for name, schema in out["components"]["schemas"].items():
+            _name_pattern(name, schema)
         return out
 
     def build_request_body(self, model, source):
         body, definitions = super().build_request_body(model, source)
         body["required"] = bool(required_fields(model))
+        for content in body.get("content", {}).values():
+            _name_pattern(content.get("schema", {}).get("title", ""), content.get("schema", {}))
         return body, definitions
 
     def build_querystring_parameters(self, model):
@@ -63,6 +70,15 @@ class _Provider(OpenAPIProvider):
             if p["name"] in required_fields(model):
                 p["required"] = True
         return params, definitions
+
+
+def _name_pattern(model: str, schema: dict) -> None:
+    """The name rule (:mod:`chatd.api.names`, checked in the routes) as a pattern on the name fields."""
+    for f in NAME_FIELDS.get(model, ()):
+        prop = schema.get("properties", {}).get(f)
+        for target in ([prop] if prop and "type" in prop else prop.get("anyOf", []) if prop else []):
+            if target.get("type") == "string":
+                target["pattern"] = schema_pattern()
 
 
 def required_fields(model) -> set[str]:

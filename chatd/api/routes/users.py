@@ -23,6 +23,7 @@ hand out, or a hashing queue over its bound, is ``unavailable`` (503, the latter
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import math
 import secrets
 import time
@@ -37,7 +38,7 @@ from ...ids import MAX_INT64
 from .. import models as m
 from .. import securitylog as security
 from ..caller import Caller
-from ..clientaddr import request_address
+from ..clientaddr import parse_networks, request_address
 from ..common import error_answer, shard_for
 from ..hashing import HashingPool, retry_after_header
 from ..host import ApiHost
@@ -53,6 +54,16 @@ def register(app: QuartTrio, node: ApiHost) -> None:
     guard = LoginGuard(auth.login_failures_per_user_burst, auth.login_failures_per_user_per_min,
                        auth.login_failures_per_ip_burst, auth.login_failures_per_ip_per_min)
     signups = BucketTable(auth.signups_per_ip_per_hour / 3600.0, auth.signups_per_ip_burst)
+    unthrottled = parse_networks(auth.signups_unthrottled)
+
+    def signup_wait(addr: str) -> float:
+        try:
+            ip = ipaddress.ip_address(addr)
+        except ValueError:
+            ip = None
+        if ip is not None and any(ip in net for net in unthrottled):
+            return 0.0
+        return signups.take(addr, trio.current_time())
 
     def throttled(message: str, wait: float):
         body, status = error_answer(node.metrics, "rate_limited", f"{message}; retry in {math.ceil(wait)} s")
@@ -80,7 +91,7 @@ def register(app: QuartTrio, node: ApiHost) -> None:
         addr = request_address()
         invite = await check_invite(data.invite, addr)
         display = data.username if data.display_name is None else check_name("display_name", data.display_name)
-        wait = signups.take(addr, trio.current_time())
+        wait = signup_wait(addr)
         if wait > 0:
             security.event("signup", "refused", reason="throttled", addr=addr)
             return throttled("too many sign-ups from your address", wait)
