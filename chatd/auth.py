@@ -1,11 +1,22 @@
 """Passwords (scrypt) and signed, expiring tokens. Pure functions; callers run the slow
 ``hash_password`` / ``verify_password`` in a worker thread.
 
+Hashes are ``scrypt$N$r$p$salt$key``; :func:`needs_rehash` tells whether a stored hash was made
+with weaker parameters than the configured ones (a successful login then stores a new one). The
+memory bound (``MAX_SCRYPT_MEMORY``) admits N up to 2**18 with r=8; a stored hash above it
+verifies as false.
+
 Token format: ``v1.<base64url(JSON payload)>.<base64url(HMAC-SHA256(secret, "v1." + payload))>``;
 the payload is ``{"u": user_id, "d": device_id, "exp": unix_seconds, "n": nonce}``; the random nonce
 makes every issued token distinct, so a logout (which revokes one token) never revokes the token of a
 later login of the same device within the same second. Verification is
 constant-time; a bad signature is ``invalid_token``, a past ``exp`` is ``token_expired``.
+
+Invite format (``chatd admin invite``; sign-up with ``auth.registration = "invite"``):
+``inv1.<base64url(JSON {"i": invite_id, "m": max_uses, "exp": unix_seconds})>.<base64url(HMAC-SHA256(secret,
+"inv1." + payload))>``. The signature makes an invite unforgeable without ``auth.secret``; how often it
+was used is counted in the store (:meth:`chatd.store.base.Store.use_invite`). Another prefix than the
+tokens' so neither passes for the other.
 """
 
 from __future__ import annotations
@@ -21,11 +32,13 @@ import time
 from .errors import ChatError
 
 _R, _P, _DKLEN = 8, 1, 32
+MAX_SCRYPT_MEMORY = 2**29  # bytes; 128 * r * N is 256 MiB at N = 2**18
+INVITE_PREFIX = "inv1"
 
 
 def hash_password(password: str, n: int) -> str:
     salt = os.urandom(16)
-    dk = hashlib.scrypt(password.encode(), salt=salt, n=n, r=_R, p=_P, dklen=_DKLEN, maxmem=2**27)
+    dk = hashlib.scrypt(password.encode(), salt=salt, n=n, r=_R, p=_P, dklen=_DKLEN, maxmem=MAX_SCRYPT_MEMORY)
     return f"scrypt${n}${_R}${_P}${_b64(salt)}${_b64(dk)}"
 
 
@@ -35,10 +48,19 @@ def verify_password(password: str, stored: str) -> bool:
         if kind != "scrypt":
             return False
         got = hashlib.scrypt(password.encode(), salt=_unb64(salt), n=int(n), r=int(r), p=int(p),
-                             dklen=len(_unb64(dk)), maxmem=2**27)
+                             dklen=len(_unb64(dk)), maxmem=MAX_SCRYPT_MEMORY)
     except (ValueError, TypeError):
         return False
     return hmac.compare_digest(got, _unb64(dk))
+
+
+def needs_rehash(stored: str, n: int) -> bool:
+    """Whether ``stored`` was hashed with weaker parameters than scrypt ``n`` with r=8, p=1."""
+    try:
+        kind, sn, r, p, _, _ = stored.split("$")
+        return kind != "scrypt" or int(sn) < n or int(r) < _R or int(p) < _P
+    except ValueError:
+        return True
 
 
 def new_secret() -> str:
@@ -78,6 +100,36 @@ def token_claims(secret: str, token: str, now: float | None = None) -> tuple[int
     if (time.time() if now is None else now) >= exp:
         raise ChatError("token_expired", "token has expired; log in again")
     return user_id, device_id, exp
+
+
+def issue_invite(secret: str, max_uses: int, ttl_s: float, now: float | None = None) -> tuple[str, str, int]:
+    """A fresh invite: ``(invite, invite_id, expires_at)``."""
+    invite_id = secrets.token_hex(8)
+    exp = int((time.time() if now is None else now) + ttl_s)
+    payload = _b64(json.dumps({"i": invite_id, "m": max_uses, "exp": exp}, separators=(",", ":")).encode())
+    signed = f"{INVITE_PREFIX}.{payload}"
+    return f"{signed}.{_sign(secret, signed)}", invite_id, exp
+
+
+def invite_claims(secret: str, invite: str, now: float | None = None) -> tuple[str, int, int]:
+    """``(invite_id, max_uses, expires_at)`` of a valid invite, or raise ``invite_invalid``."""
+    try:
+        invite.encode("ascii")
+        prefix, payload, sig = invite.split(".")
+    except (ValueError, AttributeError):
+        raise ChatError("invite_invalid", "the invite is malformed") from None
+    if prefix != INVITE_PREFIX or not hmac.compare_digest(sig, _sign(secret, f"{prefix}.{payload}")):
+        raise ChatError("invite_invalid", "the invite is not valid")
+    try:
+        data = json.loads(_unb64(payload))
+        invite_id, max_uses, exp = data["i"], data["m"], data["exp"]
+        if not (isinstance(invite_id, str) and isinstance(max_uses, int) and isinstance(exp, int)):
+            raise TypeError
+    except (ValueError, TypeError, KeyError):
+        raise ChatError("invite_invalid", "the invite is malformed") from None
+    if (time.time() if now is None else now) >= exp:
+        raise ChatError("invite_invalid", "the invite has expired")
+    return invite_id, max_uses, exp
 
 
 def _sign(secret: str, data: str) -> str:

@@ -209,5 +209,29 @@ def store_migrate(config_path, data_dir, bucket_size):
         raise click.ClickException(f"chatd store migrate failed: {' '.join(str(e).split())}") from None
 
 
+@main.group("admin")
+def admin_group():
+    """Operator commands."""
+
+
+@admin_group.command("invite")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config file.")
+@click.option("--uses", type=click.IntRange(min=1), default=1, show_default=True, help="Sign-ups it admits.")
+@click.option("--ttl-s", type=click.FloatRange(min=1), default=7 * 24 * 3600.0, show_default=True,
+              help="Seconds it stays valid.")
+def admin_invite(config_path, uses, ttl_s):
+    """Print an invite for sign-up with auth.registration = "invite" (signed with the token secret:
+    auth.secret, or the data directory's secret.key of `chatd run`). Its uses are counted in the store."""
+    from .auth import issue_invite
+    from .node import load_secret
+
+    config = _load(config_path)
+    if not config.auth.secret and not (config.data_path / "secret.key").exists():
+        raise click.ClickException("no token secret: set auth.secret, or start `chatd run` once (it makes "
+                                   f"{config.data_path / 'secret.key'})")
+    invite, _, _ = issue_invite(load_secret(config), uses, ttl_s)
+    click.echo(invite)
+
+
 if __name__ == "__main__":
     main()

@@ -11,6 +11,7 @@ Policy: an unknown section or key, in the file or in the environment, is an erro
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 import typing
@@ -23,6 +24,7 @@ class ConfigError(ValueError):
 
 
 STORE_BACKENDS = ("sqlite", "cassandra")
+REGISTRATION = ("open", "invite", "closed")
 
 
 @dataclass
@@ -35,6 +37,13 @@ class ServerConfig:
     public_ws_url: str = ""
     shard_id: str = "shard-1"
     shutdown_grace_s: float = 5.0
+    # Reverse proxies (addresses or CIDRs) whose X-Forwarded-For / Forwarded headers name the
+    # client; the client is the right-most hop not listed. Empty: the TCP peer is the client.
+    trusted_proxies: list[str] = field(default_factory=list)
+    # The header those proxies set: "x-forwarded-for" or "forwarded" (RFC 7239); the other is ignored.
+    proxy_header: str = "x-forwarded-for"
+    # An HTTP request body not received within this long is answered 408 and its connection closed.
+    http_body_timeout_s: float = 30.0
 
 
 @dataclass
@@ -111,8 +120,23 @@ class AuthConfig:
     # HMAC secret for tokens; empty = generated once and kept in data_dir/secret.key.
     secret: str = ""
     token_ttl_s: float = 7 * 24 * 3600
-    # scrypt cost (N); 2**15 is ~50 ms on one core. Must be a power of two.
-    scrypt_n: int = 2**15
+    # scrypt cost (N, with r=8, p=1): OWASP's 2**17 (128 MiB, ~0.3 s on one core). Must be a
+    # power of two. A login re-hashes a password hashed with a smaller N.
+    scrypt_n: int = 2**17
+    # Password hashing runs in worker threads: this many for logins, this many more for sign-ups
+    # (sign-ups never take a login's thread); a request finding more than hashing_queue_max
+    # others waiting for its threads is answered 503 unavailable with Retry-After.
+    login_hashing_threads: int = 2
+    signup_hashing_threads: int = 1
+    hashing_queue_max: int = 16
+    # Who may sign up: "open" (anyone), "invite" (with a token from `chatd admin invite`), "closed".
+    registration: str = "open"
+    # Sign-ups per client address (a token bucket; every attempt counts): 429 with Retry-After.
+    signups_per_ip_burst: int = 5
+    signups_per_ip_per_hour: float = 20.0
+    # Client addresses (or CIDRs) whose sign-ups are not throttled: this host (load tests, scripts).
+    # Behind a proxy on this host, list it in server.trusted_proxies, or every client is 127.0.0.1.
+    signups_unthrottled: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1"])
     # Failed-login throttling (only failures count): per username and per client address.
     # Over the limit: 429 rate_limited with Retry-After, before any password check.
     login_failures_per_user_burst: int = 10
@@ -223,9 +247,14 @@ class Config:
         if n < 2 or n & (n - 1):
             raise ConfigError("auth.scrypt_n must be a power of two >= 2")
         for name in ("login_failures_per_user_burst", "login_failures_per_user_per_min",
-                     "login_failures_per_ip_burst", "login_failures_per_ip_per_min"):
+                     "login_failures_per_ip_burst", "login_failures_per_ip_per_min",
+                     "login_hashing_threads", "signup_hashing_threads", "hashing_queue_max",
+                     "signups_per_ip_burst", "signups_per_ip_per_hour"):
             if getattr(self.auth, name) <= 0:
                 raise ConfigError(f"auth.{name} must be > 0")
+        if self.auth.registration not in REGISTRATION:
+            raise ConfigError(f"auth.registration must be one of {', '.join(REGISTRATION)}")
+        self._validate_trusted_proxies()
         for name in ("max_frame_bytes", "max_body_chars", "max_group_members", "rate_burst",
                      "send_queue_frames", "max_inflight_sends", "history_page_max", "sync_page"):
             if getattr(self.limits, name) < 1:
@@ -235,6 +264,19 @@ class Config:
         if self.cluster.link_heartbeat_s <= 0:
             raise ConfigError("cluster.link_heartbeat_s must be > 0")
         self._validate_push()
+
+    def _validate_trusted_proxies(self) -> None:
+        if self.server.http_body_timeout_s <= 0:
+            raise ConfigError("server.http_body_timeout_s must be > 0")
+        if self.server.proxy_header not in ("x-forwarded-for", "forwarded"):
+            raise ConfigError("server.proxy_header must be 'x-forwarded-for' or 'forwarded'")
+        for where, entries in (("server.trusted_proxies", self.server.trusted_proxies),
+                               ("auth.signups_unthrottled", self.auth.signups_unthrottled)):
+            for entry in entries:
+                try:
+                    ipaddress.ip_network(entry, strict=False)
+                except ValueError:
+                    raise ConfigError(f"{where}: {entry!r} is not an address or CIDR") from None
 
     def _validate_push(self) -> None:
         p = self.push
@@ -332,6 +374,12 @@ def _coerce(value, hint, where, source):
             if isinstance(value, str):
                 return value
             raise ValueError
+        if hint == list[str]:  # a TOML array of strings, or a comma-separated string (environment)
+            if isinstance(value, str):
+                return [v.strip() for v in value.split(",") if v.strip()]
+            if isinstance(value, list) and all(isinstance(v, str) for v in value):
+                return list(value)
+            raise ValueError
     except ValueError:
         pass
-    raise ConfigError(f"{source}: {where!r} must be {hint.__name__}, got {value!r}")
+    raise ConfigError(f"{source}: {where!r} must be {getattr(hint, '__name__', hint)}, got {value!r}")

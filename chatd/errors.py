@@ -21,6 +21,9 @@ CODES: dict[str, int] = {
     "token_expired": 401,
     "bad_credentials": 401,
     "username_taken": 409,
+    "registration_closed": 403,  # sign-up is closed (auth.registration)
+    "invite_invalid": 403,  # sign-up needs an invite: missing, forged, expired or used up
+    "unsupported_media_type": 415,  # an HTTP body that is not Content-Type: application/json
     "forbidden": 403,
     "not_member": 403,
     "no_such_channel": 404,

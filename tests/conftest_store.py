@@ -170,6 +170,27 @@ class EmulatedKeyspace(CqlRunner):
         row = self.tables.setdefault("revoked_tokens", {}).get(key)
         return [{"user_id": row["user_id"]}] if row and row["until"] > time.time() else []
 
+    def c_user_set_password(self, password_hash, uid):
+        return uid in self.tables["users"], {}
+
+    def w_user_set_password(self, password_hash, uid):
+        self.tables["users"][uid]["password_hash"] = password_hash
+
+    def c_invite_first_use(self, invite_id, ttl):
+        row = self.tables.setdefault("invite_uses", {}).get(invite_id)
+        return row is None, dict(row or {})
+
+    def w_invite_first_use(self, invite_id, ttl):
+        self.tables["invite_uses"][invite_id] = {"invite_id": invite_id, "uses": 1}
+
+    def c_invite_next_use(self, ttl, uses, invite_id, expected):
+        row = self.tables.setdefault("invite_uses", {}).get(invite_id)
+        current = row["uses"] if row else None
+        return current == expected, {"uses": current}
+
+    def w_invite_next_use(self, ttl, uses, invite_id, expected):
+        self.tables["invite_uses"][invite_id]["uses"] = uses
+
     def r_head_get(self, cid):
         row = self.tables["channel_heads"].get(cid)
         return [{"last_seq": row["last_seq"], "last_at": row["last_at"]}] if row else []

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import time
 
 import pytest
 import trio
@@ -177,6 +178,16 @@ async def test_devices_keep_their_first_owner(store):
     await store.add_device(a.id, device, 6.0)
     await store.add_device(b.id, device, 7.0)
     assert await store.device_owner(device) == a.id
+
+
+async def test_set_password_hash(store):
+    a, b = await users(store, 2)
+    await store.set_password_hash(a.id, "scrypt$new")
+    assert (await store.get_user(a.id)).password_hash == "scrypt$new"
+    assert (await store.get_user_by_name(a.username)).password_hash == "scrypt$new"
+    assert (await store.get_user(b.id)).password_hash == b.password_hash  # only that user's
+    await store.set_password_hash(NO_SUCH_ID, "scrypt$x")
+    assert await store.get_user(NO_SUCH_ID) is None  # no half-made user appeared
 
 
 # ---- channels and membership --------------------------------------------------------------------
@@ -638,3 +649,26 @@ async def test_revoked_tokens(store):
     await store.revoke_token(old, a.id, "phone", time.time() - 3600)
     await store.revoke_token(k2, a.id, "tablet", time.time() + 3600)
     assert await store.token_revoked(k2) and await store.token_revoked(k1)
+
+
+# ---- invites ------------------------------------------------------------------------------------
+async def test_invite_uses_are_counted(store):
+    until = time.time() + 3600
+    once, thrice = uniq("inv"), uniq("inv")
+    assert await store.use_invite(once, 1, until)
+    assert not await store.use_invite(once, 1, until)
+    assert [await store.use_invite(thrice, 3, until) for _ in range(4)] == [True, True, True, False]
+    assert await store.use_invite(uniq("inv"), 2, until)  # counted per invite
+
+
+async def test_concurrent_uses_never_share_the_last_use(store):
+    invite, until = uniq("inv"), time.time() + 3600
+    results = []
+
+    async def use():
+        results.append(await store.use_invite(invite, 3, until))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(10):
+            nursery.start_soon(use)
+    assert sorted(results) == [False] * 7 + [True] * 3

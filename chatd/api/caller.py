@@ -15,6 +15,7 @@ store's ``unavailable`` (the token is never accepted unchecked). All 401 but the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 from ..auth import token_claims
 from ..errors import ChatError
@@ -33,14 +34,19 @@ class Caller:
     token: str = field(repr=False)
 
 
-async def authenticate(secret: str, store: Store, authorization: str) -> Caller:
+async def authenticate(secret: str, store: Store, authorization: str,
+                       on_revoked: Callable[[int, str], None] | None = None,
+                       claims: tuple[int, str, int] | None = None) -> Caller:
     """The caller of a request whose ``Authorization`` header is ``authorization``, or raise
-    (module docstring)."""
+    (module docstring). ``on_revoked(user_id, device_id)`` is told of a revoked token's use;
+    ``claims``: the token's, when this request's signature check already ran (not repeated)."""
     if not authorization.startswith("Bearer "):
         raise ChatError("not_authenticated", "send 'Authorization: Bearer <token>' (from /v1/login)")
     token = authorization[len("Bearer "):].strip()
-    user_id, device_id, expires_at = token_claims(secret, token)
+    user_id, device_id, expires_at = claims if claims is not None else token_claims(secret, token)
     key = token_key(token)
     if await store.token_revoked(key):
+        if on_revoked is not None:
+            on_revoked(user_id, device_id)
         raise ChatError("invalid_token", REVOKED_MESSAGE)
     return Caller(user_id, device_id, expires_at, key, token)

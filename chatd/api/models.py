@@ -44,6 +44,7 @@ class SignUp(Struct):
     username: text(3, 32, r"^[A-Za-z0-9_.-]*$", "3-32 of A-Za-z0-9_.-")
     password: text(8, 1024)
     display_name: text(0, 64) | None = None
+    invite: text(1, 512, description="from `chatd admin invite`; needed when auth.registration = invite") | None = None
 
 
 class Login(Struct):

@@ -144,6 +144,11 @@ class Store(abc.ABC):
     async def update_profile(self, user_id: int, display_name: str | None, about: str | None) -> User: ...
 
     @abc.abstractmethod
+    async def set_password_hash(self, user_id: int, password_hash: str) -> None:
+        """Replace the user's password hash (a re-hash with stronger parameters); a user that does
+        not exist is left alone."""
+
+    @abc.abstractmethod
     async def add_device(self, user_id: int, device_id: str, created_at: float) -> None: ...
 
     @abc.abstractmethod
@@ -269,6 +274,13 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def token_revoked(self, token_key: str) -> bool:
         """Whether the token with this key was revoked (and has not expired since)."""
+
+    # -- invites (sign-up with auth.registration = "invite"; chatd/auth.py) --
+    @abc.abstractmethod
+    async def use_invite(self, invite_id: str, max_uses: int, expires_at: float) -> bool:
+        """Count one use of the invite if it has been used fewer than ``max_uses`` times; True if
+        counted. Two concurrent calls never both take the last use. Backends may forget the count
+        after ``expires_at`` (the invite is refused by then)."""
 
     # -- operations --
     def statistics(self) -> dict[str, float]:

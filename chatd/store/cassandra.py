@@ -284,6 +284,10 @@ class CassandraStore(Store):
                         about=user.about if about is None else about, created_at=user.created_at,
                         password_hash=user.password_hash)
 
+    async def set_password_hash(self, user_id, password_hash):
+        with self._op():
+            await self._lwt("user_set_password", (password_hash, user_id))  # IF EXISTS: no partial row
+
     async def add_device(self, user_id, device_id, created_at):
         with self._op():
             await self._lwt("device_insert", (device_id, user_id, created_at))  # the first owner stays
@@ -788,6 +792,24 @@ class CassandraStore(Store):
     async def token_revoked(self, token_key):
         with self._op():
             return await self._cql.one("revoked_get", (token_key,)) is not None
+
+    # ---- invites ---------------------------------------------------------------------------
+    async def use_invite(self, invite_id, max_uses, expires_at):
+        with self._op():
+            if max_uses < 1:
+                return False
+            ttl = max(1, min(MAX_TTL_S, math.ceil(expires_at - time.time()) + 60))
+            applied, row = await self._lwt("invite_first_use", (invite_id, ttl))
+            for _ in range(MEMBER_ATTEMPTS):
+                if applied:
+                    return True
+                uses = row.get("uses")
+                if uses is None:  # expired between the two statements: it is refused anyway
+                    return False
+                if uses >= max_uses:
+                    return False
+                applied, row = await self._lwt("invite_next_use", (ttl, uses + 1, invite_id, uses))
+            raise ChatError("unavailable", "the invite is being used by many sign-ups at once; retry")
 
     # ---- push notifications ----------------------------------------------------------------
     # ``push_tokens`` (by token) is authoritative, ``push_tokens_by_user`` lists them: a by-user row

@@ -168,6 +168,12 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             device_id text,
             expires_at double)""",
     ]),
+    (5, [  # invites (chatd/auth.py): uses counted per signed invite, by LWT; rows carry a TTL up to
+        # the invite's expiry.
+        """CREATE TABLE IF NOT EXISTS {ks}.invite_uses (
+            invite_id text PRIMARY KEY,
+            uses int)""",
+    ]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -189,6 +195,7 @@ STATEMENTS: dict[str, tuple[str, str]] = {
     "user_get": (READ, f"SELECT {_USER} FROM users WHERE id = ?"),
     "presence_set": (WRITE, "UPDATE presence USING TIMESTAMP ? SET last_active_at = ? WHERE user_id = ?"),
     "presence_get": (READ, "SELECT last_active_at FROM presence WHERE user_id = ?"),
+    "user_set_password": (LWT, "UPDATE users SET password_hash = ? WHERE id = ? IF EXISTS"),
     "user_set_profile": (WRITE, "UPDATE users SET display_name = ?, about = ? WHERE id = ?"),
     "name_claim": (LWT, "INSERT INTO users_by_name (username_key, user_id) VALUES (?, ?) IF NOT EXISTS"),
     "name_get": (READ, "SELECT user_id FROM users_by_name WHERE username_key = ?"),
@@ -257,6 +264,9 @@ STATEMENTS: dict[str, tuple[str, str]] = {
     "revoked_put": (WRITE, "INSERT INTO revoked_tokens (token_key, user_id, device_id, expires_at) "
                            "VALUES (?, ?, ?, ?) USING TTL ?"),
     "revoked_get": (READ, "SELECT user_id FROM revoked_tokens WHERE token_key = ?"),
+    # invites
+    "invite_first_use": (LWT, "INSERT INTO invite_uses (invite_id, uses) VALUES (?, 1) IF NOT EXISTS USING TTL ?"),
+    "invite_next_use": (LWT, "UPDATE invite_uses USING TTL ? SET uses = ? WHERE invite_id = ? IF uses = ?"),
     "push_lease_take": (LWT, "UPDATE push_leases SET owner = ?, lease_until = ? WHERE slot = ? IF lease_until < ?"),
 }
 

@@ -121,6 +121,12 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             expires_at REAL NOT NULL) WITHOUT ROWID""",
         "CREATE INDEX revoked_tokens_by_expiry ON revoked_tokens (expires_at)",
     ]),
+    (5, [  # invites (chatd/auth.py): uses counted per signed invite
+        """CREATE TABLE invite_uses (
+            invite_id TEXT PRIMARY KEY,
+            uses INTEGER NOT NULL,
+            expires_at REAL NOT NULL) WITHOUT ROWID""",
+    ]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -491,6 +497,11 @@ class SQLiteStore(Store):
             return _user(row)
         return await self._write(fn)
 
+    async def set_password_hash(self, user_id, password_hash):
+        def fn(c):
+            c.execute("UPDATE users SET password_hash = ? WHERE id = ?", (password_hash, user_id))
+        await self._write(fn)
+
     async def add_device(self, user_id, device_id, created_at):
         def fn(c):
             c.execute("INSERT OR IGNORE INTO devices (id, user_id, created_at) VALUES (?, ?, ?)",
@@ -732,6 +743,17 @@ class SQLiteStore(Store):
         def fn(c):
             return c.execute("SELECT 1 FROM revoked_tokens WHERE token_key = ?", (token_key,)).fetchone() is not None
         return await self._read(fn)
+
+
+    # ---- invites ---------------------------------------------------------------------------
+    async def use_invite(self, invite_id, max_uses, expires_at):
+        def fn(c):
+            c.execute("DELETE FROM invite_uses WHERE expires_at < ?", (time.time(),))  # refused anyway
+            c.execute("INSERT OR IGNORE INTO invite_uses (invite_id, uses, expires_at) VALUES (?, 0, ?)",
+                      (invite_id, expires_at))
+            return c.execute("UPDATE invite_uses SET uses = uses + 1 WHERE invite_id = ? AND uses < ?",
+                             (invite_id, max_uses)).rowcount == 1
+        return await self._write(fn)
 
 
 def _select_in(c, sql: str, values: list, chunk: int = 500):
