@@ -171,6 +171,16 @@ async def _stop_on_signals(node_box: list, scope: trio.CancelScope) -> None:
                 return
 
 
+@main.command()
+@click.option("--bytes", "n_bytes", type=click.IntRange(32, 1024), default=32, show_default=True,
+              help="Random bytes in the secret (printed URL-safe base64: ~4/3 as many characters).")
+def secret(n_bytes):
+    """Print a fresh random secret for auth.secret, cluster.secret or push.webhook_secret."""
+    import secrets as _secrets
+
+    click.echo(_secrets.token_urlsafe(n_bytes))
+
+
 from .bench.cli import bench  # noqa: E402  (the load tester is a command of its own module)
 
 main.add_command(bench)
@@ -192,9 +202,10 @@ def store_migrate(config_path, data_dir, bucket_size):
     _setup_logging(config.log_level, quiet_driver=True)
     try:
         if config.store.backend == "sqlite":
+            from .datadir import private_file
             from .store.sqlite import SCHEMA_VERSION, migrate as migrate_sqlite
             path = config.resolve(config.store.sqlite_path)
-            path.parent.mkdir(parents=True, exist_ok=True)
+            private_file(path)
             conn = sqlite3.connect(str(path), isolation_level=None)
             try:
                 found = migrate_sqlite(conn)
@@ -223,13 +234,13 @@ def admin_invite(config_path, uses, ttl_s):
     """Print an invite for sign-up with auth.registration = "invite" (signed with the token secret:
     auth.secret, or the data directory's secret.key of `chatd run`). Its uses are counted in the store."""
     from .auth import issue_invite
-    from .node import load_secret
+    from .datadir import load_secret
 
     config = _load(config_path)
     if not config.auth.secret and not (config.data_path / "secret.key").exists():
         raise click.ClickException("no token secret: set auth.secret, or start `chatd run` once (it makes "
                                    f"{config.data_path / 'secret.key'})")
-    invite, _, _ = issue_invite(load_secret(config), uses, ttl_s)
+    invite, _, _ = issue_invite(load_secret(config.auth.secret, config.data_path), uses, ttl_s)
     click.echo(invite)
 
 

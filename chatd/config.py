@@ -263,6 +263,8 @@ class Config:
             raise ConfigError("limits.send_answer_s must be > 0")
         if self.cluster.link_heartbeat_s <= 0:
             raise ConfigError("cluster.link_heartbeat_s must be > 0")
+        if self.auth.secret:  # (empty: chatd run generates one into data_dir/secret.key)
+            check_secret("auth.secret", self.auth.secret)
         self._validate_push()
 
     def _validate_trusted_proxies(self) -> None:
@@ -284,6 +286,8 @@ class Config:
             raise ConfigError(f"push.provider: unknown provider {p.provider!r} (known: {', '.join(PUSH_PROVIDERS)})")
         if p.provider == "webhook" and not (p.webhook_url and p.webhook_secret):
             raise ConfigError("push.provider = 'webhook' needs push.webhook_url and push.webhook_secret")
+        if p.provider == "webhook":
+            check_secret("push.webhook_secret", p.webhook_secret)
         if p.provider == "matrix" and not p.matrix_gateway_url:
             raise ConfigError("push.provider = 'matrix' needs push.matrix_gateway_url")
         for name in ("request_timeout_s", "retry_base_s", "retry_cap_s", "lease_s", "poll_interval_s"):
@@ -300,9 +304,12 @@ class Config:
     def validate_cluster(self, role: str) -> None:
         """Extra checks for the cluster roles: shared secrets must be set explicitly."""
         if not self.cluster.secret:
-            raise ConfigError(f"chatd {role}: cluster.secret must be set (the same on every shard and API server)")
+            raise ConfigError(f"chatd {role}: cluster.secret must be set (the same on every shard and API server; "
+                              f"make one with `chatd secret`)")
         if not self.auth.secret:
-            raise ConfigError(f"chatd {role}: auth.secret must be set (the same on every shard and API server)")
+            raise ConfigError(f"chatd {role}: auth.secret must be set (the same on every shard and API server; "
+                              f"make one with `chatd secret`)")
+        check_secret("cluster.secret", self.cluster.secret)
 
     # ---- derived ---------------------------------------------------------------------
     @property
@@ -312,6 +319,23 @@ class Config:
     def resolve(self, p: str) -> Path:
         path = Path(p)
         return path if path.is_absolute() else self.data_path / path
+
+
+# Secrets: HMAC keys (tokens, links, push webhooks). A key anyone can read (the examples' old
+# placeholders) or guess (a short word) lets anyone sign tokens: refused at start-up.
+MIN_SECRET_BYTES = 32
+KNOWN_PLACEHOLDERS = frozenset({"change-me-token-secret", "change-me-link-secret", "change-me", "changeme",
+                                "secret", "password", "test-token-secret", "test-link-secret"})
+
+
+def check_secret(name: str, value: str) -> None:
+    """Refuse (``ConfigError``) a known placeholder or a secret shorter than ``MIN_SECRET_BYTES``."""
+    if value.strip().lower() in KNOWN_PLACEHOLDERS or "change-me" in value.lower():
+        raise ConfigError(f"{name} is a published placeholder: anyone could sign with it; "
+                          f"set a fresh one (`chatd secret` prints one)")
+    if len(value.encode("utf-8", "surrogatepass")) < MIN_SECRET_BYTES:
+        raise ConfigError(f"{name} is shorter than {MIN_SECRET_BYTES} bytes; "
+                          f"set a fresh one (`chatd secret` prints one)")
 
 
 def env_overrides(env) -> dict:

@@ -22,13 +22,12 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 
 import trio
 
-from .auth import new_secret
 from .cluster.links import LinkManager
 from .config import ClusterConfig, Config
+from .datadir import load_secret, private_dir
 from .discovery.base import Discovery
 from .discovery.local import LocalDiscovery
 from .discovery.view import ShardInfo
@@ -187,22 +186,6 @@ def _broadcast(links: LinkManager | None, frame: lf.Frame) -> None:
             links.send_nowait(peer, frame)
 
 
-def load_secret(config: Config) -> str:
-    """The configured token secret, or one generated on first start and kept in the data dir."""
-    if config.auth.secret:
-        return config.auth.secret
-    path = config.data_path / "secret.key"
-    if path.exists():
-        return path.read_text().strip()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    secret = new_secret()
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(secret)
-    tmp.chmod(0o600)
-    tmp.replace(path)
-    return secret
-
-
 def public_ws_url(config: Config, port: int) -> str:
     if config.server.public_ws_url:
         return config.server.public_ws_url
@@ -213,8 +196,8 @@ async def serve_run(config: Config, *, task_status=trio.TASK_STATUS_IGNORED, nod
     """``chatd run``: serve until :meth:`Node.request_stop` or cancellation."""
     from .api.server import serve_api
 
-    config.data_path.mkdir(parents=True, exist_ok=True)
-    secret = load_secret(config)
+    private_dir(config.data_path)
+    secret = load_secret(config.auth.secret, config.data_path)
     async with open_store(config) as store:
         node = Node(config, store, secret)
         if node_out is not None:

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import trio
 
+from ..datadir import private_file
 from ..errors import ChatError
 from .base import AppendResult, Channel, ChannelSummary, Message, PushEntry, PushToken, Store, User, push_slot
 
@@ -256,7 +257,7 @@ class SQLiteStore(Store):
     # ---- lifecycle -----------------------------------------------------------------------
     async def _open(self) -> None:
         def opener():
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            private_file(Path(self.path))  # before SQLite creates it (its -wal/-shm take its mode)
             w = _connect(self.path, self._synchronous)
             migrate(w)
             readers = [_connect(self.path, self._synchronous) for _ in range(self._n_readers)]
