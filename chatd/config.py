@@ -325,7 +325,7 @@ class Config:
 # placeholders) or guess (a short word) lets anyone sign tokens: refused at start-up.
 MIN_SECRET_BYTES = 32
 KNOWN_PLACEHOLDERS = frozenset({"change-me-token-secret", "change-me-link-secret", "change-me", "changeme",
-                                "secret", "password", "test-token-secret", "test-link-secret"})
+                                "secret", "password"})
 
 
 def check_secret(name: str, value: str) -> None:

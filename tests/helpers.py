@@ -33,6 +33,10 @@ from chatd.node import serve_run
 PASSWORD = "password-123"
 POLL_S = 0.05  # how often ``eventually`` looks again: state in another process cannot signal this one
 
+# The cluster tests' shared secrets (chatd refuses secrets under 32 bytes).
+TEST_TOKEN_SECRET = "test-token-secret-0123456789abcdefghij"
+TEST_LINK_SECRET = "test-link-secret-0123456789abcdefghijk"
+
 
 async def eventually(condition, timeout: float = 30.0):
     """Until ``condition()`` (a plain or an async function) returns something true, which is returned;

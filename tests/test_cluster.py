@@ -16,7 +16,7 @@ from kazoo.client import KazooClient
 from chatd.discovery.view import ShardInfo, View
 from chatd.protocol import link as lp
 from tests.cluster import Cluster, Device, ZooKeeper, send_until_acked, settle, zookeeper_available
-from tests.helpers import dm, eventually, open_client
+from tests.helpers import TEST_LINK_SECRET, dm, eventually, open_client
 
 pytestmark = pytest.mark.skipif(not zookeeper_available(),
                                 reason="ZooKeeper not installed (apt-get install zookeeper); .ci/run installs it")
@@ -81,7 +81,7 @@ async def test_cross_shard_dm_group_and_devices(cluster, nursery):
     assert [f for f in alice2.client.inbox if f.get("type") == "read"] == []
 
 
-async def raw_link(cluster, zk_hosts, shard_id, secret="test-link-secret", peer_id="test-peer"):
+async def raw_link(cluster, zk_hosts, shard_id, secret=TEST_LINK_SECRET, peer_id="test-peer"):
     zkc = KazooClient(hosts=zk_hosts)
     await trio.to_thread.run_sync(zkc.start)
     try:
