@@ -135,8 +135,10 @@ class AuthConfig:
     signups_per_ip_burst: int = 5
     signups_per_ip_per_hour: float = 20.0
     # Client addresses (or CIDRs) whose sign-ups are not throttled: this host (load tests, scripts).
-    # Behind a proxy on this host, list it in server.trusted_proxies, or every client is 127.0.0.1.
-    signups_unthrottled: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1"])
+    # Addresses whose sign-ups are not throttled (e.g. a load tester's); none by default: behind a
+    # proxy on this host every client would otherwise be 127.0.0.1 (list the proxy in
+    # server.trusted_proxies instead).
+    signups_unthrottled: list[str] = field(default_factory=list)
     # Failed-login throttling (only failures count): per username and per client address.
     # Over the limit: 429 rate_limited with Retry-After, before any password check.
     login_failures_per_user_burst: int = 10

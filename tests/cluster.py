@@ -96,7 +96,7 @@ class Cluster:
         self.config = workdir / "cluster.toml"
         self.config.write_text(
             f'data_dir = "{workdir / "data"}"\n' + store_toml +
-            f"[auth]\nsecret = \"{TEST_TOKEN_SECRET}\"\nscrypt_n = 1024\n"
+            f"[auth]\nsecret = \"{TEST_TOKEN_SECRET}\"\nscrypt_n = 1024\nsignups_unthrottled = [\"127.0.0.0/8\"]\n"
             "[limits]\nrate_frames_per_s = 100000.0\nrate_burst = 100000\n"
             f"[cluster]\nsecret = \"{TEST_LINK_SECRET}\"\nzk_hosts = \"{zk.hosts}\"\nzk_root = \"{self.root}\"\n"
             f"zk_session_timeout_s = {session_timeout_s}\nlink_port = 0\nlink_heartbeat_s = {heartbeat_s}\n"

@@ -143,9 +143,14 @@ async def test_sign_ups_are_limited_per_address(nursery, tmp_path):
     status, _, _ = await call(srv, "POST", "/v1/users", {"username": "bbb1", "password": PASSWORD},
                               {"X-Forwarded-For": "203.0.113.2"})
     assert status == 201
-    for i in range(4):  # this host (auth.signups_unthrottled: loopback by default) is not throttled
+    for i in range(4):  # this host is exempt in the tests' config (auth.signups_unthrottled)
         status, _, _ = await call(srv, "POST", "/v1/users", {"username": f"local{i}", "password": PASSWORD})
         assert status == 201
+
+
+def test_no_address_is_exempt_from_sign_up_throttling_by_default():
+    from chatd.config import Config
+    assert Config.from_mapping({}).auth.signups_unthrottled == []
 
 
 async def test_loopback_sign_ups_are_throttled_when_not_exempt(nursery, tmp_path):
