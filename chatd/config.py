@@ -134,8 +134,7 @@ class AuthConfig:
     # Sign-ups per client address (a token bucket; every attempt counts): 429 with Retry-After.
     signups_per_ip_burst: int = 5
     signups_per_ip_per_hour: float = 20.0
-    # Client addresses (or CIDRs) whose sign-ups are not throttled: this host (load tests, scripts).
-    # Addresses whose sign-ups are not throttled (e.g. a load tester's); none by default: behind a
+    # Addresses (or CIDRs) whose sign-ups are not throttled (e.g. a load tester's); none by default: behind a
     # proxy on this host every client would otherwise be 127.0.0.1 (list the proxy in
     # server.trusted_proxies instead).
     signups_unthrottled: list[str] = field(default_factory=list)
