@@ -14,9 +14,10 @@ from kazoo.client import KazooClient
 from kazoo.exceptions import NoAuthError
 from kazoo.security import OPEN_ACL_UNSAFE
 
+from chatd.cli import operator_error
 from chatd.config import Config, ConfigError
 from chatd.discovery.view import ShardInfo
-from chatd.discovery.zk import ZkDiscovery
+from chatd.discovery.zk import ZkDiscovery, digest_acl
 from tests.cluster import Cluster
 from tests.helpers import open_client
 
@@ -120,3 +121,22 @@ async def test_a_cluster_with_zk_auth_serves_logins_and_chat(zk, tmp_path, nurse
         assert await trio.to_thread.run_sync(attempts, zk, f"{cluster.root}/shards/s1", None) == DENIED
     finally:
         cluster.stop()
+
+
+async def test_a_root_held_by_another_identity_is_a_start_up_error(zk):
+    root = f"/chatd-acl-{uuid.uuid4().hex[:8]}"
+
+    def make_theirs():
+        other = "someone:else-entirely"
+        client = kazoo(zk, other)
+        client.ensure_path(f"{root}/shards", acl=digest_acl(other))
+        client.stop()
+        client.close()
+    await trio.to_thread.run_sync(make_theirs)
+    d = ZkDiscovery(zk.hosts, root, session_timeout_s=2.0, load_refresh_s=60.0, auth=AUTH)
+    with pytest.raises(BaseException) as info:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(d.run)
+    # what `chatd shard` prints (chatd/cli.py), one line
+    assert operator_error(info.value) == (f"ZooKeeper node {root} has an ACL that does not let cluster.zk_auth's "
+                                          "identity change it; set its ACL (zkCli setAcl) or remove it")

@@ -133,14 +133,15 @@ class ZkDiscovery:
     def _own_paths(self, acl: list) -> None:  # worker thread
         """Give the root and our set chatd's ACL where they carry another one."""
         for path in (self.root, self.shards_path):
-            current, _ = self._zk.get_acls(path)
-            if list(current) != acl:
-                try:
-                    self._zk.set_acls(path, acl)
-                except NoAuthError:
-                    raise RuntimeError(f"ZooKeeper node {path} has an ACL that does not let cluster.zk_auth's "
-                                       f"identity change it; set its ACL (zkCli setAcl) or remove it") from None
-                log.info("zookeeper: %s now has chatd's ACL (cluster.zk_auth)", path)
+            try:
+                current, _ = self._zk.get_acls(path)
+                if list(current) == acl:
+                    continue
+                self._zk.set_acls(path, acl)
+            except NoAuthError:
+                raise RuntimeError(f"ZooKeeper node {path} has an ACL that does not let cluster.zk_auth's "
+                                   f"identity change it; set its ACL (zkCli setAcl) or remove it") from None
+            log.info("zookeeper: %s now has chatd's ACL (cluster.zk_auth)", path)
 
     def _stop_client(self) -> None:
         try:
