@@ -89,7 +89,8 @@ def run(config_path, data_dir, api_port, ws_port, host):
 
 
 def _serve_role(serve, config, cluster_role: str | None = None) -> None:
-    """Run a role until SIGINT/SIGTERM (graceful) or a second signal (at once)."""
+    """Run a role until SIGINT/SIGTERM (graceful) or a second signal (at once); SIGHUP reloads
+    the TLS certificate and key (``server.tls_cert_file`` / ``tls_key_file``)."""
     if cluster_role is not None:
         try:
             config.validate_cluster(cluster_role)
@@ -101,6 +102,7 @@ def _serve_role(serve, config, cluster_role: str | None = None) -> None:
         node_box: list = []
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_on_signals, node_box, nursery.cancel_scope)
+            nursery.start_soon(_reload_on_sighup, node_box)
             await serve(config, node_out=node_box)
             nursery.cancel_scope.cancel()
 
@@ -169,6 +171,20 @@ async def _stop_on_signals(node_box: list, scope: trio.CancelScope) -> None:
             else:
                 scope.cancel()
                 return
+
+
+async def _reload_on_sighup(node_box: list) -> None:
+    """SIGHUP: the node reads its TLS certificate and key files again (new connections get the
+    new pair; chatd/tls.py). A role without TLS logs that there is nothing to reload."""
+    log = logging.getLogger("chatd")
+    with trio.open_signal_receiver(signal.SIGHUP) as signals:
+        async for _ in signals:
+            tls = getattr(node_box[0], "tls", None) if node_box else None
+            if tls is None:
+                log.info("received SIGHUP: no TLS certificate to reload")
+            else:
+                log.info("received SIGHUP: reloading the TLS certificate")
+                tls.reload()
 
 
 @main.command()

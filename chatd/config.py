@@ -44,6 +44,11 @@ class ServerConfig:
     proxy_header: str = "x-forwarded-for"
     # An HTTP request body not received within this long is answered 408 and its connection closed.
     http_body_timeout_s: float = 30.0
+    # TLS on the API port, the WebSocket port and a shard's admin port: a PEM certificate chain
+    # and its unencrypted PEM key (both or neither; relative paths: to the working directory).
+    # SIGHUP reloads both files for new connections. Empty: plain HTTP and ws://.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
 
 
 @dataclass
@@ -95,6 +100,9 @@ class ClusterConfig:
     load_refresh_s: float = 2.0
     # Logins go to the least-loaded shard when the user's home has more connections than this (0 = never).
     overload_connections: int = 0
+    # "user:password": chatd authenticates to ZooKeeper with this digest and creates its znodes
+    # readable and writable by that identity only. Empty: no authentication, open ACLs.
+    zk_auth: str = ""
 
 
 @dataclass
@@ -113,6 +121,14 @@ class CassandraConfig:
     password: str = ""
     request_timeout_s: float = 10.0
     connect_timeout_s: float = 10.0
+    # TLS to Cassandra (client_encryption_options): on when tls_ca_file (PEM CA bundle the nodes'
+    # certificates are checked against) is set; tls_cert_file/tls_key_file: a client certificate
+    # (both or neither) for nodes that require one; tls_check_hostname: each node's certificate
+    # must name the address it is reached at.
+    tls_ca_file: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_check_hostname: bool = True
 
 
 @dataclass
@@ -256,6 +272,7 @@ class Config:
         if self.auth.registration not in REGISTRATION:
             raise ConfigError(f"auth.registration must be one of {', '.join(REGISTRATION)}")
         self._validate_trusted_proxies()
+        self._validate_tls()
         for name in ("max_frame_bytes", "max_body_chars", "max_group_members", "rate_burst",
                      "send_queue_frames", "max_inflight_sends", "history_page_max", "sync_page"):
             if getattr(self.limits, name) < 1:
@@ -280,6 +297,20 @@ class Config:
                     ipaddress.ip_network(entry, strict=False)
                 except ValueError:
                     raise ConfigError(f"{where}: {entry!r} is not an address or CIDR") from None
+
+    def _validate_tls(self) -> None:
+        s, c = self.server, self.cassandra
+        if bool(s.tls_cert_file) != bool(s.tls_key_file):
+            raise ConfigError("server.tls_cert_file and server.tls_key_file go together: set both or neither")
+        if bool(c.tls_cert_file) != bool(c.tls_key_file):
+            raise ConfigError("cassandra.tls_cert_file and cassandra.tls_key_file go together: set both or neither")
+        if c.tls_cert_file and not c.tls_ca_file:
+            raise ConfigError("cassandra.tls_cert_file needs cassandra.tls_ca_file (TLS to Cassandra is on "
+                              "only with a CA to check the nodes against)")
+        if self.cluster.zk_auth:
+            user, sep, password = self.cluster.zk_auth.partition(":")
+            if not (sep and user and password):
+                raise ConfigError("cluster.zk_auth must be \"user:password\" (both non-empty)")
 
     def _validate_push(self) -> None:
         p = self.push

@@ -19,6 +19,7 @@ queued writes; everything is bounded by ``server.shutdown_grace_s`` (:func:`_sto
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ from .shard.router import VIEW_WAIT_S, Router
 from .shard.server import ShardServer
 from .store import open_store
 from .store.base import Store
+from .tls import ServerTLS, warn_plaintext
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,8 @@ class Node:
                  metrics: Metrics | None = None):
         me = config.server.shard_id
         self.config = config
+        # the certificate of the WebSocket and HTTP ports (None: no TLS); SIGHUP reloads it (chatd/cli.py)
+        self.tls = ServerTLS.from_config(config.server)
         self.store = store
         self.secret = secret
         self.metrics = metrics if metrics is not None else Metrics()
@@ -187,9 +191,12 @@ def _broadcast(links: LinkManager | None, frame: lf.Frame) -> None:
 
 
 def public_ws_url(config: Config, port: int) -> str:
+    """What logins tell clients to connect to: ``server.public_ws_url`` if set, else the WebSocket
+    port's own address (``wss://`` when it has TLS)."""
     if config.server.public_ws_url:
         return config.server.public_ws_url
-    return f"ws://{config.server.ws_host}:{port}/"
+    scheme = "wss" if config.server.tls_cert_file else "ws"
+    return f"{scheme}://{config.server.ws_host}:{port}/"
 
 
 async def serve_run(config: Config, *, task_status=trio.TASK_STATUS_IGNORED, node_out: list | None = None) -> None:
@@ -200,6 +207,7 @@ async def serve_run(config: Config, *, task_status=trio.TASK_STATUS_IGNORED, nod
     secret = load_secret(config.auth.secret, config.data_path)
     async with open_store(config) as store:
         node = Node(config, store, secret)
+        warn_plaintext(config, api=True, ws=True)
         if node_out is not None:
             node_out.append(node)
         async with trio.open_nursery() as nursery:
@@ -211,7 +219,7 @@ async def serve_run(config: Config, *, task_status=trio.TASK_STATUS_IGNORED, nod
             ws_url = public_ws_url(config, ws_port)
             await node.discovery.register(ShardInfo(config.server.shard_id, ws_url), load=lambda: node.hub.count)
             api_stop = trio.Event()
-            api_url = await nursery.start(serve_api, node, api_stop)
+            api_url = await nursery.start(functools.partial(serve_api, node, api_stop, tls=node.tls))
             log.info("chatd run ready: api %s, websocket %s, data %s", api_url, ws_url, config.data_path)
             task_status.started(RunInfo(api_url, ws_url))
             await node.stop_event.wait()
@@ -255,6 +263,7 @@ async def serve_shard(config: Config, *, task_status=trio.TASK_STATUS_IGNORED, n
         hub = Hub()
         presence, presence_links, presence_view = _remote_presence(cc, me, "shard", store, local_devices(hub))
         node = Node(config, store, config.auth.secret, zk_discovery(cc), links, hub, presence, metrics)
+        warn_plaintext(config, ws=True)
         if node_out is not None:
             node_out.append(node)
         async with trio.open_nursery() as nursery:
@@ -268,7 +277,7 @@ async def serve_shard(config: Config, *, task_status=trio.TASK_STATUS_IGNORED, n
             ws_port = await nursery.start(node.shard.serve)
             ws_url = public_ws_url(config, ws_port)
             admin_stop = trio.Event()
-            await nursery.start(serve_api, node, admin_stop, create_admin_app)
+            await nursery.start(functools.partial(serve_api, node, admin_stop, create_admin_app, tls=node.tls))
             await node.discovery.register(ShardInfo(me, ws_url, links.public_addr()), load=lambda: node.hub.count)
             links.set_peers(node.discovery.view)
             log.info("shard %s ready: websocket %s, links %s", me, ws_url, links.public_addr())
@@ -317,6 +326,7 @@ class ApiNode:
 
     def __init__(self, config: Config, store: Store, discovery: Discovery, links: LinkManager, presence):
         self.config = config
+        self.tls = ServerTLS.from_config(config.server)  # the API port's certificate (None: no TLS)
         self.store = store
         self.secret = config.auth.secret
         self.metrics = Metrics()
@@ -365,6 +375,7 @@ async def serve_api_role(config: Config, *, task_status=trio.TASK_STATUS_IGNORED
         links = LinkManager(api_id, "api", cc)
         presence, presence_links, presence_view = _remote_presence(cc, api_id, "api", store, lambda: [])
         node = ApiNode(config, store, discovery, links, presence)
+        warn_plaintext(config, api=True)
         if node_out is not None:
             node_out.append(node)
         async with trio.open_nursery() as nursery:
@@ -375,7 +386,7 @@ async def serve_api_role(config: Config, *, task_status=trio.TASK_STATUS_IGNORED
             await _start_remote_presence(nursery, presence, presence_links, presence_view)
             stop = trio.Event()
             async with trio.open_nursery() as api_nursery:  # ends when hypercorn has shut down
-                api_url = await api_nursery.start(serve_api, node, stop)
+                api_url = await api_nursery.start(functools.partial(serve_api, node, stop, tls=node.tls))
                 log.info("api ready: %s (shards: %s)", api_url, ", ".join(sorted(discovery.view.shards)) or "none")
                 task_status.started(RunInfo(api_url, ""))
                 await node.stop_event.wait()

@@ -1,8 +1,9 @@
 """The client-facing WebSocket server of one chat shard (wsproto, chatd/shard/wsconn.py).
 
-Resources: one listening socket; one task per connection (the handshake, bounded by
-``CONNECT_TIMEOUT_S``, then the :class:`~chatd.shard.session.Session`'s reader), all in one
-handler nursery owned by :meth:`ShardServer.serve`, with the two tasks shared by all sessions: the flusher
+Resources: one listening socket; one task per connection (the TLS handshake when the port has
+TLS and the WebSocket handshake, together bounded by ``CONNECT_TIMEOUT_S``, then the
+:class:`~chatd.shard.session.Session`'s reader), all in one handler nursery owned by
+:meth:`ShardServer.serve`, with the two tasks shared by all sessions: the flusher
 (chatd/shard/flusher.py) and the timer wheel (chatd/shard/timers.py). Started with ``nursery.start``:
 it reports the bound port only once it accepts. Stopping: :meth:`ShardServer.drain` asks every
 session to close with 1001 (clients reconnect through discovery), then cancellation ends the rest.
@@ -47,6 +48,8 @@ class ShardServer:
         self._accepted = 0
         self.flusher = Flusher(node.metrics.messages_out)  # one writer pass for all sessions (chatd/shard/flusher.py)
         self.timers = Timers()  # every session's auth timeout / token expiry (chatd/shard/timers.py)
+        # TLS on this port (node.tls: chatd/tls.py; its context follows reloads), None: plain ws://
+        self._tls_context = node.tls.context(("http/1.1",)) if node.tls is not None else None
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         """One connection. Nothing a client does may end the server: a failure here ends only
@@ -54,11 +57,16 @@ class ShardServer:
         closed when this returns, whatever happened."""
         try:
             async with stream:
+                conn, timeout_s = stream, CONNECT_TIMEOUT_S
+                if self._tls_context is not None:
+                    conn, timeout_s = await self._tls_handshake(stream)
+                    if conn is None:
+                        return
                 # Frames above max_frame_bytes get a 'frame_too_large' error and the connection goes on;
                 # only frames above twice that are refused with close 1009, exactly: 2 * max_frame_bytes
                 # bytes is answered, one byte more closes.
-                ws = await wsconn.accept(stream, choose_subprotocol, 2 * self.node.config.limits.max_frame_bytes,
-                                         CONNECT_TIMEOUT_S)
+                ws = await wsconn.accept(conn, choose_subprotocol, 2 * self.node.config.limits.max_frame_bytes,
+                                         timeout_s)
                 if ws is None:
                     return
                 await self._serve_connection(ws)
@@ -66,6 +74,20 @@ class ShardServer:
             log.debug("connection ended during set-up: %r", e)
         except Exception:  # noqa: BLE001 - a bug in one session must not take the shard down
             log.exception("session crashed; connection dropped")
+
+    async def _tls_handshake(self, sock: trio.SocketStream):
+        """``(TLS stream, seconds left for the WebSocket handshake)``, or ``(None, 0)`` when the
+        TLS handshake did not finish within ``CONNECT_TIMEOUT_S`` (the one deadline of the whole
+        set-up). A failed handshake (a client that does not trust the certificate, not TLS at
+        all) raises ``trio.BrokenResourceError``. ``https_compatible``: closing never waits to
+        send a close_notify to a peer that does not read (the WebSocket close frame, inside TLS,
+        is the end of the data)."""
+        deadline = trio.current_time() + CONNECT_TIMEOUT_S
+        stream = trio.SSLStream(sock, self._tls_context, server_side=True, https_compatible=True)
+        with trio.move_on_at(deadline):
+            await stream.do_handshake()
+            return stream, deadline - trio.current_time()
+        return None, 0.0
 
     async def _serve_connection(self, ws: wsconn.ServerConnection) -> None:
         session = Session(self.node, ws, SUBPROTOCOLS.get(ws.subprotocol, JSON), self.flusher, self.timers)
@@ -105,7 +127,7 @@ class ShardServer:
                 trio.serve_tcp, self._handle, cfg.server.ws_port, host=cfg.server.ws_host,
                 handler_nursery=nursery))
             self.port = listeners[0].socket.getsockname()[1]
-            log.info("shard %s accepting WebSocket clients on %s:%d", cfg.server.shard_id,
-                     cfg.server.ws_host, self.port)
+            log.info("shard %s accepting WebSocket clients on %s:%d%s", cfg.server.shard_id,
+                     cfg.server.ws_host, self.port, " (TLS)" if self._tls_context is not None else "")
             gc.freeze()  # everything built at start-up lives as long as the process
             task_status.started(self.port)
