@@ -58,8 +58,13 @@ class RemotePresence:
         if server is not None:
             self.links.send_nowait(server, PLogout(self.discovery.view.version, user_id, device))
 
-    def subscribe(self, subscriber: int, targets) -> None:
-        self._send_subs(subscriber, self._subs.add(subscriber, targets), True)
+    def subscribe(self, subscriber: int, targets, grants: dict | None = None) -> None:
+        """``grants``: {target: group it is seen through} (:class:`~chatd.presence.tracker.Subscriptions`)."""
+        self._send_subs(subscriber, self._subs.add(subscriber, targets, grants), True)
+
+    @property
+    def subscriptions(self) -> Subscriptions:
+        return self._subs
 
     def unsubscribe(self, subscriber: int, targets) -> None:
         self._send_subs(subscriber, self._subs.remove(subscriber, targets), False)

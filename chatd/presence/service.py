@@ -62,8 +62,13 @@ class PresenceService:
         if self.tracker.logout(user_id, device, trio.current_time()):
             self._wake.set()
 
-    def subscribe(self, subscriber: int, targets) -> None:
-        self.subscribers.add(subscriber, targets)
+    def subscribe(self, subscriber: int, targets, grants: dict | None = None) -> None:
+        """``grants``: {target: group it is seen through} (:class:`~chatd.presence.tracker.Subscriptions`)."""
+        self.subscribers.add(subscriber, targets, grants)
+
+    @property
+    def subscriptions(self) -> Subscriptions:
+        return self.subscribers
 
     def unsubscribe(self, subscriber: int, targets) -> None:
         self.subscribers.remove(subscriber, targets)
