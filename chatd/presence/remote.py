@@ -12,6 +12,9 @@ presence subscriptions — so a server that took over the users of a dead one kn
 connected (no connected user stays offline), and users nobody reports again simply expire (no
 ghost stays online). Without any presence server, queries answer "offline" with the stored
 ``last_active_at`` and events are dropped (counted in the log).
+
+What it is asked has passed the visibility check of the node (:mod:`chatd.presence.visibility`);
+subscriptions carry their grants (the group a target is seen through) in this node's table.
 """
 
 from __future__ import annotations
