@@ -65,6 +65,9 @@ class StoreConfig:
     read_connections: int = 4
 
 
+PRESENCE_VISIBILITY = ("contacts", "everyone")
+
+
 @dataclass
 class PresenceConfig:
     # Offline once no device has heartbeated for this long (clients heartbeat every
@@ -77,6 +80,9 @@ class PresenceConfig:
     max_subscriptions: int = 1000  # explicit subscribe_presence targets per connection
     server_id: str = "p1"  # chatd presence: this server's id (unique among presence servers)
     max_query: int = 500  # users per presence query
+    # Who sees a user's presence: "contacts" (who shares a group or a 1:1 channel with a message with
+    # them; the others see "offline", never seen) or "everyone" (every account). chatd/presence/visibility.py
+    visibility: str = "contacts"
 
 
 @dataclass
@@ -279,6 +285,8 @@ class Config:
                 raise ConfigError(f"limits.{name} must be >= 1")
         if self.limits.send_answer_s <= 0:
             raise ConfigError("limits.send_answer_s must be > 0")
+        if self.presence.visibility not in PRESENCE_VISIBILITY:
+            raise ConfigError(f"presence.visibility must be one of {', '.join(PRESENCE_VISIBILITY)}")
         if self.cluster.link_heartbeat_s <= 0:
             raise ConfigError("cluster.link_heartbeat_s must be > 0")
         if self.auth.secret:  # (empty: chatd run generates one into data_dir/secret.key)

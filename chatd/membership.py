@@ -19,6 +19,7 @@ class Membership:
         self._cache: OrderedDict[str, frozenset[int]] = OrderedDict()
         self._max = max_cached
         self._generation: dict[str, int] = {}
+        self.on_invalidate: list = []  # callables(channel_id), told after each invalidation
 
     async def members(self, channel_id: str) -> frozenset[int]:
         cached = self._cache.get(channel_id)
@@ -59,6 +60,8 @@ class Membership:
     def invalidate(self, channel_id: str) -> None:
         self._cache.pop(channel_id, None)
         self._generation[channel_id] = self._generation.get(channel_id, 0) + 1
+        for listener in self.on_invalidate:
+            listener(channel_id)
 
 
 async def announce_member_change(node, kind: str, channel_id: str, user_id: int, by: int) -> None:

@@ -47,6 +47,7 @@ from .. import revocation
 from ..auth import token_claims
 from ..errors import ChatError
 from ..ids import dm_members
+from ..presence.visibility import hidden, visibility
 from ..protocol import client as proto
 from ..store.pages import read_page
 from .answers import AnswerClock
@@ -417,17 +418,41 @@ class Session:
 
     @verb(proto.SubscribePresence, task=True)
     async def _subscribe_presence(self, req: proto.SubscribePresence) -> None:
-        """Subscribe (at once, before any await), then answer with the current statuses."""
+        """Subscribe to the users this one may see (chatd/presence/visibility.py), then answer with
+        the current statuses; the others answer like unknown users and are not subscribed."""
+        limit = self.node.config.presence.max_subscriptions
+        if len(self._subscribed or ()) + len(req.user_ids) > limit:
+            self._check_subscription_limit(req.user_ids, limit)
+        gate = visibility(self.node)
+        generation = gate.generation
+        seen = await gate.visible(self.user_id, list(req.user_ids))
+        # from here on synchronous: no unsubscribe nor other subscribe comes in between
+        new = self._check_subscription_limit([u for u in req.user_ids if u in seen], limit)
+        self._subscribed.update(new)
+        self.node.presence.subscribe(self.user_id, new, {u: seen[u] for u in new if seen[u] is not None})
+        if new and generation != gate.generation:  # a membership changed while we looked
+            self.presence_revisit(new)
+        users = await gate.statuses(self.user_id, list(req.user_ids), seen)
+        self.push({"type": "subscribe_presence", "id": req.id, "users": {str(u): st for u, st in users.items()}})
+
+    def _check_subscription_limit(self, user_ids, limit: int) -> list[int]:
+        """The users of ``user_ids`` not yet subscribed; ``bad_field`` if they exceed the limit."""
         if self._subscribed is None:
             self._subscribed = set()
-        new = [u for u in req.user_ids if u not in self._subscribed and u != self.user_id]
-        limit = self.node.config.presence.max_subscriptions
+        new = [u for u in dict.fromkeys(user_ids) if u not in self._subscribed and u != self.user_id]
         if len(self._subscribed) + len(new) > limit:
             raise ChatError("bad_field", f"too many presence subscriptions on this connection (at most {limit})")
-        self._subscribed.update(new)
-        self.node.presence.subscribe(self.user_id, new)
-        users = await self.node.presence.statuses(list(req.user_ids))
-        self.push({"type": "subscribe_presence", "id": req.id, "users": {str(u): st for u, st in users.items()}})
+        return new
+
+    def presence_revisit(self, targets) -> None:
+        """A group these subscriptions are seen through changed members: check them again; the
+        ended ones answer like unknown users from now on (an event says so)."""
+        if self._nursery is not None:
+            self._nursery.start_soon(self._presence_revisit, targets)
+
+    async def _presence_revisit(self, targets) -> None:
+        for uid in await visibility(self.node).revisit(self.user_id, self._subscribed or set(), targets):
+            self.push({"type": "presence", "user_id": uid, **hidden()})
 
     @verb(proto.UnsubscribePresence, task=False)
     async def _unsubscribe_presence(self, req: proto.UnsubscribePresence) -> None:
@@ -441,7 +466,7 @@ class Session:
     async def _presence(self, req: proto.PresenceQuery) -> None:
         if len(req.user_ids) > self.node.config.presence.max_query:
             raise ChatError("bad_field", f"ask for at most {self.node.config.presence.max_query} users at once")
-        users = await self.node.presence.statuses(list(req.user_ids))
+        users = await visibility(self.node).statuses(self.user_id, list(req.user_ids))
         self.push({"type": "presence", "id": req.id, "users": {str(u): st for u, st in users.items()}})
 
     @verb(proto.Logout, task=True)
