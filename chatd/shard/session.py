@@ -4,10 +4,11 @@ Resources and policies
 
 * **Per connection**, idle and authenticated: one task (the connection's handler, which reads),
   the :class:`Session` (``__slots__``), its :class:`~chatd.shard.outbox.Outbox`, its wsproto
-  connection (chatd/shard/wsconn.py), a rate bucket, and one timer handle on the server's shared
-  timer wheel (chatd/shard/timers.py: the auth timeout, then the token's expiry). What a send
-  needs (its semaphore, the answer clock and its task) is made with the connection's first send;
-  a task per request only for verbs that wait (history, presence, a cold send, ...).
+  connection (chatd/shard/wsconn.py), a rate bucket, and two timer handles on the server's
+  shared timer wheel (chatd/shard/timers.py: the auth timeout, then the token's expiry; the
+  liveness tick). What a send needs (its semaphore, the answer clock and its task) is made with
+  the connection's first send, the request semaphore with its first request in a task; a task
+  per request only for verbs that wait (history, presence, a cold send, ...).
   tests/test_session_resources.py counts the tasks.
 * **Outgoing**: every frame to the client goes through the connection's outbox
   (chatd/shard/outbox.py: the bounded queue, the direct write of a live message, the flusher's
