@@ -187,6 +187,25 @@ class LimitsConfig:
     heartbeat_interval_s: float = 5.0
     history_page_max: int = 500
     sync_page: int = 500
+    # Bytes queued for one connection (framed replies, events, messages, the write in progress):
+    # over it the connection's frames are not read; over it for slow_consumer_s: close 1013.
+    send_queue_bytes: int = 1024 * 1024
+    slow_consumer_s: float = 10.0
+    # Requests served in tasks (history, presence, typing, read, logout...) at once per connection;
+    # at the cap the connection's next frame waits for a slot.
+    max_inflight_requests: int = 4
+    # WebSocket connections per user (on one shard) and per client address (0: no cap); over the
+    # cap: error too_many_connections, close 4029.
+    max_connections_per_user: int = 32
+    max_connections_per_address: int = 256
+    # A server ping after ping_interval_s without anything received; nothing received for
+    # idle_timeout_s (no frame, no pong): close 4000.
+    ping_interval_s: float = 25.0
+    idle_timeout_s: float = 75.0
+    # Channels one sync may name (more: bad_field); after sync_max_errors channel errors in one
+    # sync the rest are answered 'skipped' without reading the store.
+    sync_max_channels: int = 2000
+    sync_max_errors: int = 100
 
 
 PUSH_PROVIDERS = ("none", "webhook", "matrix")
@@ -287,11 +306,26 @@ class Config:
             raise ConfigError("limits.send_answer_s must be > 0")
         if self.presence.visibility not in PRESENCE_VISIBILITY:
             raise ConfigError(f"presence.visibility must be one of {', '.join(PRESENCE_VISIBILITY)}")
+        self._validate_connection_limits()
         if self.cluster.link_heartbeat_s <= 0:
             raise ConfigError("cluster.link_heartbeat_s must be > 0")
         if self.auth.secret:  # (empty: chatd run generates one into data_dir/secret.key)
             check_secret("auth.secret", self.auth.secret)
         self._validate_push()
+
+    def _validate_connection_limits(self) -> None:
+        lim = self.limits
+        for name in ("send_queue_bytes", "max_inflight_requests", "max_connections_per_user",
+                     "sync_max_channels", "sync_max_errors"):
+            if getattr(lim, name) < 1:
+                raise ConfigError(f"limits.{name} must be >= 1")
+        if lim.max_connections_per_address < 0:
+            raise ConfigError("limits.max_connections_per_address must be >= 0 (0: no cap)")
+        for name in ("slow_consumer_s", "ping_interval_s", "idle_timeout_s"):
+            if getattr(lim, name) <= 0:
+                raise ConfigError(f"limits.{name} must be > 0")
+        if lim.idle_timeout_s < lim.ping_interval_s:
+            raise ConfigError("limits.idle_timeout_s must be >= limits.ping_interval_s")
 
     def _validate_trusted_proxies(self) -> None:
         if self.server.http_body_timeout_s <= 0:

@@ -31,6 +31,7 @@ CODES: dict[str, int] = {
     "not_found": 404,
     "group_full": 409,
     "rate_limited": 429,
+    "too_many_connections": 429,  # WebSocket: limits.max_connections_per_user / _per_address (close 4029)
     "unavailable": 503,  # store or dependency failed; retry later
     "internal": 500,
 }
