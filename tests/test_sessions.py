@@ -10,6 +10,7 @@ import json
 
 from chatd import auth
 from chatd.revocation import RecentRevocations, token_key
+from chatd.store.base import Device
 from tests.helpers import PASSWORD, open_client
 
 
@@ -32,11 +33,12 @@ async def test_a_logout_revokes_the_older_tokens_of_its_device(server, nursery):
     other = await api.login("alice")  # another device
     old_socket = await open_client(nursery, server.ws_url, first["token"])
     r = await api.call("POST", "/v1/logout", token=second["token"])
-    assert r.status == 200 and r.body == {"user_id": first["user"]["id"], "device_id": first["device_id"],
-                                          "logged_out": True, "all": False}
+    assert r.status == 200
     assert await refused(server, nursery, second["token"])
     assert await refused(server, nursery, first["token"])  # the older one too
     assert (await old_socket.wait_closed()).code == 4001
+    assert r.body == {"user_id": first["user"]["id"], "device_id": first["device_id"], "logged_out": True,
+                      "all": False}
     assert not await refused(server, nursery, other["token"])
     again = await api.login("alice", device_id=first["device_id"])  # logging in again works at once
     assert not await refused(server, nursery, again["token"])
@@ -177,3 +179,26 @@ async def test_a_cutoff_frame_closes_only_the_sessions_of_older_tokens(server, n
     assert (await c.request({"type": "auth", "token": old["token"]}))["code"] == "invalid_token"
     assert (await new_socket.request({"type": "presence", "user_ids": [1]}))["type"] == "presence"
     assert new_socket.closed_reason is None
+
+
+async def test_a_v5_sqlite_database_keeps_its_devices_and_revocations(tmp_path):
+    """Schema v6 (cut-offs, the device list) on a database of the version before: its devices are
+    listed (last login = first login), its revoked tokens stay revoked."""
+    import sqlite3
+
+    from chatd.store.sqlite import MIGRATIONS, open_sqlite
+
+    path = str(tmp_path / "v5.sqlite")
+    with sqlite3.connect(path) as c:
+        for version, statements in MIGRATIONS:
+            if version <= 5:
+                for sql in statements:
+                    c.execute(sql)
+        c.execute("PRAGMA user_version=5")
+        c.execute("INSERT INTO users (id, username, password_hash, created_at) VALUES (1, 'alice', 'h', 1.0)")
+        c.execute("INSERT INTO devices (id, user_id, created_at) VALUES ('phone', 1, 2.0)")
+        c.execute("INSERT INTO revoked_tokens VALUES ('k', 1, 'phone', 1e12)")
+    async with open_sqlite(path) as store:
+        assert await store.devices_of(1) == [Device("phone", 2.0, 2.0)]
+        assert await store.token_revoked("k", 1, "phone", 5.0)
+        assert not await store.token_revoked("other", 1, "phone", 5.0)
