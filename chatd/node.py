@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import trio
@@ -38,6 +37,7 @@ from .presence.service import PresenceService
 from .protocol import link_frames as lf
 from .push import make_push_service
 from .ratelimit import TokenBucket
+from .revocation import RecentRevocations
 from .shard.fanout import FanOut
 from .shard.hub import Hub
 from .shard.owner import ChannelOwners
@@ -96,9 +96,9 @@ class Node:
             for key in ("sent", "rejected", "failed", "gave_up", "dropped"):
                 self.metrics.gauge(f"chatd_push_{key}", f"Push notifications: {key} (since start)",
                                    lambda key=key: self.push.stats[key])
-        # keys of tokens revoked lately (logout frames seen here): closes the window between a
+        # tokens and cut-offs revoked lately (logout frames seen here): closes the window between a
         # session's store check and its attach (chatd/shard/session.py)
-        self.revoked_here: OrderedDict[str, None] = OrderedDict()
+        self.revoked_here = RecentRevocations()
         self.stop_event = trio.Event()
         # the link frames a shard takes, and who handles each (handler(link, frame))
         self._frame_handlers = {
@@ -109,6 +109,7 @@ class Node:
             lf.Devices: self.fanout.on_devices,
             lf.Invalidate: self._on_invalidate,
             lf.Logout: self._on_logout,
+            lf.LogoutAll: self._on_logout_all,
             lf.Resync: self.router.on_resync,
         }
         self.metrics.gauge("chatd_ws_authenticated", "Authenticated client sessions", lambda: self.hub.count)
@@ -140,19 +141,36 @@ class Node:
         """A transient event (``member_added`` / ``member_removed``) to every device of ``user_ids``."""
         self.fanout.deliver_event(event, user_ids)
 
-    def device_logged_out(self, user_id: int, device_id: str, token_key: str, except_session=None) -> None:
-        """A logout revoked ``token_key``: close the device's connections here and on every shard
-        (link frame ``logout``; best effort: a peer whose link is down misses it, but its shard
-        refuses the token at the next ``auth``)."""
-        self._close_device(user_id, device_id, token_key, except_session)
-        _broadcast(self.links, lf.Logout(user_id, device_id, token_key))
+    def device_logged_out(self, user_id: int, device_id: str, token_key: str, except_session=None,
+                          before: float = 0.0) -> None:
+        """A logout revoked ``token_key`` (and with ``before`` every token of the device issued
+        before it): close the device's connections here and on every shard (link frame ``logout``;
+        best effort: a peer whose link is down misses it, but its shard refuses the token at the
+        next ``auth``)."""
+        self._close_device(user_id, device_id, token_key, except_session, before)
+        _broadcast(self.links, lf.Logout(user_id, device_id, token_key, before))
 
-    def _close_device(self, user_id: int, device_id: str, token_key: str, except_session=None) -> None:
-        self.revoked_here[token_key] = None
-        if len(self.revoked_here) > REVOKED_REMEMBERED:
-            self.revoked_here.popitem(last=False)
+    def tokens_revoked_before(self, user_id: int, device_id: str | None, before: float) -> None:
+        """Every token of the user's device (None: of all its devices) issued before ``before``
+        was revoked: close those connections here and on every shard (link frame ``logout_all``,
+        best effort like ``logout``)."""
+        self._close_before(user_id, device_id or "", before)
+        _broadcast(self.links, lf.LogoutAll(user_id, before, device_id or ""))
+
+    def _close_device(self, user_id: int, device_id: str, token_key: str, except_session=None,
+                      before: float = 0.0) -> None:
+        self.revoked_here.add_key(token_key)
+        if before:
+            self.revoked_here.add_cutoff(user_id, device_id, before)
         for session in tuple(self.hub.sessions_of(user_id)):
             if session.device_id == device_id and session is not except_session:
+                session.logged_out_elsewhere()
+
+    def _close_before(self, user_id: int, device_id: str, before: float) -> None:
+        """``device_id`` "": every device of the user."""
+        self.revoked_here.add_cutoff(user_id, device_id, before)
+        for session in tuple(self.hub.sessions_of(user_id)):
+            if (not device_id or session.device_id == device_id) and session.token_issued_at < before:
                 session.logged_out_elsewhere()
 
     # ---- cluster links -------------------------------------------------------------------
@@ -176,10 +194,12 @@ class Node:
         self.membership.invalidate(frame.channel_id)
 
     def _on_logout(self, link, frame: lf.Logout) -> None:
-        self._close_device(frame.user_id, frame.device_id, frame.token_key)
+        self._close_device(frame.user_id, frame.device_id, frame.token_key, before=frame.before)
+
+    def _on_logout_all(self, link, frame: lf.LogoutAll) -> None:
+        self._close_before(frame.user_id, frame.device_id, frame.before)
 
 
-REVOKED_REMEMBERED = 10_000
 VIEW_ROUTED = lf.VIEW_ROUTED
 
 
@@ -355,8 +375,12 @@ class ApiNode:
         for home, uids in view.by_home(user_ids).items():
             self.links.send_nowait(home, lf.Deliver(view.version, uids, event=event))
 
-    def device_logged_out(self, user_id: int, device_id: str, token_key: str, except_session=None) -> None:
-        _broadcast(self.links, lf.Logout(user_id, device_id, token_key))
+    def device_logged_out(self, user_id: int, device_id: str, token_key: str, except_session=None,
+                          before: float = 0.0) -> None:
+        _broadcast(self.links, lf.Logout(user_id, device_id, token_key, before))
+
+    def tokens_revoked_before(self, user_id: int, device_id: str | None, before: float) -> None:
+        _broadcast(self.links, lf.LogoutAll(user_id, before, device_id or ""))
 
 
 async def serve_api_role(config: Config, *, task_status=trio.TASK_STATUS_IGNORED, node_out: list | None = None) -> None:

@@ -110,7 +110,8 @@ class Session:
 
     __slots__ = ("node", "ws", "fmt", "limits", "_timers", "_outbox", "push", "user_id", "device_id",
                  "token_key", "_token_exp", "_bucket", "_limited_in_row", "_bad_tokens", "_inflight",
-                 "_answers", "_last_send", "_subscribed", "_nursery", "_timer", "_requests", "_tick", "_silent")
+                 "_answers", "_last_send", "_subscribed", "_nursery", "_timer", "_requests", "_tick", "_silent",
+                 "token_issued_at")
 
     def __init__(self, node, ws, fmt: str, flusher, timers):
         self.node = node
@@ -128,6 +129,7 @@ class Session:
         self.device_id: str | None = None
         self.token_key: str | None = None
         self._token_exp: float | None = None
+        self.token_issued_at = 0.0  # the token's iat: a cut-off closes sessions of older tokens
         self._bucket = node.rate_bucket()
         self._limited_in_row = 0
         self._bad_tokens = 0
@@ -278,9 +280,10 @@ class Session:
     async def _on_auth(self, req: proto.Auth) -> bool:
         """False once the connection has presented too many bad tokens (it must be closed)."""
         try:
-            user_id, device_id, exp = token_claims(self.node.secret, req.token)
+            user_id, device_id, exp, iat = token_claims(self.node.secret, req.token)
             key = revocation.token_key(req.token)
-            if await self.node.store.token_revoked(key) or key in self.node.revoked_here:
+            if (await self.node.store.token_revoked(key, user_id, device_id, iat)
+                    or self.node.revoked_here.refuses(key, user_id, device_id, iat)):
                 raise ChatError("invalid_token", revocation.REVOKED_MESSAGE)
         except ChatError as e:
             if e.code == "unavailable":
@@ -295,6 +298,7 @@ class Session:
                                       "server already; close one first"), req.id)
             await self._close_after_queued(CLOSE_TOO_MANY_CONNECTIONS, "too many connections of this user")
         self.user_id, self.device_id, self.token_key, self._token_exp = user_id, device_id, key, exp
+        self.token_issued_at = iat
         self._outbox.user_id = user_id
         # No await from here on: every live message routed to us is queued after this sync job.
         self.node.router.attach(self)

@@ -174,6 +174,24 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             invite_id text PRIMARY KEY,
             uses int)""",
     ]),
+    (6, [  # sessions (chatd/revocation.py)
+        # "every token of the user issued before revoked_before is revoked": device_id '' for all of
+        # the user's devices. Written with USING TIMESTAMP = the cut-off (the latest wins) and a TTL
+        # up to the expiry of the last token it revokes.
+        """CREATE TABLE IF NOT EXISTS {ks}.token_cutoffs (
+            user_id bigint,
+            device_id text,
+            revoked_before double,
+            PRIMARY KEY ((user_id), device_id))""",
+        # the user's listed devices (GET /v1/devices): written at each login, deleted at its
+        # logout, with USING TIMESTAMP = the login / cut-off time, so the later of the two wins.
+        """CREATE TABLE IF NOT EXISTS {ks}.devices_by_user (
+            user_id bigint,
+            device_id text,
+            created_at double,
+            last_login_at double,
+            PRIMARY KEY ((user_id), device_id))""",
+    ]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -201,6 +219,11 @@ STATEMENTS: dict[str, tuple[str, str]] = {
     "name_get": (READ, "SELECT user_id FROM users_by_name WHERE username_key = ?"),
     "device_insert": (LWT, "INSERT INTO devices (device_id, user_id, created_at) VALUES (?, ?, ?) IF NOT EXISTS"),
     "device_get": (READ, "SELECT user_id FROM devices WHERE device_id = ?"),
+    "user_device_put": (WRITE, "INSERT INTO devices_by_user (user_id, device_id, created_at, last_login_at) "
+                               "VALUES (?, ?, ?, ?) USING TIMESTAMP ?"),
+    "user_device_delete": (WRITE, "DELETE FROM devices_by_user USING TIMESTAMP ? WHERE user_id = ? AND device_id = ?"),
+    "user_devices_delete": (WRITE, "DELETE FROM devices_by_user USING TIMESTAMP ? WHERE user_id = ?"),
+    "user_devices": (READ, "SELECT device_id, created_at, last_login_at FROM devices_by_user WHERE user_id = ?"),
     # channels
     "channel_insert": (LWT, "INSERT INTO channels (id, kind, name, owner_id, created_at) "
                             "VALUES (?, ?, ?, ?, ?) IF NOT EXISTS"),
@@ -264,6 +287,10 @@ STATEMENTS: dict[str, tuple[str, str]] = {
     "revoked_put": (WRITE, "INSERT INTO revoked_tokens (token_key, user_id, device_id, expires_at) "
                            "VALUES (?, ?, ?, ?) USING TTL ?"),
     "revoked_get": (READ, "SELECT user_id FROM revoked_tokens WHERE token_key = ?"),
+    "cutoff_put": (WRITE, "UPDATE token_cutoffs USING TTL ? AND TIMESTAMP ? SET revoked_before = ? "
+                          "WHERE user_id = ? AND device_id = ?"),
+    "cutoffs_get": (READ, "SELECT device_id, revoked_before FROM token_cutoffs WHERE user_id = ? "
+                          "AND device_id IN (?, ?)"),
     # invites
     "invite_first_use": (LWT, "INSERT INTO invite_uses (invite_id, uses) VALUES (?, 1) IF NOT EXISTS USING TTL ?"),
     "invite_next_use": (LWT, "UPDATE invite_uses USING TTL ? SET uses = ? WHERE invite_id = ? IF uses = ?"),

@@ -43,7 +43,7 @@ import trio
 
 from ..datadir import private_file
 from ..errors import ChatError
-from .base import AppendResult, Channel, ChannelSummary, Message, PushEntry, PushToken, Store, User, push_slot
+from .base import AppendResult, Channel, ChannelSummary, Device, Message, PushEntry, PushToken, Store, User, push_slot
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +127,18 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             invite_id TEXT PRIMARY KEY,
             uses INTEGER NOT NULL,
             expires_at REAL NOT NULL) WITHOUT ROWID""",
+    ]),
+    (6, [  # sessions (chatd/revocation.py): cut-offs per user ('' device) and per device; the device list
+        """CREATE TABLE token_cutoffs (
+            user_id INTEGER NOT NULL,
+            device_id TEXT NOT NULL,
+            revoked_before REAL NOT NULL,
+            expires_at REAL NOT NULL,
+            PRIMARY KEY (user_id, device_id)) WITHOUT ROWID""",
+        "CREATE INDEX token_cutoffs_by_expiry ON token_cutoffs (expires_at)",
+        "ALTER TABLE devices ADD COLUMN last_login_at REAL",  # NULL: not since the upgrade (created_at)
+        "ALTER TABLE devices ADD COLUMN listed INTEGER NOT NULL DEFAULT 1",  # 0 once logged out
+        "CREATE INDEX devices_by_user ON devices (user_id, id)",
     ]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -507,7 +519,16 @@ class SQLiteStore(Store):
         def fn(c):
             c.execute("INSERT OR IGNORE INTO devices (id, user_id, created_at) VALUES (?, ?, ?)",
                       (device_id, user_id, created_at))
+            c.execute("UPDATE devices SET listed = 1, last_login_at = max(coalesce(last_login_at, created_at), ?) "
+                      "WHERE id = ? AND user_id = ?", (created_at, device_id, user_id))
         await self._write(fn)
+
+    async def devices_of(self, user_id):
+        def fn(c):
+            rows = c.execute("SELECT id, created_at, coalesce(last_login_at, created_at) FROM devices "
+                             "WHERE user_id = ? AND listed = 1 ORDER BY id", (user_id,))
+            return [Device(*row) for row in rows]
+        return await self._read(fn)
 
     async def device_owner(self, device_id):
         def fn(c):
@@ -740,10 +761,28 @@ class SQLiteStore(Store):
                       "VALUES (?, ?, ?, ?)", (token_key, user_id, device_id, expires_at))
         await self._write(fn)
 
-    async def token_revoked(self, token_key):
+    async def token_revoked(self, token_key, user_id=None, device_id="", issued_at=0.0):
         def fn(c):
-            return c.execute("SELECT 1 FROM revoked_tokens WHERE token_key = ?", (token_key,)).fetchone() is not None
+            if user_id is None:
+                return c.execute("SELECT 1 FROM revoked_tokens WHERE token_key = ?", (token_key,)).fetchone() is not None
+            return bool(c.execute(
+                "SELECT EXISTS (SELECT 1 FROM revoked_tokens WHERE token_key = ?) OR EXISTS (SELECT 1 FROM "
+                "token_cutoffs WHERE user_id = ? AND device_id IN ('', ?) AND revoked_before > ?)",
+                (token_key, user_id, device_id, issued_at)).fetchone()[0])
         return await self._read(fn)
+
+    async def revoke_before(self, user_id, device_id, before, expires_at):
+        def fn(c):
+            c.execute("DELETE FROM token_cutoffs WHERE expires_at < ?", (time.time(),))  # revokes nothing now
+            c.execute("INSERT INTO token_cutoffs (user_id, device_id, revoked_before, expires_at) VALUES (?, ?, ?, ?) "
+                      "ON CONFLICT (user_id, device_id) DO UPDATE SET "
+                      "revoked_before = max(revoked_before, excluded.revoked_before), "
+                      "expires_at = max(expires_at, excluded.expires_at)", (user_id, device_id or "", before, expires_at))
+            if device_id is None:
+                c.execute("UPDATE devices SET listed = 0 WHERE user_id = ?", (user_id,))
+            else:
+                c.execute("UPDATE devices SET listed = 0 WHERE id = ? AND user_id = ?", (device_id, user_id))
+        await self._write(fn)
 
 
     # ---- invites ---------------------------------------------------------------------------

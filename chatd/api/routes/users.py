@@ -1,5 +1,17 @@
-"""Users and their tokens: sign-up (``POST /v1/users``), login, logout, where to connect, the
-caller's profile (``/v1/users/me``) and other users by id or name.
+"""Users and their tokens: sign-up (``POST /v1/users``), login, logout (of the caller's device, or
+with ``all`` of every device of the user), the user's devices (``GET /v1/devices``, ``DELETE
+/v1/devices/<id>``), password change (``POST /v1/users/me/password``), where to connect, the caller's
+profile (``/v1/users/me``) and other users by id or name.
+
+Sessions (:mod:`chatd.revocation`): a logout revokes the token and every older token of its
+device; ``all``, a device's removal and a password change revoke every token of the user (or of
+the device) issued before them, on every API server and shard, and close those WebSockets with
+4001. A password change re-issues the caller's session: its answer carries a fresh token for the
+same device, the only token of the user that still works afterwards. The old password is checked
+like a login (throttled per device and address; a wrong one is ``forbidden``, 403, so that a
+client does not take it for a dead token); the new hash is stored before the revocation, so a
+``unavailable`` answer may leave the password changed and the old tokens alive: retry with the
+new password as ``old_password``.
 
 Password hashing (scrypt, memory-hard) runs in worker threads, logins and sign-ups in pools of
 their own with bounded queues (:mod:`chatd.api.hashing`); a login for an unknown name hashes a
@@ -17,7 +29,7 @@ Errors: ``username_taken`` (409); ``bad_credentials`` (401, wrong name or passwo
 control or format characters (:mod:`chatd.api.names`); ``no_such_user`` (404); no live shard to
 hand out, or a hashing queue over its bound, is ``unavailable`` (503, the latter with
 ``Retry-After``); a logout's store failure is ``unavailable`` with nothing revoked
-(:func:`chatd.revocation.log_out`).
+(:func:`chatd.revocation.log_out`); a device the caller does not have is ``not_found`` (404).
 """
 
 from __future__ import annotations
@@ -148,7 +160,7 @@ def register(app: QuartTrio, node: ApiHost) -> None:
                                                                                auth.scrypt_n))
         if known is None:
             device_id = secrets.token_hex(8)
-            await store.add_device(user.id, device_id, time.time())
+        await store.add_device(user.id, device_id, time.time())  # its first or latest login
         token, expires_at = issue_token(node.secret, user.id, device_id, auth.token_ttl_s)
         shard = shard_for(node.discovery, user.id)
         security.event("login", "ok", user=user.id, device=device_id, addr=addr)
@@ -194,8 +206,58 @@ def register(app: QuartTrio, node: ApiHost) -> None:
         return {"user": user.public()}
 
     @app.post("/v1/logout")
-    @route(m.LogoutAnswer)
-    async def logout(caller: Caller):
-        await revocation.log_out(node, caller.user_id, caller.device_id, caller.token_key, caller.expires_at)
-        security.event("logout", "ok", user=caller.user_id, device=caller.device_id, addr=request_address())
-        return {"user_id": caller.user_id, "device_id": caller.device_id, "logged_out": True}
+    @route(m.LogoutAnswer, body=m.LogoutRequest)
+    async def logout(data: m.LogoutRequest, caller: Caller):
+        if data.all:
+            devices = [d.id for d in await store.devices_of(caller.user_id)]
+            await store.revoke_token(caller.token_key, caller.user_id, caller.device_id, float(caller.expires_at))
+            await revocation.log_out_before(node, caller.user_id, None, list(dict.fromkeys([caller.device_id, *devices])))
+        else:
+            await revocation.log_out(node, caller.user_id, caller.device_id, caller.token_key, caller.expires_at)
+        security.event("logout", "ok", user=caller.user_id, device=caller.device_id, all=data.all or None,
+                       addr=request_address())
+        return {"user_id": caller.user_id, "device_id": caller.device_id, "logged_out": True, "all": data.all}
+
+    @app.get("/v1/devices")
+    @route(m.DeviceList)
+    async def list_devices(caller: Caller):
+        return {"devices": [{"id": d.id, "created_at": d.created_at, "last_login_at": d.last_login_at,
+                             "current": d.id == caller.device_id} for d in await store.devices_of(caller.user_id)]}
+
+    @app.delete("/v1/devices/<device_id>")
+    @route(m.DeviceLoggedOut, errors=(404,))
+    async def delete_device(device_id: str, caller: Caller):
+        if len(device_id) > 64 or await store.device_owner(device_id) != caller.user_id:
+            raise ChatError("not_found", f"you have no device {device_id[:64]!r}")
+        if device_id == caller.device_id:  # its own token by key too (whatever the issuing server's clock)
+            await store.revoke_token(caller.token_key, caller.user_id, caller.device_id, float(caller.expires_at))
+        await revocation.log_out_before(node, caller.user_id, device_id, [device_id])
+        security.event("device", "logged_out", user=caller.user_id, device=device_id, by=caller.device_id,
+                       addr=request_address())
+        return {"device_id": device_id, "logged_out": True}
+
+    @app.post("/v1/users/me/password")
+    @route(m.PasswordChanged, body=m.PasswordChange, errors=(403, 404, 429, 503))
+    async def change_password(data: m.PasswordChange, caller: Caller):
+        addr = request_address()
+        user = await store.get_user(caller.user_id)
+        if user is None:
+            raise ChatError("no_such_user", "your user no longer exists")
+        wait = guard.retry_after(user.username, addr, trio.current_time(), caller.device_id)
+        if wait > 0:
+            security.event("password", "throttled", user=user.id, device=caller.device_id, addr=addr)
+            return throttled("too many wrong passwords", wait)
+        if not await login_hashing.run(verify_password, data.old_password, user.password_hash):
+            guard.failed(user.username, addr, trio.current_time(), caller.device_id)
+            security.event("password", "failed", user=user.id, device=caller.device_id, addr=addr)
+            raise ChatError("forbidden", "the old password is wrong")
+        guard.succeeded(user.username, caller.device_id)
+        await store.set_password_hash(user.id, await login_hashing.run(hash_password, data.new_password,
+                                                                       auth.scrypt_n))
+        devices = [d.id for d in await store.devices_of(user.id)]
+        await store.revoke_token(caller.token_key, user.id, caller.device_id, float(caller.expires_at))
+        await revocation.log_out_before(node, user.id, None, [d for d in devices if d != caller.device_id])
+        await store.add_device(user.id, caller.device_id, time.time())  # listed again: its new session
+        token, expires_at = issue_token(node.secret, user.id, caller.device_id, auth.token_ttl_s)
+        security.event("password", "changed", user=user.id, device=caller.device_id, addr=addr)
+        return {"token": token, "expires_at": expires_at, "device_id": caller.device_id}
