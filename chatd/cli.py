@@ -89,7 +89,8 @@ def run(config_path, data_dir, api_port, ws_port, host):
 
 
 def _serve_role(serve, config, cluster_role: str | None = None) -> None:
-    """Run a role until SIGINT/SIGTERM (graceful) or a second signal (at once)."""
+    """Run a role until SIGINT/SIGTERM (graceful) or a second signal (at once); SIGHUP reloads
+    the TLS certificate and key (``server.tls_cert_file`` / ``tls_key_file``)."""
     if cluster_role is not None:
         try:
             config.validate_cluster(cluster_role)
@@ -101,6 +102,7 @@ def _serve_role(serve, config, cluster_role: str | None = None) -> None:
         node_box: list = []
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_on_signals, node_box, nursery.cancel_scope)
+            nursery.start_soon(_reload_on_sighup, node_box)
             await serve(config, node_out=node_box)
             nursery.cancel_scope.cancel()
 
@@ -171,6 +173,30 @@ async def _stop_on_signals(node_box: list, scope: trio.CancelScope) -> None:
                 return
 
 
+async def _reload_on_sighup(node_box: list) -> None:
+    """SIGHUP: the node reads its TLS certificate and key files again (new connections get the
+    new pair; chatd/tls.py). A role without TLS logs that there is nothing to reload."""
+    log = logging.getLogger("chatd")
+    with trio.open_signal_receiver(signal.SIGHUP) as signals:
+        async for _ in signals:
+            tls = getattr(node_box[0], "tls", None) if node_box else None
+            if tls is None:
+                log.info("received SIGHUP: no TLS certificate to reload")
+            else:
+                log.info("received SIGHUP: reloading the TLS certificate")
+                tls.reload()
+
+
+@main.command()
+@click.option("--bytes", "n_bytes", type=click.IntRange(32, 1024), default=32, show_default=True,
+              help="Random bytes in the secret (printed URL-safe base64: ~4/3 as many characters).")
+def secret(n_bytes):
+    """Print a fresh random secret for auth.secret, cluster.secret or push.webhook_secret."""
+    import secrets as _secrets
+
+    click.echo(_secrets.token_urlsafe(n_bytes))
+
+
 from .bench.cli import bench  # noqa: E402  (the load tester is a command of its own module)
 
 main.add_command(bench)
@@ -192,9 +218,10 @@ def store_migrate(config_path, data_dir, bucket_size):
     _setup_logging(config.log_level, quiet_driver=True)
     try:
         if config.store.backend == "sqlite":
+            from .datadir import private_file
             from .store.sqlite import SCHEMA_VERSION, migrate as migrate_sqlite
             path = config.resolve(config.store.sqlite_path)
-            path.parent.mkdir(parents=True, exist_ok=True)
+            private_file(path)
             conn = sqlite3.connect(str(path), isolation_level=None)
             try:
                 found = migrate_sqlite(conn)
@@ -207,6 +234,30 @@ def store_migrate(config_path, data_dir, bucket_size):
             click.echo(f"cassandra keyspace {config.cassandra.keyspace}: schema v{found} -> v{now}")
     except (RuntimeError, ValueError, OSError, sqlite3.Error) as e:
         raise click.ClickException(f"chatd store migrate failed: {' '.join(str(e).split())}") from None
+
+
+@main.group("admin")
+def admin_group():
+    """Operator commands."""
+
+
+@admin_group.command("invite")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config file.")
+@click.option("--uses", type=click.IntRange(min=1), default=1, show_default=True, help="Sign-ups it admits.")
+@click.option("--ttl-s", type=click.FloatRange(min=1), default=7 * 24 * 3600.0, show_default=True,
+              help="Seconds it stays valid.")
+def admin_invite(config_path, uses, ttl_s):
+    """Print an invite for sign-up with auth.registration = "invite" (signed with the token secret:
+    auth.secret, or the data directory's secret.key of `chatd run`). Its uses are counted in the store."""
+    from .auth import issue_invite
+    from .datadir import load_secret
+
+    config = _load(config_path)
+    if not config.auth.secret and not (config.data_path / "secret.key").exists():
+        raise click.ClickException("no token secret: set auth.secret, or start `chatd run` once (it makes "
+                                   f"{config.data_path / 'secret.key'})")
+    invite, _, _ = issue_invite(load_secret(config.auth.secret, config.data_path), uses, ttl_s)
+    click.echo(invite)
 
 
 if __name__ == "__main__":

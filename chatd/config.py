@@ -11,6 +11,7 @@ Policy: an unknown section or key, in the file or in the environment, is an erro
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 import typing
@@ -23,6 +24,7 @@ class ConfigError(ValueError):
 
 
 STORE_BACKENDS = ("sqlite", "cassandra")
+REGISTRATION = ("open", "invite", "closed")
 
 
 @dataclass
@@ -35,6 +37,18 @@ class ServerConfig:
     public_ws_url: str = ""
     shard_id: str = "shard-1"
     shutdown_grace_s: float = 5.0
+    # Reverse proxies (addresses or CIDRs) whose X-Forwarded-For / Forwarded headers name the
+    # client; the client is the right-most hop not listed. Empty: the TCP peer is the client.
+    trusted_proxies: list[str] = field(default_factory=list)
+    # The header those proxies set: "x-forwarded-for" or "forwarded" (RFC 7239); the other is ignored.
+    proxy_header: str = "x-forwarded-for"
+    # An HTTP request body not received within this long is answered 408 and its connection closed.
+    http_body_timeout_s: float = 30.0
+    # TLS on the API port, the WebSocket port and a shard's admin port: a PEM certificate chain
+    # and its unencrypted PEM key (both or neither; relative paths: to the working directory).
+    # SIGHUP reloads both files for new connections. Empty: plain HTTP and ws://.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
 
 
 @dataclass
@@ -51,6 +65,9 @@ class StoreConfig:
     read_connections: int = 4
 
 
+PRESENCE_VISIBILITY = ("contacts", "everyone")
+
+
 @dataclass
 class PresenceConfig:
     # Offline once no device has heartbeated for this long (clients heartbeat every
@@ -63,6 +80,9 @@ class PresenceConfig:
     max_subscriptions: int = 1000  # explicit subscribe_presence targets per connection
     server_id: str = "p1"  # chatd presence: this server's id (unique among presence servers)
     max_query: int = 500  # users per presence query
+    # Who sees a user's presence: "contacts" (who shares a group or a 1:1 channel with a message with
+    # them; the others see "offline", never seen) or "everyone" (every account). chatd/presence/visibility.py
+    visibility: str = "contacts"
 
 
 @dataclass
@@ -86,6 +106,9 @@ class ClusterConfig:
     load_refresh_s: float = 2.0
     # Logins go to the least-loaded shard when the user's home has more connections than this (0 = never).
     overload_connections: int = 0
+    # "user:password": chatd authenticates to ZooKeeper with this digest and creates its znodes
+    # readable and writable by that identity only. Empty: no authentication, open ACLs.
+    zk_auth: str = ""
 
 
 @dataclass
@@ -104,6 +127,14 @@ class CassandraConfig:
     password: str = ""
     request_timeout_s: float = 10.0
     connect_timeout_s: float = 10.0
+    # TLS to Cassandra (client_encryption_options): on when tls_ca_file (PEM CA bundle the nodes'
+    # certificates are checked against) is set; tls_cert_file/tls_key_file: a client certificate
+    # (both or neither) for nodes that require one; tls_check_hostname: each node's certificate
+    # must name the address it is reached at.
+    tls_ca_file: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_check_hostname: bool = True
 
 
 @dataclass
@@ -111,8 +142,24 @@ class AuthConfig:
     # HMAC secret for tokens; empty = generated once and kept in data_dir/secret.key.
     secret: str = ""
     token_ttl_s: float = 7 * 24 * 3600
-    # scrypt cost (N); 2**15 is ~50 ms on one core. Must be a power of two.
-    scrypt_n: int = 2**15
+    # scrypt cost (N, with r=8, p=1): OWASP's 2**17 (128 MiB, ~0.3 s on one core). Must be a
+    # power of two. A login re-hashes a password hashed with a smaller N.
+    scrypt_n: int = 2**17
+    # Password hashing runs in worker threads: this many for logins, this many more for sign-ups
+    # (sign-ups never take a login's thread); a request finding more than hashing_queue_max
+    # others waiting for its threads is answered 503 unavailable with Retry-After.
+    login_hashing_threads: int = 2
+    signup_hashing_threads: int = 1
+    hashing_queue_max: int = 16
+    # Who may sign up: "open" (anyone), "invite" (with a token from `chatd admin invite`), "closed".
+    registration: str = "open"
+    # Sign-ups per client address (a token bucket; every attempt counts): 429 with Retry-After.
+    signups_per_ip_burst: int = 5
+    signups_per_ip_per_hour: float = 20.0
+    # Addresses (or CIDRs) whose sign-ups are not throttled (e.g. a load tester's); none by default: behind a
+    # proxy on this host every client would otherwise be 127.0.0.1 (list the proxy in
+    # server.trusted_proxies instead).
+    signups_unthrottled: list[str] = field(default_factory=list)
     # Failed-login throttling (only failures count): per username and per client address.
     # Over the limit: 429 rate_limited with Retry-After, before any password check.
     login_failures_per_user_burst: int = 10
@@ -140,6 +187,25 @@ class LimitsConfig:
     heartbeat_interval_s: float = 5.0
     history_page_max: int = 500
     sync_page: int = 500
+    # Bytes queued for one connection (framed replies, events, messages, the write in progress):
+    # over it the connection's frames are not read; over it for slow_consumer_s: close 1013.
+    send_queue_bytes: int = 1024 * 1024
+    slow_consumer_s: float = 10.0
+    # Requests served in tasks (history, presence, typing, read, logout...) at once per connection;
+    # at the cap the connection's next frame waits for a slot.
+    max_inflight_requests: int = 4
+    # WebSocket connections per user (on one shard) and per client address (0: no cap); over the
+    # cap: error too_many_connections, close 4029.
+    max_connections_per_user: int = 32
+    max_connections_per_address: int = 256
+    # A server ping after ping_interval_s without anything received; nothing received for
+    # idle_timeout_s (no frame, no pong): close 4000.
+    ping_interval_s: float = 25.0
+    idle_timeout_s: float = 75.0
+    # Channels one sync may name (more: bad_field); after sync_max_errors channel errors in one
+    # sync the rest are answered 'skipped' without reading the store.
+    sync_max_channels: int = 2000
+    sync_max_errors: int = 100
 
 
 PUSH_PROVIDERS = ("none", "webhook", "matrix")
@@ -223,18 +289,70 @@ class Config:
         if n < 2 or n & (n - 1):
             raise ConfigError("auth.scrypt_n must be a power of two >= 2")
         for name in ("login_failures_per_user_burst", "login_failures_per_user_per_min",
-                     "login_failures_per_ip_burst", "login_failures_per_ip_per_min"):
+                     "login_failures_per_ip_burst", "login_failures_per_ip_per_min",
+                     "login_hashing_threads", "signup_hashing_threads", "hashing_queue_max",
+                     "signups_per_ip_burst", "signups_per_ip_per_hour"):
             if getattr(self.auth, name) <= 0:
                 raise ConfigError(f"auth.{name} must be > 0")
+        if self.auth.registration not in REGISTRATION:
+            raise ConfigError(f"auth.registration must be one of {', '.join(REGISTRATION)}")
+        self._validate_trusted_proxies()
+        self._validate_tls()
         for name in ("max_frame_bytes", "max_body_chars", "max_group_members", "rate_burst",
                      "send_queue_frames", "max_inflight_sends", "history_page_max", "sync_page"):
             if getattr(self.limits, name) < 1:
                 raise ConfigError(f"limits.{name} must be >= 1")
         if self.limits.send_answer_s <= 0:
             raise ConfigError("limits.send_answer_s must be > 0")
+        if self.presence.visibility not in PRESENCE_VISIBILITY:
+            raise ConfigError(f"presence.visibility must be one of {', '.join(PRESENCE_VISIBILITY)}")
+        self._validate_connection_limits()
         if self.cluster.link_heartbeat_s <= 0:
             raise ConfigError("cluster.link_heartbeat_s must be > 0")
+        if self.auth.secret:  # (empty: chatd run generates one into data_dir/secret.key)
+            check_secret("auth.secret", self.auth.secret)
         self._validate_push()
+
+    def _validate_connection_limits(self) -> None:
+        lim = self.limits
+        for name in ("send_queue_bytes", "max_inflight_requests", "max_connections_per_user",
+                     "sync_max_channels", "sync_max_errors"):
+            if getattr(lim, name) < 1:
+                raise ConfigError(f"limits.{name} must be >= 1")
+        if lim.max_connections_per_address < 0:
+            raise ConfigError("limits.max_connections_per_address must be >= 0 (0: no cap)")
+        for name in ("slow_consumer_s", "ping_interval_s", "idle_timeout_s"):
+            if getattr(lim, name) <= 0:
+                raise ConfigError(f"limits.{name} must be > 0")
+        if lim.idle_timeout_s < lim.ping_interval_s:
+            raise ConfigError("limits.idle_timeout_s must be >= limits.ping_interval_s")
+
+    def _validate_trusted_proxies(self) -> None:
+        if self.server.http_body_timeout_s <= 0:
+            raise ConfigError("server.http_body_timeout_s must be > 0")
+        if self.server.proxy_header not in ("x-forwarded-for", "forwarded"):
+            raise ConfigError("server.proxy_header must be 'x-forwarded-for' or 'forwarded'")
+        for where, entries in (("server.trusted_proxies", self.server.trusted_proxies),
+                               ("auth.signups_unthrottled", self.auth.signups_unthrottled)):
+            for entry in entries:
+                try:
+                    ipaddress.ip_network(entry, strict=False)
+                except ValueError:
+                    raise ConfigError(f"{where}: {entry!r} is not an address or CIDR") from None
+
+    def _validate_tls(self) -> None:
+        s, c = self.server, self.cassandra
+        if bool(s.tls_cert_file) != bool(s.tls_key_file):
+            raise ConfigError("server.tls_cert_file and server.tls_key_file go together: set both or neither")
+        if bool(c.tls_cert_file) != bool(c.tls_key_file):
+            raise ConfigError("cassandra.tls_cert_file and cassandra.tls_key_file go together: set both or neither")
+        if c.tls_cert_file and not c.tls_ca_file:
+            raise ConfigError("cassandra.tls_cert_file needs cassandra.tls_ca_file (TLS to Cassandra is on "
+                              "only with a CA to check the nodes against)")
+        if self.cluster.zk_auth:
+            user, sep, password = self.cluster.zk_auth.partition(":")
+            if not (sep and user and password):
+                raise ConfigError("cluster.zk_auth must be \"user:password\" (both non-empty)")
 
     def _validate_push(self) -> None:
         p = self.push
@@ -242,6 +360,8 @@ class Config:
             raise ConfigError(f"push.provider: unknown provider {p.provider!r} (known: {', '.join(PUSH_PROVIDERS)})")
         if p.provider == "webhook" and not (p.webhook_url and p.webhook_secret):
             raise ConfigError("push.provider = 'webhook' needs push.webhook_url and push.webhook_secret")
+        if p.provider == "webhook":
+            check_secret("push.webhook_secret", p.webhook_secret)
         if p.provider == "matrix" and not p.matrix_gateway_url:
             raise ConfigError("push.provider = 'matrix' needs push.matrix_gateway_url")
         for name in ("request_timeout_s", "retry_base_s", "retry_cap_s", "lease_s", "poll_interval_s"):
@@ -258,9 +378,12 @@ class Config:
     def validate_cluster(self, role: str) -> None:
         """Extra checks for the cluster roles: shared secrets must be set explicitly."""
         if not self.cluster.secret:
-            raise ConfigError(f"chatd {role}: cluster.secret must be set (the same on every shard and API server)")
+            raise ConfigError(f"chatd {role}: cluster.secret must be set (the same on every shard and API server; "
+                              f"make one with `chatd secret`)")
         if not self.auth.secret:
-            raise ConfigError(f"chatd {role}: auth.secret must be set (the same on every shard and API server)")
+            raise ConfigError(f"chatd {role}: auth.secret must be set (the same on every shard and API server; "
+                              f"make one with `chatd secret`)")
+        check_secret("cluster.secret", self.cluster.secret)
 
     # ---- derived ---------------------------------------------------------------------
     @property
@@ -270,6 +393,23 @@ class Config:
     def resolve(self, p: str) -> Path:
         path = Path(p)
         return path if path.is_absolute() else self.data_path / path
+
+
+# Secrets: HMAC keys (tokens, links, push webhooks). A key anyone can read (the examples' old
+# placeholders) or guess (a short word) lets anyone sign tokens: refused at start-up.
+MIN_SECRET_BYTES = 32
+KNOWN_PLACEHOLDERS = frozenset({"change-me-token-secret", "change-me-link-secret", "change-me", "changeme",
+                                "secret", "password"})
+
+
+def check_secret(name: str, value: str) -> None:
+    """Refuse (``ConfigError``) a known placeholder or a secret shorter than ``MIN_SECRET_BYTES``."""
+    if value.strip().lower() in KNOWN_PLACEHOLDERS or "change-me" in value.lower():
+        raise ConfigError(f"{name} is a published placeholder: anyone could sign with it; "
+                          f"set a fresh one (`chatd secret` prints one)")
+    if len(value.encode("utf-8", "surrogatepass")) < MIN_SECRET_BYTES:
+        raise ConfigError(f"{name} is shorter than {MIN_SECRET_BYTES} bytes; "
+                          f"set a fresh one (`chatd secret` prints one)")
 
 
 def env_overrides(env) -> dict:
@@ -332,6 +472,12 @@ def _coerce(value, hint, where, source):
             if isinstance(value, str):
                 return value
             raise ValueError
+        if hint == list[str]:  # a TOML array of strings, or a comma-separated string (environment)
+            if isinstance(value, str):
+                return [v.strip() for v in value.split(",") if v.strip()]
+            if isinstance(value, list) and all(isinstance(v, str) for v in value):
+                return list(value)
+            raise ValueError
     except ValueError:
         pass
-    raise ConfigError(f"{source}: {where!r} must be {hint.__name__}, got {value!r}")
+    raise ConfigError(f"{source}: {where!r} must be {getattr(hint, '__name__', hint)}, got {value!r}")

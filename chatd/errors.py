@@ -21,6 +21,9 @@ CODES: dict[str, int] = {
     "token_expired": 401,
     "bad_credentials": 401,
     "username_taken": 409,
+    "registration_closed": 403,  # sign-up is closed (auth.registration)
+    "invite_invalid": 403,  # sign-up needs an invite: missing, forged, expired or used up
+    "unsupported_media_type": 415,  # an HTTP body that is not Content-Type: application/json
     "forbidden": 403,
     "not_member": 403,
     "no_such_channel": 404,
@@ -28,6 +31,7 @@ CODES: dict[str, int] = {
     "not_found": 404,
     "group_full": 409,
     "rate_limited": 429,
+    "too_many_connections": 429,  # WebSocket: limits.max_connections_per_user / _per_address (close 4029)
     "unavailable": 503,  # store or dependency failed; retry later
     "internal": 500,
 }

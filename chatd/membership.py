@@ -3,14 +3,25 @@
 A 1:1 channel's members follow from its id (both users must exist); a group's come from the store.
 The cache is bounded (least recently loaded evicted first) and invalidated by whoever changes
 membership (the API calls :meth:`invalidate`). Errors: ``no_such_channel``, ``no_such_user``,
-``not_member``."""
+``not_member``.
+
+Negative answers (``no_such_channel``, ``no_such_user``) are cached too, for ``MISSING_TTL_S``
+and at most ``MAX_MISSING`` channels (oldest dropped first), so that asking about many unknown
+channels (a ``sync`` naming thousands) costs the store one read each per TTL, not one per ask.
+Group ids are random (nobody can name a group before it is made) and a 1:1 channel is asked
+about only by its own two users, so a cached "does not exist" cannot be planted for others; an
+:meth:`invalidate` drops it at once."""
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 
 from .errors import ChatError
 from .ids import dm_members, is_group
+
+MISSING_TTL_S = 5.0
+MAX_MISSING = 10_000
 
 
 class Membership:
@@ -19,12 +30,34 @@ class Membership:
         self._cache: OrderedDict[str, frozenset[int]] = OrderedDict()
         self._max = max_cached
         self._generation: dict[str, int] = {}
+        self.on_invalidate: list = []  # callables(channel_id), told after each invalidation
+        self._missing: OrderedDict[str, tuple[float, str, str]] = OrderedDict()  # channel -> (expiry, code, message)
 
     async def members(self, channel_id: str) -> frozenset[int]:
         cached = self._cache.get(channel_id)
         if cached is not None:
             return cached
+        missing = self._missing.get(channel_id)
+        if missing is not None:
+            if missing[0] > time.monotonic():
+                raise ChatError(missing[1], missing[2])
+            del self._missing[channel_id]
         gen = self._generation.get(channel_id, 0)
+        try:
+            members = await self._load(channel_id)
+        except ChatError as e:
+            if e.code in ("no_such_channel", "no_such_user") and self._generation.get(channel_id, 0) == gen:
+                self._missing[channel_id] = (time.monotonic() + MISSING_TTL_S, e.code, e.message)
+                if len(self._missing) > MAX_MISSING:
+                    self._missing.popitem(last=False)
+            raise
+        if self._generation.get(channel_id, 0) == gen:  # not invalidated while we loaded
+            self._cache[channel_id] = members
+            if len(self._cache) > self._max:
+                self._cache.popitem(last=False)
+        return members
+
+    async def _load(self, channel_id: str) -> frozenset[int]:
         pair = dm_members(channel_id)
         if pair is not None:
             users = await self._store.get_users(list(pair))
@@ -37,10 +70,6 @@ class Membership:
                 raise ChatError("no_such_channel", f"channel {channel_id} does not exist")
         else:
             raise ChatError("no_such_channel", f"channel {channel_id} does not exist")
-        if self._generation.get(channel_id, 0) == gen:  # not invalidated while we loaded
-            self._cache[channel_id] = members
-            if len(self._cache) > self._max:
-                self._cache.popitem(last=False)
         return members
 
     def cached(self, channel_id: str) -> frozenset[int] | None:
@@ -58,7 +87,10 @@ class Membership:
 
     def invalidate(self, channel_id: str) -> None:
         self._cache.pop(channel_id, None)
+        self._missing.pop(channel_id, None)
         self._generation[channel_id] = self._generation.get(channel_id, 0) + 1
+        for listener in self.on_invalidate:
+            listener(channel_id)
 
 
 async def announce_member_change(node, kind: str, channel_id: str, user_id: int, by: int) -> None:

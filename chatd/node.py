@@ -19,16 +19,15 @@ queued writes; everything is bounded by ``server.shutdown_grace_s`` (:func:`_sto
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 
 import trio
 
-from .auth import new_secret
 from .cluster.links import LinkManager
 from .config import ClusterConfig, Config
+from .datadir import load_secret, private_dir
 from .discovery.base import Discovery
 from .discovery.local import LocalDiscovery
 from .discovery.view import ShardInfo
@@ -38,6 +37,7 @@ from .presence.service import PresenceService
 from .protocol import link_frames as lf
 from .push import make_push_service
 from .ratelimit import TokenBucket
+from .revocation import RecentRevocations
 from .shard.fanout import FanOut
 from .shard.hub import Hub
 from .shard.owner import ChannelOwners
@@ -45,6 +45,7 @@ from .shard.router import VIEW_WAIT_S, Router
 from .shard.server import ShardServer
 from .store import open_store
 from .store.base import Store
+from .tls import ServerTLS, warn_plaintext
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,8 @@ class Node:
                  metrics: Metrics | None = None):
         me = config.server.shard_id
         self.config = config
+        # the certificate of the WebSocket and HTTP ports (None: no TLS); SIGHUP reloads it (chatd/cli.py)
+        self.tls = ServerTLS.from_config(config.server)
         self.store = store
         self.secret = secret
         self.metrics = metrics if metrics is not None else Metrics()
@@ -93,9 +96,9 @@ class Node:
             for key in ("sent", "rejected", "failed", "gave_up", "dropped"):
                 self.metrics.gauge(f"chatd_push_{key}", f"Push notifications: {key} (since start)",
                                    lambda key=key: self.push.stats[key])
-        # keys of tokens revoked lately (logout frames seen here): closes the window between a
+        # tokens and cut-offs revoked lately (logout frames seen here): closes the window between a
         # session's store check and its attach (chatd/shard/session.py)
-        self.revoked_here: OrderedDict[str, None] = OrderedDict()
+        self.revoked_here = RecentRevocations()
         self.stop_event = trio.Event()
         # the link frames a shard takes, and who handles each (handler(link, frame))
         self._frame_handlers = {
@@ -106,6 +109,7 @@ class Node:
             lf.Devices: self.fanout.on_devices,
             lf.Invalidate: self._on_invalidate,
             lf.Logout: self._on_logout,
+            lf.LogoutAll: self._on_logout_all,
             lf.Resync: self.router.on_resync,
         }
         self.metrics.gauge("chatd_ws_authenticated", "Authenticated client sessions", lambda: self.hub.count)
@@ -137,19 +141,36 @@ class Node:
         """A transient event (``member_added`` / ``member_removed``) to every device of ``user_ids``."""
         self.fanout.deliver_event(event, user_ids)
 
-    def device_logged_out(self, user_id: int, device_id: str, token_key: str, except_session=None) -> None:
-        """A logout revoked ``token_key``: close the device's connections here and on every shard
-        (link frame ``logout``; best effort: a peer whose link is down misses it, but its shard
-        refuses the token at the next ``auth``)."""
-        self._close_device(user_id, device_id, token_key, except_session)
-        _broadcast(self.links, lf.Logout(user_id, device_id, token_key))
+    def device_logged_out(self, user_id: int, device_id: str, token_key: str, except_session=None,
+                          before: float = 0.0) -> None:
+        """A logout revoked ``token_key`` (and with ``before`` every token of the device issued
+        before it): close the device's connections here and on every shard (link frame ``logout``;
+        best effort: a peer whose link is down misses it, but its shard refuses the token at the
+        next ``auth``)."""
+        self._close_device(user_id, device_id, token_key, except_session, before)
+        _broadcast(self.links, lf.Logout(user_id, device_id, token_key, before))
 
-    def _close_device(self, user_id: int, device_id: str, token_key: str, except_session=None) -> None:
-        self.revoked_here[token_key] = None
-        if len(self.revoked_here) > REVOKED_REMEMBERED:
-            self.revoked_here.popitem(last=False)
+    def tokens_revoked_before(self, user_id: int, device_id: str | None, before: float) -> None:
+        """Every token of the user's device (None: of all its devices) issued before ``before``
+        was revoked: close those connections here and on every shard (link frame ``logout_all``,
+        best effort like ``logout``)."""
+        self._close_before(user_id, device_id or "", before)
+        _broadcast(self.links, lf.LogoutAll(user_id, before, device_id or ""))
+
+    def _close_device(self, user_id: int, device_id: str, token_key: str, except_session=None,
+                      before: float = 0.0) -> None:
+        self.revoked_here.add_key(token_key)
+        if before:
+            self.revoked_here.add_cutoff(user_id, device_id, before)
         for session in tuple(self.hub.sessions_of(user_id)):
             if session.device_id == device_id and session is not except_session:
+                session.logged_out_elsewhere()
+
+    def _close_before(self, user_id: int, device_id: str, before: float) -> None:
+        """``device_id`` "": every device of the user."""
+        self.revoked_here.add_cutoff(user_id, device_id, before)
+        for session in tuple(self.hub.sessions_of(user_id)):
+            if (not device_id or session.device_id == device_id) and session.token_issued_at < before:
                 session.logged_out_elsewhere()
 
     # ---- cluster links -------------------------------------------------------------------
@@ -173,10 +194,12 @@ class Node:
         self.membership.invalidate(frame.channel_id)
 
     def _on_logout(self, link, frame: lf.Logout) -> None:
-        self._close_device(frame.user_id, frame.device_id, frame.token_key)
+        self._close_device(frame.user_id, frame.device_id, frame.token_key, before=frame.before)
+
+    def _on_logout_all(self, link, frame: lf.LogoutAll) -> None:
+        self._close_before(frame.user_id, frame.device_id, frame.before)
 
 
-REVOKED_REMEMBERED = 10_000
 VIEW_ROUTED = lf.VIEW_ROUTED
 
 
@@ -187,36 +210,24 @@ def _broadcast(links: LinkManager | None, frame: lf.Frame) -> None:
             links.send_nowait(peer, frame)
 
 
-def load_secret(config: Config) -> str:
-    """The configured token secret, or one generated on first start and kept in the data dir."""
-    if config.auth.secret:
-        return config.auth.secret
-    path = config.data_path / "secret.key"
-    if path.exists():
-        return path.read_text().strip()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    secret = new_secret()
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(secret)
-    tmp.chmod(0o600)
-    tmp.replace(path)
-    return secret
-
-
 def public_ws_url(config: Config, port: int) -> str:
+    """What logins tell clients to connect to: ``server.public_ws_url`` if set, else the WebSocket
+    port's own address (``wss://`` when it has TLS)."""
     if config.server.public_ws_url:
         return config.server.public_ws_url
-    return f"ws://{config.server.ws_host}:{port}/"
+    scheme = "wss" if config.server.tls_cert_file else "ws"
+    return f"{scheme}://{config.server.ws_host}:{port}/"
 
 
 async def serve_run(config: Config, *, task_status=trio.TASK_STATUS_IGNORED, node_out: list | None = None) -> None:
     """``chatd run``: serve until :meth:`Node.request_stop` or cancellation."""
     from .api.server import serve_api
 
-    config.data_path.mkdir(parents=True, exist_ok=True)
-    secret = load_secret(config)
+    private_dir(config.data_path)
+    secret = load_secret(config.auth.secret, config.data_path)
     async with open_store(config) as store:
         node = Node(config, store, secret)
+        warn_plaintext(config, api=True, ws=True)
         if node_out is not None:
             node_out.append(node)
         async with trio.open_nursery() as nursery:
@@ -228,7 +239,7 @@ async def serve_run(config: Config, *, task_status=trio.TASK_STATUS_IGNORED, nod
             ws_url = public_ws_url(config, ws_port)
             await node.discovery.register(ShardInfo(config.server.shard_id, ws_url), load=lambda: node.hub.count)
             api_stop = trio.Event()
-            api_url = await nursery.start(serve_api, node, api_stop)
+            api_url = await nursery.start(functools.partial(serve_api, node, api_stop, tls=node.tls))
             log.info("chatd run ready: api %s, websocket %s, data %s", api_url, ws_url, config.data_path)
             task_status.started(RunInfo(api_url, ws_url))
             await node.stop_event.wait()
@@ -272,6 +283,7 @@ async def serve_shard(config: Config, *, task_status=trio.TASK_STATUS_IGNORED, n
         hub = Hub()
         presence, presence_links, presence_view = _remote_presence(cc, me, "shard", store, local_devices(hub))
         node = Node(config, store, config.auth.secret, zk_discovery(cc), links, hub, presence, metrics)
+        warn_plaintext(config, ws=True)
         if node_out is not None:
             node_out.append(node)
         async with trio.open_nursery() as nursery:
@@ -285,7 +297,7 @@ async def serve_shard(config: Config, *, task_status=trio.TASK_STATUS_IGNORED, n
             ws_port = await nursery.start(node.shard.serve)
             ws_url = public_ws_url(config, ws_port)
             admin_stop = trio.Event()
-            await nursery.start(serve_api, node, admin_stop, create_admin_app)
+            await nursery.start(functools.partial(serve_api, node, admin_stop, create_admin_app, tls=node.tls))
             await node.discovery.register(ShardInfo(me, ws_url, links.public_addr()), load=lambda: node.hub.count)
             links.set_peers(node.discovery.view)
             log.info("shard %s ready: websocket %s, links %s", me, ws_url, links.public_addr())
@@ -334,6 +346,7 @@ class ApiNode:
 
     def __init__(self, config: Config, store: Store, discovery: Discovery, links: LinkManager, presence):
         self.config = config
+        self.tls = ServerTLS.from_config(config.server)  # the API port's certificate (None: no TLS)
         self.store = store
         self.secret = config.auth.secret
         self.metrics = Metrics()
@@ -362,8 +375,12 @@ class ApiNode:
         for home, uids in view.by_home(user_ids).items():
             self.links.send_nowait(home, lf.Deliver(view.version, uids, event=event))
 
-    def device_logged_out(self, user_id: int, device_id: str, token_key: str, except_session=None) -> None:
-        _broadcast(self.links, lf.Logout(user_id, device_id, token_key))
+    def device_logged_out(self, user_id: int, device_id: str, token_key: str, except_session=None,
+                          before: float = 0.0) -> None:
+        _broadcast(self.links, lf.Logout(user_id, device_id, token_key, before))
+
+    def tokens_revoked_before(self, user_id: int, device_id: str | None, before: float) -> None:
+        _broadcast(self.links, lf.LogoutAll(user_id, before, device_id or ""))
 
 
 async def serve_api_role(config: Config, *, task_status=trio.TASK_STATUS_IGNORED, node_out: list | None = None) -> None:
@@ -382,6 +399,7 @@ async def serve_api_role(config: Config, *, task_status=trio.TASK_STATUS_IGNORED
         links = LinkManager(api_id, "api", cc)
         presence, presence_links, presence_view = _remote_presence(cc, api_id, "api", store, lambda: [])
         node = ApiNode(config, store, discovery, links, presence)
+        warn_plaintext(config, api=True)
         if node_out is not None:
             node_out.append(node)
         async with trio.open_nursery() as nursery:
@@ -392,7 +410,7 @@ async def serve_api_role(config: Config, *, task_status=trio.TASK_STATUS_IGNORED
             await _start_remote_presence(nursery, presence, presence_links, presence_view)
             stop = trio.Event()
             async with trio.open_nursery() as api_nursery:  # ends when hypercorn has shut down
-                api_url = await api_nursery.start(serve_api, node, stop)
+                api_url = await api_nursery.start(functools.partial(serve_api, node, stop, tls=node.tls))
                 log.info("api ready: %s (shards: %s)", api_url, ", ".join(sorted(discovery.view.shards)) or "none")
                 task_status.started(RunInfo(api_url, ""))
                 await node.stop_event.wait()

@@ -37,6 +37,8 @@ def require_browser():
 def http(method: str, url: str, body=None, token: str | None = None):
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method=method)
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
     if token:
         req.add_header("Authorization", f"Bearer {token}")
     try:
@@ -68,7 +70,7 @@ class ChatdProcess:
         config = tmp_path / "chatd.toml"
         config.write_text(f'data_dir = "{tmp_path / "data"}"\n'
                           f"[server]\napi_port = {api_port}\nws_port = {ws_port}\n"
-                          f"[auth]\nscrypt_n = 1024\n{extra_toml}")
+                          f"[auth]\nscrypt_n = 1024\nsignups_unthrottled = [\"127.0.0.0/8\"]\n{extra_toml}")
         self.log = open(tmp_path / "chatd.log", "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "chatd.cli", "run", "--config", str(config)],
                                      stdout=self.log, stderr=self.log)

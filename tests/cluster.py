@@ -27,7 +27,7 @@ import pytest
 import trio
 
 from tests.cassandra_server import fresh_keyspace
-from tests.helpers import API, eventually, free_port, open_client
+from tests.helpers import API, TEST_LINK_SECRET, TEST_TOKEN_SECRET, eventually, free_port, open_client
 
 ZK_CLASSPATH = "/usr/share/java/zookeeper.jar:/usr/share/java/slf4j-simple.jar"
 
@@ -96,9 +96,9 @@ class Cluster:
         self.config = workdir / "cluster.toml"
         self.config.write_text(
             f'data_dir = "{workdir / "data"}"\n' + store_toml +
-            "[auth]\nsecret = \"test-token-secret\"\nscrypt_n = 1024\n"
+            f"[auth]\nsecret = \"{TEST_TOKEN_SECRET}\"\nscrypt_n = 1024\nsignups_unthrottled = [\"127.0.0.0/8\"]\n"
             "[limits]\nrate_frames_per_s = 100000.0\nrate_burst = 100000\n"
-            f"[cluster]\nsecret = \"test-link-secret\"\nzk_hosts = \"{zk.hosts}\"\nzk_root = \"{self.root}\"\n"
+            f"[cluster]\nsecret = \"{TEST_LINK_SECRET}\"\nzk_hosts = \"{zk.hosts}\"\nzk_root = \"{self.root}\"\n"
             f"zk_session_timeout_s = {session_timeout_s}\nlink_port = 0\nlink_heartbeat_s = {heartbeat_s}\n"
             "load_refresh_s = 0.5\n" + extra)
         self.shard_ids = [f"s{i}" for i in range(1, n + 1)]

@@ -139,6 +139,32 @@ class EmulatedKeyspace(CqlRunner):
         row = self.tables["devices"].get(device_id)
         return [{"user_id": row["user_id"]}] if row else []
 
+    # devices_by_user: rows and deletes carry their USING TIMESTAMP; the higher wins (a tie: the delete)
+    def _user_devices(self, uid):
+        return self.tables.setdefault("devices_by_user", {}).setdefault(uid, {"deleted": -1, "rows": {}})
+
+    def w_user_device_put(self, uid, device_id, created_at, last_login_at, ts):
+        part = self._user_devices(uid)
+        old = part["rows"].get(device_id)
+        if ts > part["deleted"] and (old is None or ts >= old["ts"]):
+            part["rows"][device_id] = {"device_id": device_id, "created_at": created_at,
+                                       "last_login_at": last_login_at, "ts": ts}
+
+    def w_user_device_delete(self, ts, uid, device_id):
+        part = self._user_devices(uid)
+        old = part["rows"].get(device_id)
+        if old is not None and ts >= old["ts"]:
+            del part["rows"][device_id]
+
+    def w_user_devices_delete(self, ts, uid):
+        part = self._user_devices(uid)
+        part["deleted"] = max(part["deleted"], ts)
+        part["rows"] = {d: r for d, r in part["rows"].items() if r["ts"] > ts}
+
+    def r_user_devices(self, uid):
+        rows = self._user_devices(uid)["rows"]
+        return [{k: r[k] for k in ("device_id", "created_at", "last_login_at")} for _, r in sorted(rows.items())]
+
     # ---- channels -----------------------------------------------------------------------------------
     def c_channel_insert(self, cid, *rest):
         row = self.tables["channels"].get(cid)
@@ -165,10 +191,44 @@ class EmulatedKeyspace(CqlRunner):
         import time  # USING TTL: the row disappears ttl seconds after the write
         self.tables.setdefault("revoked_tokens", {})[key] = {"user_id": uid, "until": time.time() + ttl}
 
+    def w_cutoff_put(self, ttl, ts, before, uid, device_id):
+        import time  # USING TTL and TIMESTAMP: the highest timestamp wins; gone ttl seconds after the write
+        part = self.tables.setdefault("token_cutoffs", {}).setdefault(uid, {})
+        old = part.get(device_id)
+        if old is None or ts >= old["ts"] or old["until"] <= time.time():
+            part[device_id] = {"revoked_before": before, "ts": ts, "until": time.time() + ttl}
+
+    def r_cutoffs_get(self, uid, *device_ids):
+        import time
+        part = self.tables.setdefault("token_cutoffs", {}).get(uid, {})
+        return [{"device_id": d, "revoked_before": part[d]["revoked_before"]} for d in sorted(set(device_ids))
+                if d in part and part[d]["until"] > time.time()]
+
     def r_revoked_get(self, key):
         import time
         row = self.tables.setdefault("revoked_tokens", {}).get(key)
         return [{"user_id": row["user_id"]}] if row and row["until"] > time.time() else []
+
+    def c_user_set_password(self, password_hash, uid):
+        return uid in self.tables["users"], {}
+
+    def w_user_set_password(self, password_hash, uid):
+        self.tables["users"][uid]["password_hash"] = password_hash
+
+    def c_invite_first_use(self, invite_id, ttl):
+        row = self.tables.setdefault("invite_uses", {}).get(invite_id)
+        return row is None, dict(row or {})
+
+    def w_invite_first_use(self, invite_id, ttl):
+        self.tables["invite_uses"][invite_id] = {"invite_id": invite_id, "uses": 1}
+
+    def c_invite_next_use(self, ttl, uses, invite_id, expected):
+        row = self.tables.setdefault("invite_uses", {}).get(invite_id)
+        current = row["uses"] if row else None
+        return current == expected, {"uses": current}
+
+    def w_invite_next_use(self, ttl, uses, invite_id, expected):
+        self.tables["invite_uses"][invite_id]["uses"] = uses
 
     def r_head_get(self, cid):
         row = self.tables["channel_heads"].get(cid)

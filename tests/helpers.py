@@ -33,6 +33,10 @@ from chatd.node import serve_run
 PASSWORD = "password-123"
 POLL_S = 0.05  # how often ``eventually`` looks again: state in another process cannot signal this one
 
+# The cluster tests' shared secrets (chatd refuses secrets under 32 bytes).
+TEST_TOKEN_SECRET = "test-token-secret-0123456789abcdefghij"
+TEST_LINK_SECRET = "test-link-secret-0123456789abcdefghijk"
+
 
 async def eventually(condition, timeout: float = 30.0):
     """Until ``condition()`` (a plain or an async function) returns something true, which is returned;
@@ -282,7 +286,7 @@ def make_config(tmp_path, **limits) -> Config:
         "data_dir": str(tmp_path / "data"),
         "server": {"api_port": 0, "ws_port": 0, "shutdown_grace_s": 3.0},
         # Cheaper password hashing keeps the 100-member tests quick; same code path.
-        "auth": {"scrypt_n": 2**10},
+        "auth": {"scrypt_n": 2**10, "signups_unthrottled": ["127.0.0.0/8"]},
         # Durable commits are what we promise; tests keep them (fsync on tmpfs/ext4 is fast enough).
         "store": {"sqlite_synchronous": "full"},
     })
@@ -321,7 +325,7 @@ class ChatdRun:
         self.config.write_text(
             f'data_dir = "{tmp_path / "data"}"\n'
             f"[server]\napi_port = {self.api_port}\nws_port = {self.ws_port}\n"
-            "[auth]\nscrypt_n = 1024\n"
+            "[auth]\nscrypt_n = 1024\nsignups_unthrottled = [\"127.0.0.0/8\"]\n"
             "[limits]\nrate_frames_per_s = 100000.0\nrate_burst = 100000\n")
         self.log = open(tmp_path / "chatd.log", "ab")
         self.proc: subprocess.Popen | None = None

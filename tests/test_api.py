@@ -240,9 +240,9 @@ async def test_an_authenticated_request_checks_its_token_once(server, monkeypatc
         signed.append(data)
         return real_sign(secret, data)
 
-    async def revoked(token_key_):
+    async def revoked(token_key_, *identity):
         reads.append(token_key_)
-        return await real_revoked(token_key_)
+        return await real_revoked(token_key_, *identity)
 
     monkeypatch.setattr(auth, "_sign", sign)
     monkeypatch.setattr(server.node.store, "token_revoked", revoked)
@@ -275,7 +275,7 @@ async def test_a_store_failure_while_checking_revocation_refuses_the_token(serve
     api = server.api
     me = await api.signup_login("alice")
 
-    async def failing(token_key_):
+    async def failing(token_key_, *identity):
         raise ChatError("unavailable", "the store is down")
 
     monkeypatch.setattr(server.node.store, "token_revoked", failing)

@@ -50,7 +50,7 @@ async def _early_answer_then_reuse(client: httpx.AsyncClient, method: str, path:
         await trio.sleep(0.02)
         yield body[1:]
 
-    h = {"content-length": str(len(body)), **headers}
+    h = {"content-length": str(len(body)), "content-type": "application/json", **headers}
     try:
         r = await client.request(method, path, content=slow_body(), headers=h)
         assert r.status_code == expect, r.text

@@ -19,7 +19,7 @@ from chatd.store import cassandra_schema
 from chatd.store.cassandra import open_cassandra
 from chatd.store.cassandra_schema import MIGRATIONS, SCHEMA_VERSION, drop_keyspace, migrate
 from chatd.store.cql import connect, execute_ddl, shutdown
-from tests.helpers import reserved_keywords
+from tests.helpers import TEST_LINK_SECRET, TEST_TOKEN_SECRET, reserved_keywords
 
 BUCKET = 4
 
@@ -90,8 +90,8 @@ def write_config(tmp_path: Path, server, cfg, **cassandra) -> Path:
         line = f'{key} = "{value}"' if isinstance(value, str) else f"{key} = {value}"
         text = re.sub(rf"^{key} = .*$", lambda _m: line, text, flags=re.M) if re.search(rf"^{key} = ", text, re.M) \
             else text.replace("[cassandra]\n", f"[cassandra]\n{line}\n")
-    text += ('[auth]\nsecret = "test-token-secret"\nscrypt_n = 1024\n'
-             '[cluster]\nsecret = "test-link-secret"\nzk_hosts = "127.0.0.1:1"\n')
+    text += (f'[auth]\nsecret = "{TEST_TOKEN_SECRET}"\nscrypt_n = 1024\n'
+             f'[cluster]\nsecret = "{TEST_LINK_SECRET}"\nzk_hosts = "127.0.0.1:1"\n')
     path = tmp_path / "chatd.toml"
     path.write_text(text)
     return path

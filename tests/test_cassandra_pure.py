@@ -130,7 +130,7 @@ def test_statement_kinds_match_their_text():
     for name, (kind, cql) in STATEMENTS.items():
         assert kind in (READ, WRITE, LWT), name
         assert (kind == READ) == cql.startswith("SELECT"), name
-        assert (kind == LWT) == bool(re.search(r" IF (NOT EXISTS|\w+ [=<])", cql)), name
+        assert (kind == LWT) == bool(re.search(r" IF (NOT EXISTS|EXISTS|\w+ [=<])", cql)), name
 
 
 def test_emulated_keyspace_implements_every_statement():

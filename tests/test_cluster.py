@@ -16,7 +16,7 @@ from kazoo.client import KazooClient
 from chatd.discovery.view import ShardInfo, View
 from chatd.protocol import link as lp
 from tests.cluster import Cluster, Device, ZooKeeper, send_until_acked, settle, zookeeper_available
-from tests.helpers import dm, eventually, open_client
+from tests.helpers import TEST_LINK_SECRET, dm, eventually, free_port, open_client
 
 pytestmark = pytest.mark.skipif(not zookeeper_available(),
                                 reason="ZooKeeper not installed (apt-get install zookeeper); .ci/run installs it")
@@ -81,7 +81,7 @@ async def test_cross_shard_dm_group_and_devices(cluster, nursery):
     assert [f for f in alice2.client.inbox if f.get("type") == "read"] == []
 
 
-async def raw_link(cluster, zk_hosts, shard_id, secret="test-link-secret", peer_id="test-peer"):
+async def raw_link(cluster, zk_hosts, shard_id, secret=TEST_LINK_SECRET, peer_id="test-peer"):
     zkc = KazooClient(hosts=zk_hosts)
     await trio.to_thread.run_sync(zkc.start)
     try:
@@ -450,6 +450,38 @@ async def test_membership_changes_reach_every_shard(cluster, nursery):
         reply = await cb.send_message(group, "still in?")
         return reply if reply["type"] == "error" else None
     assert (await eventually(refused, timeout=10))["code"] == "not_member"
+
+
+async def test_a_removed_member_reads_nothing_after_a_shard_joins(cluster, nursery):
+    """Issue 20, H1, as reported: owner removes a member and sends; then a shard joins (a view
+    change: every session resyncs its cursors); the removed member must not receive it."""
+    people = await users_on_distinct_homes(cluster, "rm", 2, 3)
+    alice = people[0]
+    bob = next(p for p in people if p["shard_id"] != alice["shard_id"])  # homed on another shard
+    carol = next(p for p in people if p is not alice and p is not bob)
+    r = await cluster.api.call("POST", "/v1/groups", {"name": "rm", "members": [bob["user"]["id"], carol["user"]["id"]]},
+                               token=alice["token"])
+    group = r.body["channel"]["id"]
+    ca, cb, cc = [await open_client_for(nursery, p) for p in (alice, bob, carol)]
+    assert (await ca.send_message(group, "before removal"))["type"] == "ack"
+    assert (await cb.next_event("message"))["body"] == "before removal"  # bob's connection has a cursor
+    assert (await cc.next_event("message"))["body"] == "before removal"
+    r = await cluster.api.call("DELETE", f"/v1/channels/{group}/members/{bob['user']['id']}", token=alice["token"])
+    assert r.body["removed"] is True
+    assert (await cb.next_event("member_removed"))["user_id"] == bob["user"]["id"]
+    assert (await ca.send_message(group, "after removal"))["type"] == "ack"
+    assert (await cc.next_event("message"))["body"] == "after removal"
+    cluster.shard_ids.append("s4")
+    cluster.ws_ports["s4"], cluster.http_ports["s4"] = free_port(), free_port()
+    cluster.start_shard("s4")
+    await cluster.wait_shards(set(cluster.shard_ids))
+    # The shards resync every session 1 s after the view change and after each new link; there
+    # is no event to wait for outside the shard: give them that time, twice over.
+    await trio.sleep(3)
+    assert (await cb.request({"type": "heartbeat"}))["type"] == "heartbeat"
+    assert [m["body"] for m in cb.pending_messages() if m["channel_id"] == group] == []
+    reply = await cb.request({"type": "sync", "cursors": {group: 0}})
+    assert reply["errors"] == {group: "not_member"}, reply
 
 
 async def test_a_frozen_owner_resumes_fenced(zk, tmp_path, nursery, store_toml):

@@ -73,7 +73,7 @@ class LiveServer:
         config.write_text(
             f'data_dir = "{tmp / "data"}"\n'
             f"[server]\napi_port = {self.api_port}\nws_port = {self.ws_port}\n"
-            "[auth]\nscrypt_n = 1024\n"
+            "[auth]\nscrypt_n = 1024\nsignups_unthrottled = [\"127.0.0.0/8\"]\n"
             "[store]\nsqlite_synchronous = \"normal\"\n"
             "[limits]\nrate_frames_per_s = 1000000.0\nrate_burst = 1000000\n")
         self.log_path = tmp / "chatd.log"

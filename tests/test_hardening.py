@@ -16,25 +16,7 @@ from trio_websocket import open_websocket_url
 from wsproto.frame_protocol import FrameProtocol, Opcode
 
 from chatd.protocol import client as proto
-from tests.helpers import RunningServer, assert_intact, make_config, open_client, setup_pair
-
-
-@pytest.fixture
-async def server_with(nursery, tmp_path):
-    """``await server_with(limits..., auth={...})``: a server with some settings changed."""
-    started = []
-
-    async def start(auth=None, **limits):
-        cfg = make_config(tmp_path / str(len(started)), **limits)
-        if auth:
-            cfg.update({"auth": auth}, source="test")
-            cfg.validate()
-        srv = RunningServer(nursery, cfg)
-        started.append(await srv.start())
-        return srv
-    yield start
-    for srv in started:
-        await srv.stop()
+from tests.helpers import assert_intact, open_client, setup_pair
 
 
 def crashes(server) -> float:

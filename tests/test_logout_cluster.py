@@ -10,7 +10,7 @@ import pytest
 
 from chatd.ids import dm_channel_id
 from tests.cluster import zookeeper_available
-from tests.helpers import open_client
+from tests.helpers import PASSWORD, open_client
 
 pytestmark = pytest.mark.skipif(not zookeeper_available(),
                                 reason="ZooKeeper not installed (apt-get install zookeeper); .ci/run installs it")
@@ -42,6 +42,47 @@ async def test_logout_reaches_every_shard_and_api_server(cluster, nursery):
     assert (await laptop.wait_closed()).code == 1000
     assert (await laptop_s2.wait_closed()).code == 4001
     assert (await api.call("GET", "/v1/channels", token=laptop_login["token"])).status == 401
+
+
+async def test_logout_all_and_a_password_change_reach_every_shard(cluster, nursery):
+    """``all`` through the API server: every device's sockets on two shards close with 4001 and
+    their tokens are refused on every shard and the API server; a device logged out by id and a
+    password change likewise (the password change's new token works everywhere)."""
+    api = cluster.api
+    s2, s3 = cluster.ws_url("s2"), cluster.ws_url("s3")
+    phone = await api.signup_login("carol")
+    laptop = await api.login("carol")
+    sockets = [await open_client(nursery, url, t["token"]) for url in (s2, s3) for t in (phone, laptop)]
+    r = await api.call("POST", "/v1/logout", {"all": True}, token=phone["token"])
+    assert r.status == 200 and r.body["all"] is True
+    for c in sockets:
+        assert (await c.wait_closed()).code == 4001
+    for t in (phone, laptop):
+        for url in (s2, s3):
+            c = await open_client(nursery, url)
+            assert (await c.request({"type": "auth", "token": t["token"]}))["code"] == "invalid_token"
+        assert (await api.call("GET", "/v1/users/me", token=t["token"])).status == 401
+
+    # one device by id: its socket on s3 closes, the other device's on s2 stays
+    phone, laptop = await api.login("carol", phone["device_id"]), await api.login("carol", laptop["device_id"])
+    phone_s3, laptop_s2 = await open_client(nursery, s3, phone["token"]), await open_client(nursery, s2, laptop["token"])
+    r = await api.call("DELETE", f"/v1/devices/{phone['device_id']}", token=laptop["token"])
+    assert r.status == 200
+    assert (await phone_s3.wait_closed()).code == 4001
+    c = await open_client(nursery, s2)
+    assert (await c.request({"type": "auth", "token": phone["token"]}))["code"] == "invalid_token"
+    assert (await laptop_s2.request({"type": "presence", "user_ids": [1]}))["type"] == "presence"
+
+    # a password change: the caller's socket closes too; its new token works on every shard
+    r = await api.call("POST", "/v1/users/me/password", {"old_password": PASSWORD, "new_password": "carols-new-pw"},
+                       token=laptop["token"])
+    assert r.status == 200
+    assert (await laptop_s2.wait_closed()).code == 4001
+    for url in (s2, s3):
+        c = await open_client(nursery, url)
+        assert (await c.request({"type": "auth", "token": laptop["token"]}))["code"] == "invalid_token"
+        assert (await (await open_client(nursery, url)).request({"type": "auth", "token": r.body["token"]}))["type"] \
+            == "auth"
 
 
 async def test_member_added_reaches_members_on_every_shard(cluster, nursery):

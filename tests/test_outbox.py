@@ -18,6 +18,7 @@ from chatd.errors import ChatError
 from chatd.metrics import Metrics
 from chatd.shard.flusher import Flusher
 from chatd.shard.outbox import SEND_GRACE_S, Outbox
+from chatd.shard.timers import Timers
 from chatd.shard.wsconn import CloseReason, ConnectionClosed
 from chatd.store.base import Channel, Message
 
@@ -85,9 +86,14 @@ class FakeStore:
 
 
 class FakeMembership:
+    def __init__(self):
+        self.members_of = {CH}  # the channels USER is a member of
+        self.checks = 0
+
     async def require_member(self, channel_id, user_id):
         await trio.lowlevel.checkpoint()
-        if channel_id != CH:
+        self.checks += 1
+        if channel_id not in self.members_of:
             raise ChatError("not_member", "not a member")
 
 
@@ -106,9 +112,9 @@ async def flusher(nursery):
     return f
 
 
-def make(flusher, ws=None, store=None, max_queued=100, sync_page=100, metrics=None):
+def make(flusher, ws=None, store=None, max_queued=100, sync_page=100, metrics=None, **kw):
     return Outbox(ws or FakeConnection(), "json", max_queued=max_queued, sync_page=sync_page, flusher=flusher,
-                  store=store or FakeStore(), membership=FakeMembership(), metrics=metrics or Metrics())
+                  store=store or FakeStore(), membership=FakeMembership(), metrics=metrics or Metrics(), **kw)
 
 
 def tasks_in(nursery) -> int:
@@ -353,7 +359,7 @@ async def test_a_bug_while_writing_answers_internal_and_closes_with_1011(flusher
         if where == "writer":  # in the writer task (its gap fill)
             store.fail = RuntimeError("boom")
             o.push(msg(3))
-        elif where == "pass":  # in the flusher's pass
+        elif where == "pass":  # framing a reply (when it is pushed; the writer task answers)
             o.push({"type": "x", "v": unencodable})
         else:  # in push()'s direct write
             o.push(Message(CH, 2, 1, "c2", unencodable, 0.0))
@@ -364,3 +370,158 @@ async def test_a_bug_while_writing_answers_internal_and_closes_with_1011(flusher
                            "message": "internal server error; please report it"}]
     assert o.close_reason == (1011, "internal server error")
     assert metrics.session_crashes.get() == 1 and metrics.errors.get(code="internal") == 1
+
+
+# ---- the byte budget (issue 20, H3) --------------------------------------------------------------
+@pytest.fixture
+async def timers(nursery):
+    t = Timers()
+    await nursery.start(t.run)
+    return t
+
+
+def big_reply(i: int) -> dict:
+    return {"type": "history", "id": i, "messages": [{"body": "x" * 10_000}]}
+
+
+async def test_over_the_byte_budget_the_reader_waits_until_the_client_reads(flusher, timers, nursery, autojump_clock):
+    ws = FakeConnection(room=0)
+    ws.reading = trio.Event()
+    async with trio.open_nursery() as conn:
+        o = make(flusher, ws, max_bytes=25_000, slow_consumer_s=10.0, timers=timers)
+        o.start(conn)
+        o.push(big_reply(1))
+        o.push(big_reply(2))
+        assert o._over is None  # 2 x ~10 kB: under the budget
+        o.push(big_reply(3))
+        assert o._over is not None and o.pending_bytes() > 25_000
+        room = trio.Event()
+
+        async def reader():
+            await o.wait_for_room()
+            room.set()
+        nursery.start_soon(reader)
+        await trio.sleep(1)
+        assert not room.is_set()  # nothing read from this client while its replies wait
+        ws.reading.set()  # it reads again (within SEND_GRACE_S: a write blocked longer is aborted)
+        await trio.testing.wait_all_tasks_blocked()
+        assert room.is_set() and o._over is None and o.pending_bytes() == 0
+        assert [f["id"] for f in ws.frames()] == [1, 2, 3]
+        await trio.sleep(20)  # the timer was cancelled: no close
+        assert o.close_reason is None
+        conn.cancel_scope.cancel()
+
+
+async def test_over_the_byte_budget_for_slow_consumer_s_closes_with_1013(flusher, timers, autojump_clock):
+    """The writer is not blocked on the socket (that is cut after SEND_GRACE_S) but on a slow
+    gap fill, while replies pile up: over the budget for slow_consumer_s is the 1013 close."""
+    metrics = Metrics()
+    store = FakeStore(range(1, 6))
+    stuck = trio.Event()
+    read = store.read_messages
+
+    async def slow_read(*args, **kwargs):
+        await stuck.wait()
+        return await read(*args, **kwargs)
+    store.read_messages = slow_read
+    async with trio.open_nursery() as conn:
+        o = make(flusher, store=store, max_bytes=25_000, slow_consumer_s=10.0, timers=timers, metrics=metrics)
+        o.user_id = USER
+        o.start(conn)
+        o.push(msg(1))
+        o.push(msg(5))  # a gap: the writer reads 2..4 from the (slow) store
+        await trio.testing.wait_all_tasks_blocked()
+        start = trio.current_time()
+        for i in range(3):
+            o.push(big_reply(i))
+        with trio.fail_after(60):
+            await trio.sleep_forever()
+    assert o.close_reason == (1013, "slow consumer: too many bytes queued; reconnect and sync")
+    assert trio.current_time() - start == pytest.approx(10.0) and metrics.slow_consumers.get() == 1
+    assert seqs(o.ws.frames()) == [1]
+
+
+async def test_queued_messages_count_their_shared_frame_and_the_live_direct_write_counts_nothing(flusher):
+    ws = FakeConnection(room=0)
+    ws.reading = trio.Event()
+    async with trio.open_nursery() as conn:
+        o = make(flusher, ws, max_bytes=1 << 20)
+        o.start(conn)
+        m1 = msg(1)
+        o.push(m1)  # the direct write: nothing counted on the way; the socket took none of it
+        assert o._queued == 0 and o.pending_bytes() == len(m1.__dict__["_frame_json"])  # (what waits in _out)
+        m2 = msg(2)
+        o.push(m2)  # queued behind it: its frame (built now, once, shared) is counted
+        assert o._queued == len(m2.__dict__["_frame_json"])
+        ws.reading.set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert seqs(ws.frames()) == [1, 2] and o._queued == 0 and o.pending_bytes() == 0
+        conn.cancel_scope.cancel()
+
+
+# ---- membership (issue 20, H1) -------------------------------------------------------------------
+async def test_a_resync_drops_the_cursor_of_a_channel_the_user_left_and_streams_nothing(flusher):
+    store = FakeStore(range(1, 5))
+    store.messages["g:2"] = [msg(s, "g:2") for s in range(1, 5)]
+    async with trio.open_nursery() as conn:
+        o = make(flusher, store=store)
+        o.user_id = USER
+        o._membership.members_of = {CH, "g:2"}
+        o.start(conn)
+        o.push(msg(1))
+        o.push(msg(1, "g:2"))
+        o._membership.members_of = {CH}  # removed from g:2
+        o.resync()
+        await trio.testing.wait_all_tasks_blocked()
+        assert [(f["channel_id"], f["seq"]) for f in o.ws.frames()] == [(CH, 1), ("g:2", 1), (CH, 2), (CH, 3), (CH, 4)]
+        assert "g:2" not in o._cursors
+        o.resync()  # and nothing of g:2 is looked at again
+        await trio.testing.wait_all_tasks_blocked()
+        assert o._membership.checks == 3 and len(o.ws.frames()) == 5
+        conn.cancel_scope.cancel()
+
+
+async def test_member_removed_for_this_user_drops_the_cursor_at_once(flusher):
+    async with trio.open_nursery() as conn:
+        o = make(flusher)
+        o.user_id = USER
+        o.start(conn)
+        o.push(msg(1))
+        o.push({"type": "member_removed", "channel_id": CH, "user_id": USER + 1, "by": 1})  # someone else
+        assert CH in o._cursors
+        o.push({"type": "member_removed", "channel_id": CH, "user_id": USER, "by": 1})
+        assert CH not in o._cursors  # before the frame is even written
+        o.resync()  # nothing left to resync
+        await trio.testing.wait_all_tasks_blocked()
+        assert [f["type"] for f in o.ws.frames()] == ["message", "member_removed", "member_removed"]
+        conn.cancel_scope.cancel()
+
+
+async def test_a_gap_is_not_filled_for_a_non_member(flusher):
+    store = FakeStore(range(1, 6))
+    async with trio.open_nursery() as conn:
+        o = make(flusher, store=store)
+        o.user_id = USER
+        o.start(conn)
+        o.push(msg(1))
+        o._membership.members_of = set()
+        o.push(msg(5))  # a hole 2..4: not read for a user who is not a member
+        await trio.testing.wait_all_tasks_blocked()
+        assert seqs(o.ws.frames()) == [1] and store.reads == 0 and CH not in o._cursors
+        conn.cancel_scope.cancel()
+
+
+async def test_a_sync_stops_looking_after_sync_max_errors(flusher):
+    store = FakeStore(range(1, 3))
+    async with trio.open_nursery() as conn:
+        o = make(flusher, store=store, sync_max_errors=3)
+        o.user_id = USER
+        o.start(conn)
+        unknown = {f"g:{i:04x}": 0 for i in range(1000)}
+        o.sync("s", {**unknown, CH: 0})
+        await trio.testing.wait_all_tasks_blocked()
+        reply = o.ws.frames()[-1]
+        assert reply["type"] == "sync" and reply["cursors"] == {}
+        assert list(reply["errors"].values()) == ["not_member"] * 3 + ["skipped"] * 998
+        assert o._membership.checks == 3 and store.reads == 0
+        conn.cancel_scope.cancel()

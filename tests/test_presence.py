@@ -219,6 +219,8 @@ async def test_presence_over_websocket_and_http(nursery, tmp_path):
         api = srv.api
         alice, bob = await api.signup_login("alice"), await api.signup_login("bob")
         aid = alice["user"]["id"]
+        r = await api.call("POST", "/v1/groups", {"name": "pals", "members": [bob["user"]["id"]]}, token=alice["token"])
+        assert r.status == 201  # contacts: they see each other (presence.visibility = "contacts")
         cb = await open_client(nursery, bob["ws_url"], bob["token"])
         sub = await cb.request({"type": "subscribe_presence", "user_ids": [aid]})
         assert sub["users"] == {str(aid): {"status": "offline", "last_active_at": None}}

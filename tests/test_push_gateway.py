@@ -24,7 +24,7 @@ from chatd.store.base import PUSH_SLOTS, Message, PushToken
 from chatd.store.sqlite import open_sqlite
 from tests.helpers import RunningServer, eventually, free_port, make_config, open_client
 
-SECRET = "webhook-secret"
+SECRET = "webhook-secret-0123456789abcdefghijklmn"
 
 
 # ---- a real gateway on loopback ------------------------------------------------------------------

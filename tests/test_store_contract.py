@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import time
 
 import pytest
 import trio
 
 from chatd.errors import ChatError
 from chatd.ids import dm_channel_id, new_group_id
-from chatd.store.base import Channel, ChannelSummary, PushEntry, PushToken, push_slot
+from chatd.store.base import Channel, ChannelSummary, Device, PushEntry, PushToken, push_slot
 from chatd.store.cassandra import CassandraStore, open_cassandra
 from chatd.store.cassandra_schema import drop_keyspace, migrate
 from chatd.store.sqlite import open_sqlite
@@ -177,6 +178,16 @@ async def test_devices_keep_their_first_owner(store):
     await store.add_device(a.id, device, 6.0)
     await store.add_device(b.id, device, 7.0)
     assert await store.device_owner(device) == a.id
+
+
+async def test_set_password_hash(store):
+    a, b = await users(store, 2)
+    await store.set_password_hash(a.id, "scrypt$new")
+    assert (await store.get_user(a.id)).password_hash == "scrypt$new"
+    assert (await store.get_user_by_name(a.username)).password_hash == "scrypt$new"
+    assert (await store.get_user(b.id)).password_hash == b.password_hash  # only that user's
+    await store.set_password_hash(NO_SUCH_ID, "scrypt$x")
+    assert await store.get_user(NO_SUCH_ID) is None  # no half-made user appeared
 
 
 # ---- channels and membership --------------------------------------------------------------------
@@ -638,3 +649,71 @@ async def test_revoked_tokens(store):
     await store.revoke_token(old, a.id, "phone", time.time() - 3600)
     await store.revoke_token(k2, a.id, "tablet", time.time() + 3600)
     assert await store.token_revoked(k2) and await store.token_revoked(k1)
+
+
+async def test_cutoffs_revoke_what_was_issued_before_them(store):
+    (a, b) = await users(store, 2)
+    key, until = uniq("key"), time.time() + 3600
+    assert not await store.token_revoked(key, a.id, "phone", 100.0)
+    await store.revoke_before(a.id, "phone", 100.5, until)
+    assert await store.token_revoked(key, a.id, "phone", 100.0)  # issued before: revoked
+    assert await store.token_revoked(key, a.id, "phone", 0.0)  # no iat: older than any cut-off
+    assert not await store.token_revoked(key, a.id, "phone", 100.5)  # issued at the cut-off: not
+    assert not await store.token_revoked(key, a.id, "tablet", 100.0)  # another device
+    assert not await store.token_revoked(key, b.id, "phone", 100.0)  # another user
+    assert not await store.token_revoked(key)  # the key alone was never revoked
+    await store.revoke_before(a.id, "phone", 50.0, until)  # an earlier cut-off never lowers it
+    assert await store.token_revoked(key, a.id, "phone", 99.0)
+    await store.revoke_before(a.id, None, 200.0, until)  # every device of the user
+    for device in ("phone", "tablet", "laptop"):
+        assert await store.token_revoked(key, a.id, device, 150.0)
+        assert not await store.token_revoked(key, a.id, device, 200.0)
+    assert not await store.token_revoked(key, b.id, "tablet", 150.0)
+    await store.revoke_token(key, a.id, "phone", until)  # by key, whatever the issue time
+    assert await store.token_revoked(key, a.id, "phone", 1e12) and await store.token_revoked(key)
+
+
+async def test_devices_are_listed_from_login_to_logout(store):
+    a, b = await users(store, 2)
+    phone, tablet, until = uniq("phone"), uniq("tablet"), time.time() + 3600
+    assert await store.devices_of(a.id) == []
+    await store.add_device(a.id, phone, 10.0)
+    await store.add_device(a.id, tablet, 11.0)
+    await store.add_device(a.id, phone, 12.0)  # a later login of the phone
+    await store.add_device(b.id, phone, 13.0)  # not b's: changes nothing
+    assert await store.devices_of(a.id) == sorted([Device(phone, 10.0, 12.0), Device(tablet, 11.0, 11.0)],
+                                                  key=lambda d: d.id)
+    assert await store.devices_of(b.id) == []
+    await store.revoke_before(a.id, phone, 20.0, until)  # the phone logged out
+    assert await store.devices_of(a.id) == [Device(tablet, 11.0, 11.0)]
+    await store.add_device(a.id, phone, 21.0)  # and in again: first login kept
+    assert await store.devices_of(a.id) == sorted([Device(phone, 10.0, 21.0), Device(tablet, 11.0, 11.0)],
+                                                  key=lambda d: d.id)
+    await store.revoke_before(a.id, None, 30.0, until)  # every device
+    assert await store.devices_of(a.id) == []
+    await store.add_device(a.id, tablet, 31.0)
+    assert await store.devices_of(a.id) == [Device(tablet, 11.0, 31.0)]
+    assert await store.device_owner(phone) == a.id  # a logged-out device keeps its owner
+
+
+# ---- invites ------------------------------------------------------------------------------------
+async def test_invite_uses_are_counted(store):
+    until = time.time() + 3600
+    once, thrice = uniq("inv"), uniq("inv")
+    assert await store.use_invite(once, 1, until)
+    assert not await store.use_invite(once, 1, until)
+    assert [await store.use_invite(thrice, 3, until) for _ in range(4)] == [True, True, True, False]
+    assert await store.use_invite(uniq("inv"), 2, until)  # counted per invite
+
+
+async def test_concurrent_uses_never_share_the_last_use(store):
+    invite, until = uniq("inv"), time.time() + 3600
+    results = []
+
+    async def use():
+        results.append(await store.use_invite(invite, 3, until))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(10):
+            nursery.start_soon(use)
+    assert sorted(results) == [False] * 7 + [True] * 3

@@ -7,12 +7,14 @@ from quart import Response
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from .asgi import HTTPConnection
 from .host import ApiHost
 from .spec import read_bodies_first
 
 
 def create_admin_app(node: ApiHost) -> QuartTrio:
     app = QuartTrio("chatd-shard")
+    app.asgi_http_class = HTTPConnection
     read_bodies_first(app)
 
     @app.errorhandler(HTTPException)

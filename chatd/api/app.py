@@ -6,7 +6,8 @@ any answer). Errors are ``{"error": {"code", "message"}}`` with a 4xx status for
 (codes from :mod:`chatd.errors`); an unexpected exception is logged and answered with
 ``internal``/500 without details. Authentication: ``Authorization: Bearer <token>`` from /v1/login,
 checked once per request by :func:`chatd.api.caller.authenticate`, whose :class:`Caller` the
-handlers receive. Bodies are at most 1 MiB (413 above).
+handlers receive. Bodies are at most 1 MiB (413 above), 16 KiB without a token of valid signature
+(:mod:`chatd.api.spec`), and ``application/json``.
 
 :func:`create_app` holds what is app-wide: the body rule, the error handlers, the request count and
 latency metrics, the token check. The routes are in :mod:`chatd.api.routes`, one module per
@@ -28,9 +29,14 @@ from quart import g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from ..auth import token_claims
 from ..errors import ChatError
+from . import clientaddr, securitylog as security
+from .asgi import HTTPConnection
 from .caller import Caller, authenticate
-from .common import error_answer
+from .clientaddr import request_address
+from .common import RetryLater, error_answer
+from .hashing import retry_after_header
 from .host import ApiHost
 from .routes import channels, health, presence, push, users
 from .spec import install, set_authenticate
@@ -47,7 +53,9 @@ _HTTP_CODES = {400: "bad_request", 401: "not_authenticated", 403: "forbidden", 4
 
 def create_app(node: ApiHost) -> QuartTrio:
     app = QuartTrio("chatd")
+    app.asgi_http_class = HTTPConnection
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.config["BODY_TIMEOUT"] = node.config.server.http_body_timeout_s
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = True
     metrics = node.metrics
 
@@ -55,11 +63,24 @@ def create_app(node: ApiHost) -> QuartTrio:
     async def started():  # first: before the body is read
         g.started = time.perf_counter()
 
-    install(app, "chatd HTTP API")
+    def has_credentials() -> bool:  # a large body's check; the route's check reuses its claims
+        authorization = request.headers.get("Authorization", "")
+        if not authorization.startswith("Bearer "):
+            return False
+        try:
+            g.token_claims = (authorization, token_claims(node.secret, authorization[len("Bearer "):].strip()))
+        except ChatError:
+            return False
+        return True
+
+    install(app, "chatd HTTP API", has_credentials)
+    clientaddr.install(app, node.config.server.trusted_proxies, node.config.server.proxy_header)
 
     @app.errorhandler(ChatError)
     async def on_chat_error(e: ChatError):
         metrics.errors.inc(code=e.code)
+        if isinstance(e, RetryLater):
+            return {"error": e.to_dict()}, e.http_status, retry_after_header(e.retry_after_s)
         return {"error": e.to_dict()}, e.http_status
 
     @app.errorhandler(HTTPException)
@@ -79,8 +100,14 @@ def create_app(node: ApiHost) -> QuartTrio:
             metrics.http_latency.observe(time.perf_counter() - g.started)
         return response
 
+    def revoked_token_used(user_id: int, device_id: str) -> None:
+        security.event("token", "revoked", user=user_id, device=device_id, addr=request_address())
+
     async def caller() -> Caller:
-        return await authenticate(node.secret, node.store, request.headers.get("Authorization", ""))
+        authorization = request.headers.get("Authorization", "")
+        checked = g.get("token_claims")
+        return await authenticate(node.secret, node.store, authorization, revoked_token_used,
+                                  checked[1] if checked and checked[0] == authorization else None)
 
     set_authenticate(app, caller)
     for module in ROUTES:

@@ -3,7 +3,7 @@ connects to, the membership check of a channel route.
 
 Error policy: every error answer is ``{"error": {"code", "message"}}`` with the code's status
 (:mod:`chatd.errors`) unless one is given, counted in ``chatd_errors_total``; no live shard is
-``unavailable`` (503, retry); a channel id that is no channel id is ``no_such_channel`` (404), a
+``unavailable`` (503, retry); a :class:`RetryLater` carries ``Retry-After``; a channel id that is no channel id is ``no_such_channel`` (404), a
 caller who is not a member ``not_member`` (403).
 """
 
@@ -15,6 +15,14 @@ from ..ids import is_valid_channel_id
 from ..membership import Membership
 from ..metrics import Metrics
 from .host import Discovery
+
+
+class RetryLater(ChatError):
+    """A refusal that says when to come back: answered with ``Retry-After`` (whole seconds, at least 1)."""
+
+    def __init__(self, code: str, message: str, retry_after_s: float):
+        super().__init__(code, message)
+        self.retry_after_s = retry_after_s
 
 
 def error_answer(metrics: Metrics, code: str, message: str, status: int | None = None) -> tuple[dict, int]:

@@ -44,6 +44,7 @@ class SignUp(Struct):
     username: text(3, 32, r"^[A-Za-z0-9_.-]*$", "3-32 of A-Za-z0-9_.-")
     password: text(8, 1024)
     display_name: text(0, 64) | None = None
+    invite: text(1, 512, description="from `chatd admin invite`; needed when auth.registration = invite") | None = None
 
 
 class Login(Struct):
@@ -55,6 +56,15 @@ class Login(Struct):
 class ProfilePatch(Struct):
     display_name: text(1, 64) | None = None
     about: text(0, 1000) | None = None
+
+
+class LogoutRequest(Struct):
+    all: bool = msgspec.field(default=False)  # every device of the user, not only the caller's
+
+
+class PasswordChange(Struct):
+    old_password: text(0, 1024)
+    new_password: text(8, 1024)
 
 
 class GroupCreate(Struct):
@@ -152,6 +162,31 @@ class LogoutAnswer(Struct):
     user_id: int
     device_id: str
     logged_out: bool
+    all: bool = False
+
+
+class Device(Struct):
+    id: str
+    created_at: float  # its first login
+    last_login_at: float
+    current: bool  # the device of the token that asked
+
+
+class DeviceList(Struct):
+    devices: list[Device]
+
+
+class DeviceLoggedOut(Struct):
+    device_id: str
+    logged_out: bool
+
+
+class PasswordChanged(Struct):
+    """The caller's new session: every token of the user issued before the change is revoked,
+    the caller's own included."""
+    token: str
+    expires_at: int
+    device_id: str
 
 
 class Group(Struct):

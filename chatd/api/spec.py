@@ -3,14 +3,21 @@ decoding through those models, and the body rule that keeps keep-alive connectio
 
 :func:`route` is what every route wears: it documents the request, the answers and the error
 statuses, and decodes the body and the query string through the route's models before the route
-runs. A body that is not UTF-8 JSON of the model's shape is ``400 bad_request`` naming the field;
-the JSON is read whatever the ``Content-Type`` (``curl -d`` sends a form type).
+runs. A non-empty body must be ``Content-Type: application/json`` (any parameters, e.g. a
+charset, are ignored), else ``415 unsupported_media_type`` before it is decoded: a cross-site form
+can send ``text/plain`` without a CORS preflight, ``application/json`` it cannot. A body that is
+not UTF-8 JSON of the model's shape is ``400 bad_request`` naming the field.
 
 Body rule (:func:`install`): every request body is read to its end *before* any answer, the
 early ones included (a failed token check, 403, 404, 405): an answer sent while the client is
 still sending leaves hypercorn's HTTP/1.1 connection unusable, and a pooled client's next request
-on it was never answered. A body that cannot be read to its end (above ``MAX_CONTENT_LENGTH``:
-413, or not sent within ``BODY_TIMEOUT``) is answered with ``Connection: close``.
+on it was never answered. A body that cannot be read to its end is answered with ``Connection:
+close`` (the connection is closed after the answer): above ``MAX_CONTENT_LENGTH`` (413), not sent
+within ``BODY_TIMEOUT`` (408), and, for a request without a token of valid signature, above
+``UNAUTHENTICATED_BODY_BYTES`` (16 KiB: ``401 not_authenticated`` on an authenticated route, 413
+on the others; a declared ``Content-Length`` above it is refused before anything of the body is
+read, a chunked one once that much has come). Nothing but the token's signature is checked for
+this: who may send a large body is decided without the store.
 """
 
 from __future__ import annotations
@@ -24,11 +31,18 @@ from quart import Quart, current_app, g, request
 from quart_schema import OpenAPIProvider, QuartSchema, document_querystring, document_request, document_response
 from quart_schema import hide, security_scheme
 
+from werkzeug.exceptions import RequestEntityTooLarge
+
 from ..errors import ChatError
 from ..ids import MAX_INT64
 from .models import ErrorBody, all_models
+from .names import schema_pattern
+
+NAME_FIELDS = {"SignUp": ("display_name",), "ProfilePatch": ("display_name",), "GroupCreate": ("name",)}
 
 BEARER = [{"bearer": []}]
+UNAUTHENTICATED_BODY_BYTES = 16 * 1024
+JSON_TYPE = "application/json"
 
 
 class _Provider(OpenAPIProvider):
@@ -39,11 +53,15 @@ class _Provider(OpenAPIProvider):
         out = super().schema()
         _, components = msgspec.json.schema_components(all_models(), ref_template="#/components/schemas/{name}")
         out["components"]["schemas"] = {**components, **out["components"]["schemas"]}
+        for name, schema in out["components"]["schemas"].items():
+            _name_pattern(name, schema)
         return out
 
     def build_request_body(self, model, source):
         body, definitions = super().build_request_body(model, source)
         body["required"] = bool(required_fields(model))
+        for content in body.get("content", {}).values():
+            _name_pattern(content.get("schema", {}).get("title", ""), content.get("schema", {}))
         return body, definitions
 
     def build_querystring_parameters(self, model):
@@ -54,12 +72,21 @@ class _Provider(OpenAPIProvider):
         return params, definitions
 
 
+def _name_pattern(model: str, schema: dict) -> None:
+    """The name rule (:mod:`chatd.api.names`, checked in the routes) as a pattern on the name fields."""
+    for f in NAME_FIELDS.get(model, ()):
+        prop = schema.get("properties", {}).get(f)
+        for target in ([prop] if prop and "type" in prop else prop.get("anyOf", []) if prop else []):
+            if target.get("type") == "string":
+                target["pattern"] = schema_pattern()
+
+
 def required_fields(model) -> set[str]:
     fields = model.__struct_fields__
     return set(fields[:len(fields) - len(model.__struct_defaults__)])
 
 
-def install(app: Quart, title: str) -> QuartSchema:
+def install(app: Quart, title: str, has_credentials: Callable[[], bool] = lambda: False) -> QuartSchema:
     """``/openapi.json`` and the body rule on ``app`` (no UI pages: they load scripts from CDNs)."""
     schema = QuartSchema(app, openapi_path="/openapi.json", redoc_ui_path=None, scalar_ui_path=None,
                          swagger_ui_path=None, conversion_preference="msgspec",
@@ -68,15 +95,29 @@ def install(app: Quart, title: str) -> QuartSchema:
                                               "codes in docs/protocol.md."},
                          security_schemes={"bearer": {"type": "http", "scheme": "bearer"}},
                          openapi_provider_class=_Provider)
-    read_bodies_first(app)
+    read_bodies_first(app, has_credentials)
     return schema
 
 
-def read_bodies_first(app: Quart) -> None:
-    """The body rule (module docstring) on ``app``."""
+def read_bodies_first(app: Quart, has_credentials: Callable[[], bool] = lambda: False) -> None:
+    """The body rule (module docstring) on ``app``. ``has_credentials()`` tells whether the current
+    request carries a token worth reading a large body for (a valid signature; nothing is read
+    from the store for it)."""
     @app.before_request
     async def read_body_first():
-        await request.get_data()
+        length = request.content_length
+        chunked = length is None and "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+        small = not chunked and (length or 0) <= UNAUTHENTICATED_BODY_BYTES  # no token check needed
+        if not small and not has_credentials():
+            if length is not None:
+                _refuse_unauthenticated_body()
+            request.body._max_content_length = UNAUTHENTICATED_BODY_BYTES  # a chunked body
+            try:
+                await request.get_data()
+            except RequestEntityTooLarge:
+                _refuse_unauthenticated_body()
+        else:
+            await request.get_data()
         g.body_read = True
 
     @app.after_request
@@ -84,6 +125,13 @@ def read_bodies_first(app: Quart) -> None:
         if not g.get("body_read", False):
             response.headers["Connection"] = "close"
         return response
+
+
+def _refuse_unauthenticated_body():
+    if getattr(current_app.view_functions.get(request.endpoint), "chatd_auth", False):
+        raise ChatError("not_authenticated", f"a request body above {UNAUTHENTICATED_BODY_BYTES} bytes needs "
+                                             "'Authorization: Bearer <token>' (from /v1/login)")
+    raise RequestEntityTooLarge(f"a request body without a token is at most {UNAUTHENTICATED_BODY_BYTES} bytes")
 
 
 def set_authenticate(app: Quart, authenticate: Callable[[], Awaitable[object]]) -> None:
@@ -120,13 +168,14 @@ def route(ok=None, status: int = 200, *, body=None, query=None, errors=(), auth:
                 kwargs["query"] = decode_query(query)
             return await func(*args, **kwargs)
 
+        wrapper.chatd_auth = auth
         if body is not None:
             document_request(body)(wrapper)
         if query is not None:
             document_querystring(query)(wrapper)
         if ok is not None:
             document_response(ok, status)(wrapper)
-        for code in {400, 413, *errors, *((401,) if auth else ())}:
+        for code in {400, 413, *errors, *((401,) if auth else ()), *((415,) if body is not None else ())}:
             document_response(ErrorBody, code)(wrapper)
         if auth:
             security_scheme(BEARER)(wrapper)
@@ -138,6 +187,9 @@ async def decode_body(model, empty_ok: bool):
     raw = await request.get_data()
     if empty_ok and not raw.strip():
         return model()
+    if request.mimetype != JSON_TYPE:
+        raise ChatError("unsupported_media_type", f"a request body must be sent as 'Content-Type: {JSON_TYPE}'"
+                                                  f" (got {request.mimetype[:60] or 'none'!r})")
     try:
         obj = msgspec.json.decode(raw)
     except msgspec.DecodeError as e:

@@ -31,6 +31,8 @@ SERVER_ENV_DEFAULTS = {
     "CHATD_LIMITS__RATE_BURST": "1000000",
     "CHATD_LIMITS__FLOOD_CLOSE_AFTER": "1000000000",
     "CHATD_AUTH__SCRYPT_N": "1024",  # throwaway bench users: a cheap password hash
+    "CHATD_AUTH__SIGNUPS_UNTHROTTLED": "127.0.0.0/8",  # the bench signs its users up from this host
+    "CHATD_LIMITS__MAX_CONNECTIONS_PER_ADDRESS": "0",  # every bench client comes from this host
 }
 
 

@@ -22,6 +22,12 @@ Policies
 * **Reconnection**: kazoo reconnects with a backoff capped at ``RECONNECT_MAX_DELAY_S``, so writes
   resume within about a second of ZooKeeper answering again (session kept), or once the znode is
   created again under a new session (session expired).
+* **Access control** (``cluster.zk_auth = "user:password"``): the client authenticates with that
+  digest and every znode chatd creates (the root, ``shards``, ``presence``, the ephemeral ones)
+  carries one ACL: that identity, all permissions; nobody else may read, write, create or delete
+  under them. The root and this instance's set, when they exist with another ACL (made before
+  zk_auth was set), are given chatd's ACL at start-up (a node whose ACL chatd may not change is
+  an error naming it). Without zk_auth: no authentication, ZooKeeper's open ACL.
 * **Registration and the write barrier**: ``writable`` is True only while our ephemeral znode
   exists under our current session. On SUSPENDED or LOST it turns False at once (the owner shard
   refuses sends with ``unavailable``); on reconnection the znode is checked or created again
@@ -36,9 +42,10 @@ from typing import Callable
 
 import trio
 from kazoo.client import KazooClient, KazooState
-from kazoo.exceptions import KazooException, NodeExistsError, NoNodeError
+from kazoo.exceptions import KazooException, NoAuthError, NodeExistsError, NoNodeError
 from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.retry import KazooRetry
+from kazoo.security import make_digest_acl
 
 from .view import ShardInfo, View
 
@@ -56,7 +63,13 @@ def zk_discovery(cluster, kind: str = "shards") -> "ZkDiscovery":
     """The discovery of a cluster process, from its ``[cluster]`` config (``ClusterConfig``):
     ``kind`` "shards" (the chat shards) or "presence" (the presence servers)."""
     return ZkDiscovery(cluster.zk_hosts, cluster.zk_root, cluster.zk_session_timeout_s, cluster.load_refresh_s,
-                       cluster.overload_connections if kind == "shards" else 0, kind=kind)
+                       cluster.overload_connections if kind == "shards" else 0, kind=kind, auth=cluster.zk_auth)
+
+
+def digest_acl(auth: str) -> list:
+    """The one ACL of chatd's znodes for ``auth`` ("user:password"): that identity, all permissions."""
+    user, _, password = auth.partition(":")
+    return [make_digest_acl(user, password, all=True)]
 
 
 async def _kazoo(fn, *args):
@@ -68,8 +81,10 @@ async def _kazoo(fn, *args):
 
 class ZkDiscovery:
     def __init__(self, hosts: str, root: str = "/chatd", session_timeout_s: float = 10.0,
-                 load_refresh_s: float = 2.0, overload_connections: int = 0, kind: str = "shards"):
+                 load_refresh_s: float = 2.0, overload_connections: int = 0, kind: str = "shards",
+                 auth: str = ""):
         self.hosts = hosts
+        self._auth = auth  # "user:password" (digest) or "": see the module's "Access control"
         self.root = root.rstrip("/") or "/chatd"
         self.kind = kind  # "shards" or "presence": which set of servers this instance watches
         self.shards_path = f"{self.root}/{kind}"
@@ -92,9 +107,11 @@ class ZkDiscovery:
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Connect, keep the view current (and our registration alive); never returns."""
         self._token = trio.lowlevel.current_trio_token()
+        acl = digest_acl(self._auth) if self._auth else None
         zk = self._zk = KazooClient(hosts=self.hosts, timeout=self.session_timeout_s,
                                     connection_retry=KazooRetry(max_tries=-1, delay=0.05, backoff=2, max_jitter=0.2,
-                                                                max_delay=RECONNECT_MAX_DELAY_S))
+                                                                max_delay=RECONNECT_MAX_DELAY_S),
+                                    auth_data=[("digest", self._auth)] if self._auth else None, default_acl=acl)
         zk.add_listener(self._on_state_thread)
         try:
             try:
@@ -102,6 +119,8 @@ class ZkDiscovery:
             except KazooTimeoutError:
                 raise RuntimeError(f"cannot reach ZooKeeper at {self.hosts}") from None
             await _kazoo(zk.ensure_path, self.shards_path)
+            if acl is not None:
+                await _kazoo(self._own_paths, acl)
             async with trio.open_nursery() as nursery:
                 await nursery.start(self._watch_loop)
                 task_status.started()
@@ -110,6 +129,19 @@ class ZkDiscovery:
             with trio.CancelScope(shield=True):
                 with trio.move_on_after(3):  # kazoo's stop waits up to 10 s for a dead ensemble
                     await _kazoo(self._stop_client)
+
+    def _own_paths(self, acl: list) -> None:  # worker thread
+        """Give the root and our set chatd's ACL where they carry another one."""
+        for path in (self.root, self.shards_path):
+            try:
+                current, _ = self._zk.get_acls(path)
+                if list(current) == acl:
+                    continue
+                self._zk.set_acls(path, acl)
+            except NoAuthError:
+                raise RuntimeError(f"ZooKeeper node {path} has an ACL that does not let cluster.zk_auth's "
+                                   f"identity change it; set its ACL (zkCli setAcl) or remove it") from None
+            log.info("zookeeper: %s now has chatd's ACL (cluster.zk_auth)", path)
 
     def _stop_client(self) -> None:
         try:

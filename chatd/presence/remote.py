@@ -12,6 +12,9 @@ presence subscriptions — so a server that took over the users of a dead one kn
 connected (no connected user stays offline), and users nobody reports again simply expire (no
 ghost stays online). Without any presence server, queries answer "offline" with the stored
 ``last_active_at`` and events are dropped (counted in the log).
+
+What it is asked has passed the visibility check of the node (:mod:`chatd.presence.visibility`);
+subscriptions carry their grants (the group a target is seen through) in this node's table.
 """
 
 from __future__ import annotations
@@ -58,8 +61,13 @@ class RemotePresence:
         if server is not None:
             self.links.send_nowait(server, PLogout(self.discovery.view.version, user_id, device))
 
-    def subscribe(self, subscriber: int, targets) -> None:
-        self._send_subs(subscriber, self._subs.add(subscriber, targets), True)
+    def subscribe(self, subscriber: int, targets, grants: dict | None = None) -> None:
+        """``grants``: {target: group it is seen through} (:class:`~chatd.presence.tracker.Subscriptions`)."""
+        self._send_subs(subscriber, self._subs.add(subscriber, targets, grants), True)
+
+    @property
+    def subscriptions(self) -> Subscriptions:
+        return self._subs
 
     def unsubscribe(self, subscriber: int, targets) -> None:
         self._send_subs(subscriber, self._subs.remove(subscriber, targets), False)

@@ -15,6 +15,12 @@ Link frames in (:mod:`chatd.protocol.link_frames`; one handler each, :meth:`Pres
 node), ``p_query`` (request: statuses); any other frame is logged and skipped. When the link from a node goes down,
 the subscriptions it registered are dropped (it re-sends them when it reconnects); its users'
 devices simply stop heartbeating and expire after the grace period.
+
+Visibility (``presence.visibility``): a presence server answers ``p_query`` and registers ``p_sub``
+for whatever an authenticated node asks; the shard or API server that serves the viewer has decided
+beforehand who may see whom (:mod:`chatd.presence.visibility`: it has the store and the membership
+cache, and ends subscriptions when a membership changes). Its own pushes go to the audience
+:meth:`~chatd.presence.service.PresenceService.audience` reads from the store at each change.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ expiry or coalescing deadline, then publishes the due changes:
 
 * to the user's **contacts** (users it shares a 1:1 channel with), the members of its groups of at
   most ``group_push_max`` members (larger groups fetch presence on demand), and its explicit
-  ``subscribe_presence`` subscribers — through ``publish(frame, user_ids)``, which in ``chatd run``
+  ``subscribe_presence`` subscribers (registered only when they may see the user:
+  :mod:`chatd.presence.visibility`) — through ``publish(frame, user_ids)``, which in ``chatd run``
   is the router's transient-event fan-out;
 * and ``last_active_at`` to the store when a user goes offline (and when it comes online, as a floor).
 
@@ -62,8 +63,13 @@ class PresenceService:
         if self.tracker.logout(user_id, device, trio.current_time()):
             self._wake.set()
 
-    def subscribe(self, subscriber: int, targets) -> None:
-        self.subscribers.add(subscriber, targets)
+    def subscribe(self, subscriber: int, targets, grants: dict | None = None) -> None:
+        """``grants``: {target: group it is seen through} (:class:`~chatd.presence.tracker.Subscriptions`)."""
+        self.subscribers.add(subscriber, targets, grants)
+
+    @property
+    def subscriptions(self) -> Subscriptions:
+        return self.subscribers
 
     def unsubscribe(self, subscriber: int, targets) -> None:
         self.subscribers.remove(subscriber, targets)

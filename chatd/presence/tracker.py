@@ -130,18 +130,28 @@ class PresenceTracker:
 
 class Subscriptions:
     """target user -> {subscriber: refcount}. ``add``/``remove`` return the targets whose
-    subscription by ``subscriber`` started / ended with this call."""
+    subscription by ``subscriber`` started / ended with this call.
+
+    A live subscription may also record its **grant**: the group through which the subscriber may
+    see the target (``presence.visibility = "contacts"``, :mod:`chatd.presence.visibility`), so that
+    a membership change of that group finds the subscriptions to check again (:meth:`take_granted`).
+    A grant ends with its subscription; the table holds one per live (subscriber, target)."""
 
     def __init__(self):
         self.by_target: dict[int, dict[int, int]] = {}
+        self._grant: dict[tuple[int, int], str] = {}  # (subscriber, target) -> group
+        self._by_grant: dict[str, set[tuple[int, int]]] = {}
 
-    def add(self, subscriber: int, targets) -> list[int]:
+    def add(self, subscriber: int, targets, grants: dict | None = None) -> list[int]:
+        """``grants``: {target: group} for the targets seen through a group (others: none)."""
         started = []
         for t in targets:
             subs = self.by_target.setdefault(t, {})
             subs[subscriber] = subs.get(subscriber, 0) + 1
             if subs[subscriber] == 1:
                 started.append(t)
+            if grants and t in grants:
+                self.grant(subscriber, t, grants[t])
         return started
 
     def remove(self, subscriber: int, targets) -> list[int]:
@@ -153,9 +163,36 @@ class Subscriptions:
                 if subs[subscriber] <= 0:
                     del subs[subscriber]
                     ended.append(t)
+                    self._drop_grant((subscriber, t))
                 if not subs:
                     del self.by_target[t]
         return ended
 
     def subscribers_of(self, target: int):
         return self.by_target.get(target, {}).keys()
+
+    def grant(self, subscriber: int, target: int, group: str | None) -> None:
+        """Record (or, with None, clear) the group through which a live subscription is seen."""
+        key = (subscriber, target)
+        if self._grant.get(key) == group:
+            return
+        self._drop_grant(key)
+        if group is not None and subscriber in self.by_target.get(target, ()):
+            self._grant[key] = group
+            self._by_grant.setdefault(group, set()).add(key)
+
+    def take_granted(self, group: str) -> list[tuple[int, int]]:
+        """The (subscriber, target) pairs granted through ``group``; their grants are cleared
+        (whoever checks them again records the new one with :meth:`grant`)."""
+        keys = self._by_grant.pop(group, ())
+        for key in keys:
+            del self._grant[key]
+        return list(keys)
+
+    def _drop_grant(self, key: tuple[int, int]) -> None:
+        group = self._grant.pop(key, None)
+        if group is not None:
+            keys = self._by_grant[group]
+            keys.discard(key)
+            if not keys:
+                del self._by_grant[group]

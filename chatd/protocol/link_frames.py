@@ -35,8 +35,12 @@ one decoder over the union of all of them decodes and validates a frame in one c
                                                                                            (re-announced after view changes)
 ``invalidate``          API, shard → shard  ``ch`` channel                                 the channel's members changed: drop the
                                                                                            cached membership
-``logout``              API, shard → shard  ``u`` user, ``d`` device, ``k`` token key      a token was revoked: close the device's
-                                                                                           sessions here
+``logout``              API, shard → shard  ``u`` user, ``d`` device, ``k`` token key,     a token was revoked (and with ``b`` every
+                                            ``b`` cut-off (optional)                       token of the device issued before ``b``):
+                                                                                           close the device's sessions here
+``logout_all``          API, shard → shard  ``u`` user, ``d`` device ("": every device),   every token of the user's device (or of
+                                            ``b`` cut-off (unix seconds)                   all its devices) issued before ``b`` was
+                                                                                           revoked: close those sessions here
 ``p_hb``                shard → presence    ``pv`` presence view, ``hb`` [[user, device]]  batched connects and heartbeats
 ``p_logout``            shard → presence    ``pv``, ``u``, ``d``                           a device logged out
 ``p_sub``               shard, API →        ``pv``, ``from`` source node, ``s``            (un)subscribe ``s`` to the presence of
@@ -177,6 +181,13 @@ class Logout(Frame, tag="logout"):
     user_id: int = msgspec.field(name="u")
     device_id: str = msgspec.field(name="d")
     token_key: str = msgspec.field(name="k")
+    before: float = msgspec.field(default=0.0, name="b")
+
+
+class LogoutAll(Frame, tag="logout_all"):
+    user_id: int = msgspec.field(name="u")
+    before: float = msgspec.field(name="b")
+    device_id: str = msgspec.field(default="", name="d")
 
 
 # ---- presence ------------------------------------------------------------------------------------
@@ -207,7 +218,7 @@ class PQuery(Frame, tag="p_query"):
 
 
 FRAMES = (Challenge, Hello, Welcome, Ping, Resync, Send, Reply, Deliver, Push, Device, Devices, Invalidate,
-          Logout, PHeartbeats, PLogout, PSubscribe, PQuery)
+          Logout, LogoutAll, PHeartbeats, PLogout, PSubscribe, PQuery)
 NAMES: dict[type, str] = {cls: cls.__struct_config__.tag for cls in FRAMES}
 # frames routed by a view: the receiver must route them by at least that view
 VIEW_ROUTED = frozenset({Deliver, Push, Device, Devices})

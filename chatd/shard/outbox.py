@@ -12,8 +12,17 @@ Resources and policies
   full socket, a gap to fill from the store, a sync job, a close) goes to a writer task of this
   connection (in the connection's nursery), which ends when the queue is empty again.
   :meth:`Outbox.push` never blocks: when the queue is full the client is a *slow consumer* and is
-  disconnected with close code 1013; it resyncs when it comes back. Memory per connection is
-  bounded by the queue size.
+  disconnected with close code 1013; it resyncs when it comes back.
+* **Byte budget**: what is queued for the connection is also counted in bytes (``max_bytes``:
+  ``limits.send_queue_bytes``): replies and events are framed when pushed, so their bytes are
+  known; a queued message counts its frame (built once per format and shared, as below); bytes
+  gathered for the socket and the write in progress count too. While the count is over the
+  budget the session's reader reads nothing from the client (:meth:`Outbox.wait_for_room`: a
+  client that does not read gets no more served), and if it stays over the budget for
+  ``slow_consumer_s`` (a timer on the server's shared wheel, chatd/shard/timers.py) the client is
+  a slow consumer: closed with 1013. The live fan-out's direct write (nothing queued) counts
+  nothing. Memory per connection is bounded by the budget plus the replies of the requests in
+  flight (``limits.max_inflight_requests``, chatd/shard/session.py).
 * **Whole frames**: a write to the socket is never cut in the middle of a frame: a close waits up
   to ``SEND_GRACE_S`` for the write in progress (a client that reads again in time gets every
   whole frame and then the close frame); a client that does not read for that long has its TCP
@@ -27,6 +36,12 @@ Resources and policies
   is dropped (never delivered twice); one above ``cursor + 1`` first has the hole filled from the
   store (never a gap). A sync job (:meth:`Outbox.sync`, :meth:`Outbox.resync`) streams what the
   client lacks around that range, in order, a page (``sync_page``) at a time.
+* **Membership**: nothing of a channel is streamed to a user who is not its member. A client's
+  sync checks each channel (errors per channel; after ``sync_max_errors`` of them the rest are
+  answered ``skipped`` without a store read); a server-side resync checks each cursor's channel
+  and drops the cursor of a channel the user has left or been removed from (no stream, no
+  frame); a ``member_removed`` event for this connection's own user drops that channel's cursor
+  the moment it is pushed; a gap fill checks membership before reading the hole.
 * **The end**: :meth:`Outbox.close_soon` records the close code and cancels the connection's
   nursery (its reader, its requests, its writer); :meth:`Outbox.close_after` does so once
   everything queued before it is written. After either, :meth:`Outbox.push` drops.
@@ -55,6 +70,7 @@ log = logging.getLogger(__name__)
 CLOSE_INTERNAL = 1011
 CLOSE_TRY_AGAIN = 1013
 SEND_GRACE_S = 2.0  # how long a close waits for the socket write in progress
+GONE = frozenset(("not_member", "no_such_channel", "no_such_user"))  # the channel is not the user's (now)
 
 IDLE, MARKED, WRITING, DONE = range(4)  # Outbox._state: who writes the queue next
 
@@ -91,11 +107,14 @@ class Outbox:
     connection is authenticated (the sync's membership check, the logs)."""
 
     __slots__ = ("ws", "fmt", "user_id", "close_reason", "_max_queued", "_sync_page", "_flusher", "_store",
-                 "_membership", "_metrics", "_queue", "_state", "_out", "_cursors", "_nursery")
+                 "_membership", "_metrics", "_queue", "_state", "_out", "_cursors", "_nursery", "_key",
+                 "_queued", "_max_bytes", "_slow_s", "_timers", "_over", "_room", "_max_errors")
 
-    def __init__(self, ws, fmt: str, *, max_queued: int, sync_page: int, flusher, store, membership, metrics):
+    def __init__(self, ws, fmt: str, *, max_queued: int, sync_page: int, flusher, store, membership, metrics,
+                 max_bytes: int = 4 << 20, slow_consumer_s: float = 10.0, timers=None, sync_max_errors: int = 100):
         self.ws = ws  # chatd/shard/wsconn.py's ServerConnection
         self.fmt = fmt
+        self._key = "_frame_" + fmt  # where a Message keeps its frame in this format
         self.user_id: int | None = None
         self.close_reason: tuple[int, str] | None = None
         self._max_queued = max_queued
@@ -109,6 +128,13 @@ class Outbox:
         self._out: list[bytes] = []  # framed bytes waiting for the next write
         self._cursors: dict[str, list[int]] = {}  # channel -> [floor, cursor] delivered here
         self._nursery: trio.Nursery | None = None
+        self._queued = 0  # bytes of the queued items and of the write in progress
+        self._max_bytes = max_bytes
+        self._slow_s = slow_consumer_s
+        self._timers = timers  # chatd/shard/timers.py (None: no time bound over the budget)
+        self._over = None  # over the byte budget: its slow-consumer timer (True without timers)
+        self._room: trio.Event | None = None  # set when back under the budget (a waiting reader)
+        self._max_errors = sync_max_errors
 
     # ---- the connection's life ---------------------------------------------------------------
     def start(self, nursery: trio.Nursery) -> None:
@@ -122,6 +148,7 @@ class Outbox:
         the flusher skips this outbox."""
         self._state = DONE
         self._queue.clear()
+        self._clear_over()
 
     def close_soon(self, code: int, reason: str) -> None:
         """End the connection with ``code`` (the first reason given wins) without waiting for what
@@ -160,6 +187,21 @@ class Outbox:
                     return
             self._state = MARKED
             self._flusher.mark(self)
+        kind = type(item)
+        try:
+            if kind is dict:
+                if item.get("type") == "member_removed" and item.get("user_id") == self.user_id:
+                    self._cursors.pop(item.get("channel_id"), None)  # nothing may advance it now
+                item = frame(proto.dumps(item, self.fmt))
+                self._queued += len(item)
+            elif kind is Message:
+                self._queued += len(self._frame_of(item))
+            elif kind is bytes:  # a pre-built frame (a ping)
+                self._queued += len(item)
+        except Exception as e:  # noqa: BLE001 - a bug: the writer task says so, closes with 1011
+            item = _Crash(e)
+        if self._queued > self._max_bytes and self._over is None:
+            self._over = True if self._timers is None else self._timers.call_later(self._slow_s, self._still_over)
         self._queue.append(item)
 
     def sync(self, request_id, cursors: dict) -> None:
@@ -183,15 +225,20 @@ class Outbox:
         try:
             while queue:
                 item = queue[0]
-                if isinstance(item, Message):
+                kind = type(item)
+                if kind is bytes:
+                    self._out.append(item)
+                    self._queued -= len(item)
+                elif kind is Message:
                     if not self._deliver_nowait(item):
                         break  # a gap to fill from the store first
-                elif isinstance(item, dict):
-                    self._out.append(frame(proto.dumps(item, self.fmt)))
+                    self._queued -= len(item.__dict__[self._key])
                 else:
                     break  # a sync job or a close
                 queue.popleft()
             self._write_nowait()
+            if self._over is not None:
+                self._check_room()
         except Exception as e:  # noqa: BLE001 - a bug: the writer task says so and closes with 1011
             queue.appendleft(_Crash(e))
         if (queue or self._out) and self.close_reason is None:
@@ -217,27 +264,77 @@ class Outbox:
         except RuntimeError:  # closed: the connection is ending (trio lets others run in that moment)
             self._state = DONE
 
-    def _emit_message(self, m: Message) -> None:
-        key = "_frame_" + self.fmt  # framed once per format, shared by every connection
-        data = m.__dict__.get(key)
+    def _frame_of(self, m: Message) -> bytes:
+        """The message's frame in this format: built once, shared by every connection."""
+        data = m.__dict__.get(self._key)
         if data is None:
-            data = m.__dict__[key] = frame(proto.dumps(proto.message_frame(m), self.fmt))
+            data = m.__dict__[self._key] = frame(proto.dumps(proto.message_frame(m), self.fmt))
+        return data
+
+    def _emit_message(self, m: Message) -> None:
+        data = m.__dict__.get(self._key)  # framed once per format, shared by every connection
+        if data is None:
+            data = m.__dict__[self._key] = frame(proto.dumps(proto.message_frame(m), self.fmt))
         self._out.append(data)
         self._flusher.messages_out.pending += 1  # (folded into the counter when it is read)
+
+    # ---- the byte budget ---------------------------------------------------------------------
+    def pending_bytes(self) -> int:
+        """Bytes queued for this connection and not yet taken by the socket."""
+        return self._queued + sum(map(len, self._out))
+
+    def _check_room(self) -> None:
+        """Back under the budget: the slow-consumer timer is off, a waiting reader reads again."""
+        if self.pending_bytes() <= self._max_bytes:
+            self._clear_over()
+
+    def _clear_over(self) -> None:
+        over, self._over = self._over, None
+        if over is not None and over is not True:
+            self._timers.cancel(over)
+        if self._room is not None:
+            self._room.set()
+            self._room = None
+
+    def _still_over(self) -> None:
+        """The timer: over the budget since ``slow_consumer_s`` ago (unless it was under meanwhile)."""
+        self._over = None
+        if self._state == DONE or self.close_reason is not None:
+            return
+        if self.pending_bytes() > self._max_bytes:
+            self._metrics.slow_consumers.inc()
+            self.close_soon(CLOSE_TRY_AGAIN, "slow consumer: too many bytes queued; reconnect and sync")
+        else:
+            self._clear_over()
+
+    async def wait_for_room(self) -> None:
+        """Return once what is queued is under the byte budget (the session's reader waits here:
+        TCP backpressure on this client only); a close cancels the wait."""
+        while self._over is not None:
+            if self._room is None:
+                self._room = trio.Event()
+            await self._room.wait()
 
     async def _flush(self) -> None:
         self._write_nowait()
         if self._out:
             data = self._out.pop()
-            # Never cancelled mid-frame (the close frame that follows would be garbage to the
-            # client): a close waits for this write, at most SEND_GRACE_S, then aborts the TCP
-            # connection of a client that is not reading.
-            with trio.CancelScope(shield=True):
-                with trio.move_on_after(SEND_GRACE_S) as grace:
-                    await self.ws.send_raw(data)
+            n = len(data)
+            self._queued += n  # (still this connection's until the socket takes it)
+            try:
+                # Never cancelled mid-frame (the close frame that follows would be garbage to the
+                # client): a close waits for this write, at most SEND_GRACE_S, then aborts the TCP
+                # connection of a client that is not reading.
+                with trio.CancelScope(shield=True):
+                    with trio.move_on_after(SEND_GRACE_S) as grace:
+                        await self.ws.send_raw(data)
+            finally:
+                self._queued -= n
             if grace.cancelled_caught:
                 await self.ws.abort()
                 raise ConnectionClosed(self.ws.closed)
+        if self._over is not None:
+            self._check_room()
 
     async def _writer_guard(self) -> None:
         try:
@@ -272,7 +369,12 @@ class Outbox:
         while queue and self.close_reason is None:
             for _ in range(256):
                 item = queue.popleft()
-                if isinstance(item, Message):
+                kind = type(item)
+                if kind is bytes:
+                    self._queued -= len(item)
+                    self._out.append(item)
+                elif kind is Message:
+                    self._queued -= len(item.__dict__[self._key])
                     await self._deliver_live(item)
                 elif isinstance(item, SyncJob):
                     await self._run_sync(item)
@@ -283,7 +385,7 @@ class Outbox:
                 elif isinstance(item, _Crash):
                     raise item.exc
                 else:
-                    self._out.append(frame(proto.dumps(item, self.fmt)))
+                    raise TypeError(f"cannot send {type(item).__name__}")
                 if not queue:
                     break
             await self._flush()
@@ -311,7 +413,14 @@ class Outbox:
             return
         if m.seq <= st[1]:
             return  # delivered already (by sync or gap fill)
-        if m.seq > st[1] + 1:
+        if m.seq > st[1] + 1:  # a hole: read only for a member (a live message should prove it)
+            try:
+                await self._membership.require_member(m.channel_id, self.user_id)
+            except ChatError as e:
+                if e.code not in GONE:
+                    raise
+                self._cursors.pop(m.channel_id, None)
+                return
             await self._stream(m.channel_id, st[1], m.seq - 1, st)
         if m.seq > st[1]:
             self._emit_message(m)
@@ -348,17 +457,28 @@ class Outbox:
         return st[1]
 
     async def _run_sync(self, job: SyncJob) -> None:
-        if job.silent:
+        membership = self._membership
+        if job.silent:  # a server-side resync: no frame; a channel no longer the user's is forgotten
             for channel_id, cursor in job.cursors.items():
+                try:
+                    await membership.require_member(channel_id, self.user_id)
+                except ChatError as e:
+                    if e.code in GONE:
+                        self._cursors.pop(channel_id, None)
+                    continue
                 try:
                     await self._sync_channel(channel_id, cursor)
                 except ChatError:
                     pass
             return
         synced, errors = {}, {}
+        max_errors = self._max_errors
         for channel_id, cursor in job.cursors.items():
+            if len(errors) >= max_errors:  # a sync of unknown channels costs no more store reads
+                errors[channel_id] = "skipped"
+                continue
             try:
-                await self._membership.require_member(channel_id, self.user_id)
+                await membership.require_member(channel_id, self.user_id)
                 synced[channel_id] = await self._sync_channel(channel_id, cursor)
             except ChatError as e:
                 errors[channel_id] = e.code

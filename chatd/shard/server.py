@@ -1,11 +1,17 @@
 """The client-facing WebSocket server of one chat shard (wsproto, chatd/shard/wsconn.py).
 
-Resources: one listening socket; one task per connection (the handshake, bounded by
-``CONNECT_TIMEOUT_S``, then the :class:`~chatd.shard.session.Session`'s reader), all in one
-handler nursery owned by :meth:`ShardServer.serve`, with the two tasks shared by all sessions: the flusher
+Resources: one listening socket; one task per connection (the TLS handshake when the port has
+TLS and the WebSocket handshake, together bounded by ``CONNECT_TIMEOUT_S``, then the
+:class:`~chatd.shard.session.Session`'s reader), all in one handler nursery owned by
+:meth:`ShardServer.serve`, with the two tasks shared by all sessions: the flusher
 (chatd/shard/flusher.py) and the timer wheel (chatd/shard/timers.py). Started with ``nursery.start``:
 it reports the bound port only once it accepts. Stopping: :meth:`ShardServer.drain` asks every
 session to close with 1001 (clients reconnect through discovery), then cancellation ends the rest.
+
+Connections per client address: at most ``limits.max_connections_per_address`` WebSockets at
+once (0: no cap; loopback counts like any address); one more gets a ``too_many_connections``
+error frame and close 4029 right after its handshake (a handshake is bounded by
+``CONNECT_TIMEOUT_S``).
 """
 
 from __future__ import annotations
@@ -16,10 +22,11 @@ import logging
 
 import trio
 
+from ..protocol import client as proto
 from ..protocol.client import JSON, SUBPROTOCOLS
 from . import wsconn
 from .flusher import Flusher
-from .session import CLOSE_GOING_AWAY, Session
+from .session import CLOSE_GOING_AWAY, CLOSE_TOO_MANY_CONNECTIONS, Session
 from .timers import Timers
 from .wsconn import ConnectionClosed
 
@@ -27,6 +34,17 @@ log = logging.getLogger(__name__)
 
 GC_FREEZE_EVERY = 500  # accepted connections between two gc.freeze() calls
 CONNECT_TIMEOUT_S = 10.0  # a WebSocket handshake not finished by then is dropped
+
+
+def peer_address(stream) -> str | None:
+    """The client's IP address (under a TLS stream: its transport's); None for other streams."""
+    stream = getattr(stream, "transport_stream", stream)
+    if not isinstance(stream, trio.SocketStream):
+        return None
+    try:
+        return stream.socket.getpeername()[0]
+    except OSError:
+        return None
 
 
 def choose_subprotocol(proposed) -> str | None:
@@ -47,6 +65,9 @@ class ShardServer:
         self._accepted = 0
         self.flusher = Flusher(node.metrics.messages_out)  # one writer pass for all sessions (chatd/shard/flusher.py)
         self.timers = Timers()  # every session's auth timeout / token expiry (chatd/shard/timers.py)
+        # TLS on this port (node.tls: chatd/tls.py; its context follows reloads), None: plain ws://
+        self._tls_context = node.tls.context(("http/1.1",)) if node.tls is not None else None
+        self.by_address: dict[str, int] = {}  # client address -> its WebSocket connections here
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         """One connection. Nothing a client does may end the server: a failure here ends only
@@ -54,11 +75,16 @@ class ShardServer:
         closed when this returns, whatever happened."""
         try:
             async with stream:
+                conn, timeout_s = stream, CONNECT_TIMEOUT_S
+                if self._tls_context is not None:
+                    conn, timeout_s = await self._tls_handshake(stream)
+                    if conn is None:
+                        return
                 # Frames above max_frame_bytes get a 'frame_too_large' error and the connection goes on;
                 # only frames above twice that are refused with close 1009, exactly: 2 * max_frame_bytes
                 # bytes is answered, one byte more closes.
-                ws = await wsconn.accept(stream, choose_subprotocol, 2 * self.node.config.limits.max_frame_bytes,
-                                         CONNECT_TIMEOUT_S)
+                ws = await wsconn.accept(conn, choose_subprotocol, 2 * self.node.config.limits.max_frame_bytes,
+                                         timeout_s)
                 if ws is None:
                     return
                 await self._serve_connection(ws)
@@ -67,7 +93,54 @@ class ShardServer:
         except Exception:  # noqa: BLE001 - a bug in one session must not take the shard down
             log.exception("session crashed; connection dropped")
 
+    async def _tls_handshake(self, sock: trio.SocketStream):
+        """``(TLS stream, seconds left for the WebSocket handshake)``, or ``(None, 0)`` when the
+        TLS handshake did not finish within ``CONNECT_TIMEOUT_S`` (the one deadline of the whole
+        set-up). A failed handshake (a client that does not trust the certificate, not TLS at
+        all) raises ``trio.BrokenResourceError``. ``https_compatible``: closing never waits to
+        send a close_notify to a peer that does not read (the WebSocket close frame, inside TLS,
+        is the end of the data)."""
+        deadline = trio.current_time() + CONNECT_TIMEOUT_S
+        stream = trio.SSLStream(sock, self._tls_context, server_side=True, https_compatible=True)
+        with trio.move_on_at(deadline):
+            await stream.do_handshake()
+            return stream, deadline - trio.current_time()
+        return None, 0.0
+
     async def _serve_connection(self, ws: wsconn.ServerConnection) -> None:
+        """Serve one WebSocket; the client's address holds one of its ``max_connections_per_address``
+        meanwhile (one more is refused: ``too_many_connections``, close 4029)."""
+        address = peer_address(ws.stream)
+        if address is None:
+            return await self._serve_session(ws)
+        cap = self.node.config.limits.max_connections_per_address
+        n = self.by_address.get(address, 0)
+        if cap and n >= cap:
+            return await self._refuse(ws, cap)
+        self.by_address[address] = n + 1
+        try:
+            await self._serve_session(ws)
+        finally:
+            n = self.by_address[address] - 1
+            if n:
+                self.by_address[address] = n
+            else:
+                del self.by_address[address]
+
+    async def _refuse(self, ws: wsconn.ServerConnection, cap: int) -> None:
+        """Over the per-address cap: an error frame and close 4029, nothing read (at most 2 s)."""
+        self.node.metrics.errors.inc(code="too_many_connections")
+        fmt = SUBPROTOCOLS.get(ws.subprotocol, JSON)
+        error = proto.error_frame("too_many_connections", f"{cap} connections from this address already; "
+                                  "close one first")
+        with trio.move_on_after(2):
+            try:
+                await ws.send_raw(wsconn.frame(proto.dumps(error, fmt)))
+            except ConnectionClosed:
+                pass
+            await ws.aclose(CLOSE_TOO_MANY_CONNECTIONS, "too many connections from this address")
+
+    async def _serve_session(self, ws: wsconn.ServerConnection) -> None:
         session = Session(self.node, ws, SUBPROTOCOLS.get(ws.subprotocol, JSON), self.flusher, self.timers)
         self._accepted += 1
         if self._accepted % GC_FREEZE_EVERY == 0:
@@ -105,7 +178,7 @@ class ShardServer:
                 trio.serve_tcp, self._handle, cfg.server.ws_port, host=cfg.server.ws_host,
                 handler_nursery=nursery))
             self.port = listeners[0].socket.getsockname()[1]
-            log.info("shard %s accepting WebSocket clients on %s:%d", cfg.server.shard_id,
-                     cfg.server.ws_host, self.port)
+            log.info("shard %s accepting WebSocket clients on %s:%d%s", cfg.server.shard_id,
+                     cfg.server.ws_host, self.port, " (TLS)" if self._tls_context is not None else "")
             gc.freeze()  # everything built at start-up lives as long as the process
             task_status.started(self.port)

@@ -4,10 +4,11 @@ Resources and policies
 
 * **Per connection**, idle and authenticated: one task (the connection's handler, which reads),
   the :class:`Session` (``__slots__``), its :class:`~chatd.shard.outbox.Outbox`, its wsproto
-  connection (chatd/shard/wsconn.py), a rate bucket, and one timer handle on the server's shared
-  timer wheel (chatd/shard/timers.py: the auth timeout, then the token's expiry). What a send
-  needs (its semaphore, the answer clock and its task) is made with the connection's first send;
-  a task per request only for verbs that wait (history, presence, a cold send, ...).
+  connection (chatd/shard/wsconn.py), a rate bucket, and two timer handles on the server's
+  shared timer wheel (chatd/shard/timers.py: the auth timeout, then the token's expiry; the
+  liveness tick). What a send needs (its semaphore, the answer clock and its task) is made with
+  the connection's first send, the request semaphore with its first request in a task; a task
+  per request only for verbs that wait (history, presence, a cold send, ...).
   tests/test_session_resources.py counts the tasks.
 * **Outgoing**: every frame to the client goes through the connection's outbox
   (chatd/shard/outbox.py: the bounded queue, the direct write of a live message, the flusher's
@@ -18,8 +19,18 @@ Resources and policies
   which says whether the verb runs in the reader (it answers without waiting, or waits as TCP
   backpressure on this client only) or in a task of its own (it waits on the store or a peer).
 * **Incoming**: a token bucket over all frames (``rate_limited`` errors; a flood of them closes
-  with 1008); at most ``max_inflight_sends`` sends in flight (the reader then waits: TCP
-  backpressure on that client only). Bad frames get an ``error`` frame and the connection goes on.
+  with 1008); at most ``max_inflight_sends`` sends and ``max_inflight_requests`` requests served
+  in tasks in flight, and nothing read while the outbox is over its byte budget
+  (``send_queue_bytes``): the reader then waits (TCP backpressure on that client only). A sync
+  names at most ``sync_max_channels`` channels (``bad_field``). Bad frames get an ``error`` frame
+  and the connection goes on.
+* **Connections**: at most ``max_connections_per_user`` authenticated connections of one user on
+  this shard (per client address: chatd/shard/server.py); one more gets a
+  ``too_many_connections`` error and is closed with 4029.
+* **Liveness**: once authenticated, a tick on the shared timer wheel every ``ping_interval_s``:
+  when nothing arrived since the last tick the server sends a ping; when nothing (no frame, no
+  pong) arrived for ``idle_timeout_s`` (counted in ticks: between that and one interval more)
+  the connection is closed with 4000. No task per connection.
 * **Auth**: nothing but ``auth`` is served before it succeeds; a connection that has not
   authenticated within ``auth_timeout_s`` is closed with 1008. A token revoked by a logout is
   refused (store record, chatd/revocation.py); when the token expires, or another connection
@@ -32,7 +43,8 @@ Resources and policies
 Close codes: 1000 after the client's own ``logout``, 1001 server going away, 1007 text frame that
 is not UTF-8 and 1002 protocol violation (chatd/shard/wsconn.py), 1008 policy (auth timeout,
 flood, repeated bad tokens), 1009 frame above the hard cap, 1011 server bug, 1013 slow consumer
-(chatd/shard/outbox.py) or shard not ready, 4001 token expired or revoked (log in again).
+(chatd/shard/outbox.py) or shard not ready, 4000 idle timeout, 4001 token expired or revoked (log
+in again), 4029 too many connections (of this user, or from this address).
 """
 
 from __future__ import annotations
@@ -47,19 +59,22 @@ from .. import revocation
 from ..auth import token_claims
 from ..errors import ChatError
 from ..ids import dm_members
+from ..presence.visibility import hidden, visibility
 from ..protocol import client as proto
 from ..store.pages import read_page
 from .answers import AnswerClock
 from .outbox import CLOSE_INTERNAL, CLOSE_TRY_AGAIN, Outbox
 from .router import RETRY_AFTER_MS
-from .wsconn import ConnectionClosed
+from .wsconn import PING, ConnectionClosed
 
 log = logging.getLogger(__name__)
 
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
+CLOSE_IDLE = 4000  # nothing received (no frame, no pong) for limits.idle_timeout_s
 CLOSE_LOG_IN_AGAIN = 4001  # token expired or revoked (logout of this device elsewhere)
+CLOSE_TOO_MANY_CONNECTIONS = 4029  # limits.max_connections_per_user / _per_address
 MAX_BAD_TOKENS = 5
 
 VERBS: dict[type, tuple[Callable[..., Awaitable[None]], bool]] = {}  # request type -> (method, in a task)
@@ -95,7 +110,8 @@ class Session:
 
     __slots__ = ("node", "ws", "fmt", "limits", "_timers", "_outbox", "push", "user_id", "device_id",
                  "token_key", "_token_exp", "_bucket", "_limited_in_row", "_bad_tokens", "_inflight",
-                 "_answers", "_last_send", "_subscribed", "_nursery", "_timer")
+                 "_answers", "_last_send", "_subscribed", "_nursery", "_timer", "_requests", "_tick", "_silent",
+                 "token_issued_at")
 
     def __init__(self, node, ws, fmt: str, flusher, timers):
         self.node = node
@@ -103,13 +119,17 @@ class Session:
         self.fmt = fmt
         self.limits = node.config.limits
         self._timers = timers  # chatd/shard/timers.py: the auth timeout, then the token's expiry
-        self._outbox = Outbox(ws, fmt, max_queued=self.limits.send_queue_frames, sync_page=self.limits.sync_page,
-                              flusher=flusher, store=node.store, membership=node.membership, metrics=node.metrics)
+        limits = self.limits
+        self._outbox = Outbox(ws, fmt, max_queued=limits.send_queue_frames, sync_page=limits.sync_page,
+                              flusher=flusher, store=node.store, membership=node.membership, metrics=node.metrics,
+                              max_bytes=limits.send_queue_bytes, slow_consumer_s=limits.slow_consumer_s,
+                              timers=timers, sync_max_errors=limits.sync_max_errors)
         self.push = self._outbox.push  # a frame dict or a Message: never blocks (chatd/shard/outbox.py)
         self.user_id: int | None = None
         self.device_id: str | None = None
         self.token_key: str | None = None
         self._token_exp: float | None = None
+        self.token_issued_at = 0.0  # the token's iat: a cut-off closes sessions of older tokens
         self._bucket = node.rate_bucket()
         self._limited_in_row = 0
         self._bad_tokens = 0
@@ -120,6 +140,9 @@ class Session:
         self._subscribed: set[int] | None = None  # explicit presence subscriptions of this connection
         self._nursery: trio.Nursery | None = None  # the connection's: its reader, requests and writer
         self._timer = None
+        self._requests: trio.Semaphore | None = None  # max_inflight_requests (made with the first)
+        self._tick = None  # the liveness tick (once authenticated)
+        self._silent = 0  # ticks in a row with nothing received
 
     # ---- outgoing --------------------------------------------------------------------------
     @property
@@ -159,7 +182,10 @@ class Session:
     # ---- incoming --------------------------------------------------------------------------
     async def _reader(self, nursery: trio.Nursery) -> None:
         limits = self.limits
+        outbox = self._outbox
         while True:
+            if outbox._over is not None:  # over the byte budget: read nothing until it is written
+                await outbox.wait_for_room()
             data = await self.ws.get_message()
             if not self._bucket.take(trio.current_time()):
                 self._limited_in_row += 1
@@ -193,6 +219,13 @@ class Session:
             return
         method, in_task = VERBS[type(req)]
         if in_task:
+            slots = self._requests
+            if slots is None:
+                slots = self._requests = trio.Semaphore(self.limits.max_inflight_requests)
+            try:
+                slots.acquire_nowait()
+            except trio.WouldBlock:  # the reader waits for a slot: backpressure on this client only
+                await slots.acquire()
             nursery.start_soon(self._guarded, method, req)
         else:
             await method(self, req)
@@ -204,6 +237,31 @@ class Session:
             self.push_error(e, req.id)
         except Exception as e:  # noqa: BLE001 - a bug: answered 'internal', connection closed
             self.crashed(e, req.id)
+        finally:
+            self._requests.release()
+
+    def _check_sync(self, cursors: dict) -> None:
+        if len(cursors) > self.limits.sync_max_channels:
+            raise ChatError("bad_field", f"field 'cursors' names at most {self.limits.sync_max_channels} "
+                            "channels; split the sync")
+
+    # ---- liveness ----------------------------------------------------------------------------
+    def _on_tick(self) -> None:
+        """The timer wheel, every ``ping_interval_s`` (no task): ping a silent client; close one
+        silent for ``idle_timeout_s``."""
+        limits = self.limits
+        ws = self.ws
+        if ws.heard:
+            ws.heard = False
+            self._silent = 0
+        else:
+            self._silent += 1
+            if self._silent * limits.ping_interval_s >= limits.idle_timeout_s:
+                self._tick = None
+                self.close_soon(CLOSE_IDLE, "idle timeout: nothing received; reconnect")
+                return
+            self.push(PING)
+        self._tick = self._timers.call_later(limits.ping_interval_s, self._on_tick)
 
     # ---- auth --------------------------------------------------------------------------------
     async def _authenticate(self, req: proto.Auth) -> None:
@@ -217,13 +275,15 @@ class Session:
         if self.user_id is not None:  # the auth timeout's timer becomes the token's
             self._timers.cancel(self._timer)
             self._timer = self._timers.call_later(self._token_exp - time.time(), self._expired)
+            self._tick = self._timers.call_later(self.limits.ping_interval_s, self._on_tick)
 
     async def _on_auth(self, req: proto.Auth) -> bool:
         """False once the connection has presented too many bad tokens (it must be closed)."""
         try:
-            user_id, device_id, exp = token_claims(self.node.secret, req.token)
+            user_id, device_id, exp, iat = token_claims(self.node.secret, req.token)
             key = revocation.token_key(req.token)
-            if await self.node.store.token_revoked(key) or key in self.node.revoked_here:
+            if (await self.node.store.token_revoked(key, user_id, device_id, iat)
+                    or self.node.revoked_here.refuses(key, user_id, device_id, iat)):
                 raise ChatError("invalid_token", revocation.REVOKED_MESSAGE)
         except ChatError as e:
             if e.code == "unavailable":
@@ -232,7 +292,13 @@ class Session:
             self._bad_tokens += 1
             self.push_error(e, req.id)
             return self._bad_tokens < MAX_BAD_TOKENS
+        cap = self.limits.max_connections_per_user
+        if len(self.node.hub.sessions_of(user_id)) >= cap:
+            self.push_error(ChatError("too_many_connections", f"this user has {cap} connections to this "
+                                      "server already; close one first"), req.id)
+            await self._close_after_queued(CLOSE_TOO_MANY_CONNECTIONS, "too many connections of this user")
         self.user_id, self.device_id, self.token_key, self._token_exp = user_id, device_id, key, exp
+        self.token_issued_at = iat
         self._outbox.user_id = user_id
         # No await from here on: every live message routed to us is queued after this sync job.
         self.node.router.attach(self)
@@ -240,6 +306,11 @@ class Session:
         self.push({"type": "auth", "id": req.id, "user_id": self.user_id, "device_id": self.device_id,
                    "heartbeat_interval_s": self.limits.heartbeat_interval_s, "server_time": time.time()})
         if req.cursors:
+            try:
+                self._check_sync(req.cursors)
+            except ChatError as e:
+                self.push_error(e, req.id)
+                return True
             self._outbox.sync(req.id, req.cursors)
         return True
 
@@ -363,6 +434,7 @@ class Session:
 
     @verb(proto.Sync, task=False)
     async def _sync(self, req: proto.Sync) -> None:
+        self._check_sync(req.cursors)
         self._outbox.sync(req.id, req.cursors)  # streamed by the outbox, in order with live messages
 
     @verb(proto.Heartbeat, task=False)
@@ -417,17 +489,41 @@ class Session:
 
     @verb(proto.SubscribePresence, task=True)
     async def _subscribe_presence(self, req: proto.SubscribePresence) -> None:
-        """Subscribe (at once, before any await), then answer with the current statuses."""
+        """Subscribe to the users this one may see (chatd/presence/visibility.py), then answer with
+        the current statuses; the others answer like unknown users and are not subscribed."""
+        limit = self.node.config.presence.max_subscriptions
+        if len(self._subscribed or ()) + len(req.user_ids) > limit:
+            self._check_subscription_limit(req.user_ids, limit)
+        gate = visibility(self.node)
+        generation = gate.generation
+        seen = await gate.visible(self.user_id, list(req.user_ids))
+        # from here on synchronous: no unsubscribe nor other subscribe comes in between
+        new = self._check_subscription_limit([u for u in req.user_ids if u in seen], limit)
+        self._subscribed.update(new)
+        self.node.presence.subscribe(self.user_id, new, {u: seen[u] for u in new if seen[u] is not None})
+        if new and generation != gate.generation:  # a membership changed while we looked
+            self.presence_revisit(new)
+        users = await gate.statuses(self.user_id, list(req.user_ids), seen)
+        self.push({"type": "subscribe_presence", "id": req.id, "users": {str(u): st for u, st in users.items()}})
+
+    def _check_subscription_limit(self, user_ids, limit: int) -> list[int]:
+        """The users of ``user_ids`` not yet subscribed; ``bad_field`` if they exceed the limit."""
         if self._subscribed is None:
             self._subscribed = set()
-        new = [u for u in req.user_ids if u not in self._subscribed and u != self.user_id]
-        limit = self.node.config.presence.max_subscriptions
+        new = [u for u in dict.fromkeys(user_ids) if u not in self._subscribed and u != self.user_id]
         if len(self._subscribed) + len(new) > limit:
             raise ChatError("bad_field", f"too many presence subscriptions on this connection (at most {limit})")
-        self._subscribed.update(new)
-        self.node.presence.subscribe(self.user_id, new)
-        users = await self.node.presence.statuses(list(req.user_ids))
-        self.push({"type": "subscribe_presence", "id": req.id, "users": {str(u): st for u, st in users.items()}})
+        return new
+
+    def presence_revisit(self, targets) -> None:
+        """A group these subscriptions are seen through changed members: check them again; the
+        ended ones answer like unknown users from now on (an event says so)."""
+        if self._nursery is not None:
+            self._nursery.start_soon(self._presence_revisit, targets)
+
+    async def _presence_revisit(self, targets) -> None:
+        for uid in await visibility(self.node).revisit(self.user_id, self._subscribed or set(), targets):
+            self.push({"type": "presence", "user_id": uid, **hidden()})
 
     @verb(proto.UnsubscribePresence, task=False)
     async def _unsubscribe_presence(self, req: proto.UnsubscribePresence) -> None:
@@ -441,7 +537,7 @@ class Session:
     async def _presence(self, req: proto.PresenceQuery) -> None:
         if len(req.user_ids) > self.node.config.presence.max_query:
             raise ChatError("bad_field", f"ask for at most {self.node.config.presence.max_query} users at once")
-        users = await self.node.presence.statuses(list(req.user_ids))
+        users = await visibility(self.node).statuses(self.user_id, list(req.user_ids))
         self.push({"type": "presence", "id": req.id, "users": {str(u): st for u, st in users.items()}})
 
     @verb(proto.Logout, task=True)
@@ -476,6 +572,7 @@ class Session:
         finally:
             outbox.stop()  # push() drops, the flusher skips this connection from now on
             self._timers.cancel(self._timer)
+            self._timers.cancel(self._tick)
             if self.user_id is not None:
                 self.node.router.detach(self)
                 if self._subscribed:

@@ -30,7 +30,9 @@ real clients):
 * a message above ``max_message_size`` (counted as trio-websocket did: characters of a text
   message, bytes of a binary one) gets close 1009;
 * a peer's close frame is answered with the same code, then the stream is closed;
-* pings are answered with pongs; a request that is not a WebSocket upgrade gets HTTP 400
+* pings are answered with pongs; the server's own pings are :data:`PING` (a pre-built frame the
+  session queues; the pong needs nothing); :attr:`ServerConnection.heard` is set whenever bytes
+  arrive (the session's idle timeout clears and reads it); a request that is not a WebSocket upgrade gets HTTP 400
   (wsproto's rejection); a handshake not finished within ``timeout_s`` is dropped.
 
 Errors: every failure of the stream or the peer surfaces as :class:`ConnectionClosed` (with a
@@ -62,6 +64,7 @@ MAX_REASON_BYTES = 120  # a close frame's reason fits in 123 bytes
 ABNORMAL = 1006
 TOO_BIG = 1009
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+PING = bytes((0x80 | OP_PING, 0))  # the server's ping: final, unmasked, no payload
 
 
 class CloseReason(NamedTuple):
@@ -148,7 +151,8 @@ class ServerConnection:
     """One accepted WebSocket connection (server side) over any trio stream. Not safe for two
     concurrent readers."""
 
-    __slots__ = ("stream", "_send_now", "_proto", "_lock", "_close_reason", "max_message_size", "subprotocol")
+    __slots__ = ("stream", "_send_now", "_proto", "_lock", "_close_reason", "max_message_size", "subprotocol",
+                 "heard")
 
     def __init__(self, stream: trio.abc.Stream, proto, subprotocol: str | None, max_message_size: int):
         self.stream = stream
@@ -158,6 +162,7 @@ class ServerConnection:
         self._close_reason: CloseReason | None = None
         self.max_message_size = max_message_size
         self.subprotocol = subprotocol
+        self.heard = True  # bytes arrived since the session's idle check last cleared it
 
     @property
     def closed(self) -> CloseReason | None:
@@ -225,7 +230,7 @@ class ServerConnection:
                     await self._on_close(event)
                 elif isinstance(event, Ping):
                     await self._send_event(event.response())
-                # a Pong needs nothing: this server sends no pings
+                # a Pong needs nothing (receiving it set `heard`)
             if self._close_reason is not None:
                 raise ConnectionClosed(self._close_reason)
             try:
@@ -235,6 +240,7 @@ class ServerConnection:
             if not data:  # TCP closed before the WebSocket was
                 await self.abort()
                 raise ConnectionClosed(self._close_reason)
+            self.heard = True
             proto.receive_data(data)
 
     async def _on_close(self, event: CloseConnection) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 
 from ..config import Config
+from ..datadir import private_dir
 from .base import AppendResult, Channel, ChannelSummary, Message, Store, User
 
 __all__ = ["open_store", "Store", "User", "Channel", "ChannelSummary", "Message", "AppendResult"]
@@ -16,7 +17,7 @@ async def open_store(config: Config):
     backend = config.store.backend
     if backend == "sqlite":
         from .sqlite import open_sqlite
-        config.data_path.mkdir(parents=True, exist_ok=True)
+        private_dir(config.data_path)
         async with open_sqlite(str(config.resolve(config.store.sqlite_path)), config.store.sqlite_synchronous,
                                config.store.commit_batch_max, config.store.read_connections,
                                config.store.commit_delay_s) as store:

@@ -45,6 +45,14 @@ class User:
 
 
 @dataclass(frozen=True)
+class Device:
+    """One device of a user, as listed (``GET /v1/devices``): its first and its latest login."""
+    id: str
+    created_at: float
+    last_login_at: float
+
+
+@dataclass(frozen=True)
 class Channel:
     id: str
     kind: str  # "dm" | "group"
@@ -144,10 +152,23 @@ class Store(abc.ABC):
     async def update_profile(self, user_id: int, display_name: str | None, about: str | None) -> User: ...
 
     @abc.abstractmethod
-    async def add_device(self, user_id: int, device_id: str, created_at: float) -> None: ...
+    async def set_password_hash(self, user_id: int, password_hash: str) -> None:
+        """Replace the user's password hash (a re-hash with stronger parameters); a user that does
+        not exist is left alone."""
+
+    @abc.abstractmethod
+    async def add_device(self, user_id: int, device_id: str, created_at: float) -> None:
+        """Record a login of the device at ``created_at``: the first one gives the device to
+        ``user_id`` for good (another user's call changes nothing); each of the owner's lists the
+        device again (:meth:`devices_of`) and raises its ``last_login_at``."""
 
     @abc.abstractmethod
     async def device_owner(self, device_id: str) -> int | None: ...
+
+    @abc.abstractmethod
+    async def devices_of(self, user_id: int) -> list[Device]:
+        """The user's devices that logged in since their last logout (:meth:`revoke_before` drops
+        a device from the list), ordered by id."""
 
     # -- channels and membership --
     @abc.abstractmethod
@@ -267,8 +288,25 @@ class Store(abc.ABC):
         Backends may forget records after ``expires_at`` (the token has expired by then)."""
 
     @abc.abstractmethod
-    async def token_revoked(self, token_key: str) -> bool:
-        """Whether the token with this key was revoked (and has not expired since)."""
+    async def token_revoked(self, token_key: str, user_id: int | None = None, device_id: str = "",
+                            issued_at: float = 0.0) -> bool:
+        """Whether the token with this key was revoked (and has not expired since) or, with
+        ``user_id``, falls under a cut-off of the user or of its ``device_id``
+        (:meth:`revoke_before`) for a token issued at ``issued_at``. One read (one round trip)."""
+
+    @abc.abstractmethod
+    async def revoke_before(self, user_id: int, device_id: str | None, before: float, expires_at: float) -> None:
+        """Revoke every token of the user's device ``device_id`` (None: of all the user's
+        devices) issued before ``before``, and drop the device(s) from :meth:`devices_of`. A
+        cut-off only ever rises (an earlier ``before`` changes nothing); backends may forget it after
+        ``expires_at`` (every token it revokes has expired by then)."""
+
+    # -- invites (sign-up with auth.registration = "invite"; chatd/auth.py) --
+    @abc.abstractmethod
+    async def use_invite(self, invite_id: str, max_uses: int, expires_at: float) -> bool:
+        """Count one use of the invite if it has been used fewer than ``max_uses`` times; True if
+        counted. Two concurrent calls never both take the last use. Backends may forget the count
+        after ``expires_at`` (the invite is refused by then)."""
 
     # -- operations --
     def statistics(self) -> dict[str, float]:

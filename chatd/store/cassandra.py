@@ -68,7 +68,7 @@ from cassandra.query import UNSET_VALUE
 from ..config import CassandraConfig
 from ..errors import ChatError
 from ..ids import MAX_INT64
-from .base import AppendResult, Channel, ChannelSummary, Message, Store, User, push_slot
+from .base import AppendResult, Channel, ChannelSummary, Device, Message, Store, User, push_slot
 from .cassandra_schema import (SCHEMA_VERSION, STATEMENTS, bucket_last_seq,
                                bucket_of, channel_from_row, check_schema, message_from_row, new_user_id,
                                push_entry_from_row, push_token_from_row, read_schema_row, summary_from_rows,
@@ -84,6 +84,11 @@ MAX_BATCH_BYTES = 1 << 20  # body characters in one batch (a single larger messa
 MEMBER_ATTEMPTS = 32  # membership version races likewise
 MAX_TTL_S = 630_720_000  # Cassandra's largest TTL (20 years)
 FAN_OUT = 32  # concurrent reads one call issues (get_users, channels_of, group creation)
+
+
+def _micros(at: float) -> int:
+    """A wall-clock time as a write timestamp (``USING TIMESTAMP``: microseconds)."""
+    return int(at * 1_000_000)
 
 
 # ---- the append queue -----------------------------------------------------------------------------
@@ -284,9 +289,23 @@ class CassandraStore(Store):
                         about=user.about if about is None else about, created_at=user.created_at,
                         password_hash=user.password_hash)
 
+    async def set_password_hash(self, user_id, password_hash):
+        with self._op():
+            await self._lwt("user_set_password", (password_hash, user_id))  # IF EXISTS: no partial row
+
     async def add_device(self, user_id, device_id, created_at):
         with self._op():
-            await self._lwt("device_insert", (device_id, user_id, created_at))  # the first owner stays
+            applied, row = await self._lwt("device_insert", (device_id, user_id, created_at))  # the first owner stays
+            if not applied and row.get("user_id") != user_id:
+                return
+            first = created_at if applied or row.get("created_at") is None else row["created_at"]
+            await self._cql.write("user_device_put", (user_id, device_id, first, created_at, _micros(created_at)))
+
+    async def devices_of(self, user_id):
+        with self._op():
+            rows = await self._cql.rows("user_devices", (user_id,))
+            return sorted((Device(r["device_id"], r["created_at"], r["last_login_at"]) for r in rows),
+                          key=lambda d: d.id)
 
     async def device_owner(self, device_id):
         with self._op():
@@ -785,9 +804,43 @@ class CassandraStore(Store):
             ttl = max(1, min(MAX_TTL_S, math.ceil(expires_at - time.time()) + 60))  # a minute of clock skew
             await self._cql.write("revoked_put", (token_key, user_id, device_id, expires_at, ttl))
 
-    async def token_revoked(self, token_key):
+    async def token_revoked(self, token_key, user_id=None, device_id="", issued_at=0.0):
         with self._op():
-            return await self._cql.one("revoked_get", (token_key,)) is not None
+            if user_id is None or not 0 < user_id <= MAX_INT64:
+                return await self._cql.one("revoked_get", (token_key,)) is not None
+            # two partitions, read at once: one round trip
+            key_row, cutoffs = await self._gather(lambda: self._cql.one("revoked_get", (token_key,)),
+                                                  lambda: self._cql.rows("cutoffs_get", (user_id, "", device_id)))
+            return key_row is not None or any(r["revoked_before"] > issued_at for r in cutoffs
+                                              if r["revoked_before"] is not None)
+
+    async def revoke_before(self, user_id, device_id, before, expires_at):
+        with self._op():
+            ttl = max(1, min(MAX_TTL_S, math.ceil(expires_at - time.time())))
+            ts = _micros(before)
+            await self._cql.write("cutoff_put", (ttl, ts, before, user_id, device_id or ""))
+            if device_id is None:
+                await self._cql.write("user_devices_delete", (ts, user_id))
+            else:
+                await self._cql.write("user_device_delete", (ts, user_id, device_id))
+
+    # ---- invites ---------------------------------------------------------------------------
+    async def use_invite(self, invite_id, max_uses, expires_at):
+        with self._op():
+            if max_uses < 1:
+                return False
+            ttl = max(1, min(MAX_TTL_S, math.ceil(expires_at - time.time()) + 60))
+            applied, row = await self._lwt("invite_first_use", (invite_id, ttl))
+            for _ in range(MEMBER_ATTEMPTS):
+                if applied:
+                    return True
+                uses = row.get("uses")
+                if uses is None:  # expired between the two statements: it is refused anyway
+                    return False
+                if uses >= max_uses:
+                    return False
+                applied, row = await self._lwt("invite_next_use", (ttl, uses + 1, invite_id, uses))
+            raise ChatError("unavailable", "the invite is being used by many sign-ups at once; retry")
 
     # ---- push notifications ----------------------------------------------------------------
     # ``push_tokens`` (by token) is authoritative, ``push_tokens_by_user`` lists them: a by-user row

@@ -168,6 +168,30 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             device_id text,
             expires_at double)""",
     ]),
+    (5, [  # invites (chatd/auth.py): uses counted per signed invite, by LWT; rows carry a TTL up to
+        # the invite's expiry.
+        """CREATE TABLE IF NOT EXISTS {ks}.invite_uses (
+            invite_id text PRIMARY KEY,
+            uses int)""",
+    ]),
+    (6, [  # sessions (chatd/revocation.py)
+        # "every token of the user issued before revoked_before is revoked": device_id '' for all of
+        # the user's devices. Written with USING TIMESTAMP = the cut-off (the latest wins) and a TTL
+        # up to the expiry of the last token it revokes.
+        """CREATE TABLE IF NOT EXISTS {ks}.token_cutoffs (
+            user_id bigint,
+            device_id text,
+            revoked_before double,
+            PRIMARY KEY ((user_id), device_id))""",
+        # the user's listed devices (GET /v1/devices): written at each login, deleted at its
+        # logout, with USING TIMESTAMP = the login / cut-off time, so the later of the two wins.
+        """CREATE TABLE IF NOT EXISTS {ks}.devices_by_user (
+            user_id bigint,
+            device_id text,
+            created_at double,
+            last_login_at double,
+            PRIMARY KEY ((user_id), device_id))""",
+    ]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -189,11 +213,17 @@ STATEMENTS: dict[str, tuple[str, str]] = {
     "user_get": (READ, f"SELECT {_USER} FROM users WHERE id = ?"),
     "presence_set": (WRITE, "UPDATE presence USING TIMESTAMP ? SET last_active_at = ? WHERE user_id = ?"),
     "presence_get": (READ, "SELECT last_active_at FROM presence WHERE user_id = ?"),
+    "user_set_password": (LWT, "UPDATE users SET password_hash = ? WHERE id = ? IF EXISTS"),
     "user_set_profile": (WRITE, "UPDATE users SET display_name = ?, about = ? WHERE id = ?"),
     "name_claim": (LWT, "INSERT INTO users_by_name (username_key, user_id) VALUES (?, ?) IF NOT EXISTS"),
     "name_get": (READ, "SELECT user_id FROM users_by_name WHERE username_key = ?"),
     "device_insert": (LWT, "INSERT INTO devices (device_id, user_id, created_at) VALUES (?, ?, ?) IF NOT EXISTS"),
     "device_get": (READ, "SELECT user_id FROM devices WHERE device_id = ?"),
+    "user_device_put": (WRITE, "INSERT INTO devices_by_user (user_id, device_id, created_at, last_login_at) "
+                               "VALUES (?, ?, ?, ?) USING TIMESTAMP ?"),
+    "user_device_delete": (WRITE, "DELETE FROM devices_by_user USING TIMESTAMP ? WHERE user_id = ? AND device_id = ?"),
+    "user_devices_delete": (WRITE, "DELETE FROM devices_by_user USING TIMESTAMP ? WHERE user_id = ?"),
+    "user_devices": (READ, "SELECT device_id, created_at, last_login_at FROM devices_by_user WHERE user_id = ?"),
     # channels
     "channel_insert": (LWT, "INSERT INTO channels (id, kind, name, owner_id, created_at) "
                             "VALUES (?, ?, ?, ?, ?) IF NOT EXISTS"),
@@ -257,6 +287,13 @@ STATEMENTS: dict[str, tuple[str, str]] = {
     "revoked_put": (WRITE, "INSERT INTO revoked_tokens (token_key, user_id, device_id, expires_at) "
                            "VALUES (?, ?, ?, ?) USING TTL ?"),
     "revoked_get": (READ, "SELECT user_id FROM revoked_tokens WHERE token_key = ?"),
+    "cutoff_put": (WRITE, "UPDATE token_cutoffs USING TTL ? AND TIMESTAMP ? SET revoked_before = ? "
+                          "WHERE user_id = ? AND device_id = ?"),
+    "cutoffs_get": (READ, "SELECT device_id, revoked_before FROM token_cutoffs WHERE user_id = ? "
+                          "AND device_id IN (?, ?)"),
+    # invites
+    "invite_first_use": (LWT, "INSERT INTO invite_uses (invite_id, uses) VALUES (?, 1) IF NOT EXISTS USING TTL ?"),
+    "invite_next_use": (LWT, "UPDATE invite_uses USING TTL ? SET uses = ? WHERE invite_id = ? IF uses = ?"),
     "push_lease_take": (LWT, "UPDATE push_leases SET owner = ?, lease_until = ? WHERE slot = ? IF lease_until < ?"),
 }
 

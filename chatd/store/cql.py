@@ -15,6 +15,10 @@
   is safe for every caller in this package (see ``chatd/store/cassandra.py``).
 * Connecting (``Cluster(...).connect()``, DNS resolution, preparing statements) blocks, so it runs in
   a worker thread at start-up only.
+* TLS (``cassandra.tls_ca_file``; :func:`ssl_context`): the driver's connections are TLS 1.2+,
+  each node's certificate checked against that CA (and, with ``tls_check_hostname``, against the
+  address it is reached at), with a client certificate when ``tls_cert_file``/``tls_key_file``
+  are set. A CA, certificate or key that cannot be loaded is a start-up error naming the setting.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import abc
 import logging
 import re
+import ssl
 from dataclasses import dataclass
 
 import outcome
@@ -53,6 +58,31 @@ def consistency_level(name: str) -> int:
     except KeyError:
         known = ", ".join(ConsistencyLevel.name_to_value)
         raise ValueError(f"unknown consistency level {name!r} (known: {known})") from None
+
+
+def ssl_context(cfg: CassandraConfig) -> ssl.SSLContext | None:
+    """The driver's TLS context from the ``cassandra.tls_*`` keys; None when ``tls_ca_file`` is
+    empty (plain connections). ``ValueError`` naming the setting whose file does not load."""
+    if not cfg.tls_ca_file:
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED and check_hostname by default
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = cfg.tls_check_hostname
+    try:
+        ctx.load_verify_locations(cafile=cfg.tls_ca_file)
+    except (ssl.SSLError, OSError) as e:
+        raise ValueError(f"cassandra.tls_ca_file: cannot load {cfg.tls_ca_file} as PEM CA certificates: {e}") from None
+    if cfg.tls_cert_file:
+        try:
+            ctx.load_cert_chain(cfg.tls_cert_file, cfg.tls_key_file, password=_no_passphrase)
+        except (ssl.SSLError, OSError, ValueError) as e:
+            raise ValueError(f"cassandra.tls_cert_file / tls_key_file ({cfg.tls_cert_file}, {cfg.tls_key_file}): "
+                             f"not a PEM certificate chain and its matching unencrypted key ({e})") from None
+    return ctx
+
+
+def _no_passphrase(*_args) -> bytes:
+    raise ValueError("the key is protected by a passphrase; chatd needs an unencrypted key file")
 
 
 def parse_contact_points(text: str, default_port: int) -> list[tuple[str, int]]:
@@ -253,7 +283,7 @@ class CqlSession(CqlRunner):
 
 
 # ---- connecting ---------------------------------------------------------------------------------
-def _connect_blocking(cfg: CassandraConfig, keyspace: str | None):
+def _connect_blocking(cfg: CassandraConfig, keyspace: str | None, tls: ssl.SSLContext | None = None):
     from cassandra.auth import PlainTextAuthProvider
     from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
     from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
@@ -268,7 +298,7 @@ def _connect_blocking(cfg: CassandraConfig, keyspace: str | None):
     auth = PlainTextAuthProvider(cfg.username, cfg.password) if cfg.username else None
     cluster = Cluster(contact_points=parse_contact_points(cfg.contact_points, cfg.port), port=cfg.port,
                       protocol_version=ProtocolVersion.V4, execution_profiles={EXEC_PROFILE_DEFAULT: profile},
-                      auth_provider=auth, connect_timeout=cfg.connect_timeout_s)
+                      auth_provider=auth, connect_timeout=cfg.connect_timeout_s, ssl_context=tls)
     try:
         try:
             session = cluster.connect()
@@ -318,10 +348,11 @@ async def connect(cfg: CassandraConfig, keyspace: str | None):
         for name in (cfg.read_consistency, cfg.write_consistency, cfg.serial_consistency):
             consistency_level(name)
         parse_contact_points(cfg.contact_points, cfg.port)
+        tls = ssl_context(cfg)
     except ValueError as e:
         raise RuntimeError(f"cassandra configuration: {e}") from e
     try:
-        return await trio.to_thread.run_sync(_connect_blocking, cfg, keyspace)
+        return await trio.to_thread.run_sync(_connect_blocking, cfg, keyspace, tls)
     except (*DRIVER_ERRORS, OSError) as e:
         where = f"{cfg.contact_points} (port {cfg.port})"
         raise RuntimeError(f"cannot connect to Cassandra at {where}: {error_text(e)}; check "

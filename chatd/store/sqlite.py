@@ -41,8 +41,9 @@ from pathlib import Path
 
 import trio
 
+from ..datadir import private_file
 from ..errors import ChatError
-from .base import AppendResult, Channel, ChannelSummary, Message, PushEntry, PushToken, Store, User, push_slot
+from .base import AppendResult, Channel, ChannelSummary, Device, Message, PushEntry, PushToken, Store, User, push_slot
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,24 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             device_id TEXT NOT NULL,
             expires_at REAL NOT NULL) WITHOUT ROWID""",
         "CREATE INDEX revoked_tokens_by_expiry ON revoked_tokens (expires_at)",
+    ]),
+    (5, [  # invites (chatd/auth.py): uses counted per signed invite
+        """CREATE TABLE invite_uses (
+            invite_id TEXT PRIMARY KEY,
+            uses INTEGER NOT NULL,
+            expires_at REAL NOT NULL) WITHOUT ROWID""",
+    ]),
+    (6, [  # sessions (chatd/revocation.py): cut-offs per user ('' device) and per device; the device list
+        """CREATE TABLE token_cutoffs (
+            user_id INTEGER NOT NULL,
+            device_id TEXT NOT NULL,
+            revoked_before REAL NOT NULL,
+            expires_at REAL NOT NULL,
+            PRIMARY KEY (user_id, device_id)) WITHOUT ROWID""",
+        "CREATE INDEX token_cutoffs_by_expiry ON token_cutoffs (expires_at)",
+        "ALTER TABLE devices ADD COLUMN last_login_at REAL",  # NULL: not since the upgrade (created_at)
+        "ALTER TABLE devices ADD COLUMN listed INTEGER NOT NULL DEFAULT 1",  # 0 once logged out
+        "CREATE INDEX devices_by_user ON devices (user_id, id)",
     ]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -250,7 +269,7 @@ class SQLiteStore(Store):
     # ---- lifecycle -----------------------------------------------------------------------
     async def _open(self) -> None:
         def opener():
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            private_file(Path(self.path))  # before SQLite creates it (its -wal/-shm take its mode)
             w = _connect(self.path, self._synchronous)
             migrate(w)
             readers = [_connect(self.path, self._synchronous) for _ in range(self._n_readers)]
@@ -491,11 +510,25 @@ class SQLiteStore(Store):
             return _user(row)
         return await self._write(fn)
 
+    async def set_password_hash(self, user_id, password_hash):
+        def fn(c):
+            c.execute("UPDATE users SET password_hash = ? WHERE id = ?", (password_hash, user_id))
+        await self._write(fn)
+
     async def add_device(self, user_id, device_id, created_at):
         def fn(c):
             c.execute("INSERT OR IGNORE INTO devices (id, user_id, created_at) VALUES (?, ?, ?)",
                       (device_id, user_id, created_at))
+            c.execute("UPDATE devices SET listed = 1, last_login_at = max(coalesce(last_login_at, created_at), ?) "
+                      "WHERE id = ? AND user_id = ?", (created_at, device_id, user_id))
         await self._write(fn)
+
+    async def devices_of(self, user_id):
+        def fn(c):
+            rows = c.execute("SELECT id, created_at, coalesce(last_login_at, created_at) FROM devices "
+                             "WHERE user_id = ? AND listed = 1 ORDER BY id", (user_id,))
+            return [Device(*row) for row in rows]
+        return await self._read(fn)
 
     async def device_owner(self, device_id):
         def fn(c):
@@ -728,10 +761,39 @@ class SQLiteStore(Store):
                       "VALUES (?, ?, ?, ?)", (token_key, user_id, device_id, expires_at))
         await self._write(fn)
 
-    async def token_revoked(self, token_key):
+    async def token_revoked(self, token_key, user_id=None, device_id="", issued_at=0.0):
         def fn(c):
-            return c.execute("SELECT 1 FROM revoked_tokens WHERE token_key = ?", (token_key,)).fetchone() is not None
+            if user_id is None:
+                return c.execute("SELECT 1 FROM revoked_tokens WHERE token_key = ?", (token_key,)).fetchone() is not None
+            return bool(c.execute(
+                "SELECT EXISTS (SELECT 1 FROM revoked_tokens WHERE token_key = ?) OR EXISTS (SELECT 1 FROM "
+                "token_cutoffs WHERE user_id = ? AND device_id IN ('', ?) AND revoked_before > ?)",
+                (token_key, user_id, device_id, issued_at)).fetchone()[0])
         return await self._read(fn)
+
+    async def revoke_before(self, user_id, device_id, before, expires_at):
+        def fn(c):
+            c.execute("DELETE FROM token_cutoffs WHERE expires_at < ?", (time.time(),))  # revokes nothing now
+            c.execute("INSERT INTO token_cutoffs (user_id, device_id, revoked_before, expires_at) VALUES (?, ?, ?, ?) "
+                      "ON CONFLICT (user_id, device_id) DO UPDATE SET "
+                      "revoked_before = max(revoked_before, excluded.revoked_before), "
+                      "expires_at = max(expires_at, excluded.expires_at)", (user_id, device_id or "", before, expires_at))
+            if device_id is None:
+                c.execute("UPDATE devices SET listed = 0 WHERE user_id = ?", (user_id,))
+            else:
+                c.execute("UPDATE devices SET listed = 0 WHERE id = ? AND user_id = ?", (device_id, user_id))
+        await self._write(fn)
+
+
+    # ---- invites ---------------------------------------------------------------------------
+    async def use_invite(self, invite_id, max_uses, expires_at):
+        def fn(c):
+            c.execute("DELETE FROM invite_uses WHERE expires_at < ?", (time.time(),))  # refused anyway
+            c.execute("INSERT OR IGNORE INTO invite_uses (invite_id, uses, expires_at) VALUES (?, 0, ?)",
+                      (invite_id, expires_at))
+            return c.execute("UPDATE invite_uses SET uses = uses + 1 WHERE invite_id = ? AND uses < ?",
+                             (invite_id, max_uses)).rowcount == 1
+        return await self._write(fn)
 
 
 def _select_in(c, sql: str, values: list, chunk: int = 500):

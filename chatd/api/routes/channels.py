@@ -7,6 +7,12 @@ invalidates the membership caches of the cluster and is announced to the channel
 (and to the user added or removed) as ``member_added`` / ``member_removed``; a change that changes
 nothing (already a member, not a member) announces nothing.
 
+A history page holds at most ``limit`` messages and at most ``limits.max_frame_bytes`` of answer
+(as the WebSocket ``history`` reply): a page trimmed to that says ``more: true``; paging on from its
+last (or first) message reads the rest.
+
+Group and channel names refuse control and format characters (``bad_field``, :mod:`chatd.api.names`).
+
 Errors: ``no_such_channel`` (404: no such id, or membership changes on a 1:1 channel),
 ``not_member`` / ``forbidden`` (403), ``no_such_user`` (404), ``group_full`` (409).
 """
@@ -27,6 +33,7 @@ from .. import models as m
 from ..caller import Caller
 from ..common import require_member
 from ..host import ApiHost
+from ..names import check_name
 from ..spec import route
 
 
@@ -47,6 +54,7 @@ def register(app: QuartTrio, node: ApiHost) -> None:
     @route(m.GroupAnswer, 201, body=GroupCreate, errors=(404, 409))
     async def create_group(data: m.GroupCreate, caller: Caller):
         uid = caller.user_id
+        check_name("name", data.name)
         channel = await store.create_group(new_group_id(), data.name, uid, data.members, time.time(),
                                            limits.max_group_members)
         return {"channel": {"id": channel.id, "kind": "group", "name": channel.name, "owner_id": uid,
@@ -117,4 +125,20 @@ def register(app: QuartTrio, node: ApiHost) -> None:
         await require_member(node.membership, channel_id, caller.user_id)
         after, before = m.unset_to_none(query.after), m.unset_to_none(query.before)
         msgs, more = await read_page(store, channel_id, after, before, query.limit)
-        return {"channel_id": channel_id, "messages": [message_frame(msg) for msg in msgs], "more": more}
+        msgs, trimmed = within_budget(msgs, after is not None, limits.max_frame_bytes)
+        return {"channel_id": channel_id, "messages": [message_frame(msg) for msg in msgs], "more": more or trimmed}
+
+
+def within_budget(msgs: list, ascending: bool, budget: int) -> tuple[list, bool]:
+    """The messages of a page that fit ``budget`` bytes of answer (a body counted at 4 bytes a
+    character, the most UTF-8 needs, plus 200 for the rest of its object), dropped from the far end
+    (the newest of an ``after`` page, the oldest otherwise); at least one. True if any was dropped."""
+    kept: list = []
+    for msg in (msgs if ascending else reversed(msgs)):
+        budget -= len(msg.body) * 4 + 200
+        if budget < 0 and kept:
+            break
+        kept.append(msg)
+    if not ascending:
+        kept.reverse()
+    return kept, len(kept) < len(msgs)

@@ -167,9 +167,11 @@ class App {
     return c.name || "group";
   }
 
+  // A display name is anyone's choice (another user's name, too): shown with the unique
+  // @username whenever it differs from it, so nobody can pass for somebody else.
   userName(id) {
     const u = this.api.cachedUser(id);
-    if (u) return u.display_name || u.username;
+    if (u) return u.display_name && u.display_name !== u.username ? `${u.display_name} (@${u.username})` : u.username;
     this.needUser(id);
     return `user ${id}`;
   }
