@@ -61,7 +61,7 @@ from ..errors import ChatError
 from ..ids import dm_members
 from ..presence.visibility import hidden, visibility
 from ..protocol import client as proto
-from ..store.pages import read_page
+from ..store.pages import read_page, within_budget
 from .answers import AnswerClock
 from .outbox import CLOSE_INTERNAL, CLOSE_TRY_AGAIN, Outbox
 from .router import RETRY_AFTER_MS
@@ -450,19 +450,9 @@ class Session:
         await self.node.membership.require_member(req.channel_id, self.user_id)
         limit = req.limit or 50
         msgs, more = await read_page(self.node.store, req.channel_id, req.after, req.before, limit)
-        # Keep the reply under the frame limit: drop from the far end (newest for "after" pages,
-        # oldest otherwise) and say there is more.
-        budget = self.limits.max_frame_bytes
-        kept: list = []
-        for m in (msgs if req.after is not None else reversed(msgs)):
-            budget -= len(m.body) * 4 + 200
-            if budget < 0 and kept:
-                more = True
-                break
-            kept.append(m)
-        if req.after is None:
-            kept.reverse()
-        self.push({"type": "history", "id": req.id, "channel_id": req.channel_id, "more": more,
+        # Keep the reply under the frame limit (dropped from the far end: then there is more).
+        kept, trimmed = within_budget(msgs, req.after is not None, self.limits.max_frame_bytes)
+        self.push({"type": "history", "id": req.id, "channel_id": req.channel_id, "more": more or trimmed,
                    "messages": [proto.message_frame(m) for m in kept]})
 
     @verb(proto.Typing, task=True)

@@ -28,7 +28,7 @@ from ...ids import MAX_INT64, dm_channel_id, dm_members, is_group, is_valid_chan
 from ...membership import announce_member_change
 from ...protocol.client import message_frame
 from ...store.base import Channel
-from ...store.pages import read_page
+from ...store.pages import read_page, within_budget
 from .. import models as m
 from ..caller import Caller
 from ..common import require_member
@@ -128,17 +128,3 @@ def register(app: QuartTrio, node: ApiHost) -> None:
         msgs, trimmed = within_budget(msgs, after is not None, limits.max_frame_bytes)
         return {"channel_id": channel_id, "messages": [message_frame(msg) for msg in msgs], "more": more or trimmed}
 
-
-def within_budget(msgs: list, ascending: bool, budget: int) -> tuple[list, bool]:
-    """The messages of a page that fit ``budget`` bytes of answer (a body counted at 4 bytes a
-    character, the most UTF-8 needs, plus 200 for the rest of its object), dropped from the far end
-    (the newest of an ``after`` page, the oldest otherwise); at least one. True if any was dropped."""
-    kept: list = []
-    for msg in (msgs if ascending else reversed(msgs)):
-        budget -= len(msg.body) * 4 + 200
-        if budget < 0 and kept:
-            break
-        kept.append(msg)
-    if not ascending:
-        kept.reverse()
-    return kept, len(kept) < len(msgs)
