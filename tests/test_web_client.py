@@ -203,3 +203,24 @@ def test_web_client_two_people_group_offline_reload(chatd_proc, tmp_path):
             assert not errors, errors
         finally:
             browser.close()
+
+
+def test_web_client_shows_username_beside_a_borrowed_display_name(chatd_proc, tmp_path):
+    """A display name is anyone's choice: mallory calling herself "bob" is shown as "bob (@mallory)"."""
+    from playwright.sync_api import sync_playwright
+    url = chatd_proc.url
+    status, body = http("POST", url + "/v1/users", {"username": "mallory", "password": PASSWORD,
+                                                     "display_name": "bob"})
+    assert status == 201, body
+    with sync_playwright() as pw:
+        browser = launch(pw)
+        try:
+            page = browser.new_context(viewport={"width": 1000, "height": 700}).new_page()
+            page.set_default_timeout(TIMEOUT_MS)
+            page.goto(url + "/")
+            enter(page, url, "alice", signup=True)
+            page.fill("#dm-username", "mallory")
+            page.click("#dm-form button")
+            expect(page.locator("#channel-title")).to_have_text("bob (@mallory)")
+        finally:
+            browser.close()
