@@ -236,6 +236,31 @@ def store_migrate(config_path, data_dir, bucket_size):
         raise click.ClickException(f"chatd store migrate failed: {' '.join(str(e).split())}") from None
 
 
+
+@store_group.command("copy")
+@click.option("--from", "from_path", required=True, type=click.Path(dir_okay=False, exists=True),
+              help="Config file of the source store (stop every chatd using it first).")
+@click.option("--to", "to_path", required=True, type=click.Path(dir_okay=False, exists=True),
+              help="Config file of the destination: a new SQLite file or Cassandra keyspace (migrated here).")
+@click.option("--checkpoint", "checkpoint_path", type=click.Path(dir_okay=False),
+              help="Progress file: an interrupted copy started again with it resumes. [default: ./chatd-store-copy.json]")
+@click.option("--verify", is_flag=True, help="Afterwards compare both stores (counts, digests, each channel's history).")
+@click.option("--verify-only", is_flag=True, help="Only compare the two stores; copy nothing.")
+@click.option("--page-rows", type=click.IntRange(1, 10_000), default=500, show_default=True,
+              help="Records read and written per page (and per checkpoint).")
+@click.option("--max-rows-per-s", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Average records per second at most (0: as fast as the stores go), to spare a live cluster.")
+def store_copy(from_path, to_path, checkpoint_path, verify, verify_only, page_rows, max_rows_per_s):
+    """Copy every record (users, devices, sessions, channels, members, messages with their seqs,
+    read cursors, push tokens and outbox) from one store to another: SQLite -> Cassandra, back,
+    or keyspace -> keyspace. Example:
+
+    \b
+      chatd store copy --from run.toml --to cluster.toml --verify"""
+    from .storecli import run_copy
+    _setup_logging("warning", quiet_driver=True)
+    run_copy(from_path, to_path, checkpoint_path, verify, verify_only, page_rows, max_rows_per_s)
+
 @main.group("admin")
 def admin_group():
     """Operator commands."""

@@ -308,6 +308,25 @@ class Store(abc.ABC):
         counted. Two concurrent calls never both take the last use. Backends may forget the count
         after ``expires_at`` (the invite is refused by then)."""
 
+    # -- bulk (chatd store copy; chatd/store/records.py) --
+    @abc.abstractmethod
+    async def export_rows(self, kind: str, after, limit: int) -> tuple[list[tuple], object]:
+        """Up to ``limit`` records of ``kind`` (``records.KINDS``) following the position ``after``
+        (None: from the start), and the position after them: a JSON-able value to pass back, or
+        None when this page was the last. Positions stay valid across processes (a copy resumes from
+        one) as long as the store is not written meanwhile. Reads only."""
+
+    @abc.abstractmethod
+    async def import_rows(self, kind: str, rows: list[tuple]) -> None:
+        """Write records of ``kind`` as they are (ids, seqs and times kept): an upsert, so importing
+        a row again changes nothing. For a store no server is using (a copy's destination); rows
+        whose parents (``records.KINDS`` order) are missing are a caller's bug."""
+
+    async def count_rows(self, kind: str) -> int | None:
+        """How many records of ``kind`` there are, if the backend can tell cheaply (for a progress
+        bar); None otherwise (this default)."""
+        return None
+
     # -- operations --
     def statistics(self) -> dict[str, float]:
         """The backend's own counters (commits, batches...) by name, for the metrics endpoint:

@@ -155,6 +155,8 @@ class CassandraStore(Store):
         self._idle = trio.Event()
         self._idle.set()
         self._closed = False
+        self._prepare_bulk = None  # set by open_cassandra: prepares cassandra_bulk.BULK_STATEMENTS
+        self._bulk = None
         self.stats = {"appends": 0, "batches": 0, "duplicates": 0, "seq_conflicts": 0, "lwt": 0}
 
     def statistics(self) -> dict[str, float]:
@@ -916,6 +918,24 @@ class CassandraStore(Store):
         with self._op():
             await self._gather(*[lambda s=s: self._lwt("push_lease_renew", (0.0, s, owner)) for s in slots])
 
+    # ---- bulk (chatd store copy; cassandra_bulk.py) ----------------------------------------------
+    async def _bulk_runner(self):
+        if self._bulk is None:
+            if self._prepare_bulk is None:
+                raise ChatError("unavailable", "this store was opened without bulk statements")
+            self._bulk = await self._prepare_bulk()
+        return self._bulk
+
+    async def export_rows(self, kind, after, limit):
+        from . import cassandra_bulk
+        with self._op():
+            return await cassandra_bulk.export_rows(self, await self._bulk_runner(), kind, after, limit)
+
+    async def import_rows(self, kind, rows):
+        from . import cassandra_bulk
+        with self._op():
+            await cassandra_bulk.import_rows(self, await self._bulk_runner(), kind, rows)
+
 
 @contextlib.asynccontextmanager
 async def open_cassandra(cfg: CassandraConfig, *, max_inflight: int = 1024):
@@ -929,6 +949,11 @@ async def open_cassandra(cfg: CassandraConfig, *, max_inflight: int = 1024):
         cql = await CqlSession.prepare(session, STATEMENTS, cfg, max_inflight=max_inflight)
         async with trio.open_nursery() as background:  # dedup rows and head hints after the ack
             store = CassandraStore(cql, bucket_size=bucket_size, background=background)
+
+            async def prepare_bulk():  # on the first export/import only (chatd store copy)
+                from .cassandra_bulk import BULK_STATEMENTS
+                return await CqlSession.prepare(session, BULK_STATEMENTS, cfg, max_inflight=max_inflight)
+            store._prepare_bulk = prepare_bulk
             try:
                 yield store
             finally:

@@ -44,6 +44,7 @@ import trio
 from ..datadir import private_file
 from ..errors import ChatError
 from .base import AppendResult, Channel, ChannelSummary, Device, Message, PushEntry, PushToken, Store, User, push_slot
+from .records import KEY_FIELDS, KINDS, check_kind
 
 log = logging.getLogger(__name__)
 
@@ -794,6 +795,55 @@ class SQLiteStore(Store):
             return c.execute("UPDATE invite_uses SET uses = uses + 1 WHERE invite_id = ? AND uses < ?",
                              (invite_id, max_uses)).rowcount == 1
         return await self._write(fn)
+
+    # ---- bulk (chatd store copy) -----------------------------------------------------------
+    async def export_rows(self, kind, after, limit):
+        table, select, _ = _bulk_spec(kind)
+        keys = ", ".join(KINDS[kind][:KEY_FIELDS[kind]])
+
+        def fn(c):
+            if after is None:
+                sql, args = f"SELECT {select} FROM {table} ORDER BY {keys} LIMIT ?", (limit,)
+            else:
+                marks = ", ".join("?" * len(after))
+                sql = f"SELECT {select} FROM {table} WHERE ({keys}) > ({marks}) ORDER BY {keys} LIMIT ?"
+                args = (*after, limit)
+            return [tuple(r) for r in c.execute(sql, args)]
+        rows = await self._read(fn)
+        n = KEY_FIELDS[kind]
+        return rows, (list(rows[-1][:n]) if len(rows) == limit else None)
+
+    async def import_rows(self, kind, rows):
+        table, _, columns = _bulk_spec(kind)
+        if kind == "push_outbox":  # the slot is derived from the user
+            rows = [(push_slot(r[0]), *r) for r in rows]
+        sql = f"INSERT OR REPLACE INTO {table} ({columns}) VALUES ({', '.join('?' * len(columns.split(',')))})"
+
+        def fn(c):
+            c.executemany(sql, rows)
+        if rows:
+            await self._write(fn)
+
+    async def count_rows(self, kind):
+        table = _bulk_spec(kind)[0]
+        return await self._read(lambda c: c.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
+
+
+# kind -> (table, the SELECT list giving the record's fields, the columns an import writes)
+_BULK_TABLES: dict[str, tuple[str, str, str]] = {
+    "devices": ("devices", "id, user_id, created_at, "
+                "CASE WHEN listed THEN coalesce(last_login_at, created_at) ELSE created_at END, listed",
+                "id, user_id, created_at, last_login_at, listed"),
+    "members": ("members", "channel_id, user_id, joined_at, read_seq", "channel_id, user_id, joined_at, read_seq"),
+    "push_outbox": ("push_outbox", _OUTBOX_COLS, "slot, " + _OUTBOX_COLS),
+}
+
+
+def _bulk_spec(kind: str) -> tuple[str, str, str]:
+    """Where a record kind lives in SQLite: by default a table of the kind's name whose columns are
+    the record's fields."""
+    fields = ", ".join(check_kind(kind))
+    return _BULK_TABLES.get(kind, (kind, fields, fields))
 
 
 def _select_in(c, sql: str, values: list, chunk: int = 500):

@@ -1,0 +1,197 @@
+"""Cassandra's side of ``chatd store copy``: whole-table scans out, plain writes in
+(:meth:`chatd.store.base.Store.export_rows` / ``import_rows`` of ``CassandraStore``).
+
+The scans are the only statements of chatd without a partition key; they run only here, paged by
+the driver (a position is the driver's paging state, base64: valid for the same query on the same
+keyspace, from any process). They are prepared on the first bulk call (``BULK_STATEMENTS``), so a
+shard never prepares them.
+
+Import writes each record in the shape the live store writes it, derived tables included
+(``users_by_name``, ``devices_by_user``, ``channels_by_user``, ``read_cursors``, ``message_dedup``,
+``channel_heads``, and the ``bucket_head`` static of each message bucket, so the first append after
+the copy finds the head it expects). Writes that only rise (heads, marks, presence) carry ``USING
+TIMESTAMP`` = the value as the live store's do; the rest are plain upserts, so importing a page again
+changes nothing. The destination must not be in use: the copy bypasses the live store's conditional
+writes. Errors: ``ChatError("unavailable")`` from the driver bridge, as everywhere.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import time
+
+from .base import push_slot
+from .cassandra_schema import bucket_of, username_key
+from .cql import READ, WRITE
+from .records import check_kind
+
+BULK_STATEMENTS: dict[str, tuple[str, str]] = {
+    "users_scan": (READ, "SELECT id, username, password_hash, display_name, about, created_at FROM users"),
+    "presence_scan": (READ, "SELECT user_id, last_active_at FROM presence"),
+    "devices_scan": (READ, "SELECT device_id, user_id, created_at FROM devices"),
+    "user_device_get": (READ, "SELECT last_login_at FROM devices_by_user WHERE user_id = ? AND device_id = ?"),
+    "token_cutoffs_scan": (READ, "SELECT user_id, device_id, revoked_before, TTL(revoked_before) AS ttl "
+                                 "FROM token_cutoffs"),
+    "revoked_tokens_scan": (READ, "SELECT token_key, user_id, device_id, expires_at FROM revoked_tokens"),
+    "invite_uses_scan": (READ, "SELECT invite_id, uses, TTL(uses) AS ttl FROM invite_uses"),
+    "channels_scan": (READ, "SELECT id, kind, name, owner_id, created_at FROM channels"),
+    "members_scan": (READ, "SELECT channel_id, user_id, joined_at FROM members_by_channel"),
+    "messages_scan": (READ, "SELECT channel_id, seq, sender_id, client_msg_id, body, created_at FROM messages"),
+    "push_tokens_scan": (READ, "SELECT push_token, user_id, device_id, provider, app_id, created_at "
+                               "FROM push_tokens"),
+    "push_outbox_scan": (READ, "SELECT user_id, channel_id, seq, sender_id, body, queued_at FROM push_outbox"),
+    "push_marks_scan": (READ, "SELECT user_id, channel_id, push_token, seq FROM push_marks"),
+    # plain upserts of what the live store writes conditionally
+    "user_put": (WRITE, "INSERT INTO users (id, username, password_hash, display_name, about, created_at) "
+                        "VALUES (?, ?, ?, ?, ?, ?)"),
+    "name_put": (WRITE, "INSERT INTO users_by_name (username_key, user_id) VALUES (?, ?)"),
+    "device_put": (WRITE, "INSERT INTO devices (device_id, user_id, created_at) VALUES (?, ?, ?)"),
+    "invite_put": (WRITE, "INSERT INTO invite_uses (invite_id, uses) VALUES (?, ?) USING TTL ?"),
+    "channel_put": (WRITE, "INSERT INTO channels (id, kind, name, owner_id, created_at) VALUES (?, ?, ?, ?, ?)"),
+    "bucket_head_put": (WRITE, "UPDATE messages USING TIMESTAMP ? SET bucket_head = ? "
+                               "WHERE channel_id = ? AND bucket = ?"),
+}
+
+
+def _encode(paging_state: bytes | None) -> str | None:
+    return None if paging_state is None else base64.b64encode(paging_state).decode()
+
+
+def _ttl(expires_at: float) -> int:
+    from .cassandra import MAX_TTL_S
+    return max(1, min(MAX_TTL_S, math.ceil(expires_at - time.time())))
+
+
+async def export_rows(store, bulk, kind: str, after, limit: int):
+    """One page of records of ``kind`` from ``store`` (a ``CassandraStore``; ``bulk``: its runner of
+    ``BULK_STATEMENTS``)."""
+    check_kind(kind)
+    page = await bulk.execute(f"{kind}_scan", (), paging_state=None if after is None else base64.b64decode(after),
+                              fetch_size=max(1, limit))
+    rows = page.rows
+    now = time.time()
+    if kind == "users":
+        out = [(r["id"], r["username"], r["password_hash"] or "", r["display_name"] or "", r["about"] or "",
+                r["created_at"]) for r in rows]
+    elif kind == "presence":
+        out = [(r["user_id"], r["last_active_at"]) for r in rows]
+    elif kind == "devices":
+        listed = await store._gather(*[lambda r=r: bulk.one("user_device_get", (r["user_id"], r["device_id"]))
+                                       for r in rows])
+        out = [(r["device_id"], r["user_id"], r["created_at"],
+                d["last_login_at"] if d and d.get("last_login_at") is not None else r["created_at"], int(d is not None))
+               for r, d in zip(rows, listed)]
+    elif kind == "token_cutoffs":
+        out = [(r["user_id"], r["device_id"], r["revoked_before"], now + (r["ttl"] or 0)) for r in rows]
+    elif kind == "revoked_tokens":
+        out = [(r["token_key"], r["user_id"], r["device_id"], r["expires_at"]) for r in rows]
+    elif kind == "invite_uses":
+        out = [(r["invite_id"], r["uses"], now + (r["ttl"] or 0)) for r in rows]
+    elif kind == "channels":
+        heads = await store._gather(*[lambda r=r: _true_head(store, r) for r in rows])
+        out = [(r["id"], r["kind"], r["name"] or "", r["owner_id"], r["created_at"], seq, at)
+               for r, (seq, at) in zip(rows, heads)]
+    elif kind == "members":
+        rows = [r for r in rows if r["user_id"] is not None]  # a partition with only its static column
+        cursors = await store._gather(*[lambda r=r: store._cql.one("cursor_get", (r["user_id"], r["channel_id"]))
+                                        for r in rows])
+        out = [(r["channel_id"], r["user_id"], r["joined_at"], (c or {}).get("read_seq") or 0)
+               for r, c in zip(rows, cursors)]
+    elif kind == "messages":
+        out = [(r["channel_id"], r["seq"], r["sender_id"], r["client_msg_id"], r["body"], r["created_at"])
+               for r in rows if r["seq"] is not None]  # a bucket with only its static bucket_head
+    elif kind == "push_tokens":
+        out = [(r["push_token"], r["user_id"], r["device_id"] or "", r["provider"] or "", r["app_id"] or "",
+                r["created_at"] or 0.0) for r in rows]
+    elif kind == "push_outbox":
+        out = [(r["user_id"], r["channel_id"], r["seq"], r["sender_id"], r["body"] or "", r["queued_at"])
+               for r in rows]
+    else:  # push_marks
+        out = [(r["user_id"], r["channel_id"], r["push_token"], r["seq"]) for r in rows]
+    return out, _encode(page.paging_state)
+
+
+async def _true_head(store, row: dict) -> tuple[int, float]:
+    """A channel's true head seq and when it was written (the head hint may lag: see cassandra.py)."""
+    hint = await store._cql.one("head_get", (row["id"],))
+    stored = hint["last_seq"] if hint and hint.get("last_seq") is not None else 0
+    head, at, _ = await store._probe_head(row["id"], stored)
+    if at is None:
+        at = hint["last_at"] if hint and hint.get("last_at") is not None else row["created_at"]
+    return head, at
+
+
+def _micros(at: float) -> int:
+    return int(at * 1_000_000)
+
+
+async def import_rows(store, bulk, kind: str, rows: list[tuple]) -> None:
+    """Write records of ``kind`` into ``store`` (see the module docstring)."""
+    check_kind(kind)
+    cql = store._cql
+    writes: list[tuple] = []  # (runner, statement, params)
+    for r in rows:
+        if kind == "users":
+            writes += [(bulk, "user_put", tuple(r)), (bulk, "name_put", (username_key(r[1]), r[0]))]
+        elif kind == "presence":
+            writes.append((cql, "presence_set", (_micros(r[1]), r[1], r[0])))
+        elif kind == "devices":
+            device_id, user_id, created_at, last_login_at, listed = r
+            writes.append((bulk, "device_put", (device_id, user_id, created_at)))
+            if listed:
+                writes.append((cql, "user_device_put", (user_id, device_id, created_at, last_login_at,
+                                                        _micros(last_login_at))))
+        elif kind == "token_cutoffs":
+            user_id, device_id, before, expires_at = r
+            if expires_at > time.time():
+                writes.append((cql, "cutoff_put", (_ttl(expires_at), _micros(before), before, user_id, device_id)))
+        elif kind == "revoked_tokens":
+            if r[3] > time.time():
+                writes.append((cql, "revoked_put", (*r, _ttl(r[3]) + 60)))
+        elif kind == "invite_uses":
+            if r[2] > time.time():
+                writes.append((bulk, "invite_put", (r[0], r[1], _ttl(r[2]) + 60)))
+        elif kind == "channels":
+            channel_id, kind_, name, owner_id, created_at, last_seq, last_at = r
+            writes.append((bulk, "channel_put", (channel_id, kind_, name, owner_id, created_at)))
+            if last_seq:
+                writes.append((cql, "head_set", (last_seq, last_seq, last_at, channel_id)))
+        elif kind == "members":
+            writes.append((cql, "member_insert", r[:3]))
+        elif kind == "messages":
+            channel_id, seq, sender_id, client_msg_id, body, created_at = r
+            bucket = bucket_of(seq, store.bucket_size)
+            writes += [(cql, "msg_put", (channel_id, bucket, seq, sender_id, client_msg_id, body, created_at)),
+                       (bulk, "bucket_head_put", (seq, seq, channel_id, bucket)),
+                       (cql, "dedup_put", (channel_id, sender_id, client_msg_id, seq))]
+        elif kind == "push_tokens":
+            token, user_id, device_id, provider, app_id, created_at = r
+            params = (token, user_id, device_id, provider, app_id, created_at)
+            writes += [(cql, "push_token_put", params), (cql, "push_user_token_put", params)]
+        elif kind == "push_outbox":
+            writes.append((cql, "push_enqueue", (push_slot(r[0]), *r)))
+        else:  # push_marks
+            user_id, channel_id, token, seq = r
+            writes.append((cql, "push_mark_set", (seq, seq, user_id, channel_id, token)))
+    if kind == "members":
+        writes += await _member_rows(store, rows)
+    await store._gather(*[lambda w=w: w[0].write(w[1], w[2]) for w in writes])
+
+
+async def _member_rows(store, rows: list[tuple]) -> list[tuple]:
+    """The by-user rows of imported memberships (``channels_by_user`` needs the channel's kind and
+    name, imported before) and each channel's ``member_version``."""
+    cql = store._cql
+    channel_ids = list(dict.fromkeys(r[0] for r in rows))
+    channels = await store._gather(*[lambda c=c: cql.one("channel_get", (c,)) for c in channel_ids])
+    by_id = {c: ch for c, ch in zip(channel_ids, channels) if ch is not None}
+    writes: list[tuple] = [(cql, "member_version_set", (0, c)) for c in by_id]
+    for channel_id, user_id, joined_at, read_seq in rows:
+        ch = by_id.get(channel_id)
+        if ch is None:  # a membership of a channel the source never finished creating
+            continue
+        writes += [(cql, "user_channel_insert", (user_id, channel_id, ch["kind"], ch["name"] or "", ch["created_at"],
+                                                 joined_at)),
+                   (cql, "cursor_set", (user_id, channel_id, read_seq))]
+    return writes

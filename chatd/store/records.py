@@ -1,0 +1,87 @@
+"""The logical records of a store, backend-neutral: what ``chatd store copy`` and ``verify`` move and
+compare (:meth:`chatd.store.base.Store.export_rows` / ``import_rows``). Pure: no I/O.
+
+A record is a tuple of the fields named in ``KINDS`` (in that order); the first ``KEY_FIELDS[kind]``
+fields identify it. ``KINDS`` is also the copy order: a kind only refers to kinds before it (members
+to channels and users, messages to channels), so an interrupted copy never leaves a row whose
+parents are missing. Adding a column to a table means adding its field here (at the end), in the
+export and import of both backends, and nowhere else.
+
+Not copied: ``push_leases`` (which process of the *old* deployment sends a push slot: meaningless in
+the new one, and expired once it is stopped).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+KINDS: dict[str, tuple[str, ...]] = {
+    "users": ("id", "username", "password_hash", "display_name", "about", "created_at"),
+    "presence": ("user_id", "last_active_at"),
+    # last_login_at of a logged-out (unlisted) device is not kept by Cassandra: created_at stands in
+    "devices": ("id", "user_id", "created_at", "last_login_at", "listed"),
+    "token_cutoffs": ("user_id", "device_id", "revoked_before", "expires_at"),
+    "revoked_tokens": ("token_key", "user_id", "device_id", "expires_at"),
+    "invite_uses": ("invite_id", "uses", "expires_at"),
+    "channels": ("id", "kind", "name", "owner_id", "created_at", "last_seq", "last_at"),
+    "members": ("channel_id", "user_id", "joined_at", "read_seq"),
+    "messages": ("channel_id", "seq", "sender_id", "client_msg_id", "body", "created_at"),
+    "push_tokens": ("token", "user_id", "device_id", "provider", "app_id", "created_at"),
+    "push_outbox": ("user_id", "channel_id", "seq", "sender_id", "body", "queued_at"),
+    "push_marks": ("user_id", "channel_id", "token", "seq"),
+}
+
+KEY_FIELDS: dict[str, int] = {
+    "users": 1, "presence": 1, "devices": 1, "token_cutoffs": 2, "revoked_tokens": 1, "invite_uses": 1,
+    "channels": 1, "members": 2, "messages": 2, "push_tokens": 1, "push_outbox": 3, "push_marks": 3,
+}
+
+# Fields a backend keeps only approximately (Cassandra keeps an expiry as a TTL, in whole seconds):
+# left out of the digests ``verify`` compares.
+APPROXIMATE: dict[str, frozenset[str]] = {
+    "token_cutoffs": frozenset({"expires_at"}),
+    "invite_uses": frozenset({"expires_at"}),
+}
+
+
+def check_kind(kind: str) -> tuple[str, ...]:
+    try:
+        return KINDS[kind]
+    except KeyError:
+        raise ValueError(f"unknown record kind {kind!r} (known: {', '.join(KINDS)})") from None
+
+
+def comparable(kind: str, row: tuple) -> tuple:
+    """The row without its approximate fields (what two faithful copies agree on exactly)."""
+    skip = APPROXIMATE.get(kind)
+    if not skip:
+        return tuple(row)
+    return tuple(v for name, v in zip(KINDS[kind], row) if name not in skip)
+
+
+class Digest:
+    """An order-independent digest of a set of rows: the XOR of each row's SHA-256 (so two stores
+    that export the same rows in different orders agree), plus the count."""
+
+    def __init__(self):
+        self.count = 0
+        self._acc = 0
+
+    def add(self, row: tuple) -> None:
+        h = hashlib.sha256(json.dumps(list(row), separators=(",", ":")).encode()).digest()
+        self._acc ^= int.from_bytes(h, "big")
+        self.count += 1
+
+    def hexdigest(self) -> str:
+        return f"{self._acc:064x}"
+
+
+
+def add_messages(h, messages) -> None:
+    """Feed one page of a channel's history (in seq order) to ``h`` (a ``hashlib`` hash): the
+    per-channel digest of ``verify``."""
+    for m in messages:
+        h.update(json.dumps([m.seq, m.sender_id, m.client_msg_id, m.body, m.created_at],
+                            separators=(",", ":")).encode())
+        h.update(b"\n")

@@ -1,0 +1,247 @@
+"""``chatd store copy`` (and ``--verify``) between real stores: SQLite files and keyspaces on the
+session's real Apache Cassandra, through the real CLI (``python -m chatd.cli``, OS processes).
+
+What a copy must keep is checked through the ordinary ``Store`` interface on both sides (users and
+their password hashes, devices and sessions, invites, channels, members and read cursors, every
+message with its seq and client_msg_id, push tokens, outbox and marks), not through the export code
+under test. The end-to-end test (a ``chatd run`` store -> Cassandra -> a 3-shard cluster with a client
+syncing from old cursors) is in tests/test_store_copy_cluster.py."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+import trio
+
+from chatd.ids import dm_channel_id
+from chatd.store.base import PushEntry, PushToken, push_slot
+from chatd.store.sqlite import open_sqlite
+from tests.cassandra_server import fresh_keyspace
+from tests.helpers import eventually
+
+FAR = time.time() + 30 * 24 * 3600
+
+
+def chatd(*args, timeout=170) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "chatd.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def sqlite_config(tmp_path, name: str):
+    path = tmp_path / f"{name}.toml"
+    path.write_text(f'data_dir = "{tmp_path / name}"\n')
+    return path
+
+
+def cassandra_config(tmp_path, server, keyspace: str):
+    path = tmp_path / f"{keyspace}.toml"
+    path.write_text(f'data_dir = "{tmp_path / keyspace}"\n' + server.toml(keyspace))
+    return path
+
+
+async def populate(store, n_group_messages: int = 40) -> dict:
+    """A bit of everything a store holds; returns what the snapshot needs to look it up."""
+    users = [await store.create_user(f"user{i}", f"scrypt$hash-of-{i}", f"User {i}", 1000.0 + i) for i in range(4)]
+    a, b, c, d = (u.id for u in users)
+    await store.add_device(a, "dev-a1", 1001.0)
+    await store.add_device(a, "dev-a1", 1010.5)  # a later login of the same device
+    await store.add_device(a, "dev-a2", 1002.0)
+    await store.revoke_before(a, "dev-a2", 1003.0, FAR)  # logged out: no longer listed, its tokens cut off
+    await store.add_device(b, "dev-b1", 1004.0)
+    await store.revoke_before(c, None, 1005.0, FAR)  # logout-all
+    await store.revoke_token("token-key-1", a, "dev-a1", FAR)
+    assert await store.use_invite("invite-1", 3, FAR)
+    assert await store.use_invite("invite-1", 3, FAR)
+    await store.create_group("g-one", "Group one", a, [b, c], 1006.0, 100)
+    await store.create_group("g-empty", "", b, [d], 1007.0, 100)
+    ab = dm_channel_id(a, b)
+    for i in range(5):
+        await store.append_message(ab, a if i % 2 else b, f"dm-{i}", f"dm body {i} ✓", 1100.0 + i, dm_pair=(a, b))
+    for i in range(n_group_messages):
+        await store.append_message("g-one", [a, b, c][i % 3], f"g-{i}", f"group body {i}", 1200.0 + i)
+    await store.set_read(ab, a, 3)
+    await store.set_read("g-one", c, 17)
+    await store.set_last_active(a, 1300.25)
+    await store.add_push_token(PushToken(b, "dev-b1", "fcm", "push-token-b", "app.one", 1301.0))
+    await store.enqueue_pushes([PushEntry(b, "g-one", n_group_messages, a, "", 1302.0)])
+    await store.set_push_mark(b, "g-one", "push-token-b", 2)
+    return {"users": [a, b, c, d], "channels": [ab, "g-one", "g-empty"], "names": [u.username for u in users]}
+
+
+async def snapshot(store, seen: dict) -> dict:
+    """Everything ``populate`` wrote, read back through the Store interface."""
+    out: dict = {}
+    for uid, name in zip(seen["users"], seen["names"]):
+        user = await store.get_user_by_name(name)
+        out[f"user {uid}"] = (user.id, user.username, user.password_hash, user.display_name, user.created_at)
+        out[f"devices {uid}"] = [(d.id, d.created_at, d.last_login_at) for d in await store.devices_of(uid)]
+        out[f"channels {uid}"] = [(s.id, s.kind, s.name, s.last_seq, s.read_seq, s.last_at)
+                                  for s in await store.channels_of(uid)]
+        out[f"tokens {uid}"] = [t.public() for t in await store.push_tokens(uid)]
+        out[f"outbox {uid}"] = [(e.channel_id, e.seq, e.sender_id, e.queued_at)
+                                for e in await store.pending_pushes(push_slot(uid), 100) if e.user_id == uid]
+        out[f"marks {uid}"] = await store.push_marks(uid, "g-one")
+    a, b, c, _ = seen["users"]
+    out["active"] = await store.get_last_active(seen["users"])
+    out["revoked"] = [await store.token_revoked("token-key-1"),
+                      await store.token_revoked("other", a, "dev-a2", 1002.5),  # device cut-off
+                      await store.token_revoked("other", a, "dev-a1", 1002.5),
+                      await store.token_revoked("other", c, "dev-x", 1004.0),  # user cut-off
+                      await store.token_revoked("other", b, "dev-b1", 1004.0)]
+    for ch in seen["channels"]:
+        got = await store.get_channel(ch)
+        out[f"channel {ch}"] = (got.kind, got.name, got.owner_id, got.created_at, got.last_seq)
+        out[f"members {ch}"] = await store.members(ch)
+        out[f"history {ch}"] = [(m.seq, m.sender_id, m.client_msg_id, m.body, m.created_at)
+                                for m in await store.read_messages(ch, after=0, limit=10_000)]
+    return out
+
+
+async def invite_uses_left(store) -> int:
+    n = 0
+    while await store.use_invite("invite-1", 3, FAR):
+        n += 1
+    return n
+
+
+def copy_cmd(src, dst, tmp_path, *extra):
+    return chatd("store", "copy", "--from", str(src), "--to", str(dst),
+                 "--checkpoint", str(tmp_path / f"{src.stem}-to-{dst.stem}.json"), *extra)
+
+
+async def test_sqlite_to_sqlite_copy_keeps_everything_and_verify_catches_tampering(tmp_path):
+    src, dst = sqlite_config(tmp_path, "src"), sqlite_config(tmp_path, "dst")
+    async with open_sqlite(str(tmp_path / "src" / "chatd.db")) as store:
+        seen = await populate(store)
+        before = await snapshot(store, seen)
+    proc = await trio.to_thread.run_sync(lambda: copy_cmd(src, dst, tmp_path, "--verify"))
+    assert proc.returncode == 0, proc.stderr
+    assert "verify: ok: 3 channels, 45 messages" in proc.stdout, proc.stdout
+    async with open_sqlite(str(tmp_path / "dst" / "chatd.db")) as store:
+        assert await snapshot(store, seen) == before
+
+    # Copying again into the (now full) destination is refused (the checkpoint says it is complete).
+    again = await trio.to_thread.run_sync(lambda: copy_cmd(src, dst, tmp_path))
+    assert again.returncode == 0 and "already complete" in again.stdout, again
+
+    # One message body changed in the copy: verify names the channel and fails.
+    db = sqlite3.connect(tmp_path / "dst" / "chatd.db")
+    db.execute("UPDATE messages SET body = 'tampered' WHERE channel_id = 'g-one' AND seq = 7")
+    db.commit()
+    db.close()
+    bad = await trio.to_thread.run_sync(lambda: copy_cmd(src, dst, tmp_path, "--verify-only"))
+    assert bad.returncode == 1, bad
+    assert "channel g-one: 40 messages in the source, 40 in the destination, their contents differ" in bad.stderr
+    assert "verify failed: 1 difference " in bad.stderr, bad.stderr[-600:]
+    async with open_sqlite(str(tmp_path / "dst" / "chatd.db")) as store:
+        assert await invite_uses_left(store) == 1  # 2 of 3 uses were taken before the copy
+
+
+async def test_copy_refuses_a_destination_that_is_not_empty(tmp_path):
+    src, dst = sqlite_config(tmp_path, "src"), sqlite_config(tmp_path, "dst")
+    for name in ("src", "dst"):
+        async with open_sqlite(str(tmp_path / name / "chatd.db")) as store:
+            await store.create_user(f"someone-{name}", "h", "", 1.0)
+    proc = await trio.to_thread.run_sync(lambda: copy_cmd(src, dst, tmp_path))
+    assert proc.returncode == 1
+    assert "is not empty" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+async def test_copy_sqlite_cassandra_keyspace_sqlite_interrupted_and_resumed(tmp_path, cassandra_server):
+    """SQLite -> Cassandra (killed with SIGKILL in the middle of the messages, then resumed) ->
+    another keyspace -> SQLite: every step verified, each store reads back the same through the
+    Store interface, and the sequences go on after the copy (new seq N+1, a resend deduplicated)."""
+    from chatd.store.cassandra import open_cassandra
+    from chatd.store.cassandra_schema import drop_keyspace
+
+    src = sqlite_config(tmp_path, "src")
+    async with open_sqlite(str(tmp_path / "src" / "chatd.db")) as store:
+        seen = await populate(store, n_group_messages=300)
+        before = await snapshot(store, seen)
+    ks1, ks2 = fresh_keyspace(), fresh_keyspace()
+    c1, c2 = cassandra_config(tmp_path, cassandra_server, ks1), cassandra_config(tmp_path, cassandra_server, ks2)
+    back = sqlite_config(tmp_path, "back")
+    try:
+        # a small bucket size: the history spans many partitions, each with its bucket_head
+        migrated = await trio.to_thread.run_sync(lambda: chatd("store", "migrate", "--config", str(c1),
+                                                               "--bucket-size", "16"))
+        assert migrated.returncode == 0, migrated.stderr
+        checkpoint = tmp_path / f"{src.stem}-to-{c1.stem}.json"
+        slow = subprocess.Popen([sys.executable, "-m", "chatd.cli", "store", "copy", "--from", str(src), "--to",
+                                 str(c1), "--checkpoint", str(checkpoint), "--page-rows", "10",
+                                 "--max-rows-per-s", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            def in_messages():
+                if not checkpoint.exists():
+                    return False
+                state = json.loads(checkpoint.read_text())
+                return state["kind"] == "messages" and state["rows"]["messages"] >= 30
+            await eventually(in_messages, timeout=120)
+            slow.send_signal(signal.SIGKILL)
+        finally:
+            slow.kill()
+            slow.wait()
+        state = json.loads(checkpoint.read_text())
+        assert not state["complete"] and 30 <= state["rows"]["messages"] < 305, state
+        resumed = await trio.to_thread.run_sync(lambda: copy_cmd(src, c1, tmp_path, "--verify"))
+        assert resumed.returncode == 0, resumed.stderr
+        assert "(resumed)" in resumed.stdout and "verify: ok: 3 channels, 305 messages" in resumed.stdout
+
+        async with open_cassandra(cassandra_server.config(ks1)) as store:
+            assert store.bucket_size == 16
+            assert await snapshot(store, seen) == before
+            assert await invite_uses_left(store) == 1
+
+        for a, b in ((c1, c2), (c2, back)):
+            step = await trio.to_thread.run_sync(lambda: copy_cmd(a, b, tmp_path, "--verify"))
+            assert step.returncode == 0, step.stderr
+            assert "verify: ok: 3 channels, 305 messages" in step.stdout, step.stdout
+        async with open_cassandra(cassandra_server.config(ks2)) as store:
+            assert await snapshot(store, seen) == before
+            # the sequence goes on where the source stopped; a resend of an old message is found
+            new = await store.append_message("g-one", seen["users"][0], "after-copy", "new", 2000.0)
+            assert (new.message.seq, new.duplicate) == (301, False)
+            old = await store.append_message("g-one", seen["users"][1], "g-1", "group body 1", 2001.0)
+            assert (old.message.seq, old.duplicate) == (2, True)
+        async with open_sqlite(str(tmp_path / "back" / "chatd.db")) as store:
+            assert await snapshot(store, seen) == before
+    finally:
+        for ks in (ks1, ks2):
+            await drop_keyspace(cassandra_server.config(ks))
+
+
+@pytest.mark.parametrize("tamper", ["body", "missing"])
+async def test_verify_catches_a_tampered_cassandra_copy(tmp_path, cassandra_server, tamper):
+    from chatd.store.cassandra_schema import drop_keyspace
+    from chatd.store.cql import connect, shutdown
+
+    src = sqlite_config(tmp_path, "src")
+    async with open_sqlite(str(tmp_path / "src" / "chatd.db")) as store:
+        await populate(store, n_group_messages=12)
+    ks = fresh_keyspace()
+    dst = cassandra_config(tmp_path, cassandra_server, ks)
+    try:
+        ok = await trio.to_thread.run_sync(lambda: copy_cmd(src, dst, tmp_path, "--verify"))
+        assert ok.returncode == 0, ok.stderr
+        cluster, session = await connect(cassandra_server.config(ks), ks)
+        try:
+            if tamper == "body":
+                cql = "UPDATE messages SET body = 'tampered' WHERE channel_id = 'g-one' AND bucket = 0 AND seq = 5"
+            else:
+                cql = "DELETE FROM messages WHERE channel_id = 'g-one' AND bucket = 0 AND seq = 5"
+            await trio.to_thread.run_sync(session.execute, cql)
+        finally:
+            await shutdown(cluster)
+        bad = await trio.to_thread.run_sync(lambda: copy_cmd(src, dst, tmp_path, "--verify-only"))
+        assert bad.returncode == 1, bad.stdout
+        want = ("channel g-one: 12 messages in the source, 12 in the destination, their contents differ"
+                if tamper == "body" else "channel g-one: 12 messages in the source, 11 in the destination")
+        assert want in bad.stderr, bad.stderr
+    finally:
+        await drop_keyspace(cassandra_server.config(ks))
