@@ -6,6 +6,7 @@ import logging
 import signal
 import sqlite3
 import sys
+import time
 
 import click
 import trio
@@ -260,6 +261,63 @@ def store_copy(from_path, to_path, checkpoint_path, verify, verify_only, page_ro
     from .storecli import run_copy
     _setup_logging("warning", quiet_driver=True)
     run_copy(from_path, to_path, checkpoint_path, verify, verify_only, page_rows, max_rows_per_s)
+
+
+@store_group.command("backup")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config file.")
+@click.option("--data-dir", help="Data directory (SQLite). [default: ./data]")
+@click.option("--force", is_flag=True, help="Replace FILE if it exists.")
+def store_backup(file, config_path, data_dir, force):
+    """Back up the SQLite store into FILE while chatd runs (a consistent copy as of one commit).
+    For Cassandra see docs/operations.md (nodetool snapshot; chatd store copy). Example:
+
+    \b
+      chatd store backup --config chatd.toml /backups/chatd-$(date +%F).db"""
+    from pathlib import Path
+
+    from .store.backup import BackupError, backup
+    config = _load(config_path, data_dir=data_dir)
+    if config.store.backend != "sqlite":
+        raise click.ClickException("chatd store backup backs up SQLite; for Cassandra use `nodetool snapshot`, "
+                                   "or `chatd store copy` into an SQLite file or another keyspace "
+                                   "(docs/operations.md)")
+    db = config.resolve(config.store.sqlite_path)
+    t0 = time.monotonic()
+    try:
+        s = backup(db, Path(file), force=force)
+    except BackupError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"backed up {db} to {file}: schema v{s['schema']}, {s.get('users', 0):,} users, "
+               f"{s.get('channels', 0):,} channels, {s.get('messages', 0):,} messages, {s['bytes']:,} bytes "
+               f"in {time.monotonic() - t0:.1f} s")
+
+
+@store_group.command("restore")
+@click.argument("file", type=click.Path(dir_okay=False, exists=True))
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config file.")
+@click.option("--data-dir", help="Data directory (SQLite). [default: ./data]")
+@click.option("--force", is_flag=True, help="Replace an existing store (it is kept as PATH.before-restore-TIME).")
+def store_restore(file, config_path, data_dir, force):
+    """Make the configured SQLite store a copy of the backup FILE. Refused while any process has the
+    store open (stop chatd first). Example:
+
+    \b
+      chatd store restore --config chatd.toml --force /backups/chatd-2026-12-01.db"""
+    from pathlib import Path
+
+    from .store.backup import BackupError, restore
+    config = _load(config_path, data_dir=data_dir)
+    if config.store.backend != "sqlite":
+        raise click.ClickException("chatd store restore restores SQLite; for Cassandra see docs/operations.md")
+    db = config.resolve(config.store.sqlite_path)
+    try:
+        s = restore(Path(file), db, force=force)
+    except BackupError as e:
+        raise click.ClickException(str(e)) from None
+    kept = f"; the old store is kept as {s['kept']}" if s["kept"] else ""
+    click.echo(f"restored {file} into {db}: schema v{s['schema']}, {s.get('users', 0):,} users, "
+               f"{s.get('messages', 0):,} messages{kept}")
 
 @main.group("admin")
 def admin_group():
