@@ -117,6 +117,31 @@ class EmulatedKeyspace(CqlRunner):
         if about is not UNSET_VALUE:
             row["about"] = about
 
+    def c_user_set_disabled(self, disabled, uid):
+        return uid in self.tables["users"], {}
+
+    def w_user_set_disabled(self, disabled, uid):
+        self.tables["users"][uid]["disabled"] = disabled
+
+    def c_user_set_name(self, username, uid):
+        return uid in self.tables["users"], {}
+
+    def w_user_set_name(self, username, uid):
+        self.tables["users"][uid]["username"] = username
+
+    def c_name_release(self, key, uid):
+        row = self.tables["users_by_name"].get(key)
+        return row is not None and row["user_id"] == uid, {} if row is None else {"user_id": row["user_id"]}
+
+    def w_name_release(self, key, uid):
+        self.tables["users_by_name"].pop(key, None)
+
+    def c_channel_set_owner(self, owner_id, cid):
+        return cid in self.tables["channels"], {}
+
+    def w_channel_set_owner(self, owner_id, cid):
+        self.tables["channels"][cid]["owner_id"] = owner_id
+
     def c_name_claim(self, key, uid):
         row = self.tables["users_by_name"].get(key)
         return row is None, dict(row or {})

@@ -717,3 +717,44 @@ async def test_concurrent_uses_never_share_the_last_use(store):
         for _ in range(10):
             nursery.start_soon(use)
     assert sorted(results) == [False] * 7 + [True] * 3
+
+
+# ---- operators (chatd admin) --------------------------------------------------------------------
+async def test_disable_and_enable_a_user(store):
+    u = await store.create_user("dis-" + secrets.token_hex(4), "h", "", 1.0)
+    assert not (await store.get_user(u.id)).disabled
+    assert await store.set_user_disabled(u.id, True)
+    assert (await store.get_user(u.id)).disabled and (await store.get_user_by_name(u.username)).disabled
+    assert await store.set_user_disabled(u.id, False)
+    assert not (await store.get_users([u.id]))[u.id].disabled
+    assert not await store.set_user_disabled(NO_SUCH_ID, True)
+
+
+async def test_rename_user_frees_the_old_name(store):
+    tag = secrets.token_hex(4)
+    u = await store.create_user("old-" + tag, "h", "", 1.0)
+    other = await store.create_user("other-" + tag, "h", "", 1.0)
+    with pytest.raises(ChatError) as e:
+        await store.rename_user(u.id, "OTHER-" + tag)
+    assert e.value.code == "username_taken"
+    renamed = await store.rename_user(u.id, "new-" + tag)
+    assert (renamed.id, renamed.username, renamed.password_hash) == (u.id, "new-" + tag, "h")
+    assert (await store.get_user_by_name("NEW-" + tag)).id == u.id
+    assert await store.get_user_by_name("old-" + tag) is None
+    again = await store.create_user("old-" + tag, "h2", "", 2.0)  # the old name is free
+    assert again.id not in (u.id, other.id)
+    with pytest.raises(ChatError) as e:
+        await store.rename_user(NO_SUCH_ID, "x-" + tag)
+    assert e.value.code == "no_such_user"
+
+
+async def test_set_owner_of_a_group(store):
+    a = await store.create_user("own-a-" + secrets.token_hex(4), "h", "", 1.0)
+    b = await store.create_user("own-b-" + secrets.token_hex(4), "h", "", 1.0)
+    g = new_group_id()
+    await store.create_group(g, "g", a.id, [b.id], 1.0, 10)
+    await store.set_owner(g, b.id)
+    assert (await store.get_channel(g)).owner_id == b.id
+    with pytest.raises(ChatError) as e:
+        await store.set_owner(new_group_id(), b.id)
+    assert e.value.code == "no_such_channel"

@@ -38,6 +38,7 @@ class User:
     about: str
     created_at: float
     password_hash: str = ""
+    disabled: bool = False  # by an operator (chatd admin users disable): cannot log in
 
     def public(self) -> dict:
         return {"id": self.id, "username": self.username, "display_name": self.display_name,
@@ -157,6 +158,15 @@ class Store(abc.ABC):
         not exist is left alone."""
 
     @abc.abstractmethod
+    async def set_user_disabled(self, user_id: int, disabled: bool) -> bool:
+        """Mark the user disabled (no login) or enabled again; False if there is no such user."""
+
+    @abc.abstractmethod
+    async def rename_user(self, user_id: int, username: str) -> User:
+        """Give the user a new username (the old one is free again); ``username_taken`` if the new
+        one (case-insensitive) belongs to someone else, ``no_such_user``."""
+
+    @abc.abstractmethod
     async def add_device(self, user_id: int, device_id: str, created_at: float) -> None:
         """Record a login of the device at ``created_at``: the first one gives the device to
         ``user_id`` for good (another user's call changes nothing); each of the owner's lists the
@@ -180,6 +190,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def get_channel(self, channel_id: str) -> Channel | None:
         """The channel row; a 1:1 channel has one only after its first message."""
+
+    @abc.abstractmethod
+    async def set_owner(self, channel_id: str, owner_id: int) -> None:
+        """Make ``owner_id`` the group's owner (the caller checked it is a member); ``no_such_channel``."""
 
     @abc.abstractmethod
     async def add_member(self, channel_id: str, user_id: int, max_members: int, joined_at: float) -> bool:

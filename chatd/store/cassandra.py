@@ -295,6 +295,30 @@ class CassandraStore(Store):
         with self._op():
             await self._lwt("user_set_password", (password_hash, user_id))  # IF EXISTS: no partial row
 
+    async def set_user_disabled(self, user_id, disabled):
+        with self._op():
+            if not 0 < user_id <= MAX_INT64:
+                return False
+            applied, _ = await self._lwt("user_set_disabled", (bool(disabled), user_id))
+            return applied
+
+    async def rename_user(self, user_id, username):
+        """Claim the new name (LWT), point the user at it, then release the old name. A crash in
+        between leaves the old name claimed by the user (it stays taken until renamed again)."""
+        with self._op():
+            user = await self._get_user(user_id)
+            if user is None:
+                raise ChatError("no_such_user", f"user {user_id} does not exist")
+            new_key, old_key = username_key(username), username_key(user.username)
+            if new_key != old_key:
+                applied, row = await self._lwt("name_claim", (new_key, user_id))
+                if not applied and row.get("user_id") != user_id:
+                    raise ChatError("username_taken", f"username {username!r} is taken")
+            await self._lwt("user_set_name", (username, user_id))
+            if new_key != old_key:
+                await self._lwt("name_release", (old_key, user_id))
+            return await self._get_user(user_id)
+
     async def add_device(self, user_id, device_id, created_at):
         with self._op():
             applied, row = await self._lwt("device_insert", (device_id, user_id, created_at))  # the first owner stays
@@ -360,6 +384,13 @@ class CassandraStore(Store):
 
     def _head_hint(self, channel_id: str, head_row: dict | None) -> int:
         return self._probe_from(channel_id, _stored_hint(head_row))
+
+    async def set_owner(self, channel_id, owner_id):
+        with self._op():
+            row = await self._cql.one("channel_get", (channel_id,))
+            if row is None or row["kind"] != "group":
+                raise ChatError("no_such_channel", f"group {channel_id} does not exist")
+            await self._lwt("channel_set_owner", (owner_id, channel_id))
 
     async def add_member(self, channel_id, user_id, max_members, joined_at):
         with self._op():

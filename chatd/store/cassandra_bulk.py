@@ -27,7 +27,7 @@ from .cql import READ, WRITE
 from .records import check_kind
 
 BULK_STATEMENTS: dict[str, tuple[str, str]] = {
-    "users_scan": (READ, "SELECT id, username, password_hash, display_name, about, created_at FROM users"),
+    "users_scan": (READ, "SELECT id, username, password_hash, display_name, about, created_at, disabled FROM users"),
     "presence_scan": (READ, "SELECT user_id, last_active_at FROM presence"),
     "devices_scan": (READ, "SELECT device_id, user_id, created_at FROM devices"),
     "user_device_get": (READ, "SELECT last_login_at FROM devices_by_user WHERE user_id = ? AND device_id = ?"),
@@ -43,8 +43,8 @@ BULK_STATEMENTS: dict[str, tuple[str, str]] = {
     "push_outbox_scan": (READ, "SELECT user_id, channel_id, seq, sender_id, body, queued_at FROM push_outbox"),
     "push_marks_scan": (READ, "SELECT user_id, channel_id, push_token, seq FROM push_marks"),
     # plain upserts of what the live store writes conditionally
-    "user_put": (WRITE, "INSERT INTO users (id, username, password_hash, display_name, about, created_at) "
-                        "VALUES (?, ?, ?, ?, ?, ?)"),
+    "user_put": (WRITE, "INSERT INTO users (id, username, password_hash, display_name, about, created_at, "
+                        "disabled) VALUES (?, ?, ?, ?, ?, ?, ?)"),
     "name_put": (WRITE, "INSERT INTO users_by_name (username_key, user_id) VALUES (?, ?)"),
     "device_put": (WRITE, "INSERT INTO devices (device_id, user_id, created_at) VALUES (?, ?, ?)"),
     "invite_put": (WRITE, "INSERT INTO invite_uses (invite_id, uses) VALUES (?, ?) USING TTL ?"),
@@ -73,7 +73,7 @@ async def export_rows(store, bulk, kind: str, after, limit: int):
     now = time.time()
     if kind == "users":
         out = [(r["id"], r["username"], r["password_hash"] or "", r["display_name"] or "", r["about"] or "",
-                r["created_at"]) for r in rows]
+                r["created_at"], int(bool(r["disabled"]))) for r in rows]
     elif kind == "presence":
         out = [(r["user_id"], r["last_active_at"]) for r in rows]
     elif kind == "devices":
@@ -133,7 +133,7 @@ async def import_rows(store, bulk, kind: str, rows: list[tuple]) -> None:
     writes: list[tuple] = []  # (runner, statement, params)
     for r in rows:
         if kind == "users":
-            writes += [(bulk, "user_put", tuple(r)), (bulk, "name_put", (username_key(r[1]), r[0]))]
+            writes += [(bulk, "user_put", (*r[:6], bool(r[6]))), (bulk, "name_put", (username_key(r[1]), r[0]))]
         elif kind == "presence":
             writes.append((cql, "presence_set", (_micros(r[1]), r[1], r[0])))
         elif kind == "devices":

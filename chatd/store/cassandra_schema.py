@@ -192,6 +192,9 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             last_login_at double,
             PRIMARY KEY ((user_id), device_id))""",
     ]),
+    (7, [  # operators (chatd admin): a disabled account cannot log in (null: enabled)
+        "ALTER TABLE {ks}.users ADD disabled boolean",
+    ]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -210,7 +213,11 @@ STATEMENTS: dict[str, tuple[str, str]] = {
     # users and devices
     "user_insert": (LWT, f"INSERT INTO users ({_USER}) VALUES (?, ?, ?, ?, ?, ?) IF NOT EXISTS"),
     "user_delete": (WRITE, "DELETE FROM users WHERE id = ?"),
-    "user_get": (READ, f"SELECT {_USER} FROM users WHERE id = ?"),
+    "user_get": (READ, f"SELECT {_USER}, disabled FROM users WHERE id = ?"),
+    "user_set_disabled": (LWT, "UPDATE users SET disabled = ? WHERE id = ? IF EXISTS"),
+    "user_set_name": (LWT, "UPDATE users SET username = ? WHERE id = ? IF EXISTS"),
+    "name_release": (LWT, "DELETE FROM users_by_name WHERE username_key = ? IF user_id = ?"),
+    "channel_set_owner": (LWT, "UPDATE channels SET owner_id = ? WHERE id = ? IF EXISTS"),
     "presence_set": (WRITE, "UPDATE presence USING TIMESTAMP ? SET last_active_at = ? WHERE user_id = ?"),
     "presence_get": (READ, "SELECT last_active_at FROM presence WHERE user_id = ?"),
     "user_set_password": (LWT, "UPDATE users SET password_hash = ? WHERE id = ? IF EXISTS"),
@@ -309,7 +316,8 @@ def username_key(username: str) -> str:
 
 def user_from_row(row: dict) -> User:
     return User(id=row["id"], username=row["username"], display_name=row["display_name"] or "",
-                about=row["about"] or "", created_at=row["created_at"], password_hash=row["password_hash"] or "")
+                about=row["about"] or "", created_at=row["created_at"], password_hash=row["password_hash"] or "",
+                disabled=bool(row.get("disabled")))
 
 
 def message_from_row(channel_id: str, row: dict) -> Message:

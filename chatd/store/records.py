@@ -17,7 +17,7 @@ import hashlib
 import json
 
 KINDS: dict[str, tuple[str, ...]] = {
-    "users": ("id", "username", "password_hash", "display_name", "about", "created_at"),
+    "users": ("id", "username", "password_hash", "display_name", "about", "created_at", "disabled"),
     "presence": ("user_id", "last_active_at"),
     # last_login_at of a logged-out (unlisted) device is not kept by Cassandra: created_at stands in
     "devices": ("id", "user_id", "created_at", "last_login_at", "listed"),

@@ -141,6 +141,9 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
         "ALTER TABLE devices ADD COLUMN listed INTEGER NOT NULL DEFAULT 1",  # 0 once logged out
         "CREATE INDEX devices_by_user ON devices (user_id, id)",
     ]),
+    (7, [  # operators (chatd admin): a disabled account cannot log in
+        "ALTER TABLE users ADD COLUMN disabled INTEGER NOT NULL DEFAULT 0",
+    ]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -149,7 +152,7 @@ _WAIT_GAIN_MIN = 0.25  # a commit wait pays when it gathers this many operations
 _WAIT_GAIN_ALPHA = 0.1  # weight of the last wait in that average
 _WAIT_PROBE_EVERY = 16  # while waits do not pay, try one every this many batches
 
-_USER_COLS = "id, username, display_name, about, created_at, password_hash"
+_USER_COLS = "id, username, display_name, about, created_at, password_hash, disabled"
 _MSG_COLS = "channel_id, seq, sender_id, client_msg_id, body, created_at"
 _TOKEN_COLS = "user_id, device_id, provider, token, app_id, created_at"
 _OUTBOX_COLS = "user_id, channel_id, seq, sender_id, body, queued_at"
@@ -157,7 +160,7 @@ _OUTBOX_COLS = "user_id, channel_id, seq, sender_id, body, queued_at"
 
 def _user(row) -> User:
     return User(id=row[0], username=row[1], display_name=row[2], about=row[3], created_at=row[4],
-                password_hash=row[5])
+                password_hash=row[5], disabled=bool(row[6]))
 
 
 def _msg(row) -> Message:
@@ -516,6 +519,22 @@ class SQLiteStore(Store):
             c.execute("UPDATE users SET password_hash = ? WHERE id = ?", (password_hash, user_id))
         await self._write(fn)
 
+    async def set_user_disabled(self, user_id, disabled):
+        def fn(c):
+            return c.execute("UPDATE users SET disabled = ? WHERE id = ?", (int(disabled), user_id)).rowcount == 1
+        return await self._write(fn)
+
+    async def rename_user(self, user_id, username):
+        def fn(c):
+            try:
+                cur = c.execute("UPDATE users SET username = ? WHERE id = ?", (username, user_id))
+            except sqlite3.IntegrityError:
+                raise ChatError("username_taken", f"username {username!r} is taken") from None
+            if cur.rowcount == 0:
+                raise ChatError("no_such_user", f"user {user_id} does not exist")
+            return _user(c.execute(f"SELECT {_USER_COLS} FROM users WHERE id = ?", (user_id,)).fetchone())
+        return await self._write(fn)
+
     async def add_device(self, user_id, device_id, created_at):
         def fn(c):
             c.execute("INSERT OR IGNORE INTO devices (id, user_id, created_at) VALUES (?, ?, ?)",
@@ -558,6 +577,13 @@ class SQLiteStore(Store):
                             (channel_id,)).fetchone()
             return Channel(*row) if row else None
         return await self._read(fn)
+
+    async def set_owner(self, channel_id, owner_id):
+        def fn(c):
+            if c.execute("UPDATE channels SET owner_id = ? WHERE id = ? AND kind = 'group'",
+                         (owner_id, channel_id)).rowcount == 0:
+                raise ChatError("no_such_channel", f"group {channel_id} does not exist")
+        await self._write(fn)
 
     async def add_member(self, channel_id, user_id, max_members, joined_at):
         def fn(c):
