@@ -321,7 +321,7 @@ def store_restore(file, config_path, data_dir, force):
 
 @main.group("admin")
 def admin_group():
-    """Operator commands."""
+    """Operator commands: users, devices, channels, invites, stats (docs/operations.md)."""
 
 
 @admin_group.command("invite")
@@ -342,6 +342,10 @@ def admin_invite(config_path, uses, ttl_s):
     invite, _, _ = issue_invite(load_secret(config.auth.secret, config.data_path), uses, ttl_s)
     click.echo(invite)
 
+
+from .admincli import install as _install_admin  # noqa: E402  (the commands live in their own module)
+
+_install_admin(admin_group)
 
 if __name__ == "__main__":
     main()

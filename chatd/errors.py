@@ -20,6 +20,7 @@ CODES: dict[str, int] = {
     "invalid_token": 401,
     "token_expired": 401,
     "bad_credentials": 401,
+    "account_disabled": 403,  # login refused: an operator disabled the account (chatd admin users disable)
     "username_taken": 409,
     "registration_closed": 403,  # sign-up is closed (auth.registration)
     "invite_invalid": 403,  # sign-up needs an invite: missing, forged, expired or used up

@@ -160,8 +160,14 @@ def register(app: QuartTrio, node: ApiHost) -> None:
                                                                                auth.scrypt_n))
         if known is None:
             device_id = secrets.token_hex(8)
-        await store.add_device(user.id, device_id, time.time())  # its first or latest login
         token, expires_at = issue_token(node.secret, user.id, device_id, auth.token_ttl_s)
+        # read after the token's iat: a disable that wrote its cut-off before the iat wrote its
+        # flag before this read (chatd admin: flag first, then the cut-off)
+        current = await store.get_user(user.id)
+        if current is None or current.disabled:
+            security.event("login", "disabled", user=user.id, device=device_id, addr=addr)
+            raise ChatError("account_disabled", "this account is disabled; ask the operator")
+        await store.add_device(user.id, device_id, time.time())  # its first or latest login
         shard = shard_for(node.discovery, user.id)
         security.event("login", "ok", user=user.id, device=device_id, addr=addr)
         return {"token": token, "expires_at": expires_at, "user": user.public(), "device_id": device_id,
