@@ -235,6 +235,20 @@ class PushConfig:
 
 
 @dataclass
+class RetentionConfig:
+    """How long messages are kept (docs/operations.md, retention). Days may be fractional."""
+    messages_days: float = 0.0  # 0: forever
+    dm_messages_days: float = -1.0  # 1:1 channels; negative: as messages_days
+    group_messages_days: float = -1.0  # groups; negative: as messages_days
+    sweep_interval_s: float = 3600.0  # how often each shard expires the channels it owns
+
+    def days_for(self, kind: str) -> float:
+        """Days a message of a channel of ``kind`` ("dm" | "group") is kept; 0: forever."""
+        own = self.dm_messages_days if kind == "dm" else self.group_messages_days
+        return self.messages_days if own < 0 else own
+
+
+@dataclass
 class Config:
     data_dir: str = "./data"
     log_level: str = "info"
@@ -246,6 +260,7 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     push: PushConfig = field(default_factory=PushConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
 
     # ---- loaders ---------------------------------------------------------------------
     @classmethod
@@ -296,6 +311,9 @@ class Config:
                 raise ConfigError(f"auth.{name} must be > 0")
         if self.auth.registration not in REGISTRATION:
             raise ConfigError(f"auth.registration must be one of {', '.join(REGISTRATION)}")
+        r = self.retention
+        if r.messages_days < 0 or r.sweep_interval_s <= 0:
+            raise ConfigError("retention.messages_days must be >= 0 (0: forever) and retention.sweep_interval_s > 0")
         self._validate_trusted_proxies()
         self._validate_tls()
         for name in ("max_frame_bytes", "max_body_chars", "max_group_members", "rate_burst",

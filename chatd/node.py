@@ -37,6 +37,7 @@ from .presence.service import PresenceService
 from .protocol import link_frames as lf
 from .push import make_push_service
 from .ratelimit import TokenBucket
+from .retention import RetentionJob
 from .revocation import RecentRevocations
 from .shard.fanout import FanOut
 from .shard.hub import Hub
@@ -99,6 +100,10 @@ class Node:
         # tokens and cut-offs revoked lately (logout frames seen here): closes the window between a
         # session's store check and its attach (chatd/shard/session.py)
         self.revoked_here = RecentRevocations()
+        # retention: this shard expires the old messages of the channels it owns (chatd/retention.py)
+        self.retention = RetentionJob(config.retention, store, self.discovery, me)
+        self.metrics.gauge("chatd_retention_expired", "Messages deleted by retention (since start)",
+                           lambda: self.retention.stats["expired"])
         self.stop_event = trio.Event()
         # the link frames a shard takes, and who handles each (handler(link, frame))
         self._frame_handlers = {
@@ -238,6 +243,7 @@ async def serve_run(config: Config, *, task_status=trio.TASK_STATUS_IGNORED, nod
             ws_port = await nursery.start(node.shard.serve)
             ws_url = public_ws_url(config, ws_port)
             await node.discovery.register(ShardInfo(config.server.shard_id, ws_url), load=lambda: node.hub.count)
+            await nursery.start(node.retention.run)
             api_stop = trio.Event()
             api_url = await nursery.start(functools.partial(serve_api, node, api_stop, tls=node.tls))
             log.info("chatd run ready: api %s, websocket %s, data %s", api_url, ws_url, config.data_path)
@@ -300,6 +306,7 @@ async def serve_shard(config: Config, *, task_status=trio.TASK_STATUS_IGNORED, n
             await nursery.start(functools.partial(serve_api, node, admin_stop, create_admin_app, tls=node.tls))
             await node.discovery.register(ShardInfo(me, ws_url, links.public_addr()), load=lambda: node.hub.count)
             links.set_peers(node.discovery.view)
+            await nursery.start(node.retention.run)
             log.info("shard %s ready: websocket %s, links %s", me, ws_url, links.public_addr())
             task_status.started(RunInfo("", ws_url))
             await node.stop_event.wait()

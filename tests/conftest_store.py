@@ -378,6 +378,11 @@ class EmulatedKeyspace(CqlRunner):
     def r_msg_desc(self, cid, bucket, lo, hi, limit):
         return self._range(cid, bucket, lo, hi)[::-1][:limit]
 
+    def w_msg_expire(self, cid, bucket, upto):
+        part = self.tables["messages"].get((cid, bucket), {})
+        for seq in [s for s in part if s <= upto]:
+            del part[seq]
+
     def r_dedup_get(self, cid, sender_id, client_msg_id):
         row = self.tables["message_dedup"].get((cid, sender_id, client_msg_id))
         return [{"seq": row["seq"]}] if row else []

@@ -234,6 +234,13 @@ class Store(abc.ABC):
         < before if given). Otherwise the last ``limit`` with seq < before (or the newest)."""
 
     @abc.abstractmethod
+    async def expire_messages(self, channel_id: str, before: float) -> int:
+        """Retention: delete the channel's oldest messages, every seq up to the highest one whose
+        ``created_at`` is before ``before``, so that what is kept stays one gap-free range ending at
+        the head. The head seq stays the channel's (the next message still gets head + 1, also when
+        every message went). Returns how many were deleted."""
+
+    @abc.abstractmethod
     async def head_seq(self, channel_id: str) -> int:
         """The highest stored seq of the channel (0 if none)."""
 

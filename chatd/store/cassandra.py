@@ -749,6 +749,30 @@ class CassandraStore(Store):
                 return head, at, bucket_head
             bucket += 1
 
+    async def expire_messages(self, channel_id, before):
+        """Read forward from the oldest kept message to the first one not before ``before``, then
+        one range delete per bucket up to the last expired seq (row tombstones in the partitions
+        of old buckets, which nothing reads once they are empty: see docs/cassandra.md)."""
+        with self._op():
+            upto, first, n, after = None, None, 0, 0
+            while True:
+                page = await self._read_forward(channel_id, after, MAX_SEQ, 500)
+                for m in page:
+                    if m.created_at >= before:
+                        break
+                    first = m.seq if first is None else first
+                    upto, n = m.seq, n + 1
+                else:
+                    if len(page) == 500:
+                        after = page[-1].seq
+                        continue
+                break
+            if upto is None:
+                return 0
+            await self._gather(*[lambda b=b: self._cql.write("msg_expire", (channel_id, b, upto))
+                                 for b in range(self._bucket(first), self._bucket(upto) + 1)])
+            return n
+
     async def head_seq(self, channel_id):
         with self._op():
             return await self._head_seq(channel_id)
@@ -779,9 +803,18 @@ class CassandraStore(Store):
         full up to its last seq is the last one holding messages."""
         out: list[Message] = []
         bucket = self._bucket(lo + 1)
+        last_bucket = None  # the head's bucket, read once buckets come back empty (retention)
         while len(out) < limit and lo + 1 < hi:
             rows = await self._cql.rows("msg_asc", (channel_id, bucket, lo, hi, limit - len(out)))
             out.extend(message_from_row(channel_id, r) for r in rows)
+            if not rows and not out:  # below the retention horizon: the kept messages start later
+                if last_bucket is None:
+                    hint = _stored_hint(await self._cql.one("head_get", (channel_id,)))
+                    last_bucket = self._bucket(max(hint, self._heads.get(channel_id, 0)))
+                if bucket < last_bucket and bucket_last_seq(bucket, self.bucket_size) + 1 < hi:
+                    lo, bucket = bucket_last_seq(bucket, self.bucket_size), bucket + 1
+                    continue
+                break
             if not rows or rows[-1]["seq"] != bucket_last_seq(bucket, self.bucket_size):
                 break
             lo, bucket = rows[-1]["seq"], bucket + 1
@@ -795,6 +828,8 @@ class CassandraStore(Store):
         while top >= 1 and len(out) < limit and bucket >= 0:
             rows = await self._cql.rows("msg_desc", (channel_id, bucket, 0, top + 1, limit - len(out)))
             out.extend(message_from_row(channel_id, r) for r in rows)
+            if not rows:  # below the retention horizon (what is kept is one range up to the head)
+                break
             bucket -= 1
         out.reverse()
         return out

@@ -272,6 +272,8 @@ STATEMENTS: dict[str, tuple[str, str]] = {
                       "ORDER BY seq ASC LIMIT ?"),
     "msg_desc": (READ, f"SELECT {_MSG} FROM messages WHERE channel_id = ? AND bucket = ? AND seq > ? AND seq < ? "
                        "ORDER BY seq DESC LIMIT ?"),
+    # retention: one range delete per bucket (the bucket's static bucket_head stays)
+    "msg_expire": (WRITE, "DELETE FROM messages WHERE channel_id = ? AND bucket = ? AND seq <= ?"),
     "dedup_get": (READ, "SELECT seq FROM message_dedup WHERE channel_id = ? AND sender_id = ? "
                         "AND client_msg_id = ?"),
     "dedup_put": (WRITE, "INSERT INTO message_dedup (channel_id, sender_id, client_msg_id, seq) VALUES (?, ?, ?, ?)"),

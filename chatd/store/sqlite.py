@@ -669,6 +669,15 @@ class SQLiteStore(Store):
             return rows
         return await self._read(fn)
 
+    async def expire_messages(self, channel_id, before):
+        def fn(c):
+            (upto,) = c.execute("SELECT MAX(seq) FROM messages WHERE channel_id = ? AND created_at < ?",
+                                (channel_id, before)).fetchone()
+            if upto is None:
+                return 0
+            return c.execute("DELETE FROM messages WHERE channel_id = ? AND seq <= ?", (channel_id, upto)).rowcount
+        return await self._write(fn)
+
     async def head_seq(self, channel_id):
         def fn(c):
             row = c.execute("SELECT last_seq FROM channels WHERE id = ?", (channel_id,)).fetchone()
