@@ -758,3 +758,27 @@ async def test_set_owner_of_a_group(store):
     with pytest.raises(ChatError) as e:
         await store.set_owner(new_group_id(), b.id)
     assert e.value.code == "no_such_channel"
+
+
+async def test_expire_messages_keeps_one_gap_free_range_and_the_sequence(store):
+    """Retention: the oldest messages go (across buckets), what is kept reads as one range up to the
+    head, and the channel goes on with head + 1, also once every message expired."""
+    a = await store.create_user("ret-" + secrets.token_hex(4), "h", "", 1.0)
+    g = new_group_id()
+    await store.create_group(g, "g", a.id, [], 1.0, 10)
+    for i in range(1, 11):
+        await store.append_message(g, a.id, f"r{i}", f"m{i}", 100.0 + i)
+    assert await store.expire_messages(g, 106.5) == 6  # created_at 101..106
+    assert [m.seq for m in await store.read_messages(g, after=0, limit=100)] == [7, 8, 9, 10]
+    assert [m.seq for m in await store.read_messages(g, after=2, limit=2)] == [7, 8]
+    assert [m.seq for m in await store.read_messages(g, limit=100)] == [7, 8, 9, 10]
+    assert [m.seq for m in await store.read_messages(g, before=9, limit=100)] == [7, 8]
+    assert await store.read_messages(g, before=7, limit=100) == []
+    assert await store.head_seq(g) == 10
+    assert await store.expire_messages(g, 106.5) == 0  # nothing more is that old
+    assert (await store.append_message(g, a.id, "r11", "m11", 200.0)).message.seq == 11
+    assert await store.expire_messages(g, 1000.0) == 5
+    assert await store.read_messages(g, after=0, limit=100) == [] and await store.head_seq(g) == 11
+    assert (await store.append_message(g, a.id, "r12", "m12", 300.0)).message.seq == 12
+    assert [m.seq for m in await store.read_messages(g, after=0, limit=100)] == [12]
+    assert [m.seq for m in await store.read_messages(g, limit=100)] == [12]

@@ -426,35 +426,51 @@ class Outbox:
             self._emit_message(m)
             st[1] = m.seq
 
-    async def _stream(self, channel_id: str, after: int, upto: int | None, st: list | None) -> None:
-        """Send stored messages with ``after < seq <= upto`` in order; advance ``st`` if given."""
+    async def _stream(self, channel_id: str, after: int, upto: int | None, st: list | None) -> int | None:
+        """Send stored messages with ``after < seq <= upto`` in order; advance ``st`` if given.
+        Returns the first seq sent (None if none): above ``after + 1`` when retention deleted the
+        messages in between."""
         page = self._sync_page
         store = self._store
+        first = None
         while True:
             msgs = await store.read_messages(channel_id, after=after,
                                              before=None if upto is None else upto + 1, limit=page)
+            if first is None and msgs:
+                first = msgs[0].seq
             for m in msgs:
                 self._emit_message(m)
                 if st is not None:
                     st[1] = m.seq
             await self._flush()  # a page at a time: a big sync never piles up in memory
             if len(msgs) < page:
-                return
+                return first
             after = msgs[-1].seq
 
-    async def _sync_channel(self, channel_id: str, client_cursor: int) -> int:
+    async def _sync_channel(self, channel_id: str, client_cursor: int) -> tuple[int, int | None]:
+        """Stream what the client lacks; return the new cursor, and the retention horizon (the
+        first kept seq) when messages the client lacks were expired (None otherwise)."""
         head = await self._store.head_seq(channel_id)
         c = min(client_cursor, head)
         st = self._cursors.get(channel_id)
         if st is None:
             st = self._cursors[channel_id] = [c + 1, c]
-        else:
-            if c + 1 < st[0]:  # older than anything delivered on this connection
-                await self._stream(channel_id, c, st[0] - 1, None)
-                st[0] = c + 1
+            lacks_from, first = c, await self._stream(channel_id, c, None, st)
+        elif c + 1 < st[0]:  # older than anything delivered on this connection
+            lacks_from, first = c, await self._stream(channel_id, c, st[0] - 1, None)
+            if first is None:
+                first = st[0]  # nothing kept below what this connection delivered
+            st[0] = c + 1
             st[1] = max(st[1], c)
-        await self._stream(channel_id, st[1], None, st)
-        return st[1]
+            await self._stream(channel_id, st[1], None, st)
+        else:
+            st[1] = max(st[1], c)
+            lacks_from = st[1]
+            first = await self._stream(channel_id, st[1], None, st)
+        if first is None and st[1] < head:
+            first = head + 1  # every message it lacks was expired: it is at the head
+            st[1] = head
+        return st[1], first if first is not None and first > lacks_from + 1 else None
 
     async def _run_sync(self, job: SyncJob) -> None:
         membership = self._membership
@@ -471,7 +487,7 @@ class Outbox:
                 except ChatError:
                     pass
             return
-        synced, errors = {}, {}
+        synced, errors, expired = {}, {}, {}
         max_errors = self._max_errors
         for channel_id, cursor in job.cursors.items():
             if len(errors) >= max_errors:  # a sync of unknown channels costs no more store reads
@@ -479,7 +495,9 @@ class Outbox:
                 continue
             try:
                 await membership.require_member(channel_id, self.user_id)
-                synced[channel_id] = await self._sync_channel(channel_id, cursor)
+                synced[channel_id], horizon = await self._sync_channel(channel_id, cursor)
+                if horizon is not None:
+                    expired[channel_id] = horizon
             except ChatError as e:
                 errors[channel_id] = e.code
         try:
@@ -489,4 +507,6 @@ class Outbox:
         reply = {"type": "sync", "id": job.request_id, "cursors": synced, "heads": heads}
         if errors:
             reply["errors"] = errors
+        if expired:
+            reply["expired"] = expired
         self._out.append(frame(proto.dumps(reply, self.fmt)))
