@@ -30,24 +30,15 @@ def _load(config_path, **overrides) -> Config:
         raise click.ClickException(str(e)) from None
 
 
-def _setup_logging(level: str, *, quiet_driver: bool = False) -> None:
-    """Log lines to stderr. Unless log_level is debug, the Cassandra driver's records lose their
-    tracebacks (it attaches one to every failed connection attempt; its message says what failed),
-    and with ``quiet_driver`` (``store migrate``) its records are dropped: the command reports every
-    failure itself, in one line."""
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    if level.lower() != "debug":
-        for handler in logging.getLogger().handlers:
-            handler.addFilter(_driver_without_traceback)
-        if quiet_driver:
-            logging.getLogger("cassandra").setLevel(logging.CRITICAL)
-
-
-def _driver_without_traceback(record: logging.LogRecord) -> bool:
-    if record.name.startswith("cassandra.") and record.exc_info:
-        record.exc_info, record.exc_text = None, None
-    return True
+def _setup_logging(level: str, *, quiet_driver: bool = False, config: Config | None = None, role: str = "") -> None:
+    """Logs to stderr (chatd/logsetup.py): with ``config``, in its ``log_format`` and ``log_levels``."""
+    from .logsetup import setup_logging
+    if config is None:
+        setup_logging(level, quiet_driver=quiet_driver)
+        return
+    node = {"presence": config.presence.server_id, "api": "api"}.get(role, config.server.shard_id)
+    setup_logging(level, fmt=config.log_format, levels=config.log_levels, role=role, node=node,
+                  quiet_driver=quiet_driver)
 
 
 def operator_error(error: BaseException) -> str | None:
@@ -77,15 +68,17 @@ def main():
 @click.option("--api-port", type=int, help="HTTP API port (0 = any free port).")
 @click.option("--ws-port", type=int, help="WebSocket port (0 = any free port).")
 @click.option("--host", help="Listen address for both API and WebSocket.")
-def run(config_path, data_dir, api_port, ws_port, host):
+@click.option("--log-format", type=click.Choice(["text", "json"]), help="Log lines as text or one JSON object each.")
+def run(config_path, data_dir, api_port, ws_port, host, log_format):
     """Everything in one process: API + one chat shard, no ZooKeeper.
 
     The store is SQLite in the data directory unless the config says store.backend = "cassandra"
     (run `chatd store migrate` first; see docs/cassandra.md)."""
     from .node import serve_run
 
-    config = _load(config_path, data_dir=data_dir, **{"server.api_port": api_port, "server.ws_port": ws_port,
-                                                     "server.api_host": host, "server.ws_host": host})
+    config = _load(config_path, data_dir=data_dir, log_format=log_format,
+                   **{"server.api_port": api_port, "server.ws_port": ws_port, "server.api_host": host,
+                      "server.ws_host": host})
     _serve_role(serve_run, config)
 
 
@@ -97,7 +90,7 @@ def _serve_role(serve, config, cluster_role: str | None = None) -> None:
             config.validate_cluster(cluster_role)
         except ConfigError as e:
             raise click.ClickException(str(e)) from None
-    _setup_logging(config.log_level)
+    _setup_logging(config.log_level, config=config, role=cluster_role or "run")
 
     async def main_task():
         node_box: list = []
@@ -124,11 +117,12 @@ def _serve_role(serve, config, cluster_role: str | None = None) -> None:
 @click.option("--link-port", type=int, help="Inter-shard link port (0 = any free port).")
 @click.option("--http-port", type=int, help="Admin HTTP port for /healthz and /metrics (0 = any free port).")
 @click.option("--zk", "zk_hosts", help="ZooKeeper hosts, e.g. 127.0.0.1:2181.")
-def shard(config_path, shard_id, ws_port, link_port, http_port, zk_hosts):
+@click.option("--log-format", type=click.Choice(["text", "json"]), help="Log lines as text or one JSON object each.")
+def shard(config_path, shard_id, ws_port, link_port, http_port, zk_hosts, log_format):
     """A chat shard of a cluster: client WebSockets, channel ownership, links to other shards."""
     from .node import serve_shard
 
-    config = _load(config_path, **{"server.shard_id": shard_id, "server.ws_port": ws_port,
+    config = _load(config_path, log_format=log_format, **{"server.shard_id": shard_id, "server.ws_port": ws_port,
                                    "cluster.link_port": link_port, "server.api_port": http_port,
                                    "cluster.zk_hosts": zk_hosts})
     _serve_role(serve_shard, config, cluster_role="shard")
@@ -138,11 +132,12 @@ def shard(config_path, shard_id, ws_port, link_port, http_port, zk_hosts):
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config file.")
 @click.option("--api-port", type=int, help="HTTP API port (0 = any free port).")
 @click.option("--zk", "zk_hosts", help="ZooKeeper hosts, e.g. 127.0.0.1:2181.")
-def api(config_path, api_port, zk_hosts):
+@click.option("--log-format", type=click.Choice(["text", "json"]), help="Log lines as text or one JSON object each.")
+def api(config_path, api_port, zk_hosts, log_format):
     """A stateless HTTP API server of a cluster (run any number); discovery from ZooKeeper."""
     from .node import serve_api_role
 
-    config = _load(config_path, **{"server.api_port": api_port, "cluster.zk_hosts": zk_hosts})
+    config = _load(config_path, log_format=log_format, **{"server.api_port": api_port, "cluster.zk_hosts": zk_hosts})
     _serve_role(serve_api_role, config, cluster_role="api")
 
 
@@ -151,11 +146,12 @@ def api(config_path, api_port, zk_hosts):
 @click.option("--presence-id", help="This presence server's id (unique among presence servers).")
 @click.option("--link-port", type=int, help="Link port shards and API servers dial (0 = any free port).")
 @click.option("--zk", "zk_hosts", help="ZooKeeper hosts, e.g. 127.0.0.1:2181.")
-def presence(config_path, presence_id, link_port, zk_hosts):
+@click.option("--log-format", type=click.Choice(["text", "json"]), help="Log lines as text or one JSON object each.")
+def presence(config_path, presence_id, link_port, zk_hosts, log_format):
     """A presence server of a cluster: online/offline, last_active_at, status fan-out."""
     from .presence.server import serve_presence
 
-    config = _load(config_path, **{"presence.server_id": presence_id, "cluster.link_port": link_port,
+    config = _load(config_path, log_format=log_format, **{"presence.server_id": presence_id, "cluster.link_port": link_port,
                                    "cluster.zk_hosts": zk_hosts})
     _serve_role(serve_presence, config, cluster_role="presence")
 

@@ -252,6 +252,9 @@ class RetentionConfig:
 class Config:
     data_dir: str = "./data"
     log_level: str = "info"
+    log_format: str = "text"  # "text" | "json": one JSON object per line (chatd/logsetup.py)
+    # levels per logger, "logger=level": e.g. ["chatd.shard=debug", "cassandra=warning"]
+    log_levels: list[str] = field(default_factory=list)
     server: ServerConfig = field(default_factory=ServerConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     cassandra: CassandraConfig = field(default_factory=CassandraConfig)
@@ -311,6 +314,13 @@ class Config:
                 raise ConfigError(f"auth.{name} must be > 0")
         if self.auth.registration not in REGISTRATION:
             raise ConfigError(f"auth.registration must be one of {', '.join(REGISTRATION)}")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError("log_format must be 'text' or 'json'")
+        from .logsetup import parse_levels
+        try:
+            parse_levels(self.log_levels)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         r = self.retention
         if r.messages_days < 0 or r.sweep_interval_s <= 0:
             raise ConfigError("retention.messages_days must be >= 0 (0: forever) and retention.sweep_interval_s > 0")

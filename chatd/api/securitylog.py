@@ -22,4 +22,6 @@ def _clean(value) -> str:
 def event(name: str, outcome: str, **fields) -> None:
     if log.isEnabledFor(logging.INFO):
         rest = " ".join(f"{k}={_clean(v)}" for k, v in fields.items() if v is not None)
-        log.info("event=%s outcome=%s %s", name, outcome, rest)
+        fields = {k: v[:64] if isinstance(v, str) else v for k, v in fields.items() if v is not None}
+        log.info("event=%s outcome=%s %s", name, outcome, rest,
+                 extra={"security": {"event": name, "outcome": outcome, **fields}})
