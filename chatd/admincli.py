@@ -91,6 +91,7 @@ Commands, with an example each:
   chatd admin channels add-member CHANNEL USER     chatd admin channels add-member g:4f0c2a9e1b7d3c55 dave
   chatd admin channels remove-member CHANNEL USER  chatd admin channels remove-member g:4f0c2a9e1b7d3c55 dave
   chatd admin channels transfer CHANNEL USER       chatd admin channels transfer g:4f0c2a9e1b7d3c55 bob
+  chatd admin channels purge CHANNEL --before DATE chatd admin channels purge g:4f0c2a9e1b7d3c55 --before 2026-01-01
   chatd admin invite                     chatd admin invite --uses 5 --ttl-s 86400
   chatd admin stats                      chatd admin stats --days 14
 Every command but invite asks a running API server (--api, default: the config's
@@ -207,7 +208,7 @@ def devices_revoke(config_path, api, ca_file, as_json, user, device):
 
 @click.group("channels")
 def channels():
-    """Channels: list, show, add-member, remove-member, transfer."""
+    """Channels: list, show, add-member, remove-member, transfer, purge."""
 
 
 @channels.command("list")
@@ -254,6 +255,34 @@ def channels_transfer(config_path, api, ca_file, as_json, channel, user):
     """Make a member the group's owner. Example: chatd admin channels transfer g:4f0c2a9e1b7d3c55 bob"""
     call(_ctx(config_path, api, ca_file, as_json), "POST", f"/v1/admin/channels/{_ref(channel)}/owner",
          body={"user": user})
+
+
+@channels.command("purge")
+@common
+@click.argument("channel")
+@click.option("--before", "before", required=True,
+              help="A date (YYYY-MM-DD, UTC midnight), a time (YYYY-MM-DDTHH:MM[:SS], UTC) or unix seconds.")
+def channels_purge(config_path, api, ca_file, as_json, channel, before):
+    """Delete the channel's messages written before a date (for every device, as retention does).
+    Example: chatd admin channels purge g:4f0c2a9e1b7d3c55 --before 2026-01-01"""
+    call(_ctx(config_path, api, ca_file, as_json), "POST", f"/v1/admin/channels/{_ref(channel)}/purge",
+         body={"before": parse_when(before)})
+
+
+def parse_when(text: str) -> float:
+    import calendar
+    import time as _time
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    for fmt in ("%Y-%m-%d", "%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S"):
+        try:
+            return float(calendar.timegm(_time.strptime(text, fmt)))
+        except ValueError:
+            continue
+    raise click.BadParameter(f"{text!r} is not YYYY-MM-DD, YYYY-MM-DDTHH:MM[:SS] (UTC) or unix seconds",
+                             param_hint="--before")
 
 
 @click.command("stats")

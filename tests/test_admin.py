@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import trio
 
@@ -123,6 +124,12 @@ async def test_admin_commands_against_chatd_run(tmp_path, nursery):
         assert (stats["users"], stats["channels"], stats["messages"]) == (3, 2, 2)
         assert sum(stats["messages_per_day"].values()) == 2 and stats["storage_bytes"] > 0
         assert (await admin(cfg, "stats")).startswith("3 users, 2 channels, 2 messages, ")
+        # purge the group's history before now: gone for every device; the channel goes on
+        line = await admin(cfg, "channels", "purge", group, "--before", str(time.time() + 1))
+        assert line.startswith(f"purged 1 messages of {group} written before ")
+        r = await run.api.call("GET", f"/v1/channels/{group}/messages?limit=10", token=alice["token"])
+        assert r.body["messages"] == []
+        assert (await ca.send_message(group, "fresh start"))["seq"] == 2
 
         # erase: anonymised, logged out, push tokens dropped, out of its groups, cannot log in
         r = await run.api.call("POST", "/v1/push/tokens", {"provider": "fcm", "token": "tok-alice", "app_id": "a"},

@@ -14,9 +14,11 @@ Each answer carries ``done``, the one line ``chatd admin`` prints. Listing scans
 (``Store.export_rows``: a position ``next`` to pass back as ``after``); ``search`` and ``stats``
 scan it whole (on Cassandra: a full table scan; run them off-peak on a large keyspace).
 
-Not here yet (they wait on the message lifecycle's ``delete``, issue 21): erasing an erased user's
-message bodies, deleting a single message (moderation), purging history before a date. An erase
-answers ``"bodies": "kept"`` and says so in ``done``.
+A purge (history before a date) is retention applied to one channel now (``Store.expire_messages``:
+the oldest messages go, what is kept stays one gap-free range, devices learn the horizon at their
+next ``sync``). Not here yet (they wait on the message lifecycle's ``delete``, issue 21): erasing an
+erased user's message bodies, deleting a single message (moderation). An erase answers
+``"bodies": "kept"`` and says so in ``done``.
 """
 
 from __future__ import annotations
@@ -47,6 +49,10 @@ PAGE_MAX = 1000
 
 class UserRef(Struct):
     user: str  # a user id or a username
+
+
+class Purge(Struct):
+    before: float  # unix seconds: every message written before it goes (and those below them)
 
 
 class PasswordReset(Struct):
@@ -288,6 +294,16 @@ def register(app: QuartTrio, node: ApiHost) -> None:
         await store.set_owner(channel_id, user.id)
         return done("transfer", f"{channel_id} is now owned by user {user.id} {user.username!r} "
                                 f"(was {channel.owner_id})", channel_id=channel_id, user_id=user.id)
+
+    @app.post("/v1/admin/channels/<string:channel_id>/purge")
+    @route(auth=False, body=Purge, errors=(401, 404))
+    async def admin_purge(channel_id: str, data: Purge):
+        admin()
+        channel = await group_of(channel_id)
+        n = await store.expire_messages(channel_id, data.before)
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(data.before))
+        return done("purge", f"purged {n} messages of {channel.id} written before {when}", channel_id=channel_id,
+                    deleted=n)
 
     # ---- stats ------------------------------------------------------------------------------
     @app.get("/v1/admin/stats")
