@@ -172,23 +172,7 @@ async def test_copy_sqlite_cassandra_keyspace_sqlite_interrupted_and_resumed(tmp
         migrated = await trio.to_thread.run_sync(lambda: chatd("store", "migrate", "--config", str(c1),
                                                                "--bucket-size", "16"))
         assert migrated.returncode == 0, migrated.stderr
-        checkpoint = tmp_path / f"{src.stem}-to-{c1.stem}.json"
-        slow = subprocess.Popen([sys.executable, "-m", "chatd.cli", "store", "copy", "--from", str(src), "--to",
-                                 str(c1), "--checkpoint", str(checkpoint), "--page-rows", "10",
-                                 "--max-rows-per-s", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        try:
-            def in_messages():
-                if not checkpoint.exists():
-                    return False
-                state = json.loads(checkpoint.read_text())
-                return state["kind"] == "messages" and state["rows"]["messages"] >= 30
-            await eventually(in_messages, timeout=120)
-            slow.send_signal(signal.SIGKILL)
-        finally:
-            slow.kill()
-            slow.wait()
-        state = json.loads(checkpoint.read_text())
-        assert not state["complete"] and 30 <= state["rows"]["messages"] < 305, state
+        await interrupted_copy(tmp_path, src, c1)
         resumed = await trio.to_thread.run_sync(lambda: copy_cmd(src, c1, tmp_path, "--verify"))
         assert resumed.returncode == 0, resumed.stderr
         assert "(resumed)" in resumed.stdout and "verify: ok: 3 channels, 305 messages" in resumed.stdout
@@ -198,6 +182,8 @@ async def test_copy_sqlite_cassandra_keyspace_sqlite_interrupted_and_resumed(tmp
             assert await snapshot(store, seen) == before
             assert await invite_uses_left(store) == 1
 
+        # keyspace -> keyspace, interrupted too (the source position is the driver's paging state)
+        await interrupted_copy(tmp_path, c1, c2)
         for a, b in ((c1, c2), (c2, back)):
             step = await trio.to_thread.run_sync(lambda: copy_cmd(a, b, tmp_path, "--verify"))
             assert step.returncode == 0, step.stderr
@@ -214,6 +200,28 @@ async def test_copy_sqlite_cassandra_keyspace_sqlite_interrupted_and_resumed(tmp
     finally:
         for ks in (ks1, ks2):
             await drop_keyspace(cassandra_server.config(ks))
+
+
+async def interrupted_copy(tmp_path, src, dst) -> None:
+    """Start a slow copy (10 records a page, 60 a second), SIGKILL it in the middle of the messages,
+    and check its checkpoint says so."""
+    checkpoint = tmp_path / f"{src.stem}-to-{dst.stem}.json"
+    slow = subprocess.Popen([sys.executable, "-m", "chatd.cli", "store", "copy", "--from", str(src), "--to",
+                             str(dst), "--checkpoint", str(checkpoint), "--page-rows", "10",
+                             "--max-rows-per-s", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        def in_messages():
+            if not checkpoint.exists():
+                return False
+            state = json.loads(checkpoint.read_text())
+            return state["kind"] == "messages" and state["rows"]["messages"] >= 30
+        await eventually(in_messages, timeout=120)
+        slow.send_signal(signal.SIGKILL)
+    finally:
+        slow.kill()
+        slow.wait()
+    state = json.loads(checkpoint.read_text())
+    assert not state["complete"] and 30 <= state["rows"]["messages"] < 305, state
 
 
 @pytest.mark.parametrize("tamper", ["body", "missing"])

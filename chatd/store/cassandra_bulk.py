@@ -49,6 +49,8 @@ BULK_STATEMENTS: dict[str, tuple[str, str]] = {
     "device_put": (WRITE, "INSERT INTO devices (device_id, user_id, created_at) VALUES (?, ?, ?)"),
     "invite_put": (WRITE, "INSERT INTO invite_uses (invite_id, uses) VALUES (?, ?) USING TTL ?"),
     "channel_put": (WRITE, "INSERT INTO channels (id, kind, name, owner_id, created_at) VALUES (?, ?, ?, ?, ?)"),
+    "msg_put_bulk": (WRITE, "INSERT INTO messages (channel_id, bucket, seq, sender_id, client_msg_id, body, created_at) "
+                            "VALUES (?, ?, ?, ?, ?, ?, ?)"),
     "bucket_head_put": (WRITE, "UPDATE messages USING TIMESTAMP ? SET bucket_head = ? "
                                "WHERE channel_id = ? AND bucket = ?"),
 }
@@ -159,12 +161,9 @@ async def import_rows(store, bulk, kind: str, rows: list[tuple]) -> None:
                 writes.append((cql, "head_set", (last_seq, last_seq, last_at, channel_id)))
         elif kind == "members":
             writes.append((cql, "member_insert", r[:3]))
-        elif kind == "messages":
-            channel_id, seq, sender_id, client_msg_id, body, created_at = r
-            bucket = bucket_of(seq, store.bucket_size)
-            writes += [(cql, "msg_put", (channel_id, bucket, seq, sender_id, client_msg_id, body, created_at)),
-                       (bulk, "bucket_head_put", (seq, seq, channel_id, bucket)),
-                       (cql, "dedup_put", (channel_id, sender_id, client_msg_id, seq))]
+        elif kind == "messages":  # the rows themselves: one batch per partition, below
+            channel_id, seq, sender_id, client_msg_id, _, _ = r
+            writes.append((cql, "dedup_put", (channel_id, sender_id, client_msg_id, seq)))
         elif kind == "push_tokens":
             token, user_id, device_id, provider, app_id, created_at = r
             params = (token, user_id, device_id, provider, app_id, created_at)
@@ -176,7 +175,36 @@ async def import_rows(store, bulk, kind: str, rows: list[tuple]) -> None:
             writes.append((cql, "push_mark_set", (seq, seq, user_id, channel_id, token)))
     if kind == "members":
         writes += await _member_rows(store, rows)
-    await store._gather(*[lambda w=w: w[0].write(w[1], w[2]) for w in writes])
+    batches = _message_batches(store.bucket_size, rows) if kind == "messages" else []
+    await store._gather(*[lambda w=w: w[0].write(w[1], w[2]) for w in writes],
+                        *[lambda b=b: bulk.batch(b) for b in batches])
+
+
+MESSAGES_PER_BATCH = 50  # rows of one partition in one unlogged batch, and at most
+MAX_BATCH_BYTES = 1 << 20  # body characters in one (as the live store's append batches; a larger message goes alone)
+
+
+def _message_batches(bucket_size: int, rows: list[tuple]) -> list[list[tuple]]:
+    """Message rows grouped by partition (channel, bucket), each group in unlogged single-partition
+    batches that also raise the bucket's ``bucket_head`` to their highest seq (``USING TIMESTAMP``
+    = seq: the highest wins, whatever order batches land in)."""
+    by_partition: dict[tuple[str, int], list[tuple]] = {}
+    for r in rows:
+        by_partition.setdefault((r[0], bucket_of(r[1], bucket_size)), []).append(r)
+    out = []
+    for (channel_id, bucket), part in by_partition.items():
+        chunk: list[tuple] = []
+        size = 0
+        for r in part + [None]:
+            if chunk and (r is None or len(chunk) == MESSAGES_PER_BATCH or size + len(r[4]) > MAX_BATCH_BYTES):
+                top = max(c[1] for c in chunk)
+                out.append([("msg_put_bulk", (channel_id, bucket, *c[1:])) for c in chunk]
+                           + [("bucket_head_put", (top, top, channel_id, bucket))])
+                chunk, size = [], 0
+            if r is not None:
+                chunk.append(r)
+                size += len(r[4])
+    return out
 
 
 async def _member_rows(store, rows: list[tuple]) -> list[tuple]:
