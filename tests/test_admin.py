@@ -211,5 +211,12 @@ async def test_admin_effects_reach_every_shard_of_a_cluster(zk, tmp_path, store_
         assert r.get("code") == "not_member", r
         assert not [f for f in clients["user3"].pending_messages() if f["seq"] == ack["seq"]]
         assert "disabled user" in await admin(c.config, "users", "disable", "user4", api=api)
+        # the listing commands read the cluster's store (a scan on Cassandra)
+        assert await admin(c.config, "users", "search", "USER", api=api) == "6 users matching 'user'"
+        shown = json.loads(await admin(c.config, "users", "show", "user1", "--json", api=api))
+        assert shown["user"]["disabled"] and shown["devices"] == []
+        assert await admin(c.config, "channels", "list", api=api) == "1 channels"
+        stats = json.loads(await admin(c.config, "stats", "--json", api=api))
+        assert (stats["users"], stats["channels"], stats["messages"]) == (6, 1, 1)
     finally:
         c.stop()
