@@ -59,8 +59,8 @@ async def test_channel_list_pages_cover_every_channel_once(server_with):
     assert seen == sorted(made) and pages == 3  # 3 + 3 + 1, in id order
     everything = await api.call("GET", "/v1/channels", token=bob["token"])  # the default page (100) holds all 7
     assert sorted(c["id"] for c in everything.body["channels"]) == sorted(made) and everything.body["next"] is None
-    for bad in ("/v1/channels?limit=0", "/v1/channels?limit=501", "/v1/channels?cursor=not-a-cursor",
-                "/v1/channels?cursor=%2F%2F", "/v1/channels?colour=red"):
+    for bad in ("/v1/channels?limit=0", "/v1/channels?limit=501", "/v1/channels?cursor=%2F%2F",
+                "/v1/channels?colour=red"):
         r = await api.call("GET", bad, token=bob["token"])
         assert r.status == 400 and r.body["error"]["code"] == "bad_request", (bad, r)
 

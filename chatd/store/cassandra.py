@@ -446,7 +446,8 @@ class CassandraStore(Store):
 
     async def channels_page(self, user_id, after, limit):
         with self._op():
-            page = await self._cql.execute("user_channels_after", (user_id, after or "", limit), fetch_size=max(limit, 1))
+            page = await self._cql.execute("user_channels_after", (user_id, after or "", limit),
+                                           fetch_size=max(limit, 1))
             channels = page.rows
             if not channels:
                 return []

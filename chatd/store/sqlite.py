@@ -43,7 +43,8 @@ import trio
 
 from ..datadir import private_file
 from ..errors import ChatError
-from .base import AppendResult, Channel, ChannelSummary, Departure, Device, Message, PushEntry, PushToken, Store, User, push_slot
+from .base import (AppendResult, Channel, ChannelSummary, Departure, Device, Message, PushEntry, PushToken, Store,
+                   User, push_slot)
 
 log = logging.getLogger(__name__)
 

@@ -42,7 +42,8 @@ def register(app: QuartTrio, node: ApiHost) -> None:
 
     async def still_logged_in(holder: PushToken, now: float) -> bool:
         ttl = node.config.auth.token_ttl_s
-        return any(d.id == holder.device_id and d.last_login_at > now - ttl for d in await store.devices_of(holder.user_id))
+        devices = await store.devices_of(holder.user_id)
+        return any(d.id == holder.device_id and d.last_login_at > now - ttl for d in devices)
 
     @app.post("/v1/push/tokens")
     @route(m.PushTokenAnswer, 201, body=m.PushTokenCreate, errors=(409,))
