@@ -33,7 +33,7 @@ class EmulatedKeyspace(CqlRunner):
             "schema_version", "users", "users_by_name", "devices", "channels", "channel_heads",
             "members_by_channel", "channels_by_user", "read_cursors", "messages", "message_dedup",
             "push_tokens", "push_tokens_by_user", "push_outbox", "push_marks", "push_leases", "bucket_heads",
-            "groups_by_owner", "group_departures")}
+            "groups_by_owner", "group_departures", "invitations_by_user")}
         self.calls: Counter = Counter()
         self.fail: dict[str, str] = {}
         self.page_rows: int | None = None  # force small pages to exercise paging
@@ -314,6 +314,15 @@ class EmulatedKeyspace(CqlRunner):
 
     def w_departure_delete(self, cid, uid):
         self.tables["group_departures"].pop((cid, uid), None)
+
+    def w_user_invitation_put(self, uid, cid):
+        self.tables["invitations_by_user"][(uid, cid)] = True
+
+    def w_user_invitation_delete(self, uid, cid):
+        self.tables["invitations_by_user"].pop((uid, cid), None)
+
+    def r_user_invitations(self, uid):
+        return [{"channel_id": c} for (u, c) in sorted(self.tables["invitations_by_user"]) if u == uid]
 
     def w_cursor_set(self, uid, cid, seq):
         self.tables["read_cursors"][(uid, cid)] = seq

@@ -81,10 +81,14 @@ async def test_a_user_who_left_is_invited_back_not_added(server, nursery):
     assert (await api.call("GET", f"/v1/channels/{gid}/messages", token=bob["token"])).status == 403
     invite = await ws_bob.next_event("group_invite")
     assert (invite["channel_id"], invite["by"], invite["name"]) == (gid, alice["user"]["id"], "g")
+    listed = (await api.call("GET", "/v1/invitations", token=bob["token"])).body["invitations"]
+    assert [(i["channel_id"], i["name"], i["invited_by"]) for i in listed] == [(gid, "g", alice["user"]["id"])]
+    assert (await api.call("GET", "/v1/invitations", token=carol["token"])).body == {"invitations": []}
 
     r = await api.call("POST", f"/v1/channels/{gid}/join", token=bob["token"])  # bob accepts
     assert r.status == 200 and r.body["added"] is True, r
     assert bob_id in (await api.call("GET", f"/v1/channels/{gid}/members", token=alice["token"])).body["members"]
+    assert (await api.call("GET", "/v1/invitations", token=bob["token"])).body == {"invitations": []}
     # joined again: the next leave is a leave again, and a join without a new invitation is refused
     assert (await api.call("DELETE", f"/v1/channels/{gid}/members/{bob_id}", token=bob["token"])).status == 200
     r = await api.call("POST", f"/v1/channels/{gid}/join", token=bob["token"])

@@ -259,13 +259,30 @@ async def test_a_departure_is_kept_until_the_user_rejoins(store):
     assert await store.departure(gid, b.id) == Departure(gid, b.id, 50.0, None, None)
     assert await store.invite_back(gid, b.id, a.id, 60.0) is True
     assert await store.departure(gid, b.id) == Departure(gid, b.id, 50.0, a.id, 60.0)
+    assert await store.invitations_of(b.id, 10) == [Departure(gid, b.id, 50.0, a.id, 60.0)]
+    assert await store.invitations_of(c.id, 10) == []
     assert await store.invite_back(gid, c.id, a.id, 60.0) is False  # never left on their own
     assert await store.departure(gid, c.id) is None
     assert await store.add_member(gid, b.id, 100, 70.0) is True  # accepting clears it
     assert await store.departure(gid, b.id) is None
+    assert await store.invitations_of(b.id, 10) == []
     assert await store.invite_back(gid, b.id, a.id, 80.0) is False
     assert await store.remove_member(gid, b.id, left_at=90.0) is True  # a second leave: no old invitation
     assert await store.departure(gid, b.id) == Departure(gid, b.id, 90.0, None, None)
+    assert await store.invitations_of(b.id, 10) == []  # the old invitation went with the rejoin
+
+
+async def test_invitations_of_lists_the_latest_first(store):
+    a, b = await users(store, 2)
+    gids = [await group(store, a, [b]) for _ in range(3)]
+    for i, gid in enumerate(gids):
+        assert await store.remove_member(gid, b.id, left_at=10.0 + i) is True
+    await store.invite_back(gids[0], b.id, a.id, 30.0)
+    await store.invite_back(gids[2], b.id, a.id, 20.0)
+    assert [d.channel_id for d in await store.invitations_of(b.id, 10)] == [gids[0], gids[2]]
+    assert [d.channel_id for d in await store.invitations_of(b.id, 1)] == [gids[0]]
+    assert await store.remove_member(gids[0], b.id, left_at=40.0) is False  # left again: the invitation is void
+    assert [d.channel_id for d in await store.invitations_of(b.id, 10)] == [gids[2]]
 
 
 async def test_channels_page_walks_every_channel_once_in_id_order(store):

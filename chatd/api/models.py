@@ -250,6 +250,17 @@ class MemberAdded(Struct):
     invited: bool = False  # (202) the user had left the group: invited back, not added
 
 
+class Invitation(Struct):
+    channel_id: str
+    name: str
+    invited_by: int
+    invited_at: float
+
+
+class InvitationList(Struct):
+    invitations: list[Invitation]  # the latest first
+
+
 class MemberRemoved(Struct):
     channel_id: str
     user_id: int

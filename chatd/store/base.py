@@ -220,6 +220,11 @@ class Store(abc.ABC):
         recorded, False if there is no departure (the user rejoined, or never left)."""
 
     @abc.abstractmethod
+    async def invitations_of(self, user_id: int, limit: int) -> list[Departure]:
+        """The user's departures with an invitation (not accepted yet), the latest invitation
+        first, at most ``limit``."""
+
+    @abc.abstractmethod
     async def members(self, channel_id: str) -> list[int]:
         """Stored members (empty for an unknown channel)."""
 

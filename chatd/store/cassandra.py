@@ -386,6 +386,7 @@ class CassandraStore(Store):
                     await self._write_user_rows(channel_id, user_id, channel["kind"], channel["name"] or "",
                                                 channel["created_at"], joined_at)
                     await self._cql.write("departure_delete", (channel_id, user_id))
+                    await self._cql.write("user_invitation_delete", (user_id, channel_id))
                     return True
             raise ChatError("unavailable", "the channel's membership is changing too fast; retry")
 
@@ -416,8 +417,22 @@ class CassandraStore(Store):
 
     async def invite_back(self, channel_id, user_id, by, at):
         with self._op():
+            await self._cql.write("user_invitation_put", (user_id, channel_id))  # a stray one is filtered out
             applied, _ = await self._lwt("departure_invite", (by, at, channel_id, user_id))
             return applied
+
+    async def invitations_of(self, user_id, limit):
+        # invitations_by_user lists, group_departures decides: a listed channel whose departure has no
+        # invitation (accepted, left again, or an invite_back that found none) is left out
+        with self._op():
+            rows = await self._cql.rows("user_invitations", (user_id,))
+            found = await self._gather(*[lambda r=r: self._cql.one("departure_get", (r["channel_id"], user_id))
+                                         for r in rows])
+            out = [Departure(r["channel_id"], user_id, d["left_at"], d["invited_by"], d["invited_at"])
+                   for r, d in zip(rows, found)
+                   if d and d.get("invited_at") is not None and d.get("left_at") is not None]
+            out.sort(key=lambda d: (-d.invited_at, d.channel_id))
+            return out[:limit]
 
     async def groups_created_since(self, owner_id, since, limit):
         with self._op():

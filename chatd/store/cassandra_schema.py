@@ -208,6 +208,11 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             invited_by bigint,
             invited_at double,
             PRIMARY KEY ((channel_id), user_id))""",
+        # the same invitations by user (GET /v1/invitations); group_departures is authoritative
+        """CREATE TABLE IF NOT EXISTS {ks}.invitations_by_user (
+            user_id bigint,
+            channel_id text,
+            PRIMARY KEY ((user_id), channel_id))""",
     ]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -278,6 +283,9 @@ STATEMENTS: dict[str, tuple[str, str]] = {
     "departure_invite": (LWT, "UPDATE group_departures SET invited_by = ?, invited_at = ? WHERE channel_id = ? "
                               "AND user_id = ? IF EXISTS"),
     "departure_delete": (WRITE, "DELETE FROM group_departures WHERE channel_id = ? AND user_id = ?"),
+    "user_invitation_put": (WRITE, "INSERT INTO invitations_by_user (user_id, channel_id) VALUES (?, ?)"),
+    "user_invitation_delete": (WRITE, "DELETE FROM invitations_by_user WHERE user_id = ? AND channel_id = ?"),
+    "user_invitations": (READ, "SELECT channel_id FROM invitations_by_user WHERE user_id = ?"),
     "cursor_set": (WRITE, "INSERT INTO read_cursors (user_id, channel_id, read_seq) VALUES (?, ?, ?)"),
     "cursor_delete": (WRITE, "DELETE FROM read_cursors WHERE user_id = ? AND channel_id = ?"),
     "cursor_get": (READ, "SELECT read_seq FROM read_cursors WHERE user_id = ? AND channel_id = ?"),

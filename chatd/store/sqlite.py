@@ -151,6 +151,7 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             invited_by INTEGER,
             invited_at REAL,
             PRIMARY KEY (channel_id, user_id)) WITHOUT ROWID""",
+        "CREATE INDEX IF NOT EXISTS group_departures_by_user ON group_departures (user_id, invited_at)",
     ]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -608,6 +609,14 @@ class SQLiteStore(Store):
             return c.execute("UPDATE group_departures SET invited_by = ?, invited_at = ? "
                              "WHERE channel_id = ? AND user_id = ?", (by, at, channel_id, user_id)).rowcount > 0
         return await self._write(fn)
+
+    async def invitations_of(self, user_id, limit):
+        def fn(c):
+            rows = c.execute("SELECT channel_id, user_id, left_at, invited_by, invited_at FROM group_departures "
+                             "WHERE user_id = ? AND invited_at IS NOT NULL ORDER BY invited_at DESC, channel_id "
+                             "LIMIT ?", (user_id, limit))
+            return [Departure(*r) for r in rows]
+        return await self._read(fn)
 
     async def groups_created_since(self, owner_id, since, limit):
         def fn(c):

@@ -4,8 +4,8 @@
 Who may do what: any member reads members and history; only a group's owner adds members; the
 owner removes anyone, anyone removes (that is: leaves) themselves. A user who left a group on
 their own is not put back by the owner's add: it becomes an invitation (202, ``invited: true``,
-a ``group_invite`` event to the user's devices) that only the user's own ``POST
-/v1/channels/<id>/join`` accepts; without one the join is ``not_invited`` (403). Each user
+a ``group_invite`` event to the user's devices, listed in their ``GET /v1/invitations``) that only
+the user's own ``POST /v1/channels/<id>/join`` accepts; without one the join is ``not_invited`` (403). Each user
 creates at most ``limits.groups_created_per_hour`` groups per rolling hour, counted in the store
 (every API server sees the same count; racing requests of one user may pass it by the number in
 flight at once): ``too_many_groups`` (429) with ``Retry-After``, when the oldest of them turns an
@@ -51,6 +51,7 @@ from ..host import ApiHost
 from ..names import check_name
 from ..spec import route
 
+INVITATIONS_MAX = 100  # GET /v1/invitations lists the latest this many
 GROUP_RATE_WINDOW_S = 3600.0  # limits.groups_created_per_hour counts the groups of this long
 CHANNELS_PAGE_DEFAULT = m.CHANNELS_PAGE_DEFAULT
 CHANNELS_PAGE_MAX = m.CHANNELS_PAGE_MAX
@@ -157,6 +158,17 @@ def register(app: QuartTrio, node: ApiHost) -> None:
                                      "by": uid}, [new])
                 return {"channel_id": channel_id, "user_id": new, "added": False, "invited": True}, 202
         return {"channel_id": channel_id, "user_id": new, "added": await add(channel_id, new, uid)}
+
+    @app.get("/v1/invitations")
+    @route(m.InvitationList)
+    async def invitations(caller: Caller):
+        out = []
+        for d in await store.invitations_of(caller.user_id, INVITATIONS_MAX):
+            channel = await store.get_channel(d.channel_id)
+            if channel is not None and channel.owner_id == d.invited_by:  # what a join accepts
+                out.append({"channel_id": d.channel_id, "name": channel.name, "invited_by": d.invited_by,
+                            "invited_at": d.invited_at})
+        return {"invitations": out}
 
     @app.post("/v1/channels/<string:channel_id>/join")
     @route(m.MemberAdded, errors=(403, 404, 409))
