@@ -49,6 +49,10 @@ class ServerConfig:
     # SIGHUP reloads both files for new connections. Empty: plain HTTP and ws://.
     tls_cert_file: str = ""
     tls_key_file: str = ""
+    # /metrics on a listener of its own (metrics_host:metrics_port; port 0: any free one), and
+    # then not on api_port; plain HTTP (bind a private address). Empty: /metrics on api_port.
+    metrics_host: str = ""
+    metrics_port: int = 9100
 
 
 @dataclass
@@ -206,6 +210,9 @@ class LimitsConfig:
     # sync the rest are answered 'skipped' without reading the store.
     sync_max_channels: int = 2000
     sync_max_errors: int = 100
+    # Groups one user may create per rolling hour (counted in the store: every API server sees the
+    # same count); over it: 429 too_many_groups with Retry-After. 0: no cap.
+    groups_created_per_hour: int = 20
 
 
 PUSH_PROVIDERS = ("none", "webhook", "matrix")
@@ -347,6 +354,10 @@ class Config:
                      "sync_max_channels", "sync_max_errors"):
             if getattr(lim, name) < 1:
                 raise ConfigError(f"limits.{name} must be >= 1")
+        if lim.groups_created_per_hour < 0:
+            raise ConfigError("limits.groups_created_per_hour must be >= 0 (0: no cap)")
+        if not 0 <= self.server.metrics_port <= 65535:
+            raise ConfigError("server.metrics_port must be a port number (0: any free port)")
         if lim.max_connections_per_address < 0:
             raise ConfigError("limits.max_connections_per_address must be >= 0 (0: no cap)")
         for name in ("slow_consumer_s", "ping_interval_s", "idle_timeout_s"):

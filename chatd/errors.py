@@ -31,7 +31,10 @@ CODES: dict[str, int] = {
     "no_such_user": 404,
     "not_found": 404,
     "group_full": 409,
+    "push_token_taken": 409,  # the push token is registered to another user's device that is still logged in
+    "not_invited": 403,  # joining a group you left needs its owner's invitation (POST .../members)
     "rate_limited": 429,
+    "too_many_groups": 429,  # limits.groups_created_per_hour (Retry-After)
     "too_many_connections": 429,  # WebSocket: limits.max_connections_per_user / _per_address (close 4029)
     "unavailable": 503,  # store or dependency failed; retry later
     "internal": 500,

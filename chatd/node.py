@@ -224,6 +224,22 @@ def public_ws_url(config: Config, port: int) -> str:
     return f"{scheme}://{config.server.ws_host}:{port}/"
 
 
+async def serve_metrics(nursery, node, stop: trio.Event) -> None:
+    """With ``server.metrics_host`` set: ``/metrics`` on ``metrics_host:metrics_port`` (plain HTTP;
+    the role's own HTTP app then leaves it out) until ``stop``; its URL in ``node.metrics_url``.
+    Without: nothing (``/metrics`` stays on the API port)."""
+    from .api.admin import create_metrics_app
+    from .api.server import serve_api
+
+    cfg = node.config.server
+    node.metrics_url = ""
+    if cfg.metrics_host:
+        host = f"[{cfg.metrics_host}]" if ":" in cfg.metrics_host else cfg.metrics_host
+        node.metrics_url = await nursery.start(functools.partial(
+            serve_api, node, stop, create_metrics_app, bind=f"{host}:{cfg.metrics_port}"))
+        log.info("metrics on %s/metrics", node.metrics_url)
+
+
 async def serve_run(config: Config, *, task_status=trio.TASK_STATUS_IGNORED, node_out: list | None = None) -> None:
     """``chatd run``: serve until :meth:`Node.request_stop` or cancellation."""
     from .api.server import serve_api
@@ -246,6 +262,7 @@ async def serve_run(config: Config, *, task_status=trio.TASK_STATUS_IGNORED, nod
             await nursery.start(node.retention.run)
             api_stop = trio.Event()
             api_url = await nursery.start(functools.partial(serve_api, node, api_stop, tls=node.tls))
+            await serve_metrics(nursery, node, api_stop)
             log.info("chatd run ready: api %s, websocket %s, data %s", api_url, ws_url, config.data_path)
             task_status.started(RunInfo(api_url, ws_url))
             await node.stop_event.wait()
@@ -304,6 +321,7 @@ async def serve_shard(config: Config, *, task_status=trio.TASK_STATUS_IGNORED, n
             ws_url = public_ws_url(config, ws_port)
             admin_stop = trio.Event()
             await nursery.start(functools.partial(serve_api, node, admin_stop, create_admin_app, tls=node.tls))
+            await serve_metrics(nursery, node, admin_stop)
             await node.discovery.register(ShardInfo(me, ws_url, links.public_addr()), load=lambda: node.hub.count)
             links.set_peers(node.discovery.view)
             await nursery.start(node.retention.run)
@@ -418,6 +436,7 @@ async def serve_api_role(config: Config, *, task_status=trio.TASK_STATUS_IGNORED
             stop = trio.Event()
             async with trio.open_nursery() as api_nursery:  # ends when hypercorn has shut down
                 api_url = await api_nursery.start(functools.partial(serve_api, node, stop, tls=node.tls))
+                await serve_metrics(api_nursery, node, stop)
                 log.info("api ready: %s (shards: %s)", api_url, ", ".join(sorted(discovery.view.shards)) or "none")
                 task_status.started(RunInfo(api_url, ""))
                 await node.stop_event.wait()

@@ -32,7 +32,8 @@ class EmulatedKeyspace(CqlRunner):
         self.tables: dict[str, dict] = {t: {} for t in (
             "schema_version", "users", "users_by_name", "devices", "channels", "channel_heads",
             "members_by_channel", "channels_by_user", "read_cursors", "messages", "message_dedup",
-            "push_tokens", "push_tokens_by_user", "push_outbox", "push_marks", "push_leases", "bucket_heads")}
+            "push_tokens", "push_tokens_by_user", "push_outbox", "push_marks", "push_leases", "bucket_heads",
+            "groups_by_owner", "group_departures", "invitations_by_user")}
         self.calls: Counter = Counter()
         self.fail: dict[str, str] = {}
         self.page_rows: int | None = None  # force small pages to exercise paging
@@ -308,6 +309,45 @@ class EmulatedKeyspace(CqlRunner):
 
     def r_user_channels(self, uid):
         return [dict(row) for (u, c), row in sorted(self.tables["channels_by_user"].items()) if u == uid]
+
+    def r_user_channels_after(self, uid, after, limit):
+        return [row for row in self.r_user_channels(uid) if row["channel_id"] > after][:limit]
+
+    def r_cursors_between(self, uid, lo, hi):
+        return [row for row in self.r_cursors_of_user(uid) if lo < row["channel_id"] <= hi]
+
+    def w_group_created_put(self, owner, created_at, cid, ttl):  # (the TTL is not modelled)
+        self.tables["groups_by_owner"][(owner, created_at, cid)] = True
+
+    def r_groups_created_since(self, owner, since, limit):
+        return [{"created_at": at} for (o, at, _) in sorted(self.tables["groups_by_owner"])
+                if o == owner and at >= since][:limit]
+
+    def w_departure_put(self, cid, uid, left_at, invited_by, invited_at):
+        self.tables["group_departures"][(cid, uid)] = {"left_at": left_at, "invited_by": invited_by,
+                                                       "invited_at": invited_at}
+
+    def r_departure_get(self, cid, uid):
+        row = self.tables["group_departures"].get((cid, uid))
+        return [dict(row)] if row else []
+
+    def c_departure_invite(self, by, at, cid, uid):
+        return (cid, uid) in self.tables["group_departures"], {}
+
+    def w_departure_invite(self, by, at, cid, uid):
+        self.tables["group_departures"][(cid, uid)].update(invited_by=by, invited_at=at)
+
+    def w_departure_delete(self, cid, uid):
+        self.tables["group_departures"].pop((cid, uid), None)
+
+    def w_user_invitation_put(self, uid, cid):
+        self.tables["invitations_by_user"][(uid, cid)] = True
+
+    def w_user_invitation_delete(self, uid, cid):
+        self.tables["invitations_by_user"].pop((uid, cid), None)
+
+    def r_user_invitations(self, uid):
+        return [{"channel_id": c} for (u, c) in sorted(self.tables["invitations_by_user"]) if u == uid]
 
     def w_cursor_set(self, uid, cid, seq):
         self.tables["read_cursors"][(uid, cid)] = seq

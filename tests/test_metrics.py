@@ -10,7 +10,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import open_client
+from tests.helpers import API, RunningServer, make_config, open_client
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,3 +71,23 @@ async def test_grafana_dashboard_uses_only_existing_metrics(server):
     titles = " ".join(p["title"] for p in dashboard["panels"]).lower()
     for topic in ("connections", "sends/s", "deliveries/s", "p99", "link queues", "store"):
         assert topic in titles, topic
+
+
+async def test_metrics_on_a_listener_of_their_own(nursery, tmp_path):
+    """Issue 20 (low): ``/metrics`` was public on the API port. With ``server.metrics_host`` it is
+    served on that listener only; the API port answers 404 for it (and still serves the API)."""
+    cfg = make_config(tmp_path)
+    cfg.update({"server": {"metrics_host": "127.0.0.1", "metrics_port": 0}}, source="test")
+    cfg.validate()
+    server = await RunningServer(nursery, cfg).start()
+    try:
+        assert server.node.metrics_url.startswith("http://127.0.0.1:")
+        assert server.node.metrics_url != server.info.api_url
+        r = await server.api.call("GET", "/metrics")
+        assert r.status == 404 and r.body["error"]["code"] == "not_found", r
+        assert (await server.api.call("GET", "/healthz")).status == 200
+        families = await scrape(API(server.node.metrics_url))
+        assert "chatd_ws_connections" in families
+        assert (await API(server.node.metrics_url).call("GET", "/v1/channels")).status == 404  # nothing else there
+    finally:
+        await server.stop()

@@ -394,3 +394,35 @@ async def test_push_token_routes(server):
     assert r.status == 401 and r.body["error"]["code"] == "not_authenticated"
     assert (await api.call("GET", "/v1/push/tokens")).status == 401
     assert server.node.push is None  # provider "none": tokens are kept, nothing is sent
+
+
+async def test_another_users_push_token_is_not_taken_over(server, caplog):
+    """Issue 20 (low): registering a push token another user holds moved it at once, silently -
+    whoever learnt a victim's token cut the victim's notifications off (and had their own sent to
+    the victim's phone). Now: refused while the holder's device is logged in; moved (and logged)
+    once that device has logged out."""
+    api = server.api
+    victim, attacker = await api.signup_login("victim"), await api.signup_login("attacker")
+    await register(api, victim, "victims-phone-token")
+    caplog.set_level("INFO", logger="chatd.security")
+    r = await api.call("POST", "/v1/push/tokens", {"provider": "fcm", "token": "victims-phone-token"},
+                       token=attacker["token"])
+    assert r.status == 409 and r.body["error"]["code"] == "push_token_taken", r
+    assert [t["token"] for t in (await api.call("GET", "/v1/push/tokens", token=victim["token"])).body["push_tokens"]] \
+        == ["victims-phone-token"]
+    assert (await api.call("GET", "/v1/push/tokens", token=attacker["token"])).body["push_tokens"] == []
+    assert any("event=push_token outcome=refused" in rec.getMessage() and f"holder={victim['user']['id']}"
+               in rec.getMessage() for rec in caplog.records)
+    # the phone changes hands: its first account logs out there, the next one registers the token
+    assert (await api.call("POST", "/v1/logout", token=victim["token"])).status == 200
+    await register(api, attacker, "victims-phone-token")
+    assert (await api.call("GET", "/v1/push/tokens", token=attacker["token"])).body["push_tokens"][0]["token"] \
+        == "victims-phone-token"
+    again = await api.login("victim")
+    assert (await api.call("GET", "/v1/push/tokens", token=again["token"])).body["push_tokens"] == []
+    assert any("event=push_token outcome=moved" in rec.getMessage() for rec in caplog.records)
+    # the same user's other device takes it over as before (a token names one device)
+    second = await api.login("attacker")
+    await register(api, second, "victims-phone-token")
+    assert [t["device_id"] for t in (await api.call("GET", "/v1/push/tokens", token=second["token"])).body[
+        "push_tokens"]] == [second["device_id"]]

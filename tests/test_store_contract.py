@@ -25,7 +25,7 @@ import trio
 
 from chatd.errors import ChatError
 from chatd.ids import dm_channel_id, new_group_id
-from chatd.store.base import Channel, ChannelSummary, Device, PushEntry, PushToken, push_slot
+from chatd.store.base import Channel, ChannelSummary, Departure, Device, PushEntry, PushToken, push_slot
 from chatd.store.cassandra import CassandraStore, open_cassandra
 from chatd.store.cassandra_schema import drop_keyspace, migrate
 from chatd.store.sqlite import open_sqlite
@@ -232,6 +232,79 @@ async def test_add_and_remove_members(store):
     assert await store.members(gid) == sorted([a.id, c.id, d.id])
     assert [s.id for s in await store.channels_of(b.id)] == []
     assert [s.id for s in await store.channels_of(d.id)] == [gid]
+
+
+async def test_groups_created_since_counts_the_owners_recent_groups(store):
+    """limits.groups_created_per_hour counts from here (every API server reads the same)."""
+    a, b = await users(store, 2)
+    assert await store.groups_created_since(a.id, 0.0, 10) == []
+    for at in (100.0, 200.0, 300.0, 400.0):
+        await group(store, a, [b], created_at=at)
+    await group(store, b, [a], created_at=250.0)  # b's, not a's
+    assert await store.groups_created_since(a.id, 150.0, 10) == [200.0, 300.0, 400.0]
+    assert await store.groups_created_since(a.id, 0.0, 2) == [100.0, 200.0]  # the oldest first
+    assert await store.groups_created_since(b.id, 0.0, 10) == [250.0]
+    await store.append_message(dm_channel_id(a.id, b.id), a.id, "d", "hi", 500.0,
+                               dm_pair=tuple(sorted((a.id, b.id))))  # a 1:1 channel is no group
+    assert await store.groups_created_since(a.id, 450.0, 10) == []
+
+
+async def test_a_departure_is_kept_until_the_user_rejoins(store):
+    a, b, c = await users(store, 3)
+    gid = await group(store, a, [b, c])
+    assert await store.departure(gid, b.id) is None
+    assert await store.remove_member(gid, c.id) is True  # removed by the owner: no departure
+    assert await store.departure(gid, c.id) is None
+    assert await store.remove_member(gid, b.id, left_at=50.0) is True  # b leaves
+    assert await store.departure(gid, b.id) == Departure(gid, b.id, 50.0, None, None)
+    assert await store.invite_back(gid, b.id, a.id, 60.0) is True
+    assert await store.departure(gid, b.id) == Departure(gid, b.id, 50.0, a.id, 60.0)
+    assert await store.invitations_of(b.id, 10) == [Departure(gid, b.id, 50.0, a.id, 60.0)]
+    assert await store.invitations_of(c.id, 10) == []
+    assert await store.invite_back(gid, c.id, a.id, 60.0) is False  # never left on their own
+    assert await store.departure(gid, c.id) is None
+    assert await store.add_member(gid, b.id, 100, 70.0) is True  # accepting clears it
+    assert await store.departure(gid, b.id) is None
+    assert await store.invitations_of(b.id, 10) == []
+    assert await store.invite_back(gid, b.id, a.id, 80.0) is False
+    assert await store.remove_member(gid, b.id, left_at=90.0) is True  # a second leave: no old invitation
+    assert await store.departure(gid, b.id) == Departure(gid, b.id, 90.0, None, None)
+    assert await store.invitations_of(b.id, 10) == []  # the old invitation went with the rejoin
+
+
+async def test_invitations_of_lists_the_latest_first(store):
+    a, b = await users(store, 2)
+    gids = [await group(store, a, [b]) for _ in range(3)]
+    for i, gid in enumerate(gids):
+        assert await store.remove_member(gid, b.id, left_at=10.0 + i) is True
+    await store.invite_back(gids[0], b.id, a.id, 30.0)
+    await store.invite_back(gids[2], b.id, a.id, 20.0)
+    assert [d.channel_id for d in await store.invitations_of(b.id, 10)] == [gids[0], gids[2]]
+    assert [d.channel_id for d in await store.invitations_of(b.id, 1)] == [gids[0]]
+    assert await store.remove_member(gids[0], b.id, left_at=40.0) is False  # left again: the invitation is void
+    assert [d.channel_id for d in await store.invitations_of(b.id, 10)] == [gids[2]]
+
+
+async def test_channels_page_walks_every_channel_once_in_id_order(store):
+    a, b = await users(store, 2)
+    gids = [await group(store, a, [b], created_at=10.0 + i) for i in range(5)]
+    dm = dm_channel_id(a.id, b.id)
+    await store.append_message(dm, b.id, "d1", "hi", 40.0, dm_pair=tuple(sorted((a.id, b.id))))
+    assert await store.set_read(dm, a.id, 1) == 1
+    seen, after = [], None
+    while True:
+        page = await store.channels_page(a.id, after, 2)
+        assert len(page) <= 2
+        if not page:
+            break
+        seen.extend(page)
+        after = page[-1].id
+        await store.append_message(gids[0], b.id, f"x{len(seen)}", "moves it to the top", 50.0 + len(seen))
+    assert [s.id for s in seen] == sorted([*gids, dm])
+    by_id = {s.id: s for s in seen}
+    assert (by_id[dm].kind, by_id[dm].last_seq, by_id[dm].read_seq, by_id[dm].unread) == ("dm", 1, 1, 0)
+    assert await store.channels_page(a.id, sorted(gids)[-1], 10) == [s for s in seen if s.id > sorted(gids)[-1]]
+    assert {s.id for s in await store.channels_page(a.id, None, 100)} == {s.id for s in await store.channels_of(a.id)}
 
 
 async def test_removing_everyone_leaves_the_group(store):
@@ -545,6 +618,18 @@ async def test_last_active_is_monotonic(store):
 # ---- push notifications ---------------------------------------------------------------------------
 def token_of(user, device, token, provider="fcm", app_id="com.example.chat", at=10.0):
     return PushToken(user.id, device, provider, token, app_id, at)
+
+
+async def test_push_token_holder_names_whoever_holds_it(store):
+    a, b = await users(store, 2)
+    t = uniq("tok")
+    assert await store.push_token_holder(t) is None
+    await store.add_push_token(token_of(a, "phone", t))
+    assert await store.push_token_holder(t) == token_of(a, "phone", t)
+    await store.add_push_token(token_of(b, "other-phone", t, at=11.0))
+    assert await store.push_token_holder(t) == token_of(b, "other-phone", t, at=11.0)
+    assert await store.remove_push_token(b.id, t) is True
+    assert await store.push_token_holder(t) is None
 
 
 async def test_push_tokens_register_list_remove(store):

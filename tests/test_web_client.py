@@ -224,3 +224,67 @@ def test_web_client_shows_username_beside_a_borrowed_display_name(chatd_proc, tm
             expect(page.locator("#channel-title")).to_have_text("bob (@mallory)")
         finally:
             browser.close()
+
+
+def test_web_client_lists_every_channel_across_pages(tmp_path):
+    """``GET /v1/channels`` answers pages of 100 (issue 20): the client follows ``next`` until the
+    last one, so 105 groups are all in the list with their names (the client that read one answer
+    learnt 5 of them only from the WebSocket's heads, and showed them nameless: "group")."""
+    from playwright.sync_api import sync_playwright
+    require_browser()
+    srv = ChatdProcess(tmp_path, free_port(), free_port(), "[limits]\ngroups_created_per_hour = 0\n")
+    try:
+        url = srv.url
+        for name in ("alice", "bob"):
+            assert http("POST", url + "/v1/users", {"username": name, "password": PASSWORD})[0] == 201
+        status, alice = http("POST", url + "/v1/login", {"username": "alice", "password": PASSWORD})
+        status, bob = http("POST", url + "/v1/login", {"username": "bob", "password": PASSWORD})
+        for i in range(105):
+            status, body = http("POST", url + "/v1/groups", {"name": f"group {i:03}", "members": [alice["user"]["id"]]},
+                                token=bob["token"])
+            assert status == 201, body
+        with sync_playwright() as pw:
+            browser = launch(pw)
+            try:
+                page = browser.new_context(viewport={"width": 1000, "height": 700}).new_page()
+                page.set_default_timeout(TIMEOUT_MS)
+                page.goto(url + "/")
+                enter(page, url, "alice")
+                expect(page.locator("#channel-list button")).to_have_count(105)
+                for i in range(105):  # each with its name (known only from the list's pages)
+                    expect(page.locator("#channel-list button", has_text=f"group {i:03}")).to_have_count(1)
+            finally:
+                browser.close()
+    finally:
+        srv.stop()
+
+
+def test_web_client_says_a_member_who_left_is_invited_back(chatd_proc, tmp_path):
+    """Adding someone who left on their own invites them (202 invited): the client says so instead
+    of showing nothing (issue 20)."""
+    from playwright.sync_api import sync_playwright
+    url = chatd_proc.url
+    for name in ("alice", "bob"):
+        assert http("POST", url + "/v1/users", {"username": name, "password": PASSWORD})[0] == 201
+    _, alice = http("POST", url + "/v1/login", {"username": "alice", "password": PASSWORD})
+    _, bob = http("POST", url + "/v1/login", {"username": "bob", "password": PASSWORD})
+    status, body = http("POST", url + "/v1/groups", {"name": "book club", "members": [bob["user"]["id"]]},
+                        token=alice["token"])
+    gid = body["channel"]["id"]
+    assert http("DELETE", f"{url}/v1/channels/{gid}/members/{bob['user']['id']}", token=bob["token"])[0] == 200
+    with sync_playwright() as pw:
+        browser = launch(pw)
+        try:
+            page = browser.new_context(viewport={"width": 1000, "height": 700}).new_page()
+            page.set_default_timeout(TIMEOUT_MS)
+            enter(page, url, "alice")
+            open_channel(page, "book club")
+            page.click("#members-button")
+            page.fill("#add-member", "bob")
+            page.click("#add-member-form button")
+            expect(page.locator("#toasts .toast", has_text="invited back")).to_have_count(1)
+            expect(page.locator("#members-error")).to_have_text("")
+        finally:
+            browser.close()
+    _, invitations = http("GET", url + "/v1/invitations", token=bob["token"])
+    assert [i["channel_id"] for i in invitations["invitations"]] == [gid]

@@ -117,6 +117,16 @@ def presence_query(max_ids: int) -> type[PresenceQuery]:
     return msgspec.defstruct("PresenceQuery", [("user_ids", ids)], bases=(PresenceQuery,))
 
 
+CHANNELS_PAGE_DEFAULT = 100
+CHANNELS_PAGE_MAX = 500
+
+
+class ChannelsQuery(Struct, forbid_unknown_fields=True):
+    limit: Annotated[int, Meta(ge=1, le=CHANNELS_PAGE_MAX)] = CHANNELS_PAGE_DEFAULT
+    cursor: Annotated[str, Meta(min_length=1, max_length=200, pattern="^[A-Za-z0-9_-]*$",
+                                description="the previous page's next")] | msgspec.UnsetType = msgspec.UNSET
+
+
 def unset_to_none(v):
     return None if v is msgspec.UNSET else v
 
@@ -213,7 +223,8 @@ class ChannelItem(Struct):
 
 
 class ChannelList(Struct):
-    channels: list[ChannelItem]
+    channels: list[ChannelItem]  # ordered by channel id
+    next: str | None = None  # the cursor of the next page; null: this was the last
 
 
 class DmAnswer(Struct):
@@ -236,6 +247,18 @@ class MemberAdded(Struct):
     channel_id: str
     user_id: int
     added: bool
+    invited: bool = False  # (202) the user had left the group: invited back, not added
+
+
+class Invitation(Struct):
+    channel_id: str
+    name: str
+    invited_by: int
+    invited_at: float
+
+
+class InvitationList(Struct):
+    invitations: list[Invitation]  # the latest first
 
 
 class MemberRemoved(Struct):

@@ -4,7 +4,9 @@ with the logging configuration): ``event=<name> outcome=<outcome>`` then ``user=
 
 Events: ``login`` (``ok``, ``failed``, ``throttled``, ``busy``), ``logout`` (``ok``), ``token``
 (``revoked``: a revoked token was presented), ``signup`` (``ok``, ``refused`` with a reason:
-``closed``, ``throttled``, ``invite``, ``taken``, ``busy``), ``invite`` (``used``).
+``closed``, ``throttled``, ``invite``, ``taken``, ``busy``), ``invite`` (``used``), ``push_token``
+(``refused``: another user's logged-in device holds it; ``moved``: from a logged-out one; with
+``holder=``, that user).
 """
 
 from __future__ import annotations

@@ -23,10 +23,11 @@ TLS_HANDSHAKE_TIMEOUT_S = 10.0
 
 
 async def serve_api(node: ApiHost, stop: trio.Event, app_factory=create_app, tls: ServerTLS | None = None, *,
-                    task_status=trio.TASK_STATUS_IGNORED) -> None:
+                    bind: str = "", task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Serve ``app_factory(node)`` on ``bind`` ("host:port"; default ``server.api_host:api_port``)."""
     cfg = node.config.server
     hc = HyperConfig()
-    hc.bind = [f"{cfg.api_host}:{cfg.api_port}"]
+    hc.bind = [bind or f"{cfg.api_host}:{cfg.api_port}"]
     if tls is not None:
         hc.certfile, hc.keyfile = tls.cert_file, tls.key_file  # (only so that hypercorn binds TLS sockets)
         hc.ssl_handshake_timeout = TLS_HANDSHAKE_TIMEOUT_S

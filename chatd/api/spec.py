@@ -140,7 +140,7 @@ def set_authenticate(app: Quart, authenticate: Callable[[], Awaitable[object]]) 
     app.extensions["chatd.authenticate"] = authenticate
 
 
-def route(ok=None, status: int = 200, *, body=None, query=None, errors=(), auth: bool = True):
+def route(ok=None, status: int = 200, *, body=None, query=None, errors=(), auth: bool = True, also=()):
     """Document and decode one route.
 
     With ``auth``, the app's authentication (:func:`set_authenticate`) runs first, once: a
@@ -148,8 +148,9 @@ def route(ok=None, status: int = 200, *, body=None, query=None, errors=(), auth:
     parameter gets what it returned (:class:`chatd.api.caller.Caller`). ``ok``: the answer's
     model (with ``status``); ``body`` / ``query``: the models the request body / query string are
     decoded through, passed as ``data=`` / ``query=``; ``errors``: the error statuses the route
-    may answer besides those every route may (400, 413, and 401 with ``auth``). A body model
-    without required fields makes the body optional: an empty one is its defaults.
+    may answer besides those every route may (400, 413, and 401 with ``auth``); ``also``: other
+    successful answers, ``(status, model)`` pairs. A body model without required fields makes the
+    body optional: an empty one is its defaults.
     """
     def decorator(func):
         wants_caller = "caller" in inspect.signature(func).parameters
@@ -175,6 +176,8 @@ def route(ok=None, status: int = 200, *, body=None, query=None, errors=(), auth:
             document_querystring(query)(wrapper)
         if ok is not None:
             document_response(ok, status)(wrapper)
+        for other_status, model in also:
+            document_response(model, other_status)(wrapper)
         for code in {400, 413, *errors, *((401,) if auth else ()), *((415,) if body is not None else ())}:
             document_response(ErrorBody, code)(wrapper)
         if auth:

@@ -78,6 +78,18 @@ class ChannelSummary:
         return max(0, self.last_seq - self.read_seq)
 
 
+@dataclass(frozen=True)
+class Departure:
+    """A user who left a group on their own (:meth:`Store.remove_member` with ``left_at``): the
+    owner's add does not put them back; it invites them (``invited_by``/``invited_at``), and only
+    their own acceptance (:meth:`Store.add_member`) does."""
+    channel_id: str
+    user_id: int
+    left_at: float
+    invited_by: int | None = None
+    invited_at: float | None = None
+
+
 @dataclass(eq=False)
 class Message:
     channel_id: str
@@ -196,11 +208,35 @@ class Store(abc.ABC):
         """Make ``owner_id`` the group's owner (the caller checked it is a member); ``no_such_channel``."""
 
     @abc.abstractmethod
-    async def add_member(self, channel_id: str, user_id: int, max_members: int, joined_at: float) -> bool:
-        """True if added, False if already a member; ``group_full``/``no_such_user``/``no_such_channel``."""
+    async def groups_created_since(self, owner_id: int, since: float, limit: int) -> list[float]:
+        """The creation times (ascending, at most ``limit``, the oldest first) of the groups
+        ``owner_id`` created at or after ``since``, ``since`` at most an hour ago (what
+        ``limits.groups_created_per_hour`` counts). A group whose creation failed after its checks
+        may count (Cassandra records the creation before the channel row)."""
 
     @abc.abstractmethod
-    async def remove_member(self, channel_id: str, user_id: int) -> bool: ...
+    async def add_member(self, channel_id: str, user_id: int, max_members: int, joined_at: float) -> bool:
+        """True if added, False if already a member; ``group_full``/``no_such_user``/``no_such_channel``.
+        Adding clears the user's :class:`Departure` from the group, if any."""
+
+    @abc.abstractmethod
+    async def remove_member(self, channel_id: str, user_id: int, left_at: float | None = None) -> bool:
+        """True if removed, False if not a member. With ``left_at`` the removal is the user's own
+        leave: their :class:`Departure` is recorded (also when they were no member any more)."""
+
+    @abc.abstractmethod
+    async def departure(self, channel_id: str, user_id: int) -> Departure | None:
+        """The user's departure from the group, or None (never left on their own, or rejoined)."""
+
+    @abc.abstractmethod
+    async def invite_back(self, channel_id: str, user_id: int, by: int, at: float) -> bool:
+        """Record ``by``'s invitation of a user who left (their departure must exist); True if
+        recorded, False if there is no departure (the user rejoined, or never left)."""
+
+    @abc.abstractmethod
+    async def invitations_of(self, user_id: int, limit: int) -> list[Departure]:
+        """The user's departures with an invitation (not accepted yet), the latest invitation
+        first, at most ``limit``."""
 
     @abc.abstractmethod
     async def members(self, channel_id: str) -> list[int]:
@@ -209,6 +245,12 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def channels_of(self, user_id: int) -> list[ChannelSummary]:
         """The user's channels, most recently active first."""
+
+    @abc.abstractmethod
+    async def channels_page(self, user_id: int, after: str | None, limit: int) -> list[ChannelSummary]:
+        """Up to ``limit`` of the user's channels with an id above ``after`` (None: from the
+        first), ordered by channel id: a walk page by page lists each channel the user is a member
+        of throughout the walk exactly once, whatever happens in the channels meanwhile."""
 
     # -- messages --
     @abc.abstractmethod
@@ -262,6 +304,10 @@ class Store(abc.ABC):
     async def add_push_token(self, token: PushToken) -> None:
         """Register ``token`` for its user and device. A token names one device: registering it again
         replaces its row (moving it from another user or device), and the device's other tokens go."""
+
+    @abc.abstractmethod
+    async def push_token_holder(self, token: str) -> PushToken | None:
+        """The registration of ``token``, whoever holds it, or None."""
 
     @abc.abstractmethod
     async def remove_push_token(self, user_id: int, token: str) -> bool:

@@ -68,8 +68,8 @@ from cassandra.query import UNSET_VALUE
 from ..config import CassandraConfig
 from ..errors import ChatError
 from ..ids import MAX_INT64
-from .base import AppendResult, Channel, ChannelSummary, Device, Message, Store, User, push_slot
-from .cassandra_schema import (SCHEMA_VERSION, STATEMENTS, bucket_last_seq,
+from .base import AppendResult, Channel, ChannelSummary, Departure, Device, Message, Store, User, push_slot
+from .cassandra_schema import (GROUPS_CREATED_TTL_S, SCHEMA_VERSION, STATEMENTS, bucket_last_seq,
                                bucket_of, channel_from_row, check_schema, message_from_row, new_user_id,
                                push_entry_from_row, push_token_from_row, read_schema_row, summary_from_rows,
                                user_from_row, username_key)
@@ -345,6 +345,8 @@ class CassandraStore(Store):
             if len(members) > max_members:
                 raise ChatError("group_full", f"a group has at most {max_members} members")
             await self._require_users(members)
+            # counted before the channel exists: a creation that dies after this still counts
+            await self._cql.write("group_created_put", (owner_id, created_at, channel_id, GROUPS_CREATED_TTL_S))
             applied, _ = await self._lwt("channel_insert", (channel_id, "group", name, owner_id, created_at))
             if not applied:
                 raise ChatError("unavailable", f"channel id {channel_id} exists already; retry")
@@ -416,11 +418,15 @@ class CassandraStore(Store):
                 if applied:
                     await self._write_user_rows(channel_id, user_id, channel["kind"], channel["name"] or "",
                                                 channel["created_at"], joined_at)
+                    await self._cql.write("departure_delete", (channel_id, user_id))
+                    await self._cql.write("user_invitation_delete", (user_id, channel_id))
                     return True
             raise ChatError("unavailable", "the channel's membership is changing too fast; retry")
 
-    async def remove_member(self, channel_id, user_id):
+    async def remove_member(self, channel_id, user_id, left_at=None):
         with self._op():
+            if left_at is not None:  # first: a leave that dies half-way is still a leave
+                await self._cql.write("departure_put", (channel_id, user_id, left_at, None, None))
             for _ in range(MEMBER_ATTEMPTS):
                 row = await self._cql.one("member_get", (channel_id, user_id))
                 if row is None:  # not a member; finish a removal that died half-way, if one did
@@ -434,6 +440,37 @@ class CassandraStore(Store):
                     await self._delete_user_rows(channel_id, user_id)
                     return True
             raise ChatError("unavailable", "the channel's membership is changing too fast; retry")
+
+    async def departure(self, channel_id, user_id):
+        with self._op():
+            row = await self._cql.one("departure_get", (channel_id, user_id))
+            if row is None or row.get("left_at") is None:
+                return None
+            return Departure(channel_id, user_id, row["left_at"], row.get("invited_by"), row.get("invited_at"))
+
+    async def invite_back(self, channel_id, user_id, by, at):
+        with self._op():
+            await self._cql.write("user_invitation_put", (user_id, channel_id))  # a stray one is filtered out
+            applied, _ = await self._lwt("departure_invite", (by, at, channel_id, user_id))
+            return applied
+
+    async def invitations_of(self, user_id, limit):
+        # invitations_by_user lists, group_departures decides: a listed channel whose departure has no
+        # invitation (accepted, left again, or an invite_back that found none) is left out
+        with self._op():
+            rows = await self._cql.rows("user_invitations", (user_id,))
+            found = await self._gather(*[lambda r=r: self._cql.one("departure_get", (r["channel_id"], user_id))
+                                         for r in rows])
+            out = [Departure(r["channel_id"], user_id, d["left_at"], d["invited_by"], d["invited_at"])
+                   for r, d in zip(rows, found)
+                   if d and d.get("invited_at") is not None and d.get("left_at") is not None]
+            out.sort(key=lambda d: (-d.invited_at, d.channel_id))
+            return out[:limit]
+
+    async def groups_created_since(self, owner_id, since, limit):
+        with self._op():
+            rows = await self._cql.rows("groups_created_since", (owner_id, since, limit))
+            return [r["created_at"] for r in rows]
 
     async def _delete_user_rows(self, channel_id: str, user_id: int) -> None:
         await self._gather(lambda: self._cql.write("user_channel_delete", (user_id, channel_id)),
@@ -451,20 +488,34 @@ class CassandraStore(Store):
         with self._op():
             channels, cursors = await self._gather(lambda: self._cql.rows("user_channels", (user_id,)),
                                                    lambda: self._cql.rows("cursors_of_user", (user_id,)))
-            read = {r["channel_id"]: r["read_seq"] for r in cursors}
-            heads = await self._gather(*[lambda c=c: self._cql.one("head_get", (c["channel_id"],))
-                                         for c in channels])
-            out = []
-            for uc, head in zip(channels, heads):
-                s = summary_from_rows(uc, head, read.get(uc["channel_id"]))
-                known = self._heads.get(s.id, 0)
-                if known > s.last_seq:  # this process appended more than the hint shows yet
-                    seq_at = self._head_at.get(s.id)
-                    at = seq_at[1] if seq_at is not None and seq_at[0] == known else s.last_at
-                    s = ChannelSummary(s.id, s.kind, s.name, known, s.read_seq, at)
-                out.append(s)
+            out = await self._summaries(channels, cursors)
             out.sort(key=lambda s: (-s.last_at, s.id))
             return out
+
+    async def channels_page(self, user_id, after, limit):
+        with self._op():
+            page = await self._cql.execute("user_channels_after", (user_id, after or "", limit),
+                                           fetch_size=max(limit, 1))
+            channels = page.rows
+            if not channels:
+                return []
+            cursors = await self._cql.rows("cursors_between", (user_id, after or "", channels[-1]["channel_id"]))
+            return await self._summaries(channels, cursors)  # in id order, as channels_by_user clusters them
+
+    async def _summaries(self, channels: list[dict], cursors: list[dict]) -> list[ChannelSummary]:
+        """``channels_by_user`` rows with their heads (read now) and the user's cursors -> summaries."""
+        read = {r["channel_id"]: r["read_seq"] for r in cursors}
+        heads = await self._gather(*[lambda c=c: self._cql.one("head_get", (c["channel_id"],)) for c in channels])
+        out = []
+        for uc, head in zip(channels, heads):
+            s = summary_from_rows(uc, head, read.get(uc["channel_id"]))
+            known = self._heads.get(s.id, 0)
+            if known > s.last_seq:  # this process appended more than the hint shows yet
+                seq_at = self._head_at.get(s.id)
+                at = seq_at[1] if seq_at is not None and seq_at[0] == known else s.last_at
+                s = ChannelSummary(s.id, s.kind, s.name, known, s.read_seq, at)
+            out.append(s)
+        return out
 
     # ---- messages ------------------------------------------------------------------------
     async def append_message(self, channel_id, sender_id, client_msg_id, body, created_at, dm_pair=None):
@@ -926,6 +977,11 @@ class CassandraStore(Store):
             params = (token.token, token.user_id, token.device_id, token.provider, token.app_id, token.created_at)
             await self._cql.write("push_token_put", params)
             await self._cql.write("push_user_token_put", params)
+
+    async def push_token_holder(self, token):
+        with self._op():
+            row = await self._cql.one("push_token_get", (token,))
+            return push_token_from_row(row) if row else None
 
     async def remove_push_token(self, user_id, token):
         with self._op():

@@ -195,8 +195,31 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
     (7, [  # operators (chatd admin): a disabled account cannot log in (null: enabled)
         "ALTER TABLE {ks}.users ADD disabled boolean",
     ]),
+    (8, [  # groups (issue 20)
+        # the groups a user created lately (limits.groups_created_per_hour counts them); rows live
+        # GROUPS_CREATED_TTL_S (the hour counted, and a margin for clock skew)
+        """CREATE TABLE IF NOT EXISTS {ks}.groups_by_owner (
+            owner_id bigint,
+            created_at double,
+            channel_id text,
+            PRIMARY KEY ((owner_id), created_at, channel_id))""",
+        # who left a group on their own, and whether its owner invited them back (deleted when they rejoin)
+        """CREATE TABLE IF NOT EXISTS {ks}.group_departures (
+            channel_id text,
+            user_id bigint,
+            left_at double,
+            invited_by bigint,
+            invited_at double,
+            PRIMARY KEY ((channel_id), user_id))""",
+        # the same invitations by user (GET /v1/invitations); group_departures is authoritative
+        """CREATE TABLE IF NOT EXISTS {ks}.invitations_by_user (
+            user_id bigint,
+            channel_id text,
+            PRIMARY KEY ((user_id), channel_id))""",
+    ]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
+GROUPS_CREATED_TTL_S = 3600 + 300
 
 
 # ---- data statements and row mapping -----------------------------------------------------
@@ -252,6 +275,24 @@ STATEMENTS: dict[str, tuple[str, str]] = {
                                    "joined_at) VALUES (?, ?, ?, ?, ?, ?)"),
     "user_channel_delete": (WRITE, "DELETE FROM channels_by_user WHERE user_id = ? AND channel_id = ?"),
     "user_channels": (READ, "SELECT channel_id, kind, name, created_at FROM channels_by_user WHERE user_id = ?"),
+    "user_channels_after": (READ, "SELECT channel_id, kind, name, created_at FROM channels_by_user WHERE user_id = ? "
+                                  "AND channel_id > ? LIMIT ?"),
+    "cursors_between": (READ, "SELECT channel_id, read_seq FROM read_cursors WHERE user_id = ? AND channel_id > ? "
+                              "AND channel_id <= ?"),
+    "group_created_put": (WRITE, "INSERT INTO groups_by_owner (owner_id, created_at, channel_id) VALUES (?, ?, ?) "
+                                 "USING TTL ?"),
+    "groups_created_since": (READ, "SELECT created_at FROM groups_by_owner WHERE owner_id = ? AND created_at >= ? "
+                                   "LIMIT ?"),
+    "departure_put": (WRITE, "INSERT INTO group_departures (channel_id, user_id, left_at, invited_by, invited_at) "
+                             "VALUES (?, ?, ?, ?, ?)"),
+    "departure_get": (READ, "SELECT left_at, invited_by, invited_at FROM group_departures WHERE channel_id = ? "
+                            "AND user_id = ?"),
+    "departure_invite": (LWT, "UPDATE group_departures SET invited_by = ?, invited_at = ? WHERE channel_id = ? "
+                              "AND user_id = ? IF EXISTS"),
+    "departure_delete": (WRITE, "DELETE FROM group_departures WHERE channel_id = ? AND user_id = ?"),
+    "user_invitation_put": (WRITE, "INSERT INTO invitations_by_user (user_id, channel_id) VALUES (?, ?)"),
+    "user_invitation_delete": (WRITE, "DELETE FROM invitations_by_user WHERE user_id = ? AND channel_id = ?"),
+    "user_invitations": (READ, "SELECT channel_id FROM invitations_by_user WHERE user_id = ?"),
     "cursor_set": (WRITE, "INSERT INTO read_cursors (user_id, channel_id, read_seq) VALUES (?, ?, ?)"),
     "cursor_delete": (WRITE, "DELETE FROM read_cursors WHERE user_id = ? AND channel_id = ?"),
     "cursor_get": (READ, "SELECT read_seq FROM read_cursors WHERE user_id = ? AND channel_id = ?"),

@@ -43,7 +43,8 @@ import trio
 
 from ..datadir import private_file
 from ..errors import ChatError
-from .base import AppendResult, Channel, ChannelSummary, Device, Message, PushEntry, PushToken, Store, User, push_slot
+from .base import (AppendResult, Channel, ChannelSummary, Departure, Device, Message, PushEntry, PushToken, Store,
+                   User, push_slot)
 from .records import KEY_FIELDS, KINDS, check_kind
 
 log = logging.getLogger(__name__)
@@ -143,6 +144,18 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
     ]),
     (7, [  # operators (chatd admin): a disabled account cannot log in
         "ALTER TABLE users ADD COLUMN disabled INTEGER NOT NULL DEFAULT 0",
+    ]),
+    (8, [  # groups (issue 20): the groups a user created lately (limits.groups_created_per_hour);
+        # who left a group on their own, and whether its owner invited them back
+        "CREATE INDEX IF NOT EXISTS channels_by_owner ON channels (owner_id, created_at)",
+        """CREATE TABLE IF NOT EXISTS group_departures (
+            channel_id TEXT NOT NULL,
+            user_id INTEGER NOT NULL,
+            left_at REAL NOT NULL,
+            invited_by INTEGER,
+            invited_at REAL,
+            PRIMARY KEY (channel_id, user_id)) WITHOUT ROWID""",
+        "CREATE INDEX IF NOT EXISTS group_departures_by_user ON group_departures (user_id, invited_at)",
     ]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -598,14 +611,45 @@ class SQLiteStore(Store):
                 raise ChatError("group_full", f"a group has at most {max_members} members")
             c.execute("INSERT INTO members (channel_id, user_id, joined_at) VALUES (?, ?, ?)",
                       (channel_id, user_id, joined_at))
+            c.execute("DELETE FROM group_departures WHERE channel_id = ? AND user_id = ?", (channel_id, user_id))
             return True
         return await self._write(fn)
 
-    async def remove_member(self, channel_id, user_id):
+    async def remove_member(self, channel_id, user_id, left_at=None):
         def fn(c):
             cur = c.execute("DELETE FROM members WHERE channel_id = ? AND user_id = ?", (channel_id, user_id))
+            if left_at is not None:
+                c.execute("INSERT OR REPLACE INTO group_departures (channel_id, user_id, left_at) VALUES (?, ?, ?)",
+                          (channel_id, user_id, left_at))
             return cur.rowcount > 0
         return await self._write(fn)
+
+    async def departure(self, channel_id, user_id):
+        def fn(c):
+            row = c.execute("SELECT left_at, invited_by, invited_at FROM group_departures "
+                            "WHERE channel_id = ? AND user_id = ?", (channel_id, user_id)).fetchone()
+            return Departure(channel_id, user_id, *row) if row else None
+        return await self._read(fn)
+
+    async def invite_back(self, channel_id, user_id, by, at):
+        def fn(c):
+            return c.execute("UPDATE group_departures SET invited_by = ?, invited_at = ? "
+                             "WHERE channel_id = ? AND user_id = ?", (by, at, channel_id, user_id)).rowcount > 0
+        return await self._write(fn)
+
+    async def invitations_of(self, user_id, limit):
+        def fn(c):
+            rows = c.execute("SELECT channel_id, user_id, left_at, invited_by, invited_at FROM group_departures "
+                             "WHERE user_id = ? AND invited_at IS NOT NULL ORDER BY invited_at DESC, channel_id "
+                             "LIMIT ?", (user_id, limit))
+            return [Departure(*r) for r in rows]
+        return await self._read(fn)
+
+    async def groups_created_since(self, owner_id, since, limit):
+        def fn(c):
+            return [r[0] for r in c.execute("SELECT created_at FROM channels WHERE owner_id = ? AND created_at >= ? "
+                                            "AND kind = 'group' ORDER BY created_at LIMIT ?", (owner_id, since, limit))]
+        return await self._read(fn)
 
     async def members(self, channel_id):
         def fn(c):
@@ -619,6 +663,15 @@ class SQLiteStore(Store):
                 "SELECT ch.id, ch.kind, ch.name, ch.last_seq, m.read_seq, ch.last_at "
                 "FROM members m JOIN channels ch ON ch.id = m.channel_id "
                 "WHERE m.user_id = ? ORDER BY ch.last_at DESC, ch.id", (user_id,))
+            return [ChannelSummary(*r) for r in rows]
+        return await self._read(fn)
+
+    async def channels_page(self, user_id, after, limit):
+        def fn(c):
+            rows = c.execute(
+                "SELECT ch.id, ch.kind, ch.name, ch.last_seq, m.read_seq, ch.last_at "
+                "FROM members m JOIN channels ch ON ch.id = m.channel_id "
+                "WHERE m.user_id = ? AND m.channel_id > ? ORDER BY m.channel_id LIMIT ?", (user_id, after or "", limit))
             return [ChannelSummary(*r) for r in rows]
         return await self._read(fn)
 
@@ -718,6 +771,12 @@ class SQLiteStore(Store):
             c.execute(f"INSERT OR REPLACE INTO push_tokens ({_TOKEN_COLS}) VALUES (?, ?, ?, ?, ?, ?)",
                       (token.user_id, token.device_id, token.provider, token.token, token.app_id, token.created_at))
         await self._write(fn)
+
+    async def push_token_holder(self, token):
+        def fn(c):
+            row = c.execute(f"SELECT {_TOKEN_COLS} FROM push_tokens WHERE token = ?", (token,)).fetchone()
+            return PushToken(*row) if row else None
+        return await self._read(fn)
 
     async def remove_push_token(self, user_id, token):
         def fn(c):

@@ -47,7 +47,17 @@ export class Api {
   get(path) { return http("GET", path, { token: this.token }); }
   logout() { return http("POST", "/v1/logout", { token: this.token }); }
   connectUrl() { return this.get("/v1/connect"); }
-  channels() { return this.get("/v1/channels"); }
+  /** Every channel of mine: GET /v1/channels page by page (its `next` cursor) until the last. */
+  async channels() {
+    const channels = [];
+    let cursor = null;
+    do {
+      const page = await this.get(`/v1/channels${cursor ? `?cursor=${encodeURIComponent(cursor)}` : ""}`);
+      channels.push(...page.channels);
+      cursor = page.next;
+    } while (cursor);
+    return { channels };
+  }
   members(channelId) { return this.get(`/v1/channels/${encodeURIComponent(channelId)}/members`); }
   history(channelId, before, limit) {
     return this.get(`/v1/channels/${encodeURIComponent(channelId)}/messages?before=${before}&limit=${limit}`);

@@ -18,6 +18,9 @@ const TEXT = {
   no_such_user: "No such user",
   forbidden: "You may not do that",
   group_full: "The group is full",
+  too_many_groups: "You made many groups lately; wait before making another",
+  not_invited: "You need an invitation from the group's owner to join it again",
+  push_token_taken: "This device's notifications belong to another account that is still logged in here",
   rate_limited: "Too many requests; slow down",
   unavailable: "The server is temporarily unavailable; try again",
   internal: "The server hit a bug",
@@ -33,7 +36,7 @@ export function describe(err) {
   const base = TEXT[code] || `Error (${code})`;
   const detail = err && err.message && err.message !== base ? err.message : "";
   let text = detail ? `${base}: ${detail}` : base;
-  if (code === "rate_limited" && err.retryAfterS) text += ` (retry in ${err.retryAfterS} s)`;
+  if ((code === "rate_limited" || code === "too_many_groups") && err.retryAfterS) text += ` (retry in ${err.retryAfterS} s)`;
   if (code === "rate_limited" && err.retry_after_ms) text += ` (retry in ${Math.ceil(err.retry_after_ms / 1000)} s)`;
   return text;
 }

@@ -423,7 +423,9 @@ class App {
   async addMember(username) {
     const c = this.current();
     const user = await this.api.userByName(username.trim());
-    await this.api.addMember(c.id, user.id);
+    const { invited } = await this.api.addMember(c.id, user.id);
+    // someone who left on their own is invited back, not added: they join when they accept
+    if (invited) view.toast(`${this.userName(user.id)} left this group; they are invited back and join when they accept.`);
     await this.loadMembers(c, true);
   }
 
