@@ -3,7 +3,8 @@ session's real Apache Cassandra, through the real CLI (``python -m chatd.cli``, 
 
 What a copy must keep is checked through the ordinary ``Store`` interface on both sides (users and
 their password hashes, devices and sessions, invites, channels, members and read cursors, every
-message with its seq and client_msg_id, push tokens, outbox and marks), not through the export code
+message with its seq and client_msg_id, push tokens, outbox and marks, group departures and
+invitations back, the groups a user created within the hour), not through the export code
 under test. The end-to-end test (a ``chatd run`` store -> Cassandra -> a 3-shard cluster with a client
 syncing from old cursors) is in tests/test_store_copy_cluster.py."""
 
@@ -59,7 +60,7 @@ async def populate(store, n_group_messages: int = 40) -> dict:
     assert await store.use_invite("invite-1", 3, FAR)
     assert await store.use_invite("invite-1", 3, FAR)
     await store.create_group("g-one", "Group one", a, [b, c], 1006.0, 100)
-    await store.create_group("g-empty", "", b, [d], 1007.0, 100)
+    await store.create_group("g-empty", "", b, [d], time.time() - 60, 100)  # counted by the hourly cap
     ab = dm_channel_id(a, b)
     for i in range(5):
         await store.append_message(ab, a if i % 2 else b, f"dm-{i}", f"dm body {i} ✓", 1100.0 + i, dm_pair=(a, b))
@@ -71,6 +72,9 @@ async def populate(store, n_group_messages: int = 40) -> dict:
     await store.add_push_token(PushToken(b, "dev-b1", "fcm", "push-token-b", "app.one", 1301.0))
     await store.enqueue_pushes([PushEntry(b, "g-one", n_group_messages, a, "", 1302.0)])
     await store.set_push_mark(b, "g-one", "push-token-b", 2)
+    await store.remove_member("g-one", c, left_at=1250.0)  # left on their own
+    await store.remove_member("g-empty", d, left_at=1260.0)
+    assert await store.invite_back("g-empty", d, b, 1270.0)  # ... and invited back
     return {"users": [a, b, c, d], "channels": [ab, "g-one", "g-empty"], "names": [u.username for u in users]}
 
 
@@ -87,6 +91,9 @@ async def snapshot(store, seen: dict) -> dict:
         out[f"outbox {uid}"] = [(e.channel_id, e.seq, e.sender_id, e.queued_at)
                                 for e in await store.pending_pushes(push_slot(uid), 100) if e.user_id == uid]
         out[f"marks {uid}"] = await store.push_marks(uid, "g-one")
+        out[f"invitations {uid}"] = [(i.channel_id, i.left_at, i.invited_by, i.invited_at)
+                                     for i in await store.invitations_of(uid, 100)]
+        out[f"recent groups {uid}"] = await store.groups_created_since(uid, time.time() - 3600, 100)
     a, b, c, _ = seen["users"]
     out["active"] = await store.get_last_active(seen["users"])
     out["revoked"] = [await store.token_revoked("token-key-1"),
@@ -98,6 +105,7 @@ async def snapshot(store, seen: dict) -> dict:
         got = await store.get_channel(ch)
         out[f"channel {ch}"] = (got.kind, got.name, got.owner_id, got.created_at, got.last_seq)
         out[f"members {ch}"] = await store.members(ch)
+        out[f"departures {ch}"] = [await store.departure(ch, u) for u in seen["users"]]
         out[f"history {ch}"] = [(m.seq, m.sender_id, m.client_msg_id, m.body, m.created_at)
                                 for m in await store.read_messages(ch, after=0, limit=10_000)]
     return out
@@ -164,6 +172,10 @@ async def test_copy_sqlite_cassandra_keyspace_sqlite_interrupted_and_resumed(tmp
     async with open_sqlite(str(tmp_path / "src" / "chatd.db")) as store:
         seen = await populate(store, n_group_messages=300)
         before = await snapshot(store, seen)
+    a, b, c, d = seen["users"]
+    assert before[f"invitations {d}"] == [("g-empty", 1260.0, b, 1270.0)], before
+    assert [x and (x.user_id, x.invited_at) for x in before["departures g-one"]] == [None, None, (c, None), None]
+    assert len(before[f"recent groups {b}"]) == 1, before
     ks1, ks2 = fresh_keyspace(), fresh_keyspace()
     c1, c2 = cassandra_config(tmp_path, cassandra_server, ks1), cassandra_config(tmp_path, cassandra_server, ks2)
     back = sqlite_config(tmp_path, "back")
@@ -224,14 +236,27 @@ async def interrupted_copy(tmp_path, src, dst) -> None:
     assert not state["complete"] and 30 <= state["rows"]["messages"] < 305, state
 
 
-@pytest.mark.parametrize("tamper", ["body", "missing"])
+TAMPERED = {  # how a Cassandra copy is damaged -> what verify must say
+    "body": ("UPDATE messages SET body = 'tampered' WHERE channel_id = 'g-one' AND bucket = 0 AND seq = 5",
+             "channel g-one: 12 messages in the source, 12 in the destination, their contents differ"),
+    "missing": ("DELETE FROM messages WHERE channel_id = 'g-one' AND bucket = 0 AND seq = 5",
+                "channel g-one: 12 messages in the source, 11 in the destination"),
+    "departure": ("DELETE FROM group_departures WHERE channel_id = 'g-one'",
+                  "group_departures: 2 in the source, 1 in the destination"),
+    "invitation": ("DELETE FROM invitations_by_user WHERE user_id = {d}",
+                   "user {d}: 1 invitations back in the source, 0 in the destination"),
+}
+
+
+@pytest.mark.parametrize("tamper", sorted(TAMPERED))
 async def test_verify_catches_a_tampered_cassandra_copy(tmp_path, cassandra_server, tamper):
     from chatd.store.cassandra_schema import drop_keyspace
     from chatd.store.cql import connect, shutdown
 
     src = sqlite_config(tmp_path, "src")
     async with open_sqlite(str(tmp_path / "src" / "chatd.db")) as store:
-        await populate(store, n_group_messages=12)
+        seen = await populate(store, n_group_messages=12)
+    cql, want = (t.format(d=seen["users"][3]) for t in TAMPERED[tamper])
     ks = fresh_keyspace()
     dst = cassandra_config(tmp_path, cassandra_server, ks)
     try:
@@ -239,17 +264,11 @@ async def test_verify_catches_a_tampered_cassandra_copy(tmp_path, cassandra_serv
         assert ok.returncode == 0, ok.stderr
         cluster, session = await connect(cassandra_server.config(ks), ks)
         try:
-            if tamper == "body":
-                cql = "UPDATE messages SET body = 'tampered' WHERE channel_id = 'g-one' AND bucket = 0 AND seq = 5"
-            else:
-                cql = "DELETE FROM messages WHERE channel_id = 'g-one' AND bucket = 0 AND seq = 5"
             await trio.to_thread.run_sync(session.execute, cql)
         finally:
             await shutdown(cluster)
         bad = await trio.to_thread.run_sync(lambda: copy_cmd(src, dst, tmp_path, "--verify-only"))
         assert bad.returncode == 1, bad.stdout
-        want = ("channel g-one: 12 messages in the source, 12 in the destination, their contents differ"
-                if tamper == "body" else "channel g-one: 12 messages in the source, 11 in the destination")
         assert want in bad.stderr, bad.stderr
     finally:
         await drop_keyspace(cassandra_server.config(ks))

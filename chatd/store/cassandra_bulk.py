@@ -8,11 +8,12 @@ shard never prepares them.
 
 Import writes each record in the shape the live store writes it, derived tables included
 (``users_by_name``, ``devices_by_user``, ``channels_by_user``, ``read_cursors``, ``message_dedup``,
-``channel_heads``, and the ``bucket_head`` static of each message bucket, so the first append after
-the copy finds the head it expects). Writes that only rise (heads, marks, presence) carry ``USING
-TIMESTAMP`` = the value as the live store's do; the rest are plain upserts, so importing a page again
-changes nothing. The destination must not be in use: the copy bypasses the live store's conditional
-writes. Errors: ``ChatError("unavailable")`` from the driver bridge, as everywhere.
+``channel_heads``, ``invitations_by_user``, ``groups_by_owner`` for the groups created within its
+TTL, with the TTL left (see records.py), and the ``bucket_head`` static of each message bucket, so
+the first append after the copy finds the head it expects). Writes that only rise (heads, marks,
+presence) carry ``USING TIMESTAMP`` = the value as the live store's do; the rest are plain upserts,
+so importing a page again changes nothing. The destination must not be in use: the copy bypasses
+the live store's conditional writes. Errors: ``ChatError("unavailable")`` from the driver bridge, as everywhere.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import math
 import time
 
 from .base import push_slot
-from .cassandra_schema import bucket_of, username_key
+from .cassandra_schema import GROUPS_CREATED_TTL_S, bucket_of, username_key
 from .cql import READ, WRITE
 from .records import check_kind
 
@@ -37,6 +38,8 @@ BULK_STATEMENTS: dict[str, tuple[str, str]] = {
     "invite_uses_scan": (READ, "SELECT invite_id, uses, TTL(uses) AS ttl FROM invite_uses"),
     "channels_scan": (READ, "SELECT id, kind, name, owner_id, created_at FROM channels"),
     "members_scan": (READ, "SELECT channel_id, user_id, joined_at FROM members_by_channel"),
+    "group_departures_scan": (READ, "SELECT channel_id, user_id, left_at, invited_by, invited_at "
+                                    "FROM group_departures"),
     "messages_scan": (READ, "SELECT channel_id, seq, sender_id, client_msg_id, body, created_at FROM messages"),
     "push_tokens_scan": (READ, "SELECT push_token, user_id, device_id, provider, app_id, created_at "
                                "FROM push_tokens"),
@@ -100,6 +103,9 @@ async def export_rows(store, bulk, kind: str, after, limit: int):
                                         for r in rows])
         out = [(r["channel_id"], r["user_id"], r["joined_at"], (c or {}).get("read_seq") or 0)
                for r, c in zip(rows, cursors)]
+    elif kind == "group_departures":
+        out = [(r["channel_id"], r["user_id"], r["left_at"], r["invited_by"], r["invited_at"])
+               for r in rows if r["left_at"] is not None]  # as ``departure``: no left_at, no departure
     elif kind == "messages":
         out = [(r["channel_id"], r["seq"], r["sender_id"], r["client_msg_id"], r["body"], r["created_at"])
                for r in rows if r["seq"] is not None]  # a bucket with only its static bucket_head
@@ -159,6 +165,13 @@ async def import_rows(store, bulk, kind: str, rows: list[tuple]) -> None:
             writes.append((bulk, "channel_put", (channel_id, kind_, name, owner_id, created_at)))
             if last_seq:
                 writes.append((cql, "head_set", (last_seq, last_seq, last_at, channel_id)))
+            left_s = math.floor(created_at + GROUPS_CREATED_TTL_S - time.time())
+            if kind_ == "group" and left_s > 0:  # still counted by limits.groups_created_per_hour
+                writes.append((cql, "group_created_put", (owner_id, created_at, channel_id, left_s)))
+        elif kind == "group_departures":
+            writes.append((cql, "departure_put", r))
+            if r[4] is not None:  # invited back: listed by user too
+                writes.append((cql, "user_invitation_put", (r[1], r[0])))
         elif kind == "members":
             writes.append((cql, "member_insert", r[:3]))
         elif kind == "messages":  # the rows themselves: one batch per partition, below

@@ -11,8 +11,10 @@ upserts). The source must not be written during the copy (stop every chatd using
 is only stable while the store is not written.
 
 ``verify`` compares, kind by kind, the count and an order-independent digest of the records of both
-stores (``records.Digest``), and channel by channel the digest of the whole history read through the
-ordinary ``read_messages`` path, which is what a client's sync reads.
+stores (``records.Digest``), channel by channel the digest of the whole history read through the
+ordinary ``read_messages`` path, which is what a client's sync reads, and user by user the
+invitations back into groups (``invitations_of``, what ``GET /v1/invitations`` reads: in Cassandra
+through its by-user index) of every user the source's ``group_departures`` invite.
 
 Resources: both stores are opened by the caller; this module holds one page of rows at a time.
 Errors: a store failure (``ChatError``) ends the copy with the checkpoint at the last page written;
@@ -35,6 +37,7 @@ from .records import KINDS, Digest, add_messages, comparable
 
 DEFAULT_PAGE_ROWS = 500
 HISTORY_PAGE = 500  # messages per read_messages call while verifying
+INVITATIONS_LIMIT = 100_000  # invitations_of while verifying: all of a user's
 
 
 class CopyError(RuntimeError):
@@ -203,4 +206,23 @@ async def verify_stores(source: Store, dest: Store, *, page_rows: int = DEFAULT_
         if after is None:
             break
     report.counts["messages"] = (report.messages, dest_messages)
+    await _verify_invitations(source, dest, page_rows, report)
     return report
+
+
+async def _verify_invitations(source: Store, dest: Store, page_rows: int, report: VerifyReport) -> None:
+    invited: set[int] = set()  # users compared already (a user's departures may span pages)
+    after = None
+    while True:
+        rows, after = await source.export_rows("group_departures", after, page_rows)
+        for user_id in dict.fromkeys(r[1] for r in rows if r[4] is not None):
+            if user_id in invited:
+                continue
+            invited.add(user_id)
+            a, b = (await source.invitations_of(user_id, INVITATIONS_LIMIT),
+                    await dest.invitations_of(user_id, INVITATIONS_LIMIT))
+            if a != b:
+                report.problems.append(f"user {user_id}: {len(a)} invitations back in the source, {len(b)} "
+                                       "in the destination" + (", they differ" if len(a) == len(b) else ""))
+        if after is None:
+            return

@@ -3,12 +3,29 @@ compare (:meth:`chatd.store.base.Store.export_rows` / ``import_rows``). Pure: no
 
 A record is a tuple of the fields named in ``KINDS`` (in that order); the first ``KEY_FIELDS[kind]``
 fields identify it. ``KINDS`` is also the copy order: a kind only refers to kinds before it (members
-to channels and users, messages to channels), so an interrupted copy never leaves a row whose
+and group departures to channels and users, messages to channels), so an interrupted copy never leaves a row whose
 parents are missing. Adding a column to a table means adding its field here (at the end), in the
 export and import of both backends, and nowhere else.
 
-Not copied: ``push_leases`` (which process of the *old* deployment sends a push slot: meaningless in
-the new one, and expired once it is stopped).
+Every table of both backends is either a kind here, or derived from kinds here (written by the
+destination's import as its live store writes it), or deliberately not copied:
+
+* Derived, SQLite: the indexes only. Derived, Cassandra: ``users_by_name``, ``devices_by_user``,
+  ``channel_heads``, ``members_by_channel``'s ``member_version``, ``channels_by_user``,
+  ``read_cursors``, ``message_dedup``, ``push_tokens_by_user``, ``invitations_by_user`` (from the
+  ``group_departures`` that carry an invitation), and ``groups_by_owner``: the groups a user
+  created lately, which ``limits.groups_created_per_hour`` counts. SQLite reads that count from
+  ``channels`` (``channels_by_owner``); a Cassandra import of ``channels`` writes one row for each
+  group created less than ``GROUPS_CREATED_TTL_S`` ago, with the TTL it has left, so the cap
+  counts the same groups the hour after a copy. So it is not a kind of its own: rebuilt from the
+  channel, a Cassandra source's row of a creation that died before its channel row, and a group
+  handed over within the hour (Cassandra counts its creator, SQLite its owner), count for the
+  group's owner, or not at all, after the copy: at most an hour of a rate limit, never data.
+  ``verify`` compares the invitations through ``invitations_of`` (what ``GET /v1/invitations``
+  reads), not ``groups_by_owner``, which expires on its own within the hour.
+* Not copied: ``push_leases`` (which process of the *old* deployment sends a push slot:
+  meaningless in the new one, and expired once it is stopped); ``schema_version`` (each
+  destination is migrated to this chatd's schema).
 """
 
 from __future__ import annotations
@@ -26,6 +43,8 @@ KINDS: dict[str, tuple[str, ...]] = {
     "invite_uses": ("invite_id", "uses", "expires_at"),
     "channels": ("id", "kind", "name", "owner_id", "created_at", "last_seq", "last_at"),
     "members": ("channel_id", "user_id", "joined_at", "read_seq"),
+    # who left a group on their own; invited_by/invited_at None until its owner invites them back
+    "group_departures": ("channel_id", "user_id", "left_at", "invited_by", "invited_at"),
     "messages": ("channel_id", "seq", "sender_id", "client_msg_id", "body", "created_at"),
     "push_tokens": ("token", "user_id", "device_id", "provider", "app_id", "created_at"),
     "push_outbox": ("user_id", "channel_id", "seq", "sender_id", "body", "queued_at"),
@@ -34,7 +53,8 @@ KINDS: dict[str, tuple[str, ...]] = {
 
 KEY_FIELDS: dict[str, int] = {
     "users": 1, "presence": 1, "devices": 1, "token_cutoffs": 2, "revoked_tokens": 1, "invite_uses": 1,
-    "channels": 1, "members": 2, "messages": 2, "push_tokens": 1, "push_outbox": 3, "push_marks": 3,
+    "channels": 1, "members": 2, "group_departures": 2, "messages": 2, "push_tokens": 1, "push_outbox": 3,
+    "push_marks": 3,
 }
 
 # Fields a backend keeps only approximately (Cassandra keeps an expiry as a TTL, in whole seconds):
