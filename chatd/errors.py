@@ -30,6 +30,13 @@ CODES: dict[str, int] = {
     "no_such_user": 404,
     "not_found": 404,
     "group_full": 409,
+    # the message lifecycle (chatd/lifecycle.py)
+    "no_such_message": 404,  # target_seq / reply_to names no message of the channel
+    "not_author": 403,  # edit: only the author; delete: the author or the group's owner
+    "edit_window_closed": 403,  # limits.edit_window_s after the message
+    "message_deleted": 409,  # the target was deleted: it takes no edit, reaction or second delete
+    "bad_emoji": 400,  # a reaction is one grapheme cluster or a short name ':name:'
+    "too_many_reactions": 409,  # limits.max_reaction_kinds distinct emoji on one message
     "rate_limited": 429,
     "too_many_connections": 429,  # WebSocket: limits.max_connections_per_user / _per_address (close 4029)
     "unavailable": 503,  # store or dependency failed; retry later

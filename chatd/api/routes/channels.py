@@ -3,9 +3,10 @@
 
 Who may do what: any member reads members and history; only a group's owner adds members; the
 owner removes anyone, anyone removes (that is: leaves) themselves. A membership change
-invalidates the membership caches of the cluster and is announced to the channel's members
-(and to the user added or removed) as ``member_added`` / ``member_removed``; a change that changes
-nothing (already a member, not a member) announces nothing.
+invalidates the membership caches of the cluster and becomes a sequenced system row of the
+channel's log (``member_added``, ``member_removed``, ``member_left``: chatd/lifecycle.py), which
+the members (and the user added or removed) receive like a message; a change that changes nothing
+(already a member, not a member) logs nothing.
 
 A history page holds at most ``limit`` messages and at most ``limits.max_frame_bytes`` of answer
 (as the WebSocket ``history`` reply): a page trimmed to that says ``more: true``; paging on from its
@@ -116,7 +117,8 @@ def register(app: QuartTrio, node: ApiHost) -> None:
         removed = await store.remove_member(channel_id, member_id)
         node.membership_changed(channel_id)
         if removed:
-            await announce_member_change(node, "member_removed", channel_id, member_id, uid)
+            await announce_member_change(node, "member_left" if member_id == uid else "member_removed",
+                                         channel_id, member_id, uid)
         return {"channel_id": channel_id, "user_id": member_id, "removed": removed}
 
     @app.get("/v1/channels/<string:channel_id>/messages")
@@ -126,5 +128,5 @@ def register(app: QuartTrio, node: ApiHost) -> None:
         after, before = m.unset_to_none(query.after), m.unset_to_none(query.before)
         msgs, more = await read_page(store, channel_id, after, before, query.limit)
         msgs, trimmed = within_budget(msgs, after is not None, limits.max_frame_bytes)
-        return {"channel_id": channel_id, "messages": [message_frame(msg) for msg in msgs], "more": more or trimmed}
+        return {"channel_id": channel_id, "messages": [message_frame(msg, caller.user_id) for msg in msgs], "more": more or trimmed}
 
