@@ -1,0 +1,105 @@
+"""The store's part of the message lifecycle (``Store.append_event``, chatd/store/base.py), one suite on
+SQLite and on a real Cassandra: rows take the channel's seqs, fold into their target, dedup like a
+send; a delete erases the text of the message and of every edit, and its reactions, from every table
+(Cassandra: every table read back; SQLite: the database and WAL files grepped).
+
+(The emulated keyspace of tests/conftest_store.py models the sequencing statements only; the
+lifecycle's folds rely on ``USING TIMESTAMP`` semantics it does not model, so it is not a backend here.)"""
+
+from __future__ import annotations
+
+import secrets
+
+import pytest
+import trio
+
+from chatd.lifecycle import DELETE, EDIT, MEMBER_ADDED, MESSAGE, REACT, UNREACT, EventSpec
+from chatd.store.cassandra import open_cassandra
+from chatd.store.cql import connect, shutdown
+from chatd.store.sqlite import open_sqlite
+from tests.test_store_contract import Backend, cassandra_config, group, users  # noqa: F401 (fixture)
+
+
+@pytest.fixture(params=["sqlite", "cassandra"])
+def lc_backend(request, tmp_path):
+    if request.param == "sqlite":
+        return Backend("sqlite", lambda: open_sqlite(str(tmp_path / "chatd.db")))
+    cfg = request.getfixturevalue("cassandra_config")
+    b = Backend("cassandra", lambda: open_cassandra(cfg))
+    b.cfg = cfg
+    return b
+
+
+async def _ev(store, ch, user, spec, at):
+    return await store.append_event(ch, user.id, secrets.token_hex(6), spec, at)
+
+
+async def _all_cassandra_text(cfg) -> str:
+    """Every row of every table of the keyspace, as text."""
+    cluster, session = await connect(cfg, None)
+    try:
+        def dump():
+            out = []
+            for table in cluster.metadata.keyspaces[cfg.keyspace].tables:
+                out.extend(repr(r) for r in session.execute(f"SELECT * FROM {cfg.keyspace}.{table}"))
+            return "\n".join(out)
+        return await trio.to_thread.run_sync(dump)
+    finally:
+        await shutdown(cluster)
+
+
+async def test_rows_fold_into_their_target_and_a_delete_erases_everything(lc_backend, tmp_path):
+    async with lc_backend.open() as store:
+        a, b = await users(store, 2)
+        ch = await group(store, a, [b])
+        secret = f"secret-{secrets.token_hex(8)}"
+        edits = [f"edit-{i}-{secrets.token_hex(8)}" for i in range(2)]
+        m = (await store.append_message(ch, a.id, "m1", secret, 3000.0)).message
+        for i, body in enumerate(edits):
+            r = await _ev(store, ch, a, EventSpec(EDIT, target_seq=m.seq, body=body), 3001.0 + i)
+            assert (r.message.kind, r.message.target_seq, r.message.seq) == (EDIT, m.seq, m.seq + 1 + i)
+        r1 = await _ev(store, ch, a, EventSpec(REACT, target_seq=m.seq, body="🦄"), 3010.0)
+        r2 = await _ev(store, ch, b, EventSpec(REACT, target_seq=m.seq, body="🦄"), 3011.0)
+        r3 = await _ev(store, ch, b, EventSpec(REACT, target_seq=m.seq, body="👍"), 3012.0)
+        assert [x.message.meta["count"] for x in (r1, r2, r3)] == [1, 2, 1]
+        r4 = await _ev(store, ch, a, EventSpec(UNREACT, target_seq=m.seq, body="🦄"), 3013.0)
+        assert r4.message.meta == {"count": 1}
+        reply = await _ev(store, ch, b, EventSpec(MESSAGE, body="answer", reply_to=m.seq), 3014.0)
+        assert reply.message.kind == MESSAGE and reply.message.reply_to == m.seq
+        sys_row = await _ev(store, ch, a, EventSpec(MEMBER_ADDED, user_id=b.id), 3015.0)
+        assert sys_row.message.meta == {"user_id": b.id}
+        rows = await store.read_messages(ch, after=0, limit=100)
+        assert [x.seq for x in rows] == list(range(1, sys_row.message.seq + 1))
+        folded = rows[0]
+        assert (folded.body, folded.edited_at, folded.state_seq) == (edits[-1], 3002.0, r4.message.seq)
+        assert folded.reactions == (("🦄", (b.id,)), ("👍", (b.id,)))
+        assert rows[-2].reply == {"seq": m.seq, "sender_id": a.id, "excerpt": edits[-1]}
+        # a resend answers the original row and changes nothing
+        cmid = "again"
+        first = await store.append_event(ch, b.id, cmid, EventSpec(REACT, target_seq=m.seq, body="🎉"), 3020.0)
+        dup = await store.append_event(ch, b.id, cmid, EventSpec(REACT, target_seq=m.seq, body="🎉"), 3021.0)
+        assert dup.duplicate and dup.message.seq == first.message.seq and dup.message.kind == REACT
+        assert await store.find_sent(ch, b.id, cmid) is not None
+        assert await store.find_sent(ch, b.id, "never") is None
+        assert await store.head_seq(ch) == first.message.seq
+        # the text is in the store before the delete (so the check below can fail)
+        if lc_backend.name == "cassandra":
+            assert secret in await _all_cassandra_text(lc_backend.cfg)
+        gone = await _ev(store, ch, a, EventSpec(DELETE, target_seq=m.seq), 3030.0)
+        rows = await store.read_messages(ch, after=0, limit=100)
+        stub = rows[0]
+        assert (stub.body, stub.deleted_by, stub.deleted_at, stub.reactions, stub.state_seq) == \
+            ("", a.id, 3030.0, (), gone.message.seq)
+        assert all(x.body == "" and x.redacted for x in rows if x.kind in (EDIT, REACT, UNREACT))
+        assert [x for x in rows if x.seq == reply.message.seq][0].reply == \
+            {"seq": m.seq, "sender_id": a.id, "deleted": True, "excerpt": ""}
+    texts = (secret, *edits, "🦄", "👍", "🎉")
+    if lc_backend.name == "cassandra":
+        everything = await _all_cassandra_text(lc_backend.cfg)
+        for t in texts:
+            assert t not in everything, f"{t!r} is still readable in the keyspace"
+    else:
+        for f in sorted(tmp_path.glob("chatd.db*")):
+            data = f.read_bytes()
+            for t in texts:
+                assert t.encode() not in data, f"{t!r} left in {f.name}"
