@@ -496,14 +496,14 @@ class CassandraStore(Store):
         """Redaction: the message's text and its edits' (``edited_body`` at the delete's seq wins
         over every edit's), its edit and reaction rows' text, its reactions, its pending pushes."""
         tb, seq = self._bucket(target), ev.seq
-        await self._cql.write("fold_delete", (seq, ev.sender_id, ev.created_at, seq, cid, tb, target))
+        await self._cql.write("fold_delete", (seq, "", ev.sender_id, ev.created_at, seq, cid, tb, target))
         events = await self._cql.rows("events_of", (cid, tb, target))
         members = await self._members(cid) if not cid.startswith("dm:") else [
             int(u) for u in cid.split(":")[1:]]
         await self._gather(
-            lambda: self._cql.write("msg_erase", (cid, tb, target)),
+            lambda: self._cql.write("msg_erase", ("", cid, tb, target)),
             lambda: self._cql.write("reactions_drop", (seq, cid, tb, target)),
-            *[lambda e=e: self._cql.write("msg_erase", (cid, self._bucket(e["seq"]), e["seq"]))
+            *[lambda e=e: self._cql.write("msg_erase", ("", cid, self._bucket(e["seq"]), e["seq"]))
               for e in events if e["kind"] in (lc.EDIT, lc.REACT, lc.UNREACT)],
             *[lambda u=u: self._cql.write("push_drop", (push_slot(u), u, cid, target)) for u in members])
 

@@ -298,11 +298,11 @@ STATEMENTS: dict[str, tuple[str, str]] = {
     # the message lifecycle: folds (USING TIMESTAMP = the event's seq), erasure, reactions, the index
     "fold_edit": (WRITE, "UPDATE messages USING TIMESTAMP ? SET edited_body = ?, edited_at = ?, state_seq = ? "
                          "WHERE channel_id = ? AND bucket = ? AND seq = ?"),
-    "fold_delete": (WRITE, "UPDATE messages USING TIMESTAMP ? SET edited_body = '', deleted_by = ?, deleted_at = ?, "
+    "fold_delete": (WRITE, "UPDATE messages USING TIMESTAMP ? SET edited_body = ?, deleted_by = ?, deleted_at = ?, "
                            "state_seq = ? WHERE channel_id = ? AND bucket = ? AND seq = ?"),
     "fold_state": (WRITE, "UPDATE messages USING TIMESTAMP ? SET state_seq = ? WHERE channel_id = ? AND bucket = ? "
                           "AND seq = ?"),
-    "msg_erase": (WRITE, "UPDATE messages SET body = '' WHERE channel_id = ? AND bucket = ? AND seq = ?"),
+    "msg_erase": (WRITE, "UPDATE messages SET body = ? WHERE channel_id = ? AND bucket = ? AND seq = ?"),
     "reaction_put": (WRITE, "INSERT INTO reactions (channel_id, bucket, seq, emoji, user_id, at) VALUES (?, ?, ?, ?, ?, ?) "
                             "USING TIMESTAMP ?"),
     "reaction_delete": (WRITE, "DELETE FROM reactions USING TIMESTAMP ? WHERE channel_id = ? AND bucket = ? AND seq = ? "
