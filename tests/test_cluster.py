@@ -470,6 +470,7 @@ async def test_a_removed_member_reads_nothing_after_a_shard_joins(cluster, nurse
     assert r.body["removed"] is True
     removal = await cb.next_event("message")
     assert (removal["kind"], removal["user_id"]) == ("member_removed", bob["user"]["id"])
+    assert (await cc.next_event("message"))["kind"] == "member_removed"  # carol sees the row too
     assert (await ca.send_message(group, "after removal"))["type"] == "ack"
     assert (await cc.next_event("message"))["body"] == "after removal"
     cluster.shard_ids.append("s4")
