@@ -7,7 +7,7 @@
 
 import { Api } from "./api.js";
 import { Connection } from "./connection.js";
-import { describe, SESSION_OVER } from "./errors.js";
+import { CONNECTION, describe, SESSION_OVER } from "./errors.js";
 import { Channel, PAGE, uuid } from "./state.js";
 import * as view from "./view.js";
 
@@ -74,7 +74,11 @@ class App {
       cursors: () => Object.fromEntries([...this.channels.values()].filter((c) => !c.gone).map((c) => [c.id, c.cursor])),
       onEvent: (f) => this.onEvent(f),
       onReady: (auth, sync) => this.onReady(sync),
-      onState: (state, detail) => { view.renderConn(state, detail); if (detail.error) view.toast(describe(detail.error)); },
+      onState: (state, detail) => {
+        view.renderConn(state, detail);
+        if (state === "online") view.clearToasts("connection");  // what went wrong is over
+        else if (detail.error) view.toast(describe(detail.error), "connection");
+      },
       onFatal: (err) => this.end(describe(err)),
     });
     this.conn.start();
@@ -156,7 +160,7 @@ class App {
     if (this.refreshQueued) return;
     this.refreshQueued = setTimeout(() => {
       this.refreshQueued = null;
-      this.refreshChannels().catch((err) => view.toast(describe(err)));
+      this.refreshChannels().catch((err) => view.toast(describe(err), CONNECTION.has(err.code) ? "connection" : ""));
     }, 300);
   }
 
@@ -262,9 +266,11 @@ class App {
       c.startAt(Math.max(0, m.seq - 1 - PAGE));
       this.refreshSoon();
     }
-    const r = c.accept(m);
+    const r = c.accept(m, this.me.id);
     if (r === "gap") { this.fillGap(c); return; }
     if (r !== "new") return;
+    if ((m.kind === "member_removed" || m.kind === "member_left") && m.user_id === this.me.id) c.gone = true;
+    if (m.kind === "member_added" && known) this.refreshSoon();  // (a new member's name)
     if (m.sender_id === this.me.id && c.pending.delete(m.client_msg_id)) this.savePending();
     if (m.sender_id !== this.me.id) this.needUser(m.sender_id);
     if (c.id === this.currentId) this.markRead();
@@ -302,7 +308,7 @@ class App {
   }
 
   connError(err) {
-    if (err.code !== "disconnected") view.toast(describe(err));
+    if (err.code !== "disconnected") view.toast(describe(err), CONNECTION.has(err.code) ? "connection" : "");
   }
 
   // ---- sending -------------------------------------------------------------------------------
@@ -366,7 +372,7 @@ class App {
     try {
       const { messages } = await this.api.history(c.id, c.lo, PAGE);
       for (const m of messages) if (m.sender_id !== this.me.id) this.needUser(m.sender_id);
-      if (c.prepend(messages)) this.prepended = true;
+      if (c.prepend(messages, this.me.id)) this.prepended = true;
     } catch (err) {
       view.toast(`Could not load older messages: ${describe(err)}`);
     } finally {
