@@ -202,6 +202,8 @@ class LimitsConfig:
     # sending it (0: for ever); distinct emoji one message may carry.
     edit_window_s: float = 86_400.0
     max_reaction_kinds: int = 20
+    # Receipt events (received / read positions) are coalesced: one per channel per this interval.
+    receipt_interval_s: float = 1.0
     # A server ping after ping_interval_s without anything received; nothing received for
     # idle_timeout_s (no frame, no pong): close 4000.
     ping_interval_s: float = 25.0

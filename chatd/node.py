@@ -42,6 +42,7 @@ from .revocation import RecentRevocations
 from .shard.fanout import FanOut
 from .shard.hub import Hub
 from .shard.owner import ChannelOwners
+from .shard.receipts import ReceiptCoalescer
 from .shard.router import VIEW_WAIT_S, Router
 from .shard.server import ShardServer
 from .store import open_store
@@ -89,6 +90,7 @@ class Node:
         self.router = Router(me, self.hub, self.discovery, self.owners, self.fanout, links,
                              config.limits.send_answer_s)
         self.shard = ShardServer(self)
+        self.receipts = ReceiptCoalescer(self.fanout.deliver_event, self.shard.timers, config.limits.receipt_interval_s)
         pc = config.presence
         self.presence = presence if presence is not None else PresenceService(
             store, self.membership, self.fanout.deliver_event, pc.grace_s, pc.coalesce_s, pc.group_push_max)

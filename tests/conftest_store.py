@@ -33,7 +33,7 @@ class EmulatedKeyspace(CqlRunner):
             "schema_version", "users", "users_by_name", "devices", "channels", "channel_heads",
             "members_by_channel", "channels_by_user", "read_cursors", "messages", "message_dedup",
             "push_tokens", "push_tokens_by_user", "push_outbox", "push_marks", "push_leases", "bucket_heads",
-            "reactions", "message_events", "cell_ts")}
+            "reactions", "message_events", "cell_ts", "receipts")}
         self.calls: Counter = Counter()
         self.fail: dict[str, str] = {}
         self.page_rows: int | None = None  # force small pages to exercise paging
@@ -396,6 +396,23 @@ class EmulatedKeyspace(CqlRunner):
     def r_events_of(self, cid, bucket, target):
         part = self.tables["message_events"].get((cid, bucket), {})
         return [{"seq": s, "kind": k} for (t, s), k in sorted(part.items()) if t == target]
+
+    def _receipt(self, cid, uid, ts, col, value):
+        row = self.tables["receipts"].setdefault(cid, {}).setdefault(uid, {"user_id": uid, "delivered_seq": None,
+                                                                           "read_seq": None, "ts": {}})
+        if ts >= row["ts"].get(col, -1):
+            row["ts"][col] = ts
+            row[col] = value
+
+    def w_receipt_delivered(self, ts, seq, cid, uid):
+        self._receipt(cid, uid, ts, "delivered_seq", seq)
+
+    def w_receipt_read(self, ts, seq, cid, uid):
+        self._receipt(cid, uid, ts, "read_seq", seq)
+
+    def r_receipts_of(self, cid):
+        return [{k: r[k] for k in ("user_id", "delivered_seq", "read_seq")}
+                for _, r in sorted(self.tables["receipts"].get(cid, {}).items())]
 
     def w_push_drop(self, slot, uid, cid, seq):
         self.tables["push_outbox"].get(slot, {}).pop((uid, cid, seq), None)

@@ -123,3 +123,19 @@ async def _all_text(backend, tmp_path) -> str:
         tables["reactions"] = {k: backend.keyspace._live_reactions(*k) for k in tables["reactions"]}
         return repr(tables)
     return "".join(f.read_bytes().decode("utf-8", "replace") for f in sorted(tmp_path.glob("chatd.db*")))
+
+
+async def test_delivered_and_read_positions(lc_backend):
+    async with lc_backend.open() as store:
+        a, b, c = await users(store, 3)
+        ch = await group(store, a, [b])
+        for i in range(3):
+            await store.append_message(ch, a.id, f"p{i}", "x", 4000.0 + i)
+        assert await store.set_delivered(ch, b.id, 2) == 2
+        assert await store.set_delivered(ch, b.id, 1) == 2  # never lowers
+        assert await store.set_delivered(ch, b.id, 50) == 3  # never past the head
+        assert await store.set_read(ch, a.id, 2) == 2  # a read implies received
+        assert await store.receipts(ch) == {a.id: (2, 2), b.id: (3, 0)}
+        with pytest.raises(Exception) as info:
+            await store.set_delivered(ch, c.id, 1)
+        assert getattr(info.value, "code", None) == "not_member"

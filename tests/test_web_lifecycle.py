@@ -64,6 +64,8 @@ def test_web_client_folds_lifecycle_rows_live_and_after_offline(tmp_path, ports)
                 expect(b.locator("#conn-status")).not_to_have_text("Connected")
                 send(a, "second")
                 expect(a.locator("#message-list .msg[data-seq='4']")).to_have_count(1)
+                # stored, not on bob's device: one tick, kept until the next state (not replaced by a time)
+                expect(a.locator("#message-list .msg[data-seq='4'] .receipt")).to_have_text("✓")
                 _do(a, {"type": "edit", "channel_id": ch, "target_seq": 4, "body": "second, fixed"})
                 _do(a, {"type": "delete", "channel_id": ch, "target_seq": 1})
                 ctx_b.set_offline(False)
@@ -72,6 +74,7 @@ def test_web_client_folds_lifecycle_rows_live_and_after_offline(tmp_path, ports)
                 expect(b.locator("#message-list .msg[data-seq='4'] .body")).to_have_text("second, fixed")
                 assert bodies(b) == ["Message deleted", "second, fixed"] and seqs(b) == [1, 4]
                 assert b.locator("#message-list .reaction").count() == 0
+                expect(a.locator("#message-list .msg[data-seq='4'] .receipt")).to_have_text("Seen")  # bob has it open
                 shots(b, "bob-back-online")
                 # --- a reload reads the folded history: the same
                 b.reload()

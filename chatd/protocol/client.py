@@ -149,6 +149,13 @@ class Read:
 
 
 @dataclass(frozen=True)
+class Received:
+    id: object
+    channel_id: str
+    seq: int
+
+
+@dataclass(frozen=True)
 class PresenceQuery:
     id: object
     user_ids: tuple
@@ -275,6 +282,7 @@ _SCHEMAS = {
     "heartbeat": (Heartbeat, {}),
     "typing": (Typing, {"channel_id": (_channel, True)}),
     "read": (Read, {"channel_id": (_channel, True), "seq": (_seq, True)}),
+    "received": (Received, {"channel_id": (_channel, True), "seq": (_seq, True)}),
     "presence": (PresenceQuery, {"user_ids": (_user_ids, True)}),
     "subscribe_presence": (SubscribePresence, {"user_ids": (_user_ids, True)}),
     "unsubscribe_presence": (UnsubscribePresence, {"user_ids": (_user_ids, True)}),

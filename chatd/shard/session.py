@@ -523,8 +523,22 @@ class Session:
             self.push({"type": "read", "id": req.id, "channel_id": req.channel_id, "seq": 0})
             return
         self.push({"type": "read", "id": req.id, "channel_id": req.channel_id, "seq": seq})
-        event = {"type": "read", "channel_id": req.channel_id, "user_id": self.user_id, "seq": seq}
-        self.node.router.deliver_event(event, members, skip=self.device_id)
+        # to the members, coalesced (chatd/shard/receipts.py): one `receipts` event per interval
+        self.node.receipts.note(req.channel_id, self.user_id, members, seq, seq)
+
+    @verb(proto.Received, task=True)
+    async def _received(self, req: proto.Received) -> None:
+        """The highest seq this device holds: the member's ``delivered_seq`` rises (✓✓)."""
+        members = await self.node.membership.require_member(req.channel_id, self.user_id)
+        try:
+            seq = await self.node.store.set_delivered(req.channel_id, self.user_id, req.seq)
+        except ChatError as e:
+            if e.code != "not_member" or dm_members(req.channel_id) is None:
+                raise
+            seq = 0  # a 1:1 channel with no message yet
+        self.push({"type": "received", "id": req.id, "channel_id": req.channel_id, "seq": seq})
+        if seq:
+            self.node.receipts.note(req.channel_id, self.user_id, members, seq)
 
     @verb(proto.SubscribePresence, task=True)
     async def _subscribe_presence(self, req: proto.SubscribePresence) -> None:

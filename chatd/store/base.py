@@ -281,6 +281,16 @@ class Store(abc.ABC):
     async def set_read(self, channel_id: str, user_id: int, seq: int) -> int:
         """Raise the user's read cursor to ``min(seq, head)`` (never lowers it); return the cursor."""
 
+    async def set_delivered(self, channel_id: str, user_id: int, seq: int) -> int:
+        """Raise the member's ``delivered_seq`` (the highest seq one of their devices holds) to
+        ``min(seq, head)`` (never lowers it); return it. ``not_member`` if not a member. A
+        :meth:`set_read` raises it too (read implies received)."""
+        raise NotImplementedError
+
+    async def receipts(self, channel_id: str) -> dict[int, tuple[int, int]]:
+        """member -> (delivered_seq, read_seq), for every current member."""
+        raise NotImplementedError
+
     # -- presence --
     @abc.abstractmethod
     async def set_last_active(self, user_id: int, at: float) -> None:

@@ -882,7 +882,36 @@ class CassandraStore(Store):
         out.reverse()
         return out
 
+    async def set_delivered(self, channel_id, user_id, seq):
+        with self._op():
+            member, head = await self._gather(lambda: self._cql.one("member_get", (channel_id, user_id)),
+                                              lambda: self._head_seq(channel_id))
+            if member is None:
+                raise ChatError("not_member", "you are not a member of this channel")
+            target = max(0, min(seq, head))
+            await self._cql.write("receipt_delivered", (target, target, channel_id, user_id))
+            row = {r["user_id"]: r for r in await self._cql.rows("receipts_of", (channel_id,))}.get(user_id) or {}
+            return max(target, row.get("delivered_seq") or 0, row.get("read_seq") or 0)
+
+    async def receipts(self, channel_id):
+        with self._op():
+            rows, members = await self._gather(lambda: self._cql.rows("receipts_of", (channel_id,)),
+                                               lambda: self._members(channel_id))
+            by_user = {r["user_id"]: r for r in rows}
+            out = {}
+            for u in members:
+                r = by_user.get(u) or {}
+                read = r.get("read_seq") or 0
+                out[u] = (max(r.get("delivered_seq") or 0, read), read)
+            return out
+
     async def set_read(self, channel_id, user_id, seq):
+        read = await self._set_read(channel_id, user_id, seq)
+        with self._op():
+            await self._cql.write("receipt_read", (read, read, channel_id, user_id))
+        return read
+
+    async def _set_read(self, channel_id, user_id, seq):
         with self._op():
             member, head, cursor = await self._gather(
                 lambda: self._cql.one("member_get", (channel_id, user_id)), lambda: self._head_seq(channel_id),

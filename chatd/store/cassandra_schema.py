@@ -224,6 +224,15 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             seq bigint,
             kind text,
             PRIMARY KEY ((channel_id, bucket), target_seq, seq))""",
+        # receipts: every member's delivered and read positions in one partition per channel
+        # (GET /v1/channels/<id>/receipts is one read); written USING TIMESTAMP = the seq, so they
+        # only rise. (read_cursors stays the authority of read_seq and the unread counts.)
+        """CREATE TABLE IF NOT EXISTS {ks}.receipt_cursors (
+            channel_id text,
+            user_id bigint,
+            delivered_seq bigint,
+            read_seq bigint,
+            PRIMARY KEY ((channel_id), user_id))""",
     ]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -314,6 +323,10 @@ STATEMENTS: dict[str, tuple[str, str]] = {
     "event_index_put": (WRITE, "INSERT INTO message_events (channel_id, bucket, target_seq, seq, kind) "
                                "VALUES (?, ?, ?, ?, ?)"),
     "events_of": (READ, "SELECT seq, kind FROM message_events WHERE channel_id = ? AND bucket = ? AND target_seq = ?"),
+    "receipt_delivered": (WRITE, "UPDATE receipt_cursors USING TIMESTAMP ? SET delivered_seq = ? "
+                                 "WHERE channel_id = ? AND user_id = ?"),
+    "receipt_read": (WRITE, "UPDATE receipt_cursors USING TIMESTAMP ? SET read_seq = ? WHERE channel_id = ? AND user_id = ?"),
+    "receipts_of": (READ, "SELECT user_id, delivered_seq, read_seq FROM receipt_cursors WHERE channel_id = ?"),
     "push_drop": (WRITE, "DELETE FROM push_outbox WHERE slot = ? AND user_id = ? AND channel_id = ? AND seq = ?"),
     "msg_top": (READ, "SELECT seq, created_at, bucket_head FROM messages WHERE channel_id = ? AND bucket = ? "
                       "LIMIT 1"),

@@ -159,6 +159,8 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             user_id INTEGER NOT NULL,
             at REAL NOT NULL,
             PRIMARY KEY (channel_id, seq, emoji, user_id)) WITHOUT ROWID""",
+        # receipts: the highest seq one of the member's devices holds (read_seq implies it)
+        "ALTER TABLE members ADD COLUMN delivered_seq INTEGER NOT NULL DEFAULT 0",
     ]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -772,11 +774,31 @@ class SQLiteStore(Store):
             return row[0] if row else 0
         return await self._read(fn)
 
+    async def set_delivered(self, channel_id, user_id, seq):
+        def fn(c):
+            c.execute("UPDATE members SET delivered_seq = MAX(delivered_seq, MIN(?, "
+                      "(SELECT last_seq FROM channels WHERE id = ?))) WHERE channel_id = ? AND user_id = ?",
+                      (seq, channel_id, channel_id, user_id))
+            row = c.execute("SELECT delivered_seq FROM members WHERE channel_id = ? AND user_id = ?",
+                            (channel_id, user_id)).fetchone()
+            if row is None:
+                raise ChatError("not_member", "you are not a member of this channel")
+            return row[0]
+        return await self._write(fn)
+
+    async def receipts(self, channel_id):
+        def fn(c):
+            return {u: (max(d, r), r) for u, d, r in c.execute(
+                "SELECT user_id, delivered_seq, read_seq FROM members WHERE channel_id = ?", (channel_id,))}
+        return await self._read(fn)
+
     async def set_read(self, channel_id, user_id, seq):
         def fn(c):
             c.execute("UPDATE members SET read_seq = MAX(read_seq, MIN(?, "
                       "(SELECT last_seq FROM channels WHERE id = ?))) WHERE channel_id = ? AND user_id = ?",
                       (seq, channel_id, channel_id, user_id))
+            c.execute("UPDATE members SET delivered_seq = MAX(delivered_seq, read_seq) WHERE channel_id = ? "
+                      "AND user_id = ?", (channel_id, user_id))
             row = c.execute("SELECT read_seq FROM members WHERE channel_id = ? AND user_id = ?",
                             (channel_id, user_id)).fetchone()
             if row is None:

@@ -121,6 +121,18 @@ def register(app: QuartTrio, node: ApiHost) -> None:
                                          channel_id, member_id, uid)
         return {"channel_id": channel_id, "user_id": member_id, "removed": removed}
 
+    @app.get("/v1/channels/<string:channel_id>/receipts")
+    @route(m.Receipts, errors=(403, 404))
+    async def receipts(channel_id: str, caller: Caller):
+        """Every member's delivered and read positions (members only): a message ``seq`` is
+        delivered to the members with ``delivered_seq >= seq`` and read by those with
+        ``read_seq >= seq`` (chatd/shard/receipts.py ``receipt_counts``)."""
+        members = await require_member(node.membership, channel_id, caller.user_id)
+        cursors = await store.receipts(channel_id)
+        rows = sorted(((u, *cursors.get(u, (0, 0))) for u in members), key=lambda r: (-r[1], -r[2], r[0]))
+        return {"channel_id": channel_id,
+                "members": [{"user_id": u, "delivered_seq": d, "read_seq": r} for u, d, r in rows]}
+
     @app.get("/v1/channels/<string:channel_id>/messages")
     @route(m.History, query=HistoryQuery, errors=(403, 404))
     async def history(channel_id: str, query: m.HistoryQuery, caller: Caller):

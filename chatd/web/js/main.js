@@ -240,11 +240,17 @@ class App {
         this.render();
         break;
       }
-      case "read": {
+      case "receipts": {  // coalesced delivered / read positions (docs/protocol.md)
         const c = this.channels.get(f.channel_id);
         if (!c) break;
-        if (f.user_id === this.me.id) c.readSeq = Math.max(c.readSeq, f.seq);
-        else c.reads.set(f.user_id, Math.max(c.reads.get(f.user_id) || 0, f.seq));
+        for (const [uid, pos] of Object.entries(f.cursors || {})) {
+          const u = Number(uid);
+          if (u === this.me.id) c.readSeq = Math.max(c.readSeq, pos.read);
+          else {
+            c.reads.set(u, Math.max(c.reads.get(u) || 0, pos.read));
+            c.delivered.set(u, Math.max(c.delivered.get(u) || 0, pos.delivered));
+          }
+        }
         this.render();
         break;
       }
@@ -273,6 +279,7 @@ class App {
     if (m.kind === "member_added" && known) this.refreshSoon();  // (a new member's name)
     if (m.sender_id === this.me.id && c.pending.delete(m.client_msg_id)) this.savePending();
     if (m.sender_id !== this.me.id) this.needUser(m.sender_id);
+    if (m.sender_id !== this.me.id && !m.kind) this.acknowledge(c);
     if (c.id === this.currentId) this.markRead();
     this.render();
   }
@@ -285,6 +292,18 @@ class App {
         if (reply.errors && reply.errors[c.id]) { c.gone = true; this.render(); }
       }, (err) => this.connError(err))
       .finally(() => { c.syncing = false; });
+  }
+
+  /** Tell the server this device holds the channel up to its cursor (`received`: the sender's ✓✓),
+   * at most every 500 ms per channel. */
+  acknowledge(c) {
+    if (c.ackTimer) return;
+    c.ackTimer = setTimeout(() => {
+      c.ackTimer = null;
+      if (!this.conn || !this.conn.connected || c.cursor <= (c.receivedSeq || 0)) return;
+      c.receivedSeq = c.cursor;
+      this.conn.request({ type: "received", channel_id: c.id, seq: c.cursor }).catch(() => {});
+    }, 500);
   }
 
   markRead() {

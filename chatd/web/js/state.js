@@ -43,7 +43,8 @@ export class Channel {
     this.cursor = 0;
     this.lo = 1;
     this.pending = new Map();  // client_msg_id -> {cmid, body, status, error, seq, createdAt}
-    this.reads = new Map();    // other user id -> their read seq (from `read` events)
+    this.reads = new Map();    // other user id -> their read seq (from `receipts` events)
+    this.delivered = new Map();  // other user id -> the highest seq their devices hold
     this.typing = new Map();   // user id -> until (ms)
     this.syncing = false;
     this.loadingOlder = false;
@@ -151,6 +152,15 @@ export class Channel {
 
   typingUsers(now) {
     return [...this.typing].filter(([, until]) => until > now).map(([id]) => id);
+  }
+
+  /** The seq of my newest message (0: none held). */
+  lastMine(myId) {
+    for (let i = this.messages.length - 1; i >= 0; i--) {
+      const m = this.messages[i];
+      if (m.sender_id === myId && !m.kind) return m.seq;
+    }
+    return 0;
   }
 
   /** {seq, readers} of my newest message that others have read, or null. */

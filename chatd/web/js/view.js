@@ -122,7 +122,10 @@ export function renderChannel(app) {
     }
     let receipt = null;
     if (seen && seen.seq === m.seq) {
-      receipt = c.kind === "dm" ? "Seen" : `Seen by ${seen.readers.map((u) => app.userName(u)).join(", ")}`;
+      const names = seen.readers.map((u) => app.userName(u)).join(", ");
+      receipt = c.kind === "dm" ? "Seen" : `Seen by ${seen.readers.length} (${names})`;
+    } else if (c.kind === "dm" && mine && m.seq === c.lastMine(app.me.id) && (!seen || seen.seq < m.seq)) {
+      receipt = (c.delivered.get(c.peerId) || 0) >= m.seq ? "✓✓" : "✓";  // stored; on their device
     }
     return { key: `${c.id} ${m.seq}`, sig: `${who}|${receipt}|${m.state_seq || 0}`,
              build: () => messageItem(m, mine, who, receipt) };
