@@ -31,6 +31,9 @@ setup(
         "click>=8.1",
         "kazoo>=2.9",
         "cassandra-driver>=3.29",
+        # reactions are "one grapheme cluster" (chatd/lifecycle.py): regex's \X follows Unicode's
+        # extended grapheme clusters (UAX #29, kept current with each Unicode release); the stdlib has none.
+        "regex>=2023.0",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-trio>=0.8", "pytest-timeout>=2.3", "schemathesis>=4.0,<5",

@@ -202,6 +202,12 @@ class LimitsConfig:
     # cap: error too_many_connections, close 4029.
     max_connections_per_user: int = 32
     max_connections_per_address: int = 256
+    # The message lifecycle (chatd/lifecycle.py): an author edits a message for this long after
+    # sending it (0: for ever); distinct emoji one message may carry.
+    edit_window_s: float = 86_400.0
+    max_reaction_kinds: int = 20
+    # Receipt events (received / read positions) are coalesced: one per channel per this interval.
+    receipt_interval_s: float = 1.0
     # A server ping after ping_interval_s without anything received; nothing received for
     # idle_timeout_s (no frame, no pong): close 4000.
     ping_interval_s: float = 25.0
@@ -334,11 +340,14 @@ class Config:
         self._validate_trusted_proxies()
         self._validate_tls()
         for name in ("max_frame_bytes", "max_body_chars", "max_group_members", "rate_burst",
-                     "send_queue_frames", "max_inflight_sends", "history_page_max", "sync_page"):
+                     "send_queue_frames", "max_inflight_sends", "history_page_max", "sync_page",
+                     "max_reaction_kinds"):
             if getattr(self.limits, name) < 1:
                 raise ConfigError(f"limits.{name} must be >= 1")
         if self.limits.send_answer_s <= 0:
             raise ConfigError("limits.send_answer_s must be > 0")
+        if self.limits.edit_window_s < 0:
+            raise ConfigError("limits.edit_window_s must be >= 0 (0: no limit)")
         if self.presence.visibility not in PRESENCE_VISIBILITY:
             raise ConfigError(f"presence.visibility must be one of {', '.join(PRESENCE_VISIBILITY)}")
         self._validate_connection_limits()

@@ -33,6 +33,13 @@ CODES: dict[str, int] = {
     "group_full": 409,
     "push_token_taken": 409,  # the push token is registered to another user's device that is still logged in
     "not_invited": 403,  # joining a group you left needs its owner's invitation (POST .../members)
+    # the message lifecycle (chatd/lifecycle.py)
+    "no_such_message": 404,  # target_seq / reply_to names no message of the channel
+    "not_author": 403,  # edit: only the author; delete: the author or the group's owner
+    "edit_window_closed": 403,  # limits.edit_window_s after the message
+    "message_deleted": 409,  # the target was deleted: it takes no edit, reaction or second delete
+    "bad_emoji": 400,  # a reaction is one grapheme cluster or a short name ':name:'
+    "too_many_reactions": 409,  # limits.max_reaction_kinds distinct emoji on one message
     "rate_limited": 429,
     "too_many_groups": 429,  # limits.groups_created_per_hour (Retry-After)
     "too_many_connections": 429,  # WebSocket: limits.max_connections_per_user / _per_address (close 4029)

@@ -14,11 +14,16 @@ about only by its own two users, so a cached "does not exist" cannot be planted 
 
 from __future__ import annotations
 
+import logging
+import secrets
 import time
 from collections import OrderedDict
 
 from .errors import ChatError
+from .lifecycle import MEMBER_ADDED, EventSpec
 from .ids import dm_members, is_group
+
+log = logging.getLogger(__name__)
 
 MISSING_TTL_S = 5.0
 MAX_MISSING = 10_000
@@ -93,9 +98,17 @@ class Membership:
             listener(channel_id)
 
 
-async def announce_member_change(node, kind: str, channel_id: str, user_id: int, by: int) -> None:
-    """After a stored membership change: a ``member_added`` / ``member_removed`` event to every
-    connected device of the members and of ``user_id`` (the one who joined or left). Transient,
-    like typing: a device that was offline learns it from ``GET /v1/channels`` and ``sync``."""
-    members = set(await node.store.members(channel_id)) | {user_id}
-    node.notify_members({"type": kind, "channel_id": channel_id, "user_id": user_id, "by": by}, members)
+async def announce_member_change(node, kind: str, channel_id: str, user_id: int, by: int) -> int:
+    """After a stored membership change: a sequenced system row (``member_added``,
+    ``member_removed``, ``member_left``; chatd/lifecycle.py) takes the channel's next seq through
+    its owner, so a device that was offline learns it by ``sync``; the one added gets it live at
+    once (the group appears), the one removed gets it as the channel's last frame. Returns its
+    seq; 0 if the owner could not be reached (logged: the change itself is stored, and
+    ``GET /v1/channels`` shows it)."""
+    spec = EventSpec(kind, user_id=user_id, notify=0 if kind == MEMBER_ADDED else user_id)
+    try:
+        result = await node.append_system_event(by, channel_id, spec, "sys:" + secrets.token_hex(12))
+    except ChatError as e:
+        log.warning("%s of user %s in %s stored, but its log row was not: %s", kind, user_id, channel_id, e)
+        return 0
+    return result.message.seq

@@ -28,6 +28,7 @@ import trio
 from .cluster.links import LinkManager
 from .config import ClusterConfig, Config
 from .datadir import load_secret, private_dir
+from .errors import CODES, ChatError
 from .discovery.base import Discovery
 from .discovery.local import LocalDiscovery
 from .discovery.view import ShardInfo
@@ -42,6 +43,7 @@ from .revocation import RecentRevocations
 from .shard.fanout import FanOut
 from .shard.hub import Hub
 from .shard.owner import ChannelOwners
+from .shard.receipts import ReceiptCoalescer
 from .shard.router import VIEW_WAIT_S, Router
 from .shard.server import ShardServer
 from .store import open_store
@@ -84,10 +86,12 @@ class Node:
         self.push = make_push_service(config, store, shards=lambda: list(self.discovery.view.shards),
                                       online=self._connected_here)
         self.fanout = FanOut(me, self.hub, self.discovery, links, self.push)
-        self.owners = ChannelOwners(store, self.membership, self.fanout.deliver_message, self.metrics)
+        self.owners = ChannelOwners(store, self.membership, self.fanout.deliver_message, self.metrics,
+                                    limits=config.limits)
         self.router = Router(me, self.hub, self.discovery, self.owners, self.fanout, links,
                              config.limits.send_answer_s)
         self.shard = ShardServer(self)
+        self.receipts = ReceiptCoalescer(self.fanout.deliver_event, self.shard.timers, config.limits.receipt_interval_s)
         pc = config.presence
         self.presence = presence if presence is not None else PresenceService(
             store, self.membership, self.fanout.deliver_event, pc.grace_s, pc.coalesce_s, pc.group_push_max)
@@ -143,8 +147,13 @@ class Node:
         return self.hub.count
 
     def notify_members(self, event: dict, user_ids) -> None:
-        """A transient event (``member_added`` / ``member_removed``) to every device of ``user_ids``."""
+        """A transient event to every device of ``user_ids``."""
         self.fanout.deliver_event(event, user_ids)
+
+    async def append_system_event(self, by: int, channel_id: str, spec, client_msg_id: str):
+        """A system row (chatd/membership.py) through the channel's owner, like a send."""
+        return await self.router.append_event(by, channel_id, client_msg_id, spec,
+                                              timeout_s=self.config.limits.send_answer_s)
 
     def device_logged_out(self, user_id: int, device_id: str, token_key: str, except_session=None,
                           before: float = 0.0) -> None:
@@ -393,6 +402,31 @@ class ApiNode:
 
     def connection_count(self) -> int:
         return sum(s.load for s in self.discovery.live())
+
+    async def append_system_event(self, by: int, channel_id: str, spec, client_msg_id: str):
+        """A system row (chatd/membership.py) sent to the channel's owner shard over its link
+        (``send`` with ``ev``), routed again on ``stale_view``; ``unavailable`` when no owner
+        answers within a few seconds."""
+        from .protocol.link_frames import unpacked
+        from .store.base import AppendResult
+        with trio.move_on_after(3 * self.config.limits.send_answer_s):
+            while True:
+                view = self.discovery.view
+                link = self.links.links.get(view.owner_of(channel_id)) if view.shards else None
+                if link is None:
+                    await self.discovery.wait_view(view.version + 1, 0.5)
+                    continue
+                reply = await self.links.request_on(link, lf.Send(view.version, channel_id, by, client_msg_id, "",
+                                                                  ev=spec.as_dict()),
+                                                    self.config.limits.send_answer_s)
+                if reply.ok is not None:
+                    return AppendResult(unpacked(reply.ok, reply.mx), reply.dup is True)
+                err = reply.err or {}
+                if err.get("code") not in ("stale_view", "unavailable"):
+                    raise ChatError(err.get("code") if err.get("code") in CODES else "internal",
+                                    str(err.get("message", "remote error")))
+                await self.discovery.wait_view(view.version + 1, 0.5)
+        raise ChatError("unavailable", f"the owner of {channel_id} did not answer")
 
     def notify_members(self, event: dict, user_ids) -> None:
         """Hand the event to each user's home shard (``deliver`` link frame), which fans it out."""

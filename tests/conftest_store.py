@@ -33,7 +33,8 @@ class EmulatedKeyspace(CqlRunner):
             "schema_version", "users", "users_by_name", "devices", "channels", "channel_heads",
             "members_by_channel", "channels_by_user", "read_cursors", "messages", "message_dedup",
             "push_tokens", "push_tokens_by_user", "push_outbox", "push_marks", "push_leases", "bucket_heads",
-            "groups_by_owner", "group_departures", "invitations_by_user")}
+            "groups_by_owner", "group_departures", "invitations_by_user",
+            "reactions", "message_events", "cell_ts", "receipts")}
         self.calls: Counter = Counter()
         self.fail: dict[str, str] = {}
         self.page_rows: int | None = None  # force small pages to exercise paging
@@ -68,10 +69,10 @@ class EmulatedKeyspace(CqlRunner):
         # chatd batches statements on one members_by_channel partition, or one messages partition
         names = {n for n, _ in items}
         assert names <= {"member_version_cas", "member_version_set", "member_insert", "member_delete"} or \
-            names <= {"bucket_advance", "msg_put"}, items
+            names <= {"bucket_advance", "msg_put", "msg_put_event"}, items
         partitions = {params[1] if n.startswith("member_version") else
                       (params[1], params[2]) if n == "bucket_advance" else
-                      (params[0], params[1]) if n == "msg_put" else params[0] for n, params in items}
+                      (params[0], params[1]) if n in ("msg_put", "msg_put_event") else params[0] for n, params in items}
         assert len(partitions) == 1, f"batch over several partitions: {items}"
         mode = self._failure(items[0][0])
         result = [{"[applied]": True}] if conditional else []
@@ -395,6 +396,91 @@ class EmulatedKeyspace(CqlRunner):
             f"seq {seq} of {cid} overwritten"
         part[seq] = {"seq": seq, "sender_id": sender_id, "client_msg_id": client_msg_id,
                      "body": body, "created_at": created_at}
+
+    def w_msg_put_event(self, cid, bucket, seq, sender_id, client_msg_id, body, created_at, kind, target, reply_to,
+                        meta):
+        self.w_msg_put(cid, bucket, seq, sender_id, client_msg_id, body, created_at)
+        self._partition(cid, bucket)[seq].update(kind=kind, target_seq=target, reply_to=reply_to, meta=meta)
+
+    # the lifecycle's folds: cells written USING TIMESTAMP (last write wins, by timestamp)
+    def _cells(self, cid, bucket, seq, ts, **cells):
+        row = self._partition(cid, bucket).get(seq)
+        assert row is not None, f"fold of {cid} seq {seq}, which is not stored: a phantom row"
+        stamps = self.tables["cell_ts"].setdefault((cid, seq), {})
+        for k, v in cells.items():
+            if ts >= stamps.get(k, -1):
+                stamps[k] = ts
+                row[k] = v
+
+    def w_fold_edit(self, ts, body, at, state, cid, bucket, seq):
+        self._cells(cid, bucket, seq, ts, edited_body=body, edited_at=at, state_seq=state)
+
+    def w_fold_delete(self, ts, body, by, at, state, cid, bucket, seq):
+        self._cells(cid, bucket, seq, ts, edited_body=body, deleted_by=by, deleted_at=at, state_seq=state)
+
+    def w_fold_state(self, ts, state, cid, bucket, seq):
+        self._cells(cid, bucket, seq, ts, state_seq=state)
+
+    def w_msg_erase(self, body, cid, bucket, seq):
+        self._cells(cid, bucket, seq, 2**62, body=body)  # (a real-time write: later than any seq)
+
+    def _reactions(self, cid, bucket):
+        return self.tables["reactions"].setdefault((cid, bucket), {})
+
+    def w_reaction_put(self, cid, bucket, seq, emoji, uid, at, ts):
+        part = self._reactions(cid, bucket)
+        old = part.get((seq, emoji, uid))
+        if old is None or ts >= old["ts"]:
+            part[(seq, emoji, uid)] = {"seq": seq, "emoji": emoji, "user_id": uid, "at": at, "ts": ts, "live": True}
+
+    def w_reaction_delete(self, ts, cid, bucket, seq, emoji, uid):
+        part = self._reactions(cid, bucket)
+        old = part.get((seq, emoji, uid))
+        if old is None or ts >= old["ts"]:
+            part[(seq, emoji, uid)] = {"seq": seq, "emoji": emoji, "user_id": uid, "at": None, "ts": ts, "live": False}
+
+    def w_reactions_drop(self, ts, cid, bucket, seq):
+        for key, row in self._reactions(cid, bucket).items():
+            if key[0] == seq and ts >= row["ts"]:
+                row.update(ts=ts, live=False)
+
+    def _live_reactions(self, cid, bucket):
+        return [r for k, r in sorted(self._reactions(cid, bucket).items()) if r["live"]]
+
+    def r_reactions_of(self, cid, bucket, seq, emoji):
+        return [{"user_id": r["user_id"]} for r in self._live_reactions(cid, bucket)
+                if r["seq"] == seq and r["emoji"] == emoji]
+
+    def r_reactions_range(self, cid, bucket, lo, hi):
+        return [{k: r[k] for k in ("seq", "emoji", "user_id", "at")} for r in self._live_reactions(cid, bucket)
+                if lo <= r["seq"] <= hi]
+
+    def w_event_index_put(self, cid, bucket, target, seq, kind):
+        self.tables["message_events"].setdefault((cid, bucket), {})[(target, seq)] = kind
+
+    def r_events_of(self, cid, bucket, target):
+        part = self.tables["message_events"].get((cid, bucket), {})
+        return [{"seq": s, "kind": k} for (t, s), k in sorted(part.items()) if t == target]
+
+    def _receipt(self, cid, uid, ts, col, value):
+        row = self.tables["receipts"].setdefault(cid, {}).setdefault(uid, {"user_id": uid, "delivered_seq": None,
+                                                                           "read_seq": None, "ts": {}})
+        if ts >= row["ts"].get(col, -1):
+            row["ts"][col] = ts
+            row[col] = value
+
+    def w_receipt_delivered(self, ts, seq, cid, uid):
+        self._receipt(cid, uid, ts, "delivered_seq", seq)
+
+    def w_receipt_read(self, ts, seq, cid, uid):
+        self._receipt(cid, uid, ts, "read_seq", seq)
+
+    def r_receipts_of(self, cid):
+        return [{k: r[k] for k in ("user_id", "delivered_seq", "read_seq")}
+                for _, r in sorted(self.tables["receipts"].get(cid, {}).items())]
+
+    def w_push_drop(self, slot, uid, cid, seq):
+        self.tables["push_outbox"].get(slot, {}).pop((uid, cid, seq), None)
 
     def r_msg_top(self, cid, bucket):
         part = self.tables["messages"].get((cid, bucket), {})

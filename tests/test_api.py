@@ -134,8 +134,9 @@ async def test_channel_list_unread_and_read_receipts(server, nursery):
     assert entry["id"] == ch and entry["last_seq"] == 5 and entry["unread"] == 5 and entry["peer_id"] == a["user"]["id"]
     reply = await cb.request({"type": "read", "channel_id": ch, "seq": 3})
     assert reply["seq"] == 3
-    receipt = await ca.next_event("read")  # shown to the other member
-    assert receipt == {"type": "read", "channel_id": ch, "user_id": b["user"]["id"], "seq": 3}
+    receipt = await ca.next_event("receipts")  # shown to the other member, coalesced (issue 21)
+    assert receipt == {"type": "receipts", "channel_id": ch,
+                       "cursors": {str(b["user"]["id"]): {"delivered": 3, "read": 3}}}
     # never backwards, never past the head
     assert (await cb.request({"type": "read", "channel_id": ch, "seq": 1}))["seq"] == 3
     assert (await cb.request({"type": "read", "channel_id": ch, "seq": 99}))["seq"] == 5

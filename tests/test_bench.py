@@ -320,3 +320,13 @@ def test_smoke_storm():
                "--procs", "2")
     _assert_exact(r, 2)
     assert r["counts"]["reconnects"] > 0 and r["counts"]["storm_drops"] > 0
+
+
+def test_smoke_group_mix_converges():
+    """--mix: edits, deletes and reactions in the load, counted like messages (nothing lost,
+    duplicated or out of order), and every device's folded view equals the folded HTTP history."""
+    r = _bench("group", "--clients", "6", "--group-size", "3", "--duration", "3", "--rate", "60", "--procs", "2",
+               "--mix", "send=60,edit=15,delete=10,react=15")
+    _assert_exact(r, 3)
+    assert r["lifecycle"] == {"devices_compared": 6, "mismatched": 0, "converged": True}
+    assert r["options"]["mix"] == [["send", 60.0], ["edit", 15.0], ["delete", 10.0], ["react", 15.0]]

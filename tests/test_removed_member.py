@@ -22,6 +22,9 @@ async def _group_with_removed_member(server, nursery):
     assert (await cc.next_event("message"))["body"] == "before removal"
     r = await server.api.call("DELETE", f"/v1/channels/{group}/members/{bob['user']['id']}", token=alice["token"])
     assert r.status in (200, 204), r
+    # the removal is a row of the log (issue 21): bob's last frame of the group, carol's too
+    for c in (cb, cc):
+        assert (await c.next_event("message"))["kind"] == "member_removed"
     await ca.send_message(group, "after removal")
     assert (await cc.next_event("message"))["body"] == "after removal"
     return alice, bob, group, ca, cb

@@ -103,5 +103,7 @@ def test_every_request_type_has_one_verb_and_only_verbs_that_wait_get_a_task():
 
     assert set(VERBS) == {cls for cls, _ in proto._SCHEMAS.values()}
     in_reader = {t.__name__ for t, (_, task) in VERBS.items() if not task}
-    assert in_reader == {"Auth", "Send", "Sync", "Heartbeat", "UnsubscribePresence"}
+    # (edit, delete, react, unreact: like a send, the reader takes the send slot, then a task waits)
+    assert in_reader == {"Auth", "Send", "Sync", "Heartbeat", "UnsubscribePresence", "Edit", "Delete", "React",
+                         "Unreact"}
     assert all(getattr(Session, method.__name__) is method for method, _ in VERBS.values())

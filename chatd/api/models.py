@@ -237,6 +237,17 @@ class Members(Struct):
     owner_id: int | None  # the group's owner (null for a 1:1 channel)
 
 
+class ReceiptCursor(Struct):
+    user_id: int
+    delivered_seq: int  # the highest seq one of the member's devices holds
+    read_seq: int
+
+
+class Receipts(Struct):
+    channel_id: str
+    members: list[ReceiptCursor]  # every member, by delivered_seq then read_seq descending
+
+
 class ConnectAnswer(Struct):
     ws_url: str
     shard_id: str

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from .scenarios import SCENARIOS, BenchOptions, auto_procs
+from .scenarios import SCENARIOS, BenchOptions, auto_procs, parse_mix
 from .target import SERVER_ENV_DEFAULTS, server_env_pair, server_opt_env
 
 HELP = """Load-test chatd and check that no message is lost, duplicated or reordered.
@@ -79,6 +79,13 @@ def _procs(value):
     return n
 
 
+def _mix(text: str) -> tuple:
+    try:
+        return parse_mix(text)
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected op=weight,... (send, edit, delete, react)", param_hint="--mix")
+
+
 @click.command(help=HELP, context_settings={"max_content_width": 100})
 @click.argument("scenario", type=click.Choice(sorted(SCENARIOS) + ["failover"]))
 @click.option("--clients", type=int, default=100, show_default=True,
@@ -116,6 +123,11 @@ def _procs(value):
               help="TCP+WebSocket handshakes in progress at once, per generator process.")
 @click.option("--connect-timeout", "connect_timeout_s", type=float, default=15.0, show_default=True,
               help="Seconds one TCP+WebSocket handshake may take before the client gives up and retries.")
+@click.option("--mix", "mix_text", default="", metavar="send=80,edit=5,delete=5,react=10",
+              help="dm, group: the message lifecycle in the load: weights of send, edit (an own message), "
+                   "delete (an own message), react (react / unreact in turn, on an own message). Every device "
+                   "folds what it receives; at the end each device's folded view must equal the folded HTTP "
+                   "history (reported as 'lifecycle': converged).")
 @click.option("--api", help="API URL of a running deployment (default: start a `chatd run` locally).")
 @click.option("--server-pid", type=int, multiple=True,
               help="With --api on this machine: a server process's pid, to sample its RSS and CPU time "
@@ -153,7 +165,7 @@ def _procs(value):
 def bench(scenario, clients, devices, rate, duration_s, size, ramp_up_s, seed, procs, fmt, group_size,
           reconnect_interval_s, offline_s, drain_s, max_inflight, connect_concurrency, connect_timeout_s, api,
           server_pid, server_opt, server_env, keep_data, as_json, plot_path, check, progress, cluster_dir,
-          cross_shard, faults, freeze_s, zk_down_s, answer_bound_s):
+          cross_shard, faults, freeze_s, zk_down_s, answer_bound_s, mix_text):
     if scenario == "failover":
         _failover(api, cluster_dir or "./local-cluster", faults, clients, rate, seed, freeze_s, zk_down_s, answer_bound_s, as_json, check)
         return
@@ -166,7 +178,7 @@ def bench(scenario, clients, devices, rate, duration_s, size, ramp_up_s, seed, p
                         procs=n_procs or auto_procs(clients * devices), fmt=fmt, group_size=group_size,
                         drain_s=drain_s, reconnect_interval_s=reconnect_interval_s, offline_s=offline_s,
                         connect_concurrency=connect_concurrency, connect_timeout_s=connect_timeout_s,
-                        max_inflight=max_inflight, cross_shard=cross_shard)
+                        max_inflight=max_inflight, cross_shard=cross_shard, mix=_mix(mix_text))
     try:
         opts.validate()
         pids = {}

@@ -66,13 +66,52 @@ def _unpack(payload: bytes):
 
 
 class Outgoing:
-    __slots__ = ("n", "mono_ns", "wall_ns", "written")
+    __slots__ = ("n", "mono_ns", "wall_ns", "written", "op")
 
-    def __init__(self, n: int, mono_ns: int, wall_ns: int):
+    def __init__(self, n: int, mono_ns: int, wall_ns: int, op=None):
         self.n = n
         self.mono_ns = mono_ns
         self.wall_ns = wall_ns
         self.written = False
+        self.op = op  # --mix: None (a send) or the lifecycle frame's fields (its kind, its target)
+
+
+class Lifecycle:
+    """One device's part of ``--mix``: which op each scheduled send becomes (seeded), its targets
+    (this device's own acked messages; a deleted one is never targeted again), and the fold of
+    every row the device receives (chatd/lifecycle.py ``ChannelView``), compared at the end with
+    the folded HTTP history."""
+
+    def __init__(self, mix: tuple, rng, user_id: int):
+        self.ops = [op for op, _ in mix]
+        self.weights = [w for _, w in mix]
+        self.rng = rng
+        self.own: list[int] = []
+        self.reacted: set[int] = set()
+        self.user_id = user_id
+        self.views: dict = {}
+
+    def choose(self, channel: str):
+        op = self.rng.choices(self.ops, self.weights)[0]
+        if op == "send" or not self.own:
+            return None
+        if op == "delete":
+            target = self.own.pop(self.rng.randrange(len(self.own)))
+            self.reacted.discard(target)
+            return {"type": "delete", "channel_id": channel, "target_seq": target}
+        target = self.rng.choice(self.own)
+        if op == "edit":
+            return {"type": "edit", "channel_id": channel, "target_seq": target}
+        kind = "unreact" if target in self.reacted else "react"
+        self.reacted.symmetric_difference_update({target})
+        return {"type": kind, "channel_id": channel, "target_seq": target, "emoji": "👍"}
+
+    def fold(self, frame: dict) -> None:
+        from ..lifecycle import ChannelView
+        view = self.views.get(frame["channel_id"])
+        if view is None:
+            view = self.views[frame["channel_id"]] = ChannelView(self.user_id)
+        view.apply(frame)
 
 
 class BenchClient:
@@ -105,14 +144,31 @@ class BenchClient:
         self.connected = False
         self._reported = False  # the first outcome (connected / failed 3 times) told to the worker
         self.done = trio.Event()
+        mix = ctx.opts.mix
+        self.lifecycle = Lifecycle(mix, ctx.rng, dev.user_id) if mix else None
+
+    def _frame(self, rid: int, item: Outgoing) -> bytes:
+        """The payload of a scheduled item: a send (the prebuilt fast frame) or a lifecycle request."""
+        if item.op is None:
+            return self._build(rid, item.n, item.wall_ns)
+        frame = {**item.op, "id": rid, "client_msg_id": f"{self.tag}{item.n}"}
+        if frame["type"] == "edit":
+            frame["body"] = f"{item.wall_ns:016x}{self.ctx.pad}e"
+        return self.ctx.codec.encode(frame)
 
     # ---- what the worker calls -------------------------------------------------------------
     def enqueue(self, mono_ns: int, wall_ns: int) -> None:
         """A send is due: written at once when the connection is free for it (no task switch),
         otherwise queued for the writer task."""
         self._n += 1
-        item = Outgoing(self._n, mono_ns, wall_ns)
+        item = Outgoing(self._n, mono_ns, wall_ns,
+                        None if self.lifecycle is None else self.lifecycle.choose(self.dev.send_channel))
         ws = self._ws
+        if item.op is not None:  # a lifecycle request: always through the writer (keeps the order)
+            self.outbox.append(item)
+            if self._wake is not None:
+                self._wake.set()
+            return
         if ws is not None and not self.outbox and len(self.inflight) < self.ctx.max_inflight:
             self._rid += 1
             self.inflight[self._rid] = item
@@ -305,7 +361,8 @@ class BenchClient:
                     item = outbox.popleft()
                     self._rid += 1
                     inflight[self._rid] = item
-                    frames.append(encode_frame(opcode, build(self._rid, item.n, item.wall_ns)))
+                    frames.append(encode_frame(opcode, build(self._rid, item.n, item.wall_ns) if item.op is None
+                                               else self._frame(self._rid, item)))
                     if item.written:
                         stats.resent += 1
                     else:
@@ -354,8 +411,12 @@ class BenchClient:
                     return  # beyond a gap this device resynced from: asked for again, not a duplicate
             stats.delivered += 1
             stats.at("delivered", now)
+            if self.lifecycle is not None:
+                self.lifecycle.fold(obj)
             if self._syncing:
                 stats.delivered_by_sync += 1
+            elif "kind" in obj and obj["kind"] != "edit":
+                pass  # a reaction or a delete: no send time in it
             elif not (obj["sender_id"] == self.user_id and obj["client_msg_id"].startswith(self.tag)):
                 stats.h_deliver.record((now + self.ctx.wall_offset_ns - int(obj["body"][:16], 16)) // 1000)
         elif t == "ack":
@@ -363,6 +424,8 @@ class BenchClient:
             if item is None:
                 return
             stats.acked += 1
+            if self.lifecycle is not None and item.op is None and not obj.get("duplicate"):
+                self.lifecycle.own.append(obj["seq"])
             if obj.get("duplicate"):
                 stats.ack_duplicates += 1
             stats.acked_seqs[obj["channel_id"]].append(obj["seq"])

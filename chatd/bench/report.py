@@ -138,6 +138,9 @@ def build_report(opts: BenchOptions, population, results: list[dict], meta: dict
             problems.append(f"{acct['lost']} deliveries lost")
     if c["duplicated"]:
         problems.append(f"{c['duplicated']} duplicated deliveries")
+    lc = meta.get("lifecycle")
+    if lc is not None and not lc["converged"]:
+        problems.append(f"{lc['mismatched']} of {lc['devices_compared']} device views differ from the history")
     if c["out_of_order"]:
         problems.append(f"{c['out_of_order']} out-of-order deliveries")
     if meta["connect_failed"]:
@@ -159,6 +162,9 @@ def build_report(opts: BenchOptions, population, results: list[dict], meta: dict
     }
     if meta.get("cluster"):
         report["cluster"] = meta["cluster"]
+    if meta.get("lifecycle") is not None:  # --mix: the rows it made, and whether every device converged
+        report["options"]["mix"] = [list(x) for x in opts.mix]
+        report["lifecycle"] = meta["lifecycle"]
     return report, m["hists"]
 
 
@@ -240,6 +246,12 @@ def format_summary(r: dict) -> str:
                      + f"; sends with the partner on another shard {cl['sends_partner_on_other_shard'] * 100:.0f}%, "
                      f"owner not the sender's shard {cl['sends_owner_remote'] * 100:.0f}%, "
                      f"{cl['link_frames_per_send']:.2f} link frames per send")
+    lc = r.get("lifecycle")
+    if lc:
+        lines.append(f"  lifecycle (--mix {','.join(f'{k}={v:g}' for k, v in o['mix'])}): "
+                     + ("converged" if lc["converged"] else "NOT converged")
+                     + f", {lc['devices_compared']} device views == the folded HTTP history"
+                     + (f" ({lc['mismatched']} differ)" if lc["mismatched"] else ""))
     if c["errors"]:
         lines.append("  errors: " + ", ".join(f"{k} {v}" for k, v in c["errors"].items()))
     if c["closes"]:

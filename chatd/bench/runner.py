@@ -28,6 +28,39 @@ from .worker import worker_main
 START_DELAY_S = 0.3
 
 
+async def _converged(api_url: str, population, results: dict) -> dict:
+    """--mix: every device's folded view of each of its channels against the fold of the HTTP
+    history (read with a member's token), as digests (chatd/bench/worker.py ``view_digest``)."""
+    from ..lifecycle import ChannelView
+    from .httpclient import HTTPClient
+    from .worker import view_digest
+    views = {int(i): v for r in results.values() for i, v in r.get("views", {}).items()}
+    devices = {d.index: d for d in population.devices}
+    http = HTTPClient(api_url)
+    compared = mismatched = 0
+    try:
+        for ch, members in population.channel_devices.items():
+            token = devices[members[0]].token
+            view, after = ChannelView(devices[members[0]].user_id), 0
+            while True:
+                status, body = await http.request("GET", f"/v1/channels/{ch}/messages?limit=500&after={after}",
+                                                  token=token)
+                if status != 200:
+                    raise BenchError(f"history of {ch}: HTTP {status}")
+                for f in body["messages"]:
+                    view.apply(f)
+                if not body["more"]:
+                    break
+                after = body["messages"][-1]["seq"]
+            want = view_digest(view)
+            for i in members:
+                compared += 1
+                mismatched += views.get(i, {}).get(ch) != want
+    finally:
+        await http.aclose()
+    return {"devices_compared": compared, "mismatched": mismatched, "converged": compared > 0 and not mismatched}
+
+
 class BenchError(RuntimeError):
     pass
 
@@ -249,7 +282,8 @@ def run_bench(opts: BenchOptions, topts: TargetOptions, display: Display | None 
             if len(pids) > 1:  # the sums above are over all of them; each one's share here
                 server_info["procs"] = {name: {"pid": pid, "role": role_of(name), "cpu_s": None if cpu[name] is None
                                                else round(cpu[name], 3)} for name, pid in pids.items()}
-        meta = {"started_at": started_at.isoformat(timespec="seconds"), "target": target,
+        lifecycle = trio.run(_converged, api_url, population, results) if opts.mix else None
+        meta = {"started_at": started_at.isoformat(timespec="seconds"), "target": target, "lifecycle": lifecycle,
                 "setup_s": round(setup_s, 2), "run_s": round(t_send_end - t0_mono, 2),
                 "connected": connected, "connect_failed": failed, "server": server_info,
                 "http_calls": population.http_calls, "user_prefix": population.prefix,

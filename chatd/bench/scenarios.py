@@ -56,6 +56,8 @@ class BenchOptions:
     connect_timeout_s: float = 15.0
     max_inflight: int = 64
     cross_shard: bool = False  # dm/storm: pair users whose logins named different shards
+    # the message lifecycle: (op, weight) of send / edit / delete / react (--mix); () = sends only
+    mix: tuple = ()
 
     @property
     def connections(self) -> int:
@@ -90,8 +92,27 @@ class BenchOptions:
             raise ValueError("--procs must be >= 1")
         if self.cross_shard and sc.channels != "dm":
             raise ValueError("--cross-shard applies to 1:1 pairs (dm, storm)")
+        if self.mix:
+            ops = dict(self.mix)
+            if set(ops) - set(MIX_OPS) or any(w < 0 for w in ops.values()) or not ops.get("send"):
+                raise ValueError(f"--mix: weights of {', '.join(MIX_OPS)} (>= 0; send > 0), e.g. "
+                                 "send=80,edit=5,delete=5,react=10")
+            if self.scenario not in ("dm", "group") or self.fmt != "json":
+                raise ValueError("--mix applies to dm and group, in JSON")
         if self.fmt not in ("json", "msgpack"):
             raise ValueError("--format must be json or msgpack")
+
+
+MIX_OPS = ("send", "edit", "delete", "react")
+
+
+def parse_mix(text: str) -> tuple:
+    """``send=80,edit=5,delete=5,react=10`` -> (("send", 80), ...); ValueError if unreadable."""
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        op, _, w = part.partition("=")
+        out.append((op.strip(), float(w)))
+    return tuple(out)
 
 
 def auto_procs(connections: int) -> int:

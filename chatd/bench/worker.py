@@ -34,6 +34,14 @@ from .scenarios import SCENARIOS, WorkerSpec
 from .stats import NS, Stats
 
 
+def view_digest(view) -> str:
+    """A folded channel view (chatd/lifecycle.py), as a digest the same for every member: its
+    snapshot without "did I react"."""
+    import hashlib
+    snap = sorted((seq, t[:5] + t[6:]) for seq, t in view.snapshot().items())
+    return hashlib.sha256(repr(snap).encode()).hexdigest()
+
+
 def raise_nofile_limit() -> int:
     """Raise RLIMIT_NOFILE's soft limit to the hard one (thousands of sockets); the new soft limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -215,6 +223,8 @@ class Worker:
             result = stats.to_dict()
             result.update(worker=self.spec.worker, cpu_s=cpu, wall_s=wall, drain_s=drained_s,
                           books={c.dev.index: c.books() for c in self.clients},
+                          views={c.dev.index: {ch: view_digest(v) for ch, v in c.lifecycle.views.items()}
+                                 for c in self.clients if c.lifecycle is not None},
                           rusage_maxrss_kib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
             self.conn.send(("result", result))
             nursery.cancel_scope.cancel()

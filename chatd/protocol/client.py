@@ -53,6 +53,7 @@ MAX_SEQ = MAX_INT64
 MAX_ID_LEN = 64
 MAX_CLIENT_MSG_ID_LEN = 128
 MAX_TOKEN_LEN = 4096
+MAX_EMOJI_LEN = 64  # the frame's bound; what a reaction may be is chatd/lifecycle.py's (bad_emoji)
 MAX_CURSORS = 10_000
 MAX_DEPTH = 8  # the deepest valid frame nests 2 levels ({"cursors": {...}})
 
@@ -80,6 +81,38 @@ class Send:
     channel_id: str
     client_msg_id: str
     body: str
+    reply_to: int | None = None  # a message of the same channel this one answers
+
+
+@dataclass(frozen=True)
+class Edit:
+    id: object
+    channel_id: str
+    client_msg_id: str
+    target_seq: int
+    body: str
+
+
+@dataclass(frozen=True)
+class Delete:
+    id: object
+    channel_id: str
+    client_msg_id: str
+    target_seq: int
+
+
+@dataclass(frozen=True)
+class React:
+    id: object
+    channel_id: str
+    client_msg_id: str
+    target_seq: int
+    emoji: str
+
+
+@dataclass(frozen=True)
+class Unreact(React):
+    pass
 
 
 @dataclass(frozen=True)
@@ -110,6 +143,13 @@ class Typing:
 
 @dataclass(frozen=True)
 class Read:
+    id: object
+    channel_id: str
+    seq: int
+
+
+@dataclass(frozen=True)
+class Received:
     id: object
     channel_id: str
     seq: int
@@ -225,13 +265,24 @@ _SCHEMAS = {
     "auth": (Auth, {"token": (_nonempty_str(MAX_TOKEN_LEN), True), "cursors": (_cursors, False)}),
     "send": (Send, {"channel_id": (_channel, True),
                     "client_msg_id": (_nonempty_str(MAX_CLIENT_MSG_ID_LEN), True),
-                    "body": (_body, True)}),
+                    "body": (_body, True), "reply_to": (_limit, False)}),
+    "edit": (Edit, {"channel_id": (_channel, True), "client_msg_id": (_nonempty_str(MAX_CLIENT_MSG_ID_LEN), True),
+                    "target_seq": (_limit, True), "body": (_body, True)}),
+    "delete": (Delete, {"channel_id": (_channel, True),
+                        "client_msg_id": (_nonempty_str(MAX_CLIENT_MSG_ID_LEN), True),
+                        "target_seq": (_limit, True)}),
+    "react": (React, {"channel_id": (_channel, True), "client_msg_id": (_nonempty_str(MAX_CLIENT_MSG_ID_LEN), True),
+                      "target_seq": (_limit, True), "emoji": (_nonempty_str(MAX_EMOJI_LEN), True)}),
+    "unreact": (Unreact, {"channel_id": (_channel, True),
+                          "client_msg_id": (_nonempty_str(MAX_CLIENT_MSG_ID_LEN), True),
+                          "target_seq": (_limit, True), "emoji": (_nonempty_str(MAX_EMOJI_LEN), True)}),
     "sync": (Sync, {"cursors": (_cursors, True)}),
     "history": (History, {"channel_id": (_channel, True), "before": (_seq, False),
                           "after": (_seq, False), "limit": (_limit, False)}),
     "heartbeat": (Heartbeat, {}),
     "typing": (Typing, {"channel_id": (_channel, True)}),
     "read": (Read, {"channel_id": (_channel, True), "seq": (_seq, True)}),
+    "received": (Received, {"channel_id": (_channel, True), "seq": (_seq, True)}),
     "presence": (PresenceQuery, {"user_ids": (_user_ids, True)}),
     "subscribe_presence": (SubscribePresence, {"user_ids": (_user_ids, True)}),
     "unsubscribe_presence": (UnsubscribePresence, {"user_ids": (_user_ids, True)}),
@@ -373,6 +424,7 @@ class _Send(msgspec.Struct, tag="send", **_STRUCT):
     channel_id: str
     client_msg_id: Annotated[str, Meta(min_length=1, max_length=MAX_CLIENT_MSG_ID_LEN)]
     body: str
+    reply_to: Annotated[int, Meta(ge=1, le=MAX_SEQ)] | None = None
 
 
 class _Sync(msgspec.Struct, tag="sync", **_STRUCT):
@@ -499,7 +551,39 @@ def error_frame(code: str, message: str, request_id=None, **details) -> dict:
     return out
 
 
-def message_frame(m) -> dict:
-    """The ``message`` event for a stored message (``chatd.store.base.Message``)."""
-    return {"type": "message", "channel_id": m.channel_id, "seq": m.seq, "sender_id": m.sender_id,
-            "client_msg_id": m.client_msg_id, "body": m.body, "created_at": m.created_at}
+def message_frame(m, viewer: int | None = None) -> dict:
+    """The ``message`` frame of a stored row (``chatd.store.base.Message``): a message, folded to
+    its current state, or a lifecycle event (``kind``; docs/protocol.md). Fields that would say
+    "none" are left out (a plain message's frame is the same as before the lifecycle).
+    ``viewer``: the user it goes to, for the reactions' ``me`` (left out without one)."""
+    f = {"type": "message", "channel_id": m.channel_id, "seq": m.seq, "sender_id": m.sender_id,
+         "client_msg_id": m.client_msg_id, "body": m.body, "created_at": m.created_at}
+    kind = m.kind
+    if kind == "message":
+        if m.reply_to:
+            f["reply_to"] = m.reply_to
+            if m.reply is not None:
+                f["reply"] = m.reply
+        if m.state_seq:
+            f["state_seq"] = m.state_seq
+        if m.edited_at:
+            f["edited_at"] = m.edited_at
+        if m.deleted_at:
+            f["deleted"] = {"by": m.deleted_by, "at": m.deleted_at}
+        if m.reactions:
+            f["reactions"] = [{"emoji": e, "count": len(us), **({} if viewer is None else {"me": viewer in us})}
+                              for e, us in m.reactions]
+        return f
+    f["kind"] = kind
+    meta = m.meta or {}
+    if m.target_seq:
+        f["target_seq"] = m.target_seq
+    if kind in ("react", "unreact"):
+        f["body"] = ""
+        f["emoji"] = m.body
+        f["count"] = meta.get("count", 0)
+    if "user_id" in meta:
+        f["user_id"] = meta["user_id"]
+    if m.redacted:
+        f["redacted"] = True
+    return f

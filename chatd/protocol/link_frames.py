@@ -129,12 +129,15 @@ class Send(Frame, tag="send"):
     client_msg_id: str = msgspec.field(name="cmid")
     body: str
     rid: int = 0
+    ev: dict[str, Any] | None = None  # a lifecycle row (chatd.lifecycle.EventSpec.as_dict), not a plain send
+    force: bool = False  # with ``ev``: a trusted delete (moderation, erasure)
 
 
 class Reply(Frame, tag="reply"):
     rid: int = 0
     ok: PackedMessage | None = None
     dup: bool | None = None  # with ``ok``: whether the message was stored before (always sent then)
+    mx: dict[str, Any] | None = None  # with ``ok``: the row's lifecycle fields (message_extra)
     err: dict[str, Any] | None = None
     users: dict[str, dict[str, Any]] | None = None
 
@@ -148,6 +151,7 @@ class Deliver(Frame, tag="deliver"):
     event: dict[str, Any] | None = msgspec.field(default=None, name="e")
     skip: str | None = msgspec.field(default=None, name="x")
     hops: int = 0
+    mx: dict[str, Any] | None = None  # with ``message``: its lifecycle fields (message_extra)
 
 
 class Push(Frame, tag="push"):
@@ -156,6 +160,7 @@ class Push(Frame, tag="push"):
     message: PackedMessage | None = msgspec.field(default=None, name="m")
     event: dict[str, Any] | None = msgspec.field(default=None, name="e")
     skip: str | None = msgspec.field(default=None, name="x")
+    mx: dict[str, Any] | None = None
 
 
 class Device(Frame, tag="device"):
@@ -290,3 +295,21 @@ def _classify(body, error: str) -> Unknown | Malformed:
 def packed(m) -> PackedMessage:
     """A message (``chatd.store.base.Message``) as the frames carry it."""
     return (m.channel_id, m.seq, m.sender_id, m.client_msg_id, m.body, m.created_at)
+
+
+_EXTRA = ("kind", "target_seq", "reply_to", "meta", "reply")  # what a fresh row may carry besides
+
+
+def message_extra(m) -> dict | None:
+    """A fresh row's lifecycle fields (None for a plain message: the frame stays as it was)."""
+    if m.kind == "message" and not m.reply_to:
+        return None
+    return {k: getattr(m, k) for k in _EXTRA if getattr(m, k)}
+
+
+def unpacked(t: PackedMessage, mx: dict | None):
+    """The ``Message`` of a packed tuple and its :func:`message_extra` (unknown keys ignored)."""
+    from ..store.base import Message
+    if not mx:
+        return Message(*t)
+    return Message(*t, **{k: v for k, v in mx.items() if k in _EXTRA})

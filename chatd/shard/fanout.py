@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 
-from ..protocol.link_frames import Deliver, Device, Devices, Frame, Push, packed
+from ..protocol.link_frames import Deliver, Device, Devices, Frame, Push, message_extra, packed, unpacked
 from ..store.base import Message
 from .hub import Hub
 
@@ -65,7 +65,8 @@ class FanOut:
             else:
                 if m is None and message is not None:
                     m = packed(message)
-                self._to(home, Deliver(view.version, uids, m, event, skip))
+                self._to(home, Deliver(view.version, uids, m, event, skip,
+                                       mx=None if message is None else message_extra(message)))
 
     def _home_deliver(self, message, event, uids, skip=None, hops: int = 0) -> None:
         by_shard: dict[str, list[int]] = {}
@@ -81,8 +82,9 @@ class FanOut:
                 if moved is None:
                     moved = {}
                 moved.setdefault(view.home_of(uid), []).append(uid)
-            elif message is not None and uid != message.sender_id:
+            elif message is not None and uid != message.sender_id and message.kind == "message":
                 offline.append(uid)  # no device connected anywhere: a push notification instead
+                # (new messages only: no push for an edit, a reaction or a system event)
         if offline and self.push is not None:
             self.push.notify_offline(message, offline)  # only enqueues (chatd/push/service.py)
         m = None
@@ -92,12 +94,14 @@ class FanOut:
             else:
                 if m is None and message is not None:
                     m = packed(message)
-                self._to(shard, Push(view.version, us, m, event, skip))
+                self._to(shard, Push(view.version, us, m, event, skip,
+                                     mx=None if message is None else message_extra(message)))
         if moved is not None:  # forward once: the new home delivers, never forwards again
             if m is None and message is not None:
                 m = packed(message)
             for home, us in moved.items():
-                self._to(home, Deliver(view.version, us, m, event, skip, hops=1))
+                self._to(home, Deliver(view.version, us, m, event, skip, hops=1,
+                                       mx=None if message is None else message_extra(message)))
 
     def push_local(self, item, user_ids, skip: str | None = None) -> None:
         for uid in user_ids:  # (push never adds or removes sessions: no copy of the set)
@@ -114,13 +118,13 @@ class FanOut:
     def on_deliver(self, link, frame: Deliver) -> None:
         message = frame.message
         if message is not None:
-            self._home_deliver(Message(*message), None, frame.user_ids, frame.skip, frame.hops)
+            self._home_deliver(unpacked(message, frame.mx), None, frame.user_ids, frame.skip, frame.hops)
         elif frame.event is not None:
             self._home_deliver(None, frame.event, frame.user_ids, frame.skip, frame.hops)
 
     def on_push(self, link, frame: Push) -> None:
         message = frame.message
-        item = Message(*message) if message is not None else frame.event
+        item = unpacked(message, frame.mx) if message is not None else frame.event
         if item is not None:
             self.push_local(item, frame.user_ids, frame.skip)
 

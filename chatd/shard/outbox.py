@@ -67,6 +67,8 @@ from .wsconn import ConnectionClosed, frame
 
 log = logging.getLogger(__name__)
 
+REMOVALS = frozenset({"member_removed", "member_left"})  # log rows that end a member's stream
+
 CLOSE_INTERNAL = 1011
 CLOSE_TRY_AGAIN = 1013
 SEND_GRACE_S = 2.0  # how long a close waits for the socket write in progress
@@ -265,16 +267,19 @@ class Outbox:
             self._state = DONE
 
     def _frame_of(self, m: Message) -> bytes:
-        """The message's frame in this format: built once, shared by every connection."""
+        """The message's frame in this format: built once, shared by every connection (a row
+        read with reactions says "me" for this connection's user: framed for it alone)."""
         data = m.__dict__.get(self._key)
         if data is None:
+            if m.reactions:
+                return frame(proto.dumps(proto.message_frame(m, self.user_id), self.fmt))
             data = m.__dict__[self._key] = frame(proto.dumps(proto.message_frame(m), self.fmt))
         return data
 
     def _emit_message(self, m: Message) -> None:
         data = m.__dict__.get(self._key)  # framed once per format, shared by every connection
         if data is None:
-            data = m.__dict__[self._key] = frame(proto.dumps(proto.message_frame(m), self.fmt))
+            data = self._frame_of(m)
         self._out.append(data)
         self._flusher.messages_out.pending += 1  # (folded into the counter when it is read)
 
@@ -403,7 +408,15 @@ class Outbox:
         else:
             st[1] = m.seq
         self._emit_message(m)
+        if m.meta is not None and m.kind in REMOVALS:
+            self._removed(m)
         return True
+
+    def _removed(self, m: Message) -> None:
+        """A ``member_removed`` / ``member_left`` row: when it is this user's, it was the last
+        frame of that channel for this connection (nothing may advance its cursor now)."""
+        if m.meta.get("user_id") == self.user_id:
+            self._cursors.pop(m.channel_id, None)
 
     async def _deliver_live(self, m: Message) -> None:
         st = self._cursors.get(m.channel_id)
@@ -425,6 +438,8 @@ class Outbox:
         if m.seq > st[1]:
             self._emit_message(m)
             st[1] = m.seq
+            if m.meta is not None and m.kind in REMOVALS:
+                self._removed(m)
 
     async def _stream(self, channel_id: str, after: int, upto: int | None, st: list | None) -> int | None:
         """Send stored messages with ``after < seq <= upto`` in order; advance ``st`` if given.

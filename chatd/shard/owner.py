@@ -23,8 +23,16 @@ and devices fill such holes from the store (see the session's gap fill).
 Collaborators: the store, the membership cache, and ``deliver(message, member_ids)``, which takes
 each message on in seq order (the shard's fan-out, :class:`~chatd.shard.fanout.FanOut`).
 
+The message lifecycle (:meth:`ChannelOwners.append_event`: edit, delete, react, unreact, a send
+with ``reply_to``, and the API's system events) takes the same seqs, reorder buffer and fan-out as
+sends, by the task path only: the rules (chatd/lifecycle.py) are checked against the target as
+stored, under a per-channel lock held from the resend check to the durable append, so two events
+of one channel never check against a state the other is changing. :meth:`delete_message` is the
+one redaction entry point (a moderator or an erasure job calls it with ``force``).
+
 Error policy: store failures reach the caller as ``ChatError("unavailable")`` and nothing is
-fanned out; membership errors as ``not_member`` / ``no_such_channel`` / ``no_such_user``.
+fanned out; membership errors as ``not_member`` / ``no_such_channel`` / ``no_such_user``; the
+lifecycle's as chatd/lifecycle.py lists.
 """
 
 from __future__ import annotations
@@ -35,8 +43,9 @@ from typing import Callable
 
 import trio
 
+from .. import lifecycle as lc
 from ..errors import ChatError
-from ..ids import dm_members
+from ..ids import dm_members, is_group
 from ..membership import Membership
 from ..metrics import Metrics
 from ..store.base import Message, Store
@@ -69,14 +78,87 @@ class _ChannelState:
 
 class ChannelOwners:
     def __init__(self, store: Store, membership: Membership, deliver: Callable[[Message, object], None],
-                 metrics: Metrics, max_idle_channels: int = 200_000):
+                 metrics: Metrics, max_idle_channels: int = 200_000, limits=None):
         self.store = store
         self.membership = membership
         self.deliver = deliver
         self.metrics = metrics
+        self.limits = limits  # LimitsConfig (edit window, reaction kinds, body length)
         self._pending: dict[tuple, _Pending] = {}
         self._channels: dict[str, _ChannelState] = {}
         self._max_idle = max_idle_channels
+        self._locks: dict[str, trio.Lock] = {}  # channel -> its lifecycle lock (while in use)
+        self._extra: dict[tuple, int] = {}  # (seq, channel) -> one more recipient of that row
+
+    async def append_event(self, user_id: int, channel_id: str, client_msg_id: str, spec: lc.EventSpec,
+                           on_stored=None, force: bool = False):
+        """Check, store and fan out one lifecycle row (see the module docstring); return the
+        store's ``AppendResult`` (a resend: the original, ``duplicate``). System events (from the
+        API, after the membership change) and ``force`` (moderation, erasure) skip the member and
+        author checks; a system event also goes to ``spec.notify`` (the member removed)."""
+        system = spec.kind in lc.SYSTEM
+        if not system:
+            await self.membership.require_member(channel_id, user_id)
+        lock = self._locks.get(channel_id)
+        if lock is None:
+            lock = self._locks[channel_id] = trio.Lock()
+        try:
+            async with lock:
+                result = await self._append_event_locked(user_id, channel_id, client_msg_id, spec, system or force)
+        finally:
+            if not lock.locked() and not lock.statistics().tasks_waiting and self._locks.get(channel_id) is lock:
+                del self._locks[channel_id]
+        if on_stored is not None:
+            on_stored(result)
+        return result
+
+    async def _append_event_locked(self, user_id, channel_id, client_msg_id, spec, trusted: bool):
+        t_arrived = time.perf_counter()
+        store = self.store
+        original = await store.find_sent(channel_id, user_id, client_msg_id)
+        if original is not None:
+            return await self._stored_event(channel_id, user_id, client_msg_id, spec, t_arrived)
+        target_seq = spec.target_seq or spec.reply_to
+        target = await store.get_message(channel_id, target_seq) if target_seq else None
+        if not trusted or spec.kind == lc.MESSAGE:
+            owner = None
+            if spec.kind == lc.DELETE and is_group(channel_id):
+                channel = await store.get_channel(channel_id)
+                owner = channel.owner_id if channel else None
+            limits = self.limits
+            lc.check(spec, user_id, target, owner, time.time(), edit_window_s=limits.edit_window_s,
+                     max_body_chars=limits.max_body_chars, max_reaction_kinds=limits.max_reaction_kinds)
+        elif spec.kind in lc.TARGETED and (target is None or target.kind != lc.MESSAGE or target.deleted_at):
+            raise ChatError("no_such_message", f"there is no message {spec.target_seq} to change")
+        reply = lc.excerpt(target) if target is not None and spec.reply_to else None
+        return await self._stored_event(channel_id, user_id, client_msg_id, spec, t_arrived, reply)
+
+    async def _stored_event(self, channel_id, user_id, client_msg_id, spec, t_arrived, reply=None):
+        state = await self._state(channel_id)
+        state.inflight += 1
+        t0 = time.perf_counter()
+        with trio.CancelScope(shield=True):  # once queued it may commit: its fan-out must follow
+            try:
+                result = await self.store.append_event(channel_id, user_id, client_msg_id, spec, time.time(),
+                                                       dm_pair=dm_members(channel_id))
+            finally:
+                state.inflight -= 1
+            if reply is not None and not result.duplicate:
+                result.message.reply = reply  # (before its fan-out: the live frame quotes the target)
+            self._stored(state, result, t0, t_arrived)
+            if spec.notify and not result.duplicate:
+                self._extra[result.message.seq, channel_id] = spec.notify
+            await self._flush(channel_id, state)
+        return result
+
+    async def delete_message(self, user_id: int, channel_id: str, seq: int, client_msg_id: str,
+                             force: bool = False):
+        """Redact message ``seq``: its body, every edit's body and its reactions are erased from
+        the store, and a ``delete`` event (by ``user_id``) takes the channel's next seq. ``force``:
+        skip the author / owner check (an erasure job or a moderator acting for the service);
+        the target must still be a message that is not deleted (``no_such_message``)."""
+        return await self.append_event(user_id, channel_id, client_msg_id, lc.EventSpec(lc.DELETE, target_seq=seq),
+                                       force=force)
 
     async def send(self, sender_id: int, channel_id: str, client_msg_id: str, body: str, on_submit=None,
                    on_stored=None):
@@ -230,7 +312,11 @@ class ChannelOwners:
                 out.append(ready.pop(seq))
             state.delivered = out[-1].seq
         deliver = self.deliver
+        extra = self._extra
         for m in out:
+            if extra and (m.seq, m.channel_id) in extra:  # a removal: the one removed hears of it
+                deliver(m, members | {extra.pop((m.seq, m.channel_id))})
+                continue
             deliver(m, members)
 
     def _evict_idle(self) -> None:

@@ -27,8 +27,9 @@ import trio
 from ..cluster.links import LinkManager
 from ..discovery.base import Discovery
 from ..errors import CODES, ChatError
-from ..protocol.link_frames import Reply, Send, packed
-from ..store.base import AppendResult, Message
+from ..lifecycle import EventSpec
+from ..protocol.link_frames import Reply, Send, message_extra, packed, unpacked
+from ..store.base import AppendResult
 from .fanout import FanOut
 from .hub import Hub
 from .owner import ChannelOwners
@@ -117,7 +118,41 @@ class Router:
             reply = await self.links.request_on(link, Send(view.version, channel_id, user_id, client_msg_id, body),
                                                 timeout_s, on_sent=on_submit)
             if reply.ok is not None:
-                result = AppendResult(Message(*reply.ok), reply.dup is True)
+                result = AppendResult(unpacked(reply.ok, reply.mx), reply.dup is True)
+                if on_stored is not None:
+                    on_stored(result)
+                return result
+            err = reply.err or {}
+            if err.get("code") == "stale_view":
+                await self.discovery.wait_view(_int(err.get("view")), 2.0)
+                continue
+            raise _remote_error(err)
+        raise ChatError("unavailable", "the channel's owner could not be reached; retry",
+                        retry_after_ms=RETRY_AFTER_MS)
+
+    async def append_event(self, user_id: int, channel_id: str, client_msg_id: str, spec: EventSpec,
+                           on_stored=None, timeout_s: float = 10.0, force: bool = False) -> AppendResult:
+        """A lifecycle row (edit, delete, react, unreact, a reply, a system event) through the
+        channel's owner, routed and bounded exactly like :meth:`send` (``unavailable`` when the
+        owner is unreachable or silent; ``stale_view`` routed again)."""
+        for _ in range(SEND_ATTEMPTS):
+            if not self.view.shards:
+                await self.wait_for_view()
+            view = self.view
+            if not view.shards:
+                raise ChatError("unavailable", "no chat shard is live; retry", retry_after_ms=RETRY_AFTER_MS)
+            owner = view.owner_of(channel_id)
+            if owner == self.me:
+                self._check_writable()
+                return await self.owners.append_event(user_id, channel_id, client_msg_id, spec, on_stored=on_stored,
+                                                      force=force)
+            link = await self._wait_link(owner, view.version)
+            if link is None:
+                continue
+            reply = await self.links.request_on(link, Send(view.version, channel_id, user_id, client_msg_id, "",
+                                                           ev=spec.as_dict(), force=force), timeout_s)
+            if reply.ok is not None:
+                result = AppendResult(unpacked(reply.ok, reply.mx), reply.dup is True)
                 if on_stored is not None:
                     on_stored(result)
                 return result
@@ -163,7 +198,7 @@ class Router:
 
         def on_reply(reply: Reply) -> None:
             if reply.ok is not None:
-                done(AppendResult(Message(*reply.ok), reply.dup is True), None)
+                done(AppendResult(unpacked(reply.ok, reply.mx), reply.dup is True), None)
                 return
             err = reply.err or {}
             if err.get("code") == "stale_view" and self._nursery is not None:
@@ -235,7 +270,7 @@ class Router:
         else by a task (:meth:`on_remote_send`), keeping the link's order per channel."""
         key = (link, frame.channel_id)
         previous = self._link_chains.get(key)
-        if (previous is None or previous.is_set()) and self.remote_send_nowait(link, frame):
+        if (previous is None or previous.is_set()) and frame.ev is None and self.remote_send_nowait(link, frame):
             return  # queued in the store already: no task, no event
         if self._nursery is None:  # not running: the requester gets `unavailable` by its timeout
             return
@@ -261,9 +296,15 @@ class Router:
             if not self._owns(ch):
                 raise _Stale(self.view.version)
             self._check_writable()
-            result = await self.owners.send(frame.user_id, ch, frame.client_msg_id, frame.body,
-                                            on_submit=submitted.set)
-            await self.links.reply(link, Reply(rid, ok=packed(result.message), dup=result.duplicate))
+            if frame.ev is not None:
+                submitted.set()  # (a lifecycle row waits on its channel's lock, not on this chain)
+                result = await self.owners.append_event(frame.user_id, ch, frame.client_msg_id,
+                                                        EventSpec.from_dict(frame.ev), force=frame.force)
+            else:
+                result = await self.owners.send(frame.user_id, ch, frame.client_msg_id, frame.body,
+                                                on_submit=submitted.set)
+            await self.links.reply(link, Reply(rid, ok=packed(result.message), dup=result.duplicate,
+                                               mx=message_extra(result.message)))
         except _Stale as e:
             await self.links.reply(link, Reply(rid, err={"code": "stale_view", "view": e.version,
                                                          "message": "not the owner under the current view"}))

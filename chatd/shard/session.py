@@ -55,6 +55,7 @@ from typing import Awaitable, Callable
 
 import trio
 
+from .. import lifecycle as lc
 from .. import revocation
 from ..auth import token_claims
 from ..errors import ChatError
@@ -89,11 +90,26 @@ def verb(request_type: type, *, task: bool):
     return register
 
 
-def _ack(req: proto.Send, result) -> dict:
-    """The ``ack`` of a stored send (``result``: the store's AppendResult)."""
+def _ack(req, result) -> dict:
+    """The ``ack`` of a stored send or lifecycle event (``result``: the store's AppendResult)."""
     m = result.message
-    return {"type": "ack", "id": req.id, "channel_id": m.channel_id, "seq": m.seq,
-            "client_msg_id": m.client_msg_id, "created_at": m.created_at, "duplicate": result.duplicate}
+    out = {"type": "ack", "id": req.id, "channel_id": m.channel_id, "seq": m.seq,
+           "client_msg_id": m.client_msg_id, "created_at": m.created_at, "duplicate": result.duplicate}
+    if m.kind != "message":
+        out["kind"] = m.kind
+    return out
+
+
+def _spec(req) -> lc.EventSpec:
+    """The lifecycle row a request asks for (a send with ``reply_to``, edit, delete, react, unreact)."""
+    t = type(req)
+    if t is proto.Send:
+        return lc.EventSpec(lc.MESSAGE, body=req.body, reply_to=req.reply_to)
+    if t is proto.Edit:
+        return lc.EventSpec(lc.EDIT, target_seq=req.target_seq, body=req.body)
+    if t is proto.Delete:
+        return lc.EventSpec(lc.DELETE, target_seq=req.target_seq)
+    return lc.EventSpec(lc.REACT if t is proto.React else lc.UNREACT, target_seq=req.target_seq, body=req.emoji)
 
 
 def _retryable(error: ChatError) -> ChatError:
@@ -347,7 +363,7 @@ class Session:
         if self._last_send is None:
             self._last_send = {}
         previous = self._last_send.get(req.channel_id)
-        if previous is None or previous.is_set():
+        if (previous is None or previous.is_set()) and not req.reply_to:
             try:
                 if self._send_nowait(req):
                     return
@@ -400,7 +416,7 @@ class Session:
                 self.push(reply)
         return answer
 
-    async def _send_waiting(self, req: proto.Send, previous: trio.Event | None, submitted: trio.Event) -> None:
+    async def _send_waiting(self, req, previous: trio.Event | None, submitted: trio.Event) -> None:
         """Sends run concurrently (their commits share a group commit) but enter the store in
         the order the client sent them *per channel*: each waits until the previous send to
         the same channel is queued (a send stuck on one channel holds no other channel's). The
@@ -418,9 +434,18 @@ class Session:
             with ticket.scope:  # cancelled at the deadline, once the ticket answered `unavailable`
                 if previous is not None and not previous.is_set():
                     await previous.wait()
-                await self.node.router.send(self.user_id, req.channel_id, req.client_msg_id, req.body,
-                                            on_submit=submitted.set, on_stored=ack,
-                                            timeout_s=self._answers.budget_s)
+                if type(req) is proto.Send and not req.reply_to:
+                    await self.node.router.send(self.user_id, req.channel_id, req.client_msg_id, req.body,
+                                                on_submit=submitted.set, on_stored=ack,
+                                                timeout_s=self._answers.budget_s)
+                else:  # a lifecycle row: checked and sequenced by the owner (chatd/lifecycle.py); the
+                    # connection's next row of the channel waits until this one is stored (order kept)
+                    def stored(result) -> None:
+                        submitted.set()
+                        ack(result)
+                    await self.node.router.append_event(self.user_id, req.channel_id, req.client_msg_id,
+                                                        _spec(req), on_stored=stored,
+                                                        timeout_s=self._answers.budget_s)
         except ChatError as e:
             ticket.answer(_retryable(e))
         except Exception as e:  # noqa: BLE001 - a bug: answered 'internal', connection closed
@@ -431,6 +456,30 @@ class Session:
             if self._last_send.get(req.channel_id) is submitted:
                 del self._last_send[req.channel_id]
             self._inflight.release()
+
+    @verb(proto.Edit, task=False)
+    async def _edit(self, req: proto.Edit) -> None:
+        """Edit, delete, react, unreact: sequenced like a send (same in-flight cap, per-channel
+        order, answer deadline ``limits.send_answer_s``), by the task path (:meth:`_send_waiting`)."""
+        if type(req) is proto.Edit and len(req.body) > self.limits.max_body_chars:
+            self.push_error(ChatError("body_too_long", f"a message body has at most "
+                                      f"{self.limits.max_body_chars} characters"), req.id)
+            return
+        if type(req) in (proto.React, proto.Unreact):
+            lc.check_emoji(req.emoji)  # bad_emoji, before anything is routed
+        if self._inflight is None:
+            self._inflight = trio.Semaphore(self.limits.max_inflight_sends)
+        try:
+            self._inflight.acquire_nowait()
+        except trio.WouldBlock:
+            await self._inflight.acquire()
+        if self._last_send is None:
+            self._last_send = {}
+        previous = self._last_send.get(req.channel_id)
+        submitted = self._last_send[req.channel_id] = trio.Event()
+        self._nursery.start_soon(self._send_waiting, req, previous, submitted)
+
+    VERBS[proto.Delete] = VERBS[proto.React] = VERBS[proto.Unreact] = (_edit, False)
 
     @verb(proto.Sync, task=False)
     async def _sync(self, req: proto.Sync) -> None:
@@ -453,7 +502,7 @@ class Session:
         # Keep the reply under the frame limit (dropped from the far end: then there is more).
         kept, trimmed = within_budget(msgs, req.after is not None, self.limits.max_frame_bytes)
         self.push({"type": "history", "id": req.id, "channel_id": req.channel_id, "more": more or trimmed,
-                   "messages": [proto.message_frame(m) for m in kept]})
+                   "messages": [proto.message_frame(m, self.user_id) for m in kept]})
 
     @verb(proto.Typing, task=True)
     async def _typing(self, req: proto.Typing) -> None:
@@ -474,8 +523,22 @@ class Session:
             self.push({"type": "read", "id": req.id, "channel_id": req.channel_id, "seq": 0})
             return
         self.push({"type": "read", "id": req.id, "channel_id": req.channel_id, "seq": seq})
-        event = {"type": "read", "channel_id": req.channel_id, "user_id": self.user_id, "seq": seq}
-        self.node.router.deliver_event(event, members, skip=self.device_id)
+        # to the members, coalesced (chatd/shard/receipts.py): one `receipts` event per interval
+        self.node.receipts.note(req.channel_id, self.user_id, members, seq, seq)
+
+    @verb(proto.Received, task=True)
+    async def _received(self, req: proto.Received) -> None:
+        """The highest seq this device holds: the member's ``delivered_seq`` rises (✓✓)."""
+        members = await self.node.membership.require_member(req.channel_id, self.user_id)
+        try:
+            seq = await self.node.store.set_delivered(req.channel_id, self.user_id, req.seq)
+        except ChatError as e:
+            if e.code != "not_member" or dm_members(req.channel_id) is None:
+                raise
+            seq = 0  # a 1:1 channel with no message yet
+        self.push({"type": "received", "id": req.id, "channel_id": req.channel_id, "seq": seq})
+        if seq:
+            self.node.receipts.note(req.channel_id, self.user_id, members, seq)
 
     @verb(proto.SubscribePresence, task=True)
     async def _subscribe_presence(self, req: proto.SubscribePresence) -> None:

@@ -26,7 +26,7 @@ one write transaction reads the head; Cassandra: conditional insert on ``(channe
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 
@@ -73,8 +73,13 @@ class ChannelSummary:
     read_seq: int
     last_at: float
 
+    # new messages above read_seq (no events, no deleted ones); None: the backend does not count them
+    unread_count: int | None = field(default=None, compare=False)
+
     @property
     def unread(self) -> int:
+        if self.unread_count is not None:
+            return self.unread_count
         return max(0, self.last_seq - self.read_seq)
 
 
@@ -92,12 +97,36 @@ class Departure:
 
 @dataclass(eq=False)
 class Message:
+    """One row of a channel's log: a message, or a lifecycle event (``kind``, chatd/lifecycle.py).
+
+    The first six fields are every row's; the rest have defaults that mean "none" (a plain
+    message). A message row is returned *folded* (its current state: ``body`` as last edited,
+    ``edited_at``, ``deleted_by``/``deleted_at`` with an erased body, ``reactions``, ``state_seq``
+    the seq of the last event folded in, ``reply`` the quote of its ``reply_to`` target). An event
+    row: ``target_seq``, its ``body`` (an edit's text, a reaction's emoji; "" once its target was
+    deleted: ``redacted``), ``meta`` (a reaction's ``count`` after it; a system event's
+    ``user_id``)."""
     channel_id: str
     seq: int
     sender_id: int
     client_msg_id: str
     body: str
     created_at: float
+    kind: str = "message"
+    target_seq: int = 0
+    reply_to: int = 0
+    meta: dict | None = None
+    edited_at: float = 0.0
+    deleted_by: int = 0
+    deleted_at: float = 0.0
+    state_seq: int = 0
+    reactions: tuple = ()  # ((emoji, (user ids, sorted)), ...) in order of first reaction
+    reply: dict | None = None  # filled at read: lifecycle.excerpt(target)
+
+    @property
+    def redacted(self) -> bool:
+        """An event row whose target was deleted: its content is erased."""
+        return self.kind in ("edit", "react", "unreact") and not self.body
 
 
 @dataclass(frozen=True)
@@ -269,11 +298,36 @@ class Store(abc.ABC):
         caller then awaits :meth:`append_message`. This default always answers False."""
         return False
 
+    async def append_event(self, channel_id: str, sender_id: int, client_msg_id: str, spec, created_at: float,
+                           dm_pair: tuple[int, int] | None = None) -> AppendResult:
+        """Append a lifecycle row (``spec``: a :class:`chatd.lifecycle.EventSpec`; a message with
+        ``reply_to`` too) under the same sequencing and dedup contract as :meth:`append_message`,
+        and fold it into its target: an edit sets the target's body, ``edited_at`` and
+        ``state_seq``; a delete **erases** the target's body, the body of every edit of it, its
+        reactions and the emoji of every reaction event of it, and its pending pushes, and records
+        who deleted it and when; a react / unreact adds or drops the user's reaction and stores the
+        count after it (``meta["count"]``). The caller (the channel's owner, under the channel's
+        lifecycle lock) has checked the rules (chatd/lifecycle.py). A duplicate answers the
+        original row and applies its fold again (harmless: the fold is idempotent)."""
+        raise NotImplementedError
+
+    async def find_sent(self, channel_id: str, sender_id: int, client_msg_id: str) -> Message | None:
+        """The row stored for ``(channel, sender, client_msg_id)``, if any (a resend's original)."""
+        raise NotImplementedError
+
+    async def get_message(self, channel_id: str, seq: int) -> Message | None:
+        """The row ``seq`` of the channel, folded (None if there is none)."""
+        if seq < 1:
+            return None
+        rows = await self.read_messages(channel_id, after=seq - 1, before=seq + 1, limit=1)
+        return rows[0] if rows else None
+
     @abc.abstractmethod
     async def read_messages(self, channel_id: str, *, after: int | None = None, before: int | None = None,
                             limit: int) -> list[Message]:
-        """Messages in ascending seq. With ``after``: the first ``limit`` with seq > after (and
-        < before if given). Otherwise the last ``limit`` with seq < before (or the newest)."""
+        """Rows (messages folded, and events) in ascending seq. With ``after``: the first ``limit``
+        with seq > after (and < before if given). Otherwise the last ``limit`` with seq < before (or
+        the newest). A reply's ``reply`` holds the excerpt of its target as it is now."""
 
     @abc.abstractmethod
     async def expire_messages(self, channel_id: str, before: float) -> int:
@@ -289,6 +343,16 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def set_read(self, channel_id: str, user_id: int, seq: int) -> int:
         """Raise the user's read cursor to ``min(seq, head)`` (never lowers it); return the cursor."""
+
+    async def set_delivered(self, channel_id: str, user_id: int, seq: int) -> int:
+        """Raise the member's ``delivered_seq`` (the highest seq one of their devices holds) to
+        ``min(seq, head)`` (never lowers it); return it. ``not_member`` if not a member. A
+        :meth:`set_read` raises it too (read implies received)."""
+        raise NotImplementedError
+
+    async def receipts(self, channel_id: str) -> dict[int, tuple[int, int]]:
+        """member -> (delivered_seq, read_seq), for every current member."""
+        raise NotImplementedError
 
     # -- presence --
     @abc.abstractmethod

@@ -57,6 +57,7 @@ append or :meth:`head_seq`. ``head_seq``, ``read_messages`` and ``set_read`` alw
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import time
@@ -65,6 +66,7 @@ from collections import OrderedDict, deque
 import trio
 from cassandra.query import UNSET_VALUE
 
+from .. import lifecycle as lc
 from ..config import CassandraConfig
 from ..errors import ChatError
 from ..ids import MAX_INT64
@@ -94,9 +96,10 @@ def _micros(at: float) -> int:
 # ---- the append queue -----------------------------------------------------------------------------
 class _Append:
     __slots__ = ("sender_id", "client_msg_id", "body", "created_at", "dm_pair", "wake", "result", "error", "batch",
-                 "index_failed", "indexed_tick", "looked", "lookup_tick", "dedup_seq")
+                 "index_failed", "indexed_tick", "looked", "lookup_tick", "dedup_seq", "extra")
 
-    def __init__(self, sender_id, client_msg_id, body, created_at, dm_pair):
+    def __init__(self, sender_id, client_msg_id, body, created_at, dm_pair, extra=None):
+        self.extra = extra  # a lifecycle row: (kind or None, target_seq, reply_to, meta JSON, meta) else None
         self.sender_id = sender_id
         self.client_msg_id = client_msg_id
         self.body = body
@@ -525,31 +528,139 @@ class CassandraStore(Store):
         A caller whose message was stored then writes its ``message_dedup`` row itself, off the
         leader's path (see :meth:`_index_stored`)."""
         with self._op():
-            queue = self._queues.get(channel_id)
-            if queue is None:
-                queue = self._queues[channel_id] = _ChannelQueue()
-            item = _Append(sender_id, client_msg_id, body, created_at, dm_pair)
-            queue.items.append(item)
-            if queue.busy:
-                if channel_id in self._heads:  # look up its dedup row while the batch ahead runs
-                    await self._lookup(channel_id, item)
-                await item.wake.wait()  # done, or asked to lead
-            if item.result is None and item.error is None:
-                queue.busy = True
-                try:
-                    while item.result is None and item.error is None:
-                        await self._run_batch(channel_id, queue)
-                finally:
-                    if queue.items:
-                        queue.items[0].wake.set()  # the next waiter leads
-                    else:
-                        queue.busy = False
-                        del self._queues[channel_id]
-            if item.error is not None:
-                raise item.error
-            if item.batch is not None and self._background is None:
-                await self._index_stored(channel_id, [item])
-            return item.result
+            return await self._append(channel_id, _Append(sender_id, client_msg_id, body, created_at, dm_pair))
+
+    # ---- the message lifecycle (chatd/lifecycle.py; docs/cassandra.md) ------------------------
+    async def append_event(self, channel_id, sender_id, client_msg_id, spec, created_at, dm_pair=None):
+        """The row goes through the append queue like a message (same fence, dedup and seqs);
+        then its fold is written (:meth:`_fold`). Two steps, not one transaction: a crash between
+        them leaves the row without its fold until the resend (the client's, with the same
+        ``client_msg_id``), which answers ``duplicate`` and writes the fold again; every fold
+        write is ``USING TIMESTAMP`` = the row's seq, so a replay never undoes a later event."""
+        with self._op():
+            kind, target = spec.kind, spec.target_seq
+            meta = None
+            if kind in (lc.REACT, lc.UNREACT):  # the count after it (the owner holds the channel's lock)
+                rows = await self._cql.rows("reactions_of", (channel_id, self._bucket(target), target, spec.body))
+                users = {r["user_id"] for r in rows}
+                users.add(sender_id) if kind == lc.REACT else users.discard(sender_id)
+                meta = {"count": len(users)}
+            elif kind in lc.SYSTEM:
+                meta = {"user_id": spec.user_id}
+            body = spec.body if kind in (lc.MESSAGE, lc.EDIT, lc.REACT, lc.UNREACT) else ""
+            extra = (None if kind == lc.MESSAGE else kind, target or None, spec.reply_to or None,
+                     json.dumps(meta) if meta else None, meta)
+            result = await self._append(channel_id, _Append(sender_id, client_msg_id, body, created_at, dm_pair, extra))
+            if result.message.kind in lc.TARGETED:
+                await self._fold(result.message)
+            return result
+
+    async def _fold(self, ev: Message) -> None:
+        """Write what ``ev`` (an edit, delete, react or unreact row) does to its target."""
+        cid, target, seq = ev.channel_id, ev.target_seq, ev.seq
+        tb = self._bucket(target)
+        if ev.redacted:
+            return  # its target was deleted since (this is a replay): nothing to fold
+        row = await self._cql.one("msg_get", (cid, tb, target))
+        if row is None or row.get("kind") is not None:  # never write a row that is not there
+            return
+        await self._cql.write("event_index_put", (cid, tb, target, seq, ev.kind))
+        if ev.kind == lc.EDIT:
+            await self._cql.write("fold_edit", (seq, ev.body, ev.created_at, seq, cid, tb, target))
+        elif ev.kind == lc.DELETE:
+            await self._erase(cid, target, ev)
+        else:
+            if ev.kind == lc.REACT:
+                await self._cql.write("reaction_put", (cid, tb, target, ev.body, ev.sender_id, ev.created_at, seq))
+            else:
+                await self._cql.write("reaction_delete", (seq, cid, tb, target, ev.body, ev.sender_id))
+            await self._cql.write("fold_state", (seq, seq, cid, tb, target))
+
+    async def _erase(self, cid: str, target: int, ev: Message) -> None:
+        """Redaction: the message's text and its edits' (``edited_body`` at the delete's seq wins
+        over every edit's), its edit and reaction rows' text, its reactions, its pending pushes."""
+        tb, seq = self._bucket(target), ev.seq
+        await self._cql.write("fold_delete", (seq, "", ev.sender_id, ev.created_at, seq, cid, tb, target))
+        events = await self._cql.rows("events_of", (cid, tb, target))
+        members = await self._members(cid) if not cid.startswith("dm:") else [
+            int(u) for u in cid.split(":")[1:]]
+        await self._gather(
+            lambda: self._cql.write("msg_erase", ("", cid, tb, target)),
+            lambda: self._cql.write("reactions_drop", (seq, cid, tb, target)),
+            *[lambda e=e: self._cql.write("msg_erase", ("", cid, self._bucket(e["seq"]), e["seq"]))
+              for e in events if e["kind"] in (lc.EDIT, lc.REACT, lc.UNREACT)],
+            *[lambda u=u: self._cql.write("push_drop", (push_slot(u), u, cid, target)) for u in members])
+
+    async def find_sent(self, channel_id, sender_id, client_msg_id):
+        with self._op():
+            mine = self._unindexed.get(channel_id, {}).get((sender_id, client_msg_id))
+            if mine is not None and mine.result is not None:
+                return mine.result.message
+            row = await self._cql.one("dedup_get", (channel_id, sender_id, client_msg_id))
+            if not row or not row.get("seq"):
+                return None
+            seq = row["seq"]
+            stored = await self._cql.one("msg_get", (channel_id, self._bucket(seq), seq))
+            if stored and stored["sender_id"] == sender_id and stored["client_msg_id"] == client_msg_id:
+                return message_from_row(channel_id, {**stored, "seq": seq})
+            return None
+
+    async def _folded(self, channel_id: str, rows: list[Message]) -> list[Message]:
+        """The reactions of the messages among ``rows`` and the excerpts of their replies."""
+        reacted = [m for m in rows if m.state_seq and m.kind == "message" and not m.deleted_at]
+        if reacted:
+            by_bucket: dict[int, list[int]] = {}
+            for m in reacted:
+                by_bucket.setdefault(self._bucket(m.seq), []).append(m.seq)
+            found = await self._gather(*[lambda b=b, ss=ss: self._cql.rows("reactions_range", (channel_id, b, ss[0], ss[-1]))
+                                         for b, ss in by_bucket.items()])
+            by_seq: dict[int, list] = {}
+            for part in found:
+                for r in part:
+                    by_seq.setdefault(r["seq"], []).append(r)
+            for m in reacted:
+                rs = sorted(by_seq.get(m.seq, ()), key=lambda r: (r["at"] or 0.0, r["user_id"]))
+                emoji: dict[str, list[int]] = {}
+                for r in rs:
+                    emoji.setdefault(r["emoji"], []).append(r["user_id"])
+                m.reactions = tuple((e, tuple(sorted(us))) for e, us in emoji.items())
+        targets = sorted({m.reply_to for m in rows if m.reply_to})
+        if targets:
+            got = await self._gather(*[lambda t=t: self._cql.one("msg_get", (channel_id, self._bucket(t), t))
+                                       for t in targets])
+            quoted = {t: lc.excerpt(message_from_row(channel_id, {**r, "seq": t}))
+                      for t, r in zip(targets, got) if r is not None}
+            for m in rows:
+                if m.reply_to in quoted:
+                    m.reply = quoted[m.reply_to]
+        return rows
+
+    async def _append(self, channel_id: str, item: "_Append") -> AppendResult:
+        """:meth:`append_message` of a queued item (a message or a lifecycle row); inside ``_op``."""
+        queue = self._queues.get(channel_id)
+        if queue is None:
+            queue = self._queues[channel_id] = _ChannelQueue()
+        queue.items.append(item)
+        if queue.busy:
+            if channel_id in self._heads:  # look up its dedup row while the batch ahead runs
+                await self._lookup(channel_id, item)
+            await item.wake.wait()  # done, or asked to lead
+        if item.result is None and item.error is None:
+            queue.busy = True
+            try:
+                while item.result is None and item.error is None:
+                    await self._run_batch(channel_id, queue)
+            finally:
+                if queue.items:
+                    queue.items[0].wake.set()  # the next waiter leads
+                else:
+                    queue.busy = False
+                    del self._queues[channel_id]
+        if item.error is not None:
+            raise item.error
+        if item.batch is not None and self._background is None:
+            await self._index_stored(channel_id, [item])
+        return item.result
 
     async def _run_batch(self, channel_id: str, queue: "_ChannelQueue") -> None:
         """Take the queued messages (up to MAX_BATCH / MAX_BATCH_BYTES, one per dedup key) and
@@ -741,7 +852,9 @@ class CassandraStore(Store):
             new_head = head + len(chunk)
             items = [("bucket_advance", (new_head, channel_id, bucket, expected))]
             items += [("msg_put", (channel_id, bucket, head + 1 + i, it.sender_id, it.client_msg_id, it.body,
-                                   it.created_at)) for i, it in enumerate(chunk)]
+                                   it.created_at)) if it.extra is None else
+                      ("msg_put_event", (channel_id, bucket, head + 1 + i, it.sender_id, it.client_msg_id, it.body,
+                                         it.created_at, *it.extra[:4])) for i, it in enumerate(chunk)]
             self.stats["lwt"] += 1
             applied, current = await self._cql.batch(items, conditional=True)
             if applied:
@@ -749,8 +862,11 @@ class CassandraStore(Store):
                 self._batches.setdefault(channel_id, deque()).append(record)
                 unindexed = self._unindexed.setdefault(channel_id, {})
                 for i, it in enumerate(chunk):
-                    it.result = AppendResult(Message(channel_id, head + 1 + i, it.sender_id, it.client_msg_id,
-                                                     it.body, it.created_at), False)
+                    m = Message(channel_id, head + 1 + i, it.sender_id, it.client_msg_id, it.body, it.created_at)
+                    if it.extra is not None:
+                        m.kind, m.target_seq, m.reply_to, m.meta = (it.extra[0] or "message", it.extra[1] or 0,
+                                                                    it.extra[2] or 0, it.extra[4])
+                    it.result = AppendResult(m, False)
                     it.batch = record
                     unindexed[it.key] = it
                 if self._background is not None:
@@ -843,11 +959,11 @@ class CassandraStore(Store):
                 return []
             if after is not None:
                 hi = MAX_SEQ if before is None else min(before, MAX_SEQ)
-                return await self._read_forward(channel_id, max(after, 0), hi, limit)
+                return await self._folded(channel_id, await self._read_forward(channel_id, max(after, 0), hi, limit))
             top = await self._head_seq(channel_id)
             if before is not None:
                 top = min(top, before - 1)
-            return await self._read_backward(channel_id, top, limit)
+            return await self._folded(channel_id, await self._read_backward(channel_id, top, limit))
 
     async def _read_forward(self, channel_id: str, lo: int, hi: int, limit: int) -> list[Message]:
         """The first ``limit`` messages with lo < seq < hi, bucket by bucket; a bucket that is not
@@ -885,7 +1001,36 @@ class CassandraStore(Store):
         out.reverse()
         return out
 
+    async def set_delivered(self, channel_id, user_id, seq):
+        with self._op():
+            member, head = await self._gather(lambda: self._cql.one("member_get", (channel_id, user_id)),
+                                              lambda: self._head_seq(channel_id))
+            if member is None:
+                raise ChatError("not_member", "you are not a member of this channel")
+            target = max(0, min(seq, head))
+            await self._cql.write("receipt_delivered", (target, target, channel_id, user_id))
+            row = {r["user_id"]: r for r in await self._cql.rows("receipts_of", (channel_id,))}.get(user_id) or {}
+            return max(target, row.get("delivered_seq") or 0, row.get("read_seq") or 0)
+
+    async def receipts(self, channel_id):
+        with self._op():
+            rows, members = await self._gather(lambda: self._cql.rows("receipts_of", (channel_id,)),
+                                               lambda: self._members(channel_id))
+            by_user = {r["user_id"]: r for r in rows}
+            out = {}
+            for u in members:
+                r = by_user.get(u) or {}
+                read = r.get("read_seq") or 0
+                out[u] = (max(r.get("delivered_seq") or 0, read), read)
+            return out
+
     async def set_read(self, channel_id, user_id, seq):
+        read = await self._set_read(channel_id, user_id, seq)
+        with self._op():
+            await self._cql.write("receipt_read", (read, read, channel_id, user_id))
+        return read
+
+    async def _set_read(self, channel_id, user_id, seq):
         with self._op():
             member, head, cursor = await self._gather(
                 lambda: self._cql.one("member_get", (channel_id, user_id)), lambda: self._head_seq(channel_id),

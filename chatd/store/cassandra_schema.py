@@ -15,6 +15,7 @@ where every message lives; the store reads it at open (docs/cassandra.md has the
 from __future__ import annotations
 
 import ast
+import json
 import logging
 import secrets
 import time
@@ -217,6 +218,47 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             channel_id text,
             PRIMARY KEY ((user_id), channel_id))""",
     ]),
+    (9, [  # the message lifecycle (chatd/lifecycle.py; docs/cassandra.md, "The message lifecycle")
+        # A row's kind (null: a message) and what an event names; written by its insert only.
+        "ALTER TABLE {ks}.messages ADD kind text",
+        "ALTER TABLE {ks}.messages ADD target_seq bigint",
+        "ALTER TABLE {ks}.messages ADD reply_to bigint",
+        "ALTER TABLE {ks}.messages ADD meta text",
+        # A message's folded state: written only by its events, USING TIMESTAMP = the event's seq
+        # (so the latest event wins whatever order the writes land in, and a replay is harmless).
+        "ALTER TABLE {ks}.messages ADD edited_body text",
+        "ALTER TABLE {ks}.messages ADD edited_at double",
+        "ALTER TABLE {ks}.messages ADD deleted_by bigint",
+        "ALTER TABLE {ks}.messages ADD deleted_at double",
+        "ALTER TABLE {ks}.messages ADD state_seq bigint",
+        # who holds which reaction on a message (bucket: the message's); USING TIMESTAMP = the seq
+        # of the react / unreact / delete row that wrote it.
+        """CREATE TABLE IF NOT EXISTS {ks}.reactions (
+            channel_id text,
+            bucket bigint,
+            seq bigint,
+            emoji text,
+            user_id bigint,
+            at double,
+            PRIMARY KEY ((channel_id, bucket), seq, emoji, user_id))""",
+        # the lifecycle rows of each message (bucket: the message's): what a delete must erase
+        """CREATE TABLE IF NOT EXISTS {ks}.message_events (
+            channel_id text,
+            bucket bigint,
+            target_seq bigint,
+            seq bigint,
+            kind text,
+            PRIMARY KEY ((channel_id, bucket), target_seq, seq))""",
+        # receipts: every member's delivered and read positions in one partition per channel
+        # (GET /v1/channels/<id>/receipts is one read); written USING TIMESTAMP = the seq, so they
+        # only rise. (read_cursors stays the authority of read_seq and the unread counts.)
+        """CREATE TABLE IF NOT EXISTS {ks}.receipt_cursors (
+            channel_id text,
+            user_id bigint,
+            delivered_seq bigint,
+            read_seq bigint,
+            PRIMARY KEY ((channel_id), user_id))""",
+    ]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 GROUPS_CREATED_TTL_S = 3600 + 300
@@ -225,7 +267,9 @@ GROUPS_CREATED_TTL_S = 3600 + 300
 # ---- data statements and row mapping -----------------------------------------------------
 MAX_USER_ID = 2**53  # ids are random in [1, 2**53): exact as JSON numbers in every client
 
-_MSG = "seq, sender_id, client_msg_id, body, created_at"
+_MSG = ("seq, sender_id, client_msg_id, body, created_at, kind, target_seq, reply_to, meta, edited_body, edited_at, "
+        "deleted_by, deleted_at, state_seq")
+_MSG_INSERT = "seq, sender_id, client_msg_id, body, created_at"
 _USER = "id, username, password_hash, display_name, about, created_at"
 _TOKEN = "push_token, user_id, device_id, provider, app_id, created_at"
 _OUTBOX = "user_id, channel_id, seq, sender_id, body, queued_at"
@@ -305,7 +349,33 @@ STATEMENTS: dict[str, tuple[str, str]] = {
     # one append batch = bucket_advance (the condition) + msg_put per message, on one partition
     "bucket_advance": (LWT, "UPDATE messages SET bucket_head = ? WHERE channel_id = ? AND bucket = ? "
                             "IF bucket_head = ?"),
-    "msg_put": (WRITE, f"INSERT INTO messages (channel_id, bucket, {_MSG}) VALUES (?, ?, ?, ?, ?, ?, ?)"),
+    "msg_put": (WRITE, f"INSERT INTO messages (channel_id, bucket, {_MSG_INSERT}) VALUES (?, ?, ?, ?, ?, ?, ?)"),
+    "msg_put_event": (WRITE, f"INSERT INTO messages (channel_id, bucket, {_MSG_INSERT}, kind, target_seq, reply_to, "
+                             "meta) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"),
+    # the message lifecycle: folds (USING TIMESTAMP = the event's seq), erasure, reactions, the index
+    "fold_edit": (WRITE, "UPDATE messages USING TIMESTAMP ? SET edited_body = ?, edited_at = ?, state_seq = ? "
+                         "WHERE channel_id = ? AND bucket = ? AND seq = ?"),
+    "fold_delete": (WRITE, "UPDATE messages USING TIMESTAMP ? SET edited_body = ?, deleted_by = ?, deleted_at = ?, "
+                           "state_seq = ? WHERE channel_id = ? AND bucket = ? AND seq = ?"),
+    "fold_state": (WRITE, "UPDATE messages USING TIMESTAMP ? SET state_seq = ? WHERE channel_id = ? AND bucket = ? "
+                          "AND seq = ?"),
+    "msg_erase": (WRITE, "UPDATE messages SET body = ? WHERE channel_id = ? AND bucket = ? AND seq = ?"),
+    "reaction_put": (WRITE, "INSERT INTO reactions (channel_id, bucket, seq, emoji, user_id, at) VALUES (?, ?, ?, ?, ?, ?) "
+                            "USING TIMESTAMP ?"),
+    "reaction_delete": (WRITE, "DELETE FROM reactions USING TIMESTAMP ? WHERE channel_id = ? AND bucket = ? AND seq = ? "
+                               "AND emoji = ? AND user_id = ?"),
+    "reactions_drop": (WRITE, "DELETE FROM reactions USING TIMESTAMP ? WHERE channel_id = ? AND bucket = ? AND seq = ?"),
+    "reactions_of": (READ, "SELECT user_id FROM reactions WHERE channel_id = ? AND bucket = ? AND seq = ? AND emoji = ?"),
+    "reactions_range": (READ, "SELECT seq, emoji, user_id, at FROM reactions WHERE channel_id = ? AND bucket = ? "
+                              "AND seq >= ? AND seq <= ?"),
+    "event_index_put": (WRITE, "INSERT INTO message_events (channel_id, bucket, target_seq, seq, kind) "
+                               "VALUES (?, ?, ?, ?, ?)"),
+    "events_of": (READ, "SELECT seq, kind FROM message_events WHERE channel_id = ? AND bucket = ? AND target_seq = ?"),
+    "receipt_delivered": (WRITE, "UPDATE receipt_cursors USING TIMESTAMP ? SET delivered_seq = ? "
+                                 "WHERE channel_id = ? AND user_id = ?"),
+    "receipt_read": (WRITE, "UPDATE receipt_cursors USING TIMESTAMP ? SET read_seq = ? WHERE channel_id = ? AND user_id = ?"),
+    "receipts_of": (READ, "SELECT user_id, delivered_seq, read_seq FROM receipt_cursors WHERE channel_id = ?"),
+    "push_drop": (WRITE, "DELETE FROM push_outbox WHERE slot = ? AND user_id = ? AND channel_id = ? AND seq = ?"),
     "msg_top": (READ, "SELECT seq, created_at, bucket_head FROM messages WHERE channel_id = ? AND bucket = ? "
                       "LIMIT 1"),
     "msg_get": (READ, f"SELECT {_MSG} FROM messages WHERE channel_id = ? AND bucket = ? AND seq = ?"),
@@ -364,7 +434,24 @@ def user_from_row(row: dict) -> User:
 
 
 def message_from_row(channel_id: str, row: dict) -> Message:
-    return Message(channel_id, row["seq"], row["sender_id"], row["client_msg_id"], row["body"], row["created_at"])
+    """A ``messages`` row as stored: a message folded to its state (``edited_body`` over ``body``),
+    or an event. (Rows written before v9, and the emulator's, lack the lifecycle columns.)"""
+    m = Message(channel_id, row["seq"], row["sender_id"], row["client_msg_id"], row["body"], row["created_at"])
+    get = row.get
+    if get("kind") is None and get("reply_to") is None and get("state_seq") is None:
+        return m
+    m.kind = get("kind") or "message"
+    m.target_seq = get("target_seq") or 0
+    m.reply_to = get("reply_to") or 0
+    m.meta = json.loads(row["meta"]) if get("meta") else None
+    m.state_seq = get("state_seq") or 0
+    m.deleted_at = get("deleted_at") or 0.0
+    m.deleted_by = get("deleted_by") or 0
+    if m.deleted_at:
+        m.body = ""
+    elif get("edited_body") is not None:
+        m.body, m.edited_at = row["edited_body"], get("edited_at") or 0.0
+    return m
 
 
 def channel_from_row(row: dict, last_seq: int) -> Channel:

@@ -30,6 +30,7 @@ written by a newer chatd is refused with a clear error.
 from __future__ import annotations
 
 import contextlib
+import json
 import ctypes
 import logging
 import queue
@@ -42,6 +43,7 @@ from pathlib import Path
 import trio
 
 from ..datadir import private_file
+from .. import lifecycle as lc
 from ..errors import ChatError
 from .base import (AppendResult, Channel, ChannelSummary, Departure, Device, Message, PushEntry, PushToken, Store,
                    User, push_slot)
@@ -157,6 +159,26 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             PRIMARY KEY (channel_id, user_id)) WITHOUT ROWID""",
         "CREATE INDEX IF NOT EXISTS group_departures_by_user ON group_departures (user_id, invited_at)",
     ]),
+    (9, [  # the message lifecycle (chatd/lifecycle.py): events in the log, messages kept folded
+        "ALTER TABLE messages ADD COLUMN kind TEXT",  # NULL: a message; else the event's kind
+        "ALTER TABLE messages ADD COLUMN target_seq INTEGER",  # edit / delete / react / unreact
+        "ALTER TABLE messages ADD COLUMN reply_to INTEGER",
+        "ALTER TABLE messages ADD COLUMN meta TEXT",  # JSON: a reaction's count, a system event's user
+        "ALTER TABLE messages ADD COLUMN edited_at REAL",  # a message's folded state, from here on
+        "ALTER TABLE messages ADD COLUMN deleted_by INTEGER",
+        "ALTER TABLE messages ADD COLUMN deleted_at REAL",
+        "ALTER TABLE messages ADD COLUMN state_seq INTEGER",
+        "CREATE INDEX messages_by_target ON messages (channel_id, target_seq) WHERE target_seq IS NOT NULL",
+        """CREATE TABLE reactions (
+            channel_id TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            emoji TEXT NOT NULL,
+            user_id INTEGER NOT NULL,
+            at REAL NOT NULL,
+            PRIMARY KEY (channel_id, seq, emoji, user_id)) WITHOUT ROWID""",
+        # receipts: the highest seq one of the member's devices holds (read_seq implies it)
+        "ALTER TABLE members ADD COLUMN delivered_seq INTEGER NOT NULL DEFAULT 0",
+    ]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -167,6 +189,7 @@ _WAIT_PROBE_EVERY = 16  # while waits do not pay, try one every this many batche
 
 _USER_COLS = "id, username, display_name, about, created_at, password_hash, disabled"
 _MSG_COLS = "channel_id, seq, sender_id, client_msg_id, body, created_at"
+_ROW_COLS = _MSG_COLS + ", kind, target_seq, reply_to, meta, edited_at, deleted_by, deleted_at, state_seq"
 _TOKEN_COLS = "user_id, device_id, provider, token, app_id, created_at"
 _OUTBOX_COLS = "user_id, channel_id, seq, sender_id, body, queued_at"
 
@@ -177,7 +200,54 @@ def _user(row) -> User:
 
 
 def _msg(row) -> Message:
-    return Message(*row)
+    if len(row) == 6 or (row[6] is None and row[8] is None and row[13] is None):
+        return Message(*row[:6])  # a plain message, never changed
+    return Message(*row[:6], kind=row[6] or "message", target_seq=row[7] or 0, reply_to=row[8] or 0,
+                   meta=json.loads(row[9]) if row[9] else None, edited_at=row[10] or 0.0, deleted_by=row[11] or 0,
+                   deleted_at=row[12] or 0.0, state_seq=row[13] or 0)
+
+
+def _sent_row(c, channel_id: str, sender_id: int, client_msg_id: str):
+    return c.execute(f"SELECT {_ROW_COLS} FROM messages WHERE channel_id = ? AND sender_id = ? "
+                     "AND client_msg_id = ?", (channel_id, sender_id, client_msg_id)).fetchone()
+
+
+def _next_seq(c, channel_id: str, created_at: float, dm_pair) -> int:
+    """The channel's next seq (in the write transaction); a 1:1 channel is created with its first row."""
+    head = c.execute("SELECT last_seq FROM channels WHERE id = ?", (channel_id,)).fetchone()
+    if head is None:
+        if dm_pair is None:
+            raise ChatError("no_such_channel", f"channel {channel_id} does not exist")
+        c.execute("INSERT INTO channels (id, kind, created_at, last_at) VALUES (?, 'dm', ?, ?)",
+                  (channel_id, created_at, created_at))
+        c.executemany("INSERT OR IGNORE INTO members (channel_id, user_id, joined_at) VALUES (?, ?, ?)",
+                      [(channel_id, u, created_at) for u in dm_pair])
+        head = (0,)
+    return head[0] + 1
+
+
+def _folded(c, channel_id: str, rows: list[Message]) -> list[Message]:
+    """Fill in the reactions of the messages among ``rows`` and the excerpts of their replies."""
+    reacted = [m.seq for m in rows if m.state_seq and m.kind == "message" and not m.deleted_at]
+    if reacted:
+        by_seq: dict[int, dict] = {}
+        for seq, emoji, uid in c.execute(
+                "SELECT seq, emoji, user_id FROM reactions WHERE channel_id = ? AND seq BETWEEN ? AND ? "
+                "ORDER BY seq, at, user_id", (channel_id, reacted[0], reacted[-1])):
+            by_seq.setdefault(seq, {}).setdefault(emoji, []).append(uid)
+        for m in rows:
+            r = by_seq.get(m.seq)
+            if r:
+                m.reactions = tuple((e, tuple(sorted(us))) for e, us in r.items())
+    targets = sorted({m.reply_to for m in rows if m.reply_to})
+    if targets:
+        marks = ",".join("?" * len(targets))
+        found = {r[1]: _msg(r) for r in c.execute(f"SELECT {_ROW_COLS} FROM messages WHERE channel_id = ? "
+                                                  f"AND seq IN ({marks})", (channel_id, *targets))}
+        for m in rows:
+            if m.reply_to in found:
+                m.reply = lc.excerpt(found[m.reply_to])
+    return rows
 
 
 def _connect(path: str, synchronous: str) -> sqlite3.Connection:
@@ -196,6 +266,8 @@ def _connect(path: str, synchronous: str) -> sqlite3.Connection:
             time.sleep(0.01 + random.random() * 0.05)
     conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
     conn.execute("PRAGMA foreign_keys=ON")
+    # a deleted message's bytes are zeroed, not left in free pages (redaction, chatd/lifecycle.py)
+    conn.execute("PRAGMA secure_delete=ON")
     return conn
 
 
@@ -281,6 +353,7 @@ class SQLiteStore(Store):
         self._ops: queue.SimpleQueue = queue.SimpleQueue()  # _Op, or None: the writer thread ends
         self._room = trio.Semaphore(batch_max * 8)  # operations queued or being committed
         self._closed = False
+        self._redacted = False  # (writer thread) a delete in this batch: truncate the WAL after it
         self.stats = {"commits": 0, "ops": 0, "commit_seconds": 0.0, "failed_commits": 0, "commit_waits": 0}
 
     # ---- lifecycle -----------------------------------------------------------------------
@@ -412,6 +485,10 @@ class SQLiteStore(Store):
                     conn.execute("ROLLBACK TO op")
                 conn.execute("RELEASE op")
             conn.execute("COMMIT")
+            if self._redacted:  # the erased bodies' old pages must not stay in the WAL either
+                self._redacted = False
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except (sqlite3.Error, _BatchFailed) as e:
             log.error("sqlite commit of %d ops failed: %s", len(batch), e)
             with contextlib.suppress(sqlite3.Error):
@@ -660,7 +737,9 @@ class SQLiteStore(Store):
     async def channels_of(self, user_id):
         def fn(c):
             rows = c.execute(
-                "SELECT ch.id, ch.kind, ch.name, ch.last_seq, m.read_seq, ch.last_at "
+                "SELECT ch.id, ch.kind, ch.name, ch.last_seq, m.read_seq, ch.last_at, "
+                "(SELECT COUNT(*) FROM messages x WHERE x.channel_id = ch.id AND x.seq > m.read_seq "
+                "AND x.kind IS NULL AND x.deleted_at IS NULL) "
                 "FROM members m JOIN channels ch ON ch.id = m.channel_id "
                 "WHERE m.user_id = ? ORDER BY ch.last_at DESC, ch.id", (user_id,))
             return [ChannelSummary(*r) for r in rows]
@@ -683,43 +762,90 @@ class SQLiteStore(Store):
     @staticmethod
     def _append_fn(channel_id, sender_id, client_msg_id, body, created_at, dm_pair):
         def fn(c):
-            row = c.execute(f"SELECT {_MSG_COLS} FROM messages WHERE channel_id = ? AND sender_id = ? "
-                            "AND client_msg_id = ?", (channel_id, sender_id, client_msg_id)).fetchone()
+            row = _sent_row(c, channel_id, sender_id, client_msg_id)
             if row:
                 return AppendResult(_msg(row), duplicate=True)
-            head = c.execute("SELECT last_seq FROM channels WHERE id = ?", (channel_id,)).fetchone()
-            if head is None:
-                if dm_pair is None:
-                    raise ChatError("no_such_channel", f"channel {channel_id} does not exist")
-                c.execute("INSERT INTO channels (id, kind, created_at, last_at) VALUES (?, 'dm', ?, ?)",
-                          (channel_id, created_at, created_at))
-                c.executemany("INSERT OR IGNORE INTO members (channel_id, user_id, joined_at) VALUES (?, ?, ?)",
-                              [(channel_id, u, created_at) for u in dm_pair])
-                head = (0,)
-            seq = head[0] + 1
+            seq = _next_seq(c, channel_id, created_at, dm_pair)
             c.execute(f"INSERT INTO messages ({_MSG_COLS}) VALUES (?, ?, ?, ?, ?, ?)",
                       (channel_id, seq, sender_id, client_msg_id, body, created_at))
             c.execute("UPDATE channels SET last_seq = ?, last_at = ? WHERE id = ?", (seq, created_at, channel_id))
             return AppendResult(Message(channel_id, seq, sender_id, client_msg_id, body, created_at), False)
         return fn
 
+    async def append_event(self, channel_id, sender_id, client_msg_id, spec, created_at, dm_pair=None):
+        """One transaction: the row, its seq, and its fold into the target (see the base class)."""
+        def fn(c):
+            row = _sent_row(c, channel_id, sender_id, client_msg_id)
+            if row:
+                return AppendResult(_msg(row), duplicate=True)
+            seq = _next_seq(c, channel_id, created_at, dm_pair)
+            kind, target = spec.kind, spec.target_seq
+            meta = None
+            if kind in (lc.REACT, lc.UNREACT):
+                if kind == lc.REACT:
+                    c.execute("INSERT OR IGNORE INTO reactions (channel_id, seq, emoji, user_id, at) "
+                              "VALUES (?, ?, ?, ?, ?)", (channel_id, target, spec.body, sender_id, created_at))
+                else:
+                    c.execute("DELETE FROM reactions WHERE channel_id = ? AND seq = ? AND emoji = ? AND user_id = ?",
+                              (channel_id, target, spec.body, sender_id))
+                (count,) = c.execute("SELECT COUNT(*) FROM reactions WHERE channel_id = ? AND seq = ? AND emoji = ?",
+                                     (channel_id, target, spec.body)).fetchone()
+                meta = {"count": count}
+            elif kind in lc.SYSTEM:
+                meta = {"user_id": spec.user_id}
+            body = spec.body if kind in (lc.MESSAGE, lc.EDIT, lc.REACT, lc.UNREACT) else ""
+            c.execute(f"INSERT INTO messages ({_ROW_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL, "
+                      "NULL)", (channel_id, seq, sender_id, client_msg_id, body, created_at,
+                                None if kind == lc.MESSAGE else kind, target or None, spec.reply_to or None,
+                                json.dumps(meta) if meta else None))
+            c.execute("UPDATE channels SET last_seq = ?, last_at = ? WHERE id = ?", (seq, created_at, channel_id))
+            if kind == lc.EDIT:
+                c.execute("UPDATE messages SET body = ?, edited_at = ?, state_seq = ? WHERE channel_id = ? AND seq = ? "
+                          "AND deleted_at IS NULL", (spec.body, created_at, seq, channel_id, target))
+            elif kind == lc.DELETE:
+                self._erase(c, channel_id, target, sender_id, created_at, seq)
+            elif kind in (lc.REACT, lc.UNREACT):
+                c.execute("UPDATE messages SET state_seq = ? WHERE channel_id = ? AND seq = ?", (seq, channel_id, target))
+            m = Message(channel_id, seq, sender_id, client_msg_id, body, created_at, kind=kind, target_seq=target,
+                        reply_to=spec.reply_to, meta=meta)
+            return AppendResult(m, False)
+        return await self._write(fn)
+
+    def _erase(self, c, channel_id: str, seq: int, by: int, at: float, event_seq: int) -> None:
+        """Redaction (writer thread): the body of message ``seq``, of every edit of it, its
+        reactions (and the emoji of its reaction events), its pending pushes. Zeroed on disk
+        (``secure_delete``); the WAL is truncated after the commit."""
+        c.execute("UPDATE messages SET body = '', edited_at = NULL, deleted_by = ?, deleted_at = ?, state_seq = ? "
+                  "WHERE channel_id = ? AND seq = ?", (by, at, event_seq, channel_id, seq))
+        c.execute("UPDATE messages SET body = '' WHERE channel_id = ? AND target_seq = ? "
+                  "AND kind IN ('edit', 'react', 'unreact')", (channel_id, seq))
+        c.execute("DELETE FROM reactions WHERE channel_id = ? AND seq = ?", (channel_id, seq))
+        c.execute("DELETE FROM push_outbox WHERE channel_id = ? AND seq = ?", (channel_id, seq))
+        self._redacted = True
+
+    async def find_sent(self, channel_id, sender_id, client_msg_id):
+        def fn(c):
+            row = _sent_row(c, channel_id, sender_id, client_msg_id)
+            return _msg(row) if row else None
+        return await self._read(fn)
+
     async def read_messages(self, channel_id, *, after=None, before=None, limit):
         def fn(c):
             if after is not None:
-                q = f"SELECT {_MSG_COLS} FROM messages WHERE channel_id = ? AND seq > ?"
+                q = f"SELECT {_ROW_COLS} FROM messages WHERE channel_id = ? AND seq > ?"
                 args = [channel_id, after]
                 if before is not None:
                     q += " AND seq < ?"
                     args.append(before)
-                return [_msg(r) for r in c.execute(q + " ORDER BY seq LIMIT ?", (*args, limit))]
-            q = f"SELECT {_MSG_COLS} FROM messages WHERE channel_id = ?"
+                return _folded(c, channel_id, [_msg(r) for r in c.execute(q + " ORDER BY seq LIMIT ?", (*args, limit))])
+            q = f"SELECT {_ROW_COLS} FROM messages WHERE channel_id = ?"
             args = [channel_id]
             if before is not None:
                 q += " AND seq < ?"
                 args.append(before)
             rows = [_msg(r) for r in c.execute(q + " ORDER BY seq DESC LIMIT ?", (*args, limit))]
             rows.reverse()
-            return rows
+            return _folded(c, channel_id, rows)
         return await self._read(fn)
 
     async def expire_messages(self, channel_id, before):
@@ -737,11 +863,31 @@ class SQLiteStore(Store):
             return row[0] if row else 0
         return await self._read(fn)
 
+    async def set_delivered(self, channel_id, user_id, seq):
+        def fn(c):
+            c.execute("UPDATE members SET delivered_seq = MAX(delivered_seq, MIN(?, "
+                      "(SELECT last_seq FROM channels WHERE id = ?))) WHERE channel_id = ? AND user_id = ?",
+                      (seq, channel_id, channel_id, user_id))
+            row = c.execute("SELECT delivered_seq FROM members WHERE channel_id = ? AND user_id = ?",
+                            (channel_id, user_id)).fetchone()
+            if row is None:
+                raise ChatError("not_member", "you are not a member of this channel")
+            return row[0]
+        return await self._write(fn)
+
+    async def receipts(self, channel_id):
+        def fn(c):
+            return {u: (max(d, r), r) for u, d, r in c.execute(
+                "SELECT user_id, delivered_seq, read_seq FROM members WHERE channel_id = ?", (channel_id,))}
+        return await self._read(fn)
+
     async def set_read(self, channel_id, user_id, seq):
         def fn(c):
             c.execute("UPDATE members SET read_seq = MAX(read_seq, MIN(?, "
                       "(SELECT last_seq FROM channels WHERE id = ?))) WHERE channel_id = ? AND user_id = ?",
                       (seq, channel_id, channel_id, user_id))
+            c.execute("UPDATE members SET delivered_seq = MAX(delivered_seq, read_seq) WHERE channel_id = ? "
+                      "AND user_id = ?", (channel_id, user_id))
             row = c.execute("SELECT read_seq FROM members WHERE channel_id = ? AND user_id = ?",
                             (channel_id, user_id)).fetchone()
             if row is None:

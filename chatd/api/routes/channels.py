@@ -15,9 +15,10 @@ hour old.
 a walk lists every channel the caller stays a member of exactly once): ``limit`` (default
 ``CHANNELS_PAGE_DEFAULT``, at most ``CHANNELS_PAGE_MAX``), ``cursor`` = the previous page's ``next``
 (opaque; ``null`` on the last page; one the server did not write is still a position: no error). A membership change
-invalidates the membership caches of the cluster and is announced to the channel's members
-(and to the user added or removed) as ``member_added`` / ``member_removed``; a change that changes
-nothing (already a member, not a member) announces nothing.
+invalidates the membership caches of the cluster and becomes a sequenced system row of the
+channel's log (``member_added``, ``member_removed``, ``member_left``: chatd/lifecycle.py), which
+the members (and the user added or removed) receive like a message; a change that changes nothing
+(already a member, not a member) logs nothing.
 
 A history page holds at most ``limit`` messages and at most ``limits.max_frame_bytes`` of answer
 (as the WebSocket ``history`` reply): a page trimmed to that says ``more: true``; paging on from its
@@ -194,8 +195,21 @@ def register(app: QuartTrio, node: ApiHost) -> None:
         removed = await store.remove_member(channel_id, member_id, time.time() if member_id == uid else None)
         node.membership_changed(channel_id)
         if removed:
-            await announce_member_change(node, "member_removed", channel_id, member_id, uid)
+            await announce_member_change(node, "member_left" if member_id == uid else "member_removed",
+                                         channel_id, member_id, uid)
         return {"channel_id": channel_id, "user_id": member_id, "removed": removed}
+
+    @app.get("/v1/channels/<string:channel_id>/receipts")
+    @route(m.Receipts, errors=(403, 404))
+    async def receipts(channel_id: str, caller: Caller):
+        """Every member's delivered and read positions (members only): a message ``seq`` is
+        delivered to the members with ``delivered_seq >= seq`` and read by those with
+        ``read_seq >= seq`` (chatd/shard/receipts.py ``receipt_counts``)."""
+        members = await require_member(node.membership, channel_id, caller.user_id)
+        cursors = await store.receipts(channel_id)
+        rows = sorted(((u, *cursors.get(u, (0, 0))) for u in members), key=lambda r: (-r[1], -r[2], r[0]))
+        return {"channel_id": channel_id,
+                "members": [{"user_id": u, "delivered_seq": d, "read_seq": r} for u, d, r in rows]}
 
     @app.get("/v1/channels/<string:channel_id>/messages")
     @route(m.History, query=HistoryQuery, errors=(403, 404))
@@ -204,5 +218,5 @@ def register(app: QuartTrio, node: ApiHost) -> None:
         after, before = m.unset_to_none(query.after), m.unset_to_none(query.before)
         msgs, more = await read_page(store, channel_id, after, before, query.limit)
         msgs, trimmed = within_budget(msgs, after is not None, limits.max_frame_bytes)
-        return {"channel_id": channel_id, "messages": [message_frame(msg) for msg in msgs], "more": more or trimmed}
+        return {"channel_id": channel_id, "messages": [message_frame(msg, caller.user_id) for msg in msgs], "more": more or trimmed}
 

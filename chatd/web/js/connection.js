@@ -139,7 +139,8 @@ export class Connection {
     };
     this.drop = (reason) => end({ code: 0, reason });
     openTimer = setTimeout(() => end({ code: 0, reason: "the server did not answer" }), OPEN_TIMEOUT_MS);
-    ws.onclose = (ev) => end({ code: ev.code, reason: ev.reason || closeReason(ev.code) });
+    // a known close code in words; the server's own reason text only for codes we do not know
+    ws.onclose = (ev) => end({ code: ev.code, reason: closeReason(ev.code, ev.reason) });
     ws.onerror = () => {};  // a close event follows
     ws.onmessage = (ev) => this.dispatch(ev.data);
     const opened = new Promise((resolve) => { ws.onopen = resolve; });
@@ -197,13 +198,17 @@ export class Connection {
   }
 }
 
-function closeReason(code) {
+function closeReason(code, serverText) {
   return {
     1000: "logged out",
     1001: "the server is restarting",
     1006: "the connection was lost",
     1008: "the server closed the connection (policy)",
     1009: "a frame was too large",
+    1011: "the server hit a bug",
     1013: "the server is busy",
-  }[code] || `closed (${code})`;
+    4000: "the connection was idle",
+    4001: "your session ended",
+    4029: "too many connections",
+  }[code] || serverText || `closed (${code})`;
 }

@@ -28,18 +28,29 @@ const TEXT = {
   timeout: "The server did not answer in time",
   disconnected: "The connection was lost",
   not_found: "Not found",
+  no_such_message: "That message does not exist",
+  not_author: "Only its author may do that",
+  edit_window_closed: "It is too late to edit that message",
+  message_deleted: "That message was deleted",
+  bad_emoji: "That is not one emoji",
+  too_many_reactions: "That message has too many different reactions",
 };
 
 /** A readable sentence for an error with `code` and server `message`. */
 export function describe(err) {
   const code = (err && err.code) || "internal";
   const base = TEXT[code] || `Error (${code})`;
-  const detail = err && err.message && err.message !== base ? err.message : "";
+  // (a detail that only repeats the sentence, whatever its case, is not said twice)
+  const msg = err && typeof err.message === "string" ? err.message : "";
+  const detail = msg && !base.toLowerCase().includes(msg.toLowerCase()) ? msg : "";
   let text = detail ? `${base}: ${detail}` : base;
   if ((code === "rate_limited" || code === "too_many_groups") && err.retryAfterS) text += ` (retry in ${err.retryAfterS} s)`;
   if (code === "rate_limited" && err.retry_after_ms) text += ` (retry in ${Math.ceil(err.retry_after_ms / 1000)} s)`;
   return text;
 }
+
+/** Codes that say the server could not be reached: their notices end once connected again. */
+export const CONNECTION = new Set(["network", "timeout", "disconnected", "unavailable"]);
 
 /** Codes after which the session is over: back to the login screen. */
 export const SESSION_OVER = new Set(["invalid_token", "token_expired", "not_authenticated"]);

@@ -7,7 +7,7 @@
 
 import { Api } from "./api.js";
 import { Connection } from "./connection.js";
-import { describe, SESSION_OVER } from "./errors.js";
+import { CONNECTION, describe, SESSION_OVER } from "./errors.js";
 import { Channel, PAGE, uuid } from "./state.js";
 import * as view from "./view.js";
 
@@ -74,7 +74,11 @@ class App {
       cursors: () => Object.fromEntries([...this.channels.values()].filter((c) => !c.gone).map((c) => [c.id, c.cursor])),
       onEvent: (f) => this.onEvent(f),
       onReady: (auth, sync) => this.onReady(sync),
-      onState: (state, detail) => { view.renderConn(state, detail); if (detail.error) view.toast(describe(detail.error)); },
+      onState: (state, detail) => {
+        view.renderConn(state, detail);
+        if (state === "online") view.clearToasts("connection");  // what went wrong is over
+        else if (detail.error) view.toast(describe(detail.error), "connection");
+      },
       onFatal: (err) => this.end(describe(err)),
     });
     this.conn.start();
@@ -156,7 +160,7 @@ class App {
     if (this.refreshQueued) return;
     this.refreshQueued = setTimeout(() => {
       this.refreshQueued = null;
-      this.refreshChannels().catch((err) => view.toast(describe(err)));
+      this.refreshChannels().catch((err) => view.toast(describe(err), CONNECTION.has(err.code) ? "connection" : ""));
     }, 300);
   }
 
@@ -236,11 +240,17 @@ class App {
         this.render();
         break;
       }
-      case "read": {
+      case "receipts": {  // coalesced delivered / read positions (docs/protocol.md)
         const c = this.channels.get(f.channel_id);
         if (!c) break;
-        if (f.user_id === this.me.id) c.readSeq = Math.max(c.readSeq, f.seq);
-        else c.reads.set(f.user_id, Math.max(c.reads.get(f.user_id) || 0, f.seq));
+        for (const [uid, pos] of Object.entries(f.cursors || {})) {
+          const u = Number(uid);
+          if (u === this.me.id) c.readSeq = Math.max(c.readSeq, pos.read);
+          else {
+            c.reads.set(u, Math.max(c.reads.get(u) || 0, pos.read));
+            c.delivered.set(u, Math.max(c.delivered.get(u) || 0, pos.delivered));
+          }
+        }
         this.render();
         break;
       }
@@ -262,11 +272,14 @@ class App {
       c.startAt(Math.max(0, m.seq - 1 - PAGE));
       this.refreshSoon();
     }
-    const r = c.accept(m);
+    const r = c.accept(m, this.me.id);
     if (r === "gap") { this.fillGap(c); return; }
     if (r !== "new") return;
+    if ((m.kind === "member_removed" || m.kind === "member_left") && m.user_id === this.me.id) c.gone = true;
+    if (m.kind === "member_added" && known) this.refreshSoon();  // (a new member's name)
     if (m.sender_id === this.me.id && c.pending.delete(m.client_msg_id)) this.savePending();
     if (m.sender_id !== this.me.id) this.needUser(m.sender_id);
+    if (m.sender_id !== this.me.id && !m.kind) this.acknowledge(c);
     if (c.id === this.currentId) this.markRead();
     this.render();
   }
@@ -279,6 +292,18 @@ class App {
         if (reply.errors && reply.errors[c.id]) { c.gone = true; this.render(); }
       }, (err) => this.connError(err))
       .finally(() => { c.syncing = false; });
+  }
+
+  /** Tell the server this device holds the channel up to its cursor (`received`: the sender's ✓✓),
+   * at most every 500 ms per channel. */
+  acknowledge(c) {
+    if (c.ackTimer) return;
+    c.ackTimer = setTimeout(() => {
+      c.ackTimer = null;
+      if (!this.conn || !this.conn.connected || c.cursor <= (c.receivedSeq || 0)) return;
+      c.receivedSeq = c.cursor;
+      this.conn.request({ type: "received", channel_id: c.id, seq: c.cursor }).catch(() => {});
+    }, 500);
   }
 
   markRead() {
@@ -302,7 +327,7 @@ class App {
   }
 
   connError(err) {
-    if (err.code !== "disconnected") view.toast(describe(err));
+    if (err.code !== "disconnected") view.toast(describe(err), CONNECTION.has(err.code) ? "connection" : "");
   }
 
   // ---- sending -------------------------------------------------------------------------------
@@ -366,7 +391,7 @@ class App {
     try {
       const { messages } = await this.api.history(c.id, c.lo, PAGE);
       for (const m of messages) if (m.sender_id !== this.me.id) this.needUser(m.sender_id);
-      if (c.prepend(messages)) this.prepended = true;
+      if (c.prepend(messages, this.me.id)) this.prepended = true;
     } catch (err) {
       view.toast(`Could not load older messages: ${describe(err)}`);
     } finally {

@@ -1,6 +1,8 @@
 // Rendering: state in, DOM out. Everything the server sent is inserted as text (textContent), never
 // as HTML. Callers batch changes through `app.render()`.
 
+import { SYSTEM } from "./state.js";
+
 const $ = (id) => document.getElementById(id);
 
 export function el(tag, attrs = {}, ...children) {
@@ -110,14 +112,23 @@ export function renderChannel(app) {
   $("older-button").textContent = c.loadingOlder ? "Loading…" : "Load older messages";
 
   const seen = c.seen(app.me.id);
-  const items = c.messages.map((m) => {
+  // lifecycle rows are folded into their messages (state.js); membership rows show as a line
+  const items = c.messages.filter((m) => !m.kind || SYSTEM.has(m.kind)).map((m) => {
     const mine = m.sender_id === app.me.id;
     const who = mine ? "You" : app.userName(m.sender_id);
+    if (m.kind) {
+      const text = systemText(app, m);
+      return { key: `${c.id} ${m.seq}`, sig: text, build: () => el("li", { class: "msg system", "data-seq": m.seq, text }) };
+    }
     let receipt = null;
     if (seen && seen.seq === m.seq) {
-      receipt = c.kind === "dm" ? "Seen" : `Seen by ${seen.readers.map((u) => app.userName(u)).join(", ")}`;
+      const names = seen.readers.map((u) => app.userName(u)).join(", ");
+      receipt = c.kind === "dm" ? "Seen" : `Seen by ${seen.readers.length} (${names})`;
+    } else if (c.kind === "dm" && mine && m.seq === c.lastMine(app.me.id) && (!seen || seen.seq < m.seq)) {
+      receipt = (c.delivered.get(c.peerId) || 0) >= m.seq ? "✓✓" : "✓";  // stored; on their device
     }
-    return { key: `${c.id} ${m.seq}`, sig: `${who}|${receipt}`, build: () => messageItem(m, mine, who, receipt) };
+    return { key: `${c.id} ${m.seq}`, sig: `${who}|${receipt}|${m.state_seq || 0}`,
+             build: () => messageItem(m, mine, who, receipt) };
   });
   for (const p of c.pending.values()) {
     items.push({ key: `${c.id} ${p.cmid}`, sig: `${p.status}|${p.error}`, build: () => pendingItem(app, c, p) });
@@ -133,11 +144,24 @@ export function renderChannel(app) {
     `${typing.join(", ")} ${typing.length === 1 ? "is" : "are"} typing…`;
 }
 
+function systemText(app, m) {
+  const who = m.sender_id === app.me.id ? "You" : app.userName(m.sender_id);
+  const whom = m.user_id === app.me.id ? "you" : app.userName(m.user_id);
+  if (m.kind === "member_added") return `${who} added ${whom}`;
+  if (m.kind === "member_left") return `${m.user_id === app.me.id ? "You" : app.userName(m.user_id)} left`;
+  return `${who} removed ${whom}`;
+}
+
 function messageItem(m, mine, who, receipt) {
-  const li = el("li", { class: `msg${mine ? " mine" : ""}`, "data-seq": m.seq, "data-cmid": m.client_msg_id,
-                        "data-status": mine ? "sent" : null },
-    el("div", { class: "meta" }, el("span", { class: "who", text: who }), el("time", { text: clock(m.created_at) })),
-    el("div", { class: "body", text: m.body }));
+  const li = el("li", { class: `msg${mine ? " mine" : ""}${m.deleted ? " deleted" : ""}`, "data-seq": m.seq,
+                        "data-cmid": m.client_msg_id, "data-status": mine ? "sent" : null },
+    el("div", { class: "meta" }, el("span", { class: "who", text: who }), el("time", { text: clock(m.created_at) }),
+      m.edited_at && !m.deleted ? el("span", { class: "edited", text: "(edited)" }) : null),
+    el("div", { class: "body", text: m.deleted ? "Message deleted" : m.body }));
+  if (m.reactions && m.reactions.length) {
+    li.append(el("div", { class: "reactions" }, ...m.reactions.map((r) =>
+      el("span", { class: `reaction${r.me ? " me" : ""}`, "data-emoji": r.emoji, text: `${r.emoji} ${r.count}` }))));
+  }
   if (receipt) li.append(el("div", { class: "receipt", text: receipt }));
   return li;
 }
@@ -202,11 +226,18 @@ export function renderConn(state, detail) {
   } else s.textContent = "";
 }
 
-export function toast(text) {
+/** A notice for 10 s; `kind` "connection" marks one that `clearToasts` ends once connected again. */
+export function toast(text, kind = "") {
   const box = $("toasts");
-  const t = el("div", { class: "toast" }, el("span", { text }),
+  for (const old of box.children) if (old.dataset.text === text) old.remove();  // the same notice once
+  const t = el("div", { class: "toast", "data-kind": kind || null, "data-text": text }, el("span", { text }),
     el("button", { type: "button", "aria-label": "Dismiss", onclick: () => t.remove() }, "×"));
   box.append(t);
   while (box.children.length > 4) box.firstChild.remove();
   setTimeout(() => t.remove(), 10000);
+}
+
+/** Remove the notices of a `kind` (the connection's, once it is back). */
+export function clearToasts(kind) {
+  for (const t of [...$("toasts").children]) if (t.dataset.kind === kind) t.remove();
 }
