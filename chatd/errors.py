@@ -30,6 +30,10 @@ CODES: dict[str, int] = {
     "no_such_user": 404,
     "not_found": 404,
     "group_full": 409,
+    "no_such_media": 404,  # no such upload, or not one the caller may read (the same answer: no probing)
+    "media_too_large": 413,  # an upload above media.max_bytes
+    "media_quota": 429,  # the hourly upload quota (media.uploads_per_hour / bytes_per_hour); Retry-After
+    "bad_attachment": 400,  # send: an attachment that is not the sender's upload, or more than 10
     "rate_limited": 429,
     "too_many_connections": 429,  # WebSocket: limits.max_connections_per_user / _per_address (close 4029)
     "unavailable": 503,  # store or dependency failed; retry later

@@ -31,6 +31,7 @@ from .datadir import load_secret, private_dir
 from .discovery.base import Discovery
 from .discovery.local import LocalDiscovery
 from .discovery.view import ShardInfo
+from .media.service import MediaService
 from .membership import Membership
 from .metrics import Metrics
 from .presence.service import PresenceService
@@ -79,6 +80,7 @@ class Node:
         self.discovery = discovery if discovery is not None else LocalDiscovery()
         self.links = links
         self.membership = Membership(store)
+        self.media = MediaService(config, store, self.membership)  # uploads (chatd/media)
         # Push notifications for members with no connected device (None with push.provider = "none").
         self.push = make_push_service(config, store, shards=lambda: list(self.discovery.view.shards),
                                       online=self._connected_here)
@@ -233,6 +235,7 @@ async def serve_run(config: Config, *, task_status=trio.TASK_STATUS_IGNORED, nod
         async with trio.open_nursery() as nursery:
             await nursery.start(node.router.run)
             await nursery.start(node.presence.run)
+            await nursery.start(node.media.run_collector)
             if node.push is not None:
                 await nursery.start(node.push.run)
             ws_port = await nursery.start(node.shard.serve)
@@ -358,6 +361,7 @@ class ApiNode:
         self.metrics.labeled_gauge("chatd_link_queue_frames", "Frames waiting in each inter-shard link's send queue",
                                    "peer", lambda: link_queue_depths(links))
         self.membership = Membership(store, max_cached=0)  # other API servers change it too
+        self.media = MediaService(config, store, self.membership)  # uploads (chatd/media)
         self.stop_event = trio.Event()
 
     def request_stop(self) -> None:
@@ -408,6 +412,7 @@ async def serve_api_role(config: Config, *, task_status=trio.TASK_STATUS_IGNORED
             discovery.on_change(lambda old, new: links.set_peers(new))
             links.set_peers(discovery.view)
             await _start_remote_presence(nursery, presence, presence_links, presence_view)
+            await nursery.start(node.media.run_collector)
             stop = trio.Event()
             async with trio.open_nursery() as api_nursery:  # ends when hypercorn has shut down
                 api_url = await api_nursery.start(functools.partial(serve_api, node, stop, tls=node.tls))

@@ -35,6 +35,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from ..errors import ChatError
 from ..ids import MAX_INT64
+from .asgi import ChatdRequest
 from .models import ErrorBody, all_models
 from .names import schema_pattern
 
@@ -102,16 +103,24 @@ def install(app: Quart, title: str, has_credentials: Callable[[], bool] = lambda
 def read_bodies_first(app: Quart, has_credentials: Callable[[], bool] = lambda: False) -> None:
     """The body rule (module docstring) on ``app``. ``has_credentials()`` tells whether the current
     request carries a token worth reading a large body for (a valid signature; nothing is read
-    from the store for it)."""
+    from the store for it). A route marked :func:`streamed_body` is exempt: it authenticates
+    the request, then reads the body itself, as a stream, up to its own limit."""
+    app.request_class = ChatdRequest
+
     @app.before_request
     async def read_body_first():
+        streamed = getattr(current_app.view_functions.get(request.endpoint), "chatd_stream_max", None)
+        if streamed is not None:
+            request.body.decide(streamed(), stream=True)
+            return
+        request.body.decide(current_app.config["MAX_CONTENT_LENGTH"])
         length = request.content_length
         chunked = length is None and "chunked" in request.headers.get("Transfer-Encoding", "").lower()
         small = not chunked and (length or 0) <= UNAUTHENTICATED_BODY_BYTES  # no token check needed
         if not small and not has_credentials():
             if length is not None:
                 _refuse_unauthenticated_body()
-            request.body._max_content_length = UNAUTHENTICATED_BODY_BYTES  # a chunked body
+            request.body.decide(UNAUTHENTICATED_BODY_BYTES)  # a chunked body
             try:
                 await request.get_data()
             except RequestEntityTooLarge:
@@ -125,6 +134,16 @@ def read_bodies_first(app: Quart, has_credentials: Callable[[], bool] = lambda: 
         if not g.get("body_read", False):
             response.headers["Connection"] = "close"
         return response
+
+
+def streamed_body(max_bytes: Callable[[], int]):
+    """Mark a route that reads its request body itself, as a stream (``async for chunk in
+    request.body``), of at most ``max_bytes()`` bytes; it must set ``g.body_read`` once it read the
+    body to its end (else the answer closes the connection)."""
+    def decorator(func):
+        func.chatd_stream_max = max_bytes
+        return func
+    return decorator
 
 
 def _refuse_unauthenticated_body():
@@ -213,4 +232,4 @@ def decode_query(model):
         raise ChatError("bad_request", f"query string: {e}") from None
 
 
-__all__ = ["install", "read_bodies_first", "route", "set_authenticate", "hide"]
+__all__ = ["install", "read_bodies_first", "route", "set_authenticate", "streamed_body", "hide"]

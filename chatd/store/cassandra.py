@@ -57,7 +57,9 @@ append or :meth:`head_seq`. ``head_seq``, ``read_messages`` and ``set_read`` alw
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import zlib
 import math
 import time
 from collections import OrderedDict, deque
@@ -68,7 +70,7 @@ from cassandra.query import UNSET_VALUE
 from ..config import CassandraConfig
 from ..errors import ChatError
 from ..ids import MAX_INT64
-from .base import AppendResult, Channel, ChannelSummary, Device, Message, Store, User, push_slot
+from .base import AppendResult, Channel, ChannelSummary, Device, MediaRecord, Message, Store, User, push_slot
 from .cassandra_schema import (SCHEMA_VERSION, STATEMENTS, bucket_last_seq,
                                bucket_of, channel_from_row, check_schema, message_from_row, new_user_id,
                                push_entry_from_row, push_token_from_row, read_schema_row, summary_from_rows,
@@ -93,13 +95,14 @@ def _micros(at: float) -> int:
 
 # ---- the append queue -----------------------------------------------------------------------------
 class _Append:
-    __slots__ = ("sender_id", "client_msg_id", "body", "created_at", "dm_pair", "wake", "result", "error", "batch",
+    __slots__ = ("sender_id", "client_msg_id", "body", "attachments", "created_at", "dm_pair", "wake", "result", "error", "batch",
                  "index_failed", "indexed_tick", "looked", "lookup_tick", "dedup_seq")
 
-    def __init__(self, sender_id, client_msg_id, body, created_at, dm_pair):
+    def __init__(self, sender_id, client_msg_id, body, created_at, dm_pair, attachments=""):
         self.sender_id = sender_id
         self.client_msg_id = client_msg_id
         self.body = body
+        self.attachments = attachments
         self.created_at = created_at
         self.dm_pair = dm_pair
         self.wake = trio.Event()
@@ -434,7 +437,8 @@ class CassandraStore(Store):
             return out
 
     # ---- messages ------------------------------------------------------------------------
-    async def append_message(self, channel_id, sender_id, client_msg_id, body, created_at, dm_pair=None):
+    async def append_message(self, channel_id, sender_id, client_msg_id, body, created_at, dm_pair=None,
+                             attachments=""):
         """Queue the message on its channel and wait for its batch. The caller's order is the seq
         order: nothing yields between the call and the enqueue. One caller at a time per channel
         (the *leader*) runs batches; when its own message is done it hands the lead to the next.
@@ -444,7 +448,7 @@ class CassandraStore(Store):
             queue = self._queues.get(channel_id)
             if queue is None:
                 queue = self._queues[channel_id] = _ChannelQueue()
-            item = _Append(sender_id, client_msg_id, body, created_at, dm_pair)
+            item = _Append(sender_id, client_msg_id, body, created_at, dm_pair, attachments)
             queue.items.append(item)
             if queue.busy:
                 if channel_id in self._heads:  # look up its dedup row while the batch ahead runs
@@ -657,7 +661,7 @@ class CassandraStore(Store):
             new_head = head + len(chunk)
             items = [("bucket_advance", (new_head, channel_id, bucket, expected))]
             items += [("msg_put", (channel_id, bucket, head + 1 + i, it.sender_id, it.client_msg_id, it.body,
-                                   it.created_at)) for i, it in enumerate(chunk)]
+                                   it.created_at, it.attachments)) for i, it in enumerate(chunk)]
             self.stats["lwt"] += 1
             applied, current = await self._cql.batch(items, conditional=True)
             if applied:
@@ -666,7 +670,7 @@ class CassandraStore(Store):
                 unindexed = self._unindexed.setdefault(channel_id, {})
                 for i, it in enumerate(chunk):
                     it.result = AppendResult(Message(channel_id, head + 1 + i, it.sender_id, it.client_msg_id,
-                                                     it.body, it.created_at), False)
+                                                     it.body, it.created_at, it.attachments), False)
                     it.batch = record
                     unindexed[it.key] = it
                 if self._background is not None:
@@ -842,6 +846,69 @@ class CassandraStore(Store):
                 applied, row = await self._lwt("invite_next_use", (ttl, uses + 1, invite_id, uses))
             raise ChatError("unavailable", "the invite is being used by many sign-ups at once; retry")
 
+    # ---- media -----------------------------------------------------------------------------
+    # ``media`` is authoritative; ``media_orphans`` marks the uploads no reference named yet (a mark
+    # left by a crash between the writes only makes the collector look at the record again: it
+    # checks ``media_refs`` before deleting), ``media_by_owner`` counts the hourly quota.
+    async def add_media(self, record):
+        with self._op():
+            await self._cql.write("media_put", (record.id, record.owner_id, record.created_at, record.size,
+                                                json.dumps(record.info)))
+            await self._gather(
+                lambda: self._cql.write("media_owner_put", (record.owner_id, record.created_at, record.id,
+                                                            record.size)),
+                lambda: self._cql.write("media_orphan_put", (_orphan_bucket(record.id), record.created_at,
+                                                             record.id)))
+
+    async def get_media(self, media_ids):
+        with self._op():
+            ids = list(dict.fromkeys(media_ids))
+            rows = await self._gather(*[lambda i=i: self._cql.one("media_get", (i,)) for i in ids])
+            return {r["id"]: _media(r) for r in rows if r}
+
+    async def media_usage(self, owner_id, since):
+        with self._op():
+            rows = await self._cql.rows("media_owner_since", (owner_id, since))
+            return len(rows), sum(r["size"] or 0 for r in rows)
+
+    async def add_media_refs(self, media_ids, channel_id, msg_key):
+        with self._op():
+            records = await self.get_media(media_ids)
+            await self._gather(*[lambda m=m: self._cql.write("media_ref_put", (m, channel_id, msg_key))
+                                 for m in media_ids])
+            await self._gather(*[lambda r=r: self._cql.write("media_orphan_delete", (_orphan_bucket(r.id),
+                                                                                      r.created_at, r.id))
+                                 for r in records.values()])
+
+    async def media_channels(self, media_id):
+        with self._op():
+            return list(dict.fromkeys(r["channel_id"] for r in await self._cql.rows("media_refs_get", (media_id,))))
+
+    async def remove_media_refs(self, media_ids, channel_id, msg_key):
+        with self._op():
+            await self._gather(*[lambda m=m: self._cql.write("media_ref_delete", (m, channel_id, msg_key))
+                                 for m in media_ids])
+            left = await self._gather(*[lambda m=m: self._cql.one("media_ref_any", (m,)) for m in media_ids])
+            return [m for m, row in zip(media_ids, left) if row is None]
+
+    async def orphan_media(self, before, limit):
+        with self._op():
+            marks = await self._gather(*[lambda b=b: self._cql.rows("media_orphans_before", (b, before, limit))
+                                         for b in range(MEDIA_ORPHAN_BUCKETS)])
+            ids = sorted((r["created_at"], r["id"]) for rows in marks for r in rows)[:limit]
+            records = await self.get_media([i for _, i in ids])
+            gone = [(t, i) for t, i in ids if i not in records]
+            await self._gather(*[lambda t=t, i=i: self._cql.write("media_orphan_delete", (_orphan_bucket(i), t, i))
+                                 for t, i in gone])
+            return [records[i] for _, i in ids if i in records]
+
+    async def delete_media(self, media_id):
+        with self._op():
+            record = (await self.get_media([media_id])).get(media_id)
+            await self._cql.write("media_delete", (media_id,))
+            if record is not None:
+                await self._cql.write("media_orphan_delete", (_orphan_bucket(media_id), record.created_at, media_id))
+
     # ---- push notifications ----------------------------------------------------------------
     # ``push_tokens`` (by token) is authoritative, ``push_tokens_by_user`` lists them: a by-user row
     # whose token moved to someone else (a crash or a race between the two writes) is never
@@ -915,6 +982,17 @@ class CassandraStore(Store):
     async def release_push_slots(self, owner, slots):
         with self._op():
             await self._gather(*[lambda s=s: self._lwt("push_lease_renew", (0.0, s, owner)) for s in slots])
+
+
+MEDIA_ORPHAN_BUCKETS = 16
+
+
+def _orphan_bucket(media_id: str) -> int:
+    return zlib.crc32(media_id.encode()) % MEDIA_ORPHAN_BUCKETS
+
+
+def _media(row: dict) -> MediaRecord:
+    return MediaRecord(row["id"], row["owner_id"], row["created_at"], row["size"], json.loads(row["info"]))
 
 
 @contextlib.asynccontextmanager

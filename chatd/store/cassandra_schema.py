@@ -192,6 +192,33 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             last_login_at double,
             PRIMARY KEY ((user_id), device_id))""",
     ]),
+    (7, [  # media (chatd/media)
+        """CREATE TABLE IF NOT EXISTS {ks}.media (
+            id text PRIMARY KEY,
+            owner_id bigint,
+            created_at double,
+            size bigint,
+            info text)""",
+        # the hourly quota's window: rows live two hours (TTL), one partition per uploader
+        """CREATE TABLE IF NOT EXISTS {ks}.media_by_owner (
+            owner_id bigint,
+            created_at double,
+            id text,
+            size bigint,
+            PRIMARY KEY ((owner_id), created_at, id))""",
+        """CREATE TABLE IF NOT EXISTS {ks}.media_refs (
+            media_id text,
+            channel_id text,
+            msg_key text,
+            PRIMARY KEY ((media_id), channel_id, msg_key))""",
+        # uploads no reference named yet, spread over MEDIA_ORPHAN_BUCKETS partitions by id
+        """CREATE TABLE IF NOT EXISTS {ks}.media_orphans (
+            bucket int,
+            created_at double,
+            id text,
+            PRIMARY KEY ((bucket), created_at, id))""",
+        "ALTER TABLE {ks}.messages ADD attachments text",
+    ]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -199,7 +226,7 @@ SCHEMA_VERSION = MIGRATIONS[-1][0]
 # ---- data statements and row mapping -----------------------------------------------------
 MAX_USER_ID = 2**53  # ids are random in [1, 2**53): exact as JSON numbers in every client
 
-_MSG = "seq, sender_id, client_msg_id, body, created_at"
+_MSG = "seq, sender_id, client_msg_id, body, created_at, attachments"
 _USER = "id, username, password_hash, display_name, about, created_at"
 _TOKEN = "push_token, user_id, device_id, provider, app_id, created_at"
 _OUTBOX = "user_id, channel_id, seq, sender_id, body, queued_at"
@@ -257,7 +284,7 @@ STATEMENTS: dict[str, tuple[str, str]] = {
     # one append batch = bucket_advance (the condition) + msg_put per message, on one partition
     "bucket_advance": (LWT, "UPDATE messages SET bucket_head = ? WHERE channel_id = ? AND bucket = ? "
                             "IF bucket_head = ?"),
-    "msg_put": (WRITE, f"INSERT INTO messages (channel_id, bucket, {_MSG}) VALUES (?, ?, ?, ?, ?, ?, ?)"),
+    "msg_put": (WRITE, f"INSERT INTO messages (channel_id, bucket, {_MSG}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"),
     "msg_top": (READ, "SELECT seq, created_at, bucket_head FROM messages WHERE channel_id = ? AND bucket = ? "
                       "LIMIT 1"),
     "msg_get": (READ, f"SELECT {_MSG} FROM messages WHERE channel_id = ? AND bucket = ? AND seq = ?"),
@@ -294,6 +321,21 @@ STATEMENTS: dict[str, tuple[str, str]] = {
     # invites
     "invite_first_use": (LWT, "INSERT INTO invite_uses (invite_id, uses) VALUES (?, 1) IF NOT EXISTS USING TTL ?"),
     "invite_next_use": (LWT, "UPDATE invite_uses USING TTL ? SET uses = ? WHERE invite_id = ? IF uses = ?"),
+    # media
+    "media_put": (WRITE, "INSERT INTO media (id, owner_id, created_at, size, info) VALUES (?, ?, ?, ?, ?)"),
+    "media_get": (READ, "SELECT id, owner_id, created_at, size, info FROM media WHERE id = ?"),
+    "media_delete": (WRITE, "DELETE FROM media WHERE id = ?"),
+    "media_owner_put": (WRITE, "INSERT INTO media_by_owner (owner_id, created_at, id, size) VALUES (?, ?, ?, ?) "
+                               "USING TTL 7200"),
+    "media_owner_since": (READ, "SELECT size FROM media_by_owner WHERE owner_id = ? AND created_at > ?"),
+    "media_ref_put": (WRITE, "INSERT INTO media_refs (media_id, channel_id, msg_key) VALUES (?, ?, ?)"),
+    "media_ref_delete": (WRITE, "DELETE FROM media_refs WHERE media_id = ? AND channel_id = ? AND msg_key = ?"),
+    "media_refs_get": (READ, "SELECT channel_id FROM media_refs WHERE media_id = ?"),
+    "media_ref_any": (READ, "SELECT channel_id FROM media_refs WHERE media_id = ? LIMIT 1"),
+    "media_orphan_put": (WRITE, "INSERT INTO media_orphans (bucket, created_at, id) VALUES (?, ?, ?)"),
+    "media_orphan_delete": (WRITE, "DELETE FROM media_orphans WHERE bucket = ? AND created_at = ? AND id = ?"),
+    "media_orphans_before": (READ, "SELECT created_at, id FROM media_orphans WHERE bucket = ? AND created_at < ? "
+                                   "LIMIT ?"),
     "push_lease_take": (LWT, "UPDATE push_leases SET owner = ?, lease_until = ? WHERE slot = ? IF lease_until < ?"),
 }
 
@@ -313,7 +355,8 @@ def user_from_row(row: dict) -> User:
 
 
 def message_from_row(channel_id: str, row: dict) -> Message:
-    return Message(channel_id, row["seq"], row["sender_id"], row["client_msg_id"], row["body"], row["created_at"])
+    return Message(channel_id, row["seq"], row["sender_id"], row["client_msg_id"], row["body"], row["created_at"],
+                   row.get("attachments") or "")
 
 
 def channel_from_row(row: dict, last_seq: int) -> Channel:

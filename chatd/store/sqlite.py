@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import logging
 import queue
 import random
@@ -43,7 +44,8 @@ import trio
 
 from ..datadir import private_file
 from ..errors import ChatError
-from .base import AppendResult, Channel, ChannelSummary, Device, Message, PushEntry, PushToken, Store, User, push_slot
+from .base import (AppendResult, Channel, ChannelSummary, Device, MediaRecord, Message, PushEntry, PushToken, Store,
+                   User, push_slot)
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +142,23 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
         "ALTER TABLE devices ADD COLUMN listed INTEGER NOT NULL DEFAULT 1",  # 0 once logged out
         "CREATE INDEX devices_by_user ON devices (user_id, id)",
     ]),
+    (7, [  # media (chatd/media): uploads, the messages that reference them, attachments on messages
+        """CREATE TABLE IF NOT EXISTS media (
+            id TEXT PRIMARY KEY,
+            owner_id INTEGER NOT NULL,
+            created_at REAL NOT NULL,
+            size INTEGER NOT NULL,
+            info TEXT NOT NULL,
+            referenced INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID""",
+        "CREATE INDEX IF NOT EXISTS media_by_owner ON media (owner_id, created_at)",
+        "CREATE INDEX IF NOT EXISTS media_orphans ON media (referenced, created_at)",
+        """CREATE TABLE IF NOT EXISTS media_refs (
+            media_id TEXT NOT NULL,
+            channel_id TEXT NOT NULL,
+            msg_key TEXT NOT NULL,
+            PRIMARY KEY (media_id, channel_id, msg_key)) WITHOUT ROWID""",
+        "ALTER TABLE messages ADD COLUMN attachments TEXT NOT NULL DEFAULT ''",
+    ]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -149,7 +168,7 @@ _WAIT_GAIN_ALPHA = 0.1  # weight of the last wait in that average
 _WAIT_PROBE_EVERY = 16  # while waits do not pay, try one every this many batches
 
 _USER_COLS = "id, username, display_name, about, created_at, password_hash"
-_MSG_COLS = "channel_id, seq, sender_id, client_msg_id, body, created_at"
+_MSG_COLS = "channel_id, seq, sender_id, client_msg_id, body, created_at, attachments"
 _TOKEN_COLS = "user_id, device_id, provider, token, app_id, created_at"
 _OUTBOX_COLS = "user_id, channel_id, seq, sender_id, body, queued_at"
 
@@ -596,12 +615,13 @@ class SQLiteStore(Store):
         return await self._read(fn)
 
     # ---- messages ------------------------------------------------------------------------
-    async def append_message(self, channel_id, sender_id, client_msg_id, body, created_at, dm_pair=None):
-        fn = self._append_fn(channel_id, sender_id, client_msg_id, body, created_at, dm_pair)
+    async def append_message(self, channel_id, sender_id, client_msg_id, body, created_at, dm_pair=None,
+                             attachments=""):
+        fn = self._append_fn(channel_id, sender_id, client_msg_id, body, created_at, dm_pair, attachments)
         return await self._write(fn, atomic=True)  # its only ChatError comes before any write
 
     @staticmethod
-    def _append_fn(channel_id, sender_id, client_msg_id, body, created_at, dm_pair):
+    def _append_fn(channel_id, sender_id, client_msg_id, body, created_at, dm_pair, attachments=""):
         def fn(c):
             row = c.execute(f"SELECT {_MSG_COLS} FROM messages WHERE channel_id = ? AND sender_id = ? "
                             "AND client_msg_id = ?", (channel_id, sender_id, client_msg_id)).fetchone()
@@ -617,10 +637,11 @@ class SQLiteStore(Store):
                               [(channel_id, u, created_at) for u in dm_pair])
                 head = (0,)
             seq = head[0] + 1
-            c.execute(f"INSERT INTO messages ({_MSG_COLS}) VALUES (?, ?, ?, ?, ?, ?)",
-                      (channel_id, seq, sender_id, client_msg_id, body, created_at))
+            c.execute(f"INSERT INTO messages ({_MSG_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                      (channel_id, seq, sender_id, client_msg_id, body, created_at, attachments))
             c.execute("UPDATE channels SET last_seq = ?, last_at = ? WHERE id = ?", (seq, created_at, channel_id))
-            return AppendResult(Message(channel_id, seq, sender_id, client_msg_id, body, created_at), False)
+            return AppendResult(Message(channel_id, seq, sender_id, client_msg_id, body, created_at, attachments),
+                                False)
         return fn
 
     async def read_messages(self, channel_id, *, after=None, before=None, limit):
@@ -794,6 +815,60 @@ class SQLiteStore(Store):
             return c.execute("UPDATE invite_uses SET uses = uses + 1 WHERE invite_id = ? AND uses < ?",
                              (invite_id, max_uses)).rowcount == 1
         return await self._write(fn)
+
+    # ---- media ---------------------------------------------------------------------------
+    async def add_media(self, record):
+        def fn(c):
+            c.execute("INSERT INTO media (id, owner_id, created_at, size, info) VALUES (?, ?, ?, ?, ?)",
+                      (record.id, record.owner_id, record.created_at, record.size, json.dumps(record.info)))
+        await self._write(fn)
+
+    async def get_media(self, media_ids):
+        def fn(c):
+            rows = _select_in(c, "SELECT id, owner_id, created_at, size, info FROM media WHERE id IN ({})",
+                              list(dict.fromkeys(media_ids)))
+            return {r[0]: MediaRecord(r[0], r[1], r[2], r[3], json.loads(r[4])) for r in rows}
+        return await self._read(fn)
+
+    async def media_usage(self, owner_id, since):
+        def fn(c):
+            n, size = c.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM media WHERE owner_id = ? "
+                                "AND created_at > ?", (owner_id, since)).fetchone()
+            return n, size
+        return await self._read(fn)
+
+    async def add_media_refs(self, media_ids, channel_id, msg_key):
+        def fn(c):
+            c.executemany("INSERT OR IGNORE INTO media_refs (media_id, channel_id, msg_key) VALUES (?, ?, ?)",
+                          [(m, channel_id, msg_key) for m in media_ids])
+            c.executemany("UPDATE media SET referenced = 1 WHERE id = ?", [(m,) for m in media_ids])
+        await self._write(fn)
+
+    async def media_channels(self, media_id):
+        def fn(c):
+            return [r[0] for r in c.execute("SELECT DISTINCT channel_id FROM media_refs WHERE media_id = ?",
+                                            (media_id,))]
+        return await self._read(fn)
+
+    async def remove_media_refs(self, media_ids, channel_id, msg_key):
+        def fn(c):
+            c.executemany("DELETE FROM media_refs WHERE media_id = ? AND channel_id = ? AND msg_key = ?",
+                          [(m, channel_id, msg_key) for m in media_ids])
+            return [m for m in media_ids
+                    if c.execute("SELECT 1 FROM media_refs WHERE media_id = ? LIMIT 1", (m,)).fetchone() is None]
+        return await self._write(fn)
+
+    async def orphan_media(self, before, limit):
+        def fn(c):
+            rows = c.execute("SELECT id, owner_id, created_at, size, info FROM media WHERE referenced = 0 "
+                             "AND created_at < ? ORDER BY created_at LIMIT ?", (before, limit))
+            return [MediaRecord(r[0], r[1], r[2], r[3], json.loads(r[4])) for r in rows]
+        return await self._read(fn)
+
+    async def delete_media(self, media_id):
+        def fn(c):
+            c.execute("DELETE FROM media WHERE id = ?", (media_id,))
+        await self._write(fn)
 
 
 def _select_in(c, sql: str, values: list, chunk: int = 500):
