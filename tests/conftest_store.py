@@ -322,14 +322,14 @@ class EmulatedKeyspace(CqlRunner):
     def w_bucket_advance(self, new, cid, bucket, expected):
         self.tables["bucket_heads"][(cid, bucket)] = new
 
-    def w_msg_put(self, cid, bucket, seq, sender_id, client_msg_id, body, created_at):
+    def w_msg_put(self, cid, bucket, seq, sender_id, client_msg_id, body, created_at, attachments=""):
         assert bucket == bucket_of(seq, self.bucket_size), f"seq {seq} written to bucket {bucket}"
         part = self._partition(cid, bucket)
         # A plain INSERT overwrites: in chatd that would be two messages given one seq - a bug.
         assert seq not in part or (part[seq]["sender_id"], part[seq]["client_msg_id"]) == (sender_id, client_msg_id), \
             f"seq {seq} of {cid} overwritten"
         part[seq] = {"seq": seq, "sender_id": sender_id, "client_msg_id": client_msg_id,
-                     "body": body, "created_at": created_at}
+                     "body": body, "created_at": created_at, "attachments": attachments or None}
 
     def r_msg_top(self, cid, bucket):
         part = self.tables["messages"].get((cid, bucket), {})
@@ -439,6 +439,50 @@ class EmulatedKeyspace(CqlRunner):
     # ---- inspection ----------------------------------------------------------------------------
     def stored_seqs(self, cid) -> list[int]:
         return sorted(s for (c, _), part in self.tables["messages"].items() if c == cid for s in part)
+
+    # ---- media ---------------------------------------------------------------------------------
+    def _media_table(self, name):
+        return self.tables.setdefault(name, {})
+
+    def w_media_put(self, mid, owner_id, created_at, size, info):
+        self._media_table("media")[mid] = {"id": mid, "owner_id": owner_id, "created_at": created_at,
+                                           "size": size, "info": info}
+
+    def r_media_get(self, mid):
+        row = self._media_table("media").get(mid)
+        return [dict(row)] if row else []
+
+    def w_media_delete(self, mid):
+        self._media_table("media").pop(mid, None)
+
+    def w_media_owner_put(self, owner_id, created_at, mid, size):
+        self._media_table("media_by_owner")[(owner_id, created_at, mid)] = size
+
+    def r_media_owner_since(self, owner_id, since):
+        return [{"size": size} for (o, t, _), size in sorted(self._media_table("media_by_owner").items())
+                if o == owner_id and t > since]
+
+    def w_media_ref_put(self, mid, cid, key):
+        self._media_table("media_refs")[(mid, cid, key)] = True
+
+    def w_media_ref_delete(self, mid, cid, key):
+        self._media_table("media_refs").pop((mid, cid, key), None)
+
+    def r_media_refs_get(self, mid):
+        return [{"channel_id": c} for (m, c, _) in sorted(self._media_table("media_refs")) if m == mid]
+
+    def r_media_ref_any(self, mid):
+        return self.r_media_refs_get(mid)[:1]
+
+    def w_media_orphan_put(self, bucket, created_at, mid):
+        self._media_table("media_orphans")[(bucket, created_at, mid)] = True
+
+    def w_media_orphan_delete(self, bucket, created_at, mid):
+        self._media_table("media_orphans").pop((bucket, created_at, mid), None)
+
+    def r_media_orphans_before(self, bucket, before, limit):
+        return [{"created_at": t, "id": m} for (b, t, m) in sorted(self._media_table("media_orphans"))
+                if b == bucket and t < before][:limit]
 
     def handlers_missing(self) -> list[str]:
         out = []

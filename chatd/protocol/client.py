@@ -52,6 +52,8 @@ SUBPROTOCOLS = {"chatd.v1.json": JSON, "chatd.v1.msgpack": MSGPACK}
 MAX_SEQ = MAX_INT64
 MAX_ID_LEN = 64
 MAX_CLIENT_MSG_ID_LEN = 128
+MAX_ATTACHMENTS = 10
+MAX_MEDIA_ID_LEN = 64
 MAX_TOKEN_LEN = 4096
 MAX_CURSORS = 10_000
 MAX_DEPTH = 8  # the deepest valid frame nests 2 levels ({"cursors": {...}})
@@ -80,6 +82,7 @@ class Send:
     channel_id: str
     client_msg_id: str
     body: str
+    attachments: tuple | None = None  # media ids (chatd/media), at most MAX_ATTACHMENTS
 
 
 @dataclass(frozen=True)
@@ -197,6 +200,15 @@ def _body(v):
     return _text(v, allow_nul=True)  # length is a semantic limit (body_too_long), checked by the session
 
 
+def _attachments(v):
+    if not isinstance(v, list) or len(v) > MAX_ATTACHMENTS:
+        raise ValueError(f"must be a list of at most {MAX_ATTACHMENTS} media ids")
+    for a in v:
+        if not isinstance(a, str) or not 1 <= len(a) <= MAX_MEDIA_ID_LEN or "\x00" in a:
+            raise ValueError(f"must contain media ids (strings of 1 to {MAX_MEDIA_ID_LEN} characters)")
+    return tuple(v)
+
+
 def _cursors(v):
     if not isinstance(v, dict):
         raise ValueError("must be an object of channel id -> seq")
@@ -225,7 +237,7 @@ _SCHEMAS = {
     "auth": (Auth, {"token": (_nonempty_str(MAX_TOKEN_LEN), True), "cursors": (_cursors, False)}),
     "send": (Send, {"channel_id": (_channel, True),
                     "client_msg_id": (_nonempty_str(MAX_CLIENT_MSG_ID_LEN), True),
-                    "body": (_body, True)}),
+                    "body": (_body, True), "attachments": (_attachments, False)}),
     "sync": (Sync, {"cursors": (_cursors, True)}),
     "history": (History, {"channel_id": (_channel, True), "before": (_seq, False),
                           "after": (_seq, False), "limit": (_limit, False)}),
@@ -373,6 +385,8 @@ class _Send(msgspec.Struct, tag="send", **_STRUCT):
     channel_id: str
     client_msg_id: Annotated[str, Meta(min_length=1, max_length=MAX_CLIENT_MSG_ID_LEN)]
     body: str
+    attachments: Annotated[list[Annotated[str, Meta(min_length=1, max_length=MAX_MEDIA_ID_LEN)]],
+                           Meta(max_length=MAX_ATTACHMENTS)] | None = None
 
 
 class _Sync(msgspec.Struct, tag="sync", **_STRUCT):
@@ -438,7 +452,7 @@ def _fast_cursors(v: dict | None) -> bool:
 # Struct -> (request class, whether the rest of its fields pass, or None if they all do)
 _FAST_CHECKS = {
     _Auth: (Auth, lambda r: "\x00" not in r.token and _fast_cursors(r.cursors)),
-    _Send: (Send, lambda r: "\x00" not in r.client_msg_id and _ch(r.channel_id)),
+    _Send: (Send, lambda r: "\x00" not in r.client_msg_id and _ch(r.channel_id) and r.attachments is None),
     _Sync: (Sync, lambda r: _fast_cursors(r.cursors)),
     _History: (History, lambda r: _ch(r.channel_id)),
     _Heartbeat: (Heartbeat, None),
@@ -500,6 +514,10 @@ def error_frame(code: str, message: str, request_id=None, **details) -> dict:
 
 
 def message_frame(m) -> dict:
-    """The ``message`` event for a stored message (``chatd.store.base.Message``)."""
-    return {"type": "message", "channel_id": m.channel_id, "seq": m.seq, "sender_id": m.sender_id,
-            "client_msg_id": m.client_msg_id, "body": m.body, "created_at": m.created_at}
+    """The ``message`` event for a stored message (``chatd.store.base.Message``); ``attachments``
+    (each a :class:`chatd.api.models.Media`) only on a message that has some."""
+    out = {"type": "message", "channel_id": m.channel_id, "seq": m.seq, "sender_id": m.sender_id,
+           "client_msg_id": m.client_msg_id, "body": m.body, "created_at": m.created_at}
+    if m.attachments:
+        out["attachments"] = json.loads(m.attachments)
+    return out

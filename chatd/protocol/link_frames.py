@@ -19,7 +19,8 @@ one decoder over the union of all of them decodes and validates a frame in one c
 ``resync``              either way          (none)                                         "I dropped frames to you": re-read the
                                                                                            store heads for every session
 ``send``                shard → owner       ``view``, ``ch`` channel, ``u`` sender,        request: store a message as the channel's
-                                            ``cmid`` client_msg_id, ``body``, ``rid``      owner; answered by ``reply``
+                                            ``cmid`` client_msg_id, ``body``, ``rid``,     owner; answered by ``reply``
+                                            ``att`` attachments JSON (optional)
 ``reply``               answerer → asker    ``rid``; ``ok`` packed message and ``dup``,    the answer to a request (``send``,
                                             or ``err`` {code, message, ...}; or           ``p_query``); ``err.code`` ``stale_view``
                                             ``users`` {user id: status}                    carries the owner's ``view``
@@ -50,7 +51,7 @@ one decoder over the union of all of them decodes and validates a frame in one c
 ======================  ==================  =============================================  ==========================================
 
 A packed message (``m``, and ``ok`` of a send's reply) is the list ``[channel_id, seq, sender_id,
-client_msg_id, body, created_at]``. Frames routed by a view (``deliver``, ``push``, ``device``,
+client_msg_id, body, created_at, attachments]``. Frames routed by a view (``deliver``, ``push``, ``device``,
 ``devices``: :data:`VIEW_ROUTED`) carry ``view``, the version they were routed under: the
 receiver catches up to it before routing them further.
 
@@ -75,8 +76,9 @@ import msgspec
 VERSION = 1
 HEADER = struct.Struct(">I")  # each frame on the wire: its body's length, then the body
 
-# [channel_id, seq, sender_id, client_msg_id, body, created_at] (chatd.store.base.Message's fields)
-PackedMessage = tuple[str, int, int, str, str, float]
+# [channel_id, seq, sender_id, client_msg_id, body, created_at, attachments] (chatd.store.base.Message's
+# fields; attachments: JSON text, "" for none)
+PackedMessage = tuple[str, int, int, str, str, float, str]
 
 
 class LinkProtocolError(Exception):
@@ -129,6 +131,7 @@ class Send(Frame, tag="send"):
     client_msg_id: str = msgspec.field(name="cmid")
     body: str
     rid: int = 0
+    attachments: str = msgspec.field(default="", name="att")  # JSON of the attachments' metadata
 
 
 class Reply(Frame, tag="reply"):
@@ -289,4 +292,4 @@ def _classify(body, error: str) -> Unknown | Malformed:
 
 def packed(m) -> PackedMessage:
     """A message (``chatd.store.base.Message``) as the frames carry it."""
-    return (m.channel_id, m.seq, m.sender_id, m.client_msg_id, m.body, m.created_at)
+    return (m.channel_id, m.seq, m.sender_id, m.client_msg_id, m.body, m.created_at, m.attachments)

@@ -79,7 +79,7 @@ class ChannelOwners:
         self._max_idle = max_idle_channels
 
     async def send(self, sender_id: int, channel_id: str, client_msg_id: str, body: str, on_submit=None,
-                   on_stored=None):
+                   on_stored=None, attachments: str = ""):
         """Store and fan out one message; return the store's ``AppendResult``.
 
         ``on_submit`` is called once the message holds its place in the store's queue (nothing
@@ -115,7 +115,8 @@ class ChannelOwners:
             with trio.CancelScope(shield=True):
                 try:
                     result = await self.store.append_message(channel_id, sender_id, client_msg_id, body,
-                                                             time.time(), dm_pair=dm_members(channel_id))
+                                                             time.time(), dm_pair=dm_members(channel_id),
+                                                             **({"attachments": attachments} if attachments else {}))
                 finally:
                     state.inflight -= 1
                 self._stored(state, result, t0, t_arrived)

@@ -347,7 +347,7 @@ class Session:
         if self._last_send is None:
             self._last_send = {}
         previous = self._last_send.get(req.channel_id)
-        if previous is None or previous.is_set():
+        if (previous is None or previous.is_set()) and not req.attachments:
             try:
                 if self._send_nowait(req):
                     return
@@ -418,9 +418,10 @@ class Session:
             with ticket.scope:  # cancelled at the deadline, once the ticket answered `unavailable`
                 if previous is not None and not previous.is_set():
                     await previous.wait()
+                attachments = await self._attach(req) if req.attachments else ""
                 await self.node.router.send(self.user_id, req.channel_id, req.client_msg_id, req.body,
                                             on_submit=submitted.set, on_stored=ack,
-                                            timeout_s=self._answers.budget_s)
+                                            timeout_s=self._answers.budget_s, attachments=attachments)
         except ChatError as e:
             ticket.answer(_retryable(e))
         except Exception as e:  # noqa: BLE001 - a bug: answered 'internal', connection closed
@@ -431,6 +432,12 @@ class Session:
             if self._last_send.get(req.channel_id) is submitted:
                 del self._last_send[req.channel_id]
             self._inflight.release()
+
+    async def _attach(self, req: proto.Send) -> str:
+        """A send's attachments, checked (the sender's own uploads, a member of the channel) and
+        referenced from the message before it is stored (chatd/media/service.py)."""
+        await self.node.membership.require_member(req.channel_id, self.user_id)
+        return await self.node.media.attach(self.user_id, req.channel_id, req.client_msg_id, list(req.attachments))
 
     @verb(proto.Sync, task=False)
     async def _sync(self, req: proto.Sync) -> None:
