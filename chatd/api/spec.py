@@ -30,6 +30,7 @@ import msgspec
 from quart import Quart, current_app, g, request
 from quart_schema import OpenAPIProvider, QuartSchema, document_querystring, document_request, document_response
 from quart_schema import hide, security_scheme
+from quart_schema.openapi import PATH_RE
 
 from werkzeug.exceptions import RequestEntityTooLarge
 
@@ -54,6 +55,15 @@ class _Provider(OpenAPIProvider):
         out = super().schema()
         _, components = msgspec.json.schema_components(all_models(), ref_template="#/components/schemas/{name}")
         out["components"]["schemas"] = {**components, **out["components"]["schemas"]}
+        for rule in self._app.url_map.iter_rules():  # what msgspec models cannot say: raw bodies
+            extra = getattr(self._app.view_functions[rule.endpoint], "chatd_openapi", None)
+            if extra:
+                path = PATH_RE.sub(r"{\1}", rule.rule)
+                for method in rule.methods - {"HEAD", "OPTIONS"}:
+                    op = out["paths"][path][method.lower()]
+                    op.setdefault("responses", {}).update(extra.get("responses", {}))
+                    if "requestBody" in extra:
+                        op["requestBody"] = extra["requestBody"]
         for name, schema in out["components"]["schemas"].items():
             _name_pattern(name, schema)
         return out
@@ -146,6 +156,28 @@ def streamed_body(max_bytes: Callable[[], int]):
     return decorator
 
 
+BINARY = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+
+
+def binary_body(func):
+    """Document a route's request body as raw bytes (read by the route itself: :func:`streamed_body`)."""
+    func.chatd_openapi = {**getattr(func, "chatd_openapi", {}),
+                          "requestBody": {"required": False, "content": BINARY}}
+    return func
+
+
+def binary_answers(*statuses: int):
+    """Document answers of raw bytes (a download) with these statuses."""
+    def decorator(func):
+        extra = getattr(func, "chatd_openapi", {})
+        responses = {**extra.get("responses", {}),
+                     **{s: {"description": "the bytes" if s != 304 else "not modified",
+                                 **({"content": BINARY} if s != 304 else {})} for s in statuses}}
+        func.chatd_openapi = {**extra, "responses": responses}
+        return func
+    return decorator
+
+
 def _refuse_unauthenticated_body():
     if getattr(current_app.view_functions.get(request.endpoint), "chatd_auth", False):
         raise ChatError("not_authenticated", f"a request body above {UNAUTHENTICATED_BODY_BYTES} bytes needs "
@@ -232,4 +264,5 @@ def decode_query(model):
         raise ChatError("bad_request", f"query string: {e}") from None
 
 
-__all__ = ["install", "read_bodies_first", "route", "set_authenticate", "streamed_body", "hide"]
+__all__ = ["install", "read_bodies_first", "route", "set_authenticate", "streamed_body", "binary_body",
+           "binary_answers", "hide"]

@@ -28,7 +28,7 @@ from .. import models as m
 from ..caller import Caller
 from ..common import RetryLater
 from ..host import ApiHost
-from ..spec import route, streamed_body
+from ..spec import binary_answers, binary_body, route, streamed_body
 
 
 def register(app: QuartTrio, node: ApiHost) -> None:
@@ -44,6 +44,7 @@ def register(app: QuartTrio, node: ApiHost) -> None:
 
     @app.post("/v1/media")
     @streamed_body(lambda: media.cfg.max_bytes)
+    @binary_body
     @route(m.MediaAnswer, 201, query=m.MediaUploadQuery, errors=(429,))
     async def upload(query: m.MediaUploadQuery, caller: Caller):
         try:
@@ -56,6 +57,7 @@ def register(app: QuartTrio, node: ApiHost) -> None:
         return {"media": public(record)}, 201
 
     @app.get("/v1/media/<string:media_id>")
+    @binary_answers(200, 206, 304)
     @route(errors=(404, 416))
     async def download(media_id: str, caller: Caller):
         record = await media.readable(caller.user_id, media_id)
@@ -64,6 +66,7 @@ def register(app: QuartTrio, node: ApiHost) -> None:
                              record.size)
 
     @app.get("/v1/media/<string:media_id>/thumbnails/<int:px>")
+    @binary_answers(200, 206, 304)
     @route(errors=(404, 416))
     async def thumbnail(media_id: str, px: int, caller: Caller):
         record = await media.readable(caller.user_id, media_id)
