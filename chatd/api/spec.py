@@ -157,6 +157,7 @@ def streamed_body(max_bytes: Callable[[], int]):
 
 
 BINARY = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+DOWNLOAD = {t: BINARY["application/octet-stream"] for t in ("application/octet-stream", "image/*", "audio/*", "video/*")}
 
 
 def binary_body(func):
@@ -172,7 +173,7 @@ def binary_answers(*statuses: int):
         extra = getattr(func, "chatd_openapi", {})
         responses = {**extra.get("responses", {}),
                      **{s: {"description": "the bytes" if s != 304 else "not modified",
-                                 **({"content": BINARY} if s != 304 else {})} for s in statuses}}
+                                 **({"content": DOWNLOAD} if s != 304 else {})} for s in statuses}}
         func.chatd_openapi = {**extra, "responses": responses}
         return func
     return decorator
