@@ -273,6 +273,11 @@ class MediaAnswer(Struct):
     media: Media
 
 
+class MediaLimits(Struct):
+    max_bytes: int  # media.max_bytes: the largest upload
+    max_attachments: int  # per message
+
+
 class MediaUploadQuery(Struct, forbid_unknown_fields=True):
     name: text(0, 255, description="the file's name, shown to others and offered on download") = ""
 

@@ -67,6 +67,8 @@ def _image(src: str, outdir: str, max_pixels: int) -> dict | None:
             im = ImageOps.exif_transpose(im)  # the orientation tag's rotation, applied to the pixels
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         return {"kind": "file", "reason": "decompression bomb"}
+    except Image.UnidentifiedImageError:  # not an image Pillow knows: audio, video, anything else
+        return None
     except Exception as e:  # noqa: BLE001 - any decoder failure: not an image we show
         return {"kind": "file", "reason": f"image does not decode: {type(e).__name__}"}
     has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
@@ -139,6 +141,8 @@ def process(src: str, outdir: str, max_pixels: int) -> dict:
         return image
     guess = filetype.guess(head)
     mime = guess.mime if guess is not None else "application/octet-stream"
+    if head[:4] == b"\x1a\x45\xdf\xa3" and b"webm" in head[:64]:  # EBML with DocType webm (MediaRecorder's)
+        mime = "video/webm"
     if image is None and mime in INLINE_AV:
         return _audio_video(src, mime)
     out = {"kind": "file", "mime": mime}

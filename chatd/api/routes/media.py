@@ -9,6 +9,9 @@ the body is read (401 and the connection closed otherwise), then the hourly quot
 413, once it passes the limit -- declared or not -- and the connection closed). Answer 201
 ``{media}`` (:class:`chatd.api.models.Media`).
 
+``GET /v1/media/limits``: ``{max_bytes, max_attachments}`` (a client refuses a too-large file before
+sending a byte of it).
+
 Download: to the uploader and to members of a channel with a message holding it; anybody else
 gets ``no_such_media`` (404, as for an id that does not exist). ``Range``, ``ETag`` /
 ``If-None-Match`` (304) and the safety headers of :mod:`chatd.media.serving`.
@@ -23,7 +26,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from ...errors import ChatError
 from ...media import serving
 from ...media.backend import MissingObject
-from ...media.service import INLINE_KINDS, public
+from ...media.service import INLINE_KINDS, MAX_ATTACHMENTS, public
 from .. import models as m
 from ..caller import Caller
 from ..common import RetryLater
@@ -55,6 +58,11 @@ def register(app: QuartTrio, node: ApiHost) -> None:
             raise
         record = await media.upload(caller.user_id, query.name or "file", body_chunks())
         return {"media": public(record)}, 201
+
+    @app.get("/v1/media/limits")
+    @route(m.MediaLimits)
+    async def limits(caller: Caller):
+        return {"max_bytes": media.cfg.max_bytes, "max_attachments": MAX_ATTACHMENTS}
 
     @app.get("/v1/media/<string:media_id>")
     @binary_answers(200, 206, 304)

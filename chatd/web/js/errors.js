@@ -25,6 +25,12 @@ const TEXT = {
   timeout: "The server did not answer in time",
   disconnected: "The connection was lost",
   not_found: "Not found",
+  no_such_media: "That file is not available (any more)",
+  media_too_large: "That file is too large to send",
+  media_quota: "You have sent too many files this hour; try again later",
+  bad_attachment: "That attachment cannot be sent",
+  cancelled: "Cancelled",
+  no_microphone: "The microphone is not available",
 };
 
 /** A readable sentence for an error with `code` and server `message`. */
@@ -33,7 +39,7 @@ export function describe(err) {
   const base = TEXT[code] || `Error (${code})`;
   const detail = err && err.message && err.message !== base ? err.message : "";
   let text = detail ? `${base}: ${detail}` : base;
-  if (code === "rate_limited" && err.retryAfterS) text += ` (retry in ${err.retryAfterS} s)`;
+  if ((code === "rate_limited" || code === "media_quota") && err.retryAfterS) text += ` (retry in ${err.retryAfterS} s)`;
   if (code === "rate_limited" && err.retry_after_ms) text += ` (retry in ${Math.ceil(err.retry_after_ms / 1000)} s)`;
   return text;
 }

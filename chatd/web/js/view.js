@@ -1,6 +1,8 @@
 // Rendering: state in, DOM out. Everything the server sent is inserted as text (textContent), never
 // as HTML. Callers batch changes through `app.render()`.
 
+import { attachmentItem, humanSize, openLightbox } from "./media.js";
+
 const $ = (id) => document.getElementById(id);
 
 export function el(tag, attrs = {}, ...children) {
@@ -67,7 +69,8 @@ export function renderChannelList(app) {
   list.replaceChildren(...chans.map((c) => {
     const last = c.last();
     const mine = last && (last.mine || last.sender_id === app.me.id);
-    const preview = last ? `${mine ? "You: " : ""}${last.body.slice(0, 80)}` : "no messages yet";
+    const preview = last ? `${mine ? "You: " : ""}${(last.body || attachmentsText(last.attachments)).slice(0, 80)}`
+      : "no messages yet";
     const p = c.kind === "dm" ? app.presence.get(c.peerId) : null;
     const name = el("span", { class: "ch-name" });
     if (c.kind === "dm") {
@@ -117,7 +120,7 @@ export function renderChannel(app) {
     if (seen && seen.seq === m.seq) {
       receipt = c.kind === "dm" ? "Seen" : `Seen by ${seen.readers.map((u) => app.userName(u)).join(", ")}`;
     }
-    return { key: `${c.id} ${m.seq}`, sig: `${who}|${receipt}`, build: () => messageItem(m, mine, who, receipt) };
+    return { key: `${c.id} ${m.seq}`, sig: `${who}|${receipt}`, build: () => messageItem(app, m, mine, who, receipt) };
   });
   for (const p of c.pending.values()) {
     items.push({ key: `${c.id} ${p.cmid}`, sig: `${p.status}|${p.error}`, build: () => pendingItem(app, c, p) });
@@ -133,11 +136,25 @@ export function renderChannel(app) {
     `${typing.join(", ")} ${typing.length === 1 ? "is" : "are"} typing…`;
 }
 
-function messageItem(m, mine, who, receipt) {
+/** A message's attachments, as shown in the conversation list ("Photo", "Voice message", a file name). */
+export function attachmentsText(list) {
+  if (!list || !list.length) return "";
+  const one = (a) => (a.kind === "image" ? "Photo" : a.kind === "audio" ? "Voice message" : a.kind === "video" ? "Video"
+    : a.name);
+  return list.map(one).join(", ");
+}
+
+function attachments(app, list) {
+  if (!list || !list.length) return null;
+  return el("div", { class: "atts" }, ...list.map((a) => attachmentItem(app.api, a, (x) => openLightbox(app.api, x))));
+}
+
+function messageItem(app, m, mine, who, receipt) {
   const li = el("li", { class: `msg${mine ? " mine" : ""}`, "data-seq": m.seq, "data-cmid": m.client_msg_id,
                         "data-status": mine ? "sent" : null },
     el("div", { class: "meta" }, el("span", { class: "who", text: who }), el("time", { text: clock(m.created_at) })),
-    el("div", { class: "body", text: m.body }));
+    attachments(app, m.attachments),
+    m.body ? el("div", { class: "body", text: m.body }) : null);
   if (receipt) li.append(el("div", { class: "receipt", text: receipt }));
   return li;
 }
@@ -153,8 +170,20 @@ function pendingItem(app, c, p) {
   }
   return el("li", { class: "msg mine pending", "data-cmid": p.cmid, "data-status": p.status },
     el("div", { class: "meta" }, el("span", { class: "who", text: "You" })),
-    el("div", { class: "body", text: p.body }),
+    attachments(app, p.media),
+    p.body ? el("div", { class: "body", text: p.body }) : null,
     status);
+}
+
+/** The uploads in progress, each with its progress bar and a cancel button. */
+export function renderUploads(app) {
+  const list = $("uploads");
+  const ups = [...app.uploads.values()];
+  list.hidden = ups.length === 0;
+  list.replaceChildren(...ups.map((u) => el("li", { class: "upload", "data-upload": u.name },
+    el("span", { class: "upload-name", text: `${u.name} (${humanSize(u.size)})` }),
+    el("progress", { max: "1", value: String(u.progress), "aria-label": `Uploading ${u.name}` }),
+    el("button", { type: "button", class: "link upload-cancel", onclick: () => u.abort() }, "Cancel"))));
 }
 
 /** Forget the rendered messages (after a logout). */
