@@ -233,6 +233,7 @@ async def serve_run(config: Config, *, task_status=trio.TASK_STATUS_IGNORED, nod
         if node_out is not None:
             node_out.append(node)
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(_close_at_exit, node.media)
             await nursery.start(node.router.run)
             await nursery.start(node.presence.run)
             await nursery.start(node.media.run_collector)
@@ -249,6 +250,15 @@ async def serve_run(config: Config, *, task_status=trio.TASK_STATUS_IGNORED, nod
             await _stop_serving(node, api_stop, "server shutting down; reconnect")
             nursery.cancel_scope.cancel()
     log.info("stopped")
+
+
+async def _close_at_exit(media) -> None:
+    """Close the media service (its idle workers, its backend's connections) when the node's
+    nursery ends."""
+    try:
+        await trio.sleep_forever()
+    finally:
+        await media.aclose()
 
 
 async def _stop_serving(node: Node, api_stop: trio.Event, drain_reason: str) -> None:
@@ -290,6 +300,7 @@ async def serve_shard(config: Config, *, task_status=trio.TASK_STATUS_IGNORED, n
         if node_out is not None:
             node_out.append(node)
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(_close_at_exit, node.media)
             await nursery.start(node.router.run)
             await nursery.start(node.discovery.run)
             await nursery.start(links.run, True, node.on_link_frame, node.router.on_link_up)
@@ -407,6 +418,7 @@ async def serve_api_role(config: Config, *, task_status=trio.TASK_STATUS_IGNORED
         if node_out is not None:
             node_out.append(node)
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(_close_at_exit, node.media)
             await nursery.start(discovery.run)
             await nursery.start(links.run, False)  # (shards send an API server nothing but replies)
             discovery.on_change(lambda old, new: links.set_peers(new))

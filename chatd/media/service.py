@@ -232,7 +232,10 @@ class MediaService:
                 log.warning("media collection failed: %s", e)
 
     async def aclose(self) -> None:
-        await self.backend.aclose()
+        """Stop the idle workers and close the backend's connections (at shutdown)."""
+        with trio.CancelScope(shield=True), trio.move_on_after(5):
+            await self.processor.aclose()
+            await self.backend.aclose()
 
 
 def msg_key(sender_id: int, client_msg_id: str) -> str:

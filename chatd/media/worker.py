@@ -1,10 +1,12 @@
-"""Processing of one uploaded file, in its own short-lived process (``python -m chatd.media.worker
-SRC OUTDIR MAX_PIXELS``): what the file is, and what chatd serves of it.
+"""Processing of uploaded files, in worker processes: what a file is, and what chatd serves of it.
 
-Run by :mod:`chatd.media.processing` under an address-space limit (``RLIMIT_AS``) and a CPU-time
-limit (``RLIMIT_CPU``) set here before anything is decoded, and killed by the parent at its
-deadline: a crafted file can crash, exhaust or hang only this process, never the server. It
-prints one JSON object on stdout and writes the derived files into OUTDIR:
+``python -m chatd.media.worker --serve MAX_PIXELS AS_BYTES`` is a worker of the pool of
+:mod:`chatd.media.processing` (one file at a time, requests and answers as JSON lines);
+``python -m chatd.media.worker SRC OUTDIR MAX_PIXELS AS_BYTES CPU_S`` processes one file and exits
+(for a person or a test). Either runs under an address-space limit (``RLIMIT_AS``) set before
+anything is decoded, and the pool kills a worker at its per-file deadline: a crafted file can crash,
+exhaust or hang only a worker, never the server. For each file it answers one JSON object and
+writes the derived files into OUTDIR:
 
 * ``{"kind": "image", "mime", "width", "height", "served": "main.<ext>", "thumbnails": [...],
   "placeholder": "data:image/jpeg;base64,..."}`` -- an image Pillow decodes fully, of at most
@@ -151,7 +153,39 @@ def process(src: str, outdir: str, max_pixels: int) -> dict:
     return out
 
 
+RECYCLE_AFTER_FILES = 200
+RECYCLE_ABOVE_RSS_KIB = 300 * 1024
+
+
+def serve(max_pixels: int, as_bytes: int) -> int:
+    """The pool's worker: one request per line on stdin (``{"src", "out"}``), one JSON answer per
+    line on stdout, until stdin closes. It exits after an out-of-memory (its state is suspect), after
+    ``RECYCLE_AFTER_FILES`` files or once its peak RSS passed ``RECYCLE_ABOVE_RSS_KIB``: the pool starts
+    a fresh one."""
+    resource.setrlimit(resource.RLIMIT_AS, (as_bytes, as_bytes))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    import filetype  # noqa: F401  (imported once, before the first file)
+    from PIL import Image  # noqa: F401
+    for n, line in enumerate(sys.stdin, start=1):
+        req = json.loads(line)
+        last = n >= RECYCLE_AFTER_FILES
+        try:
+            out = process(req["src"], req["out"], max_pixels)
+        except MemoryError:
+            out = {"kind": "file", "mime": "application/octet-stream", "reason": "processing ran out of memory"}
+            last = True
+        last = last or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss > RECYCLE_ABOVE_RSS_KIB
+        out["last"] = last
+        sys.stdout.write(json.dumps(out) + "\n")
+        sys.stdout.flush()
+        if last:
+            break
+    return 0
+
+
 def main(argv: list[str]) -> int:
+    if argv and argv[0] == "--serve":
+        return serve(int(argv[1]), int(argv[2]))
     src, outdir, max_pixels, as_bytes, cpu_s = argv[0], argv[1], int(argv[2]), int(argv[3]), int(argv[4])
     _limit(as_bytes, cpu_s)
     try:
