@@ -321,6 +321,13 @@ async def test_attachments_authorization_and_removed_member(media_server, nurser
         assert (await carol.get(url)).status_code == 200
     history = await srv.api.call("GET", f"/v1/channels/{gid}/messages", token=carol_l["token"])
     assert history.body["messages"][0]["attachments"][0]["sha256"] == media["sha256"]
+    # the same metadata on the WebSocket's history verb and on a sync from cursor 0 (another device)
+    ws_history = await cc.request({"type": "history", "channel_id": gid, "limit": 10})
+    assert ws_history["messages"][0]["attachments"] == live["attachments"]
+    carol2 = await srv.api.login("carol")
+    cc2 = await open_client(nursery, carol2["ws_url"], carol2["token"], cursors={gid: 0})
+    synced = await cc2.next_event("message")
+    assert synced["seq"] == live["seq"] and synced["attachments"] == live["attachments"]
     assert (await bob.get(media["url"])).status_code == 404  # still an outsider
     # carol removed: no more access
     removed = await srv.api.call("DELETE", f"/v1/channels/{gid}/members/{carol_l['user']['id']}",
@@ -363,3 +370,12 @@ async def test_openapi_documents_the_media_routes(media_server):
     spec = (await srv.api.call("GET", "/openapi.json")).body
     assert {"/v1/media", "/v1/media/{media_id}", "/v1/media/{media_id}/thumbnails/{px}"} <= set(spec["paths"])
     assert "Media" in spec["components"]["schemas"]
+
+
+def test_push_text_names_the_attachments():
+    from chatd.push.service import push_text
+    from chatd.store.base import Message
+    att = '[{"id":"a","kind":"image","name":"x.jpg"},{"id":"b","kind":"file","name":"report.pdf"}]'
+    assert push_text(Message("dm:1:2", 1, 1, "c", "", 1.0, att)) == "[Photo] [report.pdf]"
+    assert push_text(Message("dm:1:2", 1, 1, "c", "look", 1.0, att)) == "[Photo] [report.pdf] look"
+    assert push_text(Message("dm:1:2", 1, 1, "c", "plain", 1.0)) == "plain"
