@@ -81,6 +81,7 @@ class Node:
         self.links = links
         self.membership = Membership(store)
         self.media = MediaService(config, store, self.membership)  # uploads (chatd/media)
+        media_metrics(self.metrics, self.media)
         # Push notifications for members with no connected device (None with push.provider = "none").
         self.push = make_push_service(config, store, shards=lambda: list(self.discovery.view.shards),
                                       online=self._connected_here)
@@ -337,6 +338,25 @@ def store_metrics(metrics: Metrics, store: Store) -> None:
                              lambda key=key: store.statistics()[key])
 
 
+MEDIA_STATS_HELP = {
+    "uploads": "Media uploads stored", "upload_bytes": "Bytes of media uploads stored",
+    "refused_too_large": "Uploads refused above media.max_bytes", "collected": "Orphan uploads deleted",
+    "released": "Uploads deleted with the last message referencing them",
+}
+PROCESSOR_STATS_HELP = {
+    "processed": "Files processed by a media worker", "failed": "Media worker failures (file kept as plain)",
+    "killed": "Media workers killed at media.worker_timeout_s", "started": "Media worker processes started",
+}
+
+
+def media_metrics(metrics: Metrics, media: MediaService) -> None:
+    """The media service's counters (chatd/media), read at scrape time."""
+    for key, help_ in MEDIA_STATS_HELP.items():
+        metrics.counter_from(f"chatd_media_{key}_total", help_, lambda key=key: media.stats[key])
+    for key, help_ in PROCESSOR_STATS_HELP.items():
+        metrics.counter_from(f"chatd_media_worker_{key}_total", help_, lambda key=key: media.processor.stats[key])
+
+
 def discovery_metrics(metrics: Metrics, discovery: Discovery, registers: bool = True) -> None:
     """What this process knows of the cluster: its view, and (a shard) whether it may write."""
     metrics.gauge("chatd_discovery_view_version", "Version of the shard view in use (ZooKeeper cversion)",
@@ -373,6 +393,7 @@ class ApiNode:
                                    "peer", lambda: link_queue_depths(links))
         self.membership = Membership(store, max_cached=0)  # other API servers change it too
         self.media = MediaService(config, store, self.membership)  # uploads (chatd/media)
+        media_metrics(self.metrics, self.media)
         self.stop_event = trio.Event()
 
     def request_stop(self) -> None:

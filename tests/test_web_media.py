@@ -1,7 +1,8 @@
 """Media in the web client, in a real browser (Debian's chromium, Playwright): alice sends a photo
 (the attach button), bob sees its thumbnail (the placeholder first, then the thumbnail fetched with
 his token) and opens the full image; alice records a voice message (MediaRecorder on Chromium's
-fake microphone) and bob plays it; a file above ``media.max_bytes`` is refused with a sentence
+fake microphone) and bob plays it; files dropped on the conversation or pasted into the composer
+are sent too; a file above ``media.max_bytes`` is refused with a sentence
 before a byte is sent; a plain file shows as a card with its name and size. Screenshots of every
 step are under the test's tmp dir (``shots/``)."""
 
@@ -97,13 +98,26 @@ def test_photo_voice_file_and_too_large(chatd_proc, tmp_path):
             expect(card.locator(".att-name")).to_have_text("notes.txt")
             expect(card.locator(".att-size")).to_have_text("1.7 KB")
 
+            # --- drag-and-drop onto the conversation, and paste into the composer: the same upload
+            a.evaluate("""() => { const dt = new DataTransfer();
+                dt.items.add(new File(["dropped bytes"], "dropped.txt", { type: "text/plain" }));
+                document.getElementById("channel-pane").dispatchEvent(
+                  new DragEvent("drop", { dataTransfer: dt, bubbles: true, cancelable: true })); }""")
+            expect(b.locator("#message-list .att-file .att-name", has_text="dropped.txt")).to_have_count(1)
+            a.evaluate("""() => { const dt = new DataTransfer();
+                dt.items.add(new File(["pasted bytes"], "pasted.txt", { type: "text/plain" }));
+                document.getElementById("composer-input").dispatchEvent(
+                  new ClipboardEvent("paste", { clipboardData: dt, bubbles: true, cancelable: true })); }""")
+            expect(b.locator("#message-list .att-file .att-name", has_text="pasted.txt")).to_have_count(1)
+            expect(a.locator("#composer-input")).to_have_value("")  # the file was not pasted as text
+
             # --- too large: refused with a sentence, nothing uploaded
             big = tmp_path / "big.bin"
             big.write_bytes(b"\0" * (MAX_BYTES + 1))
             a.set_input_files("#file-input", str(big))
             expect(a.locator("#toasts .toast").last).to_contain_text("That file is too large to send")
             shots(a, "alice-too-large")
-            expect(b.locator("#message-list .msg")).to_have_count(4)  # text, photo, voice, file
+            expect(b.locator("#message-list .msg")).to_have_count(6)  # text, photo, voice, 3 files
             assert errors == [], errors
         finally:
             browser.close()

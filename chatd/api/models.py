@@ -257,7 +257,7 @@ class Media(Struct):
     """An upload, as the upload answers it and as each attachment of a message carries it."""
     id: str
     kind: Literal["image", "audio", "video", "file"]  # image/audio/video: shown inline; file: a download
-    mime: str  # sniffed from the bytes (what GET serves), never the client's claim
+    mime: str  # sniffed from the bytes, never the client's claim; GET serves a `file` as application/octet-stream
     name: str
     size: int  # bytes served by `url`
     sha256: str  # hex, of the bytes served by `url`

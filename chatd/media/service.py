@@ -143,7 +143,7 @@ class MediaService:
             served = out / info["served"]
             served_digest, served_size = await trio.to_thread.run_sync(_digest, served)
         if kind not in INLINE_KINDS:
-            kind, mime = "file", mime
+            kind = "file"
         key = f"{media_id}/{served_digest}.{_EXT.get(mime, 'bin') if kind != 'file' else 'bin'}"
         thumbs = []
         for t in info.get("thumbnails", []):
