@@ -19,7 +19,7 @@ import pytest
 import trio
 from PIL import Image
 
-from tests.helpers import RunningServer, dm, make_config, open_client
+from tests.helpers import RunningServer, dm, eventually, make_config, open_client
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -188,6 +188,26 @@ async def test_unauthenticated_upload_is_refused_before_the_body(media_server):
     assert (await forged.upload(b"abc")).status_code == 401
 
 
+async def test_an_upload_cut_off_midway_leaves_nothing(media_server):
+    srv = await media_server()
+    alice = Client(srv, await srv.api.signup_login("alice"))
+
+    class ClientGaveUp(Exception):
+        pass
+
+    async def half():
+        for _ in range(32):
+            yield b"h" * 65536
+        raise ClientGaveUp()
+    with pytest.raises(ClientGaveUp):
+        await alice.upload(half())
+
+    async def clean():
+        return media_files(srv) == []
+    await eventually(clean, timeout=10)
+    assert (await alice.upload(b"after")).status_code == 201  # and the server goes on
+
+
 async def test_hourly_quota(media_server):
     srv = await media_server(uploads_per_hour=2)
     alice = Client(srv, await srv.api.signup_login("alice"))
@@ -296,7 +316,7 @@ async def test_attachments_authorization_and_removed_member(media_server, nurser
         for url in urls:
             r = await who.get(url)
             assert r.status_code == 404 and r.json()["error"]["code"] == "no_such_media"
-    for url in urls + ["/v1/media/" + "x" * 22]:
+    for url in urls + ["/v1/media/" + "x" * 22, "/v1/media/limits"]:
         r = await anon.get(url)
         assert r.status_code == 401 and r.json()["error"]["code"] == "not_authenticated"
     group = await srv.api.call("POST", "/v1/groups", {"name": "team", "members": [carol_l["user"]["id"]]},
