@@ -1,7 +1,8 @@
 """The media contract, one suite for every backend: ``fs`` (files under the data dir) and ``s3`` (a
 real SeaweedFS from tests/s3_server.py, SigV4-checked, one bucket per test): objects round-trip
 byte for byte, ranges are exact, deletes delete, a large object goes up in parts; the same through
-a running ``chatd run``; and, on ``s3``, a cluster whose two ``chatd api`` servers share the bucket."""
+a running ``chatd run``; and, on ``s3``, a cluster whose two ``chatd api`` servers share the bucket
+(with SQLite and with a real Cassandra as the store)."""
 
 from __future__ import annotations
 
@@ -93,8 +94,10 @@ async def test_upload_and_download_through_chatd(media_settings, nursery, tmp_pa
     await srv.stop()
 
 
-async def test_cluster_upload_through_one_api_download_through_another(zk, tmp_path, nursery, s3_server, s3_bucket):
-    c = Cluster(zk, tmp_path, n=1, extra=s3_server.toml(s3_bucket, s3_part_bytes=PART))
+async def test_cluster_upload_through_one_api_download_through_another(zk, tmp_path, nursery, s3_server, s3_bucket,
+                                                                       store_toml):
+    """On both stores (a shared SQLite file; a real Cassandra): the media records are the store's."""
+    c = Cluster(zk, tmp_path, n=1, extra=s3_server.toml(s3_bucket, s3_part_bytes=PART), store_toml=store_toml)
     try:
         await c.start()
         api2_port = free_port()
