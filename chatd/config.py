@@ -261,6 +261,9 @@ class MediaConfig:
     s3_access_key: str = ""  # empty: AWS_ACCESS_KEY_ID
     s3_secret_key: str = ""  # empty: AWS_SECRET_ACCESS_KEY
     s3_part_bytes: int = 8 * 1024 * 1024  # multipart upload above this size, in parts of it
+    # > 0: an authorized download is a 302 to a presigned bucket URL valid this long (the bucket
+    # needs CORS for the web client, docs/media.md); 0: chatd streams the bytes itself
+    s3_presign_s: int = 0
 
 
 @dataclass
@@ -395,6 +398,8 @@ class Config:
                      "worker_timeout_s", "worker_memory_bytes", "max_pixels"):
             if getattr(m, name) <= 0:
                 raise ConfigError(f"media.{name} must be > 0")
+        if not 0 <= m.s3_presign_s <= 7 * 24 * 3600:
+            raise ConfigError("media.s3_presign_s must be between 0 and 604800 (S3's longest presigned URL)")
         if m.s3_part_bytes < 5 * 1024 * 1024:
             raise ConfigError("media.s3_part_bytes must be at least 5 MiB (S3's smallest part)")
 

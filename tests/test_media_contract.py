@@ -127,3 +127,32 @@ async def test_cluster_upload_through_one_api_download_through_another(zk, tmp_p
             assert denied.status_code == 404
     finally:
         c.stop()
+
+
+async def test_s3_presigned_mode_redirects_authorized_downloads(nursery, tmp_path, s3_server, s3_bucket):
+    cfg = make_config(tmp_path)
+    cfg.update({"media": s3_server.media(s3_bucket, s3_presign_s=120)}, source="test")
+    cfg.validate()
+    srv = await RunningServer(nursery, cfg).start()
+    alice = await srv.api.signup_login("alice")
+    eve = await srv.api.signup_login("eve")
+    data = os.urandom(300_000)
+    async with httpx.AsyncClient(base_url=srv.info.api_url, timeout=60) as http:
+        media = (await http.post("/v1/media", params={"name": "r.bin"}, content=data,
+                                 headers={"Authorization": f"Bearer {alice['token']}"})).json()["media"]
+        r = await http.get(media["url"], headers={"Authorization": f"Bearer {alice['token']}"})
+        assert r.status_code == 302 and r.headers["location"].startswith(s3_server.endpoint)
+        # the presigned URL needs no credentials, and the bucket answers with chatd's headers
+        got = await http.get(r.headers["location"])
+        assert got.status_code == 200 and got.content == data
+        assert got.headers["content-type"] == "application/octet-stream"
+        assert got.headers["content-disposition"].startswith("attachment")
+        part = await http.get(r.headers["location"], headers={"Range": "bytes=10-19"})
+        assert part.status_code == 206 and part.content == data[10:20]
+        # tampering with the signed overrides breaks the signature
+        forged = r.headers["location"].replace("attachment", "inline")
+        assert (await http.get(forged)).status_code == 403
+        # no redirect for someone who may not read it
+        denied = await http.get(media["url"], headers={"Authorization": f"Bearer {eve['token']}"})
+        assert denied.status_code == 404
+    await srv.stop()

@@ -157,6 +157,7 @@ def streamed_body(max_bytes: Callable[[], int]):
 
 
 BINARY = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+NO_BYTES = {302: "a presigned URL of the bytes (Location)", 304: "not modified"}
 DOWNLOAD = {t: BINARY["application/octet-stream"] for t in ("application/octet-stream", "image/*", "audio/*", "video/*")}
 
 
@@ -172,8 +173,8 @@ def binary_answers(*statuses: int):
     def decorator(func):
         extra = getattr(func, "chatd_openapi", {})
         responses = {**extra.get("responses", {}),
-                     **{s: {"description": "the bytes" if s != 304 else "not modified",
-                                 **({"content": DOWNLOAD} if s != 304 else {})} for s in statuses}}
+                     **{s: {"description": NO_BYTES.get(s, "the bytes"),
+                                 **({"content": DOWNLOAD} if s not in NO_BYTES else {})} for s in statuses}}
         func.chatd_openapi = {**extra, "responses": responses}
         return func
     return decorator

@@ -9,7 +9,8 @@ Writes: an object of at most ``media.s3_part_bytes`` is one ``PUT``; a larger on
 upload in parts of that size (aborted if a part fails, so the store keeps no half object; an
 object under a key is all there or absent). Bodies are streamed from the local file in chunks:
 nothing holds a part in memory. Reads: ``GET`` with ``Range``, streamed. Objects are private;
-chatd streams them to authorized clients (it never hands out bucket URLs).
+chatd streams them to authorized clients, or (``media.s3_presign_s`` > 0) redirects an authorized
+download to a presigned URL valid that long (:meth:`S3Backend.presigned_get`).
 
 Configuration: ``media.s3_endpoint``, ``s3_bucket``, ``s3_region``, ``s3_path_style``
 (``https://host/bucket/key``; else ``https://bucket.host/key``), credentials from
@@ -32,7 +33,7 @@ from xml.sax.saxutils import escape
 
 import httpx
 import trio
-from botocore.auth import S3SigV4Auth
+from botocore.auth import S3SigV4Auth, S3SigV4QueryAuth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
@@ -204,6 +205,16 @@ class S3Backend(Backend):
                         yield chunk
         except httpx.HTTPError as e:
             raise self._failed("GET", url, repr(e)) from None
+
+    def presigned_get(self, key: str, expires_s: int, content_type: str, disposition: str) -> str:
+        """A URL that GETs the object for ``expires_s`` seconds without credentials (presigned
+        mode, docs/media.md), answered with the given ``Content-Type`` and ``Content-Disposition``
+        (S3's ``response-*`` overrides, part of the signature)."""
+        query = (f"response-content-disposition={quote(disposition, safe='')}"
+                 f"&response-content-type={quote(content_type, safe='')}")
+        req = AWSRequest(method="GET", url=self._url(key, query))
+        S3SigV4QueryAuth(self._credentials, "s3", self.region, expires=expires_s).add_auth(req)
+        return req.url
 
     async def delete(self, key):
         await self._send("DELETE", self._url(key), ok=(200, 204, 404))

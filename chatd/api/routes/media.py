@@ -14,7 +14,9 @@ sending a byte of it).
 
 Download: to the uploader and to members of a channel with a message holding it; anybody else
 gets ``no_such_media`` (404, as for an id that does not exist). ``Range``, ``ETag`` /
-``If-None-Match`` (304) and the safety headers of :mod:`chatd.media.serving`.
+``If-None-Match`` (304) and the safety headers of :mod:`chatd.media.serving`; with
+``media.s3_presign_s`` > 0 (``s3`` only) a 302 to a presigned bucket URL instead, after the same
+authorization (docs/media.md: the bucket's CORS).
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ def register(app: QuartTrio, node: ApiHost) -> None:
         return {"max_bytes": media.cfg.max_bytes, "max_attachments": MAX_ATTACHMENTS}
 
     @app.get("/v1/media/<string:media_id>")
-    @binary_answers(200, 206, 304)
+    @binary_answers(200, 206, 302, 304)
     @route(errors=(404, 416))
     async def download(media_id: str, caller: Caller):
         record = await media.readable(caller.user_id, media_id)
@@ -74,7 +76,7 @@ def register(app: QuartTrio, node: ApiHost) -> None:
                              record.size)
 
     @app.get("/v1/media/<string:media_id>/thumbnails/<int:px>")
-    @binary_answers(200, 206, 304)
+    @binary_answers(200, 206, 302, 304)
     @route(errors=(404, 416))
     async def thumbnail(media_id: str, px: int, caller: Caller):
         record = await media.readable(caller.user_id, media_id)
@@ -87,6 +89,11 @@ def register(app: QuartTrio, node: ApiHost) -> None:
 
 async def _answer(media, key: str, mime: str, inline: bool, name: str, sha256: str, size: int):
     headers = serving.headers(mime, inline, name, sha256, size)
+    presign_s = media.cfg.s3_presign_s if media.cfg.backend == "s3" else 0
+    if presign_s:  # presigned mode: the bytes come from the bucket, with chatd's type and disposition
+        url = media.backend.presigned_get(key, presign_s, headers["Content-Type"], headers["Content-Disposition"])
+        return Response(b"", 302, {"Location": url, "Cache-Control": f"private, max-age={max(0, presign_s - 60)}",
+                                   "X-Content-Type-Options": "nosniff"})
     if serving.not_modified(request.headers.get("If-None-Match"), sha256):
         return Response(b"", 304, headers)
     try:
