@@ -17,6 +17,7 @@ import zlib
 import httpx
 import pytest
 import trio
+import trio.testing
 from PIL import Image
 
 from tests.helpers import RunningServer, dm, eventually, make_config, open_client
@@ -167,6 +168,30 @@ async def test_upload_over_max_bytes_is_refused_and_discarded(media_server):
     assert media_files(srv) == []  # nothing kept, no temporary file left
     ok = await alice.upload(b"z" * 1024 * 1024)  # exactly the limit
     assert ok.status_code == 201
+
+
+async def test_a_body_refused_while_its_reader_waits_is_an_error_not_an_end():
+    """Regression: the upload's reader waiting for the next chunk when the body passed its limit
+    saw the end of a complete body (Quart's Body checks the limit only before waiting), and a
+    truncated upload was stored with 201."""
+    from werkzeug.exceptions import RequestEntityTooLarge
+
+    from chatd.api.asgi import BoundedBody
+    body = BoundedBody(None, None)
+    body.decide(100, stream=True)
+    got = []
+
+    async def read():
+        with pytest.raises(RequestEntityTooLarge):
+            async for chunk in body:
+                got.append(chunk)
+    async with trio.open_nursery() as n:
+        n.start_soon(read)
+        await trio.testing.wait_all_tasks_blocked()
+        body.append(b"x" * 60)
+        await trio.testing.wait_all_tasks_blocked()
+        body.append(b"y" * 60)  # 120 > 100, while the reader waits
+    assert got == [b"x" * 60]
 
 
 async def test_unauthenticated_upload_is_refused_before_the_body(media_server):

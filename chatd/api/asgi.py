@@ -64,7 +64,19 @@ class BoundedBody(TrioBody):
         self._has_data.set()
 
     async def __anext__(self) -> bytes:
-        data = await super().__anext__()
+        # (Body.__anext__ checks the limit only before it waits: a body refused while a reader
+        # waited would end as if complete, truncated. Checked again after the wait here.)
+        if self._must_raise is not None:
+            raise self._must_raise
+        if not self._complete.is_set():
+            await self._has_data.wait()
+        if self._must_raise is not None:
+            raise self._must_raise
+        if self._complete.is_set() and not self._data:
+            raise StopAsyncIteration()
+        data = bytes(self._data)
+        self._data.clear()
+        self._has_data.clear()
         self._room.set()
         return data
 
