@@ -34,6 +34,16 @@ setup(
         # reactions are "one grapheme cluster" (chatd/lifecycle.py): regex's \X follows Unicode's
         # extended grapheme clusters (UAX #29, kept current with each Unicode release); the stdlib has none.
         "regex>=2023.0",
+        # media (chatd/media/worker.py): Pillow decodes, re-encodes (stripping all metadata) and
+        # thumbnails images, with a decompression-bomb guard; filetype (no dependencies, magic
+        # numbers) names the audio/video/container types Pillow does not read; mutagen reads
+        # audio/video durations from container headers without decoding.
+        "pillow>=10",
+        "filetype>=1.2",
+        "mutagen>=1.47",
+        # S3 media backend (chatd/media/s3.py): SigV4 request signing by AWS's own implementation
+        # (botocore.auth.SigV4Auth); the requests themselves go through httpx.
+        "botocore>=1.34",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-trio>=0.8", "pytest-timeout>=2.3", "schemathesis>=4.0,<5",

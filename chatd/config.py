@@ -247,6 +247,38 @@ class PushConfig:
     max_inflight: int = 32  # concurrent gateway requests
 
 
+MEDIA_BACKENDS = ("fs", "s3")
+
+
+@dataclass
+class MediaConfig:
+    """Uploads: photos, voice, video, files (docs/media.md)."""
+    backend: str = "fs"  # "fs": files under <data_dir>/media; "s3": an S3-compatible object store
+    max_bytes: int = 25 * 1024 * 1024  # one upload; above: 413, the upload discarded
+    # the hourly quota per user (uploads in the last hour): above either, 429 + Retry-After
+    uploads_per_hour: int = 200
+    bytes_per_hour: int = 1024 * 1024 * 1024
+    # an upload no message referenced within this long is deleted
+    orphan_ttl_s: float = 24 * 3600.0
+    gc_interval_s: float = 300.0
+    # processing (chatd/media/worker.py): concurrent worker processes, each one file, with limits
+    workers: int = 2
+    worker_timeout_s: float = 30.0
+    worker_memory_bytes: int = 1024 * 1024 * 1024
+    max_pixels: int = 50_000_000  # an image above is stored as a plain file (decompression bombs)
+    # s3
+    s3_endpoint: str = ""  # e.g. "https://s3.eu-west-1.amazonaws.com" or "http://127.0.0.1:8333"
+    s3_bucket: str = ""
+    s3_region: str = "us-east-1"
+    s3_path_style: bool = True
+    s3_access_key: str = ""  # empty: AWS_ACCESS_KEY_ID
+    s3_secret_key: str = ""  # empty: AWS_SECRET_ACCESS_KEY
+    s3_part_bytes: int = 8 * 1024 * 1024  # multipart upload above this size, in parts of it
+    # > 0: an authorized download is a 302 to a presigned bucket URL valid this long (the bucket
+    # needs CORS for the web client, docs/media.md); 0: chatd streams the bytes itself
+    s3_presign_s: int = 0
+
+
 @dataclass
 class RetentionConfig:
     """How long messages are kept (docs/operations.md, retention). Days may be fractional."""
@@ -277,6 +309,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     push: PushConfig = field(default_factory=PushConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    media: MediaConfig = field(default_factory=MediaConfig)
 
     # ---- loaders ---------------------------------------------------------------------
     @classmethod
@@ -339,6 +372,7 @@ class Config:
             raise ConfigError("retention.messages_days must be >= 0 (0: forever) and retention.sweep_interval_s > 0")
         self._validate_trusted_proxies()
         self._validate_tls()
+        self._validate_media()
         for name in ("max_frame_bytes", "max_body_chars", "max_group_members", "rate_burst",
                      "send_queue_frames", "max_inflight_sends", "history_page_max", "sync_page",
                      "max_reaction_kinds"):
@@ -401,6 +435,21 @@ class Config:
             user, sep, password = self.cluster.zk_auth.partition(":")
             if not (sep and user and password):
                 raise ConfigError("cluster.zk_auth must be \"user:password\" (both non-empty)")
+
+    def _validate_media(self) -> None:
+        m = self.media
+        if m.backend not in MEDIA_BACKENDS:
+            raise ConfigError(f"media.backend: unknown backend {m.backend!r} (known: {', '.join(MEDIA_BACKENDS)})")
+        if m.backend == "s3" and not (m.s3_endpoint and m.s3_bucket):
+            raise ConfigError("media.backend = 's3' needs media.s3_endpoint and media.s3_bucket")
+        for name in ("max_bytes", "uploads_per_hour", "bytes_per_hour", "orphan_ttl_s", "gc_interval_s", "workers",
+                     "worker_timeout_s", "worker_memory_bytes", "max_pixels"):
+            if getattr(m, name) <= 0:
+                raise ConfigError(f"media.{name} must be > 0")
+        if not 0 <= m.s3_presign_s <= 7 * 24 * 3600:
+            raise ConfigError("media.s3_presign_s must be between 0 and 604800 (S3's longest presigned URL)")
+        if m.s3_part_bytes < 5 * 1024 * 1024:
+            raise ConfigError("media.s3_part_bytes must be at least 5 MiB (S3's smallest part)")
 
     def _validate_push(self) -> None:
         p = self.push

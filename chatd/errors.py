@@ -40,6 +40,10 @@ CODES: dict[str, int] = {
     "message_deleted": 409,  # the target was deleted: it takes no edit, reaction or second delete
     "bad_emoji": 400,  # a reaction is one grapheme cluster or a short name ':name:'
     "too_many_reactions": 409,  # limits.max_reaction_kinds distinct emoji on one message
+    "no_such_media": 404,  # no such upload, or not one the caller may read (the same answer: no probing)
+    "media_too_large": 413,  # an upload above media.max_bytes
+    "media_quota": 429,  # the hourly upload quota (media.uploads_per_hour / bytes_per_hour); Retry-After
+    "bad_attachment": 400,  # send: an attachment that is not the sender's upload, or more than 10
     "rate_limited": 429,
     "too_many_groups": 429,  # limits.groups_created_per_hour (Retry-After)
     "too_many_connections": 429,  # WebSocket: limits.max_connections_per_user / _per_address (close 4029)

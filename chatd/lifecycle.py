@@ -59,12 +59,13 @@ class EventSpec:
     reply_to: int = 0  # a message with a reply
     user_id: int = 0  # system events: who joined or left
     notify: int = 0  # system events: one more user to tell (the one removed)
+    attachments: str = ""  # a message with a reply: its attachments' JSON (chatd/media), as a send's
 
     def as_dict(self) -> dict:
         """For the link frame that carries it to the owner shard."""
         return {k: v for k, v in (("kind", self.kind), ("target_seq", self.target_seq), ("body", self.body),
                                   ("reply_to", self.reply_to), ("user_id", self.user_id),
-                                  ("notify", self.notify)) if v}
+                                  ("notify", self.notify), ("attachments", self.attachments)) if v}
 
     @classmethod
     def from_dict(cls, d: dict) -> "EventSpec":
@@ -72,9 +73,10 @@ class EventSpec:
         if kind not in KINDS:
             raise ChatError("bad_field", f"unknown event kind {str(kind)[:40]!r}")
         ints = {k: d.get(k, 0) for k in ("target_seq", "reply_to", "user_id", "notify")}
-        if any(type(v) is not int or v < 0 for v in ints.values()) or not isinstance(d.get("body", ""), str):
+        if (any(type(v) is not int or v < 0 for v in ints.values()) or not isinstance(d.get("body", ""), str)
+                or not isinstance(d.get("attachments", ""), str)):
             raise ChatError("bad_field", "malformed event")
-        return cls(kind, body=d.get("body", ""), **ints)
+        return cls(kind, body=d.get("body", ""), attachments=d.get("attachments", ""), **ints)
 
 
 def check_emoji(emoji: str) -> str:

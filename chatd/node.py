@@ -32,6 +32,7 @@ from .errors import CODES, ChatError
 from .discovery.base import Discovery
 from .discovery.local import LocalDiscovery
 from .discovery.view import ShardInfo
+from .media.service import MediaService
 from .membership import Membership
 from .metrics import Metrics
 from .presence.service import PresenceService
@@ -82,12 +83,14 @@ class Node:
         self.discovery = discovery if discovery is not None else LocalDiscovery()
         self.links = links
         self.membership = Membership(store)
+        self.media = MediaService(config, store, self.membership)  # uploads (chatd/media)
+        media_metrics(self.metrics, self.media)
         # Push notifications for members with no connected device (None with push.provider = "none").
         self.push = make_push_service(config, store, shards=lambda: list(self.discovery.view.shards),
                                       online=self._connected_here)
         self.fanout = FanOut(me, self.hub, self.discovery, links, self.push)
         self.owners = ChannelOwners(store, self.membership, self.fanout.deliver_message, self.metrics,
-                                    limits=config.limits)
+                                    limits=config.limits, on_redacted=self._release_media)
         self.router = Router(me, self.hub, self.discovery, self.owners, self.fanout, links,
                              config.limits.send_answer_s)
         self.shard = ShardServer(self)
@@ -126,6 +129,11 @@ class Node:
         discovery_metrics(self.metrics, self.discovery)
         self.metrics.labeled_gauge("chatd_link_queue_frames", "Frames waiting in each inter-shard link's send queue",
                                    "peer", lambda: link_queue_depths(links))
+
+    async def _release_media(self, message) -> None:
+        """A deleted message's uploads: their references dropped, the unreferenced deleted."""
+        await self.media.release_message(message.channel_id, message.sender_id, message.client_msg_id,
+                                          message.attachments)
 
     def _connected_here(self, user_id: int) -> bool:
         return self.fanout.connected_here(user_id)
@@ -261,8 +269,10 @@ async def serve_run(config: Config, *, task_status=trio.TASK_STATUS_IGNORED, nod
         if node_out is not None:
             node_out.append(node)
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(_close_at_exit, node.media)
             await nursery.start(node.router.run)
             await nursery.start(node.presence.run)
+            await nursery.start(node.media.run_collector)
             if node.push is not None:
                 await nursery.start(node.push.run)
             ws_port = await nursery.start(node.shard.serve)
@@ -278,6 +288,15 @@ async def serve_run(config: Config, *, task_status=trio.TASK_STATUS_IGNORED, nod
             await _stop_serving(node, api_stop, "server shutting down; reconnect")
             nursery.cancel_scope.cancel()
     log.info("stopped")
+
+
+async def _close_at_exit(media) -> None:
+    """Close the media service (its idle workers, its backend's connections) when the node's
+    nursery ends."""
+    try:
+        await trio.sleep_forever()
+    finally:
+        await media.aclose()
 
 
 async def _stop_serving(node: Node, api_stop: trio.Event, drain_reason: str) -> None:
@@ -319,6 +338,7 @@ async def serve_shard(config: Config, *, task_status=trio.TASK_STATUS_IGNORED, n
         if node_out is not None:
             node_out.append(node)
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(_close_at_exit, node.media)
             await nursery.start(node.router.run)
             await nursery.start(node.discovery.run)
             await nursery.start(links.run, True, node.on_link_frame, node.router.on_link_up)
@@ -357,6 +377,25 @@ def store_metrics(metrics: Metrics, store: Store) -> None:
                              lambda key=key: store.statistics()[key])
 
 
+MEDIA_STATS_HELP = {
+    "uploads": "Media uploads stored", "upload_bytes": "Bytes of media uploads stored",
+    "refused_too_large": "Uploads refused above media.max_bytes", "collected": "Orphan uploads deleted",
+    "released": "Uploads deleted with the last message referencing them",
+}
+PROCESSOR_STATS_HELP = {
+    "processed": "Files processed by a media worker", "failed": "Media worker failures (file kept as plain)",
+    "killed": "Media workers killed at media.worker_timeout_s", "started": "Media worker processes started",
+}
+
+
+def media_metrics(metrics: Metrics, media: MediaService) -> None:
+    """The media service's counters (chatd/media), read at scrape time."""
+    for key, help_ in MEDIA_STATS_HELP.items():
+        metrics.counter_from(f"chatd_media_{key}_total", help_, lambda key=key: media.stats[key])
+    for key, help_ in PROCESSOR_STATS_HELP.items():
+        metrics.counter_from(f"chatd_media_worker_{key}_total", help_, lambda key=key: media.processor.stats[key])
+
+
 def discovery_metrics(metrics: Metrics, discovery: Discovery, registers: bool = True) -> None:
     """What this process knows of the cluster: its view, and (a shard) whether it may write."""
     metrics.gauge("chatd_discovery_view_version", "Version of the shard view in use (ZooKeeper cversion)",
@@ -392,6 +431,8 @@ class ApiNode:
         self.metrics.labeled_gauge("chatd_link_queue_frames", "Frames waiting in each inter-shard link's send queue",
                                    "peer", lambda: link_queue_depths(links))
         self.membership = Membership(store, max_cached=0)  # other API servers change it too
+        self.media = MediaService(config, store, self.membership)  # uploads (chatd/media)
+        media_metrics(self.metrics, self.media)
         self.stop_event = trio.Event()
 
     def request_stop(self) -> None:
@@ -462,11 +503,13 @@ async def serve_api_role(config: Config, *, task_status=trio.TASK_STATUS_IGNORED
         if node_out is not None:
             node_out.append(node)
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(_close_at_exit, node.media)
             await nursery.start(discovery.run)
             await nursery.start(links.run, False)  # (shards send an API server nothing but replies)
             discovery.on_change(lambda old, new: links.set_peers(new))
             links.set_peers(discovery.view)
             await _start_remote_presence(nursery, presence, presence_links, presence_view)
+            await nursery.start(node.media.run_collector)
             stop = trio.Event()
             async with trio.open_nursery() as api_nursery:  # ends when hypercorn has shut down
                 api_url = await api_nursery.start(functools.partial(serve_api, node, stop, tls=node.tls))

@@ -19,7 +19,7 @@ __all__ = ["RunningServer", "make_config"]  # the names test modules still impor
 
 # A real Apache Cassandra, started once per session when a collected test needs it; ZooKeeper and
 # cluster processes for the cluster tests.
-pytest_plugins = ["tests.cassandra_server", "tests.cluster"]
+pytest_plugins = ["tests.cassandra_server", "tests.cluster", "tests.s3_server"]
 
 
 @pytest.fixture

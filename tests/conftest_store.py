@@ -388,18 +388,18 @@ class EmulatedKeyspace(CqlRunner):
     def w_bucket_advance(self, new, cid, bucket, expected):
         self.tables["bucket_heads"][(cid, bucket)] = new
 
-    def w_msg_put(self, cid, bucket, seq, sender_id, client_msg_id, body, created_at):
+    def w_msg_put(self, cid, bucket, seq, sender_id, client_msg_id, body, created_at, attachments=""):
         assert bucket == bucket_of(seq, self.bucket_size), f"seq {seq} written to bucket {bucket}"
         part = self._partition(cid, bucket)
         # A plain INSERT overwrites: in chatd that would be two messages given one seq - a bug.
         assert seq not in part or (part[seq]["sender_id"], part[seq]["client_msg_id"]) == (sender_id, client_msg_id), \
             f"seq {seq} of {cid} overwritten"
         part[seq] = {"seq": seq, "sender_id": sender_id, "client_msg_id": client_msg_id,
-                     "body": body, "created_at": created_at}
+                     "body": body, "created_at": created_at, "attachments": attachments or None}
 
-    def w_msg_put_event(self, cid, bucket, seq, sender_id, client_msg_id, body, created_at, kind, target, reply_to,
+    def w_msg_put_event(self, cid, bucket, seq, sender_id, client_msg_id, body, created_at, attachments, kind, target, reply_to,
                         meta):
-        self.w_msg_put(cid, bucket, seq, sender_id, client_msg_id, body, created_at)
+        self.w_msg_put(cid, bucket, seq, sender_id, client_msg_id, body, created_at, attachments)
         self._partition(cid, bucket)[seq].update(kind=kind, target_seq=target, reply_to=reply_to, meta=meta)
 
     # the lifecycle's folds: cells written USING TIMESTAMP (last write wins, by timestamp)
@@ -422,7 +422,7 @@ class EmulatedKeyspace(CqlRunner):
         self._cells(cid, bucket, seq, ts, state_seq=state)
 
     def w_msg_erase(self, body, cid, bucket, seq):
-        self._cells(cid, bucket, seq, 2**62, body=body)  # (a real-time write: later than any seq)
+        self._cells(cid, bucket, seq, 2**62, body=body, attachments=None)  # (a real-time write: later than any seq)
 
     def _reactions(self, cid, bucket):
         return self.tables["reactions"].setdefault((cid, bucket), {})
@@ -595,6 +595,50 @@ class EmulatedKeyspace(CqlRunner):
     # ---- inspection ----------------------------------------------------------------------------
     def stored_seqs(self, cid) -> list[int]:
         return sorted(s for (c, _), part in self.tables["messages"].items() if c == cid for s in part)
+
+    # ---- media ---------------------------------------------------------------------------------
+    def _media_table(self, name):
+        return self.tables.setdefault(name, {})
+
+    def w_media_put(self, mid, owner_id, created_at, size, info):
+        self._media_table("media")[mid] = {"id": mid, "owner_id": owner_id, "created_at": created_at,
+                                           "size": size, "info": info}
+
+    def r_media_get(self, mid):
+        row = self._media_table("media").get(mid)
+        return [dict(row)] if row else []
+
+    def w_media_delete(self, mid):
+        self._media_table("media").pop(mid, None)
+
+    def w_media_owner_put(self, owner_id, created_at, mid, size):
+        self._media_table("media_by_owner")[(owner_id, created_at, mid)] = size
+
+    def r_media_owner_since(self, owner_id, since):
+        return [{"size": size} for (o, t, _), size in sorted(self._media_table("media_by_owner").items())
+                if o == owner_id and t > since]
+
+    def w_media_ref_put(self, mid, cid, key):
+        self._media_table("media_refs")[(mid, cid, key)] = True
+
+    def w_media_ref_delete(self, mid, cid, key):
+        self._media_table("media_refs").pop((mid, cid, key), None)
+
+    def r_media_refs_get(self, mid):
+        return [{"channel_id": c} for (m, c, _) in sorted(self._media_table("media_refs")) if m == mid]
+
+    def r_media_ref_any(self, mid):
+        return self.r_media_refs_get(mid)[:1]
+
+    def w_media_orphan_put(self, bucket, created_at, mid):
+        self._media_table("media_orphans")[(bucket, created_at, mid)] = True
+
+    def w_media_orphan_delete(self, bucket, created_at, mid):
+        self._media_table("media_orphans").pop((bucket, created_at, mid), None)
+
+    def r_media_orphans_before(self, bucket, before, limit):
+        return [{"created_at": t, "id": m} for (b, t, m) in sorted(self._media_table("media_orphans"))
+                if b == bucket and t < before][:limit]
 
     def handlers_missing(self) -> list[str]:
         out = []

@@ -867,3 +867,60 @@ async def test_expire_messages_keeps_one_gap_free_range_and_the_sequence(store):
     assert (await store.append_message(g, a.id, "r12", "m12", 300.0)).message.seq == 12
     assert [m.seq for m in await store.read_messages(g, after=0, limit=100)] == [12]
     assert [m.seq for m in await store.read_messages(g, limit=100)] == [12]
+
+
+# ---- media (chatd/media) ----------------------------------------------------------------------------
+def media_record(owner, created_at, size=100, **info):
+    from chatd.store.base import MediaRecord
+    return MediaRecord(secrets.token_urlsafe(16), owner.id, created_at, size,
+                       {"kind": "file", "mime": "application/octet-stream", "name": "a.bin", "sha256": "0" * 64,
+                        "key": "k", "thumbnails": [], **info})
+
+
+async def test_media_records_round_trip_and_usage(store):
+    (a, b) = await users(store, 2)
+    now = time.time()
+    r1 = media_record(a, now - 10, 100, width=3)
+    r2 = media_record(a, now - 5, 50)
+    old = media_record(a, now - 7200, 1000)
+    for r in (r1, r2, old):
+        await store.add_media(r)
+    got = await store.get_media([r1.id, r2.id, "nope"])
+    assert set(got) == {r1.id, r2.id} and got[r1.id] == r1 and got[r1.id].info["width"] == 3
+    assert await store.media_usage(a.id, now - 3600) == (2, 150)
+    assert await store.media_usage(b.id, now - 3600) == (0, 0)
+
+
+async def test_media_references_orphans_and_delete(store):
+    (a,) = await users(store, 1)
+    now = time.time()
+    attached, orphan, young = media_record(a, now - 100), media_record(a, now - 100), media_record(a, now)
+    for r in (attached, orphan, young):
+        await store.add_media(r)
+    ch = dm_channel_id(a.id, a.id + 1)
+    assert await store.media_channels(attached.id) == []
+    await store.add_media_refs([attached.id], ch, f"{a.id}:m1")
+    await store.add_media_refs([attached.id], ch, f"{a.id}:m1")  # idempotent
+    await store.add_media_refs([attached.id], "g:0123456789abcdef", f"{a.id}:m2")
+    assert sorted(await store.media_channels(attached.id)) == sorted([ch, "g:0123456789abcdef"])
+    orphans = [r.id for r in await store.orphan_media(now - 50, 100)]
+    assert orphan.id in orphans and attached.id not in orphans and young.id not in orphans
+    # releasing one of two references leaves it referenced; the second frees it
+    assert await store.remove_media_refs([attached.id], ch, f"{a.id}:m1") == []
+    assert await store.remove_media_refs([attached.id], "g:0123456789abcdef", f"{a.id}:m2") == [attached.id]
+    await store.delete_media(orphan.id)
+    assert await store.get_media([orphan.id]) == {}
+    assert orphan.id not in [r.id for r in await store.orphan_media(now - 50, 100)]
+
+
+async def test_message_attachments_are_stored_and_read_back(store):
+    (a, b) = await users(store, 2)
+    ch = dm_channel_id(a.id, b.id)
+    att = '[{"id":"x","kind":"image"}]'
+    r = await store.append_message(ch, a.id, "with-att", "", 5000.0, dm_pair=(a.id, b.id), attachments=att)
+    plain = await store.append_message(ch, a.id, "plain", "text", 5001.0, dm_pair=(a.id, b.id))
+    assert r.message.attachments == att and plain.message.attachments == ""
+    again = await store.append_message(ch, a.id, "with-att", "", 5002.0, dm_pair=(a.id, b.id), attachments=att)
+    assert again.duplicate and again.message.attachments == att
+    msgs = await store.read_messages(ch, after=0, limit=10)
+    assert [m.attachments for m in msgs] == [att, ""]

@@ -38,14 +38,14 @@ from .clientaddr import request_address
 from .common import RetryLater, error_answer
 from .hashing import retry_after_header
 from .host import ApiHost
-from .routes import channels, health, operator, presence, push, users
+from .routes import channels, health, media, operator, presence, push, users
 from .spec import install, set_authenticate
 from .web import add_web_client
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1024 * 1024
-ROUTES = (health, users, presence, channels, push, operator)
+ROUTES = (health, users, presence, channels, push, operator, media)
 
 _HTTP_CODES = {400: "bad_request", 401: "not_authenticated", 403: "forbidden", 404: "not_found",
                405: "bad_request", 413: "frame_too_large", 429: "rate_limited"}

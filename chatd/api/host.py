@@ -8,13 +8,16 @@ tell it when a user's tokens changed, if there is one.
 
 from __future__ import annotations
 
-from typing import Iterable, Protocol
+from typing import TYPE_CHECKING, Iterable, Protocol
 
 from ..config import Config
 from ..discovery.base import Discovery  # the API reads view, writable, live() and pick_shard()
 from ..membership import Membership
 from ..metrics import Metrics
 from ..store.base import Store
+
+if TYPE_CHECKING:
+    from ..media.service import MediaService
 
 
 class Presence(Protocol):
@@ -31,6 +34,7 @@ class ApiHost(Protocol):
     membership: Membership
     presence: Presence
     discovery: Discovery
+    media: "MediaService"
 
     def connection_count(self) -> int: ...
 

@@ -278,6 +278,44 @@ class MemberRemoved(Struct):
     removed: bool
 
 
+class Thumbnail(Struct):
+    px: int  # the longer side's bound it was made for (320, 1280)
+    width: int
+    height: int
+    mime: str
+    size: int
+    url: str
+
+
+class Media(Struct):
+    """An upload, as the upload answers it and as each attachment of a message carries it."""
+    id: str
+    kind: Literal["image", "audio", "video", "file"]  # image/audio/video: shown inline; file: a download
+    mime: str  # sniffed from the bytes, never the client's claim; GET serves a `file` as application/octet-stream
+    name: str
+    size: int  # bytes served by `url`
+    sha256: str  # hex, of the bytes served by `url`
+    url: str
+    width: int | None = None
+    height: int | None = None
+    duration_s: float | None = None
+    placeholder: str | None = None  # a 16-px JPEG as a data: URL, to show before the image loads
+    thumbnails: list[Thumbnail] = []
+
+
+class MediaAnswer(Struct):
+    media: Media
+
+
+class MediaLimits(Struct):
+    max_bytes: int  # media.max_bytes: the largest upload
+    max_attachments: int  # per message
+
+
+class MediaUploadQuery(Struct, forbid_unknown_fields=True):
+    name: text(0, 255, description="the file's name, shown to others and offered on download") = ""
+
+
 class Message(Struct):
     type: Literal["message"]
     channel_id: str
@@ -286,6 +324,7 @@ class Message(Struct):
     client_msg_id: str
     body: str
     created_at: float
+    attachments: list[Media] = []  # only present when the message has some
 
 
 class History(Struct):

@@ -30,11 +30,13 @@ import msgspec
 from quart import Quart, current_app, g, request
 from quart_schema import OpenAPIProvider, QuartSchema, document_querystring, document_request, document_response
 from quart_schema import hide, security_scheme
+from quart_schema.openapi import PATH_RE
 
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from ..errors import ChatError
 from ..ids import MAX_INT64
+from .asgi import ChatdRequest
 from .models import ErrorBody, all_models
 from .names import schema_pattern
 
@@ -53,6 +55,15 @@ class _Provider(OpenAPIProvider):
         out = super().schema()
         _, components = msgspec.json.schema_components(all_models(), ref_template="#/components/schemas/{name}")
         out["components"]["schemas"] = {**components, **out["components"]["schemas"]}
+        for rule in self._app.url_map.iter_rules():  # what msgspec models cannot say: raw bodies
+            extra = getattr(self._app.view_functions[rule.endpoint], "chatd_openapi", None)
+            if extra:
+                path = PATH_RE.sub(r"{\1}", rule.rule)
+                for method in rule.methods - {"HEAD", "OPTIONS"}:
+                    op = out["paths"][path][method.lower()]
+                    op.setdefault("responses", {}).update(extra.get("responses", {}))
+                    if "requestBody" in extra:
+                        op["requestBody"] = extra["requestBody"]
         for name, schema in out["components"]["schemas"].items():
             _name_pattern(name, schema)
         return out
@@ -102,16 +113,24 @@ def install(app: Quart, title: str, has_credentials: Callable[[], bool] = lambda
 def read_bodies_first(app: Quart, has_credentials: Callable[[], bool] = lambda: False) -> None:
     """The body rule (module docstring) on ``app``. ``has_credentials()`` tells whether the current
     request carries a token worth reading a large body for (a valid signature; nothing is read
-    from the store for it)."""
+    from the store for it). A route marked :func:`streamed_body` is exempt: it authenticates
+    the request, then reads the body itself, as a stream, up to its own limit."""
+    app.request_class = ChatdRequest
+
     @app.before_request
     async def read_body_first():
+        streamed = getattr(current_app.view_functions.get(request.endpoint), "chatd_stream_max", None)
+        if streamed is not None:
+            request.body.decide(streamed(), stream=True)
+            return
+        request.body.decide(current_app.config["MAX_CONTENT_LENGTH"])
         length = request.content_length
         chunked = length is None and "chunked" in request.headers.get("Transfer-Encoding", "").lower()
         small = not chunked and (length or 0) <= UNAUTHENTICATED_BODY_BYTES  # no token check needed
         if not small and not has_credentials():
             if length is not None:
                 _refuse_unauthenticated_body()
-            request.body._max_content_length = UNAUTHENTICATED_BODY_BYTES  # a chunked body
+            request.body.decide(UNAUTHENTICATED_BODY_BYTES)  # a chunked body
             try:
                 await request.get_data()
             except RequestEntityTooLarge:
@@ -125,6 +144,40 @@ def read_bodies_first(app: Quart, has_credentials: Callable[[], bool] = lambda: 
         if not g.get("body_read", False):
             response.headers["Connection"] = "close"
         return response
+
+
+def streamed_body(max_bytes: Callable[[], int]):
+    """Mark a route that reads its request body itself, as a stream (``async for chunk in
+    request.body``), of at most ``max_bytes()`` bytes; it must set ``g.body_read`` once it read the
+    body to its end (else the answer closes the connection)."""
+    def decorator(func):
+        func.chatd_stream_max = max_bytes
+        return func
+    return decorator
+
+
+BINARY = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+NO_BYTES = {302: "a presigned URL of the bytes (Location)", 304: "not modified"}
+DOWNLOAD = {t: BINARY["application/octet-stream"] for t in ("application/octet-stream", "image/*", "audio/*", "video/*")}
+
+
+def binary_body(func):
+    """Document a route's request body as raw bytes (read by the route itself: :func:`streamed_body`)."""
+    func.chatd_openapi = {**getattr(func, "chatd_openapi", {}),
+                          "requestBody": {"required": False, "content": BINARY}}
+    return func
+
+
+def binary_answers(*statuses: int):
+    """Document answers of raw bytes (a download) with these statuses."""
+    def decorator(func):
+        extra = getattr(func, "chatd_openapi", {})
+        responses = {**extra.get("responses", {}),
+                     **{s: {"description": NO_BYTES.get(s, "the bytes"),
+                                 **({"content": DOWNLOAD} if s not in NO_BYTES else {})} for s in statuses}}
+        func.chatd_openapi = {**extra, "responses": responses}
+        return func
+    return decorator
 
 
 def _refuse_unauthenticated_body():
@@ -216,4 +269,5 @@ def decode_query(model):
         raise ChatError("bad_request", f"query string: {e}") from None
 
 
-__all__ = ["install", "read_bodies_first", "route", "set_authenticate", "hide"]
+__all__ = ["install", "read_bodies_first", "route", "set_authenticate", "streamed_body", "binary_body",
+           "binary_answers", "hide"]

@@ -87,7 +87,7 @@ def _mix(text: str) -> tuple:
 
 
 @click.command(help=HELP, context_settings={"max_content_width": 100})
-@click.argument("scenario", type=click.Choice(sorted(SCENARIOS) + ["failover"]))
+@click.argument("scenario", type=click.Choice(sorted(SCENARIOS) + ["failover", "media"]))
 @click.option("--clients", type=int, default=100, show_default=True,
               help="Users taking part (each with --devices connections).")
 @click.option("--devices", type=int, default=1, show_default=True,
@@ -162,10 +162,17 @@ def _mix(text: str) -> tuple:
 @click.option("--answer-bound", "answer_bound_s", type=float, default=2.5, show_default=True,
               help="failover: a send answered later than this is a failure (limits.send_answer_s = 2 s, "
                    "plus the client's share).")
+@click.option("--media-size", type=int, default=1024 * 1024, show_default=True,
+              help="media: bytes per uploaded file.")
+@click.option("--image-share", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="media: share of uploads that are JPEG photos (re-encoded and thumbnailed); the rest random bytes.")
 def bench(scenario, clients, devices, rate, duration_s, size, ramp_up_s, seed, procs, fmt, group_size,
           reconnect_interval_s, offline_s, drain_s, max_inflight, connect_concurrency, connect_timeout_s, api,
           server_pid, server_opt, server_env, keep_data, as_json, plot_path, check, progress, cluster_dir,
-          cross_shard, faults, freeze_s, zk_down_s, answer_bound_s, mix_text):
+          cross_shard, faults, freeze_s, zk_down_s, answer_bound_s, mix_text, media_size, image_share):
+    if scenario == "media":
+        _media(api, server_pid, clients, group_size, duration_s, media_size, image_share, as_json, check, keep_data)
+        return
     if scenario == "failover":
         _failover(api, cluster_dir or "./local-cluster", faults, clients, rate, seed, freeze_s, zk_down_s, answer_bound_s, as_json, check)
         return
@@ -215,6 +222,39 @@ def bench(scenario, clients, devices, rate, duration_s, size, ramp_up_s, seed, p
 
         write_svg(plot_path, report, hists)
         click.echo(f"plot written to {plot_path}", err=True)
+    if check and not report["ok"]:
+        sys.exit(1)
+
+
+def _media(api, server_pids, clients, group_size, duration_s, media_size, image_share, as_json, check, keep_data):
+    import trio
+
+    from .media import MediaOptions, format_report, run_media
+    from .target import SERVER_ENV_DEFAULTS, LocalServer, TargetError
+
+    server = None
+    if api is None:
+        server = LocalServer({**SERVER_ENV_DEFAULTS, "CHATD_MEDIA__UPLOADS_PER_HOUR": "1000000",
+                              "CHATD_MEDIA__BYTES_PER_HOUR": str(1 << 50)}, keep_data=keep_data)
+        try:
+            api = server.start()
+        except TargetError as e:
+            raise click.ClickException(str(e)) from None
+        server_pids = (server.pid,)
+    try:
+        opts = MediaOptions(api=api, clients=clients, group_size=max(2, min(group_size, clients)),
+                            duration_s=duration_s, media_size=media_size, image_share=image_share,
+                            server_pids=tuple(server_pids))
+        report = trio.run(run_media, opts, lambda line: click.echo(line, err=True))
+    finally:
+        if server is not None:
+            server.stop()
+    summary = format_report(report)
+    if as_json:
+        click.echo(summary, err=True)
+        click.echo(json.dumps(report, indent=2))
+    else:
+        click.echo(summary)
     if check and not report["ok"]:
         sys.exit(1)
 

@@ -52,6 +52,8 @@ SUBPROTOCOLS = {"chatd.v1.json": JSON, "chatd.v1.msgpack": MSGPACK}
 MAX_SEQ = MAX_INT64
 MAX_ID_LEN = 64
 MAX_CLIENT_MSG_ID_LEN = 128
+MAX_ATTACHMENTS = 10
+MAX_MEDIA_ID_LEN = 64
 MAX_TOKEN_LEN = 4096
 MAX_EMOJI_LEN = 64  # the frame's bound; what a reaction may be is chatd/lifecycle.py's (bad_emoji)
 MAX_CURSORS = 10_000
@@ -82,6 +84,7 @@ class Send:
     client_msg_id: str
     body: str
     reply_to: int | None = None  # a message of the same channel this one answers
+    attachments: tuple | None = None  # media ids (chatd/media), at most MAX_ATTACHMENTS
 
 
 @dataclass(frozen=True)
@@ -237,6 +240,15 @@ def _body(v):
     return _text(v, allow_nul=True)  # length is a semantic limit (body_too_long), checked by the session
 
 
+def _attachments(v):
+    if not isinstance(v, list) or len(v) > MAX_ATTACHMENTS:
+        raise ValueError(f"must be a list of at most {MAX_ATTACHMENTS} media ids")
+    for a in v:
+        if not isinstance(a, str) or not 1 <= len(a) <= MAX_MEDIA_ID_LEN or "\x00" in a:
+            raise ValueError(f"must contain media ids (strings of 1 to {MAX_MEDIA_ID_LEN} characters)")
+    return tuple(v)
+
+
 def _cursors(v):
     if not isinstance(v, dict):
         raise ValueError("must be an object of channel id -> seq")
@@ -265,7 +277,8 @@ _SCHEMAS = {
     "auth": (Auth, {"token": (_nonempty_str(MAX_TOKEN_LEN), True), "cursors": (_cursors, False)}),
     "send": (Send, {"channel_id": (_channel, True),
                     "client_msg_id": (_nonempty_str(MAX_CLIENT_MSG_ID_LEN), True),
-                    "body": (_body, True), "reply_to": (_limit, False)}),
+                    "body": (_body, True), "reply_to": (_limit, False),
+                    "attachments": (_attachments, False)}),
     "edit": (Edit, {"channel_id": (_channel, True), "client_msg_id": (_nonempty_str(MAX_CLIENT_MSG_ID_LEN), True),
                     "target_seq": (_limit, True), "body": (_body, True)}),
     "delete": (Delete, {"channel_id": (_channel, True),
@@ -425,6 +438,8 @@ class _Send(msgspec.Struct, tag="send", **_STRUCT):
     client_msg_id: Annotated[str, Meta(min_length=1, max_length=MAX_CLIENT_MSG_ID_LEN)]
     body: str
     reply_to: Annotated[int, Meta(ge=1, le=MAX_SEQ)] | None = None
+    attachments: Annotated[list[Annotated[str, Meta(min_length=1, max_length=MAX_MEDIA_ID_LEN)]],
+                           Meta(max_length=MAX_ATTACHMENTS)] | None = None
 
 
 class _Sync(msgspec.Struct, tag="sync", **_STRUCT):
@@ -490,7 +505,7 @@ def _fast_cursors(v: dict | None) -> bool:
 # Struct -> (request class, whether the rest of its fields pass, or None if they all do)
 _FAST_CHECKS = {
     _Auth: (Auth, lambda r: "\x00" not in r.token and _fast_cursors(r.cursors)),
-    _Send: (Send, lambda r: "\x00" not in r.client_msg_id and _ch(r.channel_id)),
+    _Send: (Send, lambda r: "\x00" not in r.client_msg_id and _ch(r.channel_id) and r.attachments is None),
     _Sync: (Sync, lambda r: _fast_cursors(r.cursors)),
     _History: (History, lambda r: _ch(r.channel_id)),
     _Heartbeat: (Heartbeat, None),
@@ -570,6 +585,8 @@ def message_frame(m, viewer: int | None = None) -> dict:
             f["edited_at"] = m.edited_at
         if m.deleted_at:
             f["deleted"] = {"by": m.deleted_by, "at": m.deleted_at}
+        if m.attachments:
+            f["attachments"] = json.loads(m.attachments)
         if m.reactions:
             f["reactions"] = [{"emoji": e, "count": len(us), **({} if viewer is None else {"me": viewer in us})}
                               for e, us in m.reactions]

@@ -19,7 +19,8 @@ one decoder over the union of all of them decodes and validates a frame in one c
 ``resync``              either way          (none)                                         "I dropped frames to you": re-read the
                                                                                            store heads for every session
 ``send``                shard → owner       ``view``, ``ch`` channel, ``u`` sender,        request: store a message as the channel's
-                                            ``cmid`` client_msg_id, ``body``, ``rid``      owner; answered by ``reply``
+                                            ``cmid`` client_msg_id, ``body``, ``rid``,     owner; answered by ``reply``
+                                            ``att`` attachments JSON (optional)
 ``reply``               answerer → asker    ``rid``; ``ok`` packed message and ``dup``,    the answer to a request (``send``,
                                             or ``err`` {code, message, ...}; or           ``p_query``); ``err.code`` ``stale_view``
                                             ``users`` {user id: status}                    carries the owner's ``view``
@@ -50,7 +51,7 @@ one decoder over the union of all of them decodes and validates a frame in one c
 ======================  ==================  =============================================  ==========================================
 
 A packed message (``m``, and ``ok`` of a send's reply) is the list ``[channel_id, seq, sender_id,
-client_msg_id, body, created_at]``. Frames routed by a view (``deliver``, ``push``, ``device``,
+client_msg_id, body, created_at]`` (a row's lifecycle fields and attachments beside it in ``mx``). Frames routed by a view (``deliver``, ``push``, ``device``,
 ``devices``: :data:`VIEW_ROUTED`) carry ``view``, the version they were routed under: the
 receiver catches up to it before routing them further.
 
@@ -75,7 +76,8 @@ import msgspec
 VERSION = 1
 HEADER = struct.Struct(">I")  # each frame on the wire: its body's length, then the body
 
-# [channel_id, seq, sender_id, client_msg_id, body, created_at] (chatd.store.base.Message's fields)
+# [channel_id, seq, sender_id, client_msg_id, body, created_at] (chatd.store.base.Message's first
+# fields; a row's lifecycle fields and attachments (JSON text) travel beside it in ``mx``)
 PackedMessage = tuple[str, int, int, str, str, float]
 
 
@@ -131,6 +133,7 @@ class Send(Frame, tag="send"):
     rid: int = 0
     ev: dict[str, Any] | None = None  # a lifecycle row (chatd.lifecycle.EventSpec.as_dict), not a plain send
     force: bool = False  # with ``ev``: a trusted delete (moderation, erasure)
+    attachments: str = msgspec.field(default="", name="att")  # JSON of the attachments' metadata
 
 
 class Reply(Frame, tag="reply"):
@@ -297,12 +300,13 @@ def packed(m) -> PackedMessage:
     return (m.channel_id, m.seq, m.sender_id, m.client_msg_id, m.body, m.created_at)
 
 
-_EXTRA = ("kind", "target_seq", "reply_to", "meta", "reply")  # what a fresh row may carry besides
+_EXTRA = ("kind", "target_seq", "reply_to", "meta", "reply", "attachments")  # what a fresh row may carry besides
 
 
 def message_extra(m) -> dict | None:
-    """A fresh row's lifecycle fields (None for a plain message: the frame stays as it was)."""
-    if m.kind == "message" and not m.reply_to:
+    """A fresh row's lifecycle fields and attachments (None for a plain message: the frame stays
+    as it was)."""
+    if m.kind == "message" and not m.reply_to and not m.attachments:
         return None
     return {k: getattr(m, k) for k in _EXTRA if getattr(m, k)}
 

@@ -35,6 +35,7 @@ Clocks: outbox times are wall-clock (``now``, default ``time.time``); tests pass
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -56,6 +57,15 @@ READ_BATCH = 1000  # outbox rows read per slot per pass
 TOKEN_CACHE_S = 5.0  # "does this user have push tokens" is cached this long (per process)
 STORE_RETRIES = (0.5, 1.0, 2.0)  # the writer's waits before it drops a batch the store refused
 LOG_EVERY_S = 10.0
+
+
+def push_text(m) -> str:
+    """A message as a notification's text: its body and a summary of its attachments."""
+    if not m.attachments:
+        return m.body
+    kinds = {"image": "Photo", "audio": "Voice message", "video": "Video"}
+    parts = [f"[{kinds.get(a.get('kind'), a.get('name') or 'File')}]" for a in json.loads(m.attachments)]
+    return " ".join([*parts, m.body] if m.body else parts)
 
 
 class PushService:
@@ -162,11 +172,13 @@ class PushService:
                 self._writer_progress.unpark_all()
 
     async def _entries_for(self, batch) -> list[PushEntry]:
+        """The outbox rows of delivered messages; with ``include_body`` the text a notification
+        shows: the body, then what is attached ("[Photo]", "[Voice message]", a file's name)."""
         users = {u for _, uids, _ in batch for u in uids}
         with_tokens = await self._users_with_tokens(users)
         body = self.cfg.include_body
-        return [PushEntry(u, m.channel_id, m.seq, m.sender_id, truncate(m.body, self.cfg.body_max_chars) if body
-                          else "", at)
+        return [PushEntry(u, m.channel_id, m.seq, m.sender_id,
+                          truncate(push_text(m), self.cfg.body_max_chars) if body else "", at)
                 for m, uids, at in batch for u in uids if u in with_tokens and u != m.sender_id]
 
     async def _users_with_tokens(self, users: set[int]) -> set[int]:

@@ -78,8 +78,10 @@ class _ChannelState:
 
 class ChannelOwners:
     def __init__(self, store: Store, membership: Membership, deliver: Callable[[Message, object], None],
-                 metrics: Metrics, max_idle_channels: int = 200_000, limits=None):
+                 metrics: Metrics, max_idle_channels: int = 200_000, limits=None, on_redacted=None):
         self.store = store
+        # async (message) -> None: a message was deleted (its media are released: chatd/media)
+        self._on_redacted = on_redacted
         self.membership = membership
         self.deliver = deliver
         self.metrics = metrics
@@ -131,7 +133,13 @@ class ChannelOwners:
         elif spec.kind in lc.TARGETED and (target is None or target.kind != lc.MESSAGE or target.deleted_at):
             raise ChatError("no_such_message", f"there is no message {spec.target_seq} to change")
         reply = lc.excerpt(target) if target is not None and spec.reply_to else None
-        return await self._stored_event(channel_id, user_id, client_msg_id, spec, t_arrived, reply)
+        result = await self._stored_event(channel_id, user_id, client_msg_id, spec, t_arrived, reply)
+        if spec.kind == lc.DELETE and target is not None and target.attachments and self._on_redacted is not None:
+            try:  # its media go with it (chatd/media); the delete itself is stored and answered
+                await self._on_redacted(target)
+            except Exception:  # noqa: BLE001 - logged; the uploads stay until an operator looks
+                log.exception("releasing the media of deleted message %s/%s failed", channel_id, target.seq)
+        return result
 
     async def _stored_event(self, channel_id, user_id, client_msg_id, spec, t_arrived, reply=None):
         state = await self._state(channel_id)
@@ -161,7 +169,7 @@ class ChannelOwners:
                                        force=force)
 
     async def send(self, sender_id: int, channel_id: str, client_msg_id: str, body: str, on_submit=None,
-                   on_stored=None):
+                   on_stored=None, attachments: str = ""):
         """Store and fan out one message; return the store's ``AppendResult``.
 
         ``on_submit`` is called once the message holds its place in the store's queue (nothing
@@ -197,7 +205,8 @@ class ChannelOwners:
             with trio.CancelScope(shield=True):
                 try:
                     result = await self.store.append_message(channel_id, sender_id, client_msg_id, body,
-                                                             time.time(), dm_pair=dm_members(channel_id))
+                                                             time.time(), dm_pair=dm_members(channel_id),
+                                                             **({"attachments": attachments} if attachments else {}))
                 finally:
                     state.inflight -= 1
                 self._stored(state, result, t0, t_arrived)

@@ -93,8 +93,9 @@ class Router:
 
     # ---- sends -----------------------------------------------------------------------------
     async def send(self, user_id: int, channel_id: str, client_msg_id: str, body: str, on_submit=None,
-                   on_stored=None, timeout_s: float = 10.0) -> AppendResult:
+                   on_stored=None, timeout_s: float = 10.0, attachments: str = "") -> AppendResult:
         """Store a message through its owner; ``on_stored(result)`` is called once it is durable.
+        ``attachments``: the message's attachments (JSON, :meth:`chatd.media.service.MediaService.attach`).
 
         Fails fast: ``ChatError("unavailable", retry_after_ms=...)`` as soon as the owner is known
         unreachable (no link to it within ``LINK_WAIT_S``, its link closed, no reply within
@@ -111,11 +112,12 @@ class Router:
             if owner == self.me:
                 self._check_writable()
                 return await self.owners.send(user_id, channel_id, client_msg_id, body, on_submit=on_submit,
-                                              on_stored=on_stored)
+                                              on_stored=on_stored, attachments=attachments)
             link = await self._wait_link(owner, view.version)
             if link is None:
                 continue  # the view changed meanwhile: route again
-            reply = await self.links.request_on(link, Send(view.version, channel_id, user_id, client_msg_id, body),
+            reply = await self.links.request_on(link, Send(view.version, channel_id, user_id, client_msg_id, body,
+                                                           attachments=attachments),
                                                 timeout_s, on_sent=on_submit)
             if reply.ok is not None:
                 result = AppendResult(unpacked(reply.ok, reply.mx), reply.dup is True)
@@ -302,7 +304,7 @@ class Router:
                                                         EventSpec.from_dict(frame.ev), force=frame.force)
             else:
                 result = await self.owners.send(frame.user_id, ch, frame.client_msg_id, frame.body,
-                                                on_submit=submitted.set)
+                                                on_submit=submitted.set, attachments=frame.attachments)
             await self.links.reply(link, Reply(rid, ok=packed(result.message), dup=result.duplicate,
                                                mx=message_extra(result.message)))
         except _Stale as e:
@@ -320,7 +322,7 @@ class Router:
         keeps the link's per-channel order: it only asks when no earlier send of the same channel
         from this link waits to be queued."""
         ch = frame.channel_id
-        if not self._owns(ch) or not self._writable_now():
+        if not self._owns(ch) or not self._writable_now() or frame.attachments:
             return False
         links, rid = self.links, frame.rid
 

@@ -100,11 +100,11 @@ def _ack(req, result) -> dict:
     return out
 
 
-def _spec(req) -> lc.EventSpec:
+def _spec(req, attachments: str = "") -> lc.EventSpec:
     """The lifecycle row a request asks for (a send with ``reply_to``, edit, delete, react, unreact)."""
     t = type(req)
     if t is proto.Send:
-        return lc.EventSpec(lc.MESSAGE, body=req.body, reply_to=req.reply_to)
+        return lc.EventSpec(lc.MESSAGE, body=req.body, reply_to=req.reply_to, attachments=attachments)
     if t is proto.Edit:
         return lc.EventSpec(lc.EDIT, target_seq=req.target_seq, body=req.body)
     if t is proto.Delete:
@@ -363,7 +363,7 @@ class Session:
         if self._last_send is None:
             self._last_send = {}
         previous = self._last_send.get(req.channel_id)
-        if (previous is None or previous.is_set()) and not req.reply_to:
+        if (previous is None or previous.is_set()) and not req.reply_to and not req.attachments:
             try:
                 if self._send_nowait(req):
                     return
@@ -434,17 +434,18 @@ class Session:
             with ticket.scope:  # cancelled at the deadline, once the ticket answered `unavailable`
                 if previous is not None and not previous.is_set():
                     await previous.wait()
+                attachments = await self._attach(req) if type(req) is proto.Send and req.attachments else ""
                 if type(req) is proto.Send and not req.reply_to:
                     await self.node.router.send(self.user_id, req.channel_id, req.client_msg_id, req.body,
                                                 on_submit=submitted.set, on_stored=ack,
-                                                timeout_s=self._answers.budget_s)
+                                                timeout_s=self._answers.budget_s, attachments=attachments)
                 else:  # a lifecycle row: checked and sequenced by the owner (chatd/lifecycle.py); the
                     # connection's next row of the channel waits until this one is stored (order kept)
                     def stored(result) -> None:
                         submitted.set()
                         ack(result)
                     await self.node.router.append_event(self.user_id, req.channel_id, req.client_msg_id,
-                                                        _spec(req), on_stored=stored,
+                                                        _spec(req, attachments), on_stored=stored,
                                                         timeout_s=self._answers.budget_s)
         except ChatError as e:
             ticket.answer(_retryable(e))
@@ -480,6 +481,12 @@ class Session:
         self._nursery.start_soon(self._send_waiting, req, previous, submitted)
 
     VERBS[proto.Delete] = VERBS[proto.React] = VERBS[proto.Unreact] = (_edit, False)
+
+    async def _attach(self, req: proto.Send) -> str:
+        """A send's attachments, checked (the sender's own uploads, a member of the channel) and
+        referenced from the message before it is stored (chatd/media/service.py)."""
+        await self.node.membership.require_member(req.channel_id, self.user_id)
+        return await self.node.media.attach(self.user_id, req.channel_id, req.client_msg_id, list(req.attachments))
 
     @verb(proto.Sync, task=False)
     async def _sync(self, req: proto.Sync) -> None:

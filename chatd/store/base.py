@@ -127,6 +127,8 @@ class Message:
     def redacted(self) -> bool:
         """An event row whose target was deleted: its content is erased."""
         return self.kind in ("edit", "react", "unreact") and not self.body
+    # the attachments' metadata as sent (chatd/media: a JSON list, snapshot taken at send), "" if none
+    attachments: str = ""
 
 
 @dataclass(frozen=True)
@@ -166,6 +168,18 @@ class PushEntry:
     sender_id: int
     body: str  # "" unless push.include_body (bodies are not copied into the outbox otherwise)
     queued_at: float  # wall-clock time of the enqueue (coalescing window starts here)
+
+
+@dataclass(frozen=True)
+class MediaRecord:
+    """One upload (chatd/media): who uploaded it, when, the served size, and ``info``: the rest of
+    its metadata (mime, kind, sha256, name, width, height, duration_s, object keys, thumbnails,
+    placeholder) as the media service wrote it -- the store keeps it whole, as JSON."""
+    id: str
+    owner_id: int
+    created_at: float
+    size: int
+    info: dict
 
 
 class Store(abc.ABC):
@@ -459,6 +473,42 @@ class Store(abc.ABC):
         return None
 
     # -- operations --
+    # -- media (chatd/media) --
+    # An upload is an *orphan* until a reference names it; references are (media id, channel, the
+    # referring message's key "<sender id>:<client_msg_id>"), written before the message is sent.
+    @abc.abstractmethod
+    async def add_media(self, record: MediaRecord) -> None:
+        """Store a new upload's metadata (an orphan until referenced)."""
+
+    @abc.abstractmethod
+    async def get_media(self, media_ids: list[str]) -> dict[str, MediaRecord]:
+        """The records of those ids that exist."""
+
+    @abc.abstractmethod
+    async def media_usage(self, owner_id: int, since: float) -> tuple[int, int]:
+        """(uploads, bytes) of the user's uploads created after ``since`` (the hourly quota)."""
+
+    @abc.abstractmethod
+    async def add_media_refs(self, media_ids: list[str], channel_id: str, msg_key: str) -> None:
+        """Record that the message ``msg_key`` of ``channel_id`` holds these uploads (idempotent);
+        they are orphans no more."""
+
+    @abc.abstractmethod
+    async def media_channels(self, media_id: str) -> list[str]:
+        """The channels holding a message that references the upload."""
+
+    @abc.abstractmethod
+    async def remove_media_refs(self, media_ids: list[str], channel_id: str, msg_key: str) -> list[str]:
+        """Drop those references; return the ids that no reference names any more."""
+
+    @abc.abstractmethod
+    async def orphan_media(self, before: float, limit: int) -> list[MediaRecord]:
+        """Uploads created before ``before`` that no reference ever named (at most ``limit``)."""
+
+    @abc.abstractmethod
+    async def delete_media(self, media_id: str) -> None:
+        """Forget the upload's record (and its orphan mark)."""
+
     def statistics(self) -> dict[str, float]:
         """The backend's own counters (commits, batches...) by name, for the metrics endpoint:
         the same names on every call, values that only rise. This default keeps none: {}."""

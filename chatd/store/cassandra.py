@@ -59,6 +59,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import zlib
 import math
 import time
 from collections import OrderedDict, deque
@@ -70,7 +71,7 @@ from .. import lifecycle as lc
 from ..config import CassandraConfig
 from ..errors import ChatError
 from ..ids import MAX_INT64
-from .base import AppendResult, Channel, ChannelSummary, Departure, Device, Message, Store, User, push_slot
+from .base import AppendResult, Channel, ChannelSummary, Departure, Device, MediaRecord, Message, Store, User, push_slot
 from .cassandra_schema import (GROUPS_CREATED_TTL_S, SCHEMA_VERSION, STATEMENTS, bucket_last_seq,
                                bucket_of, channel_from_row, check_schema, message_from_row, new_user_id,
                                push_entry_from_row, push_token_from_row, read_schema_row, summary_from_rows,
@@ -95,14 +96,15 @@ def _micros(at: float) -> int:
 
 # ---- the append queue -----------------------------------------------------------------------------
 class _Append:
-    __slots__ = ("sender_id", "client_msg_id", "body", "created_at", "dm_pair", "wake", "result", "error", "batch",
-                 "index_failed", "indexed_tick", "looked", "lookup_tick", "dedup_seq", "extra")
+    __slots__ = ("sender_id", "client_msg_id", "body", "attachments", "created_at", "dm_pair", "wake", "result",
+                 "error", "batch", "index_failed", "indexed_tick", "looked", "lookup_tick", "dedup_seq", "extra")
 
-    def __init__(self, sender_id, client_msg_id, body, created_at, dm_pair, extra=None):
+    def __init__(self, sender_id, client_msg_id, body, created_at, dm_pair, extra=None, attachments=""):
         self.extra = extra  # a lifecycle row: (kind or None, target_seq, reply_to, meta JSON, meta) else None
         self.sender_id = sender_id
         self.client_msg_id = client_msg_id
         self.body = body
+        self.attachments = attachments
         self.created_at = created_at
         self.dm_pair = dm_pair
         self.wake = trio.Event()
@@ -521,14 +523,16 @@ class CassandraStore(Store):
         return out
 
     # ---- messages ------------------------------------------------------------------------
-    async def append_message(self, channel_id, sender_id, client_msg_id, body, created_at, dm_pair=None):
+    async def append_message(self, channel_id, sender_id, client_msg_id, body, created_at, dm_pair=None,
+                             attachments=""):
         """Queue the message on its channel and wait for its batch. The caller's order is the seq
         order: nothing yields between the call and the enqueue. One caller at a time per channel
         (the *leader*) runs batches; when its own message is done it hands the lead to the next.
         A caller whose message was stored then writes its ``message_dedup`` row itself, off the
         leader's path (see :meth:`_index_stored`)."""
         with self._op():
-            return await self._append(channel_id, _Append(sender_id, client_msg_id, body, created_at, dm_pair))
+            return await self._append(channel_id, _Append(sender_id, client_msg_id, body, created_at, dm_pair,
+                                                          attachments=attachments))
 
     # ---- the message lifecycle (chatd/lifecycle.py; docs/cassandra.md) ------------------------
     async def append_event(self, channel_id, sender_id, client_msg_id, spec, created_at, dm_pair=None):
@@ -550,7 +554,8 @@ class CassandraStore(Store):
             body = spec.body if kind in (lc.MESSAGE, lc.EDIT, lc.REACT, lc.UNREACT) else ""
             extra = (None if kind == lc.MESSAGE else kind, target or None, spec.reply_to or None,
                      json.dumps(meta) if meta else None, meta)
-            result = await self._append(channel_id, _Append(sender_id, client_msg_id, body, created_at, dm_pair, extra))
+            result = await self._append(channel_id, _Append(sender_id, client_msg_id, body, created_at, dm_pair, extra,
+                                                            spec.attachments))
             if result.message.kind in lc.TARGETED:
                 await self._fold(result.message)
             return result
@@ -852,9 +857,9 @@ class CassandraStore(Store):
             new_head = head + len(chunk)
             items = [("bucket_advance", (new_head, channel_id, bucket, expected))]
             items += [("msg_put", (channel_id, bucket, head + 1 + i, it.sender_id, it.client_msg_id, it.body,
-                                   it.created_at)) if it.extra is None else
+                                   it.created_at, it.attachments)) if it.extra is None else
                       ("msg_put_event", (channel_id, bucket, head + 1 + i, it.sender_id, it.client_msg_id, it.body,
-                                         it.created_at, *it.extra[:4])) for i, it in enumerate(chunk)]
+                                         it.created_at, it.attachments, *it.extra[:4])) for i, it in enumerate(chunk)]
             self.stats["lwt"] += 1
             applied, current = await self._cql.batch(items, conditional=True)
             if applied:
@@ -862,7 +867,8 @@ class CassandraStore(Store):
                 self._batches.setdefault(channel_id, deque()).append(record)
                 unindexed = self._unindexed.setdefault(channel_id, {})
                 for i, it in enumerate(chunk):
-                    m = Message(channel_id, head + 1 + i, it.sender_id, it.client_msg_id, it.body, it.created_at)
+                    m = Message(channel_id, head + 1 + i, it.sender_id, it.client_msg_id, it.body, it.created_at,
+                                attachments=it.attachments)
                     if it.extra is not None:
                         m.kind, m.target_seq, m.reply_to, m.meta = (it.extra[0] or "message", it.extra[1] or 0,
                                                                     it.extra[2] or 0, it.extra[4])
@@ -1106,6 +1112,69 @@ class CassandraStore(Store):
                 applied, row = await self._lwt("invite_next_use", (ttl, uses + 1, invite_id, uses))
             raise ChatError("unavailable", "the invite is being used by many sign-ups at once; retry")
 
+    # ---- media -----------------------------------------------------------------------------
+    # ``media`` is authoritative; ``media_orphans`` marks the uploads no reference named yet (a mark
+    # left by a crash between the writes only makes the collector look at the record again: it
+    # checks ``media_refs`` before deleting), ``media_by_owner`` counts the hourly quota.
+    async def add_media(self, record):
+        with self._op():
+            await self._cql.write("media_put", (record.id, record.owner_id, record.created_at, record.size,
+                                                json.dumps(record.info)))
+            await self._gather(
+                lambda: self._cql.write("media_owner_put", (record.owner_id, record.created_at, record.id,
+                                                            record.size)),
+                lambda: self._cql.write("media_orphan_put", (_orphan_bucket(record.id), record.created_at,
+                                                             record.id)))
+
+    async def get_media(self, media_ids):
+        with self._op():
+            ids = list(dict.fromkeys(media_ids))
+            rows = await self._gather(*[lambda i=i: self._cql.one("media_get", (i,)) for i in ids])
+            return {r["id"]: _media(r) for r in rows if r}
+
+    async def media_usage(self, owner_id, since):
+        with self._op():
+            rows = await self._cql.rows("media_owner_since", (owner_id, since))
+            return len(rows), sum(r["size"] or 0 for r in rows)
+
+    async def add_media_refs(self, media_ids, channel_id, msg_key):
+        with self._op():
+            records = await self.get_media(media_ids)
+            await self._gather(*[lambda m=m: self._cql.write("media_ref_put", (m, channel_id, msg_key))
+                                 for m in media_ids])
+            await self._gather(*[lambda r=r: self._cql.write("media_orphan_delete", (_orphan_bucket(r.id),
+                                                                                      r.created_at, r.id))
+                                 for r in records.values()])
+
+    async def media_channels(self, media_id):
+        with self._op():
+            return list(dict.fromkeys(r["channel_id"] for r in await self._cql.rows("media_refs_get", (media_id,))))
+
+    async def remove_media_refs(self, media_ids, channel_id, msg_key):
+        with self._op():
+            await self._gather(*[lambda m=m: self._cql.write("media_ref_delete", (m, channel_id, msg_key))
+                                 for m in media_ids])
+            left = await self._gather(*[lambda m=m: self._cql.one("media_ref_any", (m,)) for m in media_ids])
+            return [m for m, row in zip(media_ids, left) if row is None]
+
+    async def orphan_media(self, before, limit):
+        with self._op():
+            marks = await self._gather(*[lambda b=b: self._cql.rows("media_orphans_before", (b, before, limit))
+                                         for b in range(MEDIA_ORPHAN_BUCKETS)])
+            ids = sorted((r["created_at"], r["id"]) for rows in marks for r in rows)[:limit]
+            records = await self.get_media([i for _, i in ids])
+            gone = [(t, i) for t, i in ids if i not in records]
+            await self._gather(*[lambda t=t, i=i: self._cql.write("media_orphan_delete", (_orphan_bucket(i), t, i))
+                                 for t, i in gone])
+            return [records[i] for _, i in ids if i in records]
+
+    async def delete_media(self, media_id):
+        with self._op():
+            record = (await self.get_media([media_id])).get(media_id)
+            await self._cql.write("media_delete", (media_id,))
+            if record is not None:
+                await self._cql.write("media_orphan_delete", (_orphan_bucket(media_id), record.created_at, media_id))
+
     # ---- push notifications ----------------------------------------------------------------
     # ``push_tokens`` (by token) is authoritative, ``push_tokens_by_user`` lists them: a by-user row
     # whose token moved to someone else (a crash or a race between the two writes) is never
@@ -1202,6 +1271,17 @@ class CassandraStore(Store):
         from . import cassandra_bulk
         with self._op():
             await cassandra_bulk.import_rows(self, await self._bulk_runner(), kind, rows)
+
+
+MEDIA_ORPHAN_BUCKETS = 16
+
+
+def _orphan_bucket(media_id: str) -> int:
+    return zlib.crc32(media_id.encode()) % MEDIA_ORPHAN_BUCKETS
+
+
+def _media(row: dict) -> MediaRecord:
+    return MediaRecord(row["id"], row["owner_id"], row["created_at"], row["size"], json.loads(row["info"]))
 
 
 @contextlib.asynccontextmanager

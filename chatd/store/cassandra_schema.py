@@ -259,6 +259,33 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             read_seq bigint,
             PRIMARY KEY ((channel_id), user_id))""",
     ]),
+    (10, [  # media (chatd/media)
+        """CREATE TABLE IF NOT EXISTS {ks}.media (
+            id text PRIMARY KEY,
+            owner_id bigint,
+            created_at double,
+            size bigint,
+            info text)""",
+        # the hourly quota's window: rows live two hours (TTL), one partition per uploader
+        """CREATE TABLE IF NOT EXISTS {ks}.media_by_owner (
+            owner_id bigint,
+            created_at double,
+            id text,
+            size bigint,
+            PRIMARY KEY ((owner_id), created_at, id))""",
+        """CREATE TABLE IF NOT EXISTS {ks}.media_refs (
+            media_id text,
+            channel_id text,
+            msg_key text,
+            PRIMARY KEY ((media_id), channel_id, msg_key))""",
+        # uploads no reference named yet, spread over MEDIA_ORPHAN_BUCKETS partitions by id
+        """CREATE TABLE IF NOT EXISTS {ks}.media_orphans (
+            bucket int,
+            created_at double,
+            id text,
+            PRIMARY KEY ((bucket), created_at, id))""",
+        "ALTER TABLE {ks}.messages ADD attachments text",
+    ]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 GROUPS_CREATED_TTL_S = 3600 + 300
@@ -268,8 +295,8 @@ GROUPS_CREATED_TTL_S = 3600 + 300
 MAX_USER_ID = 2**53  # ids are random in [1, 2**53): exact as JSON numbers in every client
 
 _MSG = ("seq, sender_id, client_msg_id, body, created_at, kind, target_seq, reply_to, meta, edited_body, edited_at, "
-        "deleted_by, deleted_at, state_seq")
-_MSG_INSERT = "seq, sender_id, client_msg_id, body, created_at"
+        "deleted_by, deleted_at, state_seq, attachments")
+_MSG_INSERT = "seq, sender_id, client_msg_id, body, created_at, attachments"
 _USER = "id, username, password_hash, display_name, about, created_at"
 _TOKEN = "push_token, user_id, device_id, provider, app_id, created_at"
 _OUTBOX = "user_id, channel_id, seq, sender_id, body, queued_at"
@@ -349,9 +376,9 @@ STATEMENTS: dict[str, tuple[str, str]] = {
     # one append batch = bucket_advance (the condition) + msg_put per message, on one partition
     "bucket_advance": (LWT, "UPDATE messages SET bucket_head = ? WHERE channel_id = ? AND bucket = ? "
                             "IF bucket_head = ?"),
-    "msg_put": (WRITE, f"INSERT INTO messages (channel_id, bucket, {_MSG_INSERT}) VALUES (?, ?, ?, ?, ?, ?, ?)"),
+    "msg_put": (WRITE, f"INSERT INTO messages (channel_id, bucket, {_MSG_INSERT}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"),
     "msg_put_event": (WRITE, f"INSERT INTO messages (channel_id, bucket, {_MSG_INSERT}, kind, target_seq, reply_to, "
-                             "meta) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"),
+                             "meta) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"),
     # the message lifecycle: folds (USING TIMESTAMP = the event's seq), erasure, reactions, the index
     "fold_edit": (WRITE, "UPDATE messages USING TIMESTAMP ? SET edited_body = ?, edited_at = ?, state_seq = ? "
                          "WHERE channel_id = ? AND bucket = ? AND seq = ?"),
@@ -359,7 +386,8 @@ STATEMENTS: dict[str, tuple[str, str]] = {
                            "state_seq = ? WHERE channel_id = ? AND bucket = ? AND seq = ?"),
     "fold_state": (WRITE, "UPDATE messages USING TIMESTAMP ? SET state_seq = ? WHERE channel_id = ? AND bucket = ? "
                           "AND seq = ?"),
-    "msg_erase": (WRITE, "UPDATE messages SET body = ? WHERE channel_id = ? AND bucket = ? AND seq = ?"),
+    "msg_erase": (WRITE, "UPDATE messages SET body = ?, attachments = '' WHERE channel_id = ? AND bucket = ? "
+                         "AND seq = ?"),
     "reaction_put": (WRITE, "INSERT INTO reactions (channel_id, bucket, seq, emoji, user_id, at) VALUES (?, ?, ?, ?, ?, ?) "
                             "USING TIMESTAMP ?"),
     "reaction_delete": (WRITE, "DELETE FROM reactions USING TIMESTAMP ? WHERE channel_id = ? AND bucket = ? AND seq = ? "
@@ -414,6 +442,21 @@ STATEMENTS: dict[str, tuple[str, str]] = {
     # invites
     "invite_first_use": (LWT, "INSERT INTO invite_uses (invite_id, uses) VALUES (?, 1) IF NOT EXISTS USING TTL ?"),
     "invite_next_use": (LWT, "UPDATE invite_uses USING TTL ? SET uses = ? WHERE invite_id = ? IF uses = ?"),
+    # media
+    "media_put": (WRITE, "INSERT INTO media (id, owner_id, created_at, size, info) VALUES (?, ?, ?, ?, ?)"),
+    "media_get": (READ, "SELECT id, owner_id, created_at, size, info FROM media WHERE id = ?"),
+    "media_delete": (WRITE, "DELETE FROM media WHERE id = ?"),
+    "media_owner_put": (WRITE, "INSERT INTO media_by_owner (owner_id, created_at, id, size) VALUES (?, ?, ?, ?) "
+                               "USING TTL 7200"),
+    "media_owner_since": (READ, "SELECT size FROM media_by_owner WHERE owner_id = ? AND created_at > ?"),
+    "media_ref_put": (WRITE, "INSERT INTO media_refs (media_id, channel_id, msg_key) VALUES (?, ?, ?)"),
+    "media_ref_delete": (WRITE, "DELETE FROM media_refs WHERE media_id = ? AND channel_id = ? AND msg_key = ?"),
+    "media_refs_get": (READ, "SELECT channel_id FROM media_refs WHERE media_id = ?"),
+    "media_ref_any": (READ, "SELECT channel_id FROM media_refs WHERE media_id = ? LIMIT 1"),
+    "media_orphan_put": (WRITE, "INSERT INTO media_orphans (bucket, created_at, id) VALUES (?, ?, ?)"),
+    "media_orphan_delete": (WRITE, "DELETE FROM media_orphans WHERE bucket = ? AND created_at = ? AND id = ?"),
+    "media_orphans_before": (READ, "SELECT created_at, id FROM media_orphans WHERE bucket = ? AND created_at < ? "
+                                   "LIMIT ?"),
     "push_lease_take": (LWT, "UPDATE push_leases SET owner = ?, lease_until = ? WHERE slot = ? IF lease_until < ?"),
 }
 
@@ -436,7 +479,8 @@ def user_from_row(row: dict) -> User:
 def message_from_row(channel_id: str, row: dict) -> Message:
     """A ``messages`` row as stored: a message folded to its state (``edited_body`` over ``body``),
     or an event. (Rows written before v9, and the emulator's, lack the lifecycle columns.)"""
-    m = Message(channel_id, row["seq"], row["sender_id"], row["client_msg_id"], row["body"], row["created_at"])
+    m = Message(channel_id, row["seq"], row["sender_id"], row["client_msg_id"], row["body"], row["created_at"],
+                attachments=row.get("attachments") or "")
     get = row.get
     if get("kind") is None and get("reply_to") is None and get("state_seq") is None:
         return m

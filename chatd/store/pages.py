@@ -21,11 +21,11 @@ async def read_page(store, channel_id: str, after: int | None, before: int | Non
 
 def within_budget(msgs: list, ascending: bool, budget: int) -> tuple[list, bool]:
     """The messages of a page that fit ``budget`` bytes of answer (a body counted at 4 bytes a
-    character, the most UTF-8 needs, plus 200 for the rest of its object), dropped from the far end
+    character, the most UTF-8 needs, its attachments' JSON, plus 200 for the rest of its object), dropped from the far end
     (the newest of an ``after`` page, the oldest otherwise); at least one. True if any was dropped."""
     kept: list = []
     for msg in (msgs if ascending else reversed(msgs)):
-        budget -= len(msg.body) * 4 + 200
+        budget -= len(msg.body) * 4 + len(msg.attachments) + 200
         if budget < 0 and kept:
             break
         kept.append(msg)

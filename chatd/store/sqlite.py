@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import json
 import ctypes
+import json
 import logging
 import queue
 import random
@@ -45,8 +46,8 @@ import trio
 from ..datadir import private_file
 from .. import lifecycle as lc
 from ..errors import ChatError
-from .base import (AppendResult, Channel, ChannelSummary, Departure, Device, Message, PushEntry, PushToken, Store,
-                   User, push_slot)
+from .base import (AppendResult, Channel, ChannelSummary, Departure, Device, MediaRecord, Message, PushEntry,
+                   PushToken, Store, User, push_slot)
 from .records import KEY_FIELDS, KINDS, check_kind
 
 log = logging.getLogger(__name__)
@@ -179,6 +180,23 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
         # receipts: the highest seq one of the member's devices holds (read_seq implies it)
         "ALTER TABLE members ADD COLUMN delivered_seq INTEGER NOT NULL DEFAULT 0",
     ]),
+    (10, [  # media (chatd/media): uploads, the messages that reference them, attachments on messages
+        """CREATE TABLE IF NOT EXISTS media (
+            id TEXT PRIMARY KEY,
+            owner_id INTEGER NOT NULL,
+            created_at REAL NOT NULL,
+            size INTEGER NOT NULL,
+            info TEXT NOT NULL,
+            referenced INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID""",
+        "CREATE INDEX IF NOT EXISTS media_by_owner ON media (owner_id, created_at)",
+        "CREATE INDEX IF NOT EXISTS media_orphans ON media (referenced, created_at)",
+        """CREATE TABLE IF NOT EXISTS media_refs (
+            media_id TEXT NOT NULL,
+            channel_id TEXT NOT NULL,
+            msg_key TEXT NOT NULL,
+            PRIMARY KEY (media_id, channel_id, msg_key)) WITHOUT ROWID""",
+        "ALTER TABLE messages ADD COLUMN attachments TEXT NOT NULL DEFAULT ''",
+    ]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -189,7 +207,7 @@ _WAIT_PROBE_EVERY = 16  # while waits do not pay, try one every this many batche
 
 _USER_COLS = "id, username, display_name, about, created_at, password_hash, disabled"
 _MSG_COLS = "channel_id, seq, sender_id, client_msg_id, body, created_at"
-_ROW_COLS = _MSG_COLS + ", kind, target_seq, reply_to, meta, edited_at, deleted_by, deleted_at, state_seq"
+_ROW_COLS = _MSG_COLS + ", kind, target_seq, reply_to, meta, edited_at, deleted_by, deleted_at, state_seq, attachments"
 _TOKEN_COLS = "user_id, device_id, provider, token, app_id, created_at"
 _OUTBOX_COLS = "user_id, channel_id, seq, sender_id, body, queued_at"
 
@@ -200,11 +218,15 @@ def _user(row) -> User:
 
 
 def _msg(row) -> Message:
+    """A ``Message`` of a ``_ROW_COLS`` row (or of a ``_MSG_COLS`` one: a plain message)."""
+    attachments = (row[14] or "") if len(row) > 14 else ""
     if len(row) == 6 or (row[6] is None and row[8] is None and row[13] is None):
+        if attachments:
+            return Message(*row[:6], attachments=attachments)
         return Message(*row[:6])  # a plain message, never changed
     return Message(*row[:6], kind=row[6] or "message", target_seq=row[7] or 0, reply_to=row[8] or 0,
                    meta=json.loads(row[9]) if row[9] else None, edited_at=row[10] or 0.0, deleted_by=row[11] or 0,
-                   deleted_at=row[12] or 0.0, state_seq=row[13] or 0)
+                   deleted_at=row[12] or 0.0, state_seq=row[13] or 0, attachments=attachments)
 
 
 def _sent_row(c, channel_id: str, sender_id: int, client_msg_id: str):
@@ -755,21 +777,23 @@ class SQLiteStore(Store):
         return await self._read(fn)
 
     # ---- messages ------------------------------------------------------------------------
-    async def append_message(self, channel_id, sender_id, client_msg_id, body, created_at, dm_pair=None):
-        fn = self._append_fn(channel_id, sender_id, client_msg_id, body, created_at, dm_pair)
+    async def append_message(self, channel_id, sender_id, client_msg_id, body, created_at, dm_pair=None,
+                             attachments=""):
+        fn = self._append_fn(channel_id, sender_id, client_msg_id, body, created_at, dm_pair, attachments)
         return await self._write(fn, atomic=True)  # its only ChatError comes before any write
 
     @staticmethod
-    def _append_fn(channel_id, sender_id, client_msg_id, body, created_at, dm_pair):
+    def _append_fn(channel_id, sender_id, client_msg_id, body, created_at, dm_pair, attachments=""):
         def fn(c):
             row = _sent_row(c, channel_id, sender_id, client_msg_id)
             if row:
                 return AppendResult(_msg(row), duplicate=True)
             seq = _next_seq(c, channel_id, created_at, dm_pair)
-            c.execute(f"INSERT INTO messages ({_MSG_COLS}) VALUES (?, ?, ?, ?, ?, ?)",
-                      (channel_id, seq, sender_id, client_msg_id, body, created_at))
+            c.execute(f"INSERT INTO messages ({_MSG_COLS}, attachments) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                      (channel_id, seq, sender_id, client_msg_id, body, created_at, attachments))
             c.execute("UPDATE channels SET last_seq = ?, last_at = ? WHERE id = ?", (seq, created_at, channel_id))
-            return AppendResult(Message(channel_id, seq, sender_id, client_msg_id, body, created_at), False)
+            return AppendResult(Message(channel_id, seq, sender_id, client_msg_id, body, created_at,
+                                        attachments=attachments), False)
         return fn
 
     async def append_event(self, channel_id, sender_id, client_msg_id, spec, created_at, dm_pair=None):
@@ -795,9 +819,9 @@ class SQLiteStore(Store):
                 meta = {"user_id": spec.user_id}
             body = spec.body if kind in (lc.MESSAGE, lc.EDIT, lc.REACT, lc.UNREACT) else ""
             c.execute(f"INSERT INTO messages ({_ROW_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL, "
-                      "NULL)", (channel_id, seq, sender_id, client_msg_id, body, created_at,
-                                None if kind == lc.MESSAGE else kind, target or None, spec.reply_to or None,
-                                json.dumps(meta) if meta else None))
+                      "NULL, ?)", (channel_id, seq, sender_id, client_msg_id, body, created_at,
+                                   None if kind == lc.MESSAGE else kind, target or None, spec.reply_to or None,
+                                   json.dumps(meta) if meta else None, spec.attachments))
             c.execute("UPDATE channels SET last_seq = ?, last_at = ? WHERE id = ?", (seq, created_at, channel_id))
             if kind == lc.EDIT:
                 c.execute("UPDATE messages SET body = ?, edited_at = ?, state_seq = ? WHERE channel_id = ? AND seq = ? "
@@ -807,16 +831,16 @@ class SQLiteStore(Store):
             elif kind in (lc.REACT, lc.UNREACT):
                 c.execute("UPDATE messages SET state_seq = ? WHERE channel_id = ? AND seq = ?", (seq, channel_id, target))
             m = Message(channel_id, seq, sender_id, client_msg_id, body, created_at, kind=kind, target_seq=target,
-                        reply_to=spec.reply_to, meta=meta)
+                        reply_to=spec.reply_to, meta=meta, attachments=spec.attachments)
             return AppendResult(m, False)
         return await self._write(fn)
 
     def _erase(self, c, channel_id: str, seq: int, by: int, at: float, event_seq: int) -> None:
-        """Redaction (writer thread): the body of message ``seq``, of every edit of it, its
+        """Redaction (writer thread): the body and attachments of message ``seq``, of every edit of it, its
         reactions (and the emoji of its reaction events), its pending pushes. Zeroed on disk
         (``secure_delete``); the WAL is truncated after the commit."""
-        c.execute("UPDATE messages SET body = '', edited_at = NULL, deleted_by = ?, deleted_at = ?, state_seq = ? "
-                  "WHERE channel_id = ? AND seq = ?", (by, at, event_seq, channel_id, seq))
+        c.execute("UPDATE messages SET body = '', attachments = '', edited_at = NULL, deleted_by = ?, deleted_at = ?, "
+                  "state_seq = ? WHERE channel_id = ? AND seq = ?", (by, at, event_seq, channel_id, seq))
         c.execute("UPDATE messages SET body = '' WHERE channel_id = ? AND target_seq = ? "
                   "AND kind IN ('edit', 'react', 'unreact')", (channel_id, seq))
         c.execute("DELETE FROM reactions WHERE channel_id = ? AND seq = ?", (channel_id, seq))
@@ -1035,6 +1059,60 @@ class SQLiteStore(Store):
             return c.execute("UPDATE invite_uses SET uses = uses + 1 WHERE invite_id = ? AND uses < ?",
                              (invite_id, max_uses)).rowcount == 1
         return await self._write(fn)
+
+    # ---- media ---------------------------------------------------------------------------
+    async def add_media(self, record):
+        def fn(c):
+            c.execute("INSERT INTO media (id, owner_id, created_at, size, info) VALUES (?, ?, ?, ?, ?)",
+                      (record.id, record.owner_id, record.created_at, record.size, json.dumps(record.info)))
+        await self._write(fn)
+
+    async def get_media(self, media_ids):
+        def fn(c):
+            rows = _select_in(c, "SELECT id, owner_id, created_at, size, info FROM media WHERE id IN ({})",
+                              list(dict.fromkeys(media_ids)))
+            return {r[0]: MediaRecord(r[0], r[1], r[2], r[3], json.loads(r[4])) for r in rows}
+        return await self._read(fn)
+
+    async def media_usage(self, owner_id, since):
+        def fn(c):
+            n, size = c.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM media WHERE owner_id = ? "
+                                "AND created_at > ?", (owner_id, since)).fetchone()
+            return n, size
+        return await self._read(fn)
+
+    async def add_media_refs(self, media_ids, channel_id, msg_key):
+        def fn(c):
+            c.executemany("INSERT OR IGNORE INTO media_refs (media_id, channel_id, msg_key) VALUES (?, ?, ?)",
+                          [(m, channel_id, msg_key) for m in media_ids])
+            c.executemany("UPDATE media SET referenced = 1 WHERE id = ?", [(m,) for m in media_ids])
+        await self._write(fn)
+
+    async def media_channels(self, media_id):
+        def fn(c):
+            return [r[0] for r in c.execute("SELECT DISTINCT channel_id FROM media_refs WHERE media_id = ?",
+                                            (media_id,))]
+        return await self._read(fn)
+
+    async def remove_media_refs(self, media_ids, channel_id, msg_key):
+        def fn(c):
+            c.executemany("DELETE FROM media_refs WHERE media_id = ? AND channel_id = ? AND msg_key = ?",
+                          [(m, channel_id, msg_key) for m in media_ids])
+            return [m for m in media_ids
+                    if c.execute("SELECT 1 FROM media_refs WHERE media_id = ? LIMIT 1", (m,)).fetchone() is None]
+        return await self._write(fn)
+
+    async def orphan_media(self, before, limit):
+        def fn(c):
+            rows = c.execute("SELECT id, owner_id, created_at, size, info FROM media WHERE referenced = 0 "
+                             "AND created_at < ? ORDER BY created_at LIMIT ?", (before, limit))
+            return [MediaRecord(r[0], r[1], r[2], r[3], json.loads(r[4])) for r in rows]
+        return await self._read(fn)
+
+    async def delete_media(self, media_id):
+        def fn(c):
+            c.execute("DELETE FROM media WHERE id = ?", (media_id,))
+        await self._write(fn)
 
     # ---- bulk (chatd store copy) -----------------------------------------------------------
     async def export_rows(self, kind, after, limit):

@@ -34,6 +34,12 @@ const TEXT = {
   message_deleted: "That message was deleted",
   bad_emoji: "That is not one emoji",
   too_many_reactions: "That message has too many different reactions",
+  no_such_media: "That file is not available (any more)",
+  media_too_large: "That file is too large to send",
+  media_quota: "You have sent too many files this hour; try again later",
+  bad_attachment: "That attachment cannot be sent",
+  cancelled: "Cancelled",
+  no_microphone: "The microphone is not available",
 };
 
 /** A readable sentence for an error with `code` and server `message`. */
@@ -44,7 +50,7 @@ export function describe(err) {
   const msg = err && typeof err.message === "string" ? err.message : "";
   const detail = msg && !base.toLowerCase().includes(msg.toLowerCase()) ? msg : "";
   let text = detail ? `${base}: ${detail}` : base;
-  if ((code === "rate_limited" || code === "too_many_groups") && err.retryAfterS) text += ` (retry in ${err.retryAfterS} s)`;
+  if ((code === "rate_limited" || code === "too_many_groups" || code === "media_quota") && err.retryAfterS) text += ` (retry in ${err.retryAfterS} s)`;
   if (code === "rate_limited" && err.retry_after_ms) text += ` (retry in ${Math.ceil(err.retry_after_ms / 1000)} s)`;
   return text;
 }

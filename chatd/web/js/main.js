@@ -9,6 +9,7 @@ import { Api } from "./api.js";
 import { Connection } from "./connection.js";
 import { CONNECTION, describe, SESSION_OVER } from "./errors.js";
 import { Channel, PAGE, uuid } from "./state.js";
+import * as media from "./media.js";
 import * as view from "./view.js";
 
 const $ = (id) => document.getElementById(id);
@@ -37,6 +38,9 @@ class App {
     this.prepended = false;
     this.lastTypingSent = 0;
     this.refreshQueued = null;
+    this.uploads = new Map();  // key -> {name, size, progress, abort}
+    this.mediaLimits = null;  // GET /v1/media/limits
+    this.recorder = new media.Recorder();
   }
 
   // ---- session ---------------------------------------------------------------------------
@@ -114,6 +118,8 @@ class App {
     this.conn = null;
     store.drop("chatd.session");
     store.drop("chatd.pending");
+    for (const u of this.uploads.values()) u.abort();
+    media.forgetMedia();
     this.channels.clear();
     this.currentId = null;
     this.members = null;
@@ -331,10 +337,15 @@ class App {
   }
 
   // ---- sending -------------------------------------------------------------------------------
-  send(text) {
+  send(text, attached = []) {
     const c = this.current();
-    if (!c || !text.trim()) return;
-    const p = { cmid: uuid(), channelId: c.id, body: text, status: "sending", error: null, createdAt: Date.now() / 1000 };
+    if (!c || (!text.trim() && !attached.length)) return;
+    this.sendTo(c, text, attached);
+  }
+
+  sendTo(c, text, attached) {
+    const p = { cmid: uuid(), channelId: c.id, body: text, status: "sending", error: null, createdAt: Date.now() / 1000,
+                media: attached };
     c.pending.set(p.cmid, p);
     this.savePending();
     this.scrollToEnd = true;
@@ -346,7 +357,9 @@ class App {
     p.status = "sending";
     p.error = null;
     if (!this.conn || !this.conn.connected) return;  // sent after the reconnect
-    this.conn.request({ type: "send", channel_id: c.id, client_msg_id: p.cmid, body: p.body })
+    const frame = { type: "send", channel_id: c.id, client_msg_id: p.cmid, body: p.body };
+    if (p.media && p.media.length) frame.attachments = p.media.map((a) => a.id);
+    this.conn.request(frame)
       .then((ack) => {
         c.head = Math.max(c.head, ack.seq);
         if (c.cursor >= ack.seq) c.pending.delete(p.cmid);  // its message event came first
@@ -369,10 +382,60 @@ class App {
     const all = [];
     for (const c of this.channels.values()) {
       for (const p of c.pending.values()) {
-        if (p.status !== "sent") all.push({ cmid: p.cmid, channelId: c.id, body: p.body, createdAt: p.createdAt });
+        if (p.status !== "sent") {
+          all.push({ cmid: p.cmid, channelId: c.id, body: p.body, createdAt: p.createdAt, media: p.media || [] });
+        }
       }
     }
     try { store.save("chatd.pending", all); } catch (e) { /* storage full: kept in memory only */ }
+  }
+
+  // ---- media ---------------------------------------------------------------------------------
+  /** Upload each file and send it, as its own message, to the conversation open now. */
+  async attach(files) {
+    const c = this.current();
+    if (!c || c.gone) return;
+    if (!this.mediaLimits) {
+      try { this.mediaLimits = await this.api.get("/v1/media/limits"); } catch (e) { view.toast(describe(e)); return; }
+    }
+    for (const file of files) this.uploadOne(c, file, file.name || "file");
+  }
+
+  uploadOne(c, file, name) {
+    const max = this.mediaLimits.max_bytes;
+    if (file.size > max) {
+      view.toast(describe({ code: "media_too_large",
+                            message: `${name} is ${media.humanSize(file.size)}; the limit is ${media.humanSize(max)}` }));
+      return;
+    }
+    const key = uuid();
+    const up = media.upload(this.api, file, name, (f) => { entry.progress = f; view.renderUploads(this); });
+    const entry = { name, size: file.size, progress: 0, abort: up.abort };
+    this.uploads.set(key, entry);
+    view.renderUploads(this);
+    up.done.then((m) => { this.sendTo(c, "", [m]); }, (err) => {
+      if (err.code !== "cancelled") view.toast(`${name}: ${describe(err)}`);
+    }).finally(() => { this.uploads.delete(key); view.renderUploads(this); });
+  }
+
+  async toggleRecording() {
+    const button = $("record-button");
+    if (this.recorder.recording) {
+      const blob = await this.recorder.stop();
+      button.textContent = "Record";
+      button.setAttribute("aria-pressed", "false");
+      const ext = blob.type.includes("ogg") ? "ogg" : "webm";
+      await this.attach([new File([blob], `voice-${new Date().toISOString().slice(0, 19)}.${ext}`, { type: blob.type })]);
+      return;
+    }
+    try {
+      await this.recorder.start();
+    } catch (e) {
+      view.toast(describe({ code: "no_microphone", message: String(e.message || e) }));
+      return;
+    }
+    button.textContent = "Stop recording";
+    button.setAttribute("aria-pressed", "true");
   }
 
   typing() {
@@ -543,6 +606,27 @@ function updateCount() {
   count.textContent = n > MAX_BODY * 0.9 ? `${n.toLocaleString()} / ${MAX_BODY.toLocaleString()} characters` : "";
   count.classList.toggle("over", n > MAX_BODY);
 }
+$("attach-button").addEventListener("click", () => $("file-input").click());
+$("file-input").addEventListener("change", () => {
+  app.attach([...$("file-input").files]);
+  $("file-input").value = "";
+});
+$("record-button").addEventListener("click", () => app.toggleRecording());
+$("channel-pane").addEventListener("dragover", (ev) => {
+  if (ev.dataTransfer && [...ev.dataTransfer.types].includes("Files")) ev.preventDefault();
+});
+$("channel-pane").addEventListener("drop", (ev) => {
+  if (!ev.dataTransfer || !ev.dataTransfer.files.length) return;
+  ev.preventDefault();
+  app.attach([...ev.dataTransfer.files]);
+});
+input.addEventListener("paste", (ev) => {
+  const files = ev.clipboardData ? [...ev.clipboardData.files] : [];
+  if (files.length) {
+    ev.preventDefault();
+    app.attach(files);
+  }
+});
 $("composer").addEventListener("submit", (ev) => {
   ev.preventDefault();
   app.send(input.value);

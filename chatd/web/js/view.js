@@ -2,6 +2,7 @@
 // as HTML. Callers batch changes through `app.render()`.
 
 import { SYSTEM } from "./state.js";
+import { attachmentItem, humanSize, openLightbox } from "./media.js";
 
 const $ = (id) => document.getElementById(id);
 
@@ -69,7 +70,8 @@ export function renderChannelList(app) {
   list.replaceChildren(...chans.map((c) => {
     const last = c.last();
     const mine = last && (last.mine || last.sender_id === app.me.id);
-    const preview = last ? `${mine ? "You: " : ""}${last.body.slice(0, 80)}` : "no messages yet";
+    const preview = last ? `${mine ? "You: " : ""}${(last.body || attachmentsText(last.attachments)).slice(0, 80)}`
+      : "no messages yet";
     const p = c.kind === "dm" ? app.presence.get(c.peerId) : null;
     const name = el("span", { class: "ch-name" });
     if (c.kind === "dm") {
@@ -128,7 +130,7 @@ export function renderChannel(app) {
       receipt = (c.delivered.get(c.peerId) || 0) >= m.seq ? "✓✓" : "✓";  // stored; on their device
     }
     return { key: `${c.id} ${m.seq}`, sig: `${who}|${receipt}|${m.state_seq || 0}`,
-             build: () => messageItem(m, mine, who, receipt) };
+             build: () => messageItem(app, m, mine, who, receipt) };
   });
   for (const p of c.pending.values()) {
     items.push({ key: `${c.id} ${p.cmid}`, sig: `${p.status}|${p.error}`, build: () => pendingItem(app, c, p) });
@@ -144,6 +146,19 @@ export function renderChannel(app) {
     `${typing.join(", ")} ${typing.length === 1 ? "is" : "are"} typing…`;
 }
 
+/** A message's attachments, as shown in the conversation list ("Photo", "Voice message", a file name). */
+export function attachmentsText(list) {
+  if (!list || !list.length) return "";
+  const one = (a) => (a.kind === "image" ? "Photo" : a.kind === "audio" ? "Voice message" : a.kind === "video" ? "Video"
+    : a.name);
+  return list.map(one).join(", ");
+}
+
+function attachments(app, list) {
+  if (!list || !list.length) return null;
+  return el("div", { class: "atts" }, ...list.map((a) => attachmentItem(app.api, a, (x) => openLightbox(app.api, x))));
+}
+
 function systemText(app, m) {
   const who = m.sender_id === app.me.id ? "You" : app.userName(m.sender_id);
   const whom = m.user_id === app.me.id ? "you" : app.userName(m.user_id);
@@ -152,12 +167,13 @@ function systemText(app, m) {
   return `${who} removed ${whom}`;
 }
 
-function messageItem(m, mine, who, receipt) {
+function messageItem(app, m, mine, who, receipt) {
   const li = el("li", { class: `msg${mine ? " mine" : ""}${m.deleted ? " deleted" : ""}`, "data-seq": m.seq,
                         "data-cmid": m.client_msg_id, "data-status": mine ? "sent" : null },
     el("div", { class: "meta" }, el("span", { class: "who", text: who }), el("time", { text: clock(m.created_at) }),
       m.edited_at && !m.deleted ? el("span", { class: "edited", text: "(edited)" }) : null),
-    el("div", { class: "body", text: m.deleted ? "Message deleted" : m.body }));
+    m.deleted ? null : attachments(app, m.attachments),
+    m.deleted ? el("div", { class: "body", text: "Message deleted" }) : m.body ? el("div", { class: "body", text: m.body }) : null);
   if (m.reactions && m.reactions.length) {
     li.append(el("div", { class: "reactions" }, ...m.reactions.map((r) =>
       el("span", { class: `reaction${r.me ? " me" : ""}`, "data-emoji": r.emoji, text: `${r.emoji} ${r.count}` }))));
@@ -177,8 +193,20 @@ function pendingItem(app, c, p) {
   }
   return el("li", { class: "msg mine pending", "data-cmid": p.cmid, "data-status": p.status },
     el("div", { class: "meta" }, el("span", { class: "who", text: "You" })),
-    el("div", { class: "body", text: p.body }),
+    attachments(app, p.media),
+    p.body ? el("div", { class: "body", text: p.body }) : null,
     status);
+}
+
+/** The uploads in progress, each with its progress bar and a cancel button. */
+export function renderUploads(app) {
+  const list = $("uploads");
+  const ups = [...app.uploads.values()];
+  list.hidden = ups.length === 0;
+  list.replaceChildren(...ups.map((u) => el("li", { class: "upload", "data-upload": u.name },
+    el("span", { class: "upload-name", text: `${u.name} (${humanSize(u.size)})` }),
+    el("progress", { max: "1", value: String(u.progress), "aria-label": `Uploading ${u.name}` }),
+    el("button", { type: "button", class: "link upload-cancel", onclick: () => u.abort() }, "Cancel"))));
 }
 
 /** Forget the rendered messages (after a logout). */
