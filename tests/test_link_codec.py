@@ -9,7 +9,7 @@ import pytest
 from chatd.protocol import link
 from chatd.protocol import link_frames as lf
 
-M = ("d:1:2", 7, 1, "c-1", "hé", 1700000000.5, "")
+M = ("d:1:2", 7, 1, "c-1", "hé", 1700000000.5)
 
 
 def _body(obj) -> bytes:

@@ -410,6 +410,42 @@ async def test_orphans_are_collected_and_released_media_deleted(media_server, nu
     assert not any(kept["id"] in str(p) for p in media_files(srv))
 
 
+async def test_deleting_a_message_erases_its_attachments_and_releases_its_media(media_server, nursery):
+    """The lifecycle's ``delete`` of a message with an attachment: the upload is deleted (404, no
+    file left), and no answer (history, the stored row) names the attachment any more; a reply
+    may carry attachments too."""
+    srv = await media_server()
+    alice_l = await srv.api.signup_login("alice")
+    bob_l = await srv.api.signup_login("bob")
+    alice = Client(srv, alice_l)
+    photo = (await alice.upload(jpeg(), "secret-plan.jpg")).json()["media"]
+    other = (await alice.upload(b"notes", "notes.txt")).json()["media"]
+    ca = await open_client(nursery, alice_l["ws_url"], alice_l["token"])
+    ch = dm(alice_l, bob_l)
+    ack = await ca.request({"type": "send", "channel_id": ch, "client_msg_id": "p", "body": "",
+                            "attachments": [photo["id"]]})
+    assert ack["type"] == "ack"
+    reply = await ca.request({"type": "send", "channel_id": ch, "client_msg_id": "r", "body": "see",
+                              "reply_to": ack["seq"], "attachments": [other["id"]]})
+    assert reply["type"] == "ack"
+    [_, r] = await srv.node.store.read_messages(ch, after=0, limit=10)
+    assert r.reply_to == ack["seq"] and other["id"] in r.attachments  # a reply keeps its attachments
+    assert (await alice.get(photo["url"])).status_code == 200
+    gone = await ca.request({"type": "delete", "channel_id": ch, "client_msg_id": "d", "target_seq": ack["seq"]})
+    assert gone["type"] == "ack"
+    for _ in range(100):  # released right after the delete is stored
+        if (await alice.get(photo["url"])).status_code == 404:
+            break
+        await trio.sleep(0.05)
+    assert (await alice.get(photo["url"])).status_code == 404
+    assert not any(photo["id"] in str(p) for p in media_files(srv))
+    [m, *_] = await srv.node.store.read_messages(ch, after=0, limit=10)
+    assert m.deleted_at and m.attachments == ""
+    page = await srv.api.call("GET", f"/v1/channels/{ch}/messages?limit=10", token=alice_l["token"])
+    assert "secret-plan" not in str(page.body) and photo["id"] not in str(page.body)
+    assert (await alice.get(other["url"])).status_code == 200  # the reply's upload stays
+
+
 async def test_openapi_documents_the_media_routes(media_server):
     srv = await media_server()
     spec = (await srv.api.call("GET", "/openapi.json")).body
@@ -421,6 +457,6 @@ def test_push_text_names_the_attachments():
     from chatd.push.service import push_text
     from chatd.store.base import Message
     att = '[{"id":"a","kind":"image","name":"x.jpg"},{"id":"b","kind":"file","name":"report.pdf"}]'
-    assert push_text(Message("dm:1:2", 1, 1, "c", "", 1.0, att)) == "[Photo] [report.pdf]"
-    assert push_text(Message("dm:1:2", 1, 1, "c", "look", 1.0, att)) == "[Photo] [report.pdf] look"
+    assert push_text(Message("dm:1:2", 1, 1, "c", "", 1.0, attachments=att)) == "[Photo] [report.pdf]"
+    assert push_text(Message("dm:1:2", 1, 1, "c", "look", 1.0, attachments=att)) == "[Photo] [report.pdf] look"
     assert push_text(Message("dm:1:2", 1, 1, "c", "plain", 1.0)) == "plain"

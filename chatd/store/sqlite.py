@@ -770,7 +770,9 @@ class SQLiteStore(Store):
     async def channels_page(self, user_id, after, limit):
         def fn(c):
             rows = c.execute(
-                "SELECT ch.id, ch.kind, ch.name, ch.last_seq, m.read_seq, ch.last_at "
+                "SELECT ch.id, ch.kind, ch.name, ch.last_seq, m.read_seq, ch.last_at, "
+                "(SELECT COUNT(*) FROM messages x WHERE x.channel_id = ch.id AND x.seq > m.read_seq "
+                "AND x.kind IS NULL AND x.deleted_at IS NULL) "
                 "FROM members m JOIN channels ch ON ch.id = m.channel_id "
                 "WHERE m.user_id = ? AND m.channel_id > ? ORDER BY m.channel_id LIMIT ?", (user_id, after or "", limit))
             return [ChannelSummary(*r) for r in rows]
