@@ -14,7 +14,7 @@ from urllib.parse import quote, urlsplit
 import h11
 import trio
 
-from helpers import open_client
+from tests.helpers import open_client
 
 
 def http_base(ws_url: str) -> str:
@@ -248,3 +248,58 @@ async def open_transport(nursery, kind: str, ws_url: str, token: str):
     await nursery.start(c.run)
     await c.next_event("ready")
     return c
+
+
+class CuttingProxy:
+    """A TCP proxy on a free loopback port in front of ``upstream`` (host, port). Each connection
+    takes the next entry of ``cuts``: after that many bytes from the server it drops both sides
+    (None or no entry left: never). With ``refuse_upgrade`` a request asking for a WebSocket
+    upgrade gets ``403`` and nothing reaches the server (a proxy that breaks WebSocket)."""
+
+    def __init__(self, upstream: tuple[str, int], cuts=(), refuse_upgrade: bool = False):
+        self.upstream = upstream
+        self.cuts = list(cuts)
+        self.refuse_upgrade = refuse_upgrade
+        self.port = None
+        self.refused = 0
+
+    async def serve(self, task_status=trio.TASK_STATUS_IGNORED):
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started(self)
+        await trio.serve_listeners(self._handle, listeners)
+
+    async def _handle(self, client):
+        cut = self.cuts.pop(0) if self.cuts else None
+        async with client:
+            first = await client.receive_some(65536)
+            if self.refuse_upgrade and b"upgrade: websocket" in first.lower():
+                self.refused += 1
+                await client.send_all(b"HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                return
+            try:
+                server = await trio.open_tcp_stream(*self.upstream)
+            except OSError:
+                return
+            async with server:
+                await server.send_all(first)
+                async with trio.open_nursery() as n:
+                    n.start_soon(self._pipe, client, server, None, n.cancel_scope)
+                    n.start_soon(self._pipe, server, client, cut, n.cancel_scope)
+
+    @staticmethod
+    async def _pipe(src, dst, cut, scope):
+        sent = 0
+        try:
+            while True:
+                data = await src.receive_some(65536)
+                if not data:
+                    break
+                if cut is not None and sent + len(data) >= cut:
+                    await dst.send_all(data[:cut - sent])
+                    break
+                sent += len(data)
+                await dst.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        scope.cancel()
