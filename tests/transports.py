@@ -303,3 +303,87 @@ class CuttingProxy:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         scope.cancel()
+
+
+class FramesClient:
+    """Requests by ``POST /v1/frames`` only (no stream: a bot's way), with ``request(frame,
+    timeout)`` like helpers.WSClient, for tests/faults.SendLog."""
+    _ids = itertools.count(1)
+
+    def __init__(self, base: str, token: str):
+        self.base, self.token = base, token
+
+    async def request(self, frame: dict, timeout: float = 10) -> dict:
+        frame.setdefault("id", next(self._ids))
+        with trio.fail_after(timeout):
+            status, body = await http_json(self.base + "/v1/frames", "POST", self.token, [frame])
+        assert status == 200, (status, body)
+        return body["replies"][0]
+
+
+class RobustReceiver:
+    """A device that keeps receiving over ``kind`` ('sse' or 'poll') through anything: after a
+    drop or a refused connection it asks ``GET /v1/connect`` where to go and resumes from its
+    last resume token (SSE ``Last-Event-ID``, the poll's ``cursor``), as docs/protocol.md says.
+    ``seqs[channel]``: every message seq received, in order (duplicates and gaps included)."""
+
+    def __init__(self, api, creds: dict, kind: str):
+        self.api, self.creds, self.kind = api, creds, kind
+        self.base = http_base(creds["ws_url"])
+        self.seqs: dict[str, list[int]] = {}
+        self.resume = None  # the last id / cursor
+        self.reconnects = 0
+        self.got = trio.lowlevel.ParkingLot()
+
+    def _take(self, frame):
+        if frame.get("type") == "message":
+            self.seqs.setdefault(frame["channel_id"], []).append(frame["seq"])
+            self.got.unpark_all()
+
+    async def run(self, task_status=trio.TASK_STATUS_IGNORED):
+        started = False
+        while True:
+            try:
+                if self.kind == "sse":
+                    c = SSEClient(self.base, self.creds["token"])
+                    await c.connect(last_event_id=self.resume)
+                    buf = b""
+                    while True:
+                        if not started:
+                            started = True
+                            task_status.started(self)
+                        chunk = await c.stream.chunk()
+                        if chunk is None:
+                            break
+                        buf += chunk
+                        events, buf = parse_sse(buf)
+                        for ev_id, frame in events:
+                            if ev_id is not None:
+                                self.resume = ev_id
+                            self._take(frame)
+                else:
+                    p = PollClient(self.base, self.creds["token"], wait_s=5)
+                    while True:
+                        with trio.fail_after(15):
+                            body = await p.poll_once(cursor=self.resume or "")
+                        if not started:
+                            started = True
+                            task_status.started(self)
+                        self.resume = body["cursor"]
+                        for frame in body["events"]:
+                            self._take(frame)
+            except (OSError, h11.ProtocolError, AssertionError, trio.TooSlowError, trio.BrokenResourceError):
+                pass
+            self.reconnects += 1
+            await trio.sleep(0.2)  # the client's backoff before it asks where to go
+            try:
+                r = await self.api.call("GET", "/v1/connect", token=self.creds["token"])
+                if r.status == 200:
+                    self.base = http_base(r.body["ws_url"])
+            except OSError:
+                pass
+
+    async def wait_for(self, channel_id: str, seq: int, timeout: float = 30):
+        with trio.fail_after(timeout):
+            while not self.seqs.get(channel_id) or self.seqs[channel_id][-1] < seq:
+                await self.got.park()
