@@ -3,7 +3,7 @@
 ``GET /`` is ``index.html``; ``GET /web/<path>`` the scripts and styles next to it. Files are read
 from the package directory only (``send_from_directory`` refuses paths that leave it: 404), never
 cached stale (``no-cache``: the browser revalidates by ETag), and served with a Content-Security-Policy
-that allows nothing but this origin and WebSockets — the client loads no CDN, font or script from
+that allows nothing but this origin and connections (WebSocket, and the shards' HTTP transports) — the client loads no CDN, font or script from
 elsewhere, and an injected ``<script>`` cannot run.
 """
 
@@ -16,7 +16,9 @@ from quart import send_from_directory
 from .spec import hide
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
-CSP = ("default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; "
+# connect-src: the shards' WebSocket and, where it is blocked, their SSE / poll / frames URLs
+# (docs/protocol.md section 7) -- other hosts than this API's in a cluster, so by scheme.
+CSP = ("default-src 'self'; connect-src 'self' ws: wss: http: https:; img-src 'self' data:; "
        "style-src 'self'; script-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
 
 

@@ -29,7 +29,7 @@ RECEIVE_BYTES = 65536
 MAX_HEAD_BYTES = 32768  # a request line and headers (a resume token may ride in a header or the URL)
 CORS = [(b"access-control-allow-origin", b"*"),  # tokens, not cookies: any origin may call with a token
         (b"access-control-expose-headers", b"retry-after")]
-CORS_PREFLIGHT = CORS + [(b"access-control-allow-methods", b"GET, POST, OPTIONS"),
+CORS_PREFLIGHT = [(b"access-control-allow-methods", b"GET, POST, OPTIONS"),
                          (b"access-control-allow-headers", b"authorization, content-type, last-event-id"),
                          (b"access-control-max-age", b"600")]
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-import time
 
 import trio
 
@@ -143,7 +142,8 @@ class HTTPSessions:
         session = DeviceSession(node, pipe, JSON, server.flusher, server.timers)
         hs = HTTPSession(secrets.token_urlsafe(16), transport, revocation.token_key(token), pipe, session)
         pipe.auth_id = "chatd.start." + secrets.token_hex(8)
-        pipe.ready = lambda reply: {"type": "ready", "transport": transport, "session": hs.sid,
+        catch_up = bool(cursors)  # a sync event follows the catch-up
+        pipe.ready = lambda reply: {"type": "ready", "transport": transport, "session": hs.sid, "catch_up": catch_up,
                                     "user_id": reply["user_id"], "device_id": reply["device_id"],
                                     "heartbeat_interval_s": reply["heartbeat_interval_s"],
                                     "server_time": reply["server_time"]}
@@ -201,6 +201,3 @@ class HTTPSessions:
                 hs.session.close_soon(CLOSE_IDLE, "idle: no stream, poll or request; start again")
                 return
 
-
-def now_s() -> float:
-    return time.time()
