@@ -13,6 +13,7 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from chatd.shard import resume
 from tests.helpers import dm, open_client
 from tests.transports import CuttingProxy, PollClient, SSEClient, http_base, http_json, open_transport, parse_sse
 
@@ -307,3 +308,33 @@ async def test_an_sse_device_is_online_while_it_streams_and_counts_as_a_connecti
         assert status == 429 and body["error"]["code"] == "too_many_connections"
         del sb, pb
         n.cancel_scope.cancel()
+
+
+async def test_a_channel_named_at_0_gets_a_message_sent_while_the_session_starts(server, nursery):
+    """Regression: a resume token dropped channels at 0, so a 1:1 channel with no message yet was
+    not synced; a message stored while the session started (after the user's channels were read,
+    before the session could receive live messages) was then never delivered, and the next one
+    arrived first (the bench's storm found it as a duplicate after the reconnect). Here that
+    moment is made to happen: the first message is sent from inside the store read."""
+    alice, bob, ch = await _pair(server, "zero")
+    node = server.node
+    original = node.store.channels_of
+    sent = []
+
+    async def channels_of_then_a_send(user_id):
+        channels = await original(user_id)
+        if user_id == bob["user"]["id"] and not sent:
+            sent.append(await node.router.send(alice["user"]["id"], ch, "while-starting", "first", timeout_s=5))
+        return channels
+    node.store.channels_of = channels_of_then_a_send
+    try:
+        pb = PollClient(http_base(bob["ws_url"]), bob["token"])
+        pb.take(await pb.poll_once(cursor=resume.encode({ch: 0}), wait_s=5))
+    finally:
+        node.store.channels_of = original
+    ca = await open_client(nursery, alice["ws_url"], alice["token"])
+    await ca.send_message(ch, "second")
+    with trio.move_on_after(10):  # (the old code never delivered "first")
+        while len([f for f in pb.inbox if f["type"] == "message"]) < 2:
+            pb.take(await pb.poll_once(wait_s=2))
+    assert [f["body"] for f in pb.inbox if f["type"] == "message"] == ["first", "second"]

@@ -30,6 +30,7 @@ from ..protocol import client as proto
 from . import resume
 from .httpconn import CORS_PREFLIGHT, BadRequest, HTTPConnection, Request
 from .httpsession import HTTPSession
+from .spec import openapi
 from .wsconn import ConnectionClosed
 
 KEEPALIVE_S = 30.0  # an idle keep-alive connection is closed after this long
@@ -58,13 +59,16 @@ async def _route(server, conn: HTTPConnection, req: Request) -> None:
     route = None
     for suffix, method, handler in ROUTES:
         if path.endswith(suffix):
-            route = suffix
+            route = method
             if req.method == "OPTIONS":
                 return await conn.respond(204, b"", headers=CORS_PREFLIGHT)
             if req.method == method:
                 return await handler(server, conn, req)
     if route is not None:
-        return await conn.respond_json(405, {"error": {"code": "bad_request", "message": "method not allowed"}})
+        return await conn.respond_json(405, {"error": {"code": "bad_request", "message": "method not allowed"}},
+                                       headers=[(b"allow", f"{route}, OPTIONS".encode())])
+    if path.endswith("/openapi.json") and req.method == "GET":
+        return await conn.respond_json(200, openapi(server.node.config.limits), headers=[])
     if path in ("", "/"):  # what a WebSocket client asks for, without the upgrade
         raise ChatError("bad_request", "this is the WebSocket endpoint: send an Upgrade: websocket request "
                         "(or use /v1/stream, /v1/poll, /v1/frames)")
@@ -72,7 +76,8 @@ async def _route(server, conn: HTTPConnection, req: Request) -> None:
 
 
 async def _error(conn: HTTPConnection, e: ChatError) -> None:
-    headers = []
+    """The error answer; then the connection is closed (as a WebSocket's refused upgrade is)."""
+    headers = [(b"connection", b"close")]
     retry_ms = e.details.get("retry_after_ms")
     if retry_ms is not None or e.code in ("rate_limited", "too_many_connections", "unavailable"):
         headers.append((b"retry-after", str(max(1, math.ceil((retry_ms or 1000) / 1000))).encode()))
@@ -245,6 +250,8 @@ async def frames(server, conn: HTTPConnection, req: Request) -> None:
         body = json.loads(req.body)
     except (ValueError, UnicodeDecodeError):
         raise ChatError("bad_frame", "the body must be a JSON request object or an array of them") from None
+    if not isinstance(body, (list, dict)):
+        raise ChatError("bad_frame", "the body must be a JSON request object or an array of them")
     items = body if isinstance(body, list) else [body]
     if not 1 <= len(items) <= limits.http_frames_per_post:
         raise ChatError("bad_request", f"send 1 to {limits.http_frames_per_post} requests per POST")

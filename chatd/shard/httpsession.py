@@ -136,7 +136,7 @@ class HTTPSessions:
                 cursors = dict(start)
                 for c in channels:
                     cursors.setdefault(c.id, 0)  # not in the token: nothing of it seen yet
-        pipe = Pipe({k: v for k, v in cursors.items() if v}, capacity=limits.http_flush_bytes,
+        pipe = Pipe(cursors, capacity=limits.http_flush_bytes,
                     max_requests=2 * limits.http_frames_per_post, events=transport != "frames")
         server = self.server
         session = DeviceSession(node, pipe, JSON, server.flusher, server.timers)

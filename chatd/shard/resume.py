@@ -27,8 +27,9 @@ MAX_CHANNELS = 10_000  # protocol.client.MAX_CURSORS
 
 
 def encode(cursors: dict[str, int]) -> str:
-    """The token of ``cursors`` (channels at 0 are left out: absent means 0)."""
-    text = ",".join(f"{ch}={seq}" for ch, seq in cursors.items() if seq).encode()
+    """The token of ``cursors``. A channel at 0 stays in it: it is followed from its start even
+    if the store lists no message of it yet (a 1:1 channel whose first message is in flight)."""
+    text = ",".join(f"{ch}={seq}" for ch, seq in cursors.items()).encode()
     if len(text) > ZLIB_ABOVE:
         return "1z." + base64.urlsafe_b64encode(zlib.compress(text, 6)).rstrip(b"=").decode()
     return "1." + base64.urlsafe_b64encode(text).rstrip(b"=").decode()

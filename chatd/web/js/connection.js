@@ -36,11 +36,11 @@ const POLL_WAIT_S = 25;
 const TRANSPORT_KEY = "chatd.transport";
 export const TRANSPORT_NAMES = { ws: "WebSocket", sse: "SSE", poll: "long polling" };
 
-/** A resume token made of our own cursors (docs/protocol.md 7.1; a channel at 0 is left out: absent
- *  means "nothing of it yet"); "" when we know no channel (the stream then starts from now). */
+/** A resume token made of our own cursors (docs/protocol.md 7.1; a channel at 0 too: followed from
+ *  its start); "" when we know no channel (the stream then starts from now). */
 export function resumeToken(cursors) {
   if (!Object.keys(cursors).length) return "";
-  const text = Object.entries(cursors).filter(([, s]) => s > 0).map(([c, s]) => `${c}=${s}`).join(",");
+  const text = Object.entries(cursors).map(([c, s]) => `${c}=${s}`).join(",");
   return "1." + btoa(text).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
 }
 
