@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chatd.shard import resume
-from tests.helpers import dm, open_client
+from tests.helpers import dm, eventually, open_client
 from tests.transports import CuttingProxy, PollClient, SSEClient, http_base, http_json, open_transport, parse_sse
 
 TRANSPORTS = ("ws", "sse", "poll")
@@ -338,3 +338,19 @@ async def test_a_channel_named_at_0_gets_a_message_sent_while_the_session_starts
         while len([f for f in pb.inbox if f["type"] == "message"]) < 2:
             pb.take(await pb.poll_once(wait_s=2))
     assert [f["body"] for f in pb.inbox if f["type"] == "message"] == ["first", "second"]
+
+
+async def test_http_connections_count_against_the_per_address_cap(server_with, nursery):
+    server = await server_with(max_connections_per_address=2)
+    alice, bob, ch = await _pair(server, "addr")
+    async with trio.open_nursery() as n:
+        await open_transport(n, "sse", alice["ws_url"], alice["token"])
+        await open_transport(n, "sse", bob["ws_url"], bob["token"])
+        status, body = await http_json(http_base(alice["ws_url"]) + "/v1/poll?wait_s=0", token=alice["token"])
+        assert status == 429 and body["error"]["code"] == "too_many_connections"
+        n.cancel_scope.cancel()
+    # the streams' connections are closed: the address has room again (the server's side of a
+    # closed connection ends in its own time: looked at again until then)
+    async def room():
+        return (await http_json(http_base(alice["ws_url"]) + "/v1/poll?wait_s=0", token=alice["token"]))[0] == 200
+    await eventually(room, timeout=10)

@@ -40,6 +40,7 @@ from .. import revocation
 from ..auth import token_claims
 from ..errors import ChatError
 from ..protocol.client import JSON, dumps
+from . import resume
 from .outbox import Outbox
 from .pipe import Pipe, mark
 from .session import CLOSE_IDLE, Session
@@ -163,7 +164,7 @@ class HTTPSessions:
             raise ChatError(reply.get("code", "internal"), reply.get("message", ""),
                             **({"retry_after_ms": reply["retry_after_ms"]} if "retry_after_ms" in reply else {}))
         hs.user_id, hs.device_id = reply["user_id"], reply["device_id"]
-        hs.delivered = None
+        hs.delivered = resume.encode(cursors)  # (the ready event's id, until it is handed out)
         self.by_sid[hs.sid] = hs
         if transport == "frames":
             self.frames_of[hs.token_key] = hs
