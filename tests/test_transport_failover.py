@@ -20,8 +20,9 @@ pytestmark = pytest.mark.skipif(not zookeeper_available(),
                                 reason="ZooKeeper not installed (apt-get install zookeeper); .ci/run installs it")
 
 
-async def test_sse_and_poll_devices_survive_kill_9_of_their_shard(zk, tmp_path, nursery):
-    cluster = Cluster(zk, tmp_path, n=3, session_timeout_s=2.0, heartbeat_s=0.3)
+async def test_sse_and_poll_devices_survive_kill_9_of_their_shard(zk, tmp_path, nursery, store_toml):
+    """On both store backends (``store_toml``: one shared SQLite file, or a real Cassandra)."""
+    cluster = Cluster(zk, tmp_path, n=3, session_timeout_s=2.0, heartbeat_s=0.3, store_toml=store_toml)
     try:
         await cluster.start()
         alice = await cluster.api.signup_login("tf-alice")

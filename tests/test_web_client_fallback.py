@@ -12,7 +12,7 @@ import threading
 import pytest
 import trio
 
-from tests.browser import TIMEOUT_MS, ChatdProcess, bodies, enter, expect, launch, open_channel, require_browser, send, seqs
+from tests.browser import PASSWORD, TIMEOUT_MS, ChatdProcess, bodies, enter, expect, launch, open_channel, require_browser, send, seqs
 from tests.helpers import free_port
 from tests.transports import CuttingProxy
 
@@ -21,11 +21,11 @@ NO_WS_NO_SSE = "delete window.WebSocket; delete window.EventSource;"
 
 
 class ProxyThread:
-    """tests/transports.CuttingProxy (refusing WebSocket upgrades) in a thread of its own: the
-    browser tests are sync code (Playwright's sync API)."""
+    """tests/transports.CuttingProxy (refusing WebSocket upgrades, or passing them and eating the
+    frames) in a thread of its own: the browser tests are sync code (Playwright's sync API)."""
 
-    def __init__(self, upstream_port: int, port: int):
-        self.proxy = CuttingProxy(("127.0.0.1", upstream_port), refuse_upgrade=True)
+    def __init__(self, upstream_port: int, port: int, eat: bool = False):
+        self.proxy = CuttingProxy(("127.0.0.1", upstream_port), refuse_upgrade=not eat, eat_websocket=eat)
         self.port = port
         self._token = None
         self._ready = threading.Event()
@@ -122,34 +122,43 @@ def test_web_client_without_websocket(tmp_path, script, transport):
         srv.stop()
 
 
-def test_web_client_behind_a_proxy_that_refuses_websocket(tmp_path):
+@pytest.mark.parametrize("eat", [False, True], ids=["refuses-upgrade", "eats-websocket-frames"])
+def test_web_client_behind_a_proxy_that_breaks_websocket(tmp_path, eat):
+    """A proxy that answers the upgrade 403, or one that lets it through and then passes no frame
+    (the socket opens and carries nothing: the client gives up on it after 10 s, twice)."""
     from playwright.sync_api import sync_playwright
     require_browser()
     ws_port, proxy_port = free_port(), free_port()
-    proxy = ProxyThread(ws_port, proxy_port)
+    proxy = ProxyThread(ws_port, proxy_port, eat=eat)
     srv = ChatdProcess(tmp_path, free_port(), ws_port, server_toml=f'public_ws_url = "ws://127.0.0.1:{proxy_port}/"\n')
     try:
         with sync_playwright() as pw:
             browser = launch(pw)
             try:
                 # every user is behind the proxy here; bob is the one checked
-                _chat_offline_reload_all_proxied(browser, srv.url)
+                _chat_offline_reload_all_proxied(browser, srv.url, eat)
             finally:
                 browser.close()
-        assert proxy.proxy.refused >= 2  # the client did try WebSocket first
+        if not eat:
+            assert proxy.proxy.refused >= 2  # the client did try WebSocket first
     finally:
         srv.stop()
         proxy.stop()
 
 
-def _chat_offline_reload_all_proxied(browser, url):
+def _chat_offline_reload_all_proxied(browser, url, eat):
     ctx_a = browser.new_context()
     ctx_b = browser.new_context()
     for ctx in (ctx_a, ctx_b):
         ctx.set_default_timeout(TIMEOUT_MS)
     a, b = ctx_a.new_page(), ctx_b.new_page()
-    enter(a, url, "alicep", signup=True)
-    enter(b, url, "bobp", signup=True)
+    for page, name in ((a, "alicep"), (b, "bobp")):
+        page.goto(url + "/")
+        page.fill("#login-username", name)
+        page.fill("#login-password", PASSWORD)
+        page.click("#signup-button")
+        # silent sockets: two tries of 10 s each before the fallback (the page's documented policy)
+        expect(page.locator("#conn-status")).to_have_text("Connected", timeout=(60_000 if eat else TIMEOUT_MS))
     for p in (a, b):
         expect(p.locator("#conn-transport")).to_have_text("via SSE")
     a.fill("#dm-username", "bobp")

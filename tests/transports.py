@@ -256,10 +256,11 @@ class CuttingProxy:
     (None or no entry left: never). With ``refuse_upgrade`` a request asking for a WebSocket
     upgrade gets ``403`` and nothing reaches the server (a proxy that breaks WebSocket)."""
 
-    def __init__(self, upstream: tuple[str, int], cuts=(), refuse_upgrade: bool = False):
+    def __init__(self, upstream: tuple[str, int], cuts=(), refuse_upgrade: bool = False, eat_websocket: bool = False):
         self.upstream = upstream
         self.cuts = list(cuts)
         self.refuse_upgrade = refuse_upgrade
+        self.eat_websocket = eat_websocket  # pass the upgrade, then drop every frame from the server
         self.port = None
         self.refused = 0
 
@@ -273,7 +274,8 @@ class CuttingProxy:
         cut = self.cuts.pop(0) if self.cuts else None
         async with client:
             first = await client.receive_some(65536)
-            if self.refuse_upgrade and b"upgrade: websocket" in first.lower():
+            upgrade = b"upgrade: websocket" in first.lower()
+            if self.refuse_upgrade and upgrade:
                 self.refused += 1
                 await client.send_all(b"HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
                 return
@@ -285,16 +287,26 @@ class CuttingProxy:
                 await server.send_all(first)
                 async with trio.open_nursery() as n:
                     n.start_soon(self._pipe, client, server, None, n.cancel_scope)
-                    n.start_soon(self._pipe, server, client, cut, n.cancel_scope)
+                    n.start_soon(self._pipe, server, client, cut, n.cancel_scope, self.eat_websocket and upgrade)
 
     @staticmethod
-    async def _pipe(src, dst, cut, scope):
+    async def _pipe(src, dst, cut, scope, eat_after_head=False):
         sent = 0
+        head = b""
         try:
             while True:
                 data = await src.receive_some(65536)
                 if not data:
                     break
+                if eat_after_head:  # the 101 answer passes, the frames after it do not
+                    if head is None:
+                        continue
+                    before = len(head)
+                    head += data
+                    end = head.find(b"\r\n\r\n")
+                    if end >= 0:
+                        data = data[:end + 4 - before]
+                        head = None
                 if cut is not None and sent + len(data) >= cut:
                     await dst.send_all(data[:cut - sent])
                     break
