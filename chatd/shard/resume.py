@@ -43,7 +43,7 @@ def decode(token: str) -> dict[str, int]:
     if prefix not in ("1", "1z") or not body.isascii():
         raise ValueError("not a chatd resume token")
     try:
-        raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+        raw = base64.b64decode(body + "=" * (-len(body) % 4), altchars=b"-_", validate=True)
         if prefix == "1z":
             d = zlib.decompressobj()
             raw = d.decompress(raw, MAX_TOKEN_CHARS * 8)
