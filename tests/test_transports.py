@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chatd.shard import resume
-from tests.helpers import dm, eventually, open_client
+from tests.helpers import RunningServer, dm, eventually, make_config, open_client
 from tests.transports import CuttingProxy, PollClient, SSEClient, http_base, http_json, open_transport, parse_sse
 
 TRANSPORTS = ("ws", "sse", "poll")
@@ -354,3 +354,31 @@ async def test_http_connections_count_against_the_per_address_cap(server_with, n
     async def room():
         return (await http_json(http_base(alice["ws_url"]) + "/v1/poll?wait_s=0", token=alice["token"]))[0] == 200
     await eventually(room, timeout=10)
+
+
+async def test_a_polling_device_is_online_while_it_polls_and_offline_after(tmp_path, nursery):
+    """Presence for HTTP devices: online while its polls keep coming (the server heartbeats for
+    it), offline once they stop for longer than the keeper's window plus presence's grace."""
+    cfg = make_config(tmp_path, heartbeat_interval_s=0.2, http_session_idle_s=0.6)
+    cfg.update({"presence": {"grace_s": 0.5, "coalesce_s": 0.1}}, source="test")
+    cfg.validate()
+    server = await RunningServer(nursery, cfg).start()
+    alice, bob, ch = await _pair(server, "pollpresence")
+    ca = await open_client(nursery, alice["ws_url"], alice["token"])
+    await ca.send_message(ch, "hello")
+
+    async def status():
+        r = await ca.request({"type": "presence", "user_ids": [bob["user"]["id"]]})
+        return r["users"][str(bob["user"]["id"])]["status"]
+    async with trio.open_nursery() as n:
+        pb = PollClient(http_base(bob["ws_url"]), bob["token"], wait_s=0.3)
+        await n.start(pb.run)
+        assert await eventually(lambda: status()) == "online"
+        await trio.sleep(1.5)  # polls keep coming all along (each waits 0.3 s): still online
+        assert await status() == "online"
+        n.cancel_scope.cancel()
+    await eventually(lambda: _is(status, "offline"), timeout=10)
+
+
+async def _is(get, value):
+    return await get() == value

@@ -1,5 +1,9 @@
 """One client WebSocket connection: one task (its reader), one method per client verb.
 
+The same class serves an SSE stream, a poller or ``POST /v1/frames`` (chatd/shard/httpsession.py):
+there its ``ws`` is a :class:`~chatd.shard.pipe.Pipe` and its outbox a ``StreamOutbox``; nothing
+below knows the difference.
+
 Resources and policies
 
 * **Per connection**, idle and authenticated: one task (the connection's handler, which reads),
