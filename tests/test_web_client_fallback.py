@@ -76,6 +76,11 @@ def _chat_offline_reload(browser, url, init_script, transport_text, tag, shots_d
     expect(mine).to_have_attribute("data-status", "sent")
     expect(a.locator("#message-list .msg", has_text="hi alice")).to_have_count(1)
     expect(a.locator("#message-list .receipt")).to_have_text("Seen")  # bob's read went over POST
+    expect(b.locator("#message-list .receipt")).to_have_text("Seen")  # alice's read came in the stream
+    a.wait_for_timeout(3100)  # the page sends typing at most every 3 s (main.js TYPING_EVERY_MS): it just did
+    a.locator("#composer-input").type("typing to bob")
+    expect(b.locator("#typing")).to_have_text(f"alice{tag} is typing…")  # a typing event, in the stream
+    a.fill("#composer-input", "")
     # offline while alice sends; back: exactly those, once, in order
     before = bodies(b)
     ctx_b.set_offline(True)
