@@ -18,6 +18,9 @@ setup(
         # own connection (chatd/shard/wsconn.py: wsproto's handshake and framing, trio glue).
         "trio-websocket>=0.11,<0.13",
         "wsproto>=1.2,<2",
+        # the shard port's plain HTTP (SSE, long polling, POST /v1/frames: chatd/shard/httpconn.py);
+        # already wsproto's own HTTP parser, so no new code in the tree
+        "h11>=0.14",
         "hypercorn>=0.16",
         # Python 3.11 needs these pins (newer releases need 3.12 features).
         "quart>=0.19,<=0.22",

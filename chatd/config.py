@@ -219,6 +219,17 @@ class LimitsConfig:
     # Groups one user may create per rolling hour (counted in the store: every API server sees the
     # same count); over it: 429 too_many_groups with Retry-After. 0: no cap.
     groups_created_per_hour: int = 20
+    # The HTTP transports (SSE, long polling, POST /v1/frames; docs/protocol.md "Transports"):
+    # a poll with nothing to answer waits this long (then answers empty); an SSE stream with
+    # nothing to send writes a keep-alive comment after sse_keepalive_s (below proxies' idle
+    # timeouts, often 30-60 s); one SSE write or poll answer carries at most http_flush_bytes
+    # of events (plus one); a poll or frames session nobody used for http_session_idle_s ends;
+    # a POST carries at most http_frames_per_post requests.
+    poll_wait_s: float = 25.0
+    sse_keepalive_s: float = 15.0
+    http_flush_bytes: int = 64 * 1024
+    http_session_idle_s: float = 30.0
+    http_frames_per_post: int = 64
 
 
 PUSH_PROVIDERS = ("none", "webhook", "matrix")
@@ -403,7 +414,11 @@ class Config:
             raise ConfigError("server.metrics_port must be a port number (0: any free port)")
         if lim.max_connections_per_address < 0:
             raise ConfigError("limits.max_connections_per_address must be >= 0 (0: no cap)")
-        for name in ("slow_consumer_s", "ping_interval_s", "idle_timeout_s"):
+        for name in ("http_flush_bytes", "http_frames_per_post"):
+            if getattr(lim, name) < 1:
+                raise ConfigError(f"limits.{name} must be >= 1")
+        for name in ("slow_consumer_s", "ping_interval_s", "idle_timeout_s", "poll_wait_s", "sse_keepalive_s",
+                     "http_session_idle_s"):
             if getattr(lim, name) <= 0:
                 raise ConfigError(f"limits.{name} must be > 0")
         if lim.idle_timeout_s < lim.ping_interval_s:

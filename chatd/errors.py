@@ -13,6 +13,7 @@ CODES: dict[str, int] = {
     "unknown_type": 400,  # frame "type" we do not know
     "bad_field": 400,  # missing or wrong-typed field
     "bad_request": 400,  # HTTP body/query not acceptable
+    "bad_cursor": 400,  # a resume token (SSE Last-Event-ID, a poll's cursor) that chatd did not make
     "frame_too_large": 413,
     "body_too_long": 413,
     "not_authenticated": 401,

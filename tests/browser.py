@@ -65,11 +65,11 @@ def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout_s: floa
 class ChatdProcess:
     """``chatd run`` in a subprocess with a temporary data directory and free ports."""
 
-    def __init__(self, tmp_path: Path, api_port: int, ws_port: int, extra_toml: str = ""):
+    def __init__(self, tmp_path: Path, api_port: int, ws_port: int, extra_toml: str = "", server_toml: str = ""):
         self.url = f"http://127.0.0.1:{api_port}"
         config = tmp_path / "chatd.toml"
         config.write_text(f'data_dir = "{tmp_path / "data"}"\n'
-                          f"[server]\napi_port = {api_port}\nws_port = {ws_port}\n"
+                          f"[server]\napi_port = {api_port}\nws_port = {ws_port}\n{server_toml}"
                           f"[auth]\nscrypt_n = 1024\nsignups_unthrottled = [\"127.0.0.0/8\"]\n{extra_toml}")
         self.log = open(tmp_path / "chatd.log", "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "chatd.cli", "run", "--config", str(config)],

@@ -330,3 +330,21 @@ def test_smoke_group_mix_converges():
     _assert_exact(r, 3)
     assert r["lifecycle"] == {"devices_compared": 6, "mismatched": 0, "converged": True}
     assert r["options"]["mix"] == [["send", 60.0], ["edit", 15.0], ["delete", 10.0], ["react", 15.0]]
+
+
+@pytest.mark.parametrize("transport", ["sse", "poll"])
+def test_smoke_http_transports(transport):
+    """The same checks over SSE and long polling (+ POST /v1/frames), a storm included:
+    reconnects resume from the devices' own cursors."""
+    r = _bench("dm", "--clients", "10", "--duration", "2", "--rate", "100", "--procs", "1", "--transport", transport)
+    _assert_exact(r, 2)
+    assert r["options"]["transport"] == transport
+    r = _bench("storm", "--clients", "10", "--duration", "3", "--rate", "100", "--reconnect-interval", "0.4",
+               "--procs", "1", "--transport", transport)
+    _assert_exact(r, 2)
+    assert r["counts"]["reconnects"] > 0 and r["counts"]["storm_drops"] > 0
+
+
+def test_http_transports_refuse_msgpack():
+    with pytest.raises(ValueError, match="JSON only"):
+        BenchOptions(scenario="dm", clients=2, transport="sse", fmt="msgpack").validate()

@@ -360,3 +360,38 @@ def test_chatd_run_refuses_to_start_with_an_unreadable_certificate(tmp_path):
     assert proc.returncode == 1
     assert f"Error: server.tls_cert_file: cannot read {tmp_path}/nope.pem: No such file or directory" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+async def test_the_http_transports_answer_over_tls_too(tls_server, pki, nursery):
+    """The shard port's SSE stream over TLS (docs/protocol.md section 7): login names an https://
+    stream_url, and the stream carries what a WebSocket client sends."""
+    import h11
+
+    alice = await signup_login(tls_server, pki, "alice")
+    bob = await signup_login(tls_server, pki, "bob")
+    port = port_of(tls_server.ws_url)
+    assert bob["stream_url"] == f"https://127.0.0.1:{port}/v1/stream"
+    ctx = pki.client_context()
+    stream = await tls_stream(port, ctx)
+    conn = h11.Connection(h11.CLIENT)
+    await stream.send_all(conn.send(h11.Request(method="GET", target="/v1/stream", headers=[
+        ("host", f"127.0.0.1:{port}"), ("authorization", f"Bearer {bob['token']}")])) + conn.send(h11.EndOfMessage()))
+    body = b""
+
+    async def until(needle: bytes):
+        nonlocal body
+        with trio.fail_after(10):
+            while needle not in body:
+                ev = conn.next_event()
+                if ev is h11.NEED_DATA:
+                    conn.receive_data(await stream.receive_some(65536))
+                elif isinstance(ev, h11.Response):
+                    assert ev.status_code == 200
+                elif isinstance(ev, h11.Data):
+                    body += ev.data
+    await until(b'"type":"ready"')
+    ca, _ = await open_tls_client(nursery, alice["ws_url"], ctx, alice["token"])
+    ack = await ca.send_message(f"dm:{alice['user']['id']}:{bob['user']['id']}", "over tls, to an SSE stream")
+    assert ack["type"] == "ack", ack
+    await until(b"over tls, to an SSE stream")
+    await stream.aclose()

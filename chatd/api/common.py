@@ -31,6 +31,19 @@ def error_answer(metrics: Metrics, code: str, message: str, status: int | None =
     return {"error": e.to_dict()}, status or e.http_status
 
 
+def transport_urls(shard: ShardInfo) -> dict:
+    """``ws_url`` and the same shard's SSE / long-poll / frames URLs (docs/protocol.md,
+    "Transports"): ``ws[s]://host[:port]/prefix/`` gives ``http[s]://host[:port]/prefix/v1/stream``
+    and so on (a proxy in front maps the same prefix to the shard port)."""
+    ws = shard.ws_url
+    scheme, sep, rest = ws.partition("://")
+    http = ("https" if scheme == "wss" else "http") + sep + rest
+    if not http.endswith("/"):
+        http += "/"
+    return {"ws_url": ws, "shard_id": shard.shard_id, "stream_url": http + "v1/stream",
+            "poll_url": http + "v1/poll", "frames_url": http + "v1/frames"}
+
+
 def shard_for(discovery: Discovery, user_id: int) -> ShardInfo:
     try:
         return discovery.pick_shard(user_id)

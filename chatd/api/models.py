@@ -151,6 +151,10 @@ class LoginAnswer(Struct):
     device_id: str
     ws_url: str
     shard_id: str
+    # the same shard's HTTP transports (docs/protocol.md, "Transports"), for clients whose WebSocket is blocked
+    stream_url: str
+    poll_url: str
+    frames_url: str
 
 
 class Status(Struct):
@@ -252,6 +256,9 @@ class ConnectAnswer(Struct):
     ws_url: str
     shard_id: str
     device_id: str
+    stream_url: str
+    poll_url: str
+    frames_url: str
 
 
 class MemberAdded(Struct):

@@ -3,8 +3,8 @@
 ``GET /`` is ``index.html``; ``GET /web/<path>`` the scripts and styles next to it. Files are read
 from the package directory only (``send_from_directory`` refuses paths that leave it: 404), never
 cached stale (``no-cache``: the browser revalidates by ETag), and served with a Content-Security-Policy
-that allows nothing but this origin, WebSockets, and (images, audio, video) the ``blob:`` URLs the
-client makes of media it fetched with its token — the client loads no CDN, font or script from
+that allows nothing but this origin, connections (WebSocket, and the shards' HTTP transports) and
+(images, audio, video) the ``blob:`` URLs the client makes of media it fetched with its token — the client loads no CDN, font or script from
 elsewhere, and an injected ``<script>`` cannot run.
 """
 
@@ -17,7 +17,9 @@ from quart import send_from_directory
 from .spec import hide
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
-CSP = ("default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data: blob:; media-src 'self' blob:; "
+# connect-src: the shards' WebSocket and, where it is blocked, their SSE / poll / frames URLs
+# (docs/protocol.md section 7) -- other hosts than this API's in a cluster, so by scheme.
+CSP = ("default-src 'self'; connect-src 'self' ws: wss: http: https:; img-src 'self' data: blob:; media-src 'self' blob:; "
        "style-src 'self'; script-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
 
 

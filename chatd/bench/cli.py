@@ -108,6 +108,9 @@ def _mix(text: str) -> tuple:
                    "at most one per CPU.")
 @click.option("--format", "fmt", type=click.Choice(["json", "msgpack"]), default="json", show_default=True,
               help="Wire format (WebSocket subprotocol chatd.v1.json or chatd.v1.msgpack).")
+@click.option("--transport", type=click.Choice(["ws", "sse", "poll"]), default="ws", show_default=True,
+              help="How devices connect: WebSocket, SSE + POST /v1/frames, or long polling + POST /v1/frames "
+                   "(docs/protocol.md section 7); the same loss / duplicate / order checks.")
 @click.option("--group-size", type=int, default=10, show_default=True,
               help="group: members per group (2..100); --clients must be a multiple, or smaller.")
 @click.option("--reconnect-interval", "reconnect_interval_s", type=float, default=1.0, show_default=True,
@@ -167,7 +170,7 @@ def _mix(text: str) -> tuple:
 @click.option("--image-share", type=click.FloatRange(0, 1), default=0.5, show_default=True,
               help="media: share of uploads that are JPEG photos (re-encoded and thumbnailed); the rest random bytes.")
 def bench(scenario, clients, devices, rate, duration_s, size, ramp_up_s, seed, procs, fmt, group_size,
-          reconnect_interval_s, offline_s, drain_s, max_inflight, connect_concurrency, connect_timeout_s, api,
+          transport, reconnect_interval_s, offline_s, drain_s, max_inflight, connect_concurrency, connect_timeout_s, api,
           server_pid, server_opt, server_env, keep_data, as_json, plot_path, check, progress, cluster_dir,
           cross_shard, faults, freeze_s, zk_down_s, answer_bound_s, mix_text, media_size, image_share):
     if scenario == "media":
@@ -185,7 +188,8 @@ def bench(scenario, clients, devices, rate, duration_s, size, ramp_up_s, seed, p
                         procs=n_procs or auto_procs(clients * devices), fmt=fmt, group_size=group_size,
                         drain_s=drain_s, reconnect_interval_s=reconnect_interval_s, offline_s=offline_s,
                         connect_concurrency=connect_concurrency, connect_timeout_s=connect_timeout_s,
-                        max_inflight=max_inflight, cross_shard=cross_shard, mix=_mix(mix_text))
+                        max_inflight=max_inflight, cross_shard=cross_shard, mix=_mix(mix_text),
+                        transport=transport)
     try:
         opts.validate()
         pids = {}

@@ -149,7 +149,7 @@ def build_report(opts: BenchOptions, population, results: list[dict], meta: dict
         "version": REPORT_VERSION, "scenario": opts.scenario, "ok": not problems, "problems": problems,
         "options": {"clients": opts.clients, "devices": opts.devices, "rate_msgs_per_s": opts.rate,
                     "duration_s": opts.duration_s, "size_chars": opts.size, "ramp_up_s": opts.ramp_up_s,
-                    "seed": opts.seed, "procs": opts.procs, "format": opts.fmt,
+                    "seed": opts.seed, "procs": opts.procs, "format": opts.fmt, "transport": opts.transport,
                     "group_size": opts.group_size if scenario.channels == "group" else None,
                     "drain_s": opts.drain_s, "reconnect_interval_s": opts.reconnect_interval_s if scenario.storm
                     else None, "offline_s": opts.offline_s if scenario.storm else None,

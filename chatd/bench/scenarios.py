@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 
 MAX_GROUP_SIZE = 100
+TRANSPORTS = ("ws", "sse", "poll")
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class BenchOptions:
     cross_shard: bool = False  # dm/storm: pair users whose logins named different shards
     # the message lifecycle: (op, weight) of send / edit / delete / react (--mix); () = sends only
     mix: tuple = ()
+    transport: str = "ws"  # "ws", "sse" or "poll" (docs/protocol.md section 7)
 
     @property
     def connections(self) -> int:
@@ -80,6 +82,10 @@ class BenchOptions:
                                  f"({self.group_size}) (or smaller: one group of all clients)")
         if self.duration_s <= 0:
             raise ValueError("--duration must be > 0")
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"--transport must be one of {', '.join(TRANSPORTS)}")
+        if self.transport != "ws" and self.fmt != "json":
+            raise ValueError("--transport sse/poll carry JSON only (--format json)")
         if self.ramp_up_s < 0 or (sc.sends and self.ramp_up_s >= self.duration_s):
             raise ValueError("--ramp-up must be >= 0 and shorter than --duration")
         if sc.sends and self.rate <= 0:

@@ -108,6 +108,14 @@ class Context:
             self.all_ready.set()
 
 
+def make_client(dev, ctx, transport: str):
+    """The device's client: a WebSocket one, or SSE / long polling (chatd/bench/http_transport.py)."""
+    if transport == "ws":
+        return BenchClient(dev, ctx)
+    from .http_transport import HTTPBenchClient
+    return HTTPBenchClient(dev, ctx, transport)
+
+
 def worker_main(conn, spec: WorkerSpec) -> None:
     raise_nofile_limit()
     gc.set_threshold(20_000, 50, 50)  # fewer, cheaper collections (see the gc.freeze below)
@@ -136,7 +144,7 @@ class Worker:
         self.conn = conn
         self.spec = spec
         self.ctx = Context(spec)
-        self.clients = [BenchClient(d, self.ctx) for d in spec.devices]
+        self.clients = [make_client(d, self.ctx, spec.options.transport) for d in spec.devices]
         self.scenario = SCENARIOS[spec.options.scenario]
         self.aborted = False
 

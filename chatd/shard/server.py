@@ -24,8 +24,10 @@ import trio
 
 from ..protocol import client as proto
 from ..protocol.client import JSON, SUBPROTOCOLS
-from . import wsconn
+from . import httproutes, wsconn
 from .flusher import Flusher
+from .httpconn import BadRequest, HTTPConnection
+from .httpsession import HTTPSessions
 from .session import CLOSE_GOING_AWAY, CLOSE_TOO_MANY_CONNECTIONS, Session
 from .timers import Timers
 from .wsconn import ConnectionClosed
@@ -67,7 +69,9 @@ class ShardServer:
         self.timers = Timers()  # every session's auth timeout / token expiry (chatd/shard/timers.py)
         # TLS on this port (node.tls: chatd/tls.py; its context follows reloads), None: plain ws://
         self._tls_context = node.tls.context(("http/1.1",)) if node.tls is not None else None
-        self.by_address: dict[str, int] = {}  # client address -> its WebSocket connections here
+        self.by_address: dict[str, int] = {}  # client address -> its connections here (WebSocket or HTTP)
+        self.http = HTTPSessions(self)  # SSE / long-poll / POST /v1/frames device sessions
+        self._nursery: trio.Nursery | None = None  # the handler nursery (HTTP sessions run in it too)
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         """One connection. Nothing a client does may end the server: a failure here ends only
@@ -80,14 +84,7 @@ class ShardServer:
                     conn, timeout_s = await self._tls_handshake(stream)
                     if conn is None:
                         return
-                # Frames above max_frame_bytes get a 'frame_too_large' error and the connection goes on;
-                # only frames above twice that are refused with close 1009, exactly: 2 * max_frame_bytes
-                # bytes is answered, one byte more closes.
-                ws = await wsconn.accept(conn, choose_subprotocol, 2 * self.node.config.limits.max_frame_bytes,
-                                         timeout_s)
-                if ws is None:
-                    return
-                await self._serve_connection(ws)
+                await self._serve_connection(conn, timeout_s)
         except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
             log.debug("connection ended during set-up: %r", e)
         except Exception:  # noqa: BLE001 - a bug in one session must not take the shard down
@@ -107,25 +104,53 @@ class ShardServer:
             return stream, deadline - trio.current_time()
         return None, 0.0
 
-    async def _serve_connection(self, ws: wsconn.ServerConnection) -> None:
-        """Serve one WebSocket; the client's address holds one of its ``max_connections_per_address``
-        meanwhile (one more is refused: ``too_many_connections``, close 4029)."""
-        address = peer_address(ws.stream)
-        if address is None:
-            return await self._serve_session(ws)
-        cap = self.node.config.limits.max_connections_per_address
-        n = self.by_address.get(address, 0)
-        if cap and n >= cap:
-            return await self._refuse(ws, cap)
-        self.by_address[address] = n + 1
+    async def _serve_connection(self, conn, timeout_s: float) -> None:
+        """Read the first HTTP request (within ``timeout_s``): a WebSocket upgrade becomes a
+        session, anything else is answered by chatd/shard/httproutes.py (keep-alive). The
+        client's address holds one of its ``max_connections_per_address`` meanwhile (one more is
+        refused: a WebSocket with ``too_many_connections`` and close 4029, HTTP with 429)."""
+        limits = self.node.config.limits
+        deadline = trio.current_time() + timeout_s
+        http = HTTPConnection(conn, 2 * limits.max_frame_bytes)
         try:
-            await self._serve_session(ws)
+            req = await http.next_request(timeout_s)
+        except BadRequest as e:
+            return await http.refuse(e.status, str(e))
+        if req is None:
+            return
+        address = peer_address(conn)
+        cap = limits.max_connections_per_address
+        n = self.by_address.get(address, 0) if address is not None else 0
+        over = address is not None and cap and n >= cap
+        if address is not None and not over:
+            self.by_address[address] = n + 1
+        try:
+            if req.upgrade:
+                # Frames above max_frame_bytes get a 'frame_too_large' error and the connection goes on;
+                # only frames above twice that are refused with close 1009, exactly: 2 * max_frame_bytes
+                # bytes is answered, one byte more closes.
+                with trio.move_on_at(deadline):
+                    ws = await wsconn.accept_request(conn, req.raw_headers, req.target, req.trailing,
+                                                     choose_subprotocol, 2 * limits.max_frame_bytes)
+                    if ws is None:
+                        return
+                if over:
+                    return await self._refuse(ws, cap)
+                return await self._serve_session(ws)
+            if over:
+                self.node.metrics.errors.inc(code="too_many_connections")
+                return await http.respond_json(429, {"error": {
+                    "code": "too_many_connections",
+                    "message": f"{cap} connections from this address already; close one first"}},
+                    headers=[(b"retry-after", b"1"), (b"connection", b"close")])
+            await httproutes.serve(self, http, req)
         finally:
-            n = self.by_address[address] - 1
-            if n:
-                self.by_address[address] = n
-            else:
-                del self.by_address[address]
+            if address is not None and not over:
+                n = self.by_address[address] - 1
+                if n:
+                    self.by_address[address] = n
+                else:
+                    del self.by_address[address]
 
     async def _refuse(self, ws: wsconn.ServerConnection, cap: int) -> None:
         """Over the per-address cap: an error frame and close 4029, nothing read (at most 2 s)."""
@@ -141,7 +166,15 @@ class ShardServer:
             await ws.aclose(CLOSE_TOO_MANY_CONNECTIONS, "too many connections from this address")
 
     async def _serve_session(self, ws: wsconn.ServerConnection) -> None:
-        session = Session(self.node, ws, SUBPROTOCOLS.get(ws.subprotocol, JSON), self.flusher, self.timers)
+        await self.run_session(Session(self.node, ws, SUBPROTOCOLS.get(ws.subprotocol, JSON), self.flusher,
+                                       self.timers))
+
+    def start_http_session(self, run, hs) -> None:
+        """Run an HTTP device session (chatd/shard/httpsession.py) in the handler nursery."""
+        self._nursery.start_soon(run, hs)
+
+    async def run_session(self, session: Session) -> None:
+        """Serve ``session`` (over a WebSocket or an HTTP device's pipe) until it ends."""
         self._accepted += 1
         if self._accepted % GC_FREEZE_EVERY == 0:
             # Long-lived connection state would otherwise be re-scanned by every full collection:
@@ -172,6 +205,7 @@ class ShardServer:
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.node.config
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             await nursery.start(self.flusher.run)
             await nursery.start(self.timers.run)
             listeners = await nursery.start(functools.partial(

@@ -1,5 +1,9 @@
 """One client WebSocket connection: one task (its reader), one method per client verb.
 
+The same class serves an SSE stream, a poller or ``POST /v1/frames`` (chatd/shard/httpsession.py):
+there its ``ws`` is a :class:`~chatd.shard.pipe.Pipe` and its outbox a ``StreamOutbox``; nothing
+below knows the difference.
+
 Resources and policies
 
 * **Per connection**, idle and authenticated: one task (the connection's handler, which reads),
@@ -124,6 +128,8 @@ class Session:
     ``device_id``, ``token_key``, ``close_reason`` and :meth:`logged_out_elsewhere` are what the
     router, the hub and the node use."""
 
+    OUTBOX = Outbox  # the outgoing side's class (an HTTP device session's: chatd/shard/httpsession.py)
+
     __slots__ = ("node", "ws", "fmt", "limits", "_timers", "_outbox", "push", "user_id", "device_id",
                  "token_key", "_token_exp", "_bucket", "_limited_in_row", "_bad_tokens", "_inflight",
                  "_answers", "_last_send", "_subscribed", "_nursery", "_timer", "_requests", "_tick", "_silent",
@@ -136,7 +142,7 @@ class Session:
         self.limits = node.config.limits
         self._timers = timers  # chatd/shard/timers.py: the auth timeout, then the token's expiry
         limits = self.limits
-        self._outbox = Outbox(ws, fmt, max_queued=limits.send_queue_frames, sync_page=limits.sync_page,
+        self._outbox = self.OUTBOX(ws, fmt, max_queued=limits.send_queue_frames, sync_page=limits.sync_page,
                               flusher=flusher, store=node.store, membership=node.membership, metrics=node.metrics,
                               max_bytes=limits.send_queue_bytes, slow_consumer_s=limits.slow_consumer_s,
                               timers=timers, sync_max_errors=limits.sync_max_errors)

@@ -328,3 +328,31 @@ async def _accept(stream: trio.abc.Stream, choose, max_message_size: int) -> Ser
         return None
     # Only the frame parser is kept: the h11 handshake state and the request's headers go here.
     return ServerConnection(stream, handshake.connection, subprotocol, max_message_size)
+
+
+async def accept_request(stream: trio.abc.Stream, headers, target, trailing: bytes, choose,
+                         max_message_size: int) -> ServerConnection | None:
+    """:func:`accept` for an upgrade request already read (chatd/shard/httpconn.py parsed it:
+    the shard port serves plain HTTP too); ``trailing``: bytes the client sent after it. None when
+    the request is not a valid upgrade (it got HTTP 400) or the peer left."""
+    handshake = H11Handshake(ConnectionType.SERVER)
+    try:
+        handshake.initiate_upgrade_connection(headers, target)
+        request = next((e for e in handshake.events() if isinstance(e, Request)), None)
+        if request is None:
+            return None
+        subprotocol = choose(request.subprotocols)
+        await stream.send_all(handshake.send(AcceptConnection(subprotocol=subprotocol)))
+    except RemoteProtocolError as e:
+        hint = e.event_hint if isinstance(e.event_hint, RejectConnection) else RejectConnection()
+        try:
+            await stream.send_all(handshake.send(hint))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, LocalProtocolError):
+            pass
+        return None
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        return None
+    conn = ServerConnection(stream, handshake.connection, subprotocol, max_message_size)
+    if trailing:
+        conn._proto.receive_data(trailing)
+    return conn

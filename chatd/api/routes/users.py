@@ -51,7 +51,7 @@ from .. import models as m
 from .. import securitylog as security
 from ..caller import Caller
 from ..clientaddr import parse_networks, request_address
-from ..common import error_answer, shard_for
+from ..common import error_answer, shard_for, transport_urls
 from ..hashing import HashingPool, retry_after_header
 from ..host import ApiHost
 from ..loginguard import BucketTable, LoginGuard
@@ -171,7 +171,7 @@ def register(app: QuartTrio, node: ApiHost) -> None:
         shard = shard_for(node.discovery, user.id)
         security.event("login", "ok", user=user.id, device=device_id, addr=addr)
         return {"token": token, "expires_at": expires_at, "user": user.public(), "device_id": device_id,
-                "ws_url": shard.ws_url, "shard_id": shard.shard_id}
+                **transport_urls(shard)}
 
     @app.get("/v1/users/me")
     @route(m.UserAnswer, errors=(404,))
@@ -201,7 +201,7 @@ def register(app: QuartTrio, node: ApiHost) -> None:
     @route(m.ConnectAnswer, errors=(503,))
     async def connect_url(caller: Caller):
         shard = shard_for(node.discovery, caller.user_id)
-        return {"ws_url": shard.ws_url, "shard_id": shard.shard_id, "device_id": caller.device_id}
+        return {**transport_urls(shard), "device_id": caller.device_id}
 
     @app.get("/v1/users/<int:user_id>")
     @route(m.UserAnswer, errors=(404,))

@@ -12,6 +12,8 @@ import { Channel, PAGE, uuid } from "./state.js";
 import * as media from "./media.js";
 import * as view from "./view.js";
 
+const URL_KEYS = ["ws_url", "stream_url", "poll_url", "frames_url"];
+
 const $ = (id) => document.getElementById(id);
 const MAX_BODY = 100000;
 const TYPING_EVERY_MS = 3000;
@@ -74,7 +76,7 @@ class App {
     if (wanted && this.channels.has(decodeURIComponent(wanted))) this.currentId = decodeURIComponent(wanted);
     this.conn = new Connection({
       token: session.token,
-      resolveUrl: (first) => this.wsUrl(first),
+      resolveUrls: (first) => this.connectUrls(first),
       cursors: () => Object.fromEntries([...this.channels.values()].filter((c) => !c.gone).map((c) => [c.id, c.cursor])),
       onEvent: (f) => this.onEvent(f),
       onReady: (auth, sync) => this.onReady(sync),
@@ -89,19 +91,22 @@ class App {
     this.render();
   }
 
-  /** The login's ws_url the first time; afterwards ask the API where to connect (cluster-ready). */
-  async wsUrl(first) {
+  /** The login's URLs the first time; afterwards ask the API where to connect (cluster-ready). */
+  async connectUrls(first) {
     if (!first) {
       try {
         const r = await this.api.connectUrl();
-        this.session.ws_url = r.ws_url;
+        for (const k of URL_KEYS) if (r[k]) this.session[k] = r[k];
         store.save("chatd.session", this.session);
       } catch (err) {
         if (SESSION_OVER.has(err.code)) throw err;
         // the API is unreachable: try the shard we know
       }
     }
-    return this.session.ws_url;
+    const s = this.session;
+    const http = s.ws_url.replace(/^ws/, "http").replace(/\/?$/, "/");  // (a session saved before these URLs)
+    return { ws_url: s.ws_url, stream_url: s.stream_url || http + "v1/stream",
+             poll_url: s.poll_url || http + "v1/poll", frames_url: s.frames_url || http + "v1/frames" };
   }
 
   async logout() {

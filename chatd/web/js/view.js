@@ -241,7 +241,14 @@ export function renderMembers(app) {
   }));
 }
 
+const TRANSPORT_NAMES = { ws: "WebSocket", sse: "SSE", poll: "long polling" };
+
 export function renderConn(state, detail) {
+  const t = $("conn-transport");
+  if (detail.transport) {
+    t.dataset.transport = detail.transport;
+    t.textContent = state === "stopped" ? "" : `via ${TRANSPORT_NAMES[detail.transport]}`;
+  } else if (state === "stopped") t.textContent = "";
   const s = $("conn-status");
   s.dataset.state = state;
   const retry = $("conn-retry");
