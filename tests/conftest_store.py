@@ -421,8 +421,8 @@ class EmulatedKeyspace(CqlRunner):
     def w_fold_state(self, ts, state, cid, bucket, seq):
         self._cells(cid, bucket, seq, ts, state_seq=state)
 
-    def w_msg_erase(self, body, cid, bucket, seq):
-        self._cells(cid, bucket, seq, 2**62, body=body, attachments=None)  # (a real-time write: later than any seq)
+    def w_msg_erase(self, body, attachments, cid, bucket, seq):
+        self._cells(cid, bucket, seq, 2**62, body=body, attachments=attachments or None)  # (a real-time write: later than any seq)
 
     def _reactions(self, cid, bucket):
         return self.tables["reactions"].setdefault((cid, bucket), {})

@@ -590,9 +590,9 @@ class CassandraStore(Store):
         members = await self._members(cid) if not cid.startswith("dm:") else [
             int(u) for u in cid.split(":")[1:]]
         await self._gather(
-            lambda: self._cql.write("msg_erase", ("", cid, tb, target)),
+            lambda: self._cql.write("msg_erase", ("", "", cid, tb, target)),
             lambda: self._cql.write("reactions_drop", (seq, cid, tb, target)),
-            *[lambda e=e: self._cql.write("msg_erase", ("", cid, self._bucket(e["seq"]), e["seq"]))
+            *[lambda e=e: self._cql.write("msg_erase", ("", "", cid, self._bucket(e["seq"]), e["seq"]))
               for e in events if e["kind"] in (lc.EDIT, lc.REACT, lc.UNREACT)],
             *[lambda u=u: self._cql.write("push_drop", (push_slot(u), u, cid, target)) for u in members])
 

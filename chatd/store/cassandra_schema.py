@@ -386,7 +386,7 @@ STATEMENTS: dict[str, tuple[str, str]] = {
                            "state_seq = ? WHERE channel_id = ? AND bucket = ? AND seq = ?"),
     "fold_state": (WRITE, "UPDATE messages USING TIMESTAMP ? SET state_seq = ? WHERE channel_id = ? AND bucket = ? "
                           "AND seq = ?"),
-    "msg_erase": (WRITE, "UPDATE messages SET body = ?, attachments = '' WHERE channel_id = ? AND bucket = ? "
+    "msg_erase": (WRITE, "UPDATE messages SET body = ?, attachments = ? WHERE channel_id = ? AND bucket = ? "
                          "AND seq = ?"),
     "reaction_put": (WRITE, "INSERT INTO reactions (channel_id, bucket, seq, emoji, user_id, at) VALUES (?, ?, ?, ?, ?, ?) "
                             "USING TIMESTAMP ?"),
