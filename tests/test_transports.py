@@ -140,7 +140,7 @@ async def test_sse_resumes_exactly_through_drops_at_any_point(server):
     missed messages, once, in order -- while messages keep being sent. Hypothesis chooses the
     drop points; every example runs against the one server of this test (hypothesis drives the
     examples from a worker thread, each one back in this trio run)."""
-    @settings(max_examples=15, deadline=None, database=None)
+    @settings(max_examples=30, deadline=None, database=None)
     @given(n=st.integers(1, 25), cuts=st.lists(st.integers(1, 6000), max_size=4),
            server_drops=st.lists(st.integers(1, 12), max_size=3))
     def examples(n, cuts, server_drops):

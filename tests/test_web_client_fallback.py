@@ -157,11 +157,13 @@ def _chat_offline_reload_all_proxied(browser, url, eat):
     for ctx in (ctx_a, ctx_b):
         ctx.set_default_timeout(TIMEOUT_MS)
     a, b = ctx_a.new_page(), ctx_b.new_page()
-    for page, name in ((a, "alicep"), (b, "bobp")):
+    for page, name in ((a, "alicep"), (b, "bobp")):  # both sign up, then both wait (at the same time)
         page.goto(url + "/")
         page.fill("#login-username", name)
         page.fill("#login-password", PASSWORD)
         page.click("#signup-button")
+        expect(page.locator("#chat-view")).to_be_visible()
+    for page in (a, b):
         # silent sockets: two tries of 10 s each before the fallback (the page's documented policy)
         expect(page.locator("#conn-status")).to_have_text("Connected", timeout=(60_000 if eat else TIMEOUT_MS))
     for p in (a, b):
