@@ -34,6 +34,7 @@ class App {
     this.members = null;  // {channelId, ids, ownerId, open}
     this.renderQueued = false;
     this.scrollToEnd = false;
+    this.compose = null;  // {kind: "edit" | "reply", seq}: what the composer's next Enter does
     this.prepended = false;
     this.lastTypingSent = 0;
     this.refreshQueued = null;
@@ -330,11 +331,64 @@ class App {
     if (err.code !== "disconnected") view.toast(describe(err), CONNECTION.has(err.code) ? "connection" : "");
   }
 
+  // ---- the message lifecycle (docs/protocol.md): edit, delete, react, reply ---------------------
+  /** One lifecycle request on the connection; its row comes back as a `message` and is folded. */
+  lifecycle(c, frame) {
+    if (!this.conn || !this.conn.connected) { view.toast(describe({ code: "disconnected" })); return; }
+    this.conn.request({ ...frame, channel_id: c.id, client_msg_id: uuid() }).catch((err) => this.connError(err));
+  }
+
+  startEdit(c, seq) {
+    const m = c.row(seq);
+    if (!m || m.kind || m.deleted || m.sender_id !== this.me.id) return;
+    this.compose = { kind: "edit", seq };
+    $("composer-input").value = m.body;
+    view.renderComposeBar(this);
+    $("composer-input").focus();
+  }
+
+  startReply(c, seq) {
+    this.compose = { kind: "reply", seq };
+    view.renderComposeBar(this);
+    $("composer-input").focus();
+  }
+
+  cancelCompose() {
+    if (this.compose && this.compose.kind === "edit") $("composer-input").value = "";
+    this.compose = null;
+    view.renderComposeBar(this);
+  }
+
+  deleteMessage(c, seq) {
+    if (!window.confirm("Delete this message for everyone?")) return;
+    this.lifecycle(c, { type: "delete", target_seq: seq });
+  }
+
+  toggleReaction(c, seq, emoji) {
+    const m = c.row(seq);
+    const mine = m && (m.reactions || []).some((r) => r.emoji === emoji && r.me);
+    this.lifecycle(c, { type: mine ? "unreact" : "react", target_seq: seq, emoji });
+  }
+
+  /** The original of a reply: scrolled to and flashed, if this device holds it. */
+  jumpTo(seq) {
+    const li = document.querySelector(`#message-list .msg[data-seq="${seq}"]`);
+    if (!li) { view.toast("The original message is not loaded; load older messages"); return; }
+    li.scrollIntoView({ block: "center" });
+    li.classList.add("flash");
+    setTimeout(() => li.classList.remove("flash"), 1500);
+  }
+
   // ---- sending -------------------------------------------------------------------------------
   send(text) {
     const c = this.current();
     if (!c || !text.trim()) return;
-    const p = { cmid: uuid(), channelId: c.id, body: text, status: "sending", error: null, createdAt: Date.now() / 1000 };
+    const mode = this.compose;
+    this.compose = null;
+    view.renderComposeBar(this);
+    if (mode && mode.kind === "edit") { this.lifecycle(c, { type: "edit", target_seq: mode.seq, body: text }); return; }
+    const p = { cmid: uuid(), channelId: c.id, body: text, status: "sending", error: null, createdAt: Date.now() / 1000,
+                replyTo: mode && mode.kind === "reply" ? mode.seq : 0 };
     c.pending.set(p.cmid, p);
     this.savePending();
     this.scrollToEnd = true;
@@ -346,7 +400,8 @@ class App {
     p.status = "sending";
     p.error = null;
     if (!this.conn || !this.conn.connected) return;  // sent after the reconnect
-    this.conn.request({ type: "send", channel_id: c.id, client_msg_id: p.cmid, body: p.body })
+    this.conn.request({ type: "send", channel_id: c.id, client_msg_id: p.cmid, body: p.body,
+                        ...(p.replyTo ? { reply_to: p.replyTo } : {}) })
       .then((ack) => {
         c.head = Math.max(c.head, ack.seq);
         if (c.cursor >= ack.seq) c.pending.delete(p.cmid);  // its message event came first
@@ -552,8 +607,15 @@ input.addEventListener("keydown", (ev) => {
   if (ev.key === "Enter" && !ev.shiftKey && !ev.isComposing) {
     ev.preventDefault();
     $("composer").requestSubmit();
+  } else if (ev.key === "ArrowUp" && !input.value && app.current()) {  // edit my last message
+    const c = app.current();
+    const seq = c.lastMine(app.me.id);
+    if (seq) { ev.preventDefault(); app.startEdit(c, seq); }
+  } else if (ev.key === "Escape" && app.compose) {
+    app.cancelCompose();
   }
 });
+$("compose-bar-cancel").addEventListener("click", () => app.cancelCompose());
 input.addEventListener("input", () => { updateCount(); if (input.value) app.typing(); });
 document.addEventListener("visibilitychange", () => app.markRead());
 setInterval(() => app.render(), 30000);  // "last active 5 min ago" moves on
