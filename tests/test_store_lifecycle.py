@@ -136,6 +136,9 @@ async def test_delivered_and_read_positions(lc_backend):
         assert await store.set_delivered(ch, b.id, 50) == 3  # never past the head
         assert await store.set_read(ch, a.id, 2) == 2  # a read implies received
         assert await store.receipts(ch) == {a.id: (2, 2), b.id: (3, 0)}
+        await store.rename_channel(ch, "renamed")
+        assert (await store.get_channel(ch)).name == "renamed"
+        assert [s.name for s in await store.channels_of(b.id) if s.id == ch] == ["renamed"]
         with pytest.raises(Exception) as info:
             await store.set_delivered(ch, c.id, 1)
         assert getattr(info.value, "code", None) == "not_member"

@@ -461,9 +461,11 @@ class CassandraStore(Store):
                 users = {r["user_id"] for r in rows}
                 users.add(sender_id) if kind == lc.REACT else users.discard(sender_id)
                 meta = {"count": len(users)}
+            elif kind == lc.RENAMED:
+                meta = {"name": spec.body}
             elif kind in lc.SYSTEM:
                 meta = {"user_id": spec.user_id}
-            body = spec.body if kind in (lc.MESSAGE, lc.EDIT, lc.REACT, lc.UNREACT) else ""
+            body = spec.body if kind in (lc.MESSAGE, lc.EDIT, lc.REACT, lc.UNREACT) else ""  # (a name: in meta)
             extra = (None if kind == lc.MESSAGE else kind, target or None, spec.reply_to or None,
                      json.dumps(meta) if meta else None, meta)
             result = await self._append(channel_id, _Append(sender_id, client_msg_id, body, created_at, dm_pair, extra))
@@ -881,6 +883,15 @@ class CassandraStore(Store):
             bucket -= 1
         out.reverse()
         return out
+
+    async def rename_channel(self, channel_id, name):
+        """The channel row (authoritative), then each member's by-user row (a crash in between
+        leaves stale names in "my channels" until the next rename: repeating it repairs them)."""
+        with self._op():
+            await self._lwt("channel_rename", (name, channel_id))
+            members = await self._members(channel_id)
+            await self._gather(*[lambda u=u: self._cql.write("user_channel_rename", (name, u, channel_id))
+                                 for u in members])
 
     async def set_delivered(self, channel_id, user_id, seq):
         with self._op():

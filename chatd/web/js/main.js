@@ -277,7 +277,7 @@ class App {
     if (r === "gap") { this.fillGap(c); return; }
     if (r !== "new") return;
     if ((m.kind === "member_removed" || m.kind === "member_left") && m.user_id === this.me.id) c.gone = true;
-    if (m.kind === "member_added" && known) this.refreshSoon();  // (a new member's name)
+    if ((m.kind === "member_added" || m.kind === "renamed") && known) this.refreshSoon();  // a name changed
     if (m.sender_id === this.me.id && c.pending.delete(m.client_msg_id)) this.savePending();
     if (m.sender_id !== this.me.id) this.needUser(m.sender_id);
     if (m.sender_id !== this.me.id && !m.kind) this.acknowledge(c);

@@ -149,6 +149,7 @@ export function renderChannel(app) {
 function systemText(app, m) {
   const who = m.sender_id === app.me.id ? "You" : app.userName(m.sender_id);
   const whom = m.user_id === app.me.id ? "you" : app.userName(m.user_id);
+  if (m.kind === "renamed") return `${who} renamed the group to “${m.name}”`;
   if (m.kind === "member_added") return `${who} added ${whom}`;
   if (m.kind === "member_left") return `${m.user_id === app.me.id ? "You" : app.userName(m.user_id)} left`;
   return `${who} removed ${whom}`;
