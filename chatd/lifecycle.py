@@ -40,8 +40,9 @@ from .errors import ChatError
 MESSAGE = "message"
 EDIT, DELETE, REACT, UNREACT = "edit", "delete", "react", "unreact"
 MEMBER_ADDED, MEMBER_REMOVED, MEMBER_LEFT = "member_added", "member_removed", "member_left"
+RENAMED = "renamed"
 TARGETED = frozenset({EDIT, DELETE, REACT, UNREACT})  # events that change one message
-SYSTEM = frozenset({MEMBER_ADDED, MEMBER_REMOVED, MEMBER_LEFT})
+SYSTEM = frozenset({MEMBER_ADDED, MEMBER_REMOVED, MEMBER_LEFT, RENAMED})
 KINDS = frozenset({MESSAGE}) | TARGETED | SYSTEM
 
 EXCERPT_CHARS = 100  # a reply's quote of its target

@@ -20,7 +20,7 @@ import time
 from collections import OrderedDict
 
 from .errors import ChatError
-from .lifecycle import MEMBER_ADDED, EventSpec
+from .lifecycle import MEMBER_ADDED, RENAMED, EventSpec
 from .ids import dm_members, is_group
 
 log = logging.getLogger(__name__)
@@ -98,14 +98,15 @@ class Membership:
             listener(channel_id)
 
 
-async def announce_member_change(node, kind: str, channel_id: str, user_id: int, by: int) -> int:
+async def announce_member_change(node, kind: str, channel_id: str, user_id: int, by: int, name: str = "") -> int:
     """After a stored membership change: a sequenced system row (``member_added``,
-    ``member_removed``, ``member_left``; chatd/lifecycle.py) takes the channel's next seq through
+    ``member_removed``, ``member_left``; ``renamed`` with ``name``; chatd/lifecycle.py) takes the channel's next seq through
     its owner, so a device that was offline learns it by ``sync``; the one added gets it live at
     once (the group appears), the one removed gets it as the channel's last frame. Returns its
     seq; 0 if the owner could not be reached (logged: the change itself is stored, and
     ``GET /v1/channels`` shows it)."""
-    spec = EventSpec(kind, user_id=user_id, notify=0 if kind == MEMBER_ADDED else user_id)
+    spec = EventSpec(kind, user_id=user_id, notify=0 if kind == MEMBER_ADDED else user_id) if kind != RENAMED else \
+        EventSpec(kind, body=name)
     try:
         result = await node.append_system_event(by, channel_id, spec, "sys:" + secrets.token_hex(12))
     except ChatError as e:

@@ -462,6 +462,18 @@ class EmulatedKeyspace(CqlRunner):
         part = self.tables["message_events"].get((cid, bucket), {})
         return [{"seq": s, "kind": k} for (t, s), k in sorted(part.items()) if t == target]
 
+    def c_channel_rename(self, name, cid):
+        row = self.tables["channels"].get(cid)
+        return row is not None, dict(row or {})
+
+    def w_channel_rename(self, name, cid):
+        self.tables["channels"][cid]["name"] = name
+
+    def w_user_channel_rename(self, name, uid, cid):
+        row = self.tables["channels_by_user"].get((uid, cid))
+        if row is not None:
+            row["name"] = name
+
     def _receipt(self, cid, uid, ts, col, value):
         row = self.tables["receipts"].setdefault(cid, {}).setdefault(uid, {"user_id": uid, "delivered_seq": None,
                                                                            "read_seq": None, "ts": {}})

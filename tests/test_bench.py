@@ -328,7 +328,7 @@ def test_smoke_group_mix_converges():
     r = _bench("group", "--clients", "6", "--group-size", "3", "--duration", "3", "--rate", "60", "--procs", "2",
                "--mix", "send=60,edit=15,delete=10,react=15")
     _assert_exact(r, 3)
-    assert r["lifecycle"] == {"devices_compared": 6, "mismatched": 0, "converged": True}
+    assert r["lifecycle"] == {"devices_compared": 6, "mismatched": 0, "devices_behind": 0, "converged": True}
     assert r["options"]["mix"] == [["send", 60.0], ["edit", 15.0], ["delete", 10.0], ["react", 15.0]]
 
 

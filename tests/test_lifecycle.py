@@ -207,3 +207,34 @@ async def test_membership_changes_are_log_rows_and_a_removed_member_gets_nothing
     # unread counts only new messages: alice's own rows aside, bob's 'welcome'... carol is gone
     r = await server.api.call("GET", "/v1/channels", token=alice["token"])
     assert [c["unread"] for c in r.body["channels"] if c["id"] == g] == [2]  # welcome + not for carol (no read)
+
+
+async def test_a_rename_is_a_row_of_the_log(server, nursery):
+    alice = await server.api.signup_login("alice")
+    bob = await server.api.signup_login("bob")
+    g = await _group(server, alice, bob)
+    cb = await open_client(nursery, bob["ws_url"], bob["token"])
+    r = await server.api.call("PATCH", f"/v1/channels/{g}", {"name": "renamed team"}, token=bob["token"])
+    assert (r.status, r.body["error"]["code"]) == (403, "forbidden")  # the owner only
+    r = await server.api.call("PATCH", f"/v1/channels/{g}", {"name": "renamed team"}, token=alice["token"])
+    assert r.status == 200 and r.body == {"channel_id": g, "name": "renamed team", "seq": 1}
+    row = await cb.next_event("message")
+    assert (row["kind"], row["name"], row["sender_id"], row["seq"]) == ("renamed", "renamed team", alice["user"]["id"], 1)
+    r = await server.api.call("GET", "/v1/channels", token=bob["token"])
+    assert [c["name"] for c in r.body["channels"] if c["id"] == g] == ["renamed team"]
+    assert [c["unread"] for c in r.body["channels"] if c["id"] == g] == [0]  # a system row is not unread
+
+
+async def test_delete_message_use_case_for_an_erasure_job(server, nursery):
+    """Router.delete_message (the entry point issue 25's erasure calls): with force, a message
+    is redacted whoever asks, and a resend with the same client_msg_id answers the original."""
+    alice = await server.api.signup_login("alice")
+    bob = await server.api.signup_login("bob")
+    ch = dm(alice, bob)
+    ca = await open_client(nursery, alice["ws_url"], alice["token"])
+    m = await ca.send_message(ch, "erase me")
+    router = server.node.router
+    first = await router.delete_message(bob["user"]["id"], ch, m["seq"], "erasure-1", force=True)
+    again = await router.delete_message(bob["user"]["id"], ch, m["seq"], "erasure-1", force=True)
+    assert (again.message.seq, again.duplicate) == (first.message.seq, True)
+    assert (await _history(server, alice["token"], ch))[0]["deleted"]["by"] == bob["user"]["id"]

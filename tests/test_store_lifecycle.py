@@ -136,6 +136,25 @@ async def test_delivered_and_read_positions(lc_backend):
         assert await store.set_delivered(ch, b.id, 50) == 3  # never past the head
         assert await store.set_read(ch, a.id, 2) == 2  # a read implies received
         assert await store.receipts(ch) == {a.id: (2, 2), b.id: (3, 0)}
+        await store.rename_channel(ch, "renamed")
+        assert (await store.get_channel(ch)).name == "renamed"
+        assert [s.name for s in await store.channels_of(b.id) if s.id == ch] == ["renamed"]
         with pytest.raises(Exception) as info:
             await store.set_delivered(ch, c.id, 1)
         assert getattr(info.value, "code", None) == "not_member"
+
+
+async def test_unread_counts_new_messages_only(lc_backend):
+    async with lc_backend.open() as store:
+        a, b = await users(store, 2)
+        ch = await group(store, a, [b])
+        m1 = (await store.append_message(ch, a.id, "u1", "one", 5000.0)).message
+        await store.append_message(ch, a.id, "u2", "two", 5001.0)
+        await _ev(store, ch, a, EventSpec(EDIT, target_seq=m1.seq, body="one!"), 5002.0)
+        await _ev(store, ch, b, EventSpec(REACT, target_seq=m1.seq, body="👍"), 5003.0)
+        await _ev(store, ch, a, EventSpec(MEMBER_ADDED, user_id=b.id), 5004.0)
+        [mine] = [s for s in await store.channels_of(b.id) if s.id == ch]
+        assert (mine.last_seq, mine.unread) == (5, 2)  # two messages; no edit, reaction or system row
+        await _ev(store, ch, a, EventSpec(DELETE, target_seq=m1.seq), 5005.0)
+        [mine] = [s for s in await store.channels_of(b.id) if s.id == ch]
+        assert mine.unread == 1  # a deleted message stops counting

@@ -87,7 +87,7 @@ def test_web_client_two_people_group_offline_reload(chatd_proc, tmp_path):
             open_channel(c, "trio")
             send(c, "carol here")
             expect(a.locator("#message-list .msg").last.locator(".body")).to_have_text("carol here")
-            expect(a.locator("#message-list .receipt")).to_contain_text("Seen by carol")
+            expect(a.locator("#message-list .receipt")).to_contain_text("Seen by 1 (carol)")  # "Seen by N" (issue 21), names beside
             a.click("#members-button")
             expect(a.locator("#member-list li")).to_have_count(3)
             a.fill("#add-member", "dave")

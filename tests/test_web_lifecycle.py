@@ -122,3 +122,68 @@ def test_web_client_restart_notices_are_said_once_and_end_when_connected(tmp_pat
                 browser.close()
     finally:
         srv.stop()
+
+
+def test_web_client_edit_delete_react_reply_from_the_page(tmp_path, ports):
+    """What a person does: ↑ edits the last own message, Delete asks first, a reaction button
+    toggles (counts on both sides), Reply shows a quote bar and the reply's quote jumps to the
+    original."""
+    require_browser()
+    from playwright.sync_api import sync_playwright
+    srv = ChatdProcess(tmp_path, *ports)
+    try:
+        with sync_playwright() as pw:
+            browser = launch(pw)
+            try:
+                a, b = (browser.new_context(viewport={"width": 1000, "height": 700}).new_page() for _ in range(2))
+                errors = []
+                for p in (a, b):
+                    p.set_default_timeout(TIMEOUT_MS)
+                    p.on("pageerror", lambda e: errors.append(str(e)))
+                enter(a, srv.url, "alice", signup=True)
+                enter(b, srv.url, "bob", signup=True)
+                a.fill("#dm-username", "bob")
+                a.click("#dm-form button")
+                send(a, "helo")
+                expect(a.locator("#message-list .msg[data-seq='1']")).to_have_count(1)
+                open_channel(b, "alice")
+                # ↑ in the empty composer: edit the last own message
+                a.focus("#composer-input")
+                a.press("#composer-input", "ArrowUp")
+                expect(a.locator("#compose-bar-text")).to_have_text("Editing your message")
+                expect(a.locator("#composer-input")).to_have_value("helo")
+                a.fill("#composer-input", "hello")
+                a.press("#composer-input", "Enter")
+                for p in (a, b):
+                    expect(p.locator(".msg[data-seq='1'] .body")).to_have_text("hello")
+                    expect(p.locator(".msg[data-seq='1'] .edited")).to_have_text("(edited)")
+                expect(a.locator("#compose-bar")).to_be_hidden()
+                # a reaction from the picker, counted on both pages; clicking it again takes it back
+                b.locator(".msg[data-seq='1'] .actions .react[data-emoji='👍']").click()
+                for p in (a, b):
+                    expect(p.locator(".msg[data-seq='1'] .reaction")).to_have_text("👍 1")
+                expect(b.locator(".msg[data-seq='1'] .reaction")).to_have_attribute("aria-pressed", "true")
+                b.locator(".msg[data-seq='1'] .reaction").click()
+                expect(a.locator(".msg[data-seq='1'] .reaction")).to_have_count(0)
+                # reply: the quote bar, then a quote that jumps to the original
+                b.locator(".msg[data-seq='1'] .actions .reply").click()
+                expect(b.locator("#compose-bar-text")).to_have_text("Replying to alice: hello")
+                send(b, "yes")
+                quote = a.locator(".msg", has_text="yes").locator(".quote")
+                expect(quote).to_have_text("alice: hello".replace("alice", "You"))
+                quote.click()
+                expect(a.locator(".msg[data-seq='1']")).to_have_class("msg mine flash")
+                # delete asks first: dismissed, nothing; accepted, the stub on both pages
+                a.once("dialog", lambda d: d.dismiss())
+                a.locator(".msg[data-seq='1'] .actions .delete").click()
+                expect(b.locator(".msg[data-seq='1'] .body")).to_have_text("hello")
+                a.once("dialog", lambda d: d.accept())
+                a.locator(".msg[data-seq='1'] .actions .delete").click()
+                for p in (a, b):
+                    expect(p.locator(".msg[data-seq='1'] .body")).to_have_text("Message deleted")
+                expect(b.locator(".msg", has_text="yes").locator(".quote")).to_have_text("alice: deleted message")
+                assert not errors, errors
+            finally:
+                browser.close()
+    finally:
+        srv.stop()

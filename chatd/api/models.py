@@ -78,6 +78,16 @@ def group_create(max_members: int) -> type[GroupCreate]:
                              bases=(GroupCreate,))
 
 
+class GroupRename(Struct):
+    name: text(1, 128)
+
+
+class GroupRenamed(Struct):
+    channel_id: str
+    name: str
+    seq: int  # the `renamed` row of the log (0: stored, but the owner shard did not log it)
+
+
 class MemberAdd(Struct):
     user_id: UserId
 

@@ -140,7 +140,8 @@ def build_report(opts: BenchOptions, population, results: list[dict], meta: dict
         problems.append(f"{c['duplicated']} duplicated deliveries")
     lc = meta.get("lifecycle")
     if lc is not None and not lc["converged"]:
-        problems.append(f"{lc['mismatched']} of {lc['devices_compared']} device views differ from the history")
+        problems.append(f"{lc['mismatched']} of {lc['devices_compared']} device views differ from the history"
+                        + (f", {lc['devices_behind']} devices behind its head" if lc["devices_behind"] else ""))
     if c["out_of_order"]:
         problems.append(f"{c['out_of_order']} out-of-order deliveries")
     if meta["connect_failed"]:
@@ -251,7 +252,8 @@ def format_summary(r: dict) -> str:
         lines.append(f"  lifecycle (--mix {','.join(f'{k}={v:g}' for k, v in o['mix'])}): "
                      + ("converged" if lc["converged"] else "NOT converged")
                      + f", {lc['devices_compared']} device views == the folded HTTP history"
-                     + (f" ({lc['mismatched']} differ)" if lc["mismatched"] else ""))
+                     + (f" ({lc['mismatched']} differ)" if lc["mismatched"] else "")
+                     + (f"; {lc['devices_behind']} behind the stored head (not drained)" if lc["devices_behind"] else ""))
     if c["errors"]:
         lines.append("  errors: " + ", ".join(f"{k} {v}" for k, v in c["errors"].items()))
     if c["closes"]:

@@ -231,7 +231,8 @@ class Worker:
             result = stats.to_dict()
             result.update(worker=self.spec.worker, cpu_s=cpu, wall_s=wall, drain_s=drained_s,
                           books={c.dev.index: c.books() for c in self.clients},
-                          views={c.dev.index: {ch: view_digest(v) for ch, v in c.lifecycle.views.items()}
+                          views={c.dev.index: {ch: (view_digest(v), c.recv[ch].top() if ch in c.recv else 0)
+                                                    for ch, v in c.lifecycle.views.items()}
                                  for c in self.clients if c.lifecycle is not None},
                           rusage_maxrss_kib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
             self.conn.send(("result", result))

@@ -601,6 +601,8 @@ def message_frame(m, viewer: int | None = None) -> dict:
         f["count"] = meta.get("count", 0)
     if "user_id" in meta:
         f["user_id"] = meta["user_id"]
+    if "name" in meta:
+        f["name"] = meta["name"]
     if m.redacted:
         f["redacted"] = True
     return f

@@ -27,7 +27,7 @@ import trio
 from ..cluster.links import LinkManager
 from ..discovery.base import Discovery
 from ..errors import CODES, ChatError
-from ..lifecycle import EventSpec
+from ..lifecycle import DELETE, EventSpec
 from ..protocol.link_frames import Reply, Send, message_extra, packed, unpacked
 from ..store.base import AppendResult
 from .fanout import FanOut
@@ -165,6 +165,17 @@ class Router:
             raise _remote_error(err)
         raise ChatError("unavailable", "the channel's owner could not be reached; retry",
                         retry_after_ms=RETRY_AFTER_MS)
+
+    async def delete_message(self, user_id: int, channel_id: str, seq: int, client_msg_id: str, *,
+                             force: bool = False, timeout_s: float = 10.0) -> AppendResult:
+        """Redact message ``seq`` of the channel through its owner (the one entry point for a
+        moderator or an erasure job: ``force`` skips the author / owner check). The text of the
+        message and of every edit, and its reactions, are erased from the store; a ``delete`` row by
+        ``user_id`` takes the channel's next seq. Resend with the same ``client_msg_id`` after
+        ``unavailable``. Errors: ``no_such_message``, ``message_deleted``, ``not_author`` (without
+        ``force``), ``unavailable``."""
+        return await self.append_event(user_id, channel_id, client_msg_id, EventSpec(DELETE, target_seq=seq),
+                                       timeout_s=timeout_s, force=force)
 
     def send_nowait(self, user_id: int, channel_id: str, client_msg_id: str, body: str, done) -> bool:
         """The common case of :meth:`send` without a task: this shard owns the channel and can

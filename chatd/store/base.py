@@ -358,6 +358,10 @@ class Store(abc.ABC):
     async def set_read(self, channel_id: str, user_id: int, seq: int) -> int:
         """Raise the user's read cursor to ``min(seq, head)`` (never lowers it); return the cursor."""
 
+    async def rename_channel(self, channel_id: str, name: str) -> None:
+        """Set a group's name (its row and every member's "my channels" row)."""
+        raise NotImplementedError
+
     async def set_delivered(self, channel_id: str, user_id: int, seq: int) -> int:
         """Raise the member's ``delivered_seq`` (the highest seq one of their devices holds) to
         ``min(seq, head)`` (never lowers it); return it. ``not_member`` if not a member. A

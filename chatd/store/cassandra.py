@@ -57,6 +57,7 @@ append or :meth:`head_seq`. ``head_seq``, ``read_messages`` and ``set_read`` alw
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import zlib
@@ -86,6 +87,7 @@ MAX_BATCH = 64  # messages in one conditional batch (one partition, one mutation
 MAX_BATCH_BYTES = 1 << 20  # body characters in one batch (a single larger message goes alone)
 MEMBER_ATTEMPTS = 32  # membership version races likewise
 MAX_TTL_S = 630_720_000  # Cassandra's largest TTL (20 years)
+UNREAD_SCAN = 200  # rows above a read position counted exactly (channels_of)
 FAN_OUT = 32  # concurrent reads one call issues (get_users, channels_of, group creation)
 
 
@@ -520,7 +522,9 @@ class CassandraStore(Store):
                 at = seq_at[1] if seq_at is not None and seq_at[0] == known else s.last_at
                 s = ChannelSummary(s.id, s.kind, s.name, known, s.read_seq, at)
             out.append(s)
-        return out
+        counts = await self._gather(*[lambda s=s: self._unread(s) for s in out if s.last_seq > s.read_seq])
+        it = iter(counts)
+        return [dataclasses.replace(s, unread_count=next(it)) if s.last_seq > s.read_seq else s for s in out]
 
     # ---- messages ------------------------------------------------------------------------
     async def append_message(self, channel_id, sender_id, client_msg_id, body, created_at, dm_pair=None,
@@ -549,9 +553,11 @@ class CassandraStore(Store):
                 users = {r["user_id"] for r in rows}
                 users.add(sender_id) if kind == lc.REACT else users.discard(sender_id)
                 meta = {"count": len(users)}
+            elif kind == lc.RENAMED:
+                meta = {"name": spec.body}
             elif kind in lc.SYSTEM:
                 meta = {"user_id": spec.user_id}
-            body = spec.body if kind in (lc.MESSAGE, lc.EDIT, lc.REACT, lc.UNREACT) else ""
+            body = spec.body if kind in (lc.MESSAGE, lc.EDIT, lc.REACT, lc.UNREACT) else ""  # (a name: in meta)
             extra = (None if kind == lc.MESSAGE else kind, target or None, spec.reply_to or None,
                      json.dumps(meta) if meta else None, meta)
             result = await self._append(channel_id, _Append(sender_id, client_msg_id, body, created_at, dm_pair, extra,
@@ -1006,6 +1012,23 @@ class CassandraStore(Store):
             bucket -= 1
         out.reverse()
         return out
+
+    async def rename_channel(self, channel_id, name):
+        """The channel row (authoritative), then each member's by-user row (a crash in between
+        leaves stale names in "my channels" until the next rename: repeating it repairs them)."""
+        with self._op():
+            await self._lwt("channel_rename", (name, channel_id))
+            members = await self._members(channel_id)
+            await self._gather(*[lambda u=u: self._cql.write("user_channel_rename", (name, u, channel_id))
+                                 for u in members])
+
+    async def _unread(self, s: ChannelSummary) -> int:
+        """New, undeleted messages above the read position: counted exactly over the first
+        ``UNREAD_SCAN`` rows above it; rows beyond those count one each (an estimate for a channel
+        that far behind, where a client shows "99+" anyway)."""
+        rows = await self._read_forward(s.id, s.read_seq, s.last_seq + 1, UNREAD_SCAN)
+        fresh = sum(1 for m in rows if m.kind == "message" and not m.deleted_at)
+        return fresh + max(0, s.last_seq - s.read_seq - len(rows))
 
     async def set_delivered(self, channel_id, user_id, seq):
         with self._op():

@@ -399,6 +399,8 @@ STATEMENTS: dict[str, tuple[str, str]] = {
     "event_index_put": (WRITE, "INSERT INTO message_events (channel_id, bucket, target_seq, seq, kind) "
                                "VALUES (?, ?, ?, ?, ?)"),
     "events_of": (READ, "SELECT seq, kind FROM message_events WHERE channel_id = ? AND bucket = ? AND target_seq = ?"),
+    "channel_rename": (LWT, "UPDATE channels SET name = ? WHERE id = ? IF EXISTS"),
+    "user_channel_rename": (WRITE, "UPDATE channels_by_user SET name = ? WHERE user_id = ? AND channel_id = ?"),
     "receipt_delivered": (WRITE, "UPDATE receipt_cursors USING TIMESTAMP ? SET delivered_seq = ? "
                                  "WHERE channel_id = ? AND user_id = ?"),
     "receipt_read": (WRITE, "UPDATE receipt_cursors USING TIMESTAMP ? SET read_seq = ? WHERE channel_id = ? AND user_id = ?"),

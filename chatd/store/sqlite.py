@@ -817,9 +817,11 @@ class SQLiteStore(Store):
                 (count,) = c.execute("SELECT COUNT(*) FROM reactions WHERE channel_id = ? AND seq = ? AND emoji = ?",
                                      (channel_id, target, spec.body)).fetchone()
                 meta = {"count": count}
+            elif kind == lc.RENAMED:
+                meta = {"name": spec.body}
             elif kind in lc.SYSTEM:
                 meta = {"user_id": spec.user_id}
-            body = spec.body if kind in (lc.MESSAGE, lc.EDIT, lc.REACT, lc.UNREACT) else ""
+            body = spec.body if kind in (lc.MESSAGE, lc.EDIT, lc.REACT, lc.UNREACT) else ""  # (a name: in meta)
             c.execute(f"INSERT INTO messages ({_ROW_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL, "
                       "NULL, ?)", (channel_id, seq, sender_id, client_msg_id, body, created_at,
                                    None if kind == lc.MESSAGE else kind, target or None, spec.reply_to or None,
@@ -888,6 +890,11 @@ class SQLiteStore(Store):
             row = c.execute("SELECT last_seq FROM channels WHERE id = ?", (channel_id,)).fetchone()
             return row[0] if row else 0
         return await self._read(fn)
+
+    async def rename_channel(self, channel_id, name):
+        def fn(c):
+            c.execute("UPDATE channels SET name = ? WHERE id = ? AND kind = 'group'", (name, channel_id))
+        await self._write(fn)
 
     async def set_delivered(self, channel_id, user_id, seq):
         def fn(c):

@@ -183,6 +183,18 @@ def register(app: QuartTrio, node: ApiHost) -> None:
             raise ChatError("not_invited", "you join a group you left when its owner invites you back")
         return {"channel_id": channel_id, "user_id": uid, "added": await add(channel_id, uid, uid)}
 
+    @app.patch("/v1/channels/<string:channel_id>")
+    @route(m.GroupRenamed, body=m.GroupRename, errors=(403, 404))
+    async def rename_group(channel_id: str, data: m.GroupRename, caller: Caller):
+        """The group's owner renames it; the members learn it by a ``renamed`` row of the log."""
+        channel = await group_for_change(channel_id)
+        if channel.owner_id != caller.user_id:
+            raise ChatError("forbidden", "only the group's owner renames it")
+        check_name("name", data.name)
+        await store.rename_channel(channel_id, data.name)
+        seq = await announce_member_change(node, "renamed", channel_id, 0, caller.user_id, name=data.name)
+        return {"channel_id": channel_id, "name": data.name, "seq": seq}
+
     @app.delete("/v1/channels/<string:channel_id>/members/<int:member_id>")
     @route(m.MemberRemoved, errors=(403, 404))
     async def remove_member(channel_id: str, member_id: int, caller: Caller):

@@ -37,6 +37,7 @@ class App {
     this.members = null;  // {channelId, ids, ownerId, open}
     this.renderQueued = false;
     this.scrollToEnd = false;
+    this.compose = null;  // {kind: "edit" | "reply", seq}: what the composer's next Enter does
     this.prepended = false;
     this.lastTypingSent = 0;
     this.refreshQueued = null;
@@ -287,7 +288,7 @@ class App {
     if (r === "gap") { this.fillGap(c); return; }
     if (r !== "new") return;
     if ((m.kind === "member_removed" || m.kind === "member_left") && m.user_id === this.me.id) c.gone = true;
-    if (m.kind === "member_added" && known) this.refreshSoon();  // (a new member's name)
+    if ((m.kind === "member_added" || m.kind === "renamed") && known) this.refreshSoon();  // a name changed
     if (m.sender_id === this.me.id && c.pending.delete(m.client_msg_id)) this.savePending();
     if (m.sender_id !== this.me.id) this.needUser(m.sender_id);
     if (m.sender_id !== this.me.id && !m.kind) this.acknowledge(c);
@@ -341,16 +342,68 @@ class App {
     if (err.code !== "disconnected") view.toast(describe(err), CONNECTION.has(err.code) ? "connection" : "");
   }
 
+  // ---- the message lifecycle (docs/protocol.md): edit, delete, react, reply ---------------------
+  /** One lifecycle request on the connection; its row comes back as a `message` and is folded. */
+  lifecycle(c, frame) {
+    if (!this.conn || !this.conn.connected) { view.toast(describe({ code: "disconnected" })); return; }
+    this.conn.request({ ...frame, channel_id: c.id, client_msg_id: uuid() }).catch((err) => this.connError(err));
+  }
+
+  startEdit(c, seq) {
+    const m = c.row(seq);
+    if (!m || m.kind || m.deleted || m.sender_id !== this.me.id) return;
+    this.compose = { kind: "edit", seq };
+    $("composer-input").value = m.body;
+    view.renderComposeBar(this);
+    $("composer-input").focus();
+  }
+
+  startReply(c, seq) {
+    this.compose = { kind: "reply", seq };
+    view.renderComposeBar(this);
+    $("composer-input").focus();
+  }
+
+  cancelCompose() {
+    if (this.compose && this.compose.kind === "edit") $("composer-input").value = "";
+    this.compose = null;
+    view.renderComposeBar(this);
+  }
+
+  deleteMessage(c, seq) {
+    if (!window.confirm("Delete this message for everyone?")) return;
+    this.lifecycle(c, { type: "delete", target_seq: seq });
+  }
+
+  toggleReaction(c, seq, emoji) {
+    const m = c.row(seq);
+    const mine = m && (m.reactions || []).some((r) => r.emoji === emoji && r.me);
+    this.lifecycle(c, { type: mine ? "unreact" : "react", target_seq: seq, emoji });
+  }
+
+  /** The original of a reply: scrolled to and flashed, if this device holds it. */
+  jumpTo(seq) {
+    const li = document.querySelector(`#message-list .msg[data-seq="${seq}"]`);
+    if (!li) { view.toast("The original message is not loaded; load older messages"); return; }
+    li.scrollIntoView({ block: "center" });
+    li.classList.add("flash");
+    setTimeout(() => li.classList.remove("flash"), 1500);
+  }
+
   // ---- sending -------------------------------------------------------------------------------
   send(text, attached = []) {
     const c = this.current();
     if (!c || (!text.trim() && !attached.length)) return;
-    this.sendTo(c, text, attached);
+    const mode = this.compose;
+    this.compose = null;
+    view.renderComposeBar(this);
+    if (mode && mode.kind === "edit") { this.lifecycle(c, { type: "edit", target_seq: mode.seq, body: text }); return; }
+    this.sendTo(c, text, attached, mode && mode.kind === "reply" ? mode.seq : 0);
   }
 
-  sendTo(c, text, attached) {
+  sendTo(c, text, attached, replyTo = 0) {
     const p = { cmid: uuid(), channelId: c.id, body: text, status: "sending", error: null, createdAt: Date.now() / 1000,
-                media: attached };
+                media: attached, replyTo };
     c.pending.set(p.cmid, p);
     this.savePending();
     this.scrollToEnd = true;
@@ -364,6 +417,7 @@ class App {
     if (!this.conn || !this.conn.connected) return;  // sent after the reconnect
     const frame = { type: "send", channel_id: c.id, client_msg_id: p.cmid, body: p.body };
     if (p.media && p.media.length) frame.attachments = p.media.map((a) => a.id);
+    if (p.replyTo) frame.reply_to = p.replyTo;
     this.conn.request(frame)
       .then((ack) => {
         c.head = Math.max(c.head, ack.seq);
@@ -643,8 +697,15 @@ input.addEventListener("keydown", (ev) => {
   if (ev.key === "Enter" && !ev.shiftKey && !ev.isComposing) {
     ev.preventDefault();
     $("composer").requestSubmit();
+  } else if (ev.key === "ArrowUp" && !input.value && app.current()) {  // edit my last message
+    const c = app.current();
+    const seq = c.lastMine(app.me.id);
+    if (seq) { ev.preventDefault(); app.startEdit(c, seq); }
+  } else if (ev.key === "Escape" && app.compose) {
+    app.cancelCompose();
   }
 });
+$("compose-bar-cancel").addEventListener("click", () => app.cancelCompose());
 input.addEventListener("input", () => { updateCount(); if (input.value) app.typing(); });
 document.addEventListener("visibilitychange", () => app.markRead());
 setInterval(() => app.render(), 30000);  // "last active 5 min ago" moves on

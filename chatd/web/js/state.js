@@ -14,7 +14,7 @@
 
 export const PAGE = 30;
 export const TARGETED = new Set(["edit", "delete", "react", "unreact"]);
-export const SYSTEM = new Set(["member_added", "member_removed", "member_left"]);
+export const SYSTEM = new Set(["member_added", "member_removed", "member_left", "renamed"]);
 const ASIDE_MAX = 500;
 
 export function uuid() {

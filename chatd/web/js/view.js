@@ -129,8 +129,10 @@ export function renderChannel(app) {
     } else if (c.kind === "dm" && mine && m.seq === c.lastMine(app.me.id) && (!seen || seen.seq < m.seq)) {
       receipt = (c.delivered.get(c.peerId) || 0) >= m.seq ? "✓✓" : "✓";  // stored; on their device
     }
-    return { key: `${c.id} ${m.seq}`, sig: `${who}|${receipt}|${m.state_seq || 0}`,
-             build: () => messageItem(app, m, mine, who, receipt) };
+    const quoted = m.reply_to ? c.row(m.reply_to) : null;
+    const quote = m.reply_to ? quoteText(app, m, quoted) : "";
+    return { key: `${c.id} ${m.seq}`, sig: `${who}|${receipt}|${m.state_seq || 0}|${quote}`,
+             build: () => messageItem(app, c, m, mine, who, receipt, quote) };
   });
   for (const p of c.pending.values()) {
     items.push({ key: `${c.id} ${p.cmid}`, sig: `${p.status}|${p.error}`, build: () => pendingItem(app, c, p) });
@@ -162,24 +164,65 @@ function attachments(app, list) {
 function systemText(app, m) {
   const who = m.sender_id === app.me.id ? "You" : app.userName(m.sender_id);
   const whom = m.user_id === app.me.id ? "you" : app.userName(m.user_id);
+  if (m.kind === "renamed") return `${who} renamed the group to “${m.name}”`;
   if (m.kind === "member_added") return `${who} added ${whom}`;
   if (m.kind === "member_left") return `${m.user_id === app.me.id ? "You" : app.userName(m.user_id)} left`;
   return `${who} removed ${whom}`;
 }
 
-function messageItem(app, m, mine, who, receipt) {
+const PICKER = ["👍", "❤️", "😂", "🎉"];
+
+/** A reply's quote: from this device's own copy of the original (current), else the row's excerpt. */
+function quoteText(app, m, original) {
+  const src = original && !original.kind ? { sender_id: original.sender_id, deleted: !!original.deleted,
+                                             excerpt: original.body.slice(0, 100) } : m.reply;
+  if (!src) return "a message";
+  const who = src.sender_id === app.me.id ? "You" : app.userName(src.sender_id);
+  return src.deleted ? `${who}: deleted message` : `${who}: ${src.excerpt}`;
+}
+
+function messageItem(app, c, m, mine, who, receipt, quote) {
   const li = el("li", { class: `msg${mine ? " mine" : ""}${m.deleted ? " deleted" : ""}`, "data-seq": m.seq,
                         "data-cmid": m.client_msg_id, "data-status": mine ? "sent" : null },
     el("div", { class: "meta" }, el("span", { class: "who", text: who }), el("time", { text: clock(m.created_at) }),
-      m.edited_at && !m.deleted ? el("span", { class: "edited", text: "(edited)" }) : null),
-    m.deleted ? null : attachments(app, m.attachments),
-    m.deleted ? el("div", { class: "body", text: "Message deleted" }) : m.body ? el("div", { class: "body", text: m.body }) : null);
+      m.edited_at && !m.deleted ? el("span", { class: "edited", text: "(edited)" }) : null));
+  if (m.reply_to) {
+    li.append(el("button", { type: "button", class: "quote", "data-reply-to": m.reply_to, text: quote,
+                             onclick: () => app.jumpTo(m.reply_to) }));
+  }
+  if (!m.deleted) { const atts = attachments(app, m.attachments); if (atts) li.append(atts); }
+  if (m.deleted || m.body) li.append(el("div", { class: "body", text: m.deleted ? "Message deleted" : m.body }));
   if (m.reactions && m.reactions.length) {
     li.append(el("div", { class: "reactions" }, ...m.reactions.map((r) =>
-      el("span", { class: `reaction${r.me ? " me" : ""}`, "data-emoji": r.emoji, text: `${r.emoji} ${r.count}` }))));
+      el("button", { type: "button", class: `reaction${r.me ? " me" : ""}`, "data-emoji": r.emoji,
+                     "aria-pressed": r.me ? "true" : "false", text: `${r.emoji} ${r.count}`,
+                     onclick: () => app.toggleReaction(c, m.seq, r.emoji) }))));
+  }
+  if (!m.deleted) {
+    const actions = el("div", { class: "actions" },
+      ...PICKER.map((e) => el("button", { type: "button", class: "link react", "data-emoji": e,
+                                          "aria-label": `React ${e}`, text: e,
+                                          onclick: () => app.toggleReaction(c, m.seq, e) })),
+      el("button", { type: "button", class: "link reply", text: "Reply", onclick: () => app.startReply(c, m.seq) }));
+    if (mine) {
+      actions.append(el("button", { type: "button", class: "link edit", text: "Edit", onclick: () => app.startEdit(c, m.seq) }),
+        el("button", { type: "button", class: "link delete", text: "Delete", onclick: () => app.deleteMessage(c, m.seq) }));
+    }
+    li.append(actions);
   }
   if (receipt) li.append(el("div", { class: "receipt", text: receipt }));
   return li;
+}
+
+/** The bar over the composer: what the next Enter does (edit a message, or reply to one). */
+export function renderComposeBar(app) {
+  const mode = app.compose;
+  $("compose-bar").hidden = !mode;
+  if (!mode) return;
+  const c = app.current();
+  const m = c && c.row(mode.seq);
+  $("compose-bar-text").textContent = mode.kind === "edit" ? "Editing your message"
+    : `Replying to ${m && !m.kind ? quoteText(app, m, m) : "a message"}`;
 }
 
 function pendingItem(app, c, p) {
