@@ -23,6 +23,12 @@ and devices fill such holes from the store (see the session's gap fill).
 Collaborators: the store, the membership cache, and ``deliver(message, member_ids)``, which takes
 each message on in seq order (the shard's fan-out, :class:`~chatd.shard.fanout.FanOut`).
 
+Resources: a send's store call is shielded once it started (it may commit: its fan-out must not
+be skipped), so a hung store would hold its task. At most ``MAX_STORING`` such calls of the task
+path are under way on this shard; a send beyond that is answered ``unavailable`` at once (the
+task-free path is bounded by the store's own queue). Sessions bound theirs per connection too
+(chatd/shard/session.py).
+
 Error policy: store failures reach the caller as ``ChatError("unavailable")`` and nothing is
 fanned out; membership errors as ``not_member`` / ``no_such_channel`` / ``no_such_user``.
 """
@@ -42,6 +48,11 @@ from ..metrics import Metrics
 from ..store.base import Message, Store
 
 log = logging.getLogger(__name__)
+
+# Store calls of the task path under way at once on one shard (above: ``unavailable`` at once). A
+# healthy store holds a few hundred at most (a group commit's worth per busy channel); only a hung
+# one reaches this, and then each waiting task costs memory for as long as it hangs.
+MAX_STORING = 8192
 
 
 def _not_acked() -> ChatError:
@@ -77,6 +88,7 @@ class ChannelOwners:
         self._pending: dict[tuple, _Pending] = {}
         self._channels: dict[str, _ChannelState] = {}
         self._max_idle = max_idle_channels
+        self._storing = 0  # store calls of the task path under way (at most MAX_STORING)
 
     async def send(self, sender_id: int, channel_id: str, client_msg_id: str, body: str, on_submit=None,
                    on_stored=None):
@@ -103,7 +115,10 @@ class ChannelOwners:
             if on_stored is not None:
                 on_stored(result)
             return result
+        if self._storing >= MAX_STORING:
+            raise ChatError("unavailable", "the store is not answering this shard's writes; retry")
         pending = self._pending[key] = _Pending()
+        self._storing += 1
         try:
             state = await self._state(channel_id)
             state.inflight += 1
@@ -131,6 +146,7 @@ class ChannelOwners:
             pending.error = _not_acked()
             raise
         finally:
+            self._storing -= 1
             del self._pending[key]
             pending.done.set()
 

@@ -19,8 +19,9 @@ Resources and policies
   which says whether the verb runs in the reader (it answers without waiting, or waits as TCP
   backpressure on this client only) or in a task of its own (it waits on the store or a peer).
 * **Incoming**: a token bucket over all frames (``rate_limited`` errors; a flood of them closes
-  with 1008); at most ``max_inflight_sends`` sends and ``max_inflight_requests`` requests served
-  in tasks in flight, and nothing read while the outbox is over its byte budget
+  with 1008); at most ``max_inflight_sends`` unanswered sends (and as many more answered
+  ``unavailable`` whose store write goes on: see :meth:`Session._send`) and
+  ``max_inflight_requests`` requests served in tasks in flight, and nothing read while the outbox is over its byte budget
   (``send_queue_bytes``): the reader then waits (TCP backpressure on that client only). A sync
   names at most ``sync_max_channels`` channels (``bad_field``). Bad frames get an ``error`` frame
   and the connection goes on.
@@ -110,8 +111,8 @@ class Session:
 
     __slots__ = ("node", "ws", "fmt", "limits", "_timers", "_outbox", "push", "user_id", "device_id",
                  "token_key", "_token_exp", "_bucket", "_limited_in_row", "_bad_tokens", "_inflight",
-                 "_answers", "_last_send", "_subscribed", "_nursery", "_timer", "_requests", "_tick", "_silent",
-                 "token_issued_at")
+                 "_unfinished", "_answers", "_last_send", "_subscribed", "_nursery", "_timer", "_requests",
+                 "_tick", "_silent", "token_issued_at")
 
     def __init__(self, node, ws, fmt: str, flusher, timers):
         self.node = node
@@ -134,7 +135,8 @@ class Session:
         self._limited_in_row = 0
         self._bad_tokens = 0
         # Made with the first send (an idle connection has none of them):
-        self._inflight: trio.Semaphore | None = None
+        self._inflight: trio.Semaphore | None = None  # unanswered sends (released by the answer)
+        self._unfinished = 0  # sends whose work (a store write, a link request) has not ended
         self._answers: AnswerClock | None = None
         self._last_send: dict[str, trio.Event] | None = None  # channel -> its last send's 'submitted' event
         self._subscribed: set[int] | None = None  # explicit presence subscriptions of this connection
@@ -330,13 +332,22 @@ class Session:
 
     @verb(proto.Send, task=False)
     async def _send(self, req: proto.Send) -> None:
-        """At most ``max_inflight_sends`` in flight (the reader waits for a slot: backpressure on
-        this client only). The task-free path when it can (:meth:`_send_nowait`), else a task
-        (:meth:`_send_waiting`)."""
+        """At most ``max_inflight_sends`` unanswered (the reader waits for a slot: backpressure on
+        this client only, at most until the oldest send's deadline, ``send_answer_s``, frees one).
+        A slot is freed by the send's *answer*: an ``unavailable`` at the deadline frees it too,
+        although the store write it started may go on (shielded, chatd/shard/owner.py). At most
+        as many more such lingering writes per connection: past that the store is evidently not
+        answering and a send is answered ``unavailable`` at once, without touching it -- the
+        reader never stops for a hung store, so heartbeats and the other verbs are answered.
+        The task-free path when it can (:meth:`_send_nowait`), else a task (:meth:`_send_waiting`)."""
         limits = self.limits
         if len(req.body) > limits.max_body_chars:
             self.push_error(ChatError("body_too_long", f"a message body has at most "
                                       f"{limits.max_body_chars} characters"), req.id)
+            return
+        if self._unfinished >= 2 * limits.max_inflight_sends:
+            self.push_error(ChatError("unavailable", "the store is not answering this shard's writes; resend "
+                                      "with the same client_msg_id", retry_after_ms=RETRY_AFTER_MS), req.id)
             return
         if self._inflight is None:
             self._inflight = trio.Semaphore(limits.max_inflight_sends)
@@ -344,6 +355,7 @@ class Session:
             self._inflight.acquire_nowait()  # (no checkpoint per send unless at the limit)
         except trio.WouldBlock:
             await self._inflight.acquire()
+        self._unfinished += 1
         if self._last_send is None:
             self._last_send = {}
         previous = self._last_send.get(req.channel_id)
@@ -352,6 +364,7 @@ class Session:
                 if self._send_nowait(req):
                     return
             except Exception as e:  # noqa: BLE001 - a bug: answered 'internal', connection closed
+                self._unfinished -= 1
                 self._inflight.release()
                 self.crashed(e, req.id)
                 return
@@ -367,11 +380,11 @@ class Session:
         ticket = None
 
         def done(result, error) -> None:
-            self._inflight.release()
+            self._unfinished -= 1
             try:
                 answer(result, error)
             except Exception as e:  # noqa: BLE001 - a bug: answered 'internal', connection closed
-                ticket.answered = True
+                self._drop(ticket)
                 self.crashed(e, req.id)
 
         def answer(result, error) -> None:
@@ -393,12 +406,19 @@ class Session:
         return self._answers.ticket(self._answer_send(req))
 
     def _answer_send(self, req):
-        def answer(reply) -> None:
+        def answer(reply) -> None:  # once per send (the ticket's first answer): frees its slot
+            self._inflight.release()
             if isinstance(reply, ChatError):
                 self.push_error(reply, req.id)
             else:
                 self.push(reply)
         return answer
+
+    def _drop(self, ticket) -> None:
+        """A send that will get no answer of its own (a bug answered it ``internal``): its slot."""
+        if not ticket.answered:
+            ticket.answered = True
+            self._inflight.release()
 
     async def _send_waiting(self, req: proto.Send, previous: trio.Event | None, submitted: trio.Event) -> None:
         """Sends run concurrently (their commits share a group commit) but enter the store in
@@ -424,13 +444,13 @@ class Session:
         except ChatError as e:
             ticket.answer(_retryable(e))
         except Exception as e:  # noqa: BLE001 - a bug: answered 'internal', connection closed
-            ticket.answered = True  # (the deadline must not answer it again)
+            self._drop(ticket)  # (the deadline must not answer it again)
             self.crashed(e, req.id)
         finally:
             submitted.set()
             if self._last_send.get(req.channel_id) is submitted:
                 del self._last_send[req.channel_id]
-            self._inflight.release()
+            self._unfinished -= 1
 
     @verb(proto.Sync, task=False)
     async def _sync(self, req: proto.Sync) -> None:
