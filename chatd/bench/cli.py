@@ -15,7 +15,7 @@ HELP = """Load-test chatd and check that no message is lost, duplicated or reord
 \b
 SCENARIO is one of:
   dm      1:1 pairs; every client sends to its partner (--clients must be even).
-  group   groups of --group-size members (2..100); every member sends to its group.
+  group   groups of --group-size members (2..1000); every member sends to its group.
   storm   1:1 pairs that keep sending while every client disconnects (half abruptly,
           half with a close frame) about every --reconnect-interval seconds, stays away
           up to --offline seconds, and reconnects with auth + cursors; it must get all it
@@ -102,7 +102,7 @@ def _procs(value):
 @click.option("--format", "fmt", type=click.Choice(["json", "msgpack"]), default="json", show_default=True,
               help="Wire format (WebSocket subprotocol chatd.v1.json or chatd.v1.msgpack).")
 @click.option("--group-size", type=int, default=10, show_default=True,
-              help="group: members per group (2..100); --clients must be a multiple, or smaller.")
+              help="group: members per group (2..1000); --clients must be a multiple, or smaller.")
 @click.option("--reconnect-interval", "reconnect_interval_s", type=float, default=1.0, show_default=True,
               help="storm: mean seconds a client stays connected between drops (uniform 0.5x..1.5x).")
 @click.option("--offline", "offline_s", type=float, default=0.3, show_default=True,
