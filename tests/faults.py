@@ -7,6 +7,8 @@ Nothing is mocked: the clients are real WebSocket clients of real shard processe
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -160,6 +162,17 @@ async def start_zookeeper_again(zk, timeout_s: float = 30.0) -> float:
 
 
 # ---- a store whose writes hang -------------------------------------------------------------------
+
+@asynccontextmanager
+async def process_paused(pid: int):
+    """While inside, the process is stopped (SIGSTOP, as a frozen VM or a long GC pause): a
+    Cassandra node answers nothing, and its clients' requests wait for their timeouts."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
 
 @asynccontextmanager
 async def sqlite_writes_hang(store):

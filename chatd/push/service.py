@@ -6,8 +6,8 @@ Three tasks, started together by :meth:`PushService.run` (``nursery.start``):
   shard, synchronously) only puts ``(message, user_ids)`` into a bounded memory channel (at most
   ``queue_max`` items and ``QUEUE_MAX_RECIPIENTS`` recipients in all: one message to a group of 1,000
   is one item of up to 999 recipients); delivery never waits for pushes. The writer drains it in
-  batches of at most ``WRITE_BATCH`` items and ``WRITE_BATCH_RECIPIENTS`` recipients, keeps the recipients that have push tokens (a
-  short-lived per-user cache) and writes one durable outbox row per (recipient, channel, seq). When the
+  batches of at most ``WRITE_BATCH`` items and ``WRITE_BATCH_RECIPIENTS`` recipients, keeps the
+  recipients that have push tokens (a short-lived per-user cache) and writes one durable outbox row per (recipient, channel, seq). When the
   channel is full the push is dropped and counted (``dropped``); a store failure is retried three times,
   then dropped and counted.
 * **leases** - the outbox is split into ``PUSH_SLOTS`` slots (by recipient). A process sends only the
