@@ -21,7 +21,8 @@ Resources and policies
 * **Incoming**: a token bucket over all frames (``rate_limited`` errors; a flood of them closes
   with 1008); at most ``max_inflight_sends`` sends whose work (a store write) goes on, answered
   or not (see :meth:`Session._send`), and ``max_inflight_requests`` requests served in tasks in
-  flight, and nothing read while the outbox is over its byte budget (``send_queue_bytes``): the reader then waits (TCP backpressure on that client only). A sync
+  flight, and nothing read while the outbox is over its byte budget (``send_queue_bytes``): the
+  reader then waits (TCP backpressure on that client only). A sync
   names at most ``sync_max_channels`` channels (``bad_field``). Bad frames get an ``error`` frame
   and the connection goes on.
 * **Connections**: at most ``max_connections_per_user`` authenticated connections of one user on
@@ -136,7 +137,7 @@ class Session:
         # Made with the first send (an idle connection has none of them):
         self._unanswered = 0  # sends not answered yet
         self._unfinished = 0  # sends whose work (a store write, a link request) has not ended
-        self._send_room: trio.lowlevel.ParkingLot | None = None  # the reader, waiting below the cap
+        self._send_room: trio.lowlevel.ParkingLot | None = None  # the reader, waiting at the cap
         self._answers: AnswerClock | None = None
         self._last_send: dict[str, trio.Event] | None = None  # channel -> its last send's 'submitted' event
         self._subscribed: set[int] | None = None  # explicit presence subscriptions of this connection
