@@ -25,7 +25,8 @@ history (it keeps nothing durable), ``GOMAXPROCS=1``, usage statistics off, clie
 tokens (``client.insecure``), listening on 127.0.0.1 only. This script never runs ``centrifugo
 configdoc`` (it serves on all interfaces); it checks its config with ``centrifugo checkconfig``.
 
-Measured: server CPU (user + system from /proc) over the steady window, per send and per delivery;
+Measured: server CPU (user + system from /proc) over the steady window, per send and per delivery
+(a delivery: a message event at any member's connection, the sender's own echo included);
 send -> deliver latency p50 / p99 at the other members (the generator's clock); for idle, RSS growth
 per connection. Printed: one line per run, then a table with the chatd / Centrifugo ratios (medians
 of the rounds). On a shared machine the absolute figures are noise; the ratios of alternated runs
