@@ -176,7 +176,7 @@ class AuthConfig:
 class LimitsConfig:
     max_frame_bytes: int = 512 * 1024
     max_body_chars: int = 100_000
-    max_group_members: int = 100
+    max_group_members: int = 1000  # the owner included (docs/operations.md: group size and cost)
     # Per-connection token bucket over all incoming frames.
     rate_frames_per_s: float = 100.0
     rate_burst: int = 200

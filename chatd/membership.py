@@ -1,8 +1,10 @@
 """Who may read and write a channel, cached per shard.
 
 A 1:1 channel's members follow from its id (both users must exist); a group's come from the store.
-The cache is bounded (least recently loaded evicted first) and invalidated by whoever changes
-membership (the API calls :meth:`invalidate`). Errors: ``no_such_channel``, ``no_such_user``,
+The cache is bounded twice, least recently loaded evicted first: at most ``max_cached`` channels
+and at most ``max_cached_members`` member entries in all (groups hold up to 1,000 members: 100,000
+cached groups of 1,000 would be ~4 GB; 2,000,000 entries are ~70 MB). It is invalidated by whoever
+changes membership (the API calls :meth:`invalidate`). Errors: ``no_such_channel``, ``no_such_user``,
 ``not_member``.
 
 Negative answers (``no_such_channel``, ``no_such_user``) are cached too, for ``MISSING_TTL_S``
@@ -30,10 +32,12 @@ MAX_MISSING = 10_000
 
 
 class Membership:
-    def __init__(self, store, max_cached: int = 100_000):
+    def __init__(self, store, max_cached: int = 100_000, max_cached_members: int = 2_000_000):
         self._store = store
         self._cache: OrderedDict[str, frozenset[int]] = OrderedDict()
         self._max = max_cached
+        self._max_members = max_cached_members
+        self._weight = 0  # member entries in the cache
         self._generation: dict[str, int] = {}
         self.on_invalidate: list = []  # callables(channel_id), told after each invalidation
         self._missing: OrderedDict[str, tuple[float, str, str]] = OrderedDict()  # channel -> (expiry, code, message)
@@ -57,10 +61,18 @@ class Membership:
                     self._missing.popitem(last=False)
             raise
         if self._generation.get(channel_id, 0) == gen:  # not invalidated while we loaded
-            self._cache[channel_id] = members
-            if len(self._cache) > self._max:
-                self._cache.popitem(last=False)
+            self._put(channel_id, members)
         return members
+
+    def _put(self, channel_id: str, members: frozenset[int]) -> None:
+        old = self._cache.pop(channel_id, None)
+        if old is not None:
+            self._weight -= len(old)
+        self._cache[channel_id] = members
+        self._weight += len(members)
+        while self._cache and (len(self._cache) > self._max or self._weight > self._max_members):
+            _, evicted = self._cache.popitem(last=False)
+            self._weight -= len(evicted)
 
     async def _load(self, channel_id: str) -> frozenset[int]:
         pair = dm_members(channel_id)
@@ -90,8 +102,14 @@ class Membership:
             raise ChatError("not_member", "you are not a member of this channel")
         return members
 
+    def statistics(self) -> dict[str, int]:
+        """``channels`` and ``members`` (entries) in the cache."""
+        return {"channels": len(self._cache), "members": self._weight}
+
     def invalidate(self, channel_id: str) -> None:
-        self._cache.pop(channel_id, None)
+        old = self._cache.pop(channel_id, None)
+        if old is not None:
+            self._weight -= len(old)
         self._missing.pop(channel_id, None)
         self._generation[channel_id] = self._generation.get(channel_id, 0) + 1
         for listener in self.on_invalidate:

@@ -16,8 +16,10 @@ Environment:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import secrets
 import shutil
 import subprocess
@@ -38,6 +40,7 @@ class CassandraServer:
     port: int
     dc: str
     version: str
+    pid: int | None = None  # the JVM's, when this session started it (None: an outside server)
 
     def config(self, keyspace: str | None = None, **kw):
         from chatd.config import CassandraConfig
@@ -90,7 +93,7 @@ class _Launcher:
             self.error = f"could not start Apache Cassandra for the tests: {err.strip() or out.strip()}"
             pytest.fail(self.error, pytrace=False)
         state = json.loads(out.strip().splitlines()[-1])
-        self.server = CassandraServer(state["host"], state["port"], state["dc"], state["version"])
+        self.server = CassandraServer(state["host"], state["port"], state["dc"], state["version"], state["pid"])
         return self.server
 
     def end(self) -> None:
@@ -98,6 +101,9 @@ class _Launcher:
             return
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
+        if self.server is not None and self.server.pid is not None:  # (a test cut short while it paused it)
+            with contextlib.suppress(OSError):
+                os.kill(self.server.pid, signal.SIGCONT)
         subprocess.run([sys.executable, str(SCRIPT), "stop", "--dir", str(self.dir)], capture_output=True)
         shutil.rmtree(self.dir, ignore_errors=True)
 

@@ -68,6 +68,14 @@ class EmulatedKeyspace(CqlRunner):
         self.calls["batch"] += 1
         # chatd batches statements on one members_by_channel partition, or one messages partition
         names = {n for n, _ in items}
+        if names == {"dedup_put"} and not conditional:  # a batch's dedup rows: one request, <= 10 partitions
+            assert len(items) <= 10, items
+            mode = self._failure("dedup_put")
+            for name, params in items:
+                self.w_dedup_put(*params)
+            if mode == "after":
+                raise ChatError("unavailable", "injected timeout after batch dedup_put")
+            return []
         assert names <= {"member_version_cas", "member_version_set", "member_insert", "member_delete"} or \
             names <= {"bucket_advance", "msg_put", "msg_put_event"}, items
         partitions = {params[1] if n.startswith("member_version") else

@@ -1,12 +1,16 @@
 """Helpers of the fault tests (tests/test_failover.py, tests/test_partition.py): clients that
 record when each send was answered, a sender that keeps traffic flowing through a fault, the store
-checks every fault test ends with, and ZooKeeper killed and started again on the same port and
-data directory.
+checks every fault test ends with, ZooKeeper killed and started again on the same port and
+data directory, and a real SQLite store whose writes hang.
 
 Nothing is mocked: the clients are real WebSocket clients of real shard processes."""
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import trio
@@ -155,3 +159,38 @@ async def start_zookeeper_again(zk, timeout_s: float = 30.0) -> float:
         while not await trio.to_thread.run_sync(answers):
             assert zk.proc.poll() is None, "ZooKeeper exited; see its log"
         return trio.current_time()
+
+
+# ---- a store whose writes hang -------------------------------------------------------------------
+
+@asynccontextmanager
+async def process_paused(pid: int):
+    """While inside, the process is stopped (SIGSTOP, as a frozen VM or a long GC pause): a
+    Cassandra node answers nothing, and its clients' requests wait for their timeouts."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+@asynccontextmanager
+async def sqlite_writes_hang(store):
+    """While inside, the real SQLite store's writer thread is stuck in a write that does not return
+    (as on a hung disk): every write queued meanwhile waits; reads go on. On exit the stuck write
+    returns and everything queued commits."""
+    release = threading.Event()
+    token = trio.lowlevel.current_trio_token()
+    entered = trio.Event()
+
+    def stuck(conn) -> None:  # in the writer thread, inside its transaction
+        token.run_sync_soon(entered.set)
+        release.wait()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(store._write, stuck)
+        try:
+            with trio.fail_after(10):
+                await entered.wait()
+            yield
+        finally:
+            release.set()

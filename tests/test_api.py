@@ -106,6 +106,8 @@ async def test_groups_and_membership(capped):
     assert r.status == 409 and r.body["error"]["code"] == "group_full"
     r = await api.call("GET", f"/v1/channels/{g}/members", token=c["token"])
     assert r.body["members"] == sorted([ids["a"], ids["b"], ids["c"]])
+    names = {ids["a"]: "alice", ids["b"]: "bob", ids["c"]: "carol"}  # profiles ride along, in the same order
+    assert [(u["id"], u["username"]) for u in r.body["users"]] == [(i, names[i]) for i in r.body["members"]]
     r = await api.call("GET", f"/v1/channels/{g}/members", token=d["token"])
     assert r.status == 403 and r.body["error"]["code"] == "not_member"
     # others can't remove; anyone can leave

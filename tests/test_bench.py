@@ -160,7 +160,7 @@ def test_plans_and_options():
     assert plan_channels("idle", 5, 10) == []
     BenchOptions("dm", clients=10).validate()
     for bad in (BenchOptions("dm", clients=3), BenchOptions("group", clients=15, group_size=10),
-                BenchOptions("group", group_size=101), BenchOptions("dm", size=10),
+                BenchOptions("group", group_size=1001), BenchOptions("dm", size=10),
                 BenchOptions("dm", ramp_up_s=10, duration_s=5)):
         with pytest.raises(ValueError):
             bad.validate()

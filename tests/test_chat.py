@@ -64,6 +64,41 @@ async def test_group_of_100(server, nursery):
         assert [(m["seq"], m["body"]) for m in got] == [(1, "hello 0"), (2, "hello 1"), (3, "hello 2")]
 
 
+async def test_group_of_1000_default_cap(server, nursery):
+    """The default cap (limits.max_group_members) is 1,000, the owner included: a group of 1,000
+    is made, a 1,001st member is refused, and a message reaches every connected member once, in
+    order (100 of them connected; the other 900 are offline)."""
+    limiter = trio.CapacityLimiter(8)
+    online: list = [None] * 100  # these sign up and log in; the 900 others never log in: made in the store
+
+    async def sign_up(i):
+        async with limiter:
+            online[i] = await server.api.signup_login(f"k{i:04d}")
+    async with trio.open_nursery() as signups:
+        for i in range(100):
+            signups.start_soon(sign_up, i)
+    offline = [await server.node.store.create_user(f"o{i:04d}", "unused-hash", f"o{i:04d}", 1.0) for i in range(901)]
+    owner, extra = online[0], offline[900]
+    ids = [m["user"]["id"] for m in online[1:]] + [u.id for u in offline[:900]]
+    r = await server.api.call("POST", "/v1/groups", {"name": "thousand", "members": ids}, token=owner["token"])
+    assert r.status == 201, r
+    ch = r.body["channel"]["id"]
+    assert len(r.body["channel"]["members"]) == 1000
+    r = await server.api.call("POST", f"/v1/channels/{ch}/members", {"user_id": extra.id}, token=owner["token"])
+    assert r.status == 409 and r.body["error"]["code"] == "group_full", r
+    clients = [await open_client(nursery, m["ws_url"], m["token"]) for m in online]
+    for i in range(3):
+        ack = await clients[i].send_message(ch, f"hello {i}")
+        assert ack["seq"] == i + 1
+    for c in clients:
+        got = await c.messages(3)
+        assert [(m["seq"], m["body"]) for m in got] == [(1, "hello 0"), (2, "hello 1"), (3, "hello 2")]
+        assert not c.pending_messages()  # once
+    r = await server.api.call("GET", f"/v1/channels/{ch}/messages?limit=10", token=online[99]["token"])
+    assert [m["body"] for m in r.body["messages"]] == ["hello 0", "hello 1", "hello 2"]
+    assert await server.node.store.head_seq(ch) == 3
+
+
 async def test_multi_device(server, nursery):
     alice, bob = await users(server, "alice", "bob")
     alice2 = await server.api.login("alice")

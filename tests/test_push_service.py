@@ -302,6 +302,39 @@ async def test_full_queue_drops_without_blocking(rig, autojump_clock):
     assert svc.statistics()["dropped"] == 4 and svc.statistics()["queue"] == 3
 
 
+async def test_group_of_1000_is_bounded_in_recipients_and_written_in_bounded_batches(rig, autojump_clock,
+                                                                                   monkeypatch):
+    """One message to a group of 1,000 is one queue item of 999 recipients: the queue is bounded in
+    recipients too, and the writer's outbox writes hold at most WRITE_BATCH_RECIPIENTS rows."""
+    from chatd.push import service
+    monkeypatch.setattr(service, "QUEUE_MAX_RECIPIENTS", 2500)
+    monkeypatch.setattr(service, "WRITE_BATCH_RECIPIENTS", 1000)
+    members = list(range(2, 1001))  # 999 offline members with tokens; the sender (1) is not pushed
+    for u in members:
+        await rig.token(u, f"t{u}")
+    svc = PushService(rig.store, push_config(), "s1", Recorder(), now=trio.current_time)
+    for _ in range(3):  # not running yet: the third would make 2,997 waiting recipients
+        svc.notify_offline(rig.message(), members)
+    assert (svc.statistics()["queue"], svc.statistics()["dropped"]) == (2, 999)
+    writes: list[int] = []
+    enqueue = rig.store.enqueue_pushes
+
+    async def recorded(entries):
+        writes.append(len(entries))
+        return await enqueue(entries)
+    monkeypatch.setattr(rig.store, "enqueue_pushes", recorded)
+    svc.cancel = trio.CancelScope()
+
+    async def run(task_status=trio.TASK_STATUS_IGNORED):
+        with svc.cancel:
+            await svc.run(task_status=task_status)
+    await rig.nursery.start(run)
+    await svc.flush()
+    assert writes == [999, 999]  # one item per write: two would pass 1,000 recipients
+    assert len(await rig.outbox()) == 2 * 999
+    svc.cancel.cancel()
+
+
 async def test_restart_sends_the_outbox_and_nothing_twice(rig, autojump_clock):
     rec = Recorder(lambda n, i: Outcome(RETRY, "down"))
     svc = await rig.service(rec)

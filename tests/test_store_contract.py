@@ -56,21 +56,25 @@ class Backend:
         self.open = opener
 
 
-@pytest.fixture(params=["sqlite", "cassandra_emulated", "cassandra"])
+@pytest.fixture(params=["sqlite", "cassandra_emulated", "cassandra_emulated_bg", "cassandra"])
 def backend(request, tmp_path):
     if request.param == "sqlite":
         return Backend("sqlite", lambda: open_sqlite(str(tmp_path / "chatd.db")))
-    if request.param == "cassandra_emulated":
+    if request.param.startswith("cassandra_emulated"):
         keyspace = EmulatedKeyspace(TEST_BUCKET_SIZE)
 
         @contextlib.asynccontextmanager
         async def open_emulated():
-            store = CassandraStore(keyspace, bucket_size=TEST_BUCKET_SIZE)
-            try:
-                yield store
-            finally:
-                await store.aclose()
-        return Backend("cassandra_emulated", open_emulated)
+            # _bg: with a background nursery, as open_cassandra runs it (the task-free appends,
+            # dedup rows and head hints after the answer); without one, each caller does its own
+            async with trio.open_nursery() as background:
+                store = CassandraStore(keyspace, bucket_size=TEST_BUCKET_SIZE,
+                                       background=background if request.param.endswith("_bg") else None)
+                try:
+                    yield store
+                finally:
+                    await store.aclose()
+        return Backend(request.param, open_emulated)
     cfg = request.getfixturevalue("cassandra_config")
     return Backend("cassandra", lambda: open_cassandra(cfg))
 
@@ -399,6 +403,42 @@ async def test_append_is_gap_free(store):
     assert (await store.get_channel(gid)).last_seq == 12
     stored = await store.read_messages(gid, after=0, limit=100)
     assert [fields(m) for m in stored] == [fields(r.message) for r in results]
+
+
+async def test_submitted_appends_keep_the_callers_order_and_answer_once(store, backend):
+    """``submit_append`` (the task-free send path) on the backends that queue without a task:
+    seqs in the order submitted, a resend in the same burst answered as the duplicate, each
+    callback once; what the stores without it answer (False) is that they queued nothing."""
+    a, b = await users(store, 2)
+    gid = await group(store, a, [b])
+    answers: dict[int, list] = {}  # submit number -> its callbacks' arguments
+    done = trio.Event()
+    cmids = [f"c{i}" for i in range(20)] + ["c3"]  # the resend of c3 rides in the same burst
+
+    def callback_for(i):
+        def answered(result, error):
+            answers.setdefault(i, []).append((result, error))
+            if sum(len(v) for v in answers.values()) == len(cmids):
+                done.set()
+        return answered
+    taken = [store.submit_append(gid, a.id, c, f"body {c}", 100.0 + i, None, callback_for(i))
+             for i, c in enumerate(cmids)]
+    if backend.name in ("sqlite", "cassandra", "cassandra_emulated_bg"):
+        assert taken == [True] * len(cmids)
+    if not any(taken):
+        assert await store.head_seq(gid) == 0
+        return
+    with trio.fail_after(30):
+        await done.wait()
+    assert sorted(answers) == list(range(len(cmids))) and all(len(v) == 1 for v in answers.values()), answers
+    results = [answers[i][0] for i in range(len(cmids))]
+    assert all(error is None for _, error in results), results
+    assert [r.message.seq for r, _ in results[:20]] == list(range(1, 21))
+    assert [r.duplicate for r, _ in results] == [False] * 20 + [True]
+    assert fields(results[20][0].message) == fields(results[3][0].message)  # the original, body and all
+    assert await store.head_seq(gid) == 20
+    stored = await store.read_messages(gid, after=0, limit=100)
+    assert [m.client_msg_id for m in stored] == cmids[:20]
 
 
 async def test_append_deduplicates_client_msg_id(store):

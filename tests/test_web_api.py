@@ -53,7 +53,9 @@ async def test_user_by_name_connect_and_owner(server):
     r = await api.call("GET", f"/v1/channels/{g}/members", token=t)
     assert r.status == 403 or r.body["error"]["code"] == "not_member"
     r = await api.call("GET", f"/v1/channels/{g}/members", token=bob["token"])
-    assert r.body == {"channel_id": g, "members": [bob["user"]["id"]], "owner_id": bob["user"]["id"]}
+    assert {k: v for k, v in r.body.items() if k != "users"} == {
+        "channel_id": g, "members": [bob["user"]["id"]], "owner_id": bob["user"]["id"]}
+    assert [u["username"] for u in r.body["users"]] == ["bob"]
     dm = f"dm:{alice['user']['id']}:{bob['user']['id']}"
     r = await api.call("GET", f"/v1/channels/{dm}/members", token=t)
     assert r.body["owner_id"] is None

@@ -249,6 +249,9 @@ class Members(Struct):
     channel_id: str
     members: list[int]
     owner_id: int | None  # the group's owner (null for a 1:1 channel)
+    # the members' public profiles, in the order of ``members`` (one read for a group of 1,000,
+    # instead of a GET /v1/users/<id> per member)
+    users: list[User]
 
 
 class ReceiptCursor(Struct):

@@ -15,7 +15,7 @@ HELP = """Load-test chatd and check that no message is lost, duplicated or reord
 \b
 SCENARIO is one of:
   dm      1:1 pairs; every client sends to its partner (--clients must be even).
-  group   groups of --group-size members (2..100); every member sends to its group.
+  group   groups of --group-size members (2..1000); every member sends to its group.
   storm   1:1 pairs that keep sending while every client disconnects (half abruptly,
           half with a close frame) about every --reconnect-interval seconds, stays away
           up to --offline seconds, and reconnects with auth + cursors; it must get all it
@@ -112,7 +112,7 @@ def _mix(text: str) -> tuple:
               help="How devices connect: WebSocket, SSE + POST /v1/frames, or long polling + POST /v1/frames "
                    "(docs/protocol.md section 7); the same loss / duplicate / order checks.")
 @click.option("--group-size", type=int, default=10, show_default=True,
-              help="group: members per group (2..100); --clients must be a multiple, or smaller.")
+              help="group: members per group (2..1000); --clients must be a multiple, or smaller.")
 @click.option("--reconnect-interval", "reconnect_interval_s", type=float, default=1.0, show_default=True,
               help="storm: mean seconds a client stays connected between drops (uniform 0.5x..1.5x).")
 @click.option("--offline", "offline_s", type=float, default=0.3, show_default=True,

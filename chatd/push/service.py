@@ -3,9 +3,11 @@
 Three tasks, started together by :meth:`PushService.run` (``nursery.start``):
 
 * **writer** - :meth:`PushService.notify_offline` (called by the router on the recipients' home
-  shard, synchronously) only puts ``(message, user_ids)`` into a bounded memory channel; delivery never
-  waits for pushes. The writer drains it in batches, keeps the recipients that have push tokens (a
-  short-lived per-user cache) and writes one durable outbox row per (recipient, channel, seq). When the
+  shard, synchronously) only puts ``(message, user_ids)`` into a bounded memory channel (at most
+  ``queue_max`` items and ``QUEUE_MAX_RECIPIENTS`` recipients in all: one message to a group of 1,000
+  is one item of up to 999 recipients); delivery never waits for pushes. The writer drains it in
+  batches of at most ``WRITE_BATCH`` items and ``WRITE_BATCH_RECIPIENTS`` recipients, keeps the
+  recipients that have push tokens (a short-lived per-user cache) and writes one durable outbox row per (recipient, channel, seq). When the
   channel is full the push is dropped and counted (``dropped``); a store failure is retried three times,
   then dropped and counted.
 * **leases** - the outbox is split into ``PUSH_SLOTS`` slots (by recipient). A process sends only the
@@ -53,6 +55,8 @@ from .payload import DELIVERED, FAILED, REJECTED, backoff_s, truncate
 log = logging.getLogger(__name__)
 
 WRITE_BATCH = 512  # notify_offline items per outbox write
+WRITE_BATCH_RECIPIENTS = 4096  # and recipients (outbox rows at most) per write: a few groups of 1,000
+QUEUE_MAX_RECIPIENTS = 256_000  # recipients waiting for the writer (~20 MB); more: dropped, counted
 READ_BATCH = 1000  # outbox rows read per slot per pass
 TOKEN_CACHE_S = 5.0  # "does this user have push tokens" is cached this long (per process)
 STORE_RETRIES = (0.5, 1.0, 2.0)  # the writer's waits before it drops a batch the store refused
@@ -81,6 +85,7 @@ class PushService:
         self._now = now
         self._send, self._recv = trio.open_memory_channel(config.queue_max)
         self._queued = 0  # items accepted by notify_offline
+        self._recipients = 0  # recipients of the items accepted and not yet written
         self._written = 0  # items the writer is done with
         self._writer_progress = trio.lowlevel.ParkingLot()
         self._has_tokens: dict[int, tuple[float, bool]] = {}  # user -> (expires, has tokens)
@@ -101,8 +106,11 @@ class PushService:
     # ---- the hook (synchronous, never blocks) -------------------------------------------------
     def notify_offline(self, message, user_ids) -> None:
         """``message`` reached members ``user_ids`` who have no connected device: push to them."""
+        user_ids = list(user_ids)
         try:
-            self._send.send_nowait((message, list(user_ids), self._now()))
+            if self._recipients + len(user_ids) > QUEUE_MAX_RECIPIENTS:
+                raise trio.WouldBlock
+            self._send.send_nowait((message, user_ids, self._now()))
         except (trio.WouldBlock, trio.ClosedResourceError):
             self.stats["dropped"] += len(user_ids)
             if time.monotonic() - self._last_drop_log > LOG_EVERY_S:
@@ -111,6 +119,7 @@ class PushService:
                             self.stats["dropped"])
             return
         self._queued += 1
+        self._recipients += len(user_ids)
         self.stats["queued"] += len(user_ids)
 
     def tokens_changed(self, user_id: int) -> None:
@@ -156,19 +165,34 @@ class PushService:
 
     # writer
     async def _writer(self) -> None:
-        async for first in self._recv:
+        carry = None  # an item that did not fit the last batch: it starts the next
+        while True:
+            if carry is not None:
+                first, carry = carry, None
+            else:
+                try:
+                    first = await self._recv.receive()
+                except trio.EndOfChannel:
+                    return
             batch = [first]
+            recipients = len(first[1])
             while len(batch) < WRITE_BATCH:
                 try:
-                    batch.append(self._recv.receive_nowait())
+                    item = self._recv.receive_nowait()
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
+                if recipients + len(item[1]) > WRITE_BATCH_RECIPIENTS:
+                    carry = item
+                    break
+                batch.append(item)
+                recipients += len(item[1])
             try:
                 entries = await self._entries_for(batch)
                 if entries:
                     await self._store_entries(entries)
             finally:
                 self._written += len(batch)
+                self._recipients -= recipients
                 self._writer_progress.unpark_all()
 
     async def _entries_for(self, batch) -> list[PushEntry]:

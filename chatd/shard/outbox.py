@@ -13,6 +13,12 @@ Resources and policies
   connection (in the connection's nursery), which ends when the queue is empty again.
   :meth:`Outbox.push` never blocks: when the queue is full the client is a *slow consumer* and is
   disconnected with close code 1013; it resyncs when it comes back.
+* **Replies overtake a waiting writer**: while the writer task waits (a sync job or a gap fill
+  reading the store, a full socket), a ``heartbeat``, ``ack`` or ``error`` answering a request
+  (one with an ``id``) is not queued behind it: it is framed and joins the bytes gathered for the
+  socket at once, written when the socket takes it (whole frames; after what was gathered
+  before). Acks and errors may come in any order relative to messages anyway; so a store that
+  does not answer delays no heartbeat reply and no send's ``unavailable`` (tests/test_store_down.py).
 * **Byte budget**: what is queued for the connection is also counted in bytes (``max_bytes``:
   ``limits.send_queue_bytes``): replies and events are framed when pushed, so their bytes are
   known; a queued message counts its frame (built once per format and shared, as below); bytes
@@ -75,6 +81,7 @@ SEND_GRACE_S = 2.0  # how long a close waits for the socket write in progress
 GONE = frozenset(("not_member", "no_such_channel", "no_such_user"))  # the channel is not the user's (now)
 
 IDLE, MARKED, WRITING, DONE = range(4)  # Outbox._state: who writes the queue next
+OVERTAKE = frozenset(("heartbeat", "ack", "error"))  # replies not queued behind a waiting writer
 
 
 class SyncJob:
@@ -174,6 +181,16 @@ class Outbox:
         if len(self._queue) >= self._max_queued:
             self._metrics.slow_consumers.inc()
             self.close_soon(CLOSE_TRY_AGAIN, "slow consumer: send queue full; reconnect and sync")
+            return
+        if self._state == WRITING and type(item) is dict and item.get("type") in OVERTAKE \
+                and item.get("id") is not None:  # a reply: not behind the writer's store read
+            try:
+                data = frame(proto.dumps(item, self.fmt))
+            except Exception as e:  # noqa: BLE001 - a bug: the writer task says so, closes with 1011
+                self._queue.append(_Crash(e))
+                return
+            self._out.append(data)
+            self._write_nowait()  # (nothing when the writer's write holds the socket: it writes it next)
             return
         if self._state == IDLE:  # (then nothing is queued or half-written)
             if type(item) is Message:  # a fan-out: written straight away, no pass, no task

@@ -30,6 +30,12 @@ stored, under a per-channel lock held from the resend check to the durable appen
 of one channel never check against a state the other is changing. :meth:`delete_message` is the
 one redaction entry point (a moderator or an erasure job calls it with ``force``).
 
+Resources: a send's store call is shielded once it started (it may commit: its fan-out must not
+be skipped), so a hung store would hold its task. At most ``MAX_STORING`` such calls of the task
+path are under way on this shard; a send beyond that is answered ``unavailable`` at once (the
+task-free path is bounded by the store's own queue). Sessions bound theirs per connection too
+(chatd/shard/session.py).
+
 Error policy: store failures reach the caller as ``ChatError("unavailable")`` and nothing is
 fanned out; membership errors as ``not_member`` / ``no_such_channel`` / ``no_such_user``; the
 lifecycle's as chatd/lifecycle.py lists.
@@ -51,6 +57,11 @@ from ..metrics import Metrics
 from ..store.base import Message, Store
 
 log = logging.getLogger(__name__)
+
+# Store calls of the task path under way at once on one shard (above: ``unavailable`` at once). A
+# healthy store holds a few hundred at most (a group commit's worth per busy channel); only a hung
+# one reaches this, and then each waiting task costs memory for as long as it hangs.
+MAX_STORING = 8192
 
 
 def _not_acked() -> ChatError:
@@ -91,6 +102,7 @@ class ChannelOwners:
         self._max_idle = max_idle_channels
         self._locks: dict[str, trio.Lock] = {}  # channel -> its lifecycle lock (while in use)
         self._extra: dict[tuple, int] = {}  # (seq, channel) -> one more recipient of that row
+        self._storing = 0  # store calls of the task path under way (at most MAX_STORING)
 
     async def append_event(self, user_id: int, channel_id: str, client_msg_id: str, spec: lc.EventSpec,
                            on_stored=None, force: bool = False):
@@ -193,7 +205,10 @@ class ChannelOwners:
             if on_stored is not None:
                 on_stored(result)
             return result
+        if self._storing >= MAX_STORING:
+            raise ChatError("unavailable", "the store is not answering this shard's writes; retry")
         pending = self._pending[key] = _Pending()
+        self._storing += 1
         try:
             state = await self._state(channel_id)
             state.inflight += 1
@@ -222,6 +237,7 @@ class ChannelOwners:
             pending.error = _not_acked()
             raise
         finally:
+            self._storing -= 1
             del self._pending[key]
             pending.done.set()
 

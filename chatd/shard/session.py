@@ -23,9 +23,10 @@ Resources and policies
   which says whether the verb runs in the reader (it answers without waiting, or waits as TCP
   backpressure on this client only) or in a task of its own (it waits on the store or a peer).
 * **Incoming**: a token bucket over all frames (``rate_limited`` errors; a flood of them closes
-  with 1008); at most ``max_inflight_sends`` sends and ``max_inflight_requests`` requests served
-  in tasks in flight, and nothing read while the outbox is over its byte budget
-  (``send_queue_bytes``): the reader then waits (TCP backpressure on that client only). A sync
+  with 1008); at most ``max_inflight_sends`` sends whose work (a store write) goes on, answered
+  or not (see :meth:`Session._send`), and ``max_inflight_requests`` requests served in tasks in
+  flight, and nothing read while the outbox is over its byte budget (``send_queue_bytes``): the
+  reader then waits (TCP backpressure on that client only). A sync
   names at most ``sync_max_channels`` channels (``bad_field``). Bad frames get an ``error`` frame
   and the connection goes on.
 * **Connections**: at most ``max_connections_per_user`` authenticated connections of one user on
@@ -131,9 +132,9 @@ class Session:
     OUTBOX = Outbox  # the outgoing side's class (an HTTP device session's: chatd/shard/httpsession.py)
 
     __slots__ = ("node", "ws", "fmt", "limits", "_timers", "_outbox", "push", "user_id", "device_id",
-                 "token_key", "_token_exp", "_bucket", "_limited_in_row", "_bad_tokens", "_inflight",
-                 "_answers", "_last_send", "_subscribed", "_nursery", "_timer", "_requests", "_tick", "_silent",
-                 "token_issued_at")
+                 "token_key", "_token_exp", "_bucket", "_limited_in_row", "_bad_tokens", "_unanswered",
+                 "_unfinished", "_send_room", "_answers", "_last_send", "_subscribed", "_nursery", "_timer",
+                 "_requests", "_tick", "_silent", "token_issued_at")
 
     def __init__(self, node, ws, fmt: str, flusher, timers):
         self.node = node
@@ -156,7 +157,9 @@ class Session:
         self._limited_in_row = 0
         self._bad_tokens = 0
         # Made with the first send (an idle connection has none of them):
-        self._inflight: trio.Semaphore | None = None
+        self._unanswered = 0  # sends not answered yet
+        self._unfinished = 0  # sends whose work (a store write, a link request) has not ended
+        self._send_room: trio.lowlevel.ParkingLot | None = None  # the reader, waiting at the cap
         self._answers: AnswerClock | None = None
         self._last_send: dict[str, trio.Event] | None = None  # channel -> its last send's 'submitted' event
         self._subscribed: set[int] | None = None  # explicit presence subscriptions of this connection
@@ -352,20 +355,22 @@ class Session:
 
     @verb(proto.Send, task=False)
     async def _send(self, req: proto.Send) -> None:
-        """At most ``max_inflight_sends`` in flight (the reader waits for a slot: backpressure on
-        this client only). The task-free path when it can (:meth:`_send_nowait`), else a task
-        (:meth:`_send_waiting`)."""
+        """At most ``max_inflight_sends`` sends whose work goes on. At the cap, while all of them
+        are unanswered (a busy but healthy store), the reader waits -- backpressure on this client
+        only, and at most until the oldest one's answer deadline (``send_answer_s``). Once one of
+        them was answered and its write still goes on (``unavailable`` at the deadline: the write
+        is shielded, chatd/shard/owner.py), the store is not keeping up: a send at the cap is
+        answered ``unavailable`` at once, without touching the store. So the store never holds
+        more of one connection's writes than before, and the reader never stops for a store that
+        hangs: heartbeats and the other verbs are answered meanwhile.
+        The task-free path when it can (:meth:`_send_nowait`), else a task (:meth:`_send_waiting`)."""
         limits = self.limits
         if len(req.body) > limits.max_body_chars:
             self.push_error(ChatError("body_too_long", f"a message body has at most "
                                       f"{limits.max_body_chars} characters"), req.id)
             return
-        if self._inflight is None:
-            self._inflight = trio.Semaphore(limits.max_inflight_sends)
-        try:
-            self._inflight.acquire_nowait()  # (no checkpoint per send unless at the limit)
-        except trio.WouldBlock:
-            await self._inflight.acquire()
+        if not await self._admit(req):
+            return
         if self._last_send is None:
             self._last_send = {}
         previous = self._last_send.get(req.channel_id)
@@ -374,11 +379,29 @@ class Session:
                 if self._send_nowait(req):
                     return
             except Exception as e:  # noqa: BLE001 - a bug: answered 'internal', connection closed
-                self._inflight.release()
+                self._answered()
+                self._finished()
                 self.crashed(e, req.id)
                 return
         submitted = self._last_send[req.channel_id] = trio.Event()
         self._nursery.start_soon(self._send_waiting, req, previous, submitted)
+
+    async def _admit(self, req) -> bool:
+        """Room for one more send or lifecycle request (see :meth:`_send`): True once it counts
+        as unanswered and unfinished; False when it was answered ``unavailable`` at once."""
+        limits = self.limits
+        while self._unfinished >= limits.max_inflight_sends:
+            if self._unfinished > self._unanswered:  # answered, still writing: the store lags
+                self.push_error(ChatError("unavailable", "the store is not keeping up with this connection's "
+                                          "writes; resend with the same client_msg_id",
+                                          retry_after_ms=RETRY_AFTER_MS), req.id)
+                return False
+            if self._send_room is None:
+                self._send_room = trio.lowlevel.ParkingLot()
+            await self._send_room.park()  # woken by an answer or an end of work
+        self._unanswered += 1
+        self._unfinished += 1
+        return True
 
     def _send_nowait(self, req: proto.Send) -> bool:
         """The send's fast path: no earlier send of this channel waits to be queued and
@@ -389,11 +412,11 @@ class Session:
         ticket = None
 
         def done(result, error) -> None:
-            self._inflight.release()
+            self._finished()
             try:
                 answer(result, error)
             except Exception as e:  # noqa: BLE001 - a bug: answered 'internal', connection closed
-                ticket.answered = True
+                self._drop(ticket)
                 self.crashed(e, req.id)
 
         def answer(result, error) -> None:
@@ -415,12 +438,29 @@ class Session:
         return self._answers.ticket(self._answer_send(req))
 
     def _answer_send(self, req):
-        def answer(reply) -> None:
+        def answer(reply) -> None:  # once per send (the ticket's first answer)
+            self._answered()
             if isinstance(reply, ChatError):
                 self.push_error(reply, req.id)
             else:
                 self.push(reply)
         return answer
+
+    def _drop(self, ticket) -> None:
+        """A send that will get no answer of its own (a bug answered it ``internal``)."""
+        if not ticket.answered:
+            ticket.answered = True
+            self._answered()
+
+    def _answered(self) -> None:
+        self._unanswered -= 1
+        if self._send_room:  # (the reader waits at the cap: it may answer the next at once now)
+            self._send_room.unpark_all()
+
+    def _finished(self) -> None:
+        self._unfinished -= 1
+        if self._send_room:
+            self._send_room.unpark_all()
 
     async def _send_waiting(self, req, previous: trio.Event | None, submitted: trio.Event) -> None:
         """Sends run concurrently (their commits share a group commit) but enter the store in
@@ -456,13 +496,13 @@ class Session:
         except ChatError as e:
             ticket.answer(_retryable(e))
         except Exception as e:  # noqa: BLE001 - a bug: answered 'internal', connection closed
-            ticket.answered = True  # (the deadline must not answer it again)
+            self._drop(ticket)  # (the deadline must not answer it again)
             self.crashed(e, req.id)
         finally:
             submitted.set()
             if self._last_send.get(req.channel_id) is submitted:
                 del self._last_send[req.channel_id]
-            self._inflight.release()
+            self._finished()
 
     @verb(proto.Edit, task=False)
     async def _edit(self, req: proto.Edit) -> None:
@@ -474,12 +514,8 @@ class Session:
             return
         if type(req) in (proto.React, proto.Unreact):
             lc.check_emoji(req.emoji)  # bad_emoji, before anything is routed
-        if self._inflight is None:
-            self._inflight = trio.Semaphore(self.limits.max_inflight_sends)
-        try:
-            self._inflight.acquire_nowait()
-        except trio.WouldBlock:
-            await self._inflight.acquire()
+        if not await self._admit(req):
+            return
         if self._last_send is None:
             self._last_send = {}
         previous = self._last_send.get(req.channel_id)

@@ -84,6 +84,9 @@ log = logging.getLogger(__name__)
 MAX_SEQ = MAX_INT64
 APPEND_ATTEMPTS = 64  # seq races resolved before giving up with "unavailable"
 MAX_BATCH = 64  # messages in one conditional batch (one partition, one mutation)
+MAX_SUBMITTED = 8192  # appends queued without a task (submit_append) at once; more: the task path
+HINT_SKIPS = 8  # head-hint writes of a channel skipped in a row for a later batch's (see _indexed)
+DEDUP_BATCH = 10  # dedup rows per unlogged batch (Cassandra warns above 10 partitions in one batch)
 MAX_BATCH_BYTES = 1 << 20  # body characters in one batch (a single larger message goes alone)
 MEMBER_ATTEMPTS = 32  # membership version races likewise
 MAX_TTL_S = 630_720_000  # Cassandra's largest TTL (20 years)
@@ -98,10 +101,11 @@ def _micros(at: float) -> int:
 
 # ---- the append queue -----------------------------------------------------------------------------
 class _Append:
-    __slots__ = ("sender_id", "client_msg_id", "body", "attachments", "created_at", "dm_pair", "wake", "result",
-                 "error", "batch", "index_failed", "indexed_tick", "looked", "lookup_tick", "dedup_seq", "extra")
+    __slots__ = ("sender_id", "client_msg_id", "body", "attachments", "created_at", "dm_pair", "wake", "callback",
+                 "result", "error", "batch", "index_failed", "indexed_tick", "looked", "lookup_tick", "dedup_seq",
+                 "extra")
 
-    def __init__(self, sender_id, client_msg_id, body, created_at, dm_pair, extra=None, attachments=""):
+    def __init__(self, sender_id, client_msg_id, body, created_at, dm_pair, callback=None, extra=None, attachments=""):
         self.extra = extra  # a lifecycle row: (kind or None, target_seq, reply_to, meta JSON, meta) else None
         self.sender_id = sender_id
         self.client_msg_id = client_msg_id
@@ -109,7 +113,9 @@ class _Append:
         self.attachments = attachments
         self.created_at = created_at
         self.dm_pair = dm_pair
-        self.wake = trio.Event()
+        # a caller task waits on ``wake``; a submitted one (no task) is answered by ``callback``
+        self.callback = callback
+        self.wake = trio.Event() if callback is None else None
         self.result: AppendResult | None = None
         self.error: BaseException | None = None
         self.batch: list | None = None  # [last seq, its created_at, rows not yet indexed] if stored here
@@ -122,6 +128,17 @@ class _Append:
     @property
     def key(self) -> tuple[int, str]:
         return self.sender_id, self.client_msg_id
+
+    def finish(self) -> None:
+        """Its batch is done with it (a result or an error): wake its caller, or call back."""
+        if self.callback is None:
+            self.wake.set()
+            return
+        callback, self.callback = self.callback, None
+        try:
+            callback(self.result, self.error)
+        except Exception:  # noqa: BLE001 - a bug in a callback must not end the channel's batches
+            log.exception("append completion callback failed")
 
 
 def _stored_hint(head_row: dict | None) -> int:
@@ -156,9 +173,11 @@ class CassandraStore(Store):
         self._queues: dict[str, _ChannelQueue] = {}  # channel -> its appends waiting for a batch
         self._unindexed: dict[str, dict] = {}  # channel -> {dedup key: _Append} stored, row not yet written
         self._batches: dict[str, deque] = {}  # channel -> stored batches not fully indexed, in seq order
+        self._hint_skips: dict[str, int] = {}  # channel -> head-hint writes skipped in a row
         self._loaded_tick: dict[str, int] = {}  # channel -> when it was last (re)loaded
         self._tick = 0  # orders lookups, loads and index writes
         self._running = 0
+        self._submitted = 0  # appends queued by submit_append and not yet answered
         self._idle = trio.Event()
         self._idle.set()
         self._closed = False
@@ -175,15 +194,21 @@ class CassandraStore(Store):
     def _op(self):
         if self._closed:
             raise ChatError("unavailable", "the store is closed")
-        if self._running == 0:
-            self._idle = trio.Event()
-        self._running += 1
+        self._enter()
         try:
             yield
         finally:
-            self._running -= 1
-            if self._running == 0:
-                self._idle.set()
+            self._exit()
+
+    def _enter(self) -> None:
+        if self._running == 0:
+            self._idle = trio.Event()
+        self._running += 1
+
+    def _exit(self) -> None:
+        self._running -= 1
+        if self._running == 0:
+            self._idle.set()
 
     async def aclose(self) -> None:
         """Refuse new calls and wait for the running ones (each bounded by the request timeout)."""
@@ -533,7 +558,11 @@ class CassandraStore(Store):
         order: nothing yields between the call and the enqueue. One caller at a time per channel
         (the *leader*) runs batches; when its own message is done it hands the lead to the next.
         A caller whose message was stored then writes its ``message_dedup`` row itself, off the
-        leader's path (see :meth:`_index_stored`)."""
+        leader's path (see :meth:`_index_stored`). With a background nursery this is
+        :meth:`submit_append` and a wait for its callback."""
+        if self._background is not None:
+            return await self._append_submitted(channel_id, sender_id, client_msg_id, body, created_at, dm_pair,
+                                                attachments=attachments)
         with self._op():
             return await self._append(channel_id, _Append(sender_id, client_msg_id, body, created_at, dm_pair,
                                                           attachments=attachments))
@@ -560,8 +589,13 @@ class CassandraStore(Store):
             body = spec.body if kind in (lc.MESSAGE, lc.EDIT, lc.REACT, lc.UNREACT) else ""  # (a name: in meta)
             extra = (None if kind == lc.MESSAGE else kind, target or None, spec.reply_to or None,
                      json.dumps(meta) if meta else None, meta)
-            result = await self._append(channel_id, _Append(sender_id, client_msg_id, body, created_at, dm_pair, extra,
-                                                            spec.attachments))
+            if self._background is not None:  # (the queue's leader is the background task, as for sends)
+                result = await self._append_submitted(channel_id, sender_id, client_msg_id, body, created_at, dm_pair,
+                                                      extra=extra, attachments=spec.attachments)
+            else:
+                item = _Append(sender_id, client_msg_id, body, created_at, dm_pair, extra=extra,
+                               attachments=spec.attachments)
+                result = await self._append(channel_id, item)
             if result.message.kind in lc.TARGETED:
                 await self._fold(result.message)
             return result
@@ -673,6 +707,71 @@ class CassandraStore(Store):
             await self._index_stored(channel_id, [item])
         return item.result
 
+    async def _append_submitted(self, channel_id, sender_id, client_msg_id, body, created_at, dm_pair, **row):
+        done = trio.Event()
+        box: list = []
+
+        def answered(result, error) -> None:
+            box.append((result, error))
+            done.set()
+        if not self.submit_append(channel_id, sender_id, client_msg_id, body, created_at, dm_pair, answered, **row):
+            if self._closed:
+                raise ChatError("unavailable", "the store is closed")
+            raise ChatError("unavailable", "too many messages waiting for the store; retry")
+        await done.wait()
+        result, error = box[0]
+        if error is not None:
+            raise error
+        return result
+
+    def submit_append(self, channel_id, sender_id, client_msg_id, body, created_at, dm_pair, callback,
+                      extra=None, attachments="") -> bool:
+        """:meth:`append_message` without a caller task: the message joins its channel's queue now
+        (the caller's order is the seq order), the channel's batches are run by one task in the
+        background nursery while its queue is not empty (:meth:`_lead`), and ``callback(result,
+        error)`` is called once its batch applied (the dedup row and head hint follow, as for
+        every batch) or failed. While a batch runs, a queued message's dedup row is looked up
+        ahead. False when there is no background nursery, the store is closed, or
+        ``MAX_SUBMITTED`` appends are waiting already (a store that does not answer)."""
+        if self._background is None or self._closed or self._submitted >= MAX_SUBMITTED:
+            return False
+        self._submitted += 1
+
+        def answered(result, error) -> None:
+            self._submitted -= 1
+            callback(result, error)
+        queue = self._queues.get(channel_id)
+        if queue is None:
+            queue = self._queues[channel_id] = _ChannelQueue()
+        item = _Append(sender_id, client_msg_id, body, created_at, dm_pair, answered, extra, attachments)
+        queue.items.append(item)
+        if not queue.busy:
+            queue.busy = True
+            self._enter()  # (aclose waits for the leader)
+            self._background.start_soon(self._lead, channel_id, queue)
+        elif channel_id in self._heads:  # look up its dedup row while the batch ahead runs
+            self._begin_lookup(item)
+            self._background.start_soon(self._look, channel_id, item)
+        return True
+
+    async def _lead(self, channel_id: str, queue: "_ChannelQueue") -> None:
+        """Run the channel's batches until its queue is empty (the submitted appends' leader)."""
+        try:
+            while queue.items:
+                try:
+                    await self._run_batch(channel_id, queue)
+                except Exception:  # noqa: BLE001 - a bug: its batch was answered 'unavailable'
+                    log.exception("cassandra append batch of %s failed", channel_id)
+        finally:
+            while queue.items:  # (only when cancelled: at shutdown) the rest are not stored
+                it = queue.items.popleft()
+                it.error = ChatError("unavailable", "the store is closed; retry")
+                it.finish()
+            queue.busy = False
+            if self._queues.get(channel_id) is queue:
+                del self._queues[channel_id]
+            self._exit()
+
     async def _run_batch(self, channel_id: str, queue: "_ChannelQueue") -> None:
         """Take the queued messages (up to MAX_BATCH / MAX_BATCH_BYTES, one per dedup key) and
         store them; every taken item ends with a result or an error."""
@@ -702,7 +801,7 @@ class CassandraStore(Store):
             raise
         finally:
             for it in batch:
-                it.wake.set()
+                it.finish()
 
     async def _load_channel(self, channel_id, dm_pair, created_at) -> int:
         """Check the channel exists (creating a 1:1 channel on its first message); return its head,
@@ -756,21 +855,35 @@ class CassandraStore(Store):
         and the next batch of the channel writes it again. The hint is never written past a message
         without its row: after a crash, the next owner indexes everything above the hint before it
         appends (:meth:`_catch_up`), so no resend can be stored twice."""
-        async def one(it):
+        async def some(chunk):  # one request: an unlogged batch of at most DEDUP_BATCH rows
+            rows = [("dedup_put", (channel_id, *it.key, it.result.message.seq)) for it in chunk]
             try:
-                await self._cql.write("dedup_put", (channel_id, *it.key, it.result.message.seq))
+                if len(rows) == 1:
+                    await self._cql.write(*rows[0])
+                else:
+                    await self._cql.batch(rows)
                 return True
             except ChatError:  # stored and acked all the same; retried by the channel's next batch
-                it.index_failed = True
+                for it in chunk:
+                    it.index_failed = True
                 return False
-        done = await self._gather(*[lambda it=it: one(it) for it in items])
-        await self._indexed(channel_id, [it for it, ok in zip(items, done) if ok])
+        chunks = [items[i:i + DEDUP_BATCH] for i in range(0, len(items), DEDUP_BATCH)]
+        done = await self._gather(*[lambda c=c: some(c) for c in chunks])
+        await self._indexed(channel_id, [it for c, ok in zip(chunks, done) if ok for it in c])
 
     async def _lookup(self, channel_id: str, item: "_Append") -> None:
         """Read ``item``'s dedup row ahead of its batch. The result is used only if the lookup
         started after the channel was (re)loaded; a failed one is done again by the leader."""
+        self._begin_lookup(item)
+        await self._look(channel_id, item)
+
+    def _begin_lookup(self, item: "_Append") -> None:
+        """Mark the lookup as started (before its read: a tick too early only makes the batch
+        more careful)."""
         item.looked = trio.Event()
         item.lookup_tick = self._next_tick()
+
+    async def _look(self, channel_id: str, item: "_Append") -> None:
         try:
             row = await self._cql.one("dedup_get", (channel_id, *item.key))
             item.dedup_seq = row["seq"] if row and row.get("seq") else None
@@ -795,7 +908,14 @@ class CassandraStore(Store):
             done = batches.popleft()
         if not batches:
             self._batches.pop(channel_id, None)
+        # A later batch of the channel, still being indexed, writes a higher hint: this one's
+        # write would be overwritten (if that one's rows fail, the hint lags: repaired as above).
+        # Skipped at most HINT_SKIPS times in a row, so a busy channel's hint keeps moving.
+        if done is not None and batches and self._hint_skips.get(channel_id, 0) < HINT_SKIPS:
+            self._hint_skips[channel_id] = self._hint_skips.get(channel_id, 0) + 1
+            return
         if done is not None:
+            self._hint_skips.pop(channel_id, None)
             try:
                 await self._set_head(channel_id, done[0], done[1])
             except ChatError:

@@ -135,8 +135,10 @@ def register(app: QuartTrio, node: ApiHost) -> None:
     async def channel_members(channel_id: str, caller: Caller):
         members = await require_member(node.membership, channel_id, caller.user_id)
         channel = await store.get_channel(channel_id) if is_group(channel_id) else None
-        return {"channel_id": channel_id, "members": sorted(members),
-                "owner_id": channel.owner_id if channel else None}
+        ids = sorted(members)
+        profiles = await store.get_users(ids)
+        return {"channel_id": channel_id, "members": ids, "owner_id": channel.owner_id if channel else None,
+                "users": [profiles[u].public() for u in ids if u in profiles]}
 
     async def add(channel_id: str, user_id: int, by: int) -> bool:
         added = await store.add_member(channel_id, user_id, limits.max_group_members, time.time())

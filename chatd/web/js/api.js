@@ -83,6 +83,8 @@ export class Api {
     return http("DELETE", `/v1/channels/${encodeURIComponent(channelId)}/members/${userId}`, { token: this.token });
   }
 
+  /** Keep profiles that came with another answer (a group's member list). */
+  remember(users) { for (const u of users) this.users.set(u.id, u); }
   /** The cached user, or null; `fetchUser` fills the cache. */
   cachedUser(id) { return this.users.get(id) || null; }
   async fetchUser(id) {

@@ -561,9 +561,23 @@ class App {
 
   async loadMembers(c, open) {
     const r = await this.api.members(c.id);
-    this.members = { channelId: c.id, ids: r.members, ownerId: r.owner_id, open };
-    for (const u of r.members) this.needUser(u);
-    this.watchPresence(r.members);
+    const query = this.members && this.members.channelId === c.id ? this.members.query : "";
+    this.api.remember(r.users || []);  // the profiles come with the list: no request per member
+    this.members = { channelId: c.id, ids: r.members, ownerId: r.owner_id, open, query };
+    this.watchShownMembers();
+    this.render();
+  }
+
+  /** Presence of the members the panel shows, asked for on demand (big groups get no pushes). */
+  watchShownMembers() {
+    if (this.members && this.members.open) this.watchPresence(view.shownMembers(this).shown);
+  }
+
+  searchMembers(query) {
+    if (!this.members) return;
+    this.members.query = query;
+    clearTimeout(this.searchTimer);
+    this.searchTimer = setTimeout(() => this.watchShownMembers(), 300);
     this.render();
   }
 
@@ -644,6 +658,7 @@ handle($("add-member-form"), $("members-error"), async () => {
   await app.addMember($("add-member").value);
   $("add-member").value = "";
 });
+$("member-search").addEventListener("input", () => app.searchMembers($("member-search").value));
 $("members-button").addEventListener("click", () => {
   $("members-error").textContent = "";
   app.toggleMembers().catch((err) => { $("members-error").textContent = describe(err); });

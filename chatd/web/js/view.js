@@ -259,6 +259,18 @@ export function clearMessages() {
   list.replaceChildren();
 }
 
+/** At most this many members are drawn at once; the search finds the others. */
+export const MEMBERS_SHOWN = 200;
+
+/** The members the panel shows: those matching its search (name, @username or id), at most
+ *  MEMBERS_SHOWN; and how many match. */
+export function shownMembers(app) {
+  const m = app.members;
+  const q = (m.query || "").trim().toLowerCase();
+  const matches = q ? m.ids.filter((uid) => `${app.userName(uid)} ${uid}`.toLowerCase().includes(q)) : m.ids;
+  return { shown: matches.slice(0, MEMBERS_SHOWN), matching: matches.length };
+}
+
 export function renderMembers(app) {
   const c = app.current();
   const m = app.members;
@@ -268,7 +280,13 @@ export function renderMembers(app) {
   if (!open) return;
   const iOwn = m.ownerId === app.me.id;
   $("add-member-form").hidden = !iOwn;
-  $("member-list").replaceChildren(...m.ids.map((uid) => {
+  const search = $("member-search");
+  if (search.value !== (m.query || "")) search.value = m.query || "";  // (another group's list)
+  const { shown, matching } = shownMembers(app);
+  const total = m.ids.length.toLocaleString("en-US");
+  $("member-count").textContent = matching === m.ids.length && shown.length === matching ? `${total} members`
+    : `${shown.length.toLocaleString("en-US")} shown of ${matching.toLocaleString("en-US")} matching (${total} members)`;
+  $("member-list").replaceChildren(...shown.map((uid) => {
     const p = uid === app.me.id ? { status: app.conn && app.conn.connected ? "online" : "offline" } : app.presence.get(uid);
     const label = `${app.userName(uid)}${uid === m.ownerId ? " (owner)" : ""}`;
     const li = el("li", { "data-user": uid },
