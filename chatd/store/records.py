@@ -42,10 +42,18 @@ KINDS: dict[str, tuple[str, ...]] = {
     "revoked_tokens": ("token_key", "user_id", "device_id", "expires_at"),
     "invite_uses": ("invite_id", "uses", "expires_at"),
     "channels": ("id", "kind", "name", "owner_id", "created_at", "last_seq", "last_at"),
-    "members": ("channel_id", "user_id", "joined_at", "read_seq"),
+    # delivered_seq: the highest seq one of the member's devices holds, read_seq included (receipts)
+    "members": ("channel_id", "user_id", "joined_at", "read_seq", "delivered_seq"),
     # who left a group on their own; invited_by/invited_at None until its owner invites them back
     "group_departures": ("channel_id", "user_id", "left_at", "invited_by", "invited_at"),
-    "messages": ("channel_id", "seq", "sender_id", "client_msg_id", "body", "created_at"),
+    # uploads (chatd/media): referenced is 1 once a message named it (0: an orphan the sweep may take)
+    "media": ("id", "owner_id", "created_at", "size", "info", "referenced"),
+    # a row of the log folded (chatd/lifecycle.py): body is the text a client reads now (an edit's,
+    # '' once deleted); kind None for a message; meta the JSON text of the row's meta
+    "messages": ("channel_id", "seq", "sender_id", "client_msg_id", "body", "created_at", "kind", "target_seq",
+                 "reply_to", "meta", "edited_at", "deleted_by", "deleted_at", "state_seq", "attachments"),
+    "reactions": ("channel_id", "seq", "emoji", "user_id", "at"),
+    "media_refs": ("media_id", "channel_id", "msg_key"),
     "push_tokens": ("token", "user_id", "device_id", "provider", "app_id", "created_at"),
     "push_outbox": ("user_id", "channel_id", "seq", "sender_id", "body", "queued_at"),
     "push_marks": ("user_id", "channel_id", "token", "seq"),
@@ -53,7 +61,8 @@ KINDS: dict[str, tuple[str, ...]] = {
 
 KEY_FIELDS: dict[str, int] = {
     "users": 1, "presence": 1, "devices": 1, "token_cutoffs": 2, "revoked_tokens": 1, "invite_uses": 1,
-    "channels": 1, "members": 2, "group_departures": 2, "messages": 2, "push_tokens": 1, "push_outbox": 3,
+    "channels": 1, "members": 2, "group_departures": 2, "media": 1, "messages": 2,
+    "reactions": 4, "media_refs": 3, "push_tokens": 1, "push_outbox": 3,
     "push_marks": 3,
 }
 
@@ -100,8 +109,12 @@ class Digest:
 
 def add_messages(h, messages) -> None:
     """Feed one page of a channel's history (in seq order) to ``h`` (a ``hashlib`` hash): the
-    per-channel digest of ``verify``."""
+    per-channel digest of ``verify``. Every row folded as a client reads it: its text as last
+    edited or erased, its events' fields, its reactions (who, in order), its reply's excerpt and
+    its attachments."""
     for m in messages:
-        h.update(json.dumps([m.seq, m.sender_id, m.client_msg_id, m.body, m.created_at],
-                            separators=(",", ":")).encode())
+        h.update(json.dumps([m.seq, m.sender_id, m.client_msg_id, m.body, m.created_at, m.kind, m.target_seq,
+                             m.reply_to, m.meta, m.edited_at, m.deleted_by, m.deleted_at, m.state_seq,
+                             [[e, list(us)] for e, us in m.reactions], m.reply, m.attachments],
+                            separators=(",", ":"), sort_keys=True).encode())
         h.update(b"\n")
