@@ -126,6 +126,7 @@ def run_copy(from_path: str, to_path: str, checkpoint_path: str | None, verify: 
                 progress = Progress(verb="verifying")
                 report = await verify_stores(source, dest, page_rows=page_rows, progress=progress)
                 progress.finish_kind()
+                report.problems += await _verify_media_objects(src_cfg, dst_cfg, source, page_rows)
                 if not report.ok:
                     for p in report.problems:
                         click.echo(f"verify: {p}", err=True)
@@ -141,13 +142,12 @@ def run_copy(from_path: str, to_path: str, checkpoint_path: str | None, verify: 
 async def _copy_media_objects(src_cfg: Config, dst_cfg: Config, source, page_rows: int) -> list[str]:
     """The media objects, when the two configs keep them in different places (chatd/media/copy.py);
     the result line, or nothing. ``CopyError`` (after the copy of the others) if any could not be."""
-    from .media.backend import open_backend
-    from .media.copy import copy_objects, describe_media
+    from .media.copy import copy_objects
     from .store.copy import CopyError
-    a, b = describe_media(src_cfg), describe_media(dst_cfg)
-    if a == b:
+    places = _media_places(src_cfg, dst_cfg)
+    if places is None:
         return []
-    src, dst = open_backend(src_cfg, src_cfg.data_path), open_backend(dst_cfg, dst_cfg.data_path)
+    (a, src), (b, dst) = places
     try:
         progress = Progress()
         t0 = time.monotonic()
@@ -165,6 +165,32 @@ async def _copy_media_objects(src_cfg: Config, dst_cfg: Config, source, page_row
                         "and the other objects are")
     return [f"copied {result.copied:,} media objects ({result.bytes:,} bytes; {result.present:,} were there "
             f"already) from {a} to {b} in {time.monotonic() - t0:.1f} s"]
+
+
+def _media_places(src_cfg: Config, dst_cfg: Config):
+    """((place, backend) of the source, of the destination), or None when both keep media objects
+    in the same place."""
+    from .media.backend import open_backend
+    from .media.copy import describe_media
+    a, b = describe_media(src_cfg), describe_media(dst_cfg)
+    if a == b:
+        return None
+    return (a, open_backend(src_cfg, src_cfg.data_path)), (b, open_backend(dst_cfg, dst_cfg.data_path))
+
+
+async def _verify_media_objects(src_cfg: Config, dst_cfg: Config, source, page_rows: int) -> list[str]:
+    """A problem line per media object the destination's backend lacks (when it is another place)."""
+    from .media.copy import missing_objects
+    places = _media_places(src_cfg, dst_cfg)
+    if places is None:
+        return []
+    (_, src), (b, dst) = places
+    try:
+        missing = await missing_objects(source, dst, page_rows=page_rows)
+    finally:
+        await src.aclose()
+        await dst.aclose()
+    return [f"media object {key}: missing in {b}" for key in missing]
 
 
 def run_trio(main):

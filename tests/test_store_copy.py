@@ -236,9 +236,17 @@ async def test_sqlite_to_sqlite_copy_keeps_everything_and_verify_catches_tamperi
     async with open_sqlite(str(tmp_path / "dst" / "chatd.db")) as store:
         assert await snapshot(store, seen) == before
 
-    # Copying again into the (now full) destination is refused (the checkpoint says it is complete).
+    # A media object lost in the destination: verify names it; copying again (the records are
+    # complete, says the checkpoint) copies only that object.
+    lost = next(iter(OBJECTS))
+    (tmp_path / "dst" / "media" / "objects" / lost).unlink()
+    gone = await trio.to_thread.run_sync(lambda: copy_cmd(src, dst, tmp_path, "--verify-only"))
+    assert gone.returncode == 1 and f"verify: media object {lost}: missing in fs:" in gone.stderr, gone
+    assert "verify failed: 1 difference " in gone.stderr, gone.stderr[-600:]
     again = await trio.to_thread.run_sync(lambda: copy_cmd(src, dst, tmp_path))
     assert again.returncode == 0 and "already complete" in again.stdout, again
+    assert "copied 1 media objects" in again.stdout and "2 were there already" in again.stdout, again.stdout
+    assert objects_in(tmp_path / "dst") == OBJECTS
 
     # One message body changed in the copy: verify names the channel and fails.
     db = sqlite3.connect(tmp_path / "dst" / "chatd.db")
@@ -251,6 +259,22 @@ async def test_sqlite_to_sqlite_copy_keeps_everything_and_verify_catches_tamperi
     assert "verify failed: 1 difference " in bad.stderr, bad.stderr[-600:]
     async with open_sqlite(str(tmp_path / "dst" / "chatd.db")) as store:
         assert await invite_uses_left(store) == 1  # 2 of 3 uses were taken before the copy
+
+
+async def test_a_corrupt_or_missing_media_object_is_named_and_not_copied(tmp_path):
+    src, dst = sqlite_config(tmp_path, "src"), sqlite_config(tmp_path, "dst")
+    async with open_sqlite(str(tmp_path / "src" / "chatd.db")) as store:
+        await populate(store)
+    write_objects(tmp_path / "src")
+    image, thumb, file = OBJECTS
+    (tmp_path / "src" / "media" / "objects" / image).write_bytes(b"not what the record says")
+    (tmp_path / "src" / "media" / "objects" / file).unlink()
+    proc = await trio.to_thread.run_sync(lambda: copy_cmd(src, dst, tmp_path))
+    assert proc.returncode == 1, proc
+    assert f"media: object {image}: 24 bytes with SHA-256" in proc.stderr, proc.stderr
+    assert f"media: object {file}: missing in the source" in proc.stderr, proc.stderr
+    assert "Error: 2 media objects not copied" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert objects_in(tmp_path / "dst") == {thumb: OBJECTS[thumb]}  # the good one is copied, nothing half
 
 
 async def test_copy_refuses_a_destination_that_is_not_empty(tmp_path):

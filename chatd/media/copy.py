@@ -88,6 +88,18 @@ async def copy_objects(source_store, src: Backend, dst: Backend, tmp_dir: Path, 
             return result
 
 
+async def missing_objects(source_store, dst: Backend, *, page_rows: int = 500) -> list[str]:
+    """The keys of objects ``source_store``'s media records name that ``dst`` lacks (verify)."""
+    out = []
+    after = None
+    while True:
+        rows, after = await source_store.export_rows("media", after, page_rows)
+        for media_id, _, _, size, info, _ in rows:
+            out += [key for key, n, _, _ in objects_of(media_id, json.loads(info), size) if not await _has(dst, key, n)]
+        if after is None:
+            return out
+
+
 async def _copy_one(src: Backend, dst: Backend, tmp_dir: Path, key: str, size: int, sha256: str | None, mime: str,
                     result: ObjectCopy) -> None:
     fd, path = tempfile.mkstemp(dir=tmp_dir, prefix="copy-")

@@ -3,14 +3,29 @@ compare (:meth:`chatd.store.base.Store.export_rows` / ``import_rows``). Pure: no
 
 A record is a tuple of the fields named in ``KINDS`` (in that order); the first ``KEY_FIELDS[kind]``
 fields identify it. ``KINDS`` is also the copy order: a kind only refers to kinds before it (members
-and group departures to channels and users, messages to channels), so an interrupted copy never leaves a row whose
-parents are missing. Adding a column to a table means adding its field here (at the end), in the
+and group departures to channels and users, media to users, messages to channels and, by their
+attachments, media; reactions to messages, media references to media and messages), so an
+interrupted copy never leaves a row whose parents are missing. Adding a column to a table means adding its field here (at the end), in the
 export and import of both backends, and nowhere else.
 
 Every table of both backends is either a kind here, or derived from kinds here (written by the
 destination's import as its live store writes it), or deliberately not copied:
 
-* Derived, SQLite: the indexes only. Derived, Cassandra: ``users_by_name``, ``devices_by_user``,
+* Messages are copied *folded* (what a client reads): an edited message's ``body`` is its last
+  edit's text (SQLite keeps only that; Cassandra's ``body`` keeps the original, which no read
+  returns, and ``edited_body`` the edit's: the record carries the latter), a deleted one's is ''
+  with no ``edited_at``. Event rows (edits, deletes, reactions, system events) are messages rows
+  with their ``kind``. A Cassandra import writes the fold columns (``edited_body``, ``edited_at``,
+  ``deleted_by``, ``deleted_at``, ``state_seq``) ``USING TIMESTAMP`` = ``state_seq``, the seq of
+  the event that wrote them, and each reaction at the reacted message's seq, as the live store's
+  folds are timestamped by seq: an event after the copy (a higher seq) still wins.
+* Receipts: ``members.delivered_seq`` (SQLite) / ``receipt_cursors`` (Cassandra, with the read
+  position too, written from ``read_seq``) are the members record's ``delivered_seq``, read
+  implying delivered (the larger of the two, as ``Store.receipts`` answers).
+* Derived, SQLite: the indexes only (``media_by_owner``, ``media_orphans`` included; ``referenced``
+  is a field of the media record). Derived, Cassandra: ``message_events`` (from the event rows
+  that target a message), ``media_orphans`` (from ``referenced``), ``media_by_owner`` (the
+  uploads of the last two hours, with the TTL they have left: the hourly quota), ``users_by_name``, ``devices_by_user``,
   ``channel_heads``, ``members_by_channel``'s ``member_version``, ``channels_by_user``,
   ``read_cursors``, ``message_dedup``, ``push_tokens_by_user``, ``invitations_by_user`` (from the
   ``group_departures`` that carry an invitation), and ``groups_by_owner``: the groups a user
@@ -23,6 +38,8 @@ destination's import as its live store writes it), or deliberately not copied:
   group's owner, or not at all, after the copy: at most an hour of a rate limit, never data.
   ``verify`` compares the invitations through ``invitations_of`` (what ``GET /v1/invitations``
   reads), not ``groups_by_owner``, which expires on its own within the hour.
+* Not in the store: media *objects* (the bytes): ``chatd store copy`` copies them by key between
+  the two configs' media backends when they differ (chatd/media/copy.py).
 * Not copied: ``push_leases`` (which process of the *old* deployment sends a push slot:
   meaningless in the new one, and expired once it is stopped); ``schema_version`` (each
   destination is migrated to this chatd's schema).
