@@ -120,10 +120,13 @@ def run_copy(from_path: str, to_path: str, checkpoint_path: str | None, verify: 
                     total = sum(rows.values())
                     lines.append(f"copied {total:,} records ({', '.join(f'{n:,} {k}' for k, n in rows.items())}) "
                                  f"from {src} to {dst}{' (resumed)' if resumed else ''} in {took:.1f} s")
+            if not verify_only:
+                lines += await _copy_media_objects(src_cfg, dst_cfg, source, page_rows)
             if verify or verify_only:
                 progress = Progress(verb="verifying")
                 report = await verify_stores(source, dest, page_rows=page_rows, progress=progress)
                 progress.finish_kind()
+                report.problems += await _verify_media_objects(src_cfg, dst_cfg, source, page_rows)
                 if not report.ok:
                     for p in report.problems:
                         click.echo(f"verify: {p}", err=True)
@@ -134,6 +137,60 @@ def run_copy(from_path: str, to_path: str, checkpoint_path: str | None, verify: 
             return "\n".join(lines)
 
     click.echo(run_trio(main))
+
+
+async def _copy_media_objects(src_cfg: Config, dst_cfg: Config, source, page_rows: int) -> list[str]:
+    """The media objects, when the two configs keep them in different places (chatd/media/copy.py);
+    the result line, or nothing. ``CopyError`` (after the copy of the others) if any could not be."""
+    from .media.copy import copy_objects
+    from .store.copy import CopyError
+    places = _media_places(src_cfg, dst_cfg)
+    if places is None:
+        return []
+    (a, src), (b, dst) = places
+    try:
+        progress = Progress()
+        t0 = time.monotonic()
+        result = await copy_objects(source, src, dst, dst_cfg.data_path / "media" / "tmp", page_rows=page_rows,
+                                    progress=progress)
+        progress.finish_kind()
+    finally:
+        await src.aclose()
+        await dst.aclose()
+    for p in result.problems:
+        click.echo(f"media: {p}", err=True)
+    if result.problems:
+        n = len(result.problems)
+        raise CopyError(f"{n} media object{'' if n == 1 else 's'} not copied from {a} to {b} (above); the records "
+                        "and the other objects are")
+    return [f"copied {result.copied:,} media objects ({result.bytes:,} bytes; {result.present:,} were there "
+            f"already) from {a} to {b} in {time.monotonic() - t0:.1f} s"]
+
+
+def _media_places(src_cfg: Config, dst_cfg: Config):
+    """((place, backend) of the source, of the destination), or None when both keep media objects
+    in the same place."""
+    from .media.backend import open_backend
+    from .media.copy import describe_media
+    a, b = describe_media(src_cfg), describe_media(dst_cfg)
+    if a == b:
+        return None
+    return (a, open_backend(src_cfg, src_cfg.data_path)), (b, open_backend(dst_cfg, dst_cfg.data_path))
+
+
+async def _verify_media_objects(src_cfg: Config, dst_cfg: Config, source, page_rows: int) -> list[str]:
+    """A problem line per media object the destination's backend lacks (when it is another place)."""
+    from .media.copy import missing_objects
+    places = _media_places(src_cfg, dst_cfg)
+    if places is None:
+        return []
+    (_, src), (b, dst) = places
+    try:
+        missing = await missing_objects(source, dst, page_rows=page_rows)
+    finally:
+        await src.aclose()
+        await dst.aclose()
+    return [f"media object {key}: missing in {b}" for key in missing]
 
 
 def run_trio(main):

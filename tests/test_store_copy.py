@@ -4,12 +4,15 @@ session's real Apache Cassandra, through the real CLI (``python -m chatd.cli``, 
 What a copy must keep is checked through the ordinary ``Store`` interface on both sides (users and
 their password hashes, devices and sessions, invites, channels, members and read cursors, every
 message with its seq and client_msg_id, push tokens, outbox and marks, group departures and
-invitations back, the groups a user created within the hour), not through the export code
+invitations back, the groups a user created within the hour, the message lifecycle folded as a client
+reads it (an edit, a delete that erased a message and its edit's text, reactions with who and how
+many, a reply's excerpt), receipts, media records, references and attachments), not through the export code
 under test. The end-to-end test (a ``chatd run`` store -> Cassandra -> a 3-shard cluster with a client
 syncing from old cursors) is in tests/test_store_copy_cluster.py."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import signal
 import sqlite3
@@ -21,12 +24,37 @@ import pytest
 import trio
 
 from chatd.ids import dm_channel_id
-from chatd.store.base import PushEntry, PushToken, push_slot
+from chatd.lifecycle import DELETE, EDIT, MESSAGE, REACT, UNREACT, EventSpec
+from chatd.store.base import MediaRecord, PushEntry, PushToken, push_slot
 from chatd.store.sqlite import open_sqlite
 from tests.cassandra_server import fresh_keyspace
 from tests.helpers import eventually
 
 FAR = time.time() + 30 * 24 * 3600
+
+# the media objects of populate's uploads (an image with a thumbnail, a file): key -> bytes
+_IMAGE, _THUMB, _FILE = b"\x89PNG fake image " * 5000, b"\x89PNG thumbnail", b"plain file\n"
+
+
+def _key(media_id: str, data: bytes, ext: str) -> str:
+    return f"{media_id}/{hashlib.sha256(data).hexdigest()}.{ext}"
+
+
+OBJECTS = {_key("media-attached", _IMAGE, "png"): _IMAGE, _key("media-attached", _THUMB, "png"): _THUMB,
+           _key("media-orphan", _FILE, "bin"): _FILE}
+
+
+def write_objects(data_dir) -> None:
+    """What the fs media backend of ``data_dir`` holds for populate's uploads."""
+    for key, data in OBJECTS.items():
+        path = data_dir / "media" / "objects" / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+
+def objects_in(data_dir) -> dict:
+    root = data_dir / "media" / "objects"
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
 def chatd(*args, timeout=170) -> subprocess.CompletedProcess:
@@ -75,7 +103,52 @@ async def populate(store, n_group_messages: int = 40) -> dict:
     await store.remove_member("g-one", c, left_at=1250.0)  # left on their own
     await store.remove_member("g-empty", d, left_at=1260.0)
     assert await store.invite_back("g-empty", d, b, 1270.0)  # ... and invited back
-    return {"users": [a, b, c, d], "channels": [ab, "g-one", "g-empty"], "names": [u.username for u in users]}
+    media = await populate_lifecycle_and_media(store, a, b, ab)
+    return {"users": [a, b, c, d], "channels": [ab, "g-one", "g-empty"], "names": [u.username for u in users],
+            "media": media}
+
+
+LIFECYCLE_ROWS = 10  # rows populate_lifecycle_and_media adds to the 1:1 channel (after its 5 messages)
+
+
+async def populate_lifecycle_and_media(store, a: int, b: int, ab: str) -> list[str]:
+    """In the 1:1 channel (seqs 1-5: b, a, b, a, b): seq 2 edited, a message with an attachment,
+    a reply to seq 2, reactions on seq 4 (one taken back), seq 3 reacted, edited and deleted
+    (redacted); receipts of both members; an upload attached (and referenced), an orphan upload."""
+    now = time.time()
+    image, thumb, file = (_key(m, data, ext) for m, data, ext in (("media-attached", _IMAGE, "png"),
+                                                                  ("media-attached", _THUMB, "png"),
+                                                                  ("media-orphan", _FILE, "bin")))
+    attached = MediaRecord("media-attached", b, now - 60, len(_IMAGE), {
+        "kind": "image", "mime": "image/png", "sha256": hashlib.sha256(_IMAGE).hexdigest(), "key": image,
+        "thumbnails": [{"px": 320, "width": 3, "height": 2, "mime": "image/png", "size": len(_THUMB),
+                        "sha256": hashlib.sha256(_THUMB).hexdigest(), "key": thumb}]})
+    orphan = MediaRecord("media-orphan", a, 1000.0, len(_FILE), {"kind": "file", "mime": "text/plain", "key": file,
+                                                                  "sha256": hashlib.sha256(_FILE).hexdigest()})
+    for r in (attached, orphan):
+        await store.add_media(r)
+    att = json.dumps([{"id": attached.id, "kind": "image", "mime": "image/png", "size": len(_IMAGE)}])
+
+    async def event(sender, cmid, spec, at):
+        r = await store.append_event(ab, sender, cmid, spec, at, dm_pair=(a, b))
+        assert not r.duplicate
+        return r.message.seq
+    assert await event(a, "ev-edit-2", EventSpec(EDIT, target_seq=2, body="dm body 1, edited ✎"), 1110.0) == 6
+    sent = await store.append_message(ab, b, "with-attachment", "look", 1111.0, dm_pair=(a, b), attachments=att)
+    await store.add_media_refs([attached.id], ab, f"{b}:with-attachment")
+    await event(a, "reply-2", EventSpec(MESSAGE, body="a reply", reply_to=2), 1112.0)
+    await event(b, "react-4b", EventSpec(REACT, target_seq=4, body="👍"), 1113.0)
+    await event(a, "react-4a", EventSpec(REACT, target_seq=4, body="👍"), 1114.0)
+    await event(a, "react-4a2", EventSpec(REACT, target_seq=4, body="🎉"), 1115.0)
+    await event(a, "unreact-4a2", EventSpec(UNREACT, target_seq=4, body="🎉"), 1116.0)
+    await event(a, "react-3", EventSpec(REACT, target_seq=3, body="🔥"), 1117.0)
+    await event(b, "ev-edit-3", EventSpec(EDIT, target_seq=3, body="secret edit"), 1118.0)
+    assert await event(b, "ev-delete-3", EventSpec(DELETE, target_seq=3), 1119.0) == 5 + LIFECYCLE_ROWS
+    assert sent.message.seq == 7
+    await store.set_delivered(ab, a, 12)
+    await store.set_delivered(ab, b, 15)
+    await store.set_read(ab, b, 9)
+    return [attached.id, orphan.id]
 
 
 async def snapshot(store, seen: dict) -> dict:
@@ -106,9 +179,35 @@ async def snapshot(store, seen: dict) -> dict:
         out[f"channel {ch}"] = (got.kind, got.name, got.owner_id, got.created_at, got.last_seq)
         out[f"members {ch}"] = await store.members(ch)
         out[f"departures {ch}"] = [await store.departure(ch, u) for u in seen["users"]]
-        out[f"history {ch}"] = [(m.seq, m.sender_id, m.client_msg_id, m.body, m.created_at)
+        out[f"history {ch}"] = [(m.seq, m.sender_id, m.client_msg_id, m.body, m.created_at, m.kind, m.target_seq,
+                                 m.reply_to, m.meta, m.edited_at, m.deleted_by, m.deleted_at, m.state_seq,
+                                 m.reactions, m.reply, m.attachments)
                                 for m in await store.read_messages(ch, after=0, limit=10_000)]
+        out[f"receipts {ch}"] = await store.receipts(ch)
+    out["media"] = await store.get_media(seen["media"])
+    out["media channels"] = [await store.media_channels(m) for m in seen["media"]]
+    out["orphans"] = [r.id for r in await store.orphan_media(time.time(), 100)]
+    out["media usage"] = [await store.media_usage(u, time.time() - 3600) for u in seen["users"]]
     return out
+
+
+def check_lifecycle(snap: dict, seen: dict) -> None:
+    """The folded history of the 1:1 channel is what populate_lifecycle_and_media made (so the
+    snapshots compared are not vacuous)."""
+    a, b = seen["users"][:2]
+    history = {m[0]: m for m in snap[f"history {seen['channels'][0]}"]}
+    assert len(history) == 5 + LIFECYCLE_ROWS
+    assert history[2][3] == "dm body 1, edited ✎" and history[2][9] == 1110.0  # edited
+    assert history[3][3] == "" and (history[3][10], history[3][11]) == (b, 1119.0)  # deleted, no text left
+    assert history[14][3] == "" and history[13][3] == ""  # the deleted message's edit and reaction redacted
+    assert history[3][13] == ()  # ... and its reactions dropped
+    assert history[4][13] == (("👍", tuple(sorted((a, b)))),) and history[12][8] == {"count": 0}
+    assert history[8][7] == 2 and history[8][14]["excerpt"] == "dm body 1, edited ✎"  # the reply's excerpt
+    assert "media-attached" in history[7][15]
+    assert snap[f"receipts {seen['channels'][0]}"] == {a: (12, 3), b: (15, 9)}
+    assert set(snap["media"]) == set(seen["media"]) and snap["media"]["media-attached"].info["key"] in OBJECTS
+    assert snap["media channels"] == [[seen["channels"][0]], []] and snap["orphans"] == ["media-orphan"]
+    assert snap["media usage"][1] == (1, len(_IMAGE))
 
 
 async def invite_uses_left(store) -> int:
@@ -128,15 +227,26 @@ async def test_sqlite_to_sqlite_copy_keeps_everything_and_verify_catches_tamperi
     async with open_sqlite(str(tmp_path / "src" / "chatd.db")) as store:
         seen = await populate(store)
         before = await snapshot(store, seen)
+    check_lifecycle(before, seen)
+    write_objects(tmp_path / "src")
     proc = await trio.to_thread.run_sync(lambda: copy_cmd(src, dst, tmp_path, "--verify"))
     assert proc.returncode == 0, proc.stderr
-    assert "verify: ok: 3 channels, 45 messages" in proc.stdout, proc.stdout
+    assert f"verify: ok: 3 channels, {45 + LIFECYCLE_ROWS} messages" in proc.stdout, proc.stdout
+    assert "copied 3 media objects" in proc.stdout and objects_in(tmp_path / "dst") == OBJECTS, proc.stdout
     async with open_sqlite(str(tmp_path / "dst" / "chatd.db")) as store:
         assert await snapshot(store, seen) == before
 
-    # Copying again into the (now full) destination is refused (the checkpoint says it is complete).
+    # A media object lost in the destination: verify names it; copying again (the records are
+    # complete, says the checkpoint) copies only that object.
+    lost = next(iter(OBJECTS))
+    (tmp_path / "dst" / "media" / "objects" / lost).unlink()
+    gone = await trio.to_thread.run_sync(lambda: copy_cmd(src, dst, tmp_path, "--verify-only"))
+    assert gone.returncode == 1 and f"verify: media object {lost}: missing in fs:" in gone.stderr, gone
+    assert "verify failed: 1 difference " in gone.stderr, gone.stderr[-600:]
     again = await trio.to_thread.run_sync(lambda: copy_cmd(src, dst, tmp_path))
     assert again.returncode == 0 and "already complete" in again.stdout, again
+    assert "copied 1 media objects" in again.stdout and "2 were there already" in again.stdout, again.stdout
+    assert objects_in(tmp_path / "dst") == OBJECTS
 
     # One message body changed in the copy: verify names the channel and fails.
     db = sqlite3.connect(tmp_path / "dst" / "chatd.db")
@@ -149,6 +259,22 @@ async def test_sqlite_to_sqlite_copy_keeps_everything_and_verify_catches_tamperi
     assert "verify failed: 1 difference " in bad.stderr, bad.stderr[-600:]
     async with open_sqlite(str(tmp_path / "dst" / "chatd.db")) as store:
         assert await invite_uses_left(store) == 1  # 2 of 3 uses were taken before the copy
+
+
+async def test_a_corrupt_or_missing_media_object_is_named_and_not_copied(tmp_path):
+    src, dst = sqlite_config(tmp_path, "src"), sqlite_config(tmp_path, "dst")
+    async with open_sqlite(str(tmp_path / "src" / "chatd.db")) as store:
+        await populate(store)
+    write_objects(tmp_path / "src")
+    image, thumb, file = OBJECTS
+    (tmp_path / "src" / "media" / "objects" / image).write_bytes(b"not what the record says")
+    (tmp_path / "src" / "media" / "objects" / file).unlink()
+    proc = await trio.to_thread.run_sync(lambda: copy_cmd(src, dst, tmp_path))
+    assert proc.returncode == 1, proc
+    assert f"media: object {image}: 24 bytes with SHA-256" in proc.stderr, proc.stderr
+    assert f"media: object {file}: missing in the source" in proc.stderr, proc.stderr
+    assert "Error: 2 media objects not copied" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert objects_in(tmp_path / "dst") == {thumb: OBJECTS[thumb]}  # the good one is copied, nothing half
 
 
 async def test_copy_refuses_a_destination_that_is_not_empty(tmp_path):
@@ -172,6 +298,8 @@ async def test_copy_sqlite_cassandra_keyspace_sqlite_interrupted_and_resumed(tmp
     async with open_sqlite(str(tmp_path / "src" / "chatd.db")) as store:
         seen = await populate(store, n_group_messages=300)
         before = await snapshot(store, seen)
+    check_lifecycle(before, seen)
+    write_objects(tmp_path / "src")
     a, b, c, d = seen["users"]
     assert before[f"invitations {d}"] == [("g-empty", 1260.0, b, 1270.0)], before
     assert [x and (x.user_id, x.invited_at) for x in before["departures g-one"]] == [None, None, (c, None), None]
@@ -187,7 +315,7 @@ async def test_copy_sqlite_cassandra_keyspace_sqlite_interrupted_and_resumed(tmp
         await interrupted_copy(tmp_path, src, c1)
         resumed = await trio.to_thread.run_sync(lambda: copy_cmd(src, c1, tmp_path, "--verify"))
         assert resumed.returncode == 0, resumed.stderr
-        assert "(resumed)" in resumed.stdout and "verify: ok: 3 channels, 305 messages" in resumed.stdout
+        assert "(resumed)" in resumed.stdout and f"verify: ok: 3 channels, {305 + LIFECYCLE_ROWS} messages" in resumed.stdout
 
         async with open_cassandra(cassandra_server.config(ks1)) as store:
             assert store.bucket_size == 16
@@ -199,7 +327,7 @@ async def test_copy_sqlite_cassandra_keyspace_sqlite_interrupted_and_resumed(tmp
         for a, b in ((c1, c2), (c2, back)):
             step = await trio.to_thread.run_sync(lambda: copy_cmd(a, b, tmp_path, "--verify"))
             assert step.returncode == 0, step.stderr
-            assert "verify: ok: 3 channels, 305 messages" in step.stdout, step.stdout
+            assert f"verify: ok: 3 channels, {305 + LIFECYCLE_ROWS} messages" in step.stdout, step.stdout
         async with open_cassandra(cassandra_server.config(ks2)) as store:
             assert await snapshot(store, seen) == before
             # the sequence goes on where the source stopped; a resend of an old message is found
@@ -207,11 +335,32 @@ async def test_copy_sqlite_cassandra_keyspace_sqlite_interrupted_and_resumed(tmp
             assert (new.message.seq, new.duplicate) == (301, False)
             old = await store.append_message("g-one", seen["users"][1], "g-1", "group body 1", 2001.0)
             assert (old.message.seq, old.duplicate) == (2, True)
+            await events_after_the_copy(store, seen)
         async with open_sqlite(str(tmp_path / "back" / "chatd.db")) as store:
             assert await snapshot(store, seen) == before
+        assert objects_in(tmp_path / "back") == OBJECTS  # through both keyspaces' media directories
     finally:
         for ks in (ks1, ks2):
             await drop_keyspace(cassandra_server.config(ks))
+
+
+async def events_after_the_copy(store, seen) -> None:
+    """Events appended to a copied keyspace win over the folds the copy wrote (on Cassandra the
+    folds carry USING TIMESTAMP = the event's seq: a copy that wrote them at 'now' would hide every
+    later edit, unreaction and delete)."""
+    a, b = seen["users"][:2]
+    ab = seen["channels"][0]
+    n = 5 + LIFECYCLE_ROWS
+
+    async def event(sender, cmid, spec):
+        return (await store.append_event(ab, sender, cmid, spec, 3000.0, dm_pair=(a, b))).message.seq
+    assert await event(a, "after-edit-2", EventSpec(EDIT, target_seq=2, body="edited after the copy")) == n + 1
+    await event(b, "after-unreact-4", EventSpec(UNREACT, target_seq=4, body="👍"))
+    await event(b, "after-delete-7", EventSpec(DELETE, target_seq=7))
+    history = {m.seq: m for m in await store.read_messages(ab, after=0, limit=100)}
+    assert (history[2].body, history[2].edited_at, history[2].state_seq) == ("edited after the copy", 3000.0, n + 1)
+    assert history[4].reactions == (("👍", (a,)),)
+    assert (history[7].body, history[7].attachments, history[7].deleted_by) == ("", "", b)
 
 
 async def interrupted_copy(tmp_path, src, dst) -> None:
@@ -245,6 +394,9 @@ TAMPERED = {  # how a Cassandra copy is damaged -> what verify must say
                   "group_departures: 2 in the source, 1 in the destination"),
     "invitation": ("DELETE FROM invitations_by_user WHERE user_id = {d}",
                    "user {d}: 1 invitations back in the source, 0 in the destination"),
+    "reaction": ("DELETE FROM reactions WHERE channel_id = '{ab}' AND bucket = 0 AND seq = 4 AND emoji = '👍' "
+                 "AND user_id = {a}", "channel {ab}: 15 messages in the source, 15 in the destination, their "
+                                      "contents differ"),
 }
 
 
@@ -256,7 +408,8 @@ async def test_verify_catches_a_tampered_cassandra_copy(tmp_path, cassandra_serv
     src = sqlite_config(tmp_path, "src")
     async with open_sqlite(str(tmp_path / "src" / "chatd.db")) as store:
         seen = await populate(store, n_group_messages=12)
-    cql, want = (t.format(d=seen["users"][3]) for t in TAMPERED[tamper])
+    write_objects(tmp_path / "src")
+    cql, want = (t.format(a=seen["users"][0], d=seen["users"][3], ab=seen["channels"][0]) for t in TAMPERED[tamper])
     ks = fresh_keyspace()
     dst = cassandra_config(tmp_path, cassandra_server, ks)
     try:

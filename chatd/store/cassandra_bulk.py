@@ -23,7 +23,8 @@ import math
 import time
 
 from .base import push_slot
-from .cassandra_schema import GROUPS_CREATED_TTL_S, bucket_of, username_key
+from .. import lifecycle as lc
+from .cassandra_schema import _MSG, GROUPS_CREATED_TTL_S, bucket_of, username_key
 from .cql import READ, WRITE
 from .records import check_kind
 
@@ -40,7 +41,11 @@ BULK_STATEMENTS: dict[str, tuple[str, str]] = {
     "members_scan": (READ, "SELECT channel_id, user_id, joined_at FROM members_by_channel"),
     "group_departures_scan": (READ, "SELECT channel_id, user_id, left_at, invited_by, invited_at "
                                     "FROM group_departures"),
-    "messages_scan": (READ, "SELECT channel_id, seq, sender_id, client_msg_id, body, created_at FROM messages"),
+    "media_scan": (READ, "SELECT id, owner_id, created_at, size, info FROM media"),
+    "media_orphan_get": (READ, "SELECT id FROM media_orphans WHERE bucket = ? AND created_at = ? AND id = ?"),
+    "messages_scan": (READ, f"SELECT channel_id, {_MSG} FROM messages"),
+    "reactions_scan": (READ, "SELECT channel_id, seq, emoji, user_id, at FROM reactions"),
+    "media_refs_scan": (READ, "SELECT media_id, channel_id, msg_key FROM media_refs"),
     "push_tokens_scan": (READ, "SELECT push_token, user_id, device_id, provider, app_id, created_at "
                                "FROM push_tokens"),
     "push_outbox_scan": (READ, "SELECT user_id, channel_id, seq, sender_id, body, queued_at FROM push_outbox"),
@@ -52,8 +57,13 @@ BULK_STATEMENTS: dict[str, tuple[str, str]] = {
     "device_put": (WRITE, "INSERT INTO devices (device_id, user_id, created_at) VALUES (?, ?, ?)"),
     "invite_put": (WRITE, "INSERT INTO invite_uses (invite_id, uses) VALUES (?, ?) USING TTL ?"),
     "channel_put": (WRITE, "INSERT INTO channels (id, kind, name, owner_id, created_at) VALUES (?, ?, ?, ?, ?)"),
-    "msg_put_bulk": (WRITE, "INSERT INTO messages (channel_id, bucket, seq, sender_id, client_msg_id, body, created_at) "
-                            "VALUES (?, ?, ?, ?, ?, ?, ?)"),
+    "msg_put_bulk": (WRITE, "INSERT INTO messages (channel_id, bucket, seq, sender_id, client_msg_id, body, created_at, "
+                            "kind, target_seq, reply_to, meta, attachments) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"),
+    # a message's folded state, at the timestamp the live store's last fold wrote it (its state_seq)
+    "fold_put_bulk": (WRITE, "UPDATE messages USING TIMESTAMP ? SET edited_body = ?, edited_at = ?, deleted_by = ?, "
+                             "deleted_at = ?, state_seq = ? WHERE channel_id = ? AND bucket = ? AND seq = ?"),
+    "media_owner_put_ttl": (WRITE, "INSERT INTO media_by_owner (owner_id, created_at, id, size) VALUES (?, ?, ?, ?) "
+                                   "USING TTL ?"),
     "bucket_head_put": (WRITE, "UPDATE messages USING TIMESTAMP ? SET bucket_head = ? "
                                "WHERE channel_id = ? AND bucket = ?"),
 }
@@ -101,14 +111,28 @@ async def export_rows(store, bulk, kind: str, after, limit: int):
         rows = [r for r in rows if r["user_id"] is not None]  # a partition with only its static column
         cursors = await store._gather(*[lambda r=r: store._cql.one("cursor_get", (r["user_id"], r["channel_id"]))
                                         for r in rows])
-        out = [(r["channel_id"], r["user_id"], r["joined_at"], (c or {}).get("read_seq") or 0)
-               for r, c in zip(rows, cursors)]
+        channel_ids = list(dict.fromkeys(r["channel_id"] for r in rows))
+        receipts = await store._gather(*[lambda c=c: store._cql.rows("receipts_of", (c,)) for c in channel_ids])
+        held = {(c, x["user_id"]): max(x["delivered_seq"] or 0, x["read_seq"] or 0)
+                for c, part in zip(channel_ids, receipts) for x in part}
+        out = [(r["channel_id"], r["user_id"], r["joined_at"], (c or {}).get("read_seq") or 0,
+                held.get((r["channel_id"], r["user_id"]), 0)) for r, c in zip(rows, cursors)]
     elif kind == "group_departures":
         out = [(r["channel_id"], r["user_id"], r["left_at"], r["invited_by"], r["invited_at"])
                for r in rows if r["left_at"] is not None]  # as ``departure``: no left_at, no departure
+    elif kind == "media":
+        from .cassandra import _orphan_bucket
+        marks = await store._gather(*[lambda r=r: bulk.one("media_orphan_get", (_orphan_bucket(r["id"]),
+                                                                                r["created_at"], r["id"]))
+                                      for r in rows])
+        out = [(r["id"], r["owner_id"], r["created_at"], r["size"], r["info"], int(m is None))
+               for r, m in zip(rows, marks)]
     elif kind == "messages":
-        out = [(r["channel_id"], r["seq"], r["sender_id"], r["client_msg_id"], r["body"], r["created_at"])
-               for r in rows if r["seq"] is not None]  # a bucket with only its static bucket_head
+        out = [_folded_record(r) for r in rows if r["seq"] is not None]  # a bucket with only its static bucket_head
+    elif kind == "reactions":
+        out = [(r["channel_id"], r["seq"], r["emoji"], r["user_id"], r["at"]) for r in rows]
+    elif kind == "media_refs":
+        out = [(r["media_id"], r["channel_id"], r["msg_key"]) for r in rows]
     elif kind == "push_tokens":
         out = [(r["push_token"], r["user_id"], r["device_id"] or "", r["provider"] or "", r["app_id"] or "",
                 r["created_at"] or 0.0) for r in rows]
@@ -118,6 +142,17 @@ async def export_rows(store, bulk, kind: str, after, limit: int):
     else:  # push_marks
         out = [(r["user_id"], r["channel_id"], r["push_token"], r["seq"]) for r in rows]
     return out, _encode(page.paging_state)
+
+
+def _folded_record(r: dict) -> tuple:
+    """A ``messages`` row -> its record: the text a client reads (``edited_body`` over ``body``;
+    '' once deleted, when ``edited_at`` no longer counts), as ``message_from_row`` folds it."""
+    deleted = r["deleted_at"] is not None
+    edited = not deleted and r["edited_body"] is not None
+    body = "" if deleted else r["edited_body"] if edited else r["body"]
+    return (r["channel_id"], r["seq"], r["sender_id"], r["client_msg_id"], body, r["created_at"], r["kind"],
+            r["target_seq"], r["reply_to"], r["meta"], r["edited_at"] if edited else None, r["deleted_by"],
+            r["deleted_at"], r["state_seq"], r["attachments"] or "")
 
 
 async def _true_head(store, row: dict) -> tuple[int, float]:
@@ -173,10 +208,38 @@ async def import_rows(store, bulk, kind: str, rows: list[tuple]) -> None:
             if r[4] is not None:  # invited back: listed by user too
                 writes.append((cql, "user_invitation_put", (r[1], r[0])))
         elif kind == "members":
+            channel_id, user_id, _, read_seq, delivered_seq = r
             writes.append((cql, "member_insert", r[:3]))
+            if delivered_seq:  # receipts: USING TIMESTAMP = the seq, as the live store writes them
+                writes.append((cql, "receipt_delivered", (delivered_seq, delivered_seq, channel_id, user_id)))
+            if read_seq:
+                writes.append((cql, "receipt_read", (read_seq, read_seq, channel_id, user_id)))
+        elif kind == "media":
+            from .cassandra import _orphan_bucket
+            media_id, owner_id, created_at, size, info, referenced = r
+            writes.append((cql, "media_put", (media_id, owner_id, created_at, size, info)))
+            left_s = math.floor(created_at + MEDIA_BY_OWNER_TTL_S - time.time())
+            if left_s > 0:  # still counted by the hourly upload quota
+                writes.append((bulk, "media_owner_put_ttl", (owner_id, created_at, media_id, size, left_s)))
+            if not referenced:
+                writes.append((cql, "media_orphan_put", (_orphan_bucket(media_id), created_at, media_id)))
         elif kind == "messages":  # the rows themselves: one batch per partition, below
-            channel_id, seq, sender_id, client_msg_id, _, _ = r
+            channel_id, seq, sender_id, client_msg_id = r[:4]
+            kind_, target_seq, state_seq = r[6], r[7], r[13]
             writes.append((cql, "dedup_put", (channel_id, sender_id, client_msg_id, seq)))
+            if state_seq:  # the fold, at the timestamp the live store wrote it: later events still win
+                edited_body = "" if r[12] is not None else r[4] if r[10] is not None else None
+                writes.append((bulk, "fold_put_bulk", (state_seq, edited_body, r[10], r[11], r[12], state_seq,
+                                                       channel_id, bucket_of(seq, store.bucket_size), seq)))
+            if kind_ in lc.TARGETED and target_seq:  # message_events: derived from the event rows
+                writes.append((cql, "event_index_put", (channel_id, bucket_of(target_seq, store.bucket_size),
+                                                        target_seq, seq, kind_)))
+        elif kind == "reactions":  # USING TIMESTAMP = the message's seq: below every event after it
+            channel_id, seq, emoji, user_id, at = r
+            writes.append((cql, "reaction_put", (channel_id, bucket_of(seq, store.bucket_size), seq, emoji, user_id,
+                                                 at, seq)))
+        elif kind == "media_refs":
+            writes.append((cql, "media_ref_put", r))
         elif kind == "push_tokens":
             token, user_id, device_id, provider, app_id, created_at = r
             params = (token, user_id, device_id, provider, app_id, created_at)
@@ -193,6 +256,7 @@ async def import_rows(store, bulk, kind: str, rows: list[tuple]) -> None:
                         *[lambda b=b: bulk.batch(b) for b in batches])
 
 
+MEDIA_BY_OWNER_TTL_S = 7200  # media_by_owner's TTL (cassandra_schema's media_owner_put)
 MESSAGES_PER_BATCH = 50  # rows of one partition in one unlogged batch, and at most
 MAX_BATCH_BYTES = 1 << 20  # body characters in one (as the live store's append batches; a larger message goes alone)
 
@@ -209,15 +273,19 @@ def _message_batches(bucket_size: int, rows: list[tuple]) -> list[list[tuple]]:
         chunk: list[tuple] = []
         size = 0
         for r in part + [None]:
-            if chunk and (r is None or len(chunk) == MESSAGES_PER_BATCH or size + len(r[4]) > MAX_BATCH_BYTES):
+            if chunk and (r is None or len(chunk) == MESSAGES_PER_BATCH or size + _size(r) > MAX_BATCH_BYTES):
                 top = max(c[1] for c in chunk)
-                out.append([("msg_put_bulk", (channel_id, bucket, *c[1:])) for c in chunk]
+                out.append([("msg_put_bulk", (channel_id, bucket, *c[1:10], c[14])) for c in chunk]
                            + [("bucket_head_put", (top, top, channel_id, bucket))])
                 chunk, size = [], 0
             if r is not None:
                 chunk.append(r)
-                size += len(r[4])
+                size += _size(r)
     return out
+
+
+def _size(r: tuple) -> int:
+    return len(r[4]) + len(r[14] or "")
 
 
 async def _member_rows(store, rows: list[tuple]) -> list[tuple]:
@@ -228,7 +296,7 @@ async def _member_rows(store, rows: list[tuple]) -> list[tuple]:
     channels = await store._gather(*[lambda c=c: cql.one("channel_get", (c,)) for c in channel_ids])
     by_id = {c: ch for c, ch in zip(channel_ids, channels) if ch is not None}
     writes: list[tuple] = [(cql, "member_version_set", (0, c)) for c in by_id]
-    for channel_id, user_id, joined_at, read_seq in rows:
+    for channel_id, user_id, joined_at, read_seq, _ in rows:
         ch = by_id.get(channel_id)
         if ch is None:  # a membership of a channel the source never finished creating
             continue

@@ -14,7 +14,9 @@ is only stable while the store is not written.
 stores (``records.Digest``), channel by channel the digest of the whole history read through the
 ordinary ``read_messages`` path, which is what a client's sync reads, and user by user the
 invitations back into groups (``invitations_of``, what ``GET /v1/invitations`` reads: in Cassandra
-through its by-user index) of every user the source's ``group_departures`` invite.
+through its by-user index) of every user the source's ``group_departures`` invite. (Media
+*objects* are not store records: ``chatd store copy`` copies and checks them beside this module,
+chatd/media/copy.py, when the two configs keep them in different places.)
 
 Resources: both stores are opened by the caller; this module holds one page of rows at a time.
 Errors: a store failure (``ChatError``) ends the copy with the checkpoint at the last page written;

@@ -1161,7 +1161,8 @@ _BULK_TABLES: dict[str, tuple[str, str, str]] = {
     "devices": ("devices", "id, user_id, created_at, "
                 "CASE WHEN listed THEN coalesce(last_login_at, created_at) ELSE created_at END, listed",
                 "id, user_id, created_at, last_login_at, listed"),
-    "members": ("members", "channel_id, user_id, joined_at, read_seq", "channel_id, user_id, joined_at, read_seq"),
+    "members": ("members", "channel_id, user_id, joined_at, read_seq, MAX(delivered_seq, read_seq)",
+                "channel_id, user_id, joined_at, read_seq, delivered_seq"),
     "push_outbox": ("push_outbox", _OUTBOX_COLS, "slot, " + _OUTBOX_COLS),
 }
 
