@@ -306,11 +306,13 @@ async def test_admin_effects_reach_every_shard_of_a_cluster(zk, tmp_path, store_
         ack = await clients["user0"].send_message(group, "after the removal")
         assert ack["type"] == "ack", ack
         for n in ("user4", "user5"):
+            assert (await _row(clients[n], "member_removed", group))["user_id"] == creds["user3"]["user"]["id"]
             got = await clients[n].messages(1)
             assert [m["seq"] for m in got] == [ack["seq"]]
         r = await clients["user3"].send_message(group, "me too")
         assert r.get("code") == "not_member", r
         assert not [f for f in clients["user3"].pending_messages() if f["seq"] == ack["seq"]]
+
         assert "disabled user" in await admin(c.config, "users", "disable", "user4", api=api)
         # the listing commands read the cluster's store (a scan on Cassandra)
         assert await admin(c.config, "users", "search", "USER", api=api) == "6 users matching 'user'"
@@ -318,6 +320,25 @@ async def test_admin_effects_reach_every_shard_of_a_cluster(zk, tmp_path, store_
         assert shown["user"]["disabled"] and shown["devices"] == []
         assert await admin(c.config, "channels", "list", api=api) == "1 channels"
         stats = json.loads(await admin(c.config, "stats", "--json", api=api))
-        assert (stats["users"], stats["channels"], stats["messages"]) == (6, 1, 1)
+        assert (stats["users"], stats["channels"], stats["messages"]) == (6, 1, 2)  # the message and the removal's row
+        # moderation and erase: the API server sends each delete to the channel's owner shard (the
+        # group's and the DM's may be different ones); the members' devices get the rows live
+        line = await admin(c.config, "channels", "delete-message", group, str(ack["seq"]), api=api)
+        assert line.startswith(f"deleted message {ack['seq']} of {group} "), line
+        for n in ("user0", "user5"):
+            assert (await _delete_row(clients[n], group, ack["seq"]))["sender_id"] == 0, n
+        said = await clients["user5"].send_message(group, "U5-GROUP-SECRET")
+        u05 = dm(owner, creds["user5"])
+        told = await clients["user5"].send_message(u05, "U5-DM-SECRET")
+        assert (said["type"], told["type"]) == ("ack", "ack"), (said, told)
+        answer = json.loads(await admin(c.config, "users", "delete", "user5", "--erase", "--json", api=api))
+        assert answer["bodies"] == 2, answer
+        assert (await _delete_row(clients["user0"], group, said["seq"]))["sender_id"] == 0
+        assert (await _delete_row(clients["user0"], u05, told["seq"]))["sender_id"] == 0
+        texts = ""
+        for ch in (group, u05):
+            r = await c.api.call("GET", f"/v1/channels/{ch}/messages?limit=100", token=owner["token"])
+            texts += json.dumps(r.body["messages"])
+        assert "U5-" not in texts and "after the removal" not in texts, texts
     finally:
         c.stop()
