@@ -92,6 +92,7 @@ Commands, with an example each:
   chatd admin channels remove-member CHANNEL USER  chatd admin channels remove-member g:4f0c2a9e1b7d3c55 dave
   chatd admin channels transfer CHANNEL USER       chatd admin channels transfer g:4f0c2a9e1b7d3c55 bob
   chatd admin channels purge CHANNEL --before DATE chatd admin channels purge g:4f0c2a9e1b7d3c55 --before 2026-01-01
+  chatd admin channels delete-message CHANNEL SEQ  chatd admin channels delete-message g:4f0c2a9e1b7d3c55 42
   chatd admin invite                     chatd admin invite --uses 5 --ttl-s 86400
   chatd admin stats                      chatd admin stats --days 14
 Every command but invite asks a running API server (--api, default: the config's
@@ -179,8 +180,8 @@ def users_reset_password(config_path, api, ca_file, as_json, user, password):
 @click.option("--erase", is_flag=True, required=True, help="Required: anonymise the account for good (GDPR erase).")
 def users_delete(config_path, api, ca_file, as_json, user, erase):
     """Erase an account: anonymised (deleted-ID), disabled, tokens revoked, push tokens dropped,
-    removed from its groups. Message bodies are kept until the lifecycle delete exists (issue 21).
-    Example: chatd admin users delete carol --erase"""
+    removed from its groups, and every message it sent redacted (a delete every device sees; a
+    large account takes a while). Example: chatd admin users delete carol --erase"""
     call(_ctx(config_path, api, ca_file, as_json), "POST", f"/v1/admin/users/{_ref(user)}/erase")
 
 
@@ -208,7 +209,7 @@ def devices_revoke(config_path, api, ca_file, as_json, user, device):
 
 @click.group("channels")
 def channels():
-    """Channels: list, show, add-member, remove-member, transfer, purge."""
+    """Channels: list, show, add-member, remove-member, transfer, purge, delete-message."""
 
 
 @channels.command("list")
@@ -267,6 +268,16 @@ def channels_purge(config_path, api, ca_file, as_json, channel, before):
     Example: chatd admin channels purge g:4f0c2a9e1b7d3c55 --before 2026-01-01"""
     call(_ctx(config_path, api, ca_file, as_json), "POST", f"/v1/admin/channels/{_ref(channel)}/purge",
          body={"before": parse_when(before)})
+
+
+@channels.command("delete-message")
+@common
+@click.argument("channel")
+@click.argument("seq", type=click.IntRange(1))
+def channels_delete_message(config_path, api, ca_file, as_json, channel, seq):
+    """Moderation: delete message SEQ (its body, edits and reactions erased, its media released;
+    every device sees the delete). Example: chatd admin channels delete-message g:4f0c2a9e1b7d3c55 42"""
+    call(_ctx(config_path, api, ca_file, as_json), "DELETE", f"/v1/admin/channels/{_ref(channel)}/messages/{seq}")
 
 
 def parse_when(text: str) -> float:

@@ -158,10 +158,11 @@ class Node:
         """A transient event to every device of ``user_ids``."""
         self.fanout.deliver_event(event, user_ids)
 
-    async def append_system_event(self, by: int, channel_id: str, spec, client_msg_id: str):
-        """A system row (chatd/membership.py) through the channel's owner, like a send."""
+    async def append_system_event(self, by: int, channel_id: str, spec, client_msg_id: str, force: bool = False):
+        """A system row (chatd/membership.py), or with ``force`` an operator's ``delete``
+        (chatd/api/routes/operator.py), through the channel's owner, like a send."""
         return await self.router.append_event(by, channel_id, client_msg_id, spec,
-                                              timeout_s=self.config.limits.send_answer_s)
+                                              timeout_s=self.config.limits.send_answer_s, force=force)
 
     def device_logged_out(self, user_id: int, device_id: str, token_key: str, except_session=None,
                           before: float = 0.0) -> None:
@@ -444,9 +445,9 @@ class ApiNode:
     def connection_count(self) -> int:
         return sum(s.load for s in self.discovery.live())
 
-    async def append_system_event(self, by: int, channel_id: str, spec, client_msg_id: str):
-        """A system row (chatd/membership.py) sent to the channel's owner shard over its link
-        (``send`` with ``ev``), routed again on ``stale_view``; ``unavailable`` when no owner
+    async def append_system_event(self, by: int, channel_id: str, spec, client_msg_id: str, force: bool = False):
+        """A system row (chatd/membership.py), or with ``force`` an operator's ``delete``, sent to
+        the channel's owner shard over its link (``send`` with ``ev``), routed again on ``stale_view``; ``unavailable`` when no owner
         answers within a few seconds."""
         from .protocol.link_frames import unpacked
         from .store.base import AppendResult
@@ -458,7 +459,7 @@ class ApiNode:
                     await self.discovery.wait_view(view.version + 1, 0.5)
                     continue
                 reply = await self.links.request_on(link, lf.Send(view.version, channel_id, by, client_msg_id, "",
-                                                                  ev=spec.as_dict()),
+                                                                  ev=spec.as_dict(), force=force),
                                                     self.config.limits.send_answer_s)
                 if reply.ok is not None:
                     return AppendResult(unpacked(reply.ok, reply.mx), reply.dup is True)

@@ -111,7 +111,7 @@ class ChannelOwners:
         API, after the membership change) and ``force`` (moderation, erasure) skip the member and
         author checks; a system event also goes to ``spec.notify`` (the member removed)."""
         system = spec.kind in lc.SYSTEM
-        if not system:
+        if not (system or force):  # (a forced delete may come from the operator, user 0)
             await self.membership.require_member(channel_id, user_id)
         lock = self._locks.get(channel_id)
         if lock is None:

@@ -16,9 +16,16 @@ scan it whole (on Cassandra: a full table scan; run them off-peak on a large key
 
 A purge (history before a date) is retention applied to one channel now (``Store.expire_messages``:
 the oldest messages go, what is kept stays one gap-free range, devices learn the horizon at their
-next ``sync``). Not here yet (they wait on the message lifecycle's ``delete``, issue 21): erasing an
-erased user's message bodies, deleting a single message (moderation). An erase answers
-``"bodies": "kept"`` and says so in ``done``.
+next ``sync``).
+
+A moderation delete and an erase redact messages through the lifecycle's ``delete``
+(chatd/lifecycle.py), forced and by the operator (user 0), sent to each channel's owner
+(``node.append_system_event``: in a cluster over the link to the owner shard): the owner erases the
+body, every edit and the reactions from the store, releases the message's media, and the ``delete``
+row takes the channel's next seq, so every device sees it live and by ``sync``. Its
+``client_msg_id`` is ``admin-delete:<seq>``: a command run again after ``unavailable`` does not add
+a second row. An erase pages through each of the user's channels (``ERASE_PAGE`` rows a read) and
+redacts every message the user sent: its work grows with the size of those channels.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from quart_trio import QuartTrio
 from ...auth import hash_password
 from ...errors import ChatError
 from ...ids import MAX_INT64, is_group, is_valid_channel_id
+from ...lifecycle import DELETE, MESSAGE, EventSpec
 from ...membership import announce_member_change
 from ...revocation import log_out_before
 from .. import securitylog as security
@@ -45,6 +53,7 @@ from ..spec import route
 
 OPERATOR = 0  # the ``by`` of an operator's membership change
 PAGE_MAX = 1000
+ERASE_PAGE = 500  # rows of a channel read at a time while an erase looks for the user's messages
 
 
 class UserRef(Struct):
@@ -100,6 +109,27 @@ def register(app: QuartTrio, node: ApiHost) -> None:
         if channel is None:
             raise ChatError("no_such_channel", f"no channel {channel_id!r}")
         return channel
+
+    async def redact(channel_id: str, seq: int):
+        """The lifecycle ``delete`` of message ``seq``, forced, by the operator, through its owner."""
+        return await node.append_system_event(OPERATOR, channel_id, EventSpec(DELETE, target_seq=seq),
+                                              f"admin-delete:{seq}", force=True)
+
+    async def erase_bodies(user_id: int, channel_ids: list[str]) -> int:
+        """Redact every message ``user_id`` sent in these channels, a page of rows at a time."""
+        erased = 0
+        for channel_id in channel_ids:
+            after, head = 0, await store.head_seq(channel_id)  # (the deletes added below are not read)
+            while after < head:
+                rows = await store.read_messages(channel_id, after=after, before=head + 1, limit=ERASE_PAGE)
+                if not rows:
+                    break
+                for m in rows:
+                    if m.sender_id == user_id and m.kind == MESSAGE and not m.deleted_at:
+                        await redact(channel_id, m.seq)
+                        erased += 1
+                after = rows[-1].seq
+        return erased
 
     # ---- users -----------------------------------------------------------------------------
     @app.get("/v1/admin/users")
@@ -186,8 +216,11 @@ def register(app: QuartTrio, node: ApiHost) -> None:
         tokens = await store.push_tokens(user.id)
         for t in tokens:
             await store.remove_push_token(user.id, t.token)
+        # the bodies first, then the removals: an erase cut off half-way, run again, still finds the groups
+        channels = await store.channels_of(user.id)
+        bodies = await erase_bodies(user.id, [c.id for c in channels])
         left = 0
-        for c in await store.channels_of(user.id):
+        for c in channels:
             if c.kind == "group" and await store.remove_member(c.id, user.id):
                 node.membership_changed(c.id)
                 await announce_member_change(node, "member_removed", c.id, user.id, OPERATOR)
@@ -197,9 +230,9 @@ def register(app: QuartTrio, node: ApiHost) -> None:
         await store.update_profile(user.id, "", "")
         await store.set_password_hash(user.id, "!erased")  # matches no password
         return done("erase", f"erased user {user.id}: now {anonymous!r}, {n} devices logged out, {len(tokens)} push "
-                             f"tokens dropped, removed from {left} groups; message bodies kept (their erasure "
-                             "waits on the message lifecycle delete, issue 21)",
-                    user_id=user.id, username=anonymous, bodies="kept")
+                             f"tokens dropped, removed from {left} groups, {bodies} messages erased "
+                             f"in {len(channels)} channels",
+                    user_id=user.id, username=anonymous, bodies=bodies)
 
     # ---- devices ----------------------------------------------------------------------------
     @app.get("/v1/admin/users/<string:ref>/devices")
@@ -304,6 +337,21 @@ def register(app: QuartTrio, node: ApiHost) -> None:
         when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(data.before))
         return done("purge", f"purged {n} messages of {channel.id} written before {when}", channel_id=channel_id,
                     deleted=n)
+
+    @app.delete("/v1/admin/channels/<string:channel_id>/messages/<int:seq>")
+    @route(auth=False, errors=(401, 404, 409))
+    async def admin_delete_message(channel_id: str, seq: int):
+        admin()
+        await group_of(channel_id)
+        target = await store.get_message(channel_id, seq)
+        if target is None or target.kind != MESSAGE:
+            raise ChatError("no_such_message", f"there is no message {seq} in {channel_id}")
+        if target.deleted_at:
+            raise ChatError("message_deleted", f"message {seq} of {channel_id} is already deleted")
+        result = await redact(channel_id, seq)
+        return done("delete_message", f"deleted message {seq} of {channel_id} (sent by user {target.sender_id}): "
+                                      f"its body, edits and reactions erased; delete row seq {result.message.seq}",
+                    channel_id=channel_id, seq=seq, sender_id=target.sender_id, delete_seq=result.message.seq)
 
     # ---- stats ------------------------------------------------------------------------------
     @app.get("/v1/admin/stats")
