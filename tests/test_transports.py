@@ -13,6 +13,7 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from chatd.lifecycle import ChannelView
 from chatd.shard import resume
 from tests.helpers import RunningServer, dm, eventually, make_config, open_client
 from tests.transports import CuttingProxy, FramesClient, PollClient, SSEClient, http_base, http_json, open_transport, parse_sse
@@ -412,7 +413,7 @@ async def _log_events(client, n: int) -> list[dict]:
     return [await client._wait_for(lambda f: "id" not in f and f["type"] in _LOG_EVENTS, 20) for _ in range(n)]
 
 
-def _resume_point(kind, client, got):
+def _resume_point(kind, client, got, keep_session=False):
     if kind == "ws":  # the device's own cursors: the highest seq it holds per channel
         cursors = {}
         for f in got:
@@ -422,12 +423,15 @@ def _resume_point(kind, client, got):
     # poll: the cursor's resume token, as after the session ended (http_session_idle_s) -- a
     # session that lives on keeps what comes meanwhile as it came live: an edit's text, then its
     # delete, where a catch-up from the log has the edit redacted
-    return client.last_id if kind == "sse" else client.cursor.split("~")[0]
+    if kind == "sse":
+        return client.last_id
+    return client.cursor if keep_session else client.cursor.split("~")[0]
 
 
 async def _back_from(nursery, kind, creds, point):
     """The device back from ``point``; the client and the log events of its catch-up, read up to
-    the catch-up's end (ws: the sync reply; sse: the sync event; poll: an empty answer after it)."""
+    the catch-up's end (ws: the sync reply; sse: the sync event; poll: the sync event of a new
+    session, or an empty answer of one that lived on)."""
     if kind == "ws":
         c = await open_client(nursery, creds["ws_url"], creds["token"], cursors=point)
         assert (await c.reply_to(c.auth_id))["type"] == "sync"
@@ -439,8 +443,11 @@ async def _back_from(nursery, kind, creds, point):
     else:
         c = PollClient(http_base(creds["ws_url"]), creds["token"])
         c.cursor = point
-        while not any(f["type"] == "sync" for f in c.inbox):
-            c.take(await c.poll_once(wait_s=10))
+        while not any(f["type"] == "sync" for f in c.inbox):  # a new session: its catch-up
+            body = await c.poll_once(wait_s=1)
+            c.take(body)
+            if not body["events"] and not any(f["type"] == "ready" for f in c.inbox):
+                break  # the session lived on: what it kept meanwhile is all taken
         assert (await c.poll_once(wait_s=0))["events"] == []
         nursery.start_soon(c.run)  # and on polling
     got = [f for f in c.inbox if "id" not in f and f["type"] in _LOG_EVENTS]
@@ -448,14 +455,16 @@ async def _back_from(nursery, kind, creds, point):
     return c, got
 
 
-async def _lifecycle_scenario(server, kind: str):
+async def _lifecycle_scenario(server, kind: str, keep_session: bool = False):
     """bob on ``kind`` in a 1:1 with alice and a group: an edit, a reaction, a reply and receipts
     while he is online; an edit, his unreact (from another device), a delete (redacting the edits
     and reactions) and carol added to the group while he is offline (his catch-up brings them);
-    then an edit of his, live, and a reconnect after it that repeats nothing."""
-    alice = await server.api.signup_login(f"alice-lc-{kind}")
-    bob = await server.api.signup_login(f"bob-lc-{kind}")
-    carol = await server.api.signup_login(f"carol-lc-{kind}")
+    then an edit of his, live, and a reconnect after it that repeats nothing. ``keep_session``
+    (poll): back with the whole cursor, within http_session_idle_s, not from its resume token."""
+    tag = f"lc-{kind}" + ("-kept" if keep_session else "")
+    alice = await server.api.signup_login(f"alice-{tag}")
+    bob = await server.api.signup_login(f"bob-{tag}")
+    carol = await server.api.signup_login(f"carol-{tag}")
     ch = dm(alice, bob)
     r = await server.api.call("POST", "/v1/groups", {"name": "team", "members": [bob["user"]["id"]]},
                               token=alice["token"])
@@ -485,7 +494,7 @@ async def _lifecycle_scenario(server, kind: str):
             await ok(cb.request({"type": "received", "channel_id": ch, "seq": 4}))
             await ok(cb.request({"type": "read", "channel_id": ch, "seq": 3}))
             got += await _log_events(cb, 1)                                       # coalesced: one event
-            point = _resume_point(kind, cb, got)
+            point = _resume_point(kind, cb, got, keep_session)
             ids += getattr(cb, "ids", [])
             n.cancel_scope.cancel()  # bob goes offline
         other = FramesClient(http_base(bob["ws_url"]), bob["token"])  # another device of bob's
@@ -500,7 +509,7 @@ async def _lifecycle_scenario(server, kind: str):
             got += caught_up
             await ok(do(cb, "edit", ch, target_seq=4, body="yes!"))               # dm 8, live
             got += await _log_events(cb, 1)
-            point = _resume_point(kind, cb, got)
+            point = _resume_point(kind, cb, got, keep_session)
             ids += getattr(cb, "ids", [])
             n.cancel_scope.cancel()
         async with trio.open_nursery() as n:  # a reconnect after the edit: nothing repeated
@@ -541,3 +550,21 @@ async def test_the_message_lifecycle_gives_the_same_events_on_every_transport(se
     assert got[5]["cursors"] == {"bob": {"delivered": 4, "read": 3}}  # received and read: one event
     assert (got[8]["target_seq"], got[8]["sender_id"]) == (1, "alice")
     assert (got[9]["user_id"], got[9]["sender_id"]) == ("carol", "alice")
+
+
+async def test_a_poll_session_that_lives_on_gives_the_rows_as_they_came_live(server):
+    """A poller back within http_session_idle_s continues its session, which kept the rows of its
+    time away as they came live: the edit's text and the reaction, then their delete (a catch-up
+    from the log has those two redacted). The same rows otherwise, folded to the same state."""
+    kept = await _lifecycle_scenario(server, "poll", keep_session=True)
+    synced = await _lifecycle_scenario(server, "ws")
+    assert (kept[6]["body"], kept[7]["emoji"]) == ("hello again", "👍") and "redacted" not in kept[6]
+    assert [f for i, f in enumerate(kept) if i not in (6, 7)] == [f for i, f in enumerate(synced) if i not in (6, 7)]
+    views = []
+    for frames in (kept, synced):
+        view = ChannelView("bob")
+        for f in frames:
+            if f["type"] == "message" and f["channel_id"] == "dm":
+                view.apply(f)
+        views.append(view.snapshot())
+    assert views[0] == views[1]
