@@ -13,9 +13,10 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from chatd.lifecycle import ChannelView
 from chatd.shard import resume
 from tests.helpers import RunningServer, dm, eventually, make_config, open_client
-from tests.transports import CuttingProxy, PollClient, SSEClient, http_base, http_json, open_transport, parse_sse
+from tests.transports import CuttingProxy, FramesClient, PollClient, SSEClient, http_base, http_json, open_transport, parse_sse
 
 TRANSPORTS = ("ws", "sse", "poll")
 
@@ -382,3 +383,188 @@ async def test_a_polling_device_is_online_while_it_polls_and_offline_after(tmp_p
 
 async def _is(get, value):
     return await get() == value
+
+
+# ---- the message lifecycle over every transport -----------------------------------------------------
+_LOG_EVENTS = ("message", "receipts")
+
+
+def _shape(frame, names, chans):
+    """A frame as a client acts on it, with what differs from run to run (user and channel ids,
+    times, client_msg_ids) replaced by names."""
+    def walk(key, v):
+        if isinstance(v, dict):
+            return {k: walk(k, x) for k, x in sorted(v.items()) if k != "client_msg_id"}
+        if isinstance(v, list):
+            return [walk(key, x) for x in v]
+        if key in ("created_at", "edited_at", "at"):
+            return "T"
+        if key in ("sender_id", "user_id", "by"):
+            return names[v]
+        return chans[v] if key == "channel_id" else v
+    out = walk(None, frame)
+    if frame["type"] == "receipts":
+        out["cursors"] = {names[int(u)]: c for u, c in out["cursors"].items()}
+    return out
+
+
+async def _log_events(client, n: int) -> list[dict]:
+    """The next ``n`` log rows and receipts events, in the order they arrived."""
+    return [await client._wait_for(lambda f: "id" not in f and f["type"] in _LOG_EVENTS, 20) for _ in range(n)]
+
+
+def _resume_point(kind, client, got, keep_session=False):
+    if kind == "ws":  # the device's own cursors: the highest seq it holds per channel
+        cursors = {}
+        for f in got:
+            if f["type"] == "message":
+                cursors[f["channel_id"]] = max(cursors.get(f["channel_id"], 0), f["seq"])
+        return cursors
+    # poll: the cursor's resume token, as after the session ended (http_session_idle_s) -- a
+    # session that lives on keeps what comes meanwhile as it came live: an edit's text, then its
+    # delete, where a catch-up from the log has the edit redacted
+    if kind == "sse":
+        return client.last_id
+    return client.cursor if keep_session else client.cursor.split("~")[0]
+
+
+async def _back_from(nursery, kind, creds, point):
+    """The device back from ``point``; the client and the log events of its catch-up, read up to
+    the catch-up's end (ws: the sync reply; sse: the sync event; poll: the sync event of a new
+    session, or an empty answer of one that lived on)."""
+    if kind == "ws":
+        c = await open_client(nursery, creds["ws_url"], creds["token"], cursors=point)
+        assert (await c.reply_to(c.auth_id))["type"] == "sync"
+    elif kind == "sse":
+        c = SSEClient(http_base(creds["ws_url"]), creds["token"])
+        await c.connect(last_event_id=point)
+        nursery.start_soon(c.pump)
+        await c.next_event("sync")
+    else:
+        c = PollClient(http_base(creds["ws_url"]), creds["token"])
+        c.cursor = point
+        while not any(f["type"] == "sync" for f in c.inbox):  # a new session: its catch-up
+            body = await c.poll_once(wait_s=1)
+            c.take(body)
+            if not body["events"] and not any(f["type"] == "ready" for f in c.inbox):
+                break  # the session lived on: what it kept meanwhile is all taken
+        assert (await c.poll_once(wait_s=0))["events"] == []
+        nursery.start_soon(c.run)  # and on polling
+    got = [f for f in c.inbox if "id" not in f and f["type"] in _LOG_EVENTS]
+    c.inbox[:] = [f for f in c.inbox if not any(f is x for x in got)]
+    return c, got
+
+
+async def _lifecycle_scenario(server, kind: str, keep_session: bool = False):
+    """bob on ``kind`` in a 1:1 with alice and a group: an edit, a reaction, a reply and receipts
+    while he is online; an edit, his unreact (from another device), a delete (redacting the edits
+    and reactions) and carol added to the group while he is offline (his catch-up brings them);
+    then an edit of his, live, and a reconnect after it that repeats nothing. ``keep_session``
+    (poll): back with the whole cursor, within http_session_idle_s, not from its resume token."""
+    tag = f"lc-{kind}" + ("-kept" if keep_session else "")
+    alice = await server.api.signup_login(f"alice-{tag}")
+    bob = await server.api.signup_login(f"bob-{tag}")
+    carol = await server.api.signup_login(f"carol-{tag}")
+    ch = dm(alice, bob)
+    r = await server.api.call("POST", "/v1/groups", {"name": "team", "members": [bob["user"]["id"]]},
+                              token=alice["token"])
+    assert r.status == 201, r
+    g = r.body["channel"]["id"]
+    names = {alice["user"]["id"]: "alice", bob["user"]["id"]: "bob", carol["user"]["id"]: "carol"}
+    chans = {ch: "dm", g: "group"}
+
+    def do(client, verb, channel, **fields):
+        return client.request({"type": verb, "channel_id": channel, "client_msg_id": str(uuid.uuid4()), **fields})
+
+    async def ok(reply_coro):
+        reply = await reply_coro
+        assert reply["type"] in ("ack", "read", "received"), reply
+        return reply
+    async with trio.open_nursery() as outer:
+        ca = await open_client(outer, alice["ws_url"], alice["token"])
+        ids = []  # sse: the id of every event that had one
+        async with trio.open_nursery() as n:
+            cb = await open_transport(n, kind, bob["ws_url"], bob["token"])
+            await ok(ca.send_message(ch, "helo"))                               # dm 1
+            await ok(do(ca, "edit", ch, target_seq=1, body="hello"))            # dm 2
+            await ok(do(cb, "react", ch, target_seq=1, emoji="👍"))             # dm 3
+            await ok(do(cb, "send", ch, body="yes", reply_to=1))                # dm 4
+            await ok(ca.send_message(g, "hi team"))
+            got = await _log_events(cb, 5)
+            await ok(cb.request({"type": "received", "channel_id": ch, "seq": 4}))
+            await ok(cb.request({"type": "read", "channel_id": ch, "seq": 3}))
+            got += await _log_events(cb, 1)                                       # coalesced: one event
+            point = _resume_point(kind, cb, got, keep_session)
+            ids += getattr(cb, "ids", [])
+            n.cancel_scope.cancel()  # bob goes offline
+        other = FramesClient(http_base(bob["ws_url"]), bob["token"])  # another device of bob's
+        await ok(do(ca, "edit", ch, target_seq=1, body="hello again"))         # dm 5
+        await ok(do(other, "unreact", ch, target_seq=1, emoji="👍"))            # dm 6
+        await ok(do(ca, "delete", ch, target_seq=1))                           # dm 7: redacts 2, 3, 5, 6
+        r = await server.api.call("POST", f"/v1/channels/{g}/members", {"user_id": carol["user"]["id"]},
+                                  token=alice["token"])
+        assert r.status == 200 and r.body["added"], r
+        async with trio.open_nursery() as n:
+            cb, caught_up = await _back_from(n, kind, bob, point)
+            got += caught_up
+            await ok(do(cb, "edit", ch, target_seq=4, body="yes!"))               # dm 8, live
+            got += await _log_events(cb, 1)
+            point = _resume_point(kind, cb, got, keep_session)
+            ids += getattr(cb, "ids", [])
+            n.cancel_scope.cancel()
+        async with trio.open_nursery() as n:  # a reconnect after the edit: nothing repeated
+            _, again = await _back_from(n, kind, bob, point)
+            assert again == [], again
+            n.cancel_scope.cancel()
+        outer.cancel_scope.cancel()
+    if kind == "sse":  # every log row came with an id (its resume token), each one new
+        rows = [f for f in got if f["type"] == "message"]
+        with_id = [f for _, f in ids if f["type"] == "message"]
+        assert with_id == rows
+        tokens = [i for i, f in ids if f["type"] == "message"]
+        assert len(set(tokens)) == len(tokens)
+    return [_shape(f, names, chans) for f in got]
+
+
+async def test_the_message_lifecycle_gives_the_same_events_on_every_transport(server):
+    """Edits, reactions, a reply, a delete, a system row and receipts -- partly while the device
+    is offline, so they come by its catch-up -- arrive identically over ws, sse and poll."""
+    results = {}
+    for kind in TRANSPORTS:
+        with trio.fail_after(60):
+            results[kind] = await _lifecycle_scenario(server, kind)
+    assert results["sse"] == results["ws"] and results["poll"] == results["ws"]
+    got = results["ws"]
+    assert [(f["type"], f.get("channel_id"), f.get("seq"), f.get("kind"), f.get("body"), f.get("redacted"))
+            for f in got] == [
+        ("message", "dm", 1, None, "helo", None), ("message", "dm", 2, "edit", "hello", None),
+        ("message", "dm", 3, "react", "", None), ("message", "dm", 4, None, "yes", None),
+        ("message", "group", 1, None, "hi team", None),
+        ("receipts", "dm", None, None, None, None),
+        # offline: the catch-up from the log has the edit and the reaction of the deleted message redacted
+        ("message", "dm", 5, "edit", "", True), ("message", "dm", 6, "unreact", "", True),
+        ("message", "dm", 7, "delete", "", None), ("message", "group", 2, "member_added", "", None),
+        ("message", "dm", 8, "edit", "yes!", None)]
+    assert (got[2]["emoji"], got[2]["count"], got[2]["sender_id"]) == ("👍", 1, "bob")
+    assert got[3]["reply"] == {"seq": 1, "sender_id": "alice", "excerpt": "hello"} and got[3]["reply_to"] == 1
+    assert got[5]["cursors"] == {"bob": {"delivered": 4, "read": 3}}  # received and read: one event
+    assert (got[8]["target_seq"], got[8]["sender_id"]) == (1, "alice")
+    assert (got[9]["user_id"], got[9]["sender_id"]) == ("carol", "alice")
+
+
+async def test_a_poll_session_that_lives_on_gives_the_rows_as_they_came_live(server):
+    """A poller back within http_session_idle_s continues its session, which kept the rows of its
+    time away as they came live: the edit's text and the reaction, then their delete (a catch-up
+    from the log has those two redacted). The same rows otherwise, folded to the same state."""
+    kept = await _lifecycle_scenario(server, "poll", keep_session=True)
+    synced = await _lifecycle_scenario(server, "ws")
+    assert (kept[6]["body"], kept[7]["emoji"]) == ("hello again", "👍") and "redacted" not in kept[6]
+    assert [f for i, f in enumerate(kept) if i not in (6, 7)] == [f for i, f in enumerate(synced) if i not in (6, 7)]
+    views = []
+    for frames in (kept, synced):
+        view = ChannelView("bob")
+        for f in frames:
+            if f["type"] == "message" and f["channel_id"] == "dm":
+                view.apply(f)
+        views.append(view.snapshot())
+    assert views[0] == views[1]
