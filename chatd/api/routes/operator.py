@@ -46,10 +46,13 @@ from ...ids import MAX_INT64, is_group, is_valid_channel_id
 from ...lifecycle import DELETE, MESSAGE, EventSpec
 from ...membership import announce_member_change
 from ...revocation import log_out_before
+from ...store.records import KINDS
 from .. import securitylog as security
 from ..adminauth import check_admin_token
 from ..host import ApiHost
 from ..spec import route
+
+KIND = KINDS["messages"].index("kind")  # a message record's kind field (None: a message)
 
 OPERATOR = 0  # the ``by`` of an operator's membership change
 PAGE_MAX = 1000
@@ -367,11 +370,14 @@ def register(app: QuartTrio, node: ApiHost) -> None:
             counts[kind] = await _count(store, kind)
         per_day: dict[str, int] = {}
         since = time.time() - days * 86400
-        messages, after = 0, None
+        messages, log_rows, after = 0, 0, None
         while True:
             rows, after = await store.export_rows("messages", after, 1000)
-            messages += len(rows)
+            log_rows += len(rows)
             for r in rows:
+                if r[KIND]:  # a lifecycle or system row of the log, not a message someone sent
+                    continue
+                messages += 1
                 if r[5] >= since:
                     day = time.strftime("%Y-%m-%d", time.gmtime(r[5]))
                     per_day[day] = per_day.get(day, 0) + 1
@@ -383,7 +389,7 @@ def register(app: QuartTrio, node: ApiHost) -> None:
             size = sum(os.path.getsize(p) for p in (path, path + "-wal") if os.path.exists(p))
         where = f", {size:,} bytes on disk" if size is not None else " (storage: nodetool tablestats)"
         return {"done": f"{counts['users']} users, {counts['channels']} channels, {messages} messages{where}",
-                **counts, "messages": messages, "messages_per_day": dict(sorted(per_day.items())),
+                **counts, "messages": messages, "log_rows": log_rows, "messages_per_day": dict(sorted(per_day.items())),
                 "storage_bytes": size}
 
 
