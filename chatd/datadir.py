@@ -23,10 +23,17 @@ FILE_MODE = 0o600
 
 
 def private_dir(path: Path) -> None:
-    """Create ``path`` (and missing parents) with mode 0700 if it does not exist."""
-    if not path.is_dir():
-        path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-        os.chmod(path, DIR_MODE)  # mkdir's mode is masked by the umask; 0700 is what we promise
+    """Create ``path`` and each missing parent with mode 0700 (an existing one keeps its mode)."""
+    missing = []
+    while not path.is_dir() and path.parent != path:
+        missing.append(path)
+        path = path.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode=DIR_MODE)
+        except FileExistsError:  # made meanwhile by another process: its mode is its own
+            continue
+        os.chmod(d, DIR_MODE)  # mkdir's mode is masked by the umask; 0700 is what we promise
 
 
 def private_file(path: Path) -> None:

@@ -73,8 +73,8 @@ def _mode(p: Path) -> int:
 
 
 async def test_data_dir_and_files_are_private_from_creation(tmp_path):
-    """``chatd run`` on a fresh data dir under the usual umask (022): the dir is 0700, secret.key
-    and the database files 0600."""
+    """``chatd run`` on a fresh data dir under the usual umask (022): the dir and every dir in it
+    (media) 0700, secret.key and the database files 0600."""
     import os
 
     import trio
@@ -93,6 +93,8 @@ async def test_data_dir_and_files_are_private_from_creation(tmp_path):
         os.umask(old)
     data = tmp_path / "data"
     assert _mode(data) == 0o700
+    dirs = [d for d in data.rglob("*") if d.is_dir()]  # media/, media/objects, media/tmp, ...
+    assert data / "media" in dirs and {str(d): _mode(d) for d in dirs} == {str(d): 0o700 for d in dirs}
     files = [data / "secret.key", data / "chatd.db"] + sorted(data.glob("chatd.db-*"))
     assert all(f.exists() for f in files[:2]), files
     assert {f.name: _mode(f) for f in files} == {f.name: 0o600 for f in files}

@@ -23,6 +23,7 @@ from typing import AsyncIterator
 
 import trio
 
+from ..datadir import private_dir
 from ..errors import ChatError
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ def _io_error(what: str, e: OSError) -> ChatError:
 class FsBackend(Backend):
     def __init__(self, root: Path):
         self.root = root
-        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(root)
 
     def _path(self, key: str) -> Path:
         if ".." in key or key.startswith("/"):
@@ -71,7 +72,7 @@ class FsBackend(Backend):
         target = self._path(key)
 
         def move():
-            target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            private_dir(target.parent)
             os.chmod(path, 0o600)
             with open(path, "rb") as f:
                 os.fsync(f.fileno())

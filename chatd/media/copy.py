@@ -27,6 +27,7 @@ from pathlib import Path
 import trio
 
 from .backend import Backend, MissingObject
+from ..datadir import private_dir
 
 PLAIN = "application/octet-stream"
 
@@ -72,7 +73,7 @@ async def copy_objects(source_store, src: Backend, dst: Backend, tmp_dir: Path, 
                        progress=None) -> ObjectCopy:
     """Copy the objects of every media record of ``source_store`` from ``src`` to ``dst``."""
     result = ObjectCopy()
-    tmp_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(tmp_dir)
     after = None
     while True:
         rows, after = await source_store.export_rows("media", after, page_rows)

@@ -37,6 +37,7 @@ from typing import AsyncIterator
 
 import trio
 
+from ..datadir import private_dir
 from ..errors import ChatError
 from ..store.base import MediaRecord, Store
 from .backend import Backend, open_backend
@@ -84,7 +85,7 @@ class MediaService:
         self.membership = membership
         root = config.data_path / "media"
         self.tmp = root / "tmp"
-        self.tmp.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(self.tmp)
         self.backend = backend if backend is not None else open_backend(config, config.data_path)
         c = self.cfg
         self.processor = Processor(c.workers, c.worker_timeout_s, c.worker_memory_bytes, c.max_pixels)
