@@ -129,10 +129,22 @@ class PresenceServer:
                     self.service.unsubscribe(subscriber, [target])
         if new and self.nursery is not None:
             # A (re)subscription learns the current status at once: after a presence server died,
-            # the survivor may never see a change for a user who left meanwhile.
+            # the survivor may never see a change for a user who left meanwhile. And once more
+            # when what the rebuild told us has settled (a grace period and a coalescing window):
+            # a stale snapshot heartbeat of a user who left during the rebuild makes them online
+            # here and offline again within one window, which publishes no change, while the
+            # subscriber's last word, from the dead server, was "online". (A repeated status is
+            # harmless: presence events are state.)
             self.nursery.start_soon(self._push_current, subscriber, new)
+            settle = self.config.presence.grace_s + self.config.presence.coalesce_s + 0.5
+            self.nursery.start_soon(self._push_current, subscriber, new, settle)
 
-    async def _push_current(self, subscriber: int, targets: list[int]) -> None:
+    async def _push_current(self, subscriber: int, targets: list[int], after_s: float = 0.0) -> None:
+        if after_s:
+            await trio.sleep(after_s)
+            targets = [t for t in targets if (t, subscriber) in self._subs and self.owns(t)]
+            if not targets:
+                return
         try:
             current = await self.service.statuses(targets)
         except Exception as e:  # noqa: BLE001 - a store hiccup: the next change will correct it
