@@ -108,14 +108,35 @@ def common(f):
     return f
 
 
-def _ctx(config_path, api, ca_file, as_json) -> click.Context:
-    ctx = click.get_current_context()
-    ctx.obj = {"config": config_path, "api": api, "ca_file": ca_file, "json": as_json}
-    return ctx
+def _ref(text) -> str:
+    return urllib.parse.quote(str(text), safe="")
 
 
-def _ref(text: str) -> str:
-    return urllib.parse.quote(text, safe="")
+def command(group, name: str, method: str, path: str, *params, help: str,
+            query=None, body=None) -> click.Command:
+    """Declare one admin command on ``group`` (a ``click.Group``, or None for a top-level one):
+    ``params`` are its click arguments and options (in the order they show), ``path`` the API path
+    with ``{argument}`` fields (each URL-quoted), ``query``/``body`` functions of the arguments that
+    give the query string and the JSON body. Every command takes the :func:`common` options and
+    answers through :func:`call`."""
+    def run(config_path, api, ca_file, as_json, **args):
+        ctx = click.get_current_context()
+        ctx.obj = {"config": config_path, "api": api, "ca_file": ca_file, "json": as_json}
+        call(ctx, method, path.format(**{k: _ref(v) for k, v in args.items()}),
+             body=body(args) if body else None, query=query(args) if query else None)
+    for param in reversed(params):
+        run = param(run)
+    run = common(run)
+    return (group.command if group else click.command)(name, help=help)(run)
+
+
+LIMIT = click.option("--limit", type=click.IntRange(1, 1000), default=100, show_default=True)
+AFTER = click.option("--after", help="The 'next' of a previous page (--json shows it).")
+USER, DEVICE, CHANNEL = click.argument("user"), click.argument("device"), click.argument("channel")
+
+
+def _page(args: dict) -> dict:
+    return {"limit": args["limit"], "after": args["after"]}
 
 
 @click.group("users")
@@ -123,66 +144,27 @@ def users():
     """Users: list, search, show, disable/enable, reset-password, delete --erase."""
 
 
-@users.command("list")
-@common
-@click.option("--limit", type=click.IntRange(1, 1000), default=100, show_default=True)
-@click.option("--after", help="The 'next' of a previous page (--json shows it).")
-def users_list(config_path, api, ca_file, as_json, limit, after):
-    """List users, a page at a time. Example: chatd admin users list --limit 50"""
-    call(_ctx(config_path, api, ca_file, as_json), "GET", "/v1/admin/users", query={"limit": limit, "after": after})
-
-
-@users.command("search")
-@common
-@click.argument("text")
-def users_search(config_path, api, ca_file, as_json, text):
-    """Users whose username or display name contains TEXT. Example: chatd admin users search alice"""
-    call(_ctx(config_path, api, ca_file, as_json), "GET", "/v1/admin/users", query={"q": text, "limit": 1000})
-
-
-@users.command("show")
-@common
-@click.argument("user")
-def users_show(config_path, api, ca_file, as_json, user):
-    """One user (id or username), their devices and channels. Example: chatd admin users show alice"""
-    call(_ctx(config_path, api, ca_file, as_json), "GET", f"/v1/admin/users/{_ref(user)}")
-
-
-@users.command("disable")
-@common
-@click.argument("user")
-def users_disable(config_path, api, ca_file, as_json, user):
-    """Refuse the user's logins and close all their sessions. Example: chatd admin users disable mallory"""
-    call(_ctx(config_path, api, ca_file, as_json), "POST", f"/v1/admin/users/{_ref(user)}/disable")
-
-
-@users.command("enable")
-@common
-@click.argument("user")
-def users_enable(config_path, api, ca_file, as_json, user):
-    """Let a disabled user log in again. Example: chatd admin users enable mallory"""
-    call(_ctx(config_path, api, ca_file, as_json), "POST", f"/v1/admin/users/{_ref(user)}/enable")
-
-
-@users.command("reset-password")
-@common
-@click.argument("user")
-@click.option("--password", default="", help="The new password [default: a random one, printed with --json].")
-def users_reset_password(config_path, api, ca_file, as_json, user, password):
-    """Set a new password and log out every device. Example: chatd admin users reset-password bob --json"""
-    call(_ctx(config_path, api, ca_file, as_json), "POST", f"/v1/admin/users/{_ref(user)}/password",
-         body={"password": password})
-
-
-@users.command("delete")
-@common
-@click.argument("user")
-@click.option("--erase", is_flag=True, required=True, help="Required: anonymise the account for good (GDPR erase).")
-def users_delete(config_path, api, ca_file, as_json, user, erase):
-    """Erase an account: anonymised (deleted-ID), disabled, tokens revoked, push tokens dropped,
+command(users, "list", "GET", "/v1/admin/users", LIMIT, AFTER, query=_page,
+        help="List users, a page at a time. Example: chatd admin users list --limit 50")
+command(users, "search", "GET", "/v1/admin/users", click.argument("text"),
+        query=lambda a: {"q": a["text"], "limit": 1000},
+        help="Users whose username or display name contains TEXT. Example: chatd admin users search alice")
+command(users, "show", "GET", "/v1/admin/users/{user}", USER,
+        help="One user (id or username), their devices and channels. Example: chatd admin users show alice")
+command(users, "disable", "POST", "/v1/admin/users/{user}/disable", USER,
+        help="Refuse the user's logins and close all their sessions. Example: chatd admin users disable mallory")
+command(users, "enable", "POST", "/v1/admin/users/{user}/enable", USER,
+        help="Let a disabled user log in again. Example: chatd admin users enable mallory")
+command(users, "reset-password", "POST", "/v1/admin/users/{user}/password", USER,
+        click.option("--password", default="", help="The new password [default: a random one, printed with --json]."),
+        body=lambda a: {"password": a["password"]},
+        help="Set a new password and log out every device. Example: chatd admin users reset-password bob --json")
+command(users, "delete", "POST", "/v1/admin/users/{user}/erase", USER,
+        click.option("--erase", is_flag=True, required=True,
+                     help="Required: anonymise the account for good (GDPR erase)."),
+        help="""Erase an account: anonymised (deleted-ID), disabled, tokens revoked, push tokens dropped,
     removed from its groups, and every message it sent redacted (a delete every device sees; a
-    large account takes a while). Example: chatd admin users delete carol --erase"""
-    call(_ctx(config_path, api, ca_file, as_json), "POST", f"/v1/admin/users/{_ref(user)}/erase")
+    large account takes a while). Example: chatd admin users delete carol --erase""")
 
 
 @click.group("devices")
@@ -190,21 +172,11 @@ def devices():
     """A user's devices: list, revoke."""
 
 
-@devices.command("list")
-@common
-@click.argument("user")
-def devices_list(config_path, api, ca_file, as_json, user):
-    """The user's logged-in devices. Example: chatd admin devices list bob"""
-    call(_ctx(config_path, api, ca_file, as_json), "GET", f"/v1/admin/users/{_ref(user)}/devices")
-
-
-@devices.command("revoke")
-@common
-@click.argument("user")
-@click.argument("device")
-def devices_revoke(config_path, api, ca_file, as_json, user, device):
-    """Log one device out (its tokens revoked, its connections closed). Example: chatd admin devices revoke bob 3f9a0c1d"""
-    call(_ctx(config_path, api, ca_file, as_json), "DELETE", f"/v1/admin/users/{_ref(user)}/devices/{_ref(device)}")
+command(devices, "list", "GET", "/v1/admin/users/{user}/devices", USER,
+        help="The user's logged-in devices. Example: chatd admin devices list bob")
+command(devices, "revoke", "DELETE", "/v1/admin/users/{user}/devices/{device}", USER, DEVICE,
+        help="Log one device out (its tokens revoked, its connections closed). "
+             "Example: chatd admin devices revoke bob 3f9a0c1d")
 
 
 @click.group("channels")
@@ -212,72 +184,29 @@ def channels():
     """Channels: list, show, add-member, remove-member, transfer, purge, delete-message."""
 
 
-@channels.command("list")
-@common
-@click.option("--limit", type=click.IntRange(1, 1000), default=100, show_default=True)
-@click.option("--after", help="The 'next' of a previous page (--json shows it).")
-def channels_list(config_path, api, ca_file, as_json, limit, after):
-    """List channels, a page at a time. Example: chatd admin channels list --json"""
-    call(_ctx(config_path, api, ca_file, as_json), "GET", "/v1/admin/channels", query={"limit": limit, "after": after})
-
-
-@channels.command("show")
-@common
-@click.argument("channel")
-def channels_show(config_path, api, ca_file, as_json, channel):
-    """A channel and its members. Example: chatd admin channels show g:4f0c2a9e1b7d3c55"""
-    call(_ctx(config_path, api, ca_file, as_json), "GET", f"/v1/admin/channels/{_ref(channel)}")
-
-
-@channels.command("add-member")
-@common
-@click.argument("channel")
-@click.argument("user")
-def channels_add(config_path, api, ca_file, as_json, channel, user):
-    """Add a user to a group. Example: chatd admin channels add-member g:4f0c2a9e1b7d3c55 dave"""
-    call(_ctx(config_path, api, ca_file, as_json), "POST", f"/v1/admin/channels/{_ref(channel)}/members",
-         body={"user": user})
-
-
-@channels.command("remove-member")
-@common
-@click.argument("channel")
-@click.argument("user")
-def channels_remove(config_path, api, ca_file, as_json, channel, user):
-    """Remove a user from a group (they get nothing more from it). Example: chatd admin channels remove-member g:4f0c2a9e1b7d3c55 dave"""
-    call(_ctx(config_path, api, ca_file, as_json), "DELETE", f"/v1/admin/channels/{_ref(channel)}/members/{_ref(user)}")
-
-
-@channels.command("transfer")
-@common
-@click.argument("channel")
-@click.argument("user")
-def channels_transfer(config_path, api, ca_file, as_json, channel, user):
-    """Make a member the group's owner. Example: chatd admin channels transfer g:4f0c2a9e1b7d3c55 bob"""
-    call(_ctx(config_path, api, ca_file, as_json), "POST", f"/v1/admin/channels/{_ref(channel)}/owner",
-         body={"user": user})
-
-
-@channels.command("purge")
-@common
-@click.argument("channel")
-@click.option("--before", "before", required=True,
-              help="A date (YYYY-MM-DD, UTC midnight), a time (YYYY-MM-DDTHH:MM[:SS], UTC) or unix seconds.")
-def channels_purge(config_path, api, ca_file, as_json, channel, before):
-    """Delete the channel's messages written before a date (for every device, as retention does).
-    Example: chatd admin channels purge g:4f0c2a9e1b7d3c55 --before 2026-01-01"""
-    call(_ctx(config_path, api, ca_file, as_json), "POST", f"/v1/admin/channels/{_ref(channel)}/purge",
-         body={"before": parse_when(before)})
-
-
-@channels.command("delete-message")
-@common
-@click.argument("channel")
-@click.argument("seq", type=click.IntRange(1))
-def channels_delete_message(config_path, api, ca_file, as_json, channel, seq):
-    """Moderation: delete message SEQ (its body, edits and reactions erased, its media released;
-    every device sees the delete). Example: chatd admin channels delete-message g:4f0c2a9e1b7d3c55 42"""
-    call(_ctx(config_path, api, ca_file, as_json), "DELETE", f"/v1/admin/channels/{_ref(channel)}/messages/{seq}")
+command(channels, "list", "GET", "/v1/admin/channels", LIMIT, AFTER, query=_page,
+        help="List channels, a page at a time. Example: chatd admin channels list --json")
+command(channels, "show", "GET", "/v1/admin/channels/{channel}", CHANNEL,
+        help="A channel and its members. Example: chatd admin channels show g:4f0c2a9e1b7d3c55")
+command(channels, "add-member", "POST", "/v1/admin/channels/{channel}/members", CHANNEL, USER,
+        body=lambda a: {"user": a["user"]},
+        help="Add a user to a group. Example: chatd admin channels add-member g:4f0c2a9e1b7d3c55 dave")
+command(channels, "remove-member", "DELETE", "/v1/admin/channels/{channel}/members/{user}", CHANNEL, USER,
+        help="Remove a user from a group (they get nothing more from it). "
+             "Example: chatd admin channels remove-member g:4f0c2a9e1b7d3c55 dave")
+command(channels, "transfer", "POST", "/v1/admin/channels/{channel}/owner", CHANNEL, USER,
+        body=lambda a: {"user": a["user"]},
+        help="Make a member the group's owner. Example: chatd admin channels transfer g:4f0c2a9e1b7d3c55 bob")
+command(channels, "purge", "POST", "/v1/admin/channels/{channel}/purge", CHANNEL,
+        click.option("--before", "before", required=True,
+                     help="A date (YYYY-MM-DD, UTC midnight), a time (YYYY-MM-DDTHH:MM[:SS], UTC) or unix seconds."),
+        body=lambda a: {"before": parse_when(a["before"])},
+        help="""Delete the channel's messages written before a date (for every device, as retention does).
+    Example: chatd admin channels purge g:4f0c2a9e1b7d3c55 --before 2026-01-01""")
+command(channels, "delete-message", "DELETE", "/v1/admin/channels/{channel}/messages/{seq}", CHANNEL,
+        click.argument("seq", type=click.IntRange(1)),
+        help="""Moderation: delete message SEQ (its body, edits and reactions erased, its media released;
+    every device sees the delete). Example: chatd admin channels delete-message g:4f0c2a9e1b7d3c55 42""")
 
 
 def parse_when(text: str) -> float:
@@ -296,12 +225,11 @@ def parse_when(text: str) -> float:
                              param_hint="--before")
 
 
-@click.command("stats")
-@common
-@click.option("--days", type=click.IntRange(1, 366), default=7, show_default=True, help="Messages per day, this far back.")
-def stats(config_path, api, ca_file, as_json, days):
-    """Users, channels, messages (per day), storage size. Example: chatd admin stats --days 14"""
-    call(_ctx(config_path, api, ca_file, as_json), "GET", "/v1/admin/stats", query={"days": days})
+stats = command(None, "stats", "GET", "/v1/admin/stats",
+                click.option("--days", type=click.IntRange(1, 366), default=7, show_default=True,
+                             help="Messages per day, this far back."),
+                query=lambda a: {"days": a["days"]},
+                help="Users, channels, messages (per day), storage size. Example: chatd admin stats --days 14")
 
 
 def install(group: click.Group) -> None:
