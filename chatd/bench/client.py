@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import json
 import time
-from collections import deque
-
 import msgpack
 import trio
 
+from .books import Outgoing, SendBooks
 from .seqs import SeqSet
 from .ws import OP_BINARY, OP_TEXT, WebSocket, WSClosed, WSError, encode_frame
 
@@ -63,17 +62,6 @@ class Codec:
 
 def _unpack(payload: bytes):
     return msgpack.unpackb(payload, raw=False)
-
-
-class Outgoing:
-    __slots__ = ("n", "mono_ns", "wall_ns", "written", "op")
-
-    def __init__(self, n: int, mono_ns: int, wall_ns: int, op=None):
-        self.n = n
-        self.mono_ns = mono_ns
-        self.wall_ns = wall_ns
-        self.written = False
-        self.op = op  # --mix: None (a send) or the lifecycle frame's fields (its kind, its target)
 
 
 class Lifecycle:
@@ -123,13 +111,10 @@ class BenchClient:
         self.tag = dev.tag
         self.recv: dict[str, SeqSet] = {c: SeqSet() for c in dev.channels}
         self.last: dict[str, int] = {c: 0 for c in dev.channels}
-        self.outbox: deque[Outgoing] = deque()
-        self.inflight: dict[int, Outgoing] = {}
+        self.sends = SendBooks(self.stats)  # outbox, in flight, request ids
         self._build = ctx.codec.sender(dev.send_channel, dev.tag, ctx.pad) if dev.send_channel else None
         self._n = 0
-        self._rid = 0
         self._hb: dict[int, int] = {}
-        self._wake: trio.Event | None = None
         self._ws: WebSocket | None = None  # while authenticated: sends may be written directly
         self._scope: trio.CancelScope | None = None
         self._authed = trio.Event()
@@ -163,23 +148,13 @@ class BenchClient:
         self._n += 1
         item = Outgoing(self._n, mono_ns, wall_ns,
                         None if self.lifecycle is None else self.lifecycle.choose(self.dev.send_channel))
-        ws = self._ws
-        if item.op is not None:  # a lifecycle request: always through the writer (keeps the order)
-            self.outbox.append(item)
-            if self._wake is not None:
-                self._wake.set()
+        ws, sends = self._ws, self.sends
+        # a lifecycle request always goes through the writer (keeps the order)
+        if item.op is None and ws is not None and not sends.outbox and len(sends.inflight) < self.ctx.max_inflight:
+            rid = sends.wrote_now(item)
+            ws.send_nowait(encode_frame(self.ctx.codec.opcode, self._build(rid, item.n, item.wall_ns)))
             return
-        if ws is not None and not self.outbox and len(self.inflight) < self.ctx.max_inflight:
-            self._rid += 1
-            self.inflight[self._rid] = item
-            item.written = True
-            self.stats.sent += 1
-            self.stats.at("sent", time.monotonic_ns())
-            ws.send_nowait(encode_frame(self.ctx.codec.opcode, self._build(self._rid, item.n, item.wall_ns)))
-            return
-        self.outbox.append(item)
-        if self._wake is not None:
-            self._wake.set()
+        sends.queue(item)
 
     def drop(self, abrupt: bool, offline_s: float) -> None:
         """Storm: end the connection now (TCP reset-like if ``abrupt``), reconnect after ``offline_s``."""
@@ -195,7 +170,7 @@ class BenchClient:
 
     def idle(self) -> bool:
         """Connected, nothing waiting to be sent, nothing waiting for an ack."""
-        return self.connected and not self.outbox and not self.inflight and not self._syncing
+        return self.connected and not self.sends.outbox and not self.sends.inflight and not self._syncing
 
     def caught_up(self, heads: dict) -> bool:
         return all(self.recv[c].top() >= heads.get(c, 0) for c in self.recv)
@@ -204,6 +179,21 @@ class BenchClient:
         return {c: s.ranges for c, s in self.recv.items()}
 
     # ---- connection loop -------------------------------------------------------------------
+    def _report(self, ok: bool) -> None:
+        """Tell the worker the first outcome (connected, or failed 3 times), once."""
+        if not self._reported:
+            self._reported = True
+            self.ctx.client_ready(ok)
+
+    async def _backoff(self, failures: int) -> None:
+        await trio.sleep(min(2.0, 0.1 * 2 ** min(failures, 5)) * (0.5 + self.ctx.rng.random()))
+
+    async def _stay_offline(self) -> None:
+        """Storm: until the drop's offline time is over."""
+        delay_ns = self._offline_until_ns - time.monotonic_ns()
+        if delay_ns > 0:
+            await trio.sleep(delay_ns / 1e9)
+
     async def run(self) -> None:
         """Keep one connection up until :meth:`stop`; reports the first outcome to the worker."""
         ctx, stats = self.ctx, self.stats
@@ -211,9 +201,7 @@ class BenchClient:
         first = True
         try:
             while not self._stopping:
-                delay_ns = self._offline_until_ns - time.monotonic_ns()
-                if delay_ns > 0:
-                    await trio.sleep(delay_ns / 1e9)
+                await self._stay_offline()
                 self._close = None
                 ws = None
                 try:
@@ -225,10 +213,9 @@ class BenchClient:
                     stats.connection_failures += 1
                     stats.errors["connect:" + type(e).__name__] += 1
                     failures += 1
-                    if not self._reported and failures >= 3:
-                        self._reported = True
-                        ctx.client_ready(False)
-                    await trio.sleep(min(2.0, 0.1 * 2 ** min(failures, 5)) * (0.5 + ctx.rng.random()))
+                    if failures >= 3:
+                        self._report(False)
+                    await self._backoff(failures)
                     continue
                 if not first:
                     stats.reconnects += 1
@@ -255,17 +242,15 @@ class BenchClient:
                     code = self._close[0] if self._close else 1006
                     stats.closes[str(code)] += 1
                     if not ok:
-                        await trio.sleep(min(2.0, 0.1 * 2 ** min(failures, 5)) * (0.5 + ctx.rng.random()))
+                        await self._backoff(failures)
         finally:
-            if not self._reported:
-                self._reported = True
-                ctx.client_ready(False)
+            self._report(False)
             self.done.set()
 
     async def _serve(self, ws: WebSocket) -> bool:
         """One connection's life; True if it authenticated."""
         self._authed = trio.Event()
-        self._rid = 0
+        self.sends.rid = 0
         self._hb.clear()
         try:
             async with trio.open_nursery() as nursery:
@@ -277,9 +262,7 @@ class BenchClient:
                     nursery.cancel_scope.cancel()
                     return False
                 self.connected = True
-                if not self._reported:
-                    self._reported = True
-                    self.ctx.client_ready(True)
+                self._report(True)
                 nursery.start_soon(self._guard, ws.run_flusher, nursery.cancel_scope)
                 if self._build is not None:
                     nursery.start_soon(self._writer, ws, nursery.cancel_scope)
@@ -287,20 +270,19 @@ class BenchClient:
                 nursery.start_soon(self._heartbeater, ws, nursery.cancel_scope)
             return self._authed.is_set()
         finally:
-            self.connected = False
-            self._ws = None
-            self._scope = None
-            self._syncing = False
-            self._wake = None
-            if self.inflight:  # not acked: send again, same client_msg_id, original order
-                for rid in sorted(self.inflight, reverse=True):
-                    self.outbox.appendleft(self.inflight[rid])
-                self.inflight.clear()
+            self._ended()
+
+    def _ended(self) -> None:
+        """A connection (session) ended: not connected; every send not acked is sent again on the next."""
+        self.connected = False
+        self._ws = None
+        self._scope = None
+        self._syncing = False
+        self.sends.requeue()
 
     async def _auth(self, ws: WebSocket) -> bool:
-        self._rid += 1
-        self._auth_id = self._rid
-        frame = {"type": "auth", "id": self._rid, "token": self.dev.token}
+        self._auth_id = self.sends.next_id()
+        frame = {"type": "auth", "id": self._auth_id, "token": self.dev.token}
         if self.recv:
             frame["cursors"] = {c: s.top() for c, s in self.recv.items()}
             for c, s in self.recv.items():
@@ -345,32 +327,17 @@ class BenchClient:
             scope.cancel()
 
     async def _writer(self, ws: WebSocket, scope: trio.CancelScope) -> None:
-        stats = self.stats
         build = self._build
         opcode = self.ctx.codec.opcode
         max_inflight = self.ctx.max_inflight
-        outbox, inflight = self.outbox, self.inflight
+        sends = self.sends
+
+        def payload(rid: int, item: Outgoing) -> bytes:
+            return encode_frame(opcode, build(rid, item.n, item.wall_ns) if item.op is None else self._frame(rid, item))
         try:
             while True:
-                while not outbox or len(inflight) >= max_inflight:
-                    self._wake = trio.Event()
-                    await self._wake.wait()
-                frames = []
-                fresh = 0
-                while outbox and len(inflight) < max_inflight:
-                    item = outbox.popleft()
-                    self._rid += 1
-                    inflight[self._rid] = item
-                    frames.append(encode_frame(opcode, build(self._rid, item.n, item.wall_ns) if item.op is None
-                                               else self._frame(self._rid, item)))
-                    if item.written:
-                        stats.resent += 1
-                    else:
-                        item.written = True
-                        fresh += 1
-                stats.sent += fresh
-                stats.at("sent", time.monotonic_ns(), fresh)
-                await ws.send_frames(frames)
+                await sends.wait(max_inflight)
+                await ws.send_frames(sends.take(max_inflight - len(sends.inflight), payload))
         except _CONN_ERRORS as e:
             self._note_close(e)
             scope.cancel()
@@ -380,9 +347,9 @@ class BenchClient:
         try:
             await trio.sleep(self.ctx.rng.uniform(0, self.heartbeat_interval_s))
             while True:
-                self._rid += 1
-                self._hb[self._rid] = time.monotonic_ns()
-                await ws.send(codec.encode({"type": "heartbeat", "id": self._rid}), codec.opcode)
+                rid = self.sends.next_id()
+                self._hb[rid] = time.monotonic_ns()
+                await ws.send(codec.encode({"type": "heartbeat", "id": rid}), codec.opcode)
                 await trio.sleep(self.heartbeat_interval_s)
         except _CONN_ERRORS as e:
             self._note_close(e)
@@ -420,7 +387,7 @@ class BenchClient:
             elif not (obj["sender_id"] == self.user_id and obj["client_msg_id"].startswith(self.tag)):
                 stats.h_deliver.record((now + self.ctx.wall_offset_ns - int(obj["body"][:16], 16)) // 1000)
         elif t == "ack":
-            item = self.inflight.pop(obj.get("id"), None)
+            item = self.sends.answered(obj.get("id"))
             if item is None:
                 return
             stats.acked += 1
@@ -431,8 +398,6 @@ class BenchClient:
             stats.acked_seqs[obj["channel_id"]].append(obj["seq"])
             stats.h_ack.record((now - item.mono_ns) // 1000)
             stats.at("acked", now)
-            if self._wake is not None:
-                self._wake.set()
         elif t == "heartbeat":
             sent = self._hb.pop(obj.get("id"), None)
             if sent is not None:
@@ -460,7 +425,7 @@ class BenchClient:
                 if self._scope is not None:
                     self._scope.cancel()
                 return
-            item = self.inflight.pop(rid, None)
+            item = self.sends.answered(rid)
             if item is None:
                 return
             if code in RETRYABLE:
@@ -468,11 +433,7 @@ class BenchClient:
                 self.ctx.nursery.start_soon(self._retry_later, item, delay)
             else:
                 stats.send_failed += 1
-            if self._wake is not None:
-                self._wake.set()
 
     async def _retry_later(self, item: Outgoing, delay_s: float) -> None:
         await trio.sleep(delay_s)
-        self.outbox.appendleft(item)
-        if self._wake is not None:
-            self._wake.set()
+        self.sends.retry(item)

@@ -1,6 +1,6 @@
 """The bench's SSE and long-poll devices (``chatd bench ... --transport sse|poll``): the same
-books, retries and resends as the WebSocket device (chatd/bench/client.py, whose frame handling
-they reuse), over docs/protocol.md section 7 -- events from ``GET /v1/stream`` or ``GET /v1/poll``,
+books, retries and resends as the WebSocket device (its frame handling and connection loop from
+chatd/bench/client.py, its send books from chatd/bench/books.py), over docs/protocol.md section 7 -- events from ``GET /v1/stream`` or ``GET /v1/poll``,
 sends by ``POST /v1/frames?session=`` (up to ``max_inflight`` sends per POST, one POST at a time
 per device: the order per channel is the device's). Every (re)connect starts from a resume
 token made of the device's own cursors (:func:`chatd.shard.resume.encode`), as ``auth`` with
@@ -22,6 +22,7 @@ import h11
 import trio
 
 from ..shard import resume
+from .books import Outgoing
 from .client import _CONN_ERRORS, AUTH_TIMEOUT_S, BenchClient
 
 POLL_WAIT_S = 20
@@ -98,38 +99,30 @@ class HTTPBenchClient(BenchClient):
         self._catching_up = False
 
     def enqueue(self, mono_ns: int, wall_ns: int) -> None:
-        from .client import Outgoing
         self._n += 1
-        self.outbox.append(Outgoing(self._n, mono_ns, wall_ns))
-        if self._wake is not None:
-            self._wake.set()
+        self.sends.queue(Outgoing(self._n, mono_ns, wall_ns))
 
     async def run(self) -> None:
-        ctx, stats = self.ctx, self.stats
+        stats = self.stats
         failures = 0
         first = True
         try:
             while not self._stopping:
-                delay_ns = self._offline_until_ns - time.monotonic_ns()
-                if delay_ns > 0:
-                    await trio.sleep(delay_ns / 1e9)
+                await self._stay_offline()
                 if not first:
                     stats.reconnects += 1
                 first = False
                 ok = await self._session()
                 failures = 0 if ok else failures + 1
-                if not self._reported and failures >= 3:
-                    self._reported = True
-                    ctx.client_ready(False)
+                if failures >= 3:
+                    self._report(False)
                 if self._drop is not None:
                     stats.drops += 1
                     self._drop = None
                 elif not self._stopping and not ok:
-                    await trio.sleep(min(2.0, 0.1 * 2 ** min(failures, 5)) * (0.5 + ctx.rng.random()))
+                    await self._backoff(failures)
         finally:
-            if not self._reported:
-                self._reported = True
-                ctx.client_ready(False)
+            self._report(False)
             self.done.set()
 
     async def _session(self) -> bool:
@@ -149,9 +142,7 @@ class HTTPBenchClient(BenchClient):
                     await self._authed.wait()
                 self.connected = True
                 self.stats.connects += 1
-                if not self._reported:
-                    self._reported = True
-                    self.ctx.client_ready(True)
+                self._report(True)
                 if self._build is not None:
                     nursery.start_soon(self._poster, conns, nursery.cancel_scope)
             return self._authed.is_set()
@@ -162,14 +153,7 @@ class HTTPBenchClient(BenchClient):
             for c in conns:
                 with trio.CancelScope(shield=True):
                     await c.aclose()
-            self.connected = False
-            self._scope = None
-            self._syncing = False
-            self._wake = None
-            if self.inflight:  # not acked: send again, same client_msg_id, original order
-                for rid in sorted(self.inflight, reverse=True):
-                    self.outbox.appendleft(self.inflight[rid])
-                self.inflight.clear()
+            self._ended()
 
     def _event(self, frame: dict, now: int) -> None:
         t = frame.get("type")
@@ -230,32 +214,16 @@ class HTTPBenchClient(BenchClient):
         scope.cancel()
 
     async def _poster(self, conns: list, scope: trio.CancelScope) -> None:
-        stats = self.stats
         build = self._build
-        outbox, inflight = self.outbox, self.inflight
+        sends = self.sends
         max_inflight = min(self.ctx.max_inflight, 64)
         try:
             c = await _HTTP.open(self.base)
             conns.append(c)
             target = "/v1/frames?session=" + quote(self._sid)
             while True:
-                while not outbox:
-                    self._wake = trio.Event()
-                    await self._wake.wait()
-                frames = []
-                fresh = 0
-                while outbox and len(frames) < max_inflight:
-                    item = outbox.popleft()
-                    self._rid += 1
-                    inflight[self._rid] = item
-                    frames.append(build(self._rid, item.n, item.wall_ns))
-                    if item.written:
-                        stats.resent += 1
-                    else:
-                        item.written = True
-                        fresh += 1
-                stats.sent += fresh
-                stats.at("sent", time.monotonic_ns(), fresh)
+                await sends.wait()
+                frames = sends.take(max_inflight, lambda rid, item: build(rid, item.n, item.wall_ns))
                 status = await c.request("POST", target, self.dev.token, b"[" + b",".join(frames) + b"]")
                 body = json.loads(await c.body())
                 if status != 200:
