@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import time
+
 import msgpack
 import trio
 
