@@ -1,12 +1,14 @@
-"""Helpers of the fault tests (tests/test_failover.py, tests/test_partition.py): clients that
-record when each send was answered, a sender that keeps traffic flowing through a fault, the store
-checks every fault test ends with, ZooKeeper killed and started again on the same port and
-data directory, and a real SQLite store whose writes hang.
+"""Helpers of the fault tests (tests/test_failover.py, tests/test_partition.py, the kill -9 tests
+of tests/test_cluster.py and tests/test_lifecycle_cluster.py): clients that record when each send
+was answered, a sender that keeps traffic flowing through a fault, a device that reconnects
+through it, the store checks every fault test ends with, ZooKeeper killed and started again on
+the same port and data directory, and a real SQLite store whose writes hang.
 
 Nothing is mocked: the clients are real WebSocket clients of real shard processes."""
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import threading
@@ -106,7 +108,23 @@ async def traffic_flows(log: SendLog, channels, n: int = 3, timeout: float = 30)
     await eventually(lambda: all(log.acks_after(t, ch) >= n for ch in channels), timeout)
 
 
+async def keep_connected(device, nursery) -> None:
+    """A robust client through a kill -9 (a tests.cluster ``Device``): whenever its connection
+    ends, absorb what it got, log in again and reconnect with its cursors; until cancelled."""
+    while True:
+        await device.client.wait_closed(timeout=math.inf)
+        device.absorb()
+        while True:
+            try:
+                with trio.fail_after(10):
+                    await device.connect(nursery, relogin=True)
+                break
+            except Exception:  # the API may still hand out the dead shard for a moment
+                await trio.sleep(0.3)  # a client's reconnect backoff
+
+
 async def stored_messages(cluster, channel_id: str, token: str) -> list[dict]:
+    """Every message of the channel in the store, in seq order (all pages of the HTTP history)."""
     stored, after = [], 0
     while True:
         r = await cluster.api.call("GET", f"/v1/channels/{channel_id}/messages?limit=500&after={after}", token=token)

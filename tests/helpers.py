@@ -316,6 +316,18 @@ async def assert_intact(server, token, ch, bodies):
     assert (await server.api.call("GET", "/healthz")).status == 200
 
 
+async def users_on_distinct_homes(cluster, prefix, homes_wanted: int, count: int):
+    """Sign up ``count`` users (at least) of a cluster so that at least ``homes_wanted`` different
+    home shards are covered."""
+    out = []
+    i = 0
+    while len(out) < count or len({u["shard_id"] for u in out}) < homes_wanted:
+        out.append(await cluster.api.signup_login(f"{prefix}user{i}"))
+        i += 1
+        assert i < 60
+    return out
+
+
 # ---- chatd run as an OS process ------------------------------------------------------------------------
 class ChatdRun:
     """``chatd run`` as an OS process with a config file (free ports, SQLite under ``tmp_path``, rate

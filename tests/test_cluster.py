@@ -4,7 +4,6 @@ frames, link loss, ZooKeeper session loss, and kill -9 failover with exactly-onc
 
 from __future__ import annotations
 
-import math
 import signal
 import uuid
 
@@ -16,21 +15,12 @@ from kazoo.client import KazooClient
 from chatd.discovery.view import ShardInfo, View
 from chatd.protocol import link as lp
 from tests.cluster import Cluster, Device, ZooKeeper, send_until_acked, settle, zookeeper_available
-from tests.helpers import TEST_LINK_SECRET, dm, eventually, free_port, open_client
+from tests.faults import keep_connected, stored_messages
+from tests.helpers import (TEST_LINK_SECRET, dm, eventually, free_port, open_client,
+                           users_on_distinct_homes)
 
 pytestmark = pytest.mark.skipif(not zookeeper_available(),
                                 reason="ZooKeeper not installed (apt-get install zookeeper); .ci/run installs it")
-
-
-async def users_on_distinct_homes(cluster, prefix, homes_wanted: int, count: int):
-    """Sign up ``count`` users so that at least ``homes_wanted`` different home shards are covered."""
-    out = []
-    i = 0
-    while len(out) < count or len({u["shard_id"] for u in out}) < homes_wanted:
-        out.append(await cluster.api.signup_login(f"{prefix}user{i}"))
-        i += 1
-        assert i < 60
-    return out
 
 
 async def test_cross_shard_dm_group_and_devices(cluster, nursery):
@@ -314,19 +304,6 @@ async def test_kill_9_failover_exactly_once(cluster, nursery):
     kill_now = trio.Event()
     per_sender = 25
 
-    async def keep_connected(d: Device):
-        """A robust client: when its connection ends, log in again and reconnect with cursors."""
-        while True:
-            await d.client.wait_closed(timeout=math.inf)
-            d.absorb()
-            while True:
-                try:
-                    with trio.fail_after(10):
-                        await d.connect(nursery, relogin=True)
-                    break
-                except Exception:  # the API may still hand out the dead shard for a moment
-                    await trio.sleep(0.3)  # a client's reconnect backoff
-
     async def sender(d: Device, targets: list[str]):
         for i in range(per_sender):
             ch = targets[i % len(targets)]
@@ -347,7 +324,7 @@ async def test_kill_9_failover_exactly_once(cluster, nursery):
 
     async with trio.open_nursery() as n:
         for d in devices.values():
-            n.start_soon(keep_connected, d)
+            n.start_soon(keep_connected, d, nursery)
 
         async def killer():
             await kill_now.wait()
@@ -361,13 +338,7 @@ async def test_kill_9_failover_exactly_once(cluster, nursery):
         # the store: gap-free per channel, no message twice, every ack names what was stored
         heads = {}
         for ch, token in tokens.items():
-            stored, after = [], 0
-            while True:
-                r = await cluster.api.call("GET", f"/v1/channels/{ch}/messages?limit=500&after={after}", token=token)
-                stored += r.body["messages"]
-                if not r.body["more"]:
-                    break
-                after = stored[-1]["seq"]
+            stored = await stored_messages(cluster, ch, token)
             seqs = [m["seq"] for m in stored]
             assert seqs == list(range(1, len(seqs) + 1)), ch
             cmids = [m["client_msg_id"] for m in stored]

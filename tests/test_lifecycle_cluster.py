@@ -6,7 +6,6 @@ with the same folded view as the HTTP history, whose message rows alone are alre
 
 from __future__ import annotations
 
-import math
 import random
 
 import pytest
@@ -15,7 +14,8 @@ import trio
 from chatd.discovery.view import View
 from chatd.lifecycle import ChannelView
 from tests.cluster import Device, settle, zookeeper_available
-from tests.test_cluster import users_on_distinct_homes
+from tests.faults import keep_connected, stored_messages
+from tests.helpers import users_on_distinct_homes
 
 pytestmark = pytest.mark.skipif(not zookeeper_available(),
                                 reason="ZooKeeper not installed (apt-get install zookeeper); .ci/run installs it")
@@ -40,17 +40,6 @@ class FoldingDevice(Device):
         return super().absorb()
 
 
-async def _history(cluster, ch, token) -> list[dict]:
-    out, after = [], 0
-    while True:
-        r = await cluster.api.call("GET", f"/v1/channels/{ch}/messages?limit=100&after={after}", token=token)
-        assert r.status == 200, r
-        out += r.body["messages"]
-        if not r.body["more"]:
-            return out
-        after = out[-1]["seq"]
-
-
 async def test_lifecycle_converges_through_kill_9_of_the_owner(cluster, nursery):
     people = (await users_on_distinct_homes(cluster, "lc", 3, 3))[:3]
     owner = people[0]
@@ -67,18 +56,6 @@ async def test_lifecycle_converges_through_kill_9_of_the_owner(cluster, nursery)
     all_msgs: list[int] = []
     kill_now = trio.Event()
     answers: list[str] = []
-
-    async def keep_connected(d: Device):
-        while True:
-            await d.client.wait_closed(timeout=math.inf)
-            d.absorb()
-            while True:
-                try:
-                    with trio.fail_after(10):
-                        await d.connect(nursery, relogin=True)
-                    break
-                except Exception:  # the API may still hand out the dead shard for a moment
-                    await trio.sleep(0.3)
 
     async def until_answered(d: Device, frame: dict) -> dict:
         """Resend with the same client_msg_id until acked or refused for a reason of the log."""
@@ -119,7 +96,7 @@ async def test_lifecycle_converges_through_kill_9_of_the_owner(cluster, nursery)
 
     async with trio.open_nursery() as n:
         for d in devices:
-            n.start_soon(keep_connected, d)
+            n.start_soon(keep_connected, d, nursery)
 
         async def killer():
             await kill_now.wait()
@@ -129,7 +106,7 @@ async def test_lifecycle_converges_through_kill_9_of_the_owner(cluster, nursery)
             for d in devices:
                 users.start_soon(user, d)
         assert cluster.procs[victim].poll() is not None  # it died under traffic
-        log = await _history(cluster, group, owner["token"])
+        log = await stored_messages(cluster, group, owner["token"])
         seqs = [m["seq"] for m in log]
         assert seqs == list(range(1, len(seqs) + 1))
         cmids = [m["client_msg_id"] for m in log]
@@ -142,7 +119,7 @@ async def test_lifecycle_converges_through_kill_9_of_the_owner(cluster, nursery)
         assert d.received[group] == seqs, d.name
         history = ChannelView(d.user_id)
         rows_only = ChannelView(d.user_id)
-        for f in await _history(cluster, group, d.creds["token"]):
+        for f in await stored_messages(cluster, group, d.creds["token"]):
             history.apply(f)
             if "kind" not in f:
                 rows_only.apply(f)
