@@ -1,7 +1,9 @@
 """The test suite's plain helpers, written once: a real HTTP client (urllib in a worker thread), a
-real WebSocket client, an in-process chatd (``serve_run``) and one as an OS process (``chatd run``),
-free loopback ports, ``eventually`` for state in another process, the DM channel id of two logins,
-and the CQL reserved-keyword list. Fixtures are in tests/conftest.py (and tests/cluster.py for the
+real WebSocket client (its receiving half, ``Inbox``, shared with tests/transports.py's SSE and
+poll clients), an in-process chatd (``serve_run``) and one as an OS process (``chatd run``), the
+schemathesis run against one, free loopback ports, ``eventually`` for state in another process,
+the DM channel id of two logins, cluster users on distinct home shards, and the CQL
+reserved-keyword list. Fixtures are in tests/conftest.py (and tests/cluster.py for the
 real-cluster ones); no test module imports another.
 
 No mocks: the clients talk to a chatd listening on loopback. Resources: a started server or
@@ -135,20 +137,57 @@ class API:
         return r.body
 
 
-class WSClient:
+class Inbox:
+    """The receiving half of every test client (this WebSocket one, tests/transports.py's SSE and
+    long-poll ones): each frame received kept in ``inbox``, in order, until a wait takes it;
+    ``request`` (the subclass's) and ``send_message`` answer with the reply to their id."""
+
+    def __init__(self):
+        self.inbox: list = []
+        self._arrived = trio.lowlevel.ParkingLot()
+        self.closed_reason = None  # set (by a subclass) when the connection has closed
+
+    def _add(self, frame) -> None:
+        self.inbox.append(frame)
+        self._arrived.unpark_all()
+
+    async def _wait_for(self, pred, timeout: float):
+        """The first frame kept that ``pred`` accepts, taken out (``ConnectionError`` once closed)."""
+        with trio.fail_after(timeout):
+            while True:
+                for i, f in enumerate(self.inbox):
+                    if pred(f):
+                        return self.inbox.pop(i)
+                if self.closed_reason is not None:
+                    raise ConnectionError(f"closed: {self.closed_reason}")
+                await self._arrived.park()
+
+    async def next_event(self, type_: str | None = None, timeout: float = 10) -> dict:
+        return await self._wait_for(lambda f: "id" not in f and (type_ is None or f["type"] == type_), timeout)
+
+    async def messages(self, n: int, timeout: float = 20) -> list[dict]:
+        return [await self.next_event("message", timeout) for _ in range(n)]
+
+    async def request(self, frame: dict, timeout: float = 10) -> dict:
+        raise NotImplementedError
+
+    async def send_message(self, channel_id: str, body: str, client_msg_id: str | None = None) -> dict:
+        return await self.request({"type": "send", "channel_id": channel_id, "body": body,
+                                   "client_msg_id": client_msg_id or str(uuid.uuid4())})
+
+
+class WSClient(Inbox):
     """A WebSocket client that keeps every frame it receives, in order.
 
     ``request`` sends a frame with a fresh id and returns the reply with that id; all other
-    frames stay queued in ``events`` for ``next_event``/``messages``."""
+    frames stay queued in ``inbox`` for ``next_event``/``messages``."""
 
     _ids = itertools.count(1)
 
     def __init__(self, ws, fmt: str):
+        super().__init__()
         self.ws = ws
         self.fmt = fmt
-        self.inbox: list = []
-        self._arrived = trio.lowlevel.ParkingLot()
-        self.closed_reason = None
 
     def encode(self, frame):
         return msgpack.packb(frame) if self.fmt == "msgpack" else json.dumps(frame)
@@ -163,21 +202,10 @@ class WSClient:
         try:
             while True:
                 data = await self.ws.get_message()
-                self.inbox.append(msgpack.unpackb(data) if isinstance(data, bytes) else json.loads(data))
-                self._arrived.unpark_all()
+                self._add(msgpack.unpackb(data) if isinstance(data, bytes) else json.loads(data))
         except ConnectionClosed as e:
             self.closed_reason = e.reason
             self._arrived.unpark_all()
-
-    async def _wait_for(self, pred, timeout: float):
-        with trio.fail_after(timeout):
-            while True:
-                for i, f in enumerate(self.inbox):
-                    if pred(f):
-                        return self.inbox.pop(i)
-                if self.closed_reason is not None:
-                    raise ConnectionError(f"closed: {self.closed_reason}")
-                await self._arrived.park()
 
     async def wait_frame(self) -> None:
         """Until the next frame arrives or the connection closes; ``ConnectionError`` if it is closed."""
@@ -193,12 +221,6 @@ class WSClient:
     async def reply_to(self, rid, timeout: float = 10) -> dict:
         return await self._wait_for(lambda f: f.get("id") == rid and f["type"] != "message", timeout)
 
-    async def next_event(self, type_: str | None = None, timeout: float = 10) -> dict:
-        return await self._wait_for(lambda f: "id" not in f and (type_ is None or f["type"] == type_), timeout)
-
-    async def messages(self, n: int, timeout: float = 20) -> list[dict]:
-        return [await self.next_event("message", timeout) for _ in range(n)]
-
     async def wait_closed(self, timeout: float = 20):
         with trio.fail_after(timeout):
             while self.closed_reason is None:
@@ -207,10 +229,6 @@ class WSClient:
 
     def pending_messages(self) -> list[dict]:
         return [f for f in self.inbox if f.get("type") == "message"]
-
-    async def send_message(self, channel_id: str, body: str, client_msg_id: str | None = None) -> dict:
-        return await self.request({"type": "send", "channel_id": channel_id, "body": body,
-                                   "client_msg_id": client_msg_id or str(uuid.uuid4())})
 
 
 async def open_client(nursery, ws_url: str, token: str | None = None, fmt: str = "json",

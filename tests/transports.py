@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import itertools
 import json
-import uuid
+from contextlib import aclosing
 from urllib.parse import quote, urlsplit
 
 import h11
 import trio
 
-from tests.helpers import open_client
+from tests.helpers import Inbox, open_client
 
 
 def http_base(ws_url: str) -> str:
@@ -117,32 +117,13 @@ def parse_sse(buf: bytes):
     return events, buf
 
 
-class _Inbox:
+class _Inbox(Inbox):
+    """An HTTP transport's client: requests by ``POST /v1/frames`` (of its session once it has one)."""
     _ids = itertools.count(1)
 
     def __init__(self):
-        self.inbox: list = []
-        self._arrived = trio.lowlevel.ParkingLot()
-        self.closed_reason = None
+        super().__init__()
         self.session = None
-
-    def _add(self, frame):
-        self.inbox.append(frame)
-        self._arrived.unpark_all()
-
-    async def _wait_for(self, pred, timeout: float):
-        with trio.fail_after(timeout):
-            while True:
-                for i, f in enumerate(self.inbox):
-                    if pred(f):
-                        return self.inbox.pop(i)
-                await self._arrived.park()
-
-    async def next_event(self, type_: str | None = None, timeout: float = 10) -> dict:
-        return await self._wait_for(lambda f: "id" not in f and (type_ is None or f["type"] == type_), timeout)
-
-    async def messages(self, n: int, timeout: float = 20) -> list[dict]:
-        return [await self.next_event("message", timeout) for _ in range(n)]
 
     async def request(self, frame: dict, timeout: float = 10) -> dict:
         frame.setdefault("id", next(self._ids))
@@ -150,10 +131,6 @@ class _Inbox:
         status, body = await http_json(url, "POST", self.token, [frame])
         assert status == 200, (status, body)
         return body["replies"][0]
-
-    async def send_message(self, channel_id: str, body: str, client_msg_id: str | None = None) -> dict:
-        return await self.request({"type": "send", "channel_id": channel_id, "body": body,
-                                   "client_msg_id": client_msg_id or str(uuid.uuid4())})
 
 
 class SSEClient(_Inbox):
@@ -174,18 +151,24 @@ class SSEClient(_Inbox):
         assert self.stream.status == 200, self.stream.status
         return self.stream
 
-    async def pump(self, stop_after: int | None = None):
-        """Read events into the inbox until the stream ends (or ``stop_after`` events: then the
-        client drops the connection)."""
+    async def events(self):
+        """``(id or None, frame)`` of each event of the stream, as it comes, until the stream ends."""
         buf = b""
-        n = 0
         while True:
             c = await self.stream.chunk()
             if c is None:
                 return
             buf += c
             events, buf = parse_sse(buf)
-            for ev_id, frame in events:
+            for event in events:
+                yield event
+
+    async def pump(self, stop_after: int | None = None):
+        """Read events into the inbox until the stream ends (or ``stop_after`` events: then the
+        client drops the connection)."""
+        n = 0
+        async with aclosing(self.events()) as events:
+            async for ev_id, frame in events:
                 if ev_id is not None:
                     self.last_id = ev_id
                     self.ids.append((ev_id, frame))
@@ -359,17 +342,11 @@ class RobustReceiver:
                 if self.kind == "sse":
                     c = SSEClient(self.base, self.creds["token"])
                     await c.connect(last_event_id=self.resume)
-                    buf = b""
-                    while True:
-                        if not started:
-                            started = True
-                            task_status.started(self)
-                        chunk = await c.stream.chunk()
-                        if chunk is None:
-                            break
-                        buf += chunk
-                        events, buf = parse_sse(buf)
-                        for ev_id, frame in events:
+                    if not started:
+                        started = True
+                        task_status.started(self)
+                    async with aclosing(c.events()) as events:
+                        async for ev_id, frame in events:
                             if ev_id is not None:
                                 self.resume = ev_id
                             self._take(frame)
