@@ -210,6 +210,12 @@ _MSG_COLS = "channel_id, seq, sender_id, client_msg_id, body, created_at"
 _ROW_COLS = _MSG_COLS + ", kind, target_seq, reply_to, meta, edited_at, deleted_by, deleted_at, state_seq, attachments"
 _TOKEN_COLS = "user_id, device_id, provider, token, app_id, created_at"
 _OUTBOX_COLS = "user_id, channel_id, seq, sender_id, body, queued_at"
+# a ChannelSummary of each of a user's channels (m: the user's membership, ch: the channel); the
+# unread count leaves out lifecycle rows and deleted messages
+_SUMMARIES = ("SELECT ch.id, ch.kind, ch.name, ch.last_seq, m.read_seq, ch.last_at, "
+              "(SELECT COUNT(*) FROM messages x WHERE x.channel_id = ch.id AND x.seq > m.read_seq "
+              "AND x.kind IS NULL AND x.deleted_at IS NULL) "
+              "FROM members m JOIN channels ch ON ch.id = m.channel_id ")
 
 
 def _user(row) -> User:
@@ -758,23 +764,14 @@ class SQLiteStore(Store):
 
     async def channels_of(self, user_id):
         def fn(c):
-            rows = c.execute(
-                "SELECT ch.id, ch.kind, ch.name, ch.last_seq, m.read_seq, ch.last_at, "
-                "(SELECT COUNT(*) FROM messages x WHERE x.channel_id = ch.id AND x.seq > m.read_seq "
-                "AND x.kind IS NULL AND x.deleted_at IS NULL) "
-                "FROM members m JOIN channels ch ON ch.id = m.channel_id "
-                "WHERE m.user_id = ? ORDER BY ch.last_at DESC, ch.id", (user_id,))
+            rows = c.execute(_SUMMARIES + "WHERE m.user_id = ? ORDER BY ch.last_at DESC, ch.id", (user_id,))
             return [ChannelSummary(*r) for r in rows]
         return await self._read(fn)
 
     async def channels_page(self, user_id, after, limit):
         def fn(c):
-            rows = c.execute(
-                "SELECT ch.id, ch.kind, ch.name, ch.last_seq, m.read_seq, ch.last_at, "
-                "(SELECT COUNT(*) FROM messages x WHERE x.channel_id = ch.id AND x.seq > m.read_seq "
-                "AND x.kind IS NULL AND x.deleted_at IS NULL) "
-                "FROM members m JOIN channels ch ON ch.id = m.channel_id "
-                "WHERE m.user_id = ? AND m.channel_id > ? ORDER BY m.channel_id LIMIT ?", (user_id, after or "", limit))
+            rows = c.execute(_SUMMARIES + "WHERE m.user_id = ? AND m.channel_id > ? ORDER BY m.channel_id LIMIT ?",
+                             (user_id, after or "", limit))
             return [ChannelSummary(*r) for r in rows]
         return await self._read(fn)
 
