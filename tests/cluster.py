@@ -88,14 +88,16 @@ class Cluster:
     """``n`` shards (s1..sn) + one API server, all separate processes, one ZooKeeper root."""
 
     def __init__(self, zk: ZooKeeper, workdir: Path, n: int = 3, session_timeout_s: float = 2.0,
-                 heartbeat_s: float = 0.3, extra: str = "", presence: int = 0, store_toml: str = ""):
+                 heartbeat_s: float = 0.3, extra: str = "", presence: int = 0, store_toml: str = "",
+                 top: str = ""):
+        """``top``: top-level config keys (before any section), e.g. ``log_levels = [...]``."""
         self.zk = zk
         self.store_toml = store_toml
         self.dir = workdir
         self.root = f"/chatd-test-{os.getpid()}-{workdir.name}"
         self.config = workdir / "cluster.toml"
         self.config.write_text(
-            f'data_dir = "{workdir / "data"}"\n' + store_toml +
+            top + f'data_dir = "{workdir / "data"}"\n' + store_toml +
             f"[auth]\nsecret = \"{TEST_TOKEN_SECRET}\"\nscrypt_n = 1024\nsignups_unthrottled = [\"127.0.0.0/8\"]\n"
             "[limits]\nrate_frames_per_s = 100000.0\nrate_burst = 100000\n"
             f"[cluster]\nsecret = \"{TEST_LINK_SECRET}\"\nzk_hosts = \"{zk.hosts}\"\nzk_root = \"{self.root}\"\n"

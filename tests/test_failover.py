@@ -15,7 +15,8 @@ import trio.testing
 
 from chatd.discovery.view import View
 from tests.cluster import Cluster, Device, ZooKeeper, settle, zookeeper_available
-from tests.faults import (ANSWER_BOUND_S, SendLog, check_store, keep_sending, kill_zookeeper, start_zookeeper_again,
+from tests.faults import (ANSWER_BOUND_S, NEVER_S, SendLog, check_store, keep_sending, kill_zookeeper,
+                          start_zookeeper_again, stored_messages,
                           traffic_flows)
 from tests.helpers import dm, eventually, open_client
 
@@ -185,3 +186,64 @@ async def test_zookeeper_kill_and_restart_writes_resume(tmp_path, nursery):
     finally:
         cluster.stop()
         zk.stop()
+
+
+async def test_lifecycle_verbs_answered_while_the_owner_is_frozen(zk, tmp_path, nursery):
+    """Edits, reactions and deletes share the sends' deadline: with the channel's owner frozen
+    (SIGSTOP) each is answered — ``ack`` or ``unavailable`` with ``retry_after_ms`` — within the
+    bound, and resent with the same ``client_msg_id`` after the new owner took over, each is
+    stored once."""
+    cluster = Cluster(zk, tmp_path, n=3, session_timeout_s=SESSION_S, heartbeat_s=0.3)
+    try:
+        await cluster.start()
+        a, stuck, _free, victim = await sender_and_channels(cluster)
+        client = await open_client(nursery, a["ws_url"], a["token"])
+        log = SendLog()
+        target = (await log.send_until_acked(client, stuck, "to edit", "target"))["seq"]
+        home = a["shard_id"]
+        link_down = f"link down: {home} <-> {victim}"
+        downs = cluster.log_text(home).count(link_down)
+        cluster.kill(victim, signal.SIGSTOP)
+        try:
+            await eventually(lambda: cluster.log_text(home).count(link_down) > downs, timeout=SESSION_S + 3)
+            verbs = {"e-1": {"type": "edit", "body": "edited"},
+                     "r-1": {"type": "react", "emoji": "👍"},
+                     "d-1": {"type": "delete"}}
+            answers: dict[str, tuple[dict | None, float]] = {}
+
+            async def one(cmid, frame):
+                t = trio.current_time()
+                reply = await client.request({**frame, "channel_id": stuck, "client_msg_id": cmid,
+                                              "target_seq": target}, timeout=NEVER_S)
+                answers[cmid] = (reply, trio.current_time() - t)
+            async with trio.open_nursery() as n:
+                for cmid in ("e-1", "r-1"):
+                    n.start_soon(one, cmid, verbs[cmid])
+            print({k: (r["type"], r.get("code"), round(w, 2)) for k, (r, w) in answers.items()})
+            for cmid, (reply, waited) in answers.items():
+                assert waited <= ANSWER_BOUND_S, (cmid, waited, reply)
+                assert reply["type"] == "ack" or (reply["code"] == "unavailable" and reply["retry_after_ms"] > 0), reply
+            # as a client does: resend after retry_after_ms until the new owner acks
+            seqs = {}
+            for cmid in ("e-1", "r-1", "d-1"):
+                with trio.fail_after(30):
+                    while True:
+                        t = trio.current_time()
+                        reply = await client.request({**verbs[cmid], "channel_id": stuck, "client_msg_id": cmid,
+                                                      "target_seq": target}, timeout=NEVER_S)
+                        assert trio.current_time() - t <= ANSWER_BOUND_S, (cmid, reply)
+                        if reply["type"] == "ack":
+                            seqs[cmid] = reply["seq"]
+                            break
+                        assert reply["code"] == "unavailable" and reply["retry_after_ms"] > 0, reply
+                        await trio.sleep(reply["retry_after_ms"] / 1000)
+        finally:
+            cluster.kill(victim, signal.SIGCONT)
+        stored = await stored_messages(cluster, stuck, a["token"])
+        rows = [(m["seq"], m.get("kind"), m["client_msg_id"]) for m in stored]
+        assert [s for s, _, _ in rows] == list(range(1, len(rows) + 1)), rows  # gap-free
+        for cmid, kind in (("e-1", "edit"), ("r-1", "react"), ("d-1", "delete")):
+            mine = [r for r in rows if r[2] == cmid]
+            assert mine == [(seqs[cmid], kind, cmid)], (cmid, rows)  # stored once, at the acked seq
+    finally:
+        cluster.stop()

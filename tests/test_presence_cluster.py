@@ -24,6 +24,7 @@ async def presence_cluster(zk, tmp_path):
     """Two shards, two presence servers (p1, p2) and an API server; no pushes to groups (changes
     reach co-members by their subscriptions only)."""
     c = Cluster(zk, tmp_path, n=2, session_timeout_s=1.5, presence=2,
+                top='log_levels = ["chatd.presence=debug"]\n',  # what a failure's message shows
                 extra=f"[presence]\ngrace_s = {GRACE_S}\ncoalesce_s = 0.2\ngroup_push_max = 0\n")
     try:
         await c.start()
@@ -109,7 +110,7 @@ async def test_presence_server_killed_and_replaced(presence_cluster, nursery):
         try:
             await eventually(watcher_saw_offline)
         except trio.TooSlowError:
-            raise AssertionError([f for f in cw.inbox if f.get("type") == "presence"]) from None
+            raise AssertionError(presence_story(cluster, cw, xid, yid)) from None
 
         # a replacement server joins; users re-hash across p2 and p3 and the state is rebuilt
         cluster.start_presence("p3")
@@ -120,6 +121,16 @@ async def test_presence_server_killed_and_replaced(presence_cluster, nursery):
         assert await settled()
         assert latest(cw, yid) == "online" and latest(cw, xid) == "offline"
         conns.cancel_scope.cancel()
+
+
+def presence_story(cluster, client, *uids) -> str:
+    """What a failure shows: the client's presence events and every process's presence log lines."""
+    lines = [f"watcher's presence events: {[f for f in client.inbox if f.get('type') == 'presence']}",
+             f"users: {uids}"]
+    for name in cluster.procs:
+        lines += [f"{name}: {ln}" for ln in cluster.log_text(name).splitlines()
+                  if "presence" in ln or "link" in ln or "view" in ln]
+    return "\n".join(lines[-400:])
 
 
 HIDDEN = {"status": "offline", "last_active_at": None}

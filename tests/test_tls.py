@@ -395,3 +395,39 @@ async def test_the_http_transports_answer_over_tls_too(tls_server, pki, nursery)
     assert ack["type"] == "ack", ack
     await until(b"over tls, to an SSE stream")
     await stream.aclose()
+
+
+async def test_long_polling_and_posted_frames_over_tls(tls_server, pki):
+    """``GET /v1/poll`` and ``POST /v1/frames`` on the shard port over TLS (docs/protocol.md 7.3,
+    7.4): login names https:// URLs, a send posted over TLS is acked, the other side's poll over
+    TLS returns it, and a plain-HTTP request to the TLS port gets no answer."""
+    alice = await signup_login(tls_server, pki, "alice")
+    bob = await signup_login(tls_server, pki, "bob")
+    port = port_of(tls_server.ws_url)
+    assert bob["poll_url"] == f"https://127.0.0.1:{port}/v1/poll"
+    assert alice["frames_url"] == f"https://127.0.0.1:{port}/v1/frames"
+    channel = f"dm:{alice['user']['id']}:{bob['user']['id']}"
+    async with httpx.AsyncClient(verify=pki.client_context(), timeout=15) as http:
+        def auth(who):
+            return {"Authorization": f"Bearer {who['token']}"}
+        first = await http.get(bob["poll_url"], params={"wait_s": 0}, headers=auth(bob))
+        assert first.status_code == 200, first.text
+        cursor = first.json()["cursor"]
+        assert [e["type"] for e in first.json()["events"]][:1] == ["ready"], first.json()
+        r = await http.post(alice["frames_url"], headers=auth(alice), json=[
+            {"type": "send", "id": 1, "channel_id": channel, "client_msg_id": "tls-poll-1", "body": "posted over tls"}])
+        assert r.status_code == 200, r.text
+        (ack,) = r.json()["replies"]
+        assert ack["type"] == "ack" and ack["client_msg_id"] == "tls-poll-1", ack
+        got = []
+        with trio.fail_after(15):
+            while not any(e.get("body") == "posted over tls" for e in got):
+                answer = await http.get(bob["poll_url"], params={"wait_s": 5, "cursor": cursor}, headers=auth(bob))
+                assert answer.status_code == 200, answer.text
+                cursor = answer.json()["cursor"]
+                got += answer.json()["events"]
+        (msg,) = [e for e in got if e.get("body") == "posted over tls"]
+        assert msg["channel_id"] == channel and msg["seq"] == ack["seq"], msg
+    with pytest.raises(httpx.HTTPError):  # plain HTTP to the TLS port: no HTTP answer
+        async with httpx.AsyncClient(timeout=5) as plain:
+            await plain.get(f"http://127.0.0.1:{port}/v1/poll", headers={"Authorization": f"Bearer {bob['token']}"})

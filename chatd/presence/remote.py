@@ -79,7 +79,10 @@ class RemotePresence:
             if server is not None and (only_to is None or server == only_to):
                 by_server.setdefault(server, []).append(t)
         for server, ts in by_server.items():
-            self.links.send_nowait(server, PSubscribe(self.discovery.view.version, self.node_id, subscriber, ts, on))
+            if not self.links.send_nowait(server, PSubscribe(self.discovery.view.version, self.node_id, subscriber,
+                                                             ts, on)):
+                log.debug("presence subscription of %s to %s on %s dropped (no link yet); resent on link up",
+                          subscriber, ts, server)
 
     # ---- reading ---------------------------------------------------------------------------
     async def statuses(self, user_ids) -> dict[int, dict]:
@@ -113,6 +116,7 @@ class RemotePresence:
 
     def on_view_change(self, old, new) -> None:
         if new.shards != old.shards:
+            log.debug("presence servers v%d: %s; resending the snapshot", new.version, sorted(new.shards))
             self.resend_all()
 
     def on_link_up(self, link) -> None:

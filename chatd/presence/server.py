@@ -105,6 +105,10 @@ class PresenceServer:
 
     async def _on_subscribe(self, link, frame: PSubscribe) -> None:
         targets = [u for u in frame.targets if not frame.on or self.accepts(u, frame.pv)]
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("p_sub from %s (pv %d, ours %s): subscriber %s %s %s, taken %s", frame.source, frame.pv,
+                      self.peers.view.version if self.peers is not None else "-", frame.subscriber,
+                      "on" if frame.on else "off", frame.targets, targets)
         self._subscribe(frame.source, frame.subscriber, targets, frame.on)
 
     async def _on_query(self, link, frame: PQuery) -> None:
@@ -151,6 +155,7 @@ class PresenceServer:
             log.warning("presence snapshot for subscriber %s failed: %s", subscriber, e)
             return
         for uid, st in current.items():
+            log.debug("presence of %s to subscriber %s (snapshot after %.1f s): %s", uid, subscriber, after_s, st["status"])
             self.publish({"type": "presence", "user_id": uid, **st}, [subscriber])
 
     def on_link_down(self, link) -> None:
