@@ -7,7 +7,9 @@ poster frame. Nothing here is transcoded or served: the upload is served as it c
   each the peak absolute amplitude of one 64th of the audio, linear, 255 = full scale (a client
   scales it to its tallest bar). Audio longer than ``MAX_DECODE_S`` (10 minutes: a voice message
   is shorter) gets no waveform (``None``) and decoding stops there; so does a file whose decoding
-  fails midway (a truncated or corrupted upload): ``(None, None)``, never an exception.
+  fails midway (a truncated or corrupted upload): ``(None, None)``, never an exception
+  (``MemoryError`` excepted: it goes up to the worker, which answers "ran out of memory" and exits).
+  The same for a poster that does not decode.
 * :func:`poster_frame` decodes the first video stream's first decodable key frame (at most
   ``MAX_POSTER_PACKETS`` packets read) into a Pillow image, or ``None``; a stream declaring more
   than ``max_pixels`` pixels is not decoded.
@@ -66,8 +68,10 @@ def audio_summary(src: str) -> tuple[float | None, list[int] | None]:
                     return None, None  # too long for a voice message: the container's duration stands
             if pending:
                 peaks.append(peak)
-    except (av.FFmpegError, ValueError, OSError, EOFError):
-        return None, None  # truncated or corrupted: no waveform (the file is still served)
+    except MemoryError:
+        raise
+    except Exception:  # noqa: BLE001 - truncated, corrupted, odd: no waveform (the file is still served)
+        return None, None
     if not samples:
         return None, None
     return round(samples / _RATE, 3), _buckets(peaks)
@@ -85,7 +89,6 @@ def _buckets(peaks: list[int]) -> list[int]:
 
 def poster_frame(src: str, max_pixels: int):
     """The first decodable key frame of the first video stream, as a Pillow RGB image, or None."""
-    import av
     try:
         with _open(src) as container:
             stream = next((s for s in container.streams if s.type == "video"), None)
@@ -103,6 +106,8 @@ def poster_frame(src: str, max_pixels: int):
                     if frame.width * frame.height > max_pixels:
                         return None
                     return frame.to_image().convert("RGB")
-    except (av.FFmpegError, ValueError, OSError, EOFError):
+    except MemoryError:
+        raise
+    except Exception:  # noqa: BLE001 - a frame that does not decode or convert: no poster
         return None
     return None
