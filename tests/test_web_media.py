@@ -4,7 +4,7 @@ his token) and opens the full image; alice records a voice message (MediaRecorde
 fake microphone) and bob plays it; files dropped on the conversation or pasted into the composer
 are sent too; a file above ``media.max_bytes`` is refused with a sentence
 before a byte is sent; a plain file shows as a card with its name and size; a voice message shows
-the server's waveform; an upload slowed down (DevTools' upload throttling) and cancelled sends
+the server's waveform and a video its poster frame; an upload slowed down (DevTools' upload throttling) and cancelled sends
 nothing and leaves nothing stored on the server. Screenshots of every
 step are under the test's tmp dir (``shots/``)."""
 
@@ -20,6 +20,7 @@ from PIL import Image
 from tests.browser import (MEDIA_ARGS, TIMEOUT_MS, ChatdProcess, Shots, bodies, enter, expect, launch,
                            open_channel, require_browser, send)
 from tests.helpers import free_port
+from tests.test_media_av import video
 
 MAX_BYTES = 2 * 1024 * 1024
 
@@ -100,6 +101,13 @@ def test_photo_voice_file_and_too_large(chatd_proc, tmp_path):
             assert max(int(h) for h in bars.evaluate_all("rs => rs.map(r => r.getAttribute('height'))")) > 1
             shots(b, "bob-plays-voice")
 
+            # --- a video: bob's player shows the server's poster frame (fetched with his token)
+            video(tmp_path / "clip.webm", "webm", "libvpx")
+            a.set_input_files("#file-input", str(tmp_path / "clip.webm"))
+            b.wait_for_function("() => { const v = document.querySelector('#message-list video');"
+                                " return v && v.poster.startsWith('blob:') && v.src.startsWith('blob:'); }")
+            shots(b, "bob-sees-video-poster")
+
             # --- a plain file: a card with its name and size
             (tmp_path / "notes.txt").write_text("plain text notes\n" * 100)
             a.set_input_files("#file-input", str(tmp_path / "notes.txt"))
@@ -126,7 +134,7 @@ def test_photo_voice_file_and_too_large(chatd_proc, tmp_path):
             a.set_input_files("#file-input", str(big))
             expect(a.locator("#toasts .toast").last).to_contain_text("That file is too large to send")
             shots(a, "alice-too-large")
-            expect(b.locator("#message-list .msg")).to_have_count(6)  # text, photo, voice, 3 files
+            expect(b.locator("#message-list .msg")).to_have_count(7)  # text, photo, voice, video, 3 files
             assert errors == [], errors
         finally:
             browser.close()
