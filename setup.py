@@ -44,6 +44,13 @@ setup(
         "pillow>=10",
         "filetype>=1.2",
         "mutagen>=1.47",
+        # media (chatd/media/avdecode.py): PyAV decodes voice messages (their waveform, their true
+        # duration: MediaRecorder's WebM has none in its header) and a video's poster frame. Chosen
+        # because its manylinux wheels bundle FFmpeg's own decoders (Opus, AAC, VP8, VP9, H.264,
+        # MPEG-4 among them: checked by tests/test_media_av.py, which also encodes its test
+        # files with it), so chatd needs no system ffmpeg and no subprocess per file; FFmpeg is
+        # the decoder every browser-side format is tested against, and PyAV is actively released.
+        "av>=18",
         # S3 media backend (chatd/media/s3.py): SigV4 request signing by AWS's own implementation
         # (botocore.auth.SigV4Auth); the requests themselves go through httpx.
         "botocore>=1.34",

@@ -7,12 +7,14 @@ message with its seq and client_msg_id, push tokens, outbox and marks, group dep
 invitations back, the groups a user created within the hour, the message lifecycle folded as a client
 reads it (an edit, a delete that erased a message and its edit's text, reactions with who and how
 many, a reply's excerpt), receipts, media records, references and attachments), not through the export code
-under test. The end-to-end test (a ``chatd run`` store -> Cassandra -> a 3-shard cluster with a client
+under test. Media objects are copied fs -> fs and, against a real SeaweedFS, fs -> s3 -> fs, then
+downloaded through a ``chatd run`` on the copy. The end-to-end test (a ``chatd run`` store -> Cassandra -> a 3-shard cluster with a client
 syncing from old cursors) is in tests/test_store_copy_cluster.py."""
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import signal
 import sqlite3
@@ -20,15 +22,19 @@ import subprocess
 import sys
 import time
 
+import httpx
 import pytest
 import trio
+from PIL import Image
 
+from chatd.config import Config
 from chatd.ids import dm_channel_id
 from chatd.lifecycle import DELETE, EDIT, MESSAGE, REACT, UNREACT, EventSpec
+from chatd.media.s3 import S3Backend
 from chatd.store.base import MediaRecord, PushEntry, PushToken, push_slot
 from chatd.store.sqlite import open_sqlite
 from tests.cassandra_server import fresh_keyspace
-from tests.helpers import eventually
+from tests.helpers import PASSWORD, RunningServer, eventually
 
 FAR = time.time() + 30 * 24 * 3600
 
@@ -425,3 +431,74 @@ async def test_verify_catches_a_tampered_cassandra_copy(tmp_path, cassandra_serv
         assert want in bad.stderr, bad.stderr
     finally:
         await drop_keyspace(cassandra_server.config(ks))
+
+
+# ---- media objects between fs and a real S3 server (SeaweedFS) ------------------------------------
+def media_run_config(tmp_path, name: str, media_toml: str = ""):
+    """A ``chatd run`` config (loopback, free ports) with its data under ``tmp_path/name``."""
+    path = tmp_path / f"{name}.toml"
+    path.write_text(f'data_dir = "{tmp_path / name}"\n[server]\napi_port = 0\nws_port = 0\n'
+                    f'[auth]\nscrypt_n = 1024\nsignups_unthrottled = ["127.0.0.0/8"]\n{media_toml}')
+    return path
+
+
+async def download_all(config_path, want: dict) -> None:
+    """Start ``chatd run`` on ``config_path``; alice downloads every URL of ``want`` (url -> sha256)."""
+    async with trio.open_nursery() as nursery:
+        srv = await RunningServer(nursery, Config.load(config_path)).start()
+        try:
+            r = await srv.api.call("POST", "/v1/login", {"username": "alice", "password": PASSWORD})
+            async with httpx.AsyncClient(base_url=srv.info.api_url, timeout=60,
+                                         headers={"Authorization": f"Bearer {r.body['token']}"}) as http:
+                for url, sha256 in want.items():
+                    got = await http.get(url)
+                    assert got.status_code == 200 and hashlib.sha256(got.content).hexdigest() == sha256, url
+        finally:
+            await srv.stop()
+
+
+async def test_media_objects_copy_fs_to_s3_and_back(tmp_path, s3_server, s3_bucket):
+    """``chatd store copy`` from an ``fs`` chatd to one on SeaweedFS and from there to ``fs`` again:
+    every object (a photo's served copy and thumbnails, a plain file) arrives sha256-checked, and the
+    copy serves it through chatd."""
+    src, via_s3, back = (media_run_config(tmp_path, "src"), media_run_config(tmp_path, "s3", s3_server.toml(s3_bucket)),
+                         media_run_config(tmp_path, "back"))
+    photo = io.BytesIO()
+    Image.new("RGB", (1600, 1200), "teal").save(photo, "JPEG")
+    want = {}  # url -> sha256 of what chatd served from the source
+    keys = []
+    async with trio.open_nursery() as nursery:
+        srv = await RunningServer(nursery, Config.load(src)).start()
+        try:
+            alice = await srv.api.signup_login("alice")
+            async with httpx.AsyncClient(base_url=srv.info.api_url, timeout=60,
+                                         headers={"Authorization": f"Bearer {alice['token']}"}) as http:
+                for name, data in (("photo.jpg", photo.getvalue()), ("notes.txt", b"plain notes\n" * 1000)):
+                    media = (await http.post("/v1/media", params={"name": name}, content=data)).json()["media"]
+                    for url in [media["url"], *(t["url"] for t in media["thumbnails"])]:
+                        got = await http.get(url)
+                        want[url] = hashlib.sha256(got.content).hexdigest()
+                    record = (await srv.node.store.get_media([media["id"]]))[media["id"]]
+                    keys += [record.info["key"], *(t["key"] for t in record.info["thumbnails"])]
+        finally:
+            await srv.stop()
+    assert len(want) == 4 == len(keys)  # the photo, its two thumbnails, the file
+
+    proc = await trio.to_thread.run_sync(lambda: copy_cmd(src, via_s3, tmp_path, "--verify"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "copied 4 media objects" in proc.stdout and "verify: ok" in proc.stdout, proc.stdout
+    bucket = S3Backend(s3_server.endpoint, s3_bucket, s3_server.region, s3_server.access_key, s3_server.secret_key)
+    try:
+        for key in keys:  # in the bucket, byte for byte (the key names the sha256 of its bytes)
+            data = b"".join([c async for c in bucket.read(key, 0, 1 << 30)])
+            assert hashlib.sha256(data).hexdigest() == key.split("/")[1].split(".")[0], key
+    finally:
+        await bucket.aclose()
+    await download_all(via_s3, want)
+
+    proc = await trio.to_thread.run_sync(lambda: copy_cmd(via_s3, back, tmp_path, "--verify"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "copied 4 media objects" in proc.stdout and "verify: ok" in proc.stdout, proc.stdout
+    assert sorted(objects_in(tmp_path / "back")) == sorted(keys)
+    assert objects_in(tmp_path / "back") == objects_in(tmp_path / "src")
+    await download_all(back, want)

@@ -3,19 +3,24 @@
 his token) and opens the full image; alice records a voice message (MediaRecorder on Chromium's
 fake microphone) and bob plays it; files dropped on the conversation or pasted into the composer
 are sent too; a file above ``media.max_bytes`` is refused with a sentence
-before a byte is sent; a plain file shows as a card with its name and size. Screenshots of every
+before a byte is sent; a plain file shows as a card with its name and size; a voice message shows
+the server's waveform and a video its poster frame; an upload slowed down (DevTools' upload throttling) and cancelled sends
+nothing and leaves nothing stored on the server. Screenshots of every
 step are under the test's tmp dir (``shots/``)."""
 
 from __future__ import annotations
 
 import io
+import os
+import time
 
 import pytest
 from PIL import Image
 
-from tests.browser import (MEDIA_ARGS, TIMEOUT_MS, ChatdProcess, Shots, enter, expect, launch, open_channel,
-                           require_browser, send)
+from tests.browser import (MEDIA_ARGS, TIMEOUT_MS, ChatdProcess, Shots, bodies, enter, expect, launch,
+                           open_channel, require_browser, send)
 from tests.helpers import free_port
+from tests.test_media_av import video
 
 MAX_BYTES = 2 * 1024 * 1024
 
@@ -89,7 +94,19 @@ def test_photo_voice_file_and_too_large(chatd_proc, tmp_path):
                                 " return a && a.src.startsWith('blob:'); }")
             b.evaluate("() => document.querySelector('#message-list audio').play()")
             b.wait_for_function("() => document.querySelector('#message-list audio').currentTime > 0.2")
+            # the server's waveform of what was recorded: 64 bars, some of them played already
+            bars = b.locator("#message-list .att-wave rect")
+            expect(bars).to_have_count(64)
+            expect(b.locator("#message-list .att-wave rect.played").first).to_be_attached()
+            assert max(int(h) for h in bars.evaluate_all("rs => rs.map(r => r.getAttribute('height'))")) > 1
             shots(b, "bob-plays-voice")
+
+            # --- a video: bob's player shows the server's poster frame (fetched with his token)
+            video(tmp_path / "clip.webm", "webm", "libvpx")
+            a.set_input_files("#file-input", str(tmp_path / "clip.webm"))
+            b.wait_for_function("() => { const v = document.querySelector('#message-list video');"
+                                " return v && v.poster.startsWith('blob:') && v.src.startsWith('blob:'); }")
+            shots(b, "bob-sees-video-poster")
 
             # --- a plain file: a card with its name and size
             (tmp_path / "notes.txt").write_text("plain text notes\n" * 100)
@@ -117,7 +134,70 @@ def test_photo_voice_file_and_too_large(chatd_proc, tmp_path):
             a.set_input_files("#file-input", str(big))
             expect(a.locator("#toasts .toast").last).to_contain_text("That file is too large to send")
             shots(a, "alice-too-large")
-            expect(b.locator("#message-list .msg")).to_have_count(6)  # text, photo, voice, 3 files
+            expect(b.locator("#message-list .msg")).to_have_count(7)  # text, photo, voice, video, 3 files
+            assert errors == [], errors
+        finally:
+            browser.close()
+
+
+def stored_objects(data_dir) -> list[str]:
+    root = data_dir / "media"
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def test_cancelling_an_upload_sends_nothing_and_stores_nothing(chatd_proc, tmp_path):
+    from playwright.sync_api import sync_playwright
+    shots = Shots(tmp_path / "shots")
+    data_dir = tmp_path / "data"
+    with sync_playwright() as pw:
+        browser = launch(pw)
+        try:
+            ctx_a, ctx_b = browser.new_context(), browser.new_context()
+            for ctx in (ctx_a, ctx_b):
+                ctx.set_default_timeout(TIMEOUT_MS)
+            a, b = ctx_a.new_page(), ctx_b.new_page()
+            errors = []
+            a.on("pageerror", lambda e: errors.append(str(e)))
+            enter(a, chatd_proc.url, "alice", signup=True)
+            enter(b, chatd_proc.url, "bob", signup=True)
+            a.fill("#dm-username", "bob")
+            a.click("#dm-form button")
+            expect(a.locator("#channel-title")).to_have_text("bob")
+            send(a, "before")
+            open_channel(b, "alice")
+            expect(b.locator("#message-list .msg")).to_have_count(1)
+            before = stored_objects(data_dir)
+            # 1.9 MB at 64 KB/s: half a minute on the wire, unless cancelled
+            cdp = ctx_a.new_cdp_session(a)
+            cdp.send("Network.enable")
+            cdp.send("Network.emulateNetworkConditions", {"offline": False, "latency": 0,
+                                                         "downloadThroughput": -1, "uploadThroughput": 64 * 1024})
+            big = tmp_path / "slow.bin"
+            big.write_bytes(os.urandom(MAX_BYTES - 100_000))
+            a.set_input_files("#file-input", str(big))
+            row = a.locator("#uploads .upload", has_text="slow.bin")
+            expect(row).to_be_visible()
+            # the body is on its way: the server has begun to receive it
+            deadline = time.monotonic() + 20
+            while not any(p.startswith("tmp/") for p in stored_objects(data_dir)):
+                assert time.monotonic() < deadline, "the upload never reached the server"
+                time.sleep(0.1)
+            shots(a, "alice-uploading")
+            row.locator(".upload-cancel").click()
+            expect(a.locator("#uploads")).to_be_hidden()  # the UI is back to normal
+            cdp.send("Network.emulateNetworkConditions", {"offline": False, "latency": 0,
+                                                         "downloadThroughput": -1, "uploadThroughput": -1})
+            # the server dropped the partial upload: nothing new under media/ (no object, no tmp file)
+            deadline = time.monotonic() + 20
+            while stored_objects(data_dir) != before:
+                assert time.monotonic() < deadline, stored_objects(data_dir)
+                time.sleep(0.1)
+            send(a, "after")  # the composer still works; no attachment was sent in between
+            expect(b.locator("#message-list .msg")).to_have_count(2)
+            assert b.locator("#message-list .att").count() == 0 and a.locator("#message-list .att").count() == 0
+            assert bodies(b) == ["before", "after"]
+            assert a.locator("#toasts .toast").count() == 0  # a cancel is not an error
+            shots(a, "alice-after-cancel")
             assert errors == [], errors
         finally:
             browser.close()

@@ -319,6 +319,8 @@ class Media(Struct):
     width: int | None = None
     height: int | None = None
     duration_s: float | None = None
+    # audio: 64 peak amplitudes, 0-255 linear (255 = full scale), one per 64th of the duration; null if not decoded
+    waveform: list[int] | None = None
     placeholder: str | None = None  # a 16-px JPEG as a data: URL, to show before the image loads
     thumbnails: list[Thumbnail] = []
 

@@ -7,8 +7,8 @@ space (``RLIMIT_AS``), and a file that takes longer than ``media.worker_timeout_
 worker killed (a fresh one is started for the next file). A worker is also replaced after an
 out-of-memory, after 200 files or once its RSS grew past 300 MiB, and whenever its answer was not
 waited for to the end (the request was cancelled): a worker is reused only in a known state. Idle
-workers cost their memory (~30 MiB each) and nothing else; they exit when the server does (their
-stdin closes).
+workers cost their memory (~30 MiB each, ~50-90 MiB once one decoded audio or video with PyAV) and
+nothing else; they exit when the server does (their stdin closes).
 
 Error policy: a worker that dies, is killed or answers nonsense makes the file a plain attachment
 (``kind: "file"``, served as ``application/octet-stream``, never inline) with the reason logged

@@ -40,6 +40,7 @@ import trio
 from ..datadir import private_dir
 from ..errors import ChatError
 from ..store.base import MediaRecord, Store
+from .avdecode import WAVEFORM_BUCKETS
 from .backend import Backend, open_backend
 from .processing import PLAIN, Processor
 
@@ -72,7 +73,8 @@ def public(record: MediaRecord) -> dict:
     base = f"/v1/media/{record.id}"
     return {"id": record.id, "kind": i["kind"], "mime": i["mime"], "name": i["name"], "size": record.size,
             "sha256": i["sha256"], "width": i.get("width"), "height": i.get("height"),
-            "duration_s": i.get("duration_s"), "placeholder": i.get("placeholder"), "url": base,
+            "duration_s": i.get("duration_s"), "waveform": i.get("waveform"), "placeholder": i.get("placeholder"),
+            "url": base,
             "thumbnails": [{"px": t["px"], "width": t["width"], "height": t["height"], "mime": t["mime"],
                             "size": t["size"], "url": f"{base}/thumbnails/{t['px']}"}
                            for t in i.get("thumbnails", [])]}
@@ -157,8 +159,8 @@ class MediaService:
         await self.backend.put(key, str(served), served_size, mime if kind != "file" else PLAIN)
         record_info = {"kind": kind, "mime": mime, "name": name, "sha256": served_digest, "key": key,
                        "width": info.get("width"), "height": info.get("height"),
-                       "duration_s": info.get("duration_s"), "placeholder": info.get("placeholder"),
-                       "thumbnails": thumbs, "uploaded_sha256": digest, "uploaded_size": size}
+                       "duration_s": info.get("duration_s"), "waveform": _waveform(info.get("waveform")),
+                       "placeholder": info.get("placeholder"), "thumbnails": thumbs, "uploaded_sha256": digest, "uploaded_size": size}
         if info.get("reason"):
             record_info["reason"] = info["reason"]
         return MediaRecord(media_id, user_id, time.time(), served_size, record_info)
@@ -245,6 +247,13 @@ def msg_key(sender_id: int, client_msg_id: str) -> str:
 
 def _plausible_id(media_id: str) -> bool:
     return 1 <= len(media_id) <= 64 and media_id.isascii() and all(c.isalnum() or c in "-_" for c in media_id)
+
+
+def _waveform(w) -> list[int] | None:
+    """The worker's waveform, if it is one (64 integers 0-255): a worker's answer is not trusted blindly."""
+    if isinstance(w, list) and len(w) == WAVEFORM_BUCKETS and all(type(v) is int and 0 <= v <= 255 for v in w):
+        return w
+    return None
 
 
 def _digest(path: Path) -> tuple[str, int]:

@@ -12,10 +12,18 @@ writes the derived files into OUTDIR:
   "placeholder": "data:image/jpeg;base64,..."}`` -- an image Pillow decodes fully, of at most
   MAX_PIXELS pixels, of an inline type: EXIF orientation applied, then **re-encoded** from the
   pixels alone, so no metadata (EXIF with GPS, XMP, IPTC, comments, ICC profiles) survives;
-  thumbnails of 320 and 1280 px on the longer side (only those smaller than the image);
-* ``{"kind": "audio" | "video", "mime", "duration_s"}`` -- a sniffed Ogg/Opus, WebM, MP4/M4A, MP3
-  or WAV file, served as uploaded (no transcoding); duration from mutagen where it reads the format
-  (WebM from browsers' MediaRecorder often carries none: ``null``);
+  thumbnails of 320 and 1280 px on the longer side (only those smaller than the image); an animated
+  GIF or WebP keeps its frames, durations and loop count (each frame re-encoded from its pixels)
+  up to ``MAX_FRAMES`` frames and ``MAX_ANIMATION_PIXELS`` frames x canvas pixels; beyond, its
+  first frame is served as a still;
+* ``{"kind": "audio", "mime", "duration_s", "waveform"}`` -- a sniffed Ogg/Opus, WebM, MP4/M4A, MP3
+  or WAV file, served as uploaded (no transcoding); decoded by :mod:`chatd.media.avdecode` (PyAV)
+  for its duration and 64-bucket waveform; where decoding fails, the duration mutagen reads from
+  the header (``null`` if none: WebM from MediaRecorder) and ``waveform: null``;
+* ``{"kind": "video", "mime", "duration_s", "width", "height", "thumbnails", "placeholder"}`` -- a
+  WebM or MP4 video, served as uploaded; its poster frame (the first decodable key frame) made into
+  the same metadata-free JPEG thumbnails as a photo (the 320 one always) -- or no poster
+  (``thumbnails: []``, no size) where none decodes;
 * ``{"kind": "file", "mime": "application/octet-stream" or the sniffed type, "reason"}`` --
   anything else, including images that fail to decode, exceed MAX_PIXELS or are not on the inline
   list (SVG is never an image here: it is a document that may run script).
@@ -23,7 +31,7 @@ writes the derived files into OUTDIR:
 Why these libraries: Pillow decodes and re-encodes every common image format and has a
 decompression-bomb guard; ``filetype`` (no dependencies, magic numbers only) names the audio,
 video and container types Pillow does not read; mutagen reads durations from the containers'
-headers without decoding audio.
+headers without decoding audio; PyAV (FFmpeg's decoders) decodes audio and video (setup.py).
 """
 
 from __future__ import annotations
@@ -42,6 +50,9 @@ INLINE_IMAGES = {"JPEG": ("image/jpeg", "jpg"), "PNG": ("image/png", "png"), "WE
 INLINE_AV = {"audio/ogg": "audio", "audio/opus": "audio", "audio/mpeg": "audio", "audio/x-wav": "audio",
              "audio/mp4": "audio", "audio/m4a": "audio", "audio/aac": "audio",
              "video/webm": "video", "video/mp4": "video", "video/quicktime": None}
+ANIMATED = {"GIF": ("image/gif", "gif"), "WEBP": ("image/webp", "webp")}  # kept animated, re-encoded
+MAX_FRAMES = 1000
+MAX_ANIMATION_PIXELS = 40_000_000  # frames x canvas pixels (e.g. 160 frames of 500x500)
 
 
 def _limit(address_space_bytes: int, cpu_s: int) -> None:
@@ -55,6 +66,7 @@ def _image(src: str, outdir: str, max_pixels: int) -> dict | None:
     Image.MAX_IMAGE_PIXELS = max_pixels  # above: DecompressionBombWarning; above twice: error
     import warnings
     warnings.simplefilter("error", Image.DecompressionBombWarning)
+    frames = None
     try:
         with Image.open(src) as im:
             fmt = im.format
@@ -62,8 +74,8 @@ def _image(src: str, outdir: str, max_pixels: int) -> dict | None:
                 return None if fmt is None else {"kind": "file", "reason": f"image format {fmt} is not shown inline"}
             if im.width * im.height > max_pixels:
                 return {"kind": "file", "reason": "too many pixels"}
-            animated = getattr(im, "is_animated", False)
-            if animated:  # served as a still of its first frame (animation would need per-frame work)
+            if getattr(im, "is_animated", False) and fmt in ANIMATED:
+                frames = _frames(im)  # None beyond the bound: served as a still of its first frame
                 im.seek(0)
             im.load()
             im = ImageOps.exif_transpose(im)  # the orientation tag's rotation, applied to the pixels
@@ -83,11 +95,23 @@ def _image(src: str, outdir: str, max_pixels: int) -> dict | None:
     # A fresh image from the pixels only: nothing of the original's info dict (EXIF, XMP, ICC,
     # comments) is passed to the encoder.
     clean = Image.frombytes(im.mode, im.size, im.tobytes())
-    clean.save(os.path.join(outdir, f"main.{ext}"), **save)
+    out = {"kind": "image", "mime": mime, "width": clean.width, "height": clean.height, "served": f"main.{ext}"}
+    if frames is not None:
+        out.update(mime=ANIMATED[fmt][0], served=f"main.{ANIMATED[fmt][1]}", frames=len(frames[0]))
+        _save_animation(frames, fmt, os.path.join(outdir, out["served"]))
+    else:
+        clean.save(os.path.join(outdir, f"main.{ext}"), **save)
+    return {**out, **_stills(clean, outdir, ext, mime, save)}
+
+
+def _stills(clean, outdir: str, ext: str, mime: str, save: dict, poster: bool = False) -> dict:
+    """The thumbnails (``THUMB_SIZES`` px on the longer side, those smaller than ``clean``; for a
+    video's ``poster``, the 320 one always, at the frame's own size if that is smaller) and the
+    placeholder of a metadata-free picture."""
     thumbs = []
     for px in THUMB_SIZES:
-        if max(clean.size) <= px:
-            continue
+        if max(clean.size) <= px and not (poster and not thumbs):
+            break
         t = clean.copy()
         t.thumbnail((px, px))
         name = f"thumb{px}.{ext}"
@@ -97,12 +121,33 @@ def _image(src: str, outdir: str, max_pixels: int) -> dict | None:
     tiny.thumbnail((PLACEHOLDER_PX, PLACEHOLDER_PX))
     buf = io.BytesIO()
     tiny.save(buf, format="JPEG", quality=60)
-    return {"kind": "image", "mime": mime, "width": clean.width, "height": clean.height,
-            "served": f"main.{ext}", "thumbnails": thumbs,
-            "placeholder": "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()}
+    return {"thumbnails": thumbs, "placeholder": "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()}
 
 
-def _audio_video(src: str, mime: str) -> dict:
+def _frames(im):
+    """Every frame of an animated GIF/WebP as fresh RGBA images (no metadata) with its duration,
+    and the loop count -- or None once ``MAX_FRAMES`` frames or ``MAX_ANIMATION_PIXELS`` pixels
+    (frames x canvas) are passed: each frame is a full canvas in memory while it is re-encoded."""
+    from PIL import Image, ImageSequence
+    per_frame = im.width * im.height
+    frames, durations = [], []
+    for n, frame in enumerate(ImageSequence.Iterator(im), start=1):
+        if n > MAX_FRAMES or n * per_frame > MAX_ANIMATION_PIXELS:
+            return None
+        rgba = frame.convert("RGBA")
+        frames.append(Image.frombytes("RGBA", rgba.size, rgba.tobytes()))
+        durations.append(int(frame.info.get("duration") or 100))
+    return frames, durations, int(im.info.get("loop", 0))
+
+
+def _save_animation(frames, fmt: str, path: str) -> None:
+    images, durations, loop = frames
+    extra = {"format": "GIF", "disposal": 2, "optimize": False} if fmt == "GIF" else \
+            {"format": "WEBP", "quality": 85}
+    images[0].save(path, save_all=True, append_images=images[1:], duration=durations, loop=loop, **extra)
+
+
+def _audio_video(src: str, mime: str, outdir: str, max_pixels: int) -> dict:
     kind = INLINE_AV.get(mime)
     duration = None
     try:
@@ -110,6 +155,7 @@ def _audio_video(src: str, mime: str) -> dict:
         f = mutagen.File(src)
         if f is not None and f.info is not None and getattr(f.info, "length", None):
             duration = round(float(f.info.length), 3)
+        duration = duration if duration and duration > 0 else None  # (a truncated Ogg reads as negative)
     except Exception:  # noqa: BLE001 - a header mutagen cannot read: no duration, still playable
         duration = None
     if mime == "video/webm" and _webm_audio_only(src):
@@ -118,7 +164,21 @@ def _audio_video(src: str, mime: str) -> dict:
         kind, mime = "audio", "audio/mp4"
     if kind is None:
         return {"kind": "file", "mime": mime, "reason": f"{mime} is not played inline"}
-    return {"kind": kind, "mime": mime, "duration_s": duration}
+    out = {"kind": kind, "mime": mime, "duration_s": duration}
+    from . import avdecode
+    if kind == "audio":
+        decoded, waveform = avdecode.audio_summary(src)
+        # what was decoded is the truth (a header may claim anything, MediaRecorder's WebM says nothing)
+        out.update(duration_s=decoded if decoded is not None else duration, waveform=waveform)
+    else:
+        poster = avdecode.poster_frame(src, max_pixels)
+        if poster is not None:
+            from PIL import Image
+            clean = Image.frombytes("RGB", poster.size, poster.tobytes())
+            save = {"format": "JPEG", "quality": 85, "optimize": True}
+            out.update(width=clean.width, height=clean.height,
+                       **_stills(clean, outdir, "jpg", "image/jpeg", save, poster=True))
+    return out
 
 
 def _webm_audio_only(src: str) -> bool:
@@ -146,7 +206,7 @@ def process(src: str, outdir: str, max_pixels: int) -> dict:
     if head[:4] == b"\x1a\x45\xdf\xa3" and b"webm" in head[:64]:  # EBML with DocType webm (MediaRecorder's)
         mime = "video/webm"
     if image is None and mime in INLINE_AV:
-        return _audio_video(src, mime)
+        return _audio_video(src, mime, outdir, max_pixels)
     out = {"kind": "file", "mime": mime}
     if image is not None:
         out["reason"] = image["reason"]

@@ -1,7 +1,8 @@
 // Media in the web client (docs/media.md): uploads with progress and cancel, downloads with the
 // token (fetch -> blob: URL, cached per URL: <img>/<audio> cannot send an Authorization header),
 // the voice recorder (MediaRecorder), and how an attachment is shown: an image thumbnail (the
-// placeholder first, then the thumbnail; click for the full image), an audio or video player, or a
+// placeholder first, then the thumbnail; click for the full image), an audio player (with the voice
+// message's waveform) or a video player (with the server's poster frame), or a
 // file card with name and size. Everything the server sent is inserted as text or attribute.
 
 import { ApiError } from "./api.js";
@@ -78,11 +79,49 @@ export function attachmentItem(api, a, onOpen) {
   if (a.kind === "audio" || a.kind === "video") {
     const player = el(a.kind, { controls: true, preload: "metadata", class: `att-${a.kind}` });
     mediaUrl(api, a.url).then((u) => { player.src = u; }, () => player.replaceWith(fileCard(api, a)));
+    if (a.kind === "video" && a.thumbnails && a.thumbnails.length) {  // the server's poster frame
+      mediaUrl(api, a.thumbnails[0].url).then((u) => { player.poster = u; }, () => {});
+    }
     const label = a.duration_s ? `${a.name} (${Math.round(a.duration_s)} s)` : a.name;
-    return el("div", { class: `att att-${a.kind}-box`, "data-media": a.id }, player,
+    const wave = a.kind === "audio" && Array.isArray(a.waveform) && a.waveform.length ? waveform(a.waveform, player, a.duration_s) : null;
+    return el("div", { class: `att att-${a.kind}-box`, "data-media": a.id }, wave, player,
               el("span", { class: "att-name", text: label }));
   }
   return fileCard(api, a);
+}
+
+const SVG = "http://www.w3.org/2000/svg";
+
+/**
+ * A voice message's waveform (the server's 64 peaks, 0-255) as SVG bars, scaled to the loudest;
+ * the bars already played are marked as the player plays, and a click seeks there (`duration_s`, the
+ * server's decoded duration, where the player knows none: MediaRecorder's WebM says Infinity).
+ */
+function waveform(peaks, player, duration_s) {
+  const length = () => (Number.isFinite(player.duration) && player.duration > 0 ? player.duration : duration_s || 0);
+  const top = Math.max(1, ...peaks);
+  const svg = document.createElementNS(SVG, "svg");
+  svg.setAttribute("class", "att-wave");
+  svg.setAttribute("viewBox", `0 0 ${peaks.length * 3} 32`);
+  svg.setAttribute("preserveAspectRatio", "none");
+  svg.setAttribute("role", "img");
+  svg.setAttribute("aria-label", "Waveform");
+  const bars = peaks.map((p, i) => {
+    const h = Math.max(1, Math.round((p / top) * 30));
+    const r = document.createElementNS(SVG, "rect");
+    for (const [k, v] of [["x", i * 3], ["y", 31 - h], ["width", 2], ["height", h]]) r.setAttribute(k, String(v));
+    svg.append(r);
+    return r;
+  });
+  player.addEventListener("timeupdate", () => {
+    const played = length() ? (player.currentTime / length()) * bars.length : 0;
+    bars.forEach((r, i) => r.classList.toggle("played", i < played));
+  });
+  svg.addEventListener("click", (ev) => {
+    const box = svg.getBoundingClientRect();
+    if (length() && box.width) player.currentTime = ((ev.clientX - box.left) / box.width) * length();
+  });
+  return svg;
 }
 
 function fileCard(api, a) {
