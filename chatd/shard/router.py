@@ -102,6 +102,32 @@ class Router:
         ``timeout_s``); a view change while waiting for a link re-routes at once. Waits for a
         newer view (``stale_view``) are bounded too; the caller bounds the whole (the session's
         ``limits.send_answer_s``)."""
+        return await self._route(
+            channel_id,
+            lambda: self.owners.send(user_id, channel_id, client_msg_id, body, on_submit=on_submit,
+                                     on_stored=on_stored, attachments=attachments),
+            lambda version: Send(version, channel_id, user_id, client_msg_id, body, attachments=attachments),
+            on_stored, timeout_s, on_sent=on_submit)
+
+    async def append_event(self, user_id: int, channel_id: str, client_msg_id: str, spec: EventSpec,
+                           on_stored=None, timeout_s: float = 10.0, force: bool = False) -> AppendResult:
+        """A lifecycle row (edit, delete, react, unreact, a reply, a system event) through the
+        channel's owner, routed and bounded exactly like :meth:`send` (``unavailable`` when the
+        owner is unreachable or silent; ``stale_view`` routed again)."""
+        return await self._route(
+            channel_id,
+            lambda: self.owners.append_event(user_id, channel_id, client_msg_id, spec, on_stored=on_stored,
+                                             force=force),
+            lambda version: Send(version, channel_id, user_id, client_msg_id, "", ev=spec.as_dict(), force=force),
+            on_stored, timeout_s)
+
+    async def _route(self, channel_id: str, local, frame_of, on_stored, timeout_s: float,
+                     on_sent=None) -> AppendResult:
+        """The routing of :meth:`send` and :meth:`append_event`: ``local()`` (awaited) when this
+        shard owns the channel, else the request ``frame_of(view version)`` over the owner's link,
+        its reply an :class:`AppendResult` (``on_stored(result)`` called with it) or the owner's
+        error; ``stale_view`` waits for a newer view and routes again, at most ``SEND_ATTEMPTS``
+        times, then ``unavailable``."""
         for _ in range(SEND_ATTEMPTS):
             if not self.view.shards:  # starting up, or every shard gone from the view
                 await self.wait_for_view()
@@ -111,48 +137,11 @@ class Router:
             owner = view.owner_of(channel_id)
             if owner == self.me:
                 self._check_writable()
-                return await self.owners.send(user_id, channel_id, client_msg_id, body, on_submit=on_submit,
-                                              on_stored=on_stored, attachments=attachments)
+                return await local()
             link = await self._wait_link(owner, view.version)
             if link is None:
                 continue  # the view changed meanwhile: route again
-            reply = await self.links.request_on(link, Send(view.version, channel_id, user_id, client_msg_id, body,
-                                                           attachments=attachments),
-                                                timeout_s, on_sent=on_submit)
-            if reply.ok is not None:
-                result = AppendResult(unpacked(reply.ok, reply.mx), reply.dup is True)
-                if on_stored is not None:
-                    on_stored(result)
-                return result
-            err = reply.err or {}
-            if err.get("code") == "stale_view":
-                await self.discovery.wait_view(_int(err.get("view")), 2.0)
-                continue
-            raise _remote_error(err)
-        raise ChatError("unavailable", "the channel's owner could not be reached; retry",
-                        retry_after_ms=RETRY_AFTER_MS)
-
-    async def append_event(self, user_id: int, channel_id: str, client_msg_id: str, spec: EventSpec,
-                           on_stored=None, timeout_s: float = 10.0, force: bool = False) -> AppendResult:
-        """A lifecycle row (edit, delete, react, unreact, a reply, a system event) through the
-        channel's owner, routed and bounded exactly like :meth:`send` (``unavailable`` when the
-        owner is unreachable or silent; ``stale_view`` routed again)."""
-        for _ in range(SEND_ATTEMPTS):
-            if not self.view.shards:
-                await self.wait_for_view()
-            view = self.view
-            if not view.shards:
-                raise ChatError("unavailable", "no chat shard is live; retry", retry_after_ms=RETRY_AFTER_MS)
-            owner = view.owner_of(channel_id)
-            if owner == self.me:
-                self._check_writable()
-                return await self.owners.append_event(user_id, channel_id, client_msg_id, spec, on_stored=on_stored,
-                                                      force=force)
-            link = await self._wait_link(owner, view.version)
-            if link is None:
-                continue
-            reply = await self.links.request_on(link, Send(view.version, channel_id, user_id, client_msg_id, "",
-                                                           ev=spec.as_dict(), force=force), timeout_s)
+            reply = await self.links.request_on(link, frame_of(view.version), timeout_s, on_sent=on_sent)
             if reply.ok is not None:
                 result = AppendResult(unpacked(reply.ok, reply.mx), reply.dup is True)
                 if on_stored is not None:

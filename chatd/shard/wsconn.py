@@ -304,30 +304,17 @@ async def accept(stream: trio.abc.Stream, choose, max_message_size: int, timeout
 
 async def _accept(stream: trio.abc.Stream, choose, max_message_size: int) -> ServerConnection | None:
     handshake = H11Handshake(ConnectionType.SERVER)
-    request = None
-    try:
-        while request is None:
+
+    async def read_request() -> Request | None:
+        while True:
             data = await stream.receive_some(RECEIVE_BYTES)
             if not data:
                 return None
             handshake.receive_data(data)
             for event in handshake.events():
                 if isinstance(event, Request):
-                    request = event
-                    break
-        subprotocol = choose(request.subprotocols)
-        await stream.send_all(handshake.send(AcceptConnection(subprotocol=subprotocol)))
-    except RemoteProtocolError as e:
-        hint = e.event_hint if isinstance(e.event_hint, RejectConnection) else RejectConnection()
-        try:
-            await stream.send_all(handshake.send(hint))
-        except (trio.BrokenResourceError, trio.ClosedResourceError, LocalProtocolError):
-            pass
-        return None
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        return None
-    # Only the frame parser is kept: the h11 handshake state and the request's headers go here.
-    return ServerConnection(stream, handshake.connection, subprotocol, max_message_size)
+                    return event
+    return await _upgrade(stream, handshake, read_request, choose, max_message_size)
 
 
 async def accept_request(stream: trio.abc.Stream, headers, target, trailing: bytes, choose,
@@ -336,9 +323,23 @@ async def accept_request(stream: trio.abc.Stream, headers, target, trailing: byt
     the shard port serves plain HTTP too); ``trailing``: bytes the client sent after it. None when
     the request is not a valid upgrade (it got HTTP 400) or the peer left."""
     handshake = H11Handshake(ConnectionType.SERVER)
-    try:
+
+    async def parsed_request() -> Request | None:
         handshake.initiate_upgrade_connection(headers, target)
-        request = next((e for e in handshake.events() if isinstance(e, Request)), None)
+        return next((e for e in handshake.events() if isinstance(e, Request)), None)
+    return await _upgrade(stream, handshake, parsed_request, choose, max_message_size, trailing)
+
+
+async def _upgrade(stream: trio.abc.Stream, handshake: H11Handshake, request_of, choose, max_message_size: int,
+                   trailing: bytes = b"") -> ServerConnection | None:
+    """The handshake of both entries: ``request_of()`` (awaited) reads or parses the client's
+    upgrade request (None: the peer left, or no request); it is answered with the subprotocol
+    ``choose`` names, or with HTTP 400 when it is no valid upgrade (None then, as when the peer
+    left during the answer). Only wsproto's frame parser is kept in the connection: the h11
+    handshake state and the request's headers end here. ``trailing``: bytes already read past
+    the request, fed to the parser."""
+    try:
+        request = await request_of()
         if request is None:
             return None
         subprotocol = choose(request.subprotocols)
