@@ -26,6 +26,7 @@ import trio
 
 from ..cluster.links import LinkManager
 from ..discovery.base import Discovery
+from ..discovery.local import LocalDiscovery
 from ..errors import CODES, ChatError
 from ..lifecycle import DELETE, EventSpec
 from ..protocol.link_frames import Reply, Send, message_extra, packed, unpacked
@@ -63,7 +64,10 @@ class Router:
         self._nursery: trio.Nursery | None = None
         self._resync_pending = False
         self._topology = trio.Event()  # set (and replaced) when a link comes up or the view changes
-        self._stall = StallWatch()
+        # A stall matters only where a session can be lost meanwhile (ZooKeeper): in-process
+        # discovery has none, and there the guard would only send every send of a loaded
+        # machine down the task path (ticks late by > 0.5 s at load 13: issue 24's DM profile).
+        self._stall = StallWatch() if not isinstance(discovery, LocalDiscovery) else None
         self._link_chains: dict = {}  # (link, channel) -> the last remote send's 'submitted' event
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -79,7 +83,8 @@ class Router:
 
     # ---- sessions --------------------------------------------------------------------------
     def attach(self, session) -> None:
-        self._stall.start(self._nursery)
+        if self._stall is not None:
+            self._stall.start(self._nursery)
         first = not self.hub.sessions_of(session.user_id)
         self.hub.add(session)
         if first:
@@ -183,8 +188,9 @@ class Router:
 
     def _writable_now(self) -> bool:
         """May a send be queued in the store at once (the task-free paths)? Not while this shard
-        is not writable, nor just after a stall, when ``writable`` may be stale (chatd/shard/stall.py)."""
-        return self.discovery.writable and not self._stall.recently_stalled()
+        is not writable, nor just after a stall, when ``writable`` may be stale (chatd/shard/stall.py;
+        only with a discovery that has a session to lose)."""
+        return self.discovery.writable and not (self._stall is not None and self._stall.recently_stalled())
 
     def _send_remote_nowait(self, owner: str, version: int, user_id: int, channel_id: str, client_msg_id: str,
                             body: str, done) -> bool:
