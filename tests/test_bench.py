@@ -338,7 +338,7 @@ def test_idle_clients_heartbeat_at_the_interval_the_auth_reply_names():
     one each (the first comes at a random point of the first interval)."""
     fast = _bench("idle", "--clients", "4", "--duration", "3", "--ramp-up", "0", "--procs", "1",
                   "--server-opt", "limits.heartbeat_interval_s=0.5")
-    assert 12 <= fast["counts"]["heartbeats"] <= 40, fast["counts"]
+    assert 8 <= fast["counts"]["heartbeats"] <= 40, fast["counts"]  # (at a 5 s interval: at most 4)
     default = _bench("idle", "--clients", "4", "--duration", "3", "--ramp-up", "0", "--procs", "1")
     assert default["counts"]["heartbeats"] <= 4, default["counts"]
 

@@ -15,7 +15,8 @@ The link frames themselves, and which component handles each: :mod:`chatd.protoc
 and :meth:`chatd.node.Node.on_link_frame`.
 
 Resources: :meth:`Router.run` holds the nursery of the router's background work (the delayed
-resync, a send retried after ``stale_view``, the stall watch). Every wait of a send is bounded.
+resync, a send retried after ``stale_view``, the stall watch where discovery has a session to
+lose). Every wait of a send is bounded.
 """
 
 from __future__ import annotations
