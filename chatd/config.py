@@ -188,7 +188,10 @@ class LimitsConfig:
     auth_timeout_s: float = 10.0
     # Every send is answered (ack or error) within this many seconds, whatever fails behind it.
     send_answer_s: float = 2.0
-    heartbeat_interval_s: float = 5.0
+    # What the auth reply tells clients: heartbeat this often (presence: a device is offline
+    # presence.grace_s after its last heartbeat, so this stays below the grace). 20 s, not 5: at
+    # 5 s, heartbeats were the idle shard's CPU (1,000 a second per 5,000 connections; issue 24).
+    heartbeat_interval_s: float = 20.0
     history_page_max: int = 500
     sync_page: int = 500
     # Bytes queued for one connection (framed replies, events, messages, the write in progress):
@@ -423,6 +426,8 @@ class Config:
                 raise ConfigError(f"limits.{name} must be > 0")
         if lim.idle_timeout_s < lim.ping_interval_s:
             raise ConfigError("limits.idle_timeout_s must be >= limits.ping_interval_s")
+        if lim.heartbeat_interval_s <= 0:
+            raise ConfigError("limits.heartbeat_interval_s must be > 0")
 
     def _validate_trusted_proxies(self) -> None:
         if self.server.http_body_timeout_s <= 0:

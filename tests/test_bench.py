@@ -332,6 +332,17 @@ def test_smoke_group_mix_converges():
     assert r["options"]["mix"] == [["send", 60.0], ["edit", 15.0], ["delete", 10.0], ["react", 15.0]]
 
 
+def test_idle_clients_heartbeat_at_the_interval_the_auth_reply_names():
+    """The bench's clients (like the web client) take the heartbeat interval from the server's auth
+    reply: at 0.5 s, 4 clients held for 3 s send about 24 heartbeats; at the default (20 s) at most
+    one each (the first comes at a random point of the first interval)."""
+    fast = _bench("idle", "--clients", "4", "--duration", "3", "--ramp-up", "0", "--procs", "1",
+                  "--server-opt", "limits.heartbeat_interval_s=0.5")
+    assert 8 <= fast["counts"]["heartbeats"] <= 40, fast["counts"]  # (at a 5 s interval: at most 4)
+    default = _bench("idle", "--clients", "4", "--duration", "3", "--ramp-up", "0", "--procs", "1")
+    assert default["counts"]["heartbeats"] <= 4, default["counts"]
+
+
 @pytest.mark.parametrize("transport", ["sse", "poll"])
 def test_smoke_http_transports(transport):
     """The same checks over SSE and long polling (+ POST /v1/frames), in a storm: reconnects

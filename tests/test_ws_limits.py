@@ -12,6 +12,7 @@ import trio
 import wsproto
 from wsproto.events import AcceptConnection, CloseConnection, Ping, Request, TextMessage
 
+from chatd.config import Config
 from tests.helpers import eventually, open_client
 
 
@@ -89,6 +90,36 @@ async def test_a_silent_connection_is_pinged_then_closed_with_4000(server_with, 
     assert event.code == 4000, event
     assert pings == 2  # at 0.2 and 0.4 s of silence; at 0.6 s the close
     assert 0.55 <= elapsed < 3, elapsed
+    await stream.aclose()
+
+
+async def test_the_auth_reply_names_the_heartbeat_interval_below_the_presence_grace(server_with, nursery):
+    """What a client heartbeats at is the server's to say (limits.heartbeat_interval_s, 20 s by
+    default: below presence's 30 s grace, so a device heartbeating at it never flaps offline)."""
+    async def advertised(server, name) -> float:
+        user = await server.api.signup_login(name)
+        client = await open_client(nursery, user["ws_url"])
+        reply = await client.request({"type": "auth", "token": user["token"]})
+        assert reply["type"] == "auth", reply
+        return reply["heartbeat_interval_s"]
+    assert await advertised(await server_with(), "alice") == 20.0 == Config().limits.heartbeat_interval_s
+    assert Config().limits.heartbeat_interval_s < Config().presence.grace_s
+    assert await advertised(await server_with(heartbeat_interval_s=0.5), "bob") == 0.5
+
+
+async def test_a_dead_client_is_closed_within_the_idle_bound_whatever_the_heartbeat_interval(server_with, nursery):
+    """A longer heartbeat interval does not slow the detection of a dead client: that is the
+    server's ping interval and idle timeout (close 4000 between idle_timeout_s and one ping
+    interval more), even with a heartbeat interval far above both."""
+    server = await server_with(ping_interval_s=0.2, idle_timeout_s=0.6, heartbeat_interval_s=30.0)
+    alice = await server.api.signup_login("alice")
+    stream, next_event = await _raw_authenticated(alice["ws_url"], alice["token"])
+    start = time.monotonic()
+    with trio.fail_after(10):
+        while not isinstance(event := await next_event(), CloseConnection):
+            pass  # pings never answered: a dead client
+    assert event.code == 4000, event
+    assert 0.55 <= time.monotonic() - start < 0.6 + 0.2 + 2.0  # the bound, plus a loaded machine's slack
     await stream.aclose()
 
 

@@ -275,3 +275,72 @@ def test_masked_client_frames_parse_as_sent(n):
 def test_close_payload_cuts_the_reason_on_a_character_boundary():
     assert wsconn.close_payload(1000) == b"\x03\xe8"
     assert wsconn.close_payload(4001, "é" * 100) == b"\x0f\xa1" + ("é" * 60).encode()
+
+
+# ---- the reader's own parse of the common frame (issue 24) --------------------------------------
+def test_the_fast_parse_is_on_for_this_wsproto():
+    """wsproto's internals that say "nothing buffered" are the ones get_message checks; where a
+    wsproto release moved them, every frame goes through wsproto (slower, same behaviour)."""
+    assert wsconn._FAST
+
+
+_PIECES = [  # (name, bytes): client frames, common and not
+    ("text", client_frame(Opcode.TEXT, b'{"type":"heartbeat","id":1}')),
+    ("text-empty", client_frame(Opcode.TEXT, b"")),
+    ("text-125", client_frame(Opcode.TEXT, b"a" * 125)),
+    ("text-126", client_frame(Opcode.TEXT, b"b" * 126)),
+    ("text-utf8", client_frame(Opcode.TEXT, "💬é".encode())),
+    ("binary", client_frame(Opcode.BINARY, b"\x00\x01\xff")),
+    ("binary-300", client_frame(Opcode.BINARY, bytes(range(256)) + b"x" * 44)),
+    ("ping", client_frame(Opcode.PING, b"p")),
+    ("pong", client_frame(Opcode.PONG, b"")),
+    ("fragmented", client_frame(Opcode.TEXT, b"fr", fin=False) + client_frame(Opcode.CONTINUATION, b"ag")),
+    ("ping-inside-fragments", client_frame(Opcode.TEXT, b"a", fin=False) + client_frame(Opcode.PING, b"")
+     + client_frame(Opcode.CONTINUATION, b"b")),
+]
+_ENDINGS = [  # how the sequence ends: a close code expected from get_message
+    ("close", client_frame(Opcode.CLOSE, b"\x03\xe8bye"), 1000),
+    ("bad-utf8", client_frame(Opcode.TEXT, b"\xff\xfe"), 1007),
+    ("too-big", client_frame(Opcode.TEXT, b"z" * 401), 1009),
+    ("too-big-binary", client_frame(Opcode.BINARY, b"z" * 500), 1009),
+    ("unmasked", bytes((0x81, 2)) + b"hi", 1002),
+    ("rsv1", bytes((0xC1,)) + client_frame(Opcode.TEXT, b"r")[1:], 1002),
+    ("non-minimal-length", bytes((0x81, 0x80 | 126, 0, 5)) + b"\x00\x00\x00\x00" + b"hello", 1002),
+    ("eof", b"", 1006),
+]
+
+
+async def _messages_and_end(chunks, fast: bool, monkeypatch, eof: bool):
+    monkeypatch.setattr(wsconn, "_FAST", fast)
+    monkeypatch.setattr(wsconn, "_idle", wsconn._wsproto_is_idle if fast else (lambda proto: False))
+    client, conn = await connected(max_message_size=400)
+    for chunk in chunks:
+        await client.stream.send_all(chunk)
+    if eof:
+        await client.stream.aclose()
+    got = []
+    with trio.fail_after(STUCK_S):
+        while True:
+            try:
+                got.append(await conn.get_message())
+            except ConnectionClosed as e:
+                return got, e.reason.code
+
+
+@pytest.mark.parametrize("ending", _ENDINGS, ids=[e[0] for e in _ENDINGS])
+async def test_the_fast_parse_reads_what_wsproto_reads(ending, monkeypatch):
+    """Every order of common and uncommon frames, cut at every kind of boundary, gives the same
+    messages and the same end with the reader's own parse as with wsproto's alone."""
+    import random
+    rng = random.Random(ending[0])
+    for _ in range(12):
+        wire = b"".join(p for _, p in rng.choices(_PIECES, k=rng.randint(1, 8))) + ending[1]
+        eof = ending[0] == "eof"
+        if eof:  # the stream ends after a partial frame's first byte
+            wire += b"\x81"
+        cuts = sorted(rng.sample(range(1, len(wire)), min(len(wire) - 1, rng.randint(0, 4))))
+        chunks = [wire[a:b] for a, b in zip([0, *cuts], [*cuts, len(wire)])]
+        fast = await _messages_and_end(chunks, True, monkeypatch, eof)
+        slow = await _messages_and_end(chunks, False, monkeypatch, eof)
+        assert fast == slow, (chunks, fast, slow)
+        assert fast[1] == ending[2], fast

@@ -16,7 +16,7 @@ Shapes (each run for ``--duration`` s after a ramp-up; open-loop sends, paced ro
   publication too);
 * ``group100`` / ``group1000``: one group (a Centrifugo channel) of 100 / 1,000 members, 300 / 10
   sends/s;
-* ``idle``: 5,000 connections, nothing sent (chatd clients heartbeat every 5 s as the protocol asks;
+* ``idle``: 5,000 connections, nothing sent (chatd clients heartbeat at the interval the auth reply names;
   Centrifugo pings every 25 s and the client answers): server RSS per connection and CPU.
 
 The servers: ``chatd run`` (SQLite, ``synchronous=full``: every ack follows an fsync'd commit; rate
@@ -193,6 +193,7 @@ class ChatdClients:
 
     def __init__(self, urls):
         self.api = urls["api"]
+        self.heartbeat_s = 5.0  # until an auth reply names the server's interval
 
     async def setup(self, n: int, group_size: int, kind: str):
         limiter = trio.CapacityLimiter(8)
@@ -228,7 +229,9 @@ class ChatdClients:
         await ws.send(json.dumps({"type": "auth", "id": 0, "token": self.users[i]["token"]}).encode())
         while True:
             for _, payload in await ws.receive():
-                if json.loads(payload).get("type") == "auth":
+                reply = json.loads(payload)
+                if reply.get("type") == "auth":
+                    self.heartbeat_s = float(reply["heartbeat_interval_s"])  # as the protocol asks
                     return ws
 
     def send_frame(self, i: int, n: int) -> bytes:
@@ -330,7 +333,7 @@ async def drive(clients, server: Server, kind: str, n: int, group_size: int, rat
             if beat is None:
                 return
             while True:
-                await trio.sleep(5.0)
+                await trio.sleep(clients.heartbeat_s)  # the interval the server's auth reply names
                 for ws in conns:
                     ws.send_nowait(encode(beat))
 

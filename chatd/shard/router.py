@@ -15,7 +15,8 @@ The link frames themselves, and which component handles each: :mod:`chatd.protoc
 and :meth:`chatd.node.Node.on_link_frame`.
 
 Resources: :meth:`Router.run` holds the nursery of the router's background work (the delayed
-resync, a send retried after ``stale_view``, the stall watch). Every wait of a send is bounded.
+resync, a send retried after ``stale_view``, the stall watch where discovery has a session to
+lose). Every wait of a send is bounded.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import trio
 
 from ..cluster.links import LinkManager
 from ..discovery.base import Discovery
+from ..discovery.local import LocalDiscovery
 from ..errors import CODES, ChatError
 from ..lifecycle import DELETE, EventSpec
 from ..protocol.link_frames import Reply, Send, message_extra, packed, unpacked
@@ -63,7 +65,10 @@ class Router:
         self._nursery: trio.Nursery | None = None
         self._resync_pending = False
         self._topology = trio.Event()  # set (and replaced) when a link comes up or the view changes
-        self._stall = StallWatch()
+        # A stall matters only where a session can be lost meanwhile (ZooKeeper): in-process
+        # discovery has none, and there the guard would only send every send of a loaded
+        # machine down the task path (ticks late by > 0.5 s at load 13: issue 24's DM profile).
+        self._stall = StallWatch() if not isinstance(discovery, LocalDiscovery) else None
         self._link_chains: dict = {}  # (link, channel) -> the last remote send's 'submitted' event
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -79,7 +84,8 @@ class Router:
 
     # ---- sessions --------------------------------------------------------------------------
     def attach(self, session) -> None:
-        self._stall.start(self._nursery)
+        if self._stall is not None:
+            self._stall.start(self._nursery)
         first = not self.hub.sessions_of(session.user_id)
         self.hub.add(session)
         if first:
@@ -102,6 +108,32 @@ class Router:
         ``timeout_s``); a view change while waiting for a link re-routes at once. Waits for a
         newer view (``stale_view``) are bounded too; the caller bounds the whole (the session's
         ``limits.send_answer_s``)."""
+        return await self._route(
+            channel_id,
+            lambda: self.owners.send(user_id, channel_id, client_msg_id, body, on_submit=on_submit,
+                                     on_stored=on_stored, attachments=attachments),
+            lambda version: Send(version, channel_id, user_id, client_msg_id, body, attachments=attachments),
+            on_stored, timeout_s, on_sent=on_submit)
+
+    async def append_event(self, user_id: int, channel_id: str, client_msg_id: str, spec: EventSpec,
+                           on_stored=None, timeout_s: float = 10.0, force: bool = False) -> AppendResult:
+        """A lifecycle row (edit, delete, react, unreact, a reply, a system event) through the
+        channel's owner, routed and bounded exactly like :meth:`send` (``unavailable`` when the
+        owner is unreachable or silent; ``stale_view`` routed again)."""
+        return await self._route(
+            channel_id,
+            lambda: self.owners.append_event(user_id, channel_id, client_msg_id, spec, on_stored=on_stored,
+                                             force=force),
+            lambda version: Send(version, channel_id, user_id, client_msg_id, "", ev=spec.as_dict(), force=force),
+            on_stored, timeout_s)
+
+    async def _route(self, channel_id: str, local, frame_of, on_stored, timeout_s: float,
+                     on_sent=None) -> AppendResult:
+        """The routing of :meth:`send` and :meth:`append_event`: ``local()`` (awaited) when this
+        shard owns the channel, else the request ``frame_of(view version)`` over the owner's link,
+        its reply an :class:`AppendResult` (``on_stored(result)`` called with it) or the owner's
+        error; ``stale_view`` waits for a newer view and routes again, at most ``SEND_ATTEMPTS``
+        times, then ``unavailable``."""
         for _ in range(SEND_ATTEMPTS):
             if not self.view.shards:  # starting up, or every shard gone from the view
                 await self.wait_for_view()
@@ -111,48 +143,11 @@ class Router:
             owner = view.owner_of(channel_id)
             if owner == self.me:
                 self._check_writable()
-                return await self.owners.send(user_id, channel_id, client_msg_id, body, on_submit=on_submit,
-                                              on_stored=on_stored, attachments=attachments)
+                return await local()
             link = await self._wait_link(owner, view.version)
             if link is None:
                 continue  # the view changed meanwhile: route again
-            reply = await self.links.request_on(link, Send(view.version, channel_id, user_id, client_msg_id, body,
-                                                           attachments=attachments),
-                                                timeout_s, on_sent=on_submit)
-            if reply.ok is not None:
-                result = AppendResult(unpacked(reply.ok, reply.mx), reply.dup is True)
-                if on_stored is not None:
-                    on_stored(result)
-                return result
-            err = reply.err or {}
-            if err.get("code") == "stale_view":
-                await self.discovery.wait_view(_int(err.get("view")), 2.0)
-                continue
-            raise _remote_error(err)
-        raise ChatError("unavailable", "the channel's owner could not be reached; retry",
-                        retry_after_ms=RETRY_AFTER_MS)
-
-    async def append_event(self, user_id: int, channel_id: str, client_msg_id: str, spec: EventSpec,
-                           on_stored=None, timeout_s: float = 10.0, force: bool = False) -> AppendResult:
-        """A lifecycle row (edit, delete, react, unreact, a reply, a system event) through the
-        channel's owner, routed and bounded exactly like :meth:`send` (``unavailable`` when the
-        owner is unreachable or silent; ``stale_view`` routed again)."""
-        for _ in range(SEND_ATTEMPTS):
-            if not self.view.shards:
-                await self.wait_for_view()
-            view = self.view
-            if not view.shards:
-                raise ChatError("unavailable", "no chat shard is live; retry", retry_after_ms=RETRY_AFTER_MS)
-            owner = view.owner_of(channel_id)
-            if owner == self.me:
-                self._check_writable()
-                return await self.owners.append_event(user_id, channel_id, client_msg_id, spec, on_stored=on_stored,
-                                                      force=force)
-            link = await self._wait_link(owner, view.version)
-            if link is None:
-                continue
-            reply = await self.links.request_on(link, Send(view.version, channel_id, user_id, client_msg_id, "",
-                                                           ev=spec.as_dict(), force=force), timeout_s)
+            reply = await self.links.request_on(link, frame_of(view.version), timeout_s, on_sent=on_sent)
             if reply.ok is not None:
                 result = AppendResult(unpacked(reply.ok, reply.mx), reply.dup is True)
                 if on_stored is not None:
@@ -194,8 +189,9 @@ class Router:
 
     def _writable_now(self) -> bool:
         """May a send be queued in the store at once (the task-free paths)? Not while this shard
-        is not writable, nor just after a stall, when ``writable`` may be stale (chatd/shard/stall.py)."""
-        return self.discovery.writable and not self._stall.recently_stalled()
+        is not writable, nor just after a stall, when ``writable`` may be stale (chatd/shard/stall.py;
+        only with a discovery that has a session to lose)."""
+        return self.discovery.writable and not (self._stall is not None and self._stall.recently_stalled())
 
     def _send_remote_nowait(self, owner: str, version: int, user_id: int, channel_id: str, client_msg_id: str,
                             body: str, done) -> bool:

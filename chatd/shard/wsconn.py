@@ -147,12 +147,64 @@ def send_now_of(stream: trio.abc.Stream) -> Callable[[bytes], int]:
     return _takes_nothing
 
 
+def _wsproto_is_idle(proto) -> bool:
+    """wsproto's parser holds nothing: no buffered byte, no frame or fragmented message begun,
+    no event not yet taken (wsproto 1.2-1.3 internals; :data:`_FAST` is off where they differ)."""
+    fp = proto._proto
+    fd = fp._frame_decoder
+    return not proto._events and fd.header is None and not len(fd.buffer) and fp._message_decoder.opcode is None
+
+
+def _internals_known() -> bool:
+    from wsproto.connection import Connection
+    try:
+        return _wsproto_is_idle(Connection(ConnectionType.SERVER))
+    except AttributeError:
+        return False
+
+
+_FAST = _internals_known()  # tests/test_wsconn.py asserts it is on for the pinned wsproto
+_idle = _wsproto_is_idle if _FAST else (lambda proto: False)
+
+
+def _take_frame(buf: bytes, max_size: int):
+    """(message, bytes used) for a whole common client frame at the start of ``buf`` (see
+    :meth:`ServerConnection.get_message`); None for anything else (wsproto parses that)."""
+    n = len(buf)
+    if n < 6:
+        return None
+    b0, b1 = buf[0], buf[1]
+    if (b0 != 0x81 and b0 != 0x82) or b1 < 0x80:  # not FIN + no RSV + text/binary, or unmasked
+        return None
+    size = b1 & 0x7F
+    if size < 126:
+        start = 6
+    elif size == 126 and n >= 8:
+        size = (buf[2] << 8) | buf[3]
+        if size < 126:  # not the minimal length encoding: wsproto refuses it
+            return None
+        start = 8
+    else:
+        return None
+    end = start + size
+    if n < end:
+        return None
+    payload = mask(buf[start:end], buf[start - 4:start])
+    if b0 == 0x82:
+        return (payload, end) if size <= max_size else None
+    try:
+        text = payload.decode()
+    except UnicodeDecodeError:
+        return None  # wsproto closes with 1007
+    return (text, end) if len(text) <= max_size else None
+
+
 class ServerConnection:
     """One accepted WebSocket connection (server side) over any trio stream. Not safe for two
     concurrent readers."""
 
     __slots__ = ("stream", "_send_now", "_proto", "_lock", "_close_reason", "max_message_size", "subprotocol",
-                 "heard")
+                 "heard", "_raw")
 
     def __init__(self, stream: trio.abc.Stream, proto, subprotocol: str | None, max_message_size: int):
         self.stream = stream
@@ -163,6 +215,7 @@ class ServerConnection:
         self.max_message_size = max_message_size
         self.subprotocol = subprotocol
         self.heard = True  # bytes arrived since the session's idle check last cleared it
+        self._raw = b""  # bytes read and not yet parsed, while wsproto holds none (see get_message)
 
     @property
     def closed(self) -> CloseReason | None:
@@ -213,11 +266,26 @@ class ServerConnection:
 
     # ---- reads -------------------------------------------------------------------------------
     async def get_message(self) -> str | bytes:
-        """The next whole message. Answers pings and the peer's close; ConnectionClosed at the end."""
+        """The next whole message. Answers pings and the peer's close; ConnectionClosed at the end.
+
+        The common frame (final, masked, text or binary, under 64 KiB, valid UTF-8 for text,
+        within ``max_message_size``) is parsed here (:func:`_take_frame`) while wsproto holds no
+        bytes and no partial frame or message; the first frame that is anything else hands every
+        byte from there on to wsproto, until it holds nothing again. So the order of frames is
+        kept, and every check and error (close codes included) of an uncommon frame stays
+        wsproto's. The frames of one read are parsed one per call, without another read."""
         parts: list = []
         size = 0
         proto = self._proto
         while True:
+            raw = self._raw
+            if raw:
+                got = _take_frame(raw, self.max_message_size) if _idle(proto) else None
+                if got is not None:
+                    self._raw = raw[got[1]:]
+                    return got[0]
+                self._raw = b""  # wsproto's from here on
+                proto.receive_data(raw)
             for event in proto.events():
                 if isinstance(event, (TextMessage, BytesMessage)):
                     parts.append(event.data)
@@ -241,7 +309,10 @@ class ServerConnection:
                 await self.abort()
                 raise ConnectionClosed(self._close_reason)
             self.heard = True
-            proto.receive_data(data)
+            if _FAST and _idle(proto):
+                self._raw = data
+            else:
+                proto.receive_data(data)
 
     async def _on_close(self, event: CloseConnection) -> None:
         if self._proto.state is ConnectionState.REMOTE_CLOSING:  # the peer closes: answer, hang up
@@ -277,6 +348,11 @@ class ServerConnection:
                 self._close_reason = CloseReason(code, reason)
                 await self._send_event(CloseConnection(code=code, reason=_short(reason)))
                 proto = self._proto
+                if self._raw:  # read, not parsed: the peer's close frame may be in it
+                    proto.receive_data(self._raw)
+                    self._raw = b""
+                    for _ in proto.events():
+                        pass
                 while proto.state is ConnectionState.LOCAL_CLOSING:
                     data = await self.stream.receive_some(RECEIVE_BYTES)
                     if not data:
@@ -304,30 +380,17 @@ async def accept(stream: trio.abc.Stream, choose, max_message_size: int, timeout
 
 async def _accept(stream: trio.abc.Stream, choose, max_message_size: int) -> ServerConnection | None:
     handshake = H11Handshake(ConnectionType.SERVER)
-    request = None
-    try:
-        while request is None:
+
+    async def read_request() -> Request | None:
+        while True:
             data = await stream.receive_some(RECEIVE_BYTES)
             if not data:
                 return None
             handshake.receive_data(data)
             for event in handshake.events():
                 if isinstance(event, Request):
-                    request = event
-                    break
-        subprotocol = choose(request.subprotocols)
-        await stream.send_all(handshake.send(AcceptConnection(subprotocol=subprotocol)))
-    except RemoteProtocolError as e:
-        hint = e.event_hint if isinstance(e.event_hint, RejectConnection) else RejectConnection()
-        try:
-            await stream.send_all(handshake.send(hint))
-        except (trio.BrokenResourceError, trio.ClosedResourceError, LocalProtocolError):
-            pass
-        return None
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        return None
-    # Only the frame parser is kept: the h11 handshake state and the request's headers go here.
-    return ServerConnection(stream, handshake.connection, subprotocol, max_message_size)
+                    return event
+    return await _upgrade(stream, handshake, read_request, choose, max_message_size)
 
 
 async def accept_request(stream: trio.abc.Stream, headers, target, trailing: bytes, choose,
@@ -336,9 +399,23 @@ async def accept_request(stream: trio.abc.Stream, headers, target, trailing: byt
     the shard port serves plain HTTP too); ``trailing``: bytes the client sent after it. None when
     the request is not a valid upgrade (it got HTTP 400) or the peer left."""
     handshake = H11Handshake(ConnectionType.SERVER)
-    try:
+
+    async def parsed_request() -> Request | None:
         handshake.initiate_upgrade_connection(headers, target)
-        request = next((e for e in handshake.events() if isinstance(e, Request)), None)
+        return next((e for e in handshake.events() if isinstance(e, Request)), None)
+    return await _upgrade(stream, handshake, parsed_request, choose, max_message_size, trailing)
+
+
+async def _upgrade(stream: trio.abc.Stream, handshake: H11Handshake, request_of, choose, max_message_size: int,
+                   trailing: bytes = b"") -> ServerConnection | None:
+    """The handshake of both entries: ``request_of()`` (awaited) reads or parses the client's
+    upgrade request (None: the peer left, or no request); it is answered with the subprotocol
+    ``choose`` names, or with HTTP 400 when it is no valid upgrade (None then, as when the peer
+    left during the answer). Only wsproto's frame parser is kept in the connection: the h11
+    handshake state and the request's headers end here. ``trailing``: bytes already read past
+    the request, fed to the parser."""
+    try:
+        request = await request_of()
         if request is None:
             return None
         subprotocol = choose(request.subprotocols)
