@@ -158,6 +158,13 @@ class ZooKeeperEnsemble:
         self.procs[i].kill()
         self.procs[i].wait(10)
 
+    def start_again(self) -> None:
+        """After ``stop``: every server again on its ports and data, until the ensemble serves."""
+        for i in self.ids:
+            self.logs[i] = open(self.dir / f"zk{i}" / "zookeeper.log", "ab")
+            self.spawn(i)
+        self.wait_serving(self.ids)
+
     def stop(self) -> None:
         for p in self.procs.values():
             if p.poll() is None:
