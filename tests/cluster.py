@@ -84,6 +84,101 @@ class ZooKeeper:
         self.log.close()
 
 
+class ZooKeeperEnsemble:
+    """A real 3-server ZooKeeper ensemble (a quorum: server.1-3 on 127.0.0.1, each with its own
+    client, quorum and election ports, data directory and ``myid``; tickTime 250 ms), for the
+    three-node tests. ``hosts`` names all three, as a production connect string does; ``leader()``
+    asks each server with the ``srvr`` four-letter word (whitelisted) which one leads. ``kill``
+    is kill -9 of one server, ``spawn`` starts it again on its ports and data; ``stop`` stops all."""
+
+    def __init__(self, workdir: Path, n: int = 3):
+        self.dir = workdir
+        self.ids = list(range(1, n + 1))
+        self.ports = {i: free_port() for i in self.ids}
+        quorum = "".join(f"server.{i}=127.0.0.1:{free_port()}:{free_port()}\n" for i in self.ids)
+        self.procs: dict[int, subprocess.Popen] = {}
+        self.logs = {}
+        for i in self.ids:
+            d = workdir / f"zk{i}"
+            (d / "data").mkdir(parents=True, exist_ok=True)
+            (d / "data" / "myid").write_text(f"{i}\n")
+            # syncLimit 4 ticks: a follower that lost its leader notices within 1 s (a killed leader's
+            # sockets reset at once anyway); the election itself takes a few hundred ms here
+            (d / "zoo.cfg").write_text(
+                f"tickTime=250\ninitLimit=40\nsyncLimit=4\ndataDir={d / 'data'}\nclientPort={self.ports[i]}\n"
+                "clientPortAddress=127.0.0.1\nadmin.enableServer=false\nmaxClientCnxns=0\n"
+                "4lw.commands.whitelist=srvr,stat,ruok\n" + quorum)
+            self.logs[i] = open(d / "zookeeper.log", "ab")
+            self.spawn(i)
+        self.wait_serving(self.ids)
+
+    def spawn(self, i: int) -> None:
+        self.procs[i] = subprocess.Popen(["java", "-Xmx128m", "-cp", ZK_CLASSPATH,
+                                          "org.apache.zookeeper.server.quorum.QuorumPeerMain",
+                                          str(self.dir / f"zk{i}" / "zoo.cfg")],
+                                         stdout=self.logs[i], stderr=self.logs[i])
+
+    @property
+    def hosts(self) -> str:
+        return ",".join(f"127.0.0.1:{self.ports[i]}" for i in self.ids)
+
+    def mode(self, i: int) -> str | None:
+        """``leader``, ``follower`` - what ``srvr`` says server ``i`` is - or None while it serves no
+        clients (down, or in an election)."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.ports[i]), timeout=1) as s:
+                s.sendall(b"srvr")
+                s.settimeout(2)
+                out = b""
+                while chunk := s.recv(4096):
+                    out += chunk
+        except OSError:
+            return None
+        for line in out.decode(errors="replace").splitlines():
+            if line.startswith("Mode: "):
+                return line.split(": ", 1)[1].strip()
+        return None  # "This ZooKeeper instance is not currently serving requests"
+
+    def leader(self) -> int | None:
+        leaders = [i for i in self.ids if self.procs[i].poll() is None and self.mode(i) == "leader"]
+        return leaders[0] if len(leaders) == 1 else None
+
+    def wait_serving(self, ids, timeout: float = 60) -> None:
+        """Until the servers ``ids`` serve clients as leader or follower (a sync wait: fixtures)."""
+        deadline = time.monotonic() + timeout
+        while not all(self.mode(i) in ("leader", "follower") for i in ids):
+            for i in ids:
+                if self.procs[i].poll() is not None:
+                    raise RuntimeError(f"ZooKeeper {i} exited; see {self.dir / f'zk{i}' / 'zookeeper.log'}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the ZooKeeper ensemble did not form within {timeout:.0f} s; see {self.dir}")
+            time.sleep(0.1)
+
+    def kill(self, i: int) -> None:
+        self.procs[i].kill()
+        self.procs[i].wait(10)
+
+    def start_again(self) -> None:
+        """After ``stop``: every server again on its ports and data, until the ensemble serves."""
+        for i in self.ids:
+            self.logs[i] = open(self.dir / f"zk{i}" / "zookeeper.log", "ab")
+            self.spawn(i)
+        self.wait_serving(self.ids)
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs.values():
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(10)
+        for log in self.logs.values():
+            log.close()
+
+
 class Cluster:
     """``n`` shards (s1..sn) + one API server, all separate processes, one ZooKeeper root."""
 

@@ -92,12 +92,13 @@ class SendLog:
         return min(times) if times else None
 
 
-async def keep_sending(log: SendLog, client, ch: str, prefix: str, stop: trio.Event, every_s: float = 0.05):
-    """Send ``prefix 0``, ``prefix 1``, ... to ``ch`` (each resent until acked) until ``stop``; one send
-    every ``every_s`` at most (the traffic's pace, not a wait for state)."""
+async def keep_sending(log: SendLog, client, ch: str, prefix: str, stop: trio.Event, every_s: float = 0.05,
+                       give_up_s: float = 30.0):
+    """Send ``prefix 0``, ``prefix 1``, ... to ``ch`` (each resent until acked, for ``give_up_s`` at
+    most) until ``stop``; one send every ``every_s`` at most (the traffic's pace, not a wait for state)."""
     i = 0
     while not stop.is_set():
-        await log.send_until_acked(client, ch, f"{prefix} {i}", f"{prefix}-{i}")
+        await log.send_until_acked(client, ch, f"{prefix} {i}", f"{prefix}-{i}", give_up_s)
         i += 1
         await trio.sleep(every_s)
 
