@@ -51,8 +51,24 @@ def left_blue_right_red(size=(640, 360)) -> Image.Image:
     return im
 
 
-def video(path, fmt: str, codec: str, size=(640, 360), frames=12) -> bytes:
-    out = av.open(str(path), "w", format=fmt)
+class _Unseekable(io.RawIOBase):
+    """A file the muxer cannot seek back in: its WebM header says no duration (as MediaRecorder's)."""
+    def __init__(self, f):
+        self.f = f
+
+    def writable(self):
+        return True
+
+    def write(self, b):
+        return self.f.write(b)
+
+
+def video(path, fmt: str, codec: str, size=(640, 360), frames=12, live: bool = False) -> bytes:
+    if live:
+        sink = open(path, "wb")
+        out = av.open(_Unseekable(sink), "w", format=fmt)
+    else:
+        out = av.open(str(path), "w", format=fmt)
     stream = out.add_stream(codec, rate=25)
     stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
     for _ in range(frames):
@@ -61,6 +77,8 @@ def video(path, fmt: str, codec: str, size=(640, 360), frames=12) -> bytes:
     for packet in stream.encode(None):
         out.mux(packet)
     out.close()
+    if live:
+        sink.close()
     return path.read_bytes()
 
 
@@ -96,14 +114,19 @@ async def test_voice_waveform_and_duration_follow_the_sound(media_server, nurser
     assert history.body["messages"][0]["attachments"][0]["waveform"] == wave
 
 
-@pytest.mark.parametrize("fmt,codec", [("webm", "libvpx"), ("webm", "libvpx-vp9"), ("mp4", "libx264"),
-                                       ("mp4", "mpeg4")])
-async def test_video_poster_frame_is_a_clean_thumbnail(media_server, tmp_path, fmt, codec):
+@pytest.mark.parametrize("fmt,codec,live", [("webm", "libvpx", False), ("webm", "libvpx", True),
+                                            ("webm", "libvpx-vp9", False), ("mp4", "libx264", False),
+                                            ("mp4", "mpeg4", False)])
+async def test_video_poster_frame_is_a_clean_thumbnail(media_server, tmp_path, fmt, codec, live):
     srv = await media_server()
     alice = Client(srv, await srv.api.signup_login("alice"))
-    data = video(tmp_path / f"clip.{fmt}", fmt, codec)
+    data = video(tmp_path / f"clip.{fmt}", fmt, codec, live=live)
+    if live:  # written as a live stream: no duration in the header, found from the packets
+        with av.open(io.BytesIO(data)) as c:
+            assert not c.duration, c.duration
     media = (await alice.upload(data, f"clip.{fmt}")).json()["media"]
     assert (media["kind"], media["mime"]) == ("video", f"video/{fmt}"), media
+    assert media["duration_s"] is not None and abs(media["duration_s"] - 12 / 25) < 0.1, media
     assert (media["width"], media["height"]) == (640, 360)
     assert media["placeholder"].startswith("data:image/jpeg;base64,")
     assert [(t["px"], t["width"], t["height"], t["mime"]) for t in media["thumbnails"]] == [(320, 320, 180, "image/jpeg")]

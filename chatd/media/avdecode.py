@@ -10,6 +10,9 @@ poster frame. Nothing here is transcoded or served: the upload is served as it c
   fails midway (a truncated or corrupted upload): ``(None, None)``, never an exception
   (``MemoryError`` excepted: it goes up to the worker, which answers "ran out of memory" and exits).
   The same for a poster that does not decode.
+* :func:`media_duration` is the container's duration, or, where the header has none (a WebM
+  written live, as MediaRecorder does), the end of its last packet, found by demuxing without
+  decoding (at most ``MAX_DURATION_PACKETS``); ``None`` when neither is known.
 * :func:`poster_frame` decodes the first video stream's first decodable key frame (at most
   ``MAX_POSTER_PACKETS`` packets read) into a Pillow image, or ``None``; a stream declaring more
   than ``max_pixels`` pixels is not decoded.
@@ -26,6 +29,7 @@ from __future__ import annotations
 WAVEFORM_BUCKETS = 64
 MAX_DECODE_S = 600
 MAX_POSTER_PACKETS = 2000
+MAX_DURATION_PACKETS = 200_000  # a 25 MiB upload holds far fewer; demuxing reads, never decodes
 _RATE = 8000
 _WINDOW = _RATE // 100  # one peak per 10 ms
 
@@ -85,6 +89,30 @@ def _buckets(peaks: list[int]) -> list[int]:
         part = peaks[lo:min(hi, n)]
         out.append(min(255, max(part) * 255 // 32767) if part else 0)
     return out
+
+
+def media_duration(src: str) -> float | None:
+    """Seconds from the container's header, else from its packets' timestamps (module docstring)."""
+    import av
+    try:
+        with _open(src) as container:
+            if container.duration and container.duration > 0:
+                return round(container.duration / av.time_base, 3)
+            first = end = None
+            for n, packet in enumerate(container.demux()):
+                if n >= MAX_DURATION_PACKETS:
+                    return None
+                if packet.pts is None or packet.time_base is None:
+                    continue
+                start = float(packet.pts * packet.time_base)
+                stop = float((packet.pts + (packet.duration or 0)) * packet.time_base)
+                first = start if first is None else min(first, start)
+                end = stop if end is None else max(end, stop)
+    except MemoryError:
+        raise
+    except Exception:  # noqa: BLE001 - a container that does not demux: no duration
+        return None
+    return round(end - first, 3) if end is not None and end > first else None
 
 
 def poster_frame(src: str, max_pixels: int):

@@ -171,6 +171,8 @@ def _audio_video(src: str, mime: str, outdir: str, max_pixels: int) -> dict:
         # what was decoded is the truth (a header may claim anything, MediaRecorder's WebM says nothing)
         out.update(duration_s=decoded if decoded is not None else duration, waveform=waveform)
     else:
+        if duration is None:  # mutagen reads no WebM, and MediaRecorder's WebM header has none
+            out["duration_s"] = avdecode.media_duration(src)
         poster = avdecode.poster_frame(src, max_pixels)
         if poster is not None:
             from PIL import Image
