@@ -61,6 +61,7 @@ class FakeDiscovery:
     def __init__(self, view=VIEW):
         self.view = view
         self.writable = True
+        self.can_lose_session = True
 
     async def wait_view(self, min_version, timeout_s):
         return self.view.version >= min_version

@@ -17,6 +17,9 @@ from .view import ShardInfo, View
 class Discovery(Protocol):
     view: View
     writable: bool
+    # Whether ``writable`` can turn False behind a stalled process (a ZooKeeper session expires
+    # while the event loop was late); the router guards its task-free paths after a stall only then.
+    can_lose_session: bool
 
     def on_change(self, fn: Callable[[View, View], None]) -> None:
         """Call ``fn(old, new)`` on every view change (in the trio thread; must not block)."""

@@ -22,6 +22,7 @@ class LocalDiscovery:
         self._listeners: list[Callable[[View, View], None]] = []
         self._loads: dict[str, Callable[[], int]] = {}
         self.writable = True  # no session to lose
+        self.can_lose_session = False
         self._view_event: trio.Event | None = None
         self._registered: str | None = None
 

@@ -93,6 +93,7 @@ class ZkDiscovery:
         self.overload_connections = overload_connections
         self.view = View()
         self.writable = False
+        self.can_lose_session = True  # the ZooKeeper session expires while a stalled process sleeps
         self._listeners: list[Callable[[View, View], None]] = []
         self._zk: KazooClient | None = None
         self._token: trio.lowlevel.TrioToken | None = None

@@ -27,7 +27,6 @@ import trio
 
 from ..cluster.links import LinkManager
 from ..discovery.base import Discovery
-from ..discovery.local import LocalDiscovery
 from ..errors import CODES, ChatError
 from ..lifecycle import DELETE, EventSpec
 from ..protocol.link_frames import Reply, Send, message_extra, packed, unpacked
@@ -68,7 +67,7 @@ class Router:
         # A stall matters only where a session can be lost meanwhile (ZooKeeper): in-process
         # discovery has none, and there the guard would only send every send of a loaded
         # machine down the task path (ticks late by > 0.5 s at load 13: issue 24's DM profile).
-        self._stall = StallWatch() if not isinstance(discovery, LocalDiscovery) else None
+        self._stall = StallWatch() if discovery.can_lose_session else None
         self._link_chains: dict = {}  # (link, channel) -> the last remote send's 'submitted' event
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
