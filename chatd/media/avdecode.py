@@ -26,6 +26,8 @@ FFmpeg do beyond that.
 
 from __future__ import annotations
 
+import functools
+
 WAVEFORM_BUCKETS = 64
 MAX_DECODE_S = 600
 MAX_POSTER_PACKETS = 2000
@@ -34,48 +36,61 @@ _RATE = 8000
 _WINDOW = _RATE // 100  # one peak per 10 ms
 
 
+def _or(failed):
+    """The module's error policy: any failure of the decorated decoder is ``failed`` (a truncated,
+    corrupted or odd file is still served, without what it could not give); ``MemoryError`` goes
+    up to the worker, which answers "ran out of memory" and exits."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(*args):
+            try:
+                return fn(*args)
+            except MemoryError:
+                raise
+            except Exception:  # noqa: BLE001 - see above
+                return failed
+        return run
+    return wrap
+
+
 def _open(src: str):
     import av
     return av.open(src, "r", metadata_errors="ignore")
 
 
+@_or((None, None))
 def audio_summary(src: str) -> tuple[float | None, list[int] | None]:
     """``(duration_s, waveform)`` of the first audio stream of ``src`` (module docstring)."""
     import av
-    try:
-        with _open(src) as container:
-            stream = next((s for s in container.streams if s.type == "audio"), None)
-            if stream is None:
-                return None, None
-            stream.codec_context.thread_count = 1
-            resampler = av.AudioResampler(format="s16", layout="mono", rate=_RATE)
-            peaks: list[int] = []
-            pending = 0  # samples of the current 10-ms window seen so far
-            peak = 0
-            samples = 0
-            for frame in container.decode(stream):
-                for out in resampler.resample(frame):
-                    n = out.samples
-                    data = memoryview(bytes(out.planes[0])[: n * 2]).cast("h")
-                    i = 0
-                    while i < n:
-                        take = min(_WINDOW - pending, n - i)
-                        chunk = data[i:i + take]
-                        peak = max(peak, max(chunk), -min(chunk))
-                        pending += take
-                        i += take
-                        if pending == _WINDOW:
-                            peaks.append(peak)
-                            pending, peak = 0, 0
-                    samples += n
-                if samples > MAX_DECODE_S * _RATE:
-                    return None, None  # too long for a voice message: the container's duration stands
-            if pending:
-                peaks.append(peak)
-    except MemoryError:
-        raise
-    except Exception:  # noqa: BLE001 - truncated, corrupted, odd: no waveform (the file is still served)
-        return None, None
+    with _open(src) as container:
+        stream = next((s for s in container.streams if s.type == "audio"), None)
+        if stream is None:
+            return None, None
+        stream.codec_context.thread_count = 1
+        resampler = av.AudioResampler(format="s16", layout="mono", rate=_RATE)
+        peaks: list[int] = []
+        pending = 0  # samples of the current 10-ms window seen so far
+        peak = 0
+        samples = 0
+        for frame in container.decode(stream):
+            for out in resampler.resample(frame):
+                n = out.samples
+                data = memoryview(bytes(out.planes[0])[: n * 2]).cast("h")
+                i = 0
+                while i < n:
+                    take = min(_WINDOW - pending, n - i)
+                    chunk = data[i:i + take]
+                    peak = max(peak, max(chunk), -min(chunk))
+                    pending += take
+                    i += take
+                    if pending == _WINDOW:
+                        peaks.append(peak)
+                        pending, peak = 0, 0
+                samples += n
+            if samples > MAX_DECODE_S * _RATE:
+                return None, None  # too long for a voice message: the container's duration stands
+        if pending:
+            peaks.append(peak)
     if not samples:
         return None, None
     return round(samples / _RATE, 3), _buckets(peaks)
@@ -91,51 +106,43 @@ def _buckets(peaks: list[int]) -> list[int]:
     return out
 
 
+@_or(None)
 def media_duration(src: str) -> float | None:
     """Seconds from the container's header, else from its packets' timestamps (module docstring)."""
     import av
-    try:
-        with _open(src) as container:
-            if container.duration and container.duration > 0:
-                return round(container.duration / av.time_base, 3)
-            first = end = None
-            for n, packet in enumerate(container.demux()):
-                if n >= MAX_DURATION_PACKETS:
-                    return None
-                if packet.pts is None or packet.time_base is None:
-                    continue
-                start = float(packet.pts * packet.time_base)
-                stop = float((packet.pts + (packet.duration or 0)) * packet.time_base)
-                first = start if first is None else min(first, start)
-                end = stop if end is None else max(end, stop)
-    except MemoryError:
-        raise
-    except Exception:  # noqa: BLE001 - a container that does not demux: no duration
-        return None
+    with _open(src) as container:
+        if container.duration and container.duration > 0:
+            return round(container.duration / av.time_base, 3)
+        first = end = None
+        for n, packet in enumerate(container.demux()):
+            if n >= MAX_DURATION_PACKETS:
+                return None
+            if packet.pts is None or packet.time_base is None:
+                continue
+            start = float(packet.pts * packet.time_base)
+            stop = float((packet.pts + (packet.duration or 0)) * packet.time_base)
+            first = start if first is None else min(first, start)
+            end = stop if end is None else max(end, stop)
     return round(end - first, 3) if end is not None and end > first else None
 
 
+@_or(None)
 def poster_frame(src: str, max_pixels: int):
     """The first decodable key frame of the first video stream, as a Pillow RGB image, or None."""
-    try:
-        with _open(src) as container:
-            stream = next((s for s in container.streams if s.type == "video"), None)
-            if stream is None:
+    with _open(src) as container:
+        stream = next((s for s in container.streams if s.type == "video"), None)
+        if stream is None:
+            return None
+        ctx = stream.codec_context
+        if not ctx.width or not ctx.height or ctx.width * ctx.height > max_pixels:
+            return None
+        ctx.thread_count = 1
+        ctx.skip_frame = "NONKEY"
+        for n, packet in enumerate(container.demux(stream)):
+            if n >= MAX_POSTER_PACKETS:
                 return None
-            ctx = stream.codec_context
-            if not ctx.width or not ctx.height or ctx.width * ctx.height > max_pixels:
-                return None
-            ctx.thread_count = 1
-            ctx.skip_frame = "NONKEY"
-            for n, packet in enumerate(container.demux(stream)):
-                if n >= MAX_POSTER_PACKETS:
+            for frame in packet.decode():
+                if frame.width * frame.height > max_pixels:
                     return None
-                for frame in packet.decode():
-                    if frame.width * frame.height > max_pixels:
-                        return None
-                    return frame.to_image().convert("RGB")
-    except MemoryError:
-        raise
-    except Exception:  # noqa: BLE001 - a frame that does not decode or convert: no poster
-        return None
+                return frame.to_image().convert("RGB")
     return None
