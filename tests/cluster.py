@@ -36,6 +36,22 @@ def zookeeper_available() -> bool:
     return Path("/usr/share/java/zookeeper.jar").exists() and shutil.which("java") is not None
 
 
+def stop_processes(procs, wait_s: float) -> None:
+    """SIGTERM to every process still running (after SIGCONT: a test may have frozen it), all at
+    once, then each is waited for up to ``wait_s`` and killed (and reaped) if it has not exited."""
+    procs = list(procs)
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGCONT)
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(wait_s)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(10)
+
+
 class ZooKeeper:
     """A standalone ZooKeeper server (tickTime 250 ms: sessions can be as short as 0.5 s)."""
 
@@ -75,12 +91,7 @@ class ZooKeeper:
         self.proc.send_signal(signal.SIGCONT)
 
     def stop(self) -> None:
-        self.resume()
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop_processes([self.proc], 10)
         self.log.close()
 
 
@@ -166,15 +177,7 @@ class ZooKeeperEnsemble:
         self.wait_serving(self.ids)
 
     def stop(self) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs.values():
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(10)
+        stop_processes(self.procs.values(), 10)
         for log in self.logs.values():
             log.close()
 
@@ -264,15 +267,7 @@ class Cluster:
         return f"ws://127.0.0.1:{self.ws_ports[sid]}/"
 
     def stop(self) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.send_signal(signal.SIGCONT)
-                p.terminate()
-        for p in self.procs.values():
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(self.procs.values(), 15)
         # pytest shows a test's captured output only when it fails: the processes' last words
         for name in self.procs:
             lines = (self.dir / f"{name}.log").read_text(errors="replace").splitlines()
