@@ -421,13 +421,11 @@ class Config:
             if getattr(lim, name) < 1:
                 raise ConfigError(f"limits.{name} must be >= 1")
         for name in ("slow_consumer_s", "ping_interval_s", "idle_timeout_s", "poll_wait_s", "sse_keepalive_s",
-                     "http_session_idle_s"):
+                     "http_session_idle_s", "heartbeat_interval_s"):
             if getattr(lim, name) <= 0:
                 raise ConfigError(f"limits.{name} must be > 0")
         if lim.idle_timeout_s < lim.ping_interval_s:
             raise ConfigError("limits.idle_timeout_s must be >= limits.ping_interval_s")
-        if lim.heartbeat_interval_s <= 0:
-            raise ConfigError("limits.heartbeat_interval_s must be > 0")
 
     def _validate_trusted_proxies(self) -> None:
         if self.server.http_body_timeout_s <= 0:

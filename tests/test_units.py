@@ -37,6 +37,8 @@ def test_config_file_env_and_unknown_keys(tmp_path):
     p.write_text("[store]\nbackend = \"mysql\"\n")
     with pytest.raises(ConfigError, match="mysql"):
         Config.load(p, env={})
+    with pytest.raises(ConfigError, match="heartbeat_interval_s must be > 0"):  # told to every client
+        Config.load(None, env={"CHATD_LIMITS__HEARTBEAT_INTERVAL_S": "0"})
     p.write_text("not toml [")
     with pytest.raises(ConfigError, match="invalid TOML"):
         Config.load(p, env={})
